@@ -1,0 +1,201 @@
+"""The operator <-> trainer contract: environment variable names and the termination message.
+
+This module is imported by the operator image as well as the trainer, so it must never
+import torch (or anything heavier than the standard library). Change a name here and both
+sides change together; nobody else types these strings.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Mapping
+
+# --- environment given to the trainer pod ------------------------------------------------
+ENV_JOB_NAME = "PHOENIX_JOB_NAME"
+ENV_JOB_NAMESPACE = "PHOENIX_JOB_NAMESPACE"
+ENV_PHASE = "PHOENIX_PHASE"
+ENV_ATTEMPT = "PHOENIX_ATTEMPT"  # int, 0-based or 1-based as the operator counts; opaque here
+ENV_CHECKPOINT_URI = "PHOENIX_CHECKPOINT_URI"  # this phase's prefix, s3://bucket/prefix/<phase>
+ENV_RESUME_FROM = "PHOENIX_RESUME_FROM"  # full step-dir URI the operator validated
+ENV_INIT_FROM = "PHOENIX_INIT_FROM"  # previous phase's final checkpoint (weights only)
+ENV_CHECKPOINT_KEEP = "PHOENIX_CHECKPOINT_KEEP"
+ENV_CHECKPOINT_INTERVAL_STEPS = "PHOENIX_CHECKPOINT_INTERVAL_STEPS"
+ENV_CHECKPOINT_INTERVAL_SECONDS = "PHOENIX_CHECKPOINT_INTERVAL_SECONDS"
+ENV_GRACE_SECONDS = "PHOENIX_GRACE_SECONDS"
+ENV_TERMINATION_LOG = "PHOENIX_TERMINATION_LOG"
+ENV_FORCE_RESUME = "PHOENIX_FORCE_RESUME"
+
+# S3: boto3 reads these natively; listed so the operator sets exactly these.
+ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
+ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
+ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
+ENV_AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
+
+ALL_ENV = (
+    ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_PHASE, ENV_ATTEMPT, ENV_CHECKPOINT_URI,
+    ENV_RESUME_FROM, ENV_INIT_FROM, ENV_CHECKPOINT_KEEP, ENV_CHECKPOINT_INTERVAL_STEPS,
+    ENV_CHECKPOINT_INTERVAL_SECONDS, ENV_GRACE_SECONDS, ENV_TERMINATION_LOG, ENV_FORCE_RESUME,
+)
+
+# --- defaults ----------------------------------------------------------------------------
+DEFAULT_CHECKPOINT_KEEP = 3
+MIN_CHECKPOINT_KEEP = 2
+DEFAULT_GRACE_SECONDS = 30.0
+DEFAULT_TERMINATION_LOG = "/dev/termination-log"
+
+# --- exit codes --------------------------------------------------------------------------
+EXIT_COMPLETED = 0
+EXIT_FAILED = 1
+EXIT_PREEMPTED = 143  # 128 + SIGTERM, what a kubelet reports for a SIGTERMed container
+
+# --- termination message -----------------------------------------------------------------
+REASON_PREEMPTED = "preempted"
+REASON_COMPLETED = "completed"
+REASON_FAILED = "failed"
+REASONS = (REASON_PREEMPTED, REASON_COMPLETED, REASON_FAILED)
+
+# Kubernetes truncates termination messages at 4096 bytes; keep ours well below that.
+MAX_TERMINATION_MESSAGE_BYTES = 4096
+
+
+@dataclass
+class TerminationMessage:
+    """What the trainer leaves in the termination log for the operator to record.
+
+    JSON keys are exactly: reason, step, checkpoint, emergencySaveCompleted, message.
+    """
+
+    reason: str
+    step: int | None = None
+    checkpoint: str | None = None  # URI of the newest valid checkpoint the trainer wrote/knows
+    emergencySaveCompleted: bool = False
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"termination reason {self.reason!r} is not one of {REASONS}")
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        text = json.dumps(data, sort_keys=True)
+        if len(text.encode()) > MAX_TERMINATION_MESSAGE_BYTES:
+            # The message is the only free-form field; shorten it rather than lose the rest.
+            overflow = len(text.encode()) - MAX_TERMINATION_MESSAGE_BYTES + 16
+            data["message"] = data["message"][: max(0, len(data["message"]) - overflow)] + "..."
+            text = json.dumps(data, sort_keys=True)
+        return text
+
+    @classmethod
+    def from_json(cls, text: str) -> "TerminationMessage":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("termination message is not a JSON object")
+        step = data.get("step")
+        return cls(
+            reason=str(data.get("reason", "")),
+            step=int(step) if step is not None else None,
+            checkpoint=data.get("checkpoint"),
+            emergencySaveCompleted=bool(data.get("emergencySaveCompleted", False)),
+            message=str(data.get("message", "")),
+        )
+
+    def write(self, path: str | None = None) -> bool:
+        """Write to ``path`` (default: $PHOENIX_TERMINATION_LOG or /dev/termination-log).
+
+        Returns False instead of raising: a missing termination log must never turn a clean
+        preemption into a crash.
+        """
+        path = path or termination_log_path()
+        try:
+            with open(path, "w") as f:
+                f.write(self.to_json())
+            return True
+        except OSError:
+            return False
+
+
+def termination_log_path(environ: Mapping[str, str] | None = None) -> str:
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG
+
+
+def _int(environ: Mapping[str, str], name: str, default: int | None) -> int | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not an integer; set it to a whole number") from e
+
+
+def _float(environ: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as e:
+        raise ValueError(f"{name}={raw!r} is not a number; set it to seconds, e.g. 30") from e
+
+
+def _bool(environ: Mapping[str, str], name: str) -> bool:
+    return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class TrainerEnv:
+    """The contract parsed and validated once, at the edge."""
+
+    job_name: str = ""
+    job_namespace: str = ""
+    phase: str = "train"
+    attempt: int | None = None  # None: not run by the operator; the trainer picks the next free
+    checkpoint_uri: str | None = None
+    resume_from: str | None = None
+    init_from: str | None = None
+    checkpoint_keep: int = DEFAULT_CHECKPOINT_KEEP
+    checkpoint_interval_steps: int | None = None
+    checkpoint_interval_seconds: float | None = None
+    grace_seconds: float = DEFAULT_GRACE_SECONDS
+    termination_log: str = DEFAULT_TERMINATION_LOG
+    force_resume: bool = False
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "TrainerEnv":
+        environ = os.environ if environ is None else environ
+        keep = _int(environ, ENV_CHECKPOINT_KEEP, DEFAULT_CHECKPOINT_KEEP)
+        if keep is not None and keep < MIN_CHECKPOINT_KEEP:
+            raise ValueError(
+                f"{ENV_CHECKPOINT_KEEP}={keep} is below {MIN_CHECKPOINT_KEEP}; keeping fewer than"
+                f" two checkpoints leaves nothing to fall back to. Set it to 2 or more.")
+        interval_steps = _int(environ, ENV_CHECKPOINT_INTERVAL_STEPS, None)
+        if interval_steps is not None and interval_steps <= 0:
+            interval_steps = None
+        interval_seconds = _float(environ, ENV_CHECKPOINT_INTERVAL_SECONDS, None)
+        if interval_seconds is not None and interval_seconds <= 0:
+            interval_seconds = None
+        return cls(
+            job_name=environ.get(ENV_JOB_NAME, ""),
+            job_namespace=environ.get(ENV_JOB_NAMESPACE, ""),
+            phase=environ.get(ENV_PHASE) or "train",
+            attempt=_int(environ, ENV_ATTEMPT, None),
+            checkpoint_uri=environ.get(ENV_CHECKPOINT_URI) or None,
+            resume_from=environ.get(ENV_RESUME_FROM) or None,
+            init_from=environ.get(ENV_INIT_FROM) or None,
+            checkpoint_keep=keep,
+            checkpoint_interval_steps=interval_steps,
+            checkpoint_interval_seconds=interval_seconds,
+            grace_seconds=_float(environ, ENV_GRACE_SECONDS, DEFAULT_GRACE_SECONDS),
+            termination_log=termination_log_path(environ),
+            force_resume=_bool(environ, ENV_FORCE_RESUME),
+        )
+
+    @property
+    def log_context(self) -> str:
+        """``namespace/name/phase`` for log lines (never credentials)."""
+        ns = self.job_namespace or "-"
+        name = self.job_name or "local"
+        return f"{ns}/{name}/{self.phase}"
