@@ -1,0 +1,50 @@
+"""The trainer runtime's exception hierarchy.
+
+Small on purpose: callers catch by kind (is this a storage problem? a corrupt checkpoint? a
+transient error worth retrying?). No torch import here: the operator imports storage code
+that raises these.
+"""
+from __future__ import annotations
+
+
+class PhoenixTrainerError(Exception):
+    """Base class for every error the trainer runtime raises on purpose."""
+
+
+class StorageError(PhoenixTrainerError):
+    """Object storage could not be reached or refused an operation (usually transient)."""
+
+
+class CheckpointError(PhoenixTrainerError):
+    """A checkpoint cannot be written, found or used."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint exists but fails validation (missing/corrupt manifest, size, sha256)."""
+
+
+class NoCheckpointError(CheckpointError):
+    """No valid checkpoint where one was required."""
+
+
+class ConfigMismatchError(CheckpointError):
+    """The checkpoint was made with a different config fingerprint."""
+
+
+class TransientError(PhoenixTrainerError):
+    """Raise (or subclass) this for failures that a retry from the last good state can fix."""
+
+
+class StageError(PhoenixTrainerError):
+    """An exception escaped a Stage; carries the stage name and the step it happened at."""
+
+    def __init__(self, stage: str, step: int | None, cause: BaseException) -> None:
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(f"stage {stage!r} failed{where}: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.step = step
+        self.cause = cause
+
+
+class RecoveryExhaustedError(PhoenixTrainerError):
+    """In-process recovery gave up after its bounded number of retries."""

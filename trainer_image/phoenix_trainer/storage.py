@@ -1,0 +1,314 @@
+"""Checkpoint storage behind a small Protocol: S3 (boto3) and local files.
+
+Keys are '/'-separated paths relative to the storage's root prefix. Both backends make a
+write visible only when complete (S3 PUT/CompleteMultipartUpload are atomic; the local
+backend writes a temp file and renames), which is what lets the manifest-last rule work.
+
+This module must never import torch (the operator imports it) and never log credentials.
+Retries with backoff for whole-shard uploads live in ``checkpoint.py``; here botocore's own
+retry handles single requests.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator, Protocol, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+from .errors import StorageError
+from .layout import (  # re-exported: the operator imports everything from here
+    MANIFEST_NAME, CheckpointInfo, Manifest, latest_valid_checkpoint, list_checkpoints,
+    split_checkpoint_uri, step_dir_name, verify_checkpoint,
+)
+
+__all__ = [
+    "MANIFEST_NAME", "CheckpointInfo", "Manifest", "Storage", "LocalStorage", "S3Storage",
+    "open_storage", "list_checkpoints", "verify_checkpoint", "latest_valid_checkpoint",
+    "step_dir_name", "split_checkpoint_uri", "default_transfer_config",
+]
+
+log = logging.getLogger("phoenix.storage")
+
+
+@runtime_checkable
+class Storage(Protocol):
+    """What checkpointing needs from a place to keep bytes."""
+
+    uri: str  # the root, e.g. s3://bucket/prefix/train or file:///ckpt/train
+
+    def uri_for(self, key: str) -> str: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def put_file(self, key: str, path: str | os.PathLike) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...  # FileNotFoundError if absent
+    def get_file(self, key: str, path: str | os.PathLike) -> None: ...
+    def open_read(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
+    def size(self, key: str) -> int | None: ...  # None if absent
+    def list_dirs(self, prefix: str) -> list[str]: ...  # immediate child "directories"
+    def list_keys(self, prefix: str) -> list[str]: ...  # every key below prefix
+    def delete_prefix(self, prefix: str) -> None: ...
+    def delete(self, key: str) -> None: ...
+
+
+def _join(*parts: str) -> str:
+    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
+
+
+class LocalStorage:
+    """``file:///abs/path``: a directory tree. Writes are temp-file + rename, so atomic."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root).absolute()
+        self.uri = "file://" + str(self.root)
+
+    def _path(self, key: str) -> Path:
+        p = (self.root / key.strip("/")) if key.strip("/") else self.root
+        return p
+
+    def uri_for(self, key: str) -> str:
+        return "file://" + str(self._path(key))
+
+    def _atomic_write(self, key: str, writer) -> None:
+        dest = self._path(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                writer(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        self._atomic_write(key, lambda f: f.write(data))
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        def copy(f):
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, f, 8 << 20)
+        self._atomic_write(key, copy)
+
+    def get_bytes(self, key: str) -> bytes:
+        p = self._path(key)
+        if not p.is_file():
+            raise FileNotFoundError(self.uri_for(key))
+        return p.read_bytes()
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        p = self._path(key)
+        if not p.is_file():
+            raise FileNotFoundError(self.uri_for(key))
+        shutil.copyfile(p, path)
+
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[IO[bytes]]:
+        p = self._path(key)
+        if not p.is_file():
+            raise FileNotFoundError(self.uri_for(key))
+        with open(p, "rb") as f:
+            yield f
+
+    def size(self, key: str) -> int | None:
+        try:
+            st = self._path(key).stat()
+        except FileNotFoundError:
+            return None
+        return st.st_size if not Path(self._path(key)).is_dir() else None
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        p = self._path(prefix)
+        if not p.is_dir():
+            return []
+        return sorted(c.name for c in p.iterdir() if c.is_dir())
+
+    def list_keys(self, prefix: str) -> list[str]:
+        p = self._path(prefix)
+        if not p.is_dir():
+            return []
+        return sorted(str(f.relative_to(self.root)) for f in p.rglob("*")
+                      if f.is_file() and not f.name.endswith(".tmp"))
+
+    def delete_prefix(self, prefix: str) -> None:
+        p = self._path(prefix)
+        if p == self.root:
+            raise StorageError(f"refusing to delete the whole storage root {self.uri}")
+        shutil.rmtree(p, ignore_errors=True)
+
+    def delete(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self._path(key).unlink()
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.uri!r})"
+
+
+def default_transfer_config():
+    """Multipart settings tuned for checkpoint shards of tens of MB to GBs.
+
+    boto3's default (8 MiB parts, 10 threads) is fine for big files; we raise the part size
+    so a multi-GB shard stays well under S3's 10,000-part limit, and keep enough threads to
+    fill a NIC. Overridable via PHOENIX_S3_PART_MB / PHOENIX_S3_CONCURRENCY.
+    """
+    from boto3.s3.transfer import TransferConfig
+
+    part = int(os.environ.get("PHOENIX_S3_PART_MB", "16")) * 1024 * 1024
+    threads = int(os.environ.get("PHOENIX_S3_CONCURRENCY", "8"))
+    return TransferConfig(multipart_threshold=part, multipart_chunksize=part,
+                          max_concurrency=threads, use_threads=True, io_chunksize=1 << 20)
+
+
+class S3Storage:
+    """``s3://bucket/prefix`` through boto3. Endpoint and credentials default to AWS_* env."""
+
+    def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
+                 access_key: str | None = None, secret_key: str | None = None,
+                 region: str | None = None, transfer_config=None, client=None) -> None:
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
+        self.transfer_config = transfer_config or default_transfer_config()
+        if client is None:
+            config = Config(
+                # Path style works with every S3-compatible server (MinIO, versitygw, Ceph).
+                s3={"addressing_style": "path"},
+                # Fail fast when S3 is unreachable; checkpoint.py retries whole shards with
+                # backoff, which is what survives a network blip without blocking training.
+                connect_timeout=5, read_timeout=60,
+                retries={"mode": "standard", "max_attempts": 3},
+                max_pool_connections=max(16, self.transfer_config.max_concurrency * 2),
+            )
+            client = boto3.session.Session().client(
+                "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+                config=config)
+        self.client = client
+
+    def _key(self, key: str) -> str:
+        return _join(self.prefix, key)
+
+    def uri_for(self, key: str) -> str:
+        return f"s3://{self.bucket}/{self._key(key)}"
+
+    @contextlib.contextmanager
+    def _errors(self, what: str, key: str):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("404", "NoSuchKey", "NotFound"):
+                raise FileNotFoundError(self.uri_for(key)) from e
+            raise StorageError(f"S3 {what} {self.uri_for(key)} failed: {code or e}") from e
+        except BotoCoreError as e:
+            raise StorageError(
+                f"S3 {what} {self.uri_for(key)} failed: {e}; check AWS_ENDPOINT_URL and that"
+                f" the server is reachable") from e
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with self._errors("put", key):
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def put_file(self, key: str, path: str | os.PathLike) -> None:
+        from boto3.exceptions import S3UploadFailedError
+
+        with self._errors("upload", key):
+            try:
+                self.client.upload_file(str(path), self.bucket, self._key(key),
+                                        Config=self.transfer_config)
+            except S3UploadFailedError as e:
+                raise StorageError(f"S3 upload {self.uri_for(key)} failed: {e}") from e
+
+    def get_bytes(self, key: str) -> bytes:
+        with self._errors("get", key):
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            return resp["Body"].read()
+
+    def get_file(self, key: str, path: str | os.PathLike) -> None:
+        with self._errors("download", key):
+            self.client.download_file(self.bucket, self._key(key), str(path),
+                                      Config=self.transfer_config)
+
+    @contextlib.contextmanager
+    def open_read(self, key: str) -> Iterator[IO[bytes]]:
+        with self._errors("get", key):
+            resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+        body = resp["Body"]
+        try:
+            yield body
+        finally:
+            body.close()
+
+    def size(self, key: str) -> int | None:
+        try:
+            with self._errors("head", key):
+                resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except FileNotFoundError:
+            return None
+        return int(resp["ContentLength"])
+
+    def list_dirs(self, prefix: str) -> list[str]:
+        full = _join(self.prefix, prefix)
+        full = full + "/" if full else ""
+        out: list[str] = []
+        with self._errors("list", prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=full, Delimiter="/"):
+                for cp in page.get("CommonPrefixes", []):
+                    out.append(cp["Prefix"][len(full):].rstrip("/"))
+        return sorted(out)
+
+    def list_keys(self, prefix: str) -> list[str]:
+        full = _join(self.prefix, prefix)
+        base = self.prefix + "/" if self.prefix else ""
+        out: list[str] = []
+        with self._errors("list", prefix):
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=(full + "/") if full else ""):
+                out.extend(obj["Key"][len(base):] for obj in page.get("Contents", []))
+        return sorted(out)
+
+    def delete(self, key: str) -> None:
+        with self._errors("delete", key):
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def delete_prefix(self, prefix: str) -> None:
+        if not prefix.strip("/"):
+            raise StorageError(f"refusing to delete the whole storage root {self.uri}")
+        keys = self.list_keys(prefix)
+        with self._errors("delete", prefix):
+            for i in range(0, len(keys), 1000):
+                batch = [{"Key": _join(self.prefix, k)} for k in keys[i:i + 1000]]
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+
+    def __repr__(self) -> str:
+        return f"S3Storage({self.uri!r})"
+
+
+def open_storage(uri: str, *, endpoint_url: str | None = None, access_key: str | None = None,
+                 secret_key: str | None = None, region: str | None = None) -> Storage:
+    """Open ``s3://bucket/prefix`` or ``file:///abs/path`` (a bare absolute path also works)."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"checkpoint URI {uri!r} has no bucket; use s3://bucket/prefix")
+        return S3Storage(parsed.netloc, unquote(parsed.path), endpoint_url=endpoint_url,
+                         access_key=access_key, secret_key=secret_key, region=region)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URI {uri!r} must be file:///absolute/path")
+        return LocalStorage(unquote(parsed.path))
+    if parsed.scheme == "" and uri.startswith("/"):
+        return LocalStorage(uri)
+    raise ValueError(f"unsupported checkpoint URI {uri!r}; use s3://bucket/prefix or file:///abs/path")

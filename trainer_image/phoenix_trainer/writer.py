@@ -1,0 +1,126 @@
+"""Committing a checkpoint directory: shards first, manifest last, then retention.
+
+Torch-free so it can be unit-tested (and reused by tools) without a model: callers hand in
+files that are already serialized. Everything here runs on the checkpoint upload thread,
+never on the training step path. It must never make a checkpoint look valid before every
+shard is stored: the manifest is the commit record and goes up last.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Iterable, TypeVar
+
+from .errors import CheckpointError, StorageError
+from .layout import MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, list_checkpoints, step_dir_name
+from .storage import Storage
+
+log = logging.getLogger("phoenix.checkpoint")
+T = TypeVar("T")
+
+
+@dataclass
+class RetryPolicy:
+    """Exponential backoff with jitter for S3 operations that failed as a whole."""
+
+    attempts: int = 6
+    initial_seconds: float = 0.5
+    max_seconds: float = 8.0
+    sleep: Callable[[float], None] = time.sleep
+    rng: random.Random = field(default_factory=random.Random)
+
+    def delay(self, failure: int) -> float:
+        cap = min(self.max_seconds, self.initial_seconds * (2 ** failure))
+        # "Equal jitter": never retry instantly, but spread retries from many pods apart.
+        return cap / 2 + self.rng.uniform(0, cap / 2)
+
+    def run(self, what: str, fn: Callable[[], T]) -> T:
+        for failure in range(self.attempts):
+            try:
+                return fn()
+            except (StorageError, OSError) as e:
+                if isinstance(e, FileNotFoundError) or failure == self.attempts - 1:
+                    raise
+                d = self.delay(failure)
+                log.warning("%s failed (%s); retry %d/%d in %.1fs", what, e, failure + 1,
+                            self.attempts - 1, d)
+                self.sleep(d)
+        raise AssertionError("unreachable")
+
+
+def file_digest(path: str | os.PathLike) -> FileEntry:
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            n += len(block)
+            h.update(block)
+    return FileEntry(size=n, sha256=h.hexdigest())
+
+
+def utcnow_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def commit_checkpoint(storage: Storage, step: int, files: dict[str, str | os.PathLike], *,
+                      epoch: int, phase: str, config_fingerprint: str, run_id: str = "",
+                      attempt: int | None = None, extra: dict | None = None,
+                      digests: dict[str, FileEntry] | None = None,
+                      retry: RetryPolicy | None = None) -> CheckpointInfo:
+    """Upload ``files`` into ``step-N/`` and write the manifest last. Returns the new info."""
+    retry = retry or RetryPolicy()
+    d = step_dir_name(step)
+    digests = dict(digests or {})
+    for name, path in files.items():
+        if name not in digests:
+            digests[name] = file_digest(path)
+    # A manifest left from an earlier attempt at this step must not vouch for shards we are
+    # about to overwrite: remove it first, so the directory is invalid until we finish.
+    retry.run(f"clear old manifest of {storage.uri_for(d)}",
+              lambda: storage.delete(f"{d}/{MANIFEST_NAME}"))
+    for name, path in files.items():
+        retry.run(f"upload {storage.uri_for(f'{d}/{name}')}",
+                  lambda name=name, path=path: storage.put_file(f"{d}/{name}", path))
+    manifest = Manifest(step=step, epoch=epoch, phase=phase, time=utcnow_iso(),
+                        config_fingerprint=config_fingerprint, files=digests, run_id=run_id,
+                        attempt=attempt, extra=dict(extra or {}))
+    body = manifest.to_json().encode()
+    retry.run(f"write manifest {storage.uri_for(d)}",
+              lambda: storage.put_bytes(f"{d}/{MANIFEST_NAME}", body))
+    return CheckpointInfo(step, storage.uri_for(d), manifest, True, "ok")
+
+
+def apply_retention(storage: Storage, keep: int, protect: Iterable[int] = ()) -> list[int]:
+    """Keep the newest ``keep`` valid checkpoints; delete older ones and stale partial dirs.
+
+    Never deletes a protected step (the one this attempt resumed from) and never touches a
+    partial directory newer than the newest valid checkpoint (it may be a save in flight).
+    """
+    if keep < 2:
+        raise CheckpointError(f"keep={keep} would leave nothing to fall back to; use keep >= 2")
+    protected = set(protect)
+    infos = list_checkpoints(storage, deep=False)
+    valid = [i for i in infos if i.valid]
+    if not valid:
+        return []
+    newest = valid[-1].step
+    doomed = [i.step for i in valid[:-keep]] if len(valid) > keep else []
+    doomed += [i.step for i in infos if not i.valid and i.step < newest]
+    deleted = []
+    for step in sorted(set(doomed)):
+        if step in protected:
+            continue
+        d = step_dir_name(step)
+        # Manifest first: a crash half-way through leaves an invalid dir, never a "valid"
+        # checkpoint with missing shards.
+        storage.delete(f"{d}/{MANIFEST_NAME}")
+        storage.delete_prefix(d)
+        deleted.append(step)
+    if deleted:
+        log.info("retention (keep=%d) deleted steps %s under %s", keep, deleted, storage.uri)
+    return deleted
