@@ -20,21 +20,24 @@ log() { printf '[lab-build] %s\n' "$*" >&2; }
 need() { command -v "$1" >/dev/null 2>&1 || { log "error: '$1' is required but not on PATH ($2)"; exit 2; }; }
 
 # go build -v prints one package per line as it compiles; turn that into a progress line.
+# Usage: go_build_with_progress LABEL "PKG..." BUILD-FLAGS...
 go_build_with_progress() {
-  local label="$1"; shift
+  local label="$1" pkgs="$2"; shift 2
   local total
-  total=$(go list -deps "${@: -2}" 2>/dev/null | wc -l || echo 0)
-  [ "$total" -gt 0 ] || total=1
+  # shellcheck disable=SC2086
+  total=$(go list -deps $pkgs 2>/dev/null | wc -l || true)
+  [ "${total:-0}" -gt 0 ] || total=1
   local n=0 start=$SECONDS
-  # shellcheck disable=SC2094
-  CGO_ENABLED=0 go build -p "$(nproc)" -trimpath -v "$@" 2>&1 | while IFS= read -r line; do
-    n=$((n + 1))
+  # shellcheck disable=SC2086
+  CGO_ENABLED=0 go build -p "$(nproc)" -trimpath -v "$@" $pkgs 2>&1 | while IFS= read -r line; do
     case "$line" in
-      *": "*|*error*|*cannot*) printf '\n%s\n' "$line" >&2 ;;
+      *.go:*|"# "*|*"cannot "*|*"go: "*) printf '\n%s\n' "$line" >&2; continue ;;
     esac
+    n=$((n + 1))
     if [ $((n % 10)) -eq 0 ] || [ "$n" -eq 1 ]; then
+      local pct=$((n * 100 / total)); [ "$pct" -le 99 ] || pct=99
       printf '\r[lab-build] %s: %d/%d packages (~%d%%), %ds elapsed   ' \
-        "$label" "$n" "$total" $((n * 100 / total > 100 ? 100 : n * 100 / total)) $((SECONDS - start)) >&2
+        "$label" "$n" "$total" "$pct" $((SECONDS - start)) >&2
     fi
   done
   local rc=${PIPESTATUS[0]}
@@ -95,8 +98,9 @@ GO
   local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$want -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
   log "building kube-apiserver + kube-controller-manager $want (cold: 20-40 min on 2 cores)"
   mkdir -p "$dir/out"
-  (cd "$dir" && go_build_with_progress "kubernetes $want" -ldflags "$ldflags" -o "$dir/out/" \
-      k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager)
+  (cd "$dir" && go_build_with_progress "kubernetes $want" \
+      "k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager" \
+      -ldflags "$ldflags" -o "$dir/out/")
   mv -f "$dir/out/kube-apiserver" "$dir/out/kube-controller-manager" "$BIN/"
   log "installed $("$BIN/kube-apiserver" --version)"
 }
@@ -124,7 +128,8 @@ import _ "go.etcd.io/etcd/server/v3"
 GO
   (cd "$dir" && go mod tidy >/dev/null)
   log "building etcd $ETCD_VERSION"
-  (cd "$dir" && go_build_with_progress "etcd $ETCD_VERSION" -ldflags "-s -w" -o "$dir/etcd" go.etcd.io/etcd/server/v3)
+  (cd "$dir" && go_build_with_progress "etcd $ETCD_VERSION" go.etcd.io/etcd/server/v3 \
+      -ldflags "-s -w" -o "$dir/etcd")
   mv -f "$dir/etcd" "$BIN/etcd"
   log "installed $("$BIN/etcd" --version | head -1)"
 }

@@ -48,3 +48,17 @@ def s3_env(s3_server: S3Endpoint, monkeypatch) -> S3Endpoint:
     for key, value in s3_server.env().items():
         monkeypatch.setenv(key, value)
     return s3_server
+
+
+@pytest.fixture(scope="session")
+def lab(tmp_path_factory):
+    """A whole lab cluster (etcd, kube-apiserver, controller-manager, node agent, S3) for
+    this test session, on free ports in a temp state dir; torn down at the end."""
+    from phoenix_lab.cluster import Lab, LabPorts
+
+    the_lab = Lab(tmp_path_factory.mktemp("lab"), ports=LabPorts.ephemeral())
+    try:
+        the_lab.up()
+        yield the_lab
+    finally:
+        the_lab.down()

@@ -1,0 +1,126 @@
+"""Certificates and keys for the lab control plane, made with `cryptography` (no openssl CLI).
+
+A throwaway CA signs the apiserver's serving cert and the client certs of the admin
+(group system:masters) and the controller-manager; the service-account key pair signs
+tokens. Files are written once per state dir and reused by later `up` calls.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+_VALIDITY = dt.timedelta(days=365)
+
+
+@dataclass(frozen=True)
+class PKI:
+    dir: Path
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.dir / "ca.crt"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.dir / "ca.key"
+
+    def cert(self, name: str) -> Path:
+        return self.dir / f"{name}.crt"
+
+    def key(self, name: str) -> Path:
+        return self.dir / f"{name}.key"
+
+    @property
+    def sa_key(self) -> Path:
+        return self.dir / "sa.key"
+
+    @property
+    def sa_pub(self) -> Path:
+        return self.dir / "sa.pub"
+
+
+def _write_key(path: Path, key) -> None:
+    path.touch(mode=0o600)
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption()))
+
+
+def _name(cn: str, org: str | None = None) -> x509.Name:
+    attrs = [x509.NameAttribute(NameOID.COMMON_NAME, cn)]
+    if org:
+        attrs.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, org))
+    return x509.Name(attrs)
+
+
+def _issue(pki: PKI, name: str, cn: str, org: str | None, server: bool) -> None:
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.timezone.utc)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(cn, org))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage(
+            [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+            critical=False)
+    )
+    if server:
+        builder = builder.add_extension(x509.SubjectAlternativeName([
+            x509.DNSName("localhost"), x509.DNSName("kubernetes"),
+            x509.DNSName("kubernetes.default"), x509.DNSName("kubernetes.default.svc"),
+            x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+        ]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    _write_key(pki.key(name), key)
+    pki.cert(name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+
+def ensure_pki(directory: Path) -> PKI:
+    """Create the CA, serving/client certs and SA keys under `directory` unless present."""
+    pki = PKI(Path(directory))
+    pki.dir.mkdir(parents=True, exist_ok=True)
+    if not pki.ca_cert.exists():
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = dt.datetime.now(dt.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(_name("phoenix-lab-ca")).issuer_name(_name("phoenix-lab-ca"))
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + _VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(
+                digital_signature=True, key_cert_sign=True, crl_sign=True,
+                content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256())
+        )
+        _write_key(pki.ca_key, key)
+        pki.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    wanted = {
+        "apiserver": ("kube-apiserver", None, True),
+        "admin": ("phoenix-lab-admin", "system:masters", False),
+        "controller-manager": ("system:kube-controller-manager", None, False),
+    }
+    for name, (cn, org, server) in wanted.items():
+        if not pki.cert(name).exists():
+            _issue(pki, name, cn, org, server)
+    if not pki.sa_key.exists():
+        sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        _write_key(pki.sa_key, sa)
+        pki.sa_pub.write_bytes(sa.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    return pki
