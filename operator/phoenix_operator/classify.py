@@ -1,0 +1,156 @@
+"""Tell how a trainer pod ended: completed, preempted or failed. Pure: reads a pod dict.
+
+A preemption is something that happened *to* the pod (DisruptionTarget condition,
+eviction, node loss, deletion by someone else, SIGTERM/SIGKILL from outside, or the
+trainer's own "preempted" termination message); it costs the preemption budget and is
+replaced at once. A failure is the trainer's own doing (non-zero exit, OOMKilled, image or
+config errors); it costs the failure budget and is replaced after backoff.
+
+Pods are dicts in the API's JSON shape (camelCase), as the API returns them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Mapping
+
+from phoenix_trainer.contract import REASON_COMPLETED, REASON_PREEMPTED, TerminationMessage
+
+from . import constants as C
+from .constants import Cause
+from .model import parse_ts
+
+MAX_MESSAGE = 512
+NODE_GONE_REASONS = frozenset({"NodeLost", "Shutdown", "NodeShutdown", "Terminated"})
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """``cause`` is None while the pod is still live (running, pending or terminating)."""
+
+    cause: Cause | None
+    reason: str = ""
+    exit_code: int | None = None
+    message: str = ""
+    finished_at: datetime | None = None
+    termination: TerminationMessage | None = None
+    delete: bool = False  # the pod is stuck (image/config error): delete it to replace it
+
+    @property
+    def live(self) -> bool:
+        return self.cause is None
+
+
+LIVE = Outcome(cause=None)
+
+
+def trainer_container_name(pod: Mapping[str, Any]) -> str | None:
+    ann = (pod.get("metadata") or {}).get("annotations") or {}
+    if ann.get(C.TRAINER_CONTAINER_ANNOTATION):
+        return ann[C.TRAINER_CONTAINER_ANNOTATION]
+    containers = (pod.get("spec") or {}).get("containers") or []
+    return containers[0].get("name") if containers else None
+
+
+def _container_status(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    name = trainer_container_name(pod)
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    for cs in statuses:
+        if cs.get("name") == name:
+            return cs
+    return statuses[0] if statuses else {}
+
+
+def _terminated(cs: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    state = cs.get("state") or {}
+    if state.get("terminated"):
+        return state["terminated"]
+    last = cs.get("lastState") or {}
+    return last.get("terminated")
+
+
+def _termination_message(term: Mapping[str, Any] | None) -> TerminationMessage | None:
+    text = (term or {}).get("message")
+    if not text:
+        return None
+    try:
+        return TerminationMessage.from_json(text)
+    except ValueError:  # not ours (or truncated): keep the raw text as the message instead
+        return None
+
+
+def _shorten(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+
+
+def _disruption(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    for cond in (pod.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == C.DISRUPTION_TARGET and cond.get("status") == "True":
+            return cond
+    return None
+
+
+def classify(pod: Mapping[str, Any]) -> Outcome:
+    """How ``pod`` ended, or ``LIVE``. Rules are checked in order; the first match wins."""
+    status = pod.get("status") or {}
+    meta = pod.get("metadata") or {}
+    pod_phase = status.get("phase") or "Pending"
+    cs = _container_status(pod)
+    term = _terminated(cs)
+    tmsg = _termination_message(term)
+    exit_code = term.get("exitCode") if term else None
+    finished = parse_ts((term or {}).get("finishedAt")) or parse_ts(meta.get("deletionTimestamp"))
+    raw_msg = _shorten(tmsg.message if tmsg and tmsg.message else (term or {}).get("message", ""))
+
+    def out(cause: Cause, reason: str, message: str = "", delete: bool = False) -> Outcome:
+        return Outcome(cause=cause, reason=reason, exit_code=exit_code,
+                       message=_shorten(message) if message else raw_msg,
+                       finished_at=finished, termination=tmsg, delete=delete)
+
+    if pod_phase == "Succeeded":
+        return out(Cause.COMPLETED, "Completed")
+
+    if pod_phase in ("Pending", "Running"):
+        waiting = (cs.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in C.FATAL_WAITING_REASONS and not meta.get("deletionTimestamp"):
+            return Outcome(cause=Cause.FAILURE, reason=C.R_CONFIG_ERROR,
+                           message=_shorten(f"{waiting['reason']}: {waiting.get('message', '')}"),
+                           delete=True)
+        return LIVE
+
+    # Failed or Unknown from here on: the attempt is over.
+    disruption = _disruption(pod)
+    if disruption:
+        return out(Cause.PREEMPTION, disruption.get("reason") or C.DISRUPTION_TARGET,
+                   disruption.get("message", ""))
+    if status.get("reason") == "Evicted":
+        return out(Cause.PREEMPTION, C.R_EVICTED, status.get("message", ""))
+    if status.get("reason") in NODE_GONE_REASONS or pod_phase == "Unknown":
+        return out(Cause.PREEMPTION, C.R_NODE_LOST, status.get("message", ""))
+    if term and term.get("reason") == "OOMKilled":
+        return out(Cause.FAILURE, C.R_OOM)
+    if tmsg and tmsg.reason == REASON_PREEMPTED:
+        return out(Cause.PREEMPTION, C.R_TRAINER_PREEMPTED)
+    if meta.get("deletionTimestamp"):
+        return out(Cause.PREEMPTION, C.R_DELETED_BY_OTHERS)
+    if exit_code == C.SIGTERM_EXIT:
+        return out(Cause.PREEMPTION, C.R_SIGTERM)
+    if exit_code == C.SIGKILL_EXIT:
+        return out(Cause.PREEMPTION, C.R_SIGKILL)
+    if exit_code == 0 and (tmsg is None or tmsg.reason == REASON_COMPLETED):
+        return out(Cause.COMPLETED, "Completed")
+    if term is None:
+        # Failed without the trainer ever exiting: the node refused the pod (admission, e.g.
+        # OutOfnvidia.com/gpu) - not the trainer's fault - or we cannot tell.
+        if status.get("reason"):
+            return out(Cause.PREEMPTION, status["reason"], status.get("message", ""))
+        return out(Cause.FAILURE, C.R_UNKNOWN_EXIT, "pod failed without a container exit")
+    return out(Cause.FAILURE, C.R_ERROR)
+
+
+def gone(pod_name: str) -> Outcome:
+    """The pod of a running attempt no longer exists: someone deleted it (or pod GC after
+    node loss). Treated as a preemption."""
+    return Outcome(cause=Cause.PREEMPTION, reason=C.R_POD_DELETED,
+                   message=f"pod {pod_name} was deleted before the operator saw it finish")

@@ -1,0 +1,136 @@
+"""One home for every name the operator puts on the cluster.
+
+Group, version, labels, annotations, condition types, event reasons and state names live
+here and nowhere else. Environment variable names given to the trainer are not repeated
+here: they come from ``phoenix_trainer.contract`` (re-exported as ``contract``) so the two
+sides of the contract cannot drift.
+"""
+from __future__ import annotations
+
+from enum import Enum
+
+from phoenix_trainer import contract  # noqa: F401  (re-exported: the env var names)
+
+# --- the resource ------------------------------------------------------------------------
+GROUP = "phoenix.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "PhoenixJob"
+PLURAL = "phoenixjobs"
+SINGULAR = "phoenixjob"
+SHORT_NAME = "pxj"
+
+# --- labels on trainer pods (selectable; the operator lists pods by these) -------------
+LABEL_JOB = f"{GROUP}/job"
+LABEL_PHASE = f"{GROUP}/phase"
+LABEL_ATTEMPT = f"{GROUP}/attempt"
+LABEL_ROLE = f"{GROUP}/role"
+ROLE_TRAINER = "trainer"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+MANAGED_BY = "phoenix-operator"
+
+# --- annotations on trainer pods (facts the operator needs back, not selectable) -------
+ANNOTATION_RESUME_FROM = f"{GROUP}/resume-from"
+ANNOTATION_RESUME_STEP = f"{GROUP}/resume-step"
+ANNOTATION_DELETED_BY = f"{GROUP}/deleted-by"  # set before the operator deletes its own pod
+
+# No finalizer: trainer pods carry owner references, so the garbage collector removes them
+# when the PhoenixJob goes, and the operator holds no external state that needs cleanup.
+# (Checkpoints in object storage are the user's data and outlive the job on purpose.)
+FINALIZER = None
+
+# Name of the single trainer container. Additional user containers (sidecars) are allowed;
+# only this one's exit decides the attempt's outcome. Default: the first container.
+TRAINER_CONTAINER_ANNOTATION = f"{GROUP}/trainer-container"
+
+
+class JobPhase(str, Enum):
+    """``status.phase`` of a PhoenixJob."""
+
+    PENDING = "Pending"
+    RUNNING = "Running"
+    RECOVERING = "Recovering"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+    SUSPENDED = "Suspended"
+
+
+class PhaseState(str, Enum):
+    """``status.phases[].state``: the per-phase state machine (see ``states.py``)."""
+
+    PENDING = "Pending"        # waiting for dependencies
+    RUNNING = "Running"        # a trainer pod for the current attempt exists
+    RECOVERING = "Recovering"  # the last attempt ended as preemption/failure; replacement due
+    SUSPENDED = "Suspended"    # spec.suspend; the pod was (or is being) deleted by us
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"          # a recovery budget ran out
+    BLOCKED = "Blocked"        # a dependency failed; this phase will not run
+
+
+TERMINAL_PHASE_STATES = frozenset({PhaseState.SUCCEEDED, PhaseState.FAILED, PhaseState.BLOCKED})
+
+
+class Cause(str, Enum):
+    """Why a trainer pod ended. Preemptions and failures have separate budgets."""
+
+    COMPLETED = "completed"
+    PREEMPTION = "preemption"
+    FAILURE = "failure"
+    SUSPENDED = "suspended"  # we deleted it for spec.suspend: neither budget is charged
+
+
+# --- conditions (type names; status True/False/Unknown) -------------------------------
+COND_RUNNING = "Running"
+COND_RECOVERING = "Recovering"
+COND_SUSPENDED = "Suspended"
+COND_SUCCEEDED = "Succeeded"
+COND_FAILED = "Failed"
+CONDITION_TYPES = (COND_RUNNING, COND_RECOVERING, COND_SUSPENDED, COND_SUCCEEDED, COND_FAILED)
+
+# --- event reasons (CamelCase, as `kubectl describe` shows them) ----------------------
+EV_POD_CREATED = "PodCreated"
+EV_POD_ADOPTED = "PodAdopted"
+EV_PREEMPTED = "Preempted"
+EV_FAILED = "AttemptFailed"
+EV_BACKOFF = "BackingOff"
+EV_RESUMING = "Resuming"
+EV_CHECKPOINT_SKIPPED = "CheckpointSkipped"
+EV_CHECKPOINT_FALLBACK = "CheckpointFallback"
+EV_PHASE_SUCCEEDED = "PhaseSucceeded"
+EV_PHASE_FAILED = "PhaseFailed"
+EV_PHASE_BLOCKED = "PhaseBlocked"
+EV_BUDGET_EXHAUSTED = "BudgetExhausted"
+EV_SUSPENDING = "Suspending"
+EV_RESUMED = "Unsuspended"
+EV_JOB_SUCCEEDED = "JobSucceeded"
+EV_JOB_FAILED = "JobFailed"
+EV_STORAGE_ERROR = "StorageError"
+
+# --- classification reasons recorded in status.phases[].lastFailure.reason -------------
+R_DISRUPTION_PREFIX = "Disruption"  # + the DisruptionTarget condition's reason
+R_EVICTED = "Evicted"
+R_NODE_LOST = "NodeLost"
+R_POD_DELETED = "PodDeleted"
+R_DELETED_BY_OTHERS = "DeletedExternally"
+R_TRAINER_PREEMPTED = "TrainerPreempted"
+R_SIGTERM = "SIGTERM"
+R_SIGKILL = "SIGKILL"
+R_OOM = "OOMKilled"
+R_ERROR = "Error"
+R_CONFIG_ERROR = "ConfigError"
+R_UNKNOWN_EXIT = "UnknownExit"
+
+# Container waiting reasons that will not heal by waiting: charge the failure budget.
+FATAL_WAITING_REASONS = frozenset({
+    "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
+    "CreateContainerError", "CrashLoopBackOff", "RunContainerError",
+})
+
+SIGTERM_EXIT = 143
+SIGKILL_EXIT = 137
+
+# --- Kubernetes field values ---------------------------------------------------------
+DISRUPTION_TARGET = "DisruptionTarget"
+
+# --- metrics -------------------------------------------------------------------------
+METRIC_PREFIX = "phoenix"

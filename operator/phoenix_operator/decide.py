@@ -1,0 +1,510 @@
+"""The operator's brain: ``decide(job, pods, checkpoints, now) -> Plan``.
+
+Pure: no API calls, no clock reads, no globals. The handler gathers the facts (the job as
+the API returns it, the job's pods listed by label, checkpoint listings it verified in
+storage, the time), calls ``decide`` and applies the plan: create pods, delete pods, post
+events, write status. Running ``decide`` twice on the same facts gives the same plan; running
+it on the facts left by a half-applied plan (operator killed between creating a pod and
+writing status) finishes the job instead of repeating it, because pod names are
+deterministic and pods newer than the status are adopted, never duplicated.
+
+If a decision needs checkpoint listings the caller did not pass, the plan says so in
+``needs_checkpoints`` and holds back that phase's pod; the caller lists them and calls again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from typing import Any, Mapping, Sequence
+
+from . import constants as C
+from .classify import Outcome, classify, gone
+from .constants import Cause, JobPhase, PhaseState
+from .model import CheckpointRef, Failure, JobSpec, PhaseSpec, PhaseStatus, phase_statuses, ts
+from .podspec import build_pod, pod_name
+from .states import Event, is_terminal, job_phase, transition
+
+S = PhaseState
+STORAGE_RETRY_SECONDS = 15.0
+
+
+# --- inputs ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One ``step-N`` directory as the operator verified it."""
+
+    step: int
+    uri: str
+    valid: bool
+    reason: str = ""
+    epoch: int | None = None
+    time: datetime | None = None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The checkpoints under one phase's prefix, or why they could not be listed."""
+
+    checkpoints: tuple[Checkpoint, ...] = ()
+    error: str | None = None
+
+    def newest_valid(self, exclude: Sequence[int] = ()) -> Checkpoint | None:
+        for c in sorted(self.checkpoints, key=lambda c: c.step, reverse=True):
+            if c.valid and c.step not in exclude:
+                return c
+        return None
+
+    def invalid_newer_than(self, step: int | None) -> list[Checkpoint]:
+        return sorted((c for c in self.checkpoints
+                       if not c.valid and (step is None or c.step > step)),
+                      key=lambda c: c.step, reverse=True)
+
+
+# --- outputs ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CreatePod:
+    name: str
+    phase: str
+    attempt: int
+    manifest: dict[str, Any]
+    resume_from: str | None
+    previous_end: datetime | None  # when the attempt it replaces ended (time-to-replacement)
+    previous_cause: str | None
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    name: str
+    grace_seconds: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Note:
+    """A Kubernetes Event to post on the PhoenixJob."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """An attempt that ended unsuccessfully (for metrics: recoveries by cause)."""
+
+    phase: str
+    cause: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[CreatePod] = field(default_factory=list)
+    delete: list[DeletePod] = field(default_factory=list)
+    events: list[Note] = field(default_factory=list)
+    recoveries: list[Recovery] = field(default_factory=list)
+    needs_checkpoints: set[str] = field(default_factory=set)
+    requeue_after: float | None = None
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        if self.requeue_after is None or seconds < self.requeue_after:
+            self.requeue_after = seconds
+
+
+# --- the decision ----------------------------------------------------------------------
+
+def pods_by_phase(pods: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, Mapping[str, Any]]]:
+    out: dict[str, dict[int, Mapping[str, Any]]] = {}
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        try:
+            attempt = int(labels.get(C.LABEL_ATTEMPT, ""))
+        except ValueError:
+            continue
+        out.setdefault(labels.get(C.LABEL_PHASE, ""), {})[attempt] = pod
+    return out
+
+
+@dataclass
+class _Ctx:
+    job: str
+    namespace: str
+    spec: JobSpec
+    checkpoints: Mapping[str, Listing]
+    now: datetime
+    plan: Plan
+
+    def note(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Note(type_, reason, message))
+
+
+def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
+           checkpoints: Mapping[str, Listing], now: datetime) -> Plan:
+    meta = job.get("metadata") or {}
+    spec = JobSpec.parse(job.get("spec") or {})
+    old = dict(job.get("status") or {})
+    statuses = phase_statuses(spec, old)
+    ctx = _Ctx(job=meta["name"], namespace=meta.get("namespace") or "default", spec=spec,
+               checkpoints=checkpoints, now=now, plan=Plan(status={}))
+    grouped = pods_by_phase(pods)
+    # Spec order: a phase that succeeds in this pass lets its dependents start in the same pass.
+    for phase in spec.phases:
+        statuses[phase.name] = _decide_phase(ctx, phase, statuses[phase.name],
+                                             grouped.get(phase.name, {}), statuses)
+    ctx.plan.status = _job_status(ctx, statuses, old, meta.get("generation"))
+    new_phase = ctx.plan.status["phase"]
+    if new_phase != old.get("phase"):
+        if new_phase == JobPhase.SUCCEEDED.value:
+            ctx.note("Normal", C.EV_JOB_SUCCEEDED, "all phases succeeded")
+        elif new_phase == JobPhase.FAILED.value:
+            ctx.note("Warning", C.EV_JOB_FAILED, failure_summary(spec, statuses))
+    return ctx.plan
+
+
+def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
+                  pods: Mapping[int, Mapping[str, Any]],
+                  statuses: Mapping[str, PhaseStatus]) -> PhaseStatus:
+    if is_terminal(st.state):
+        return st
+    # Catch up with the cluster: account the recorded attempt if it ended, adopt pods the
+    # status does not know yet (a status write lost after a pod was created). Bounded: each
+    # round either changes the state or stops.
+    for _ in range(2 * len(pods) + 2):
+        newer = [a for a in pods if a > st.attempts]
+        if st.state == S.RUNNING:
+            pod = pods.get(st.attempts)
+            outcome = classify(pod) if pod is not None else gone(st.pod or "")
+            if outcome.live:
+                break
+            if outcome.delete and pod is not None:
+                ctx.plan.delete.append(DeletePod(
+                    pod["metadata"]["name"], ctx.spec.recovery.grace_seconds, outcome.reason))
+            st = _account(ctx, phase, st, outcome)
+            continue
+        if st.state in (S.RECOVERING, S.PENDING) and newer and not ctx.spec.suspend:
+            st = _adopt(ctx, phase, st, max(newer), pods[max(newer)])
+            continue
+        break
+    if is_terminal(st.state):
+        return st
+
+    if ctx.spec.suspend:
+        return _suspend(ctx, phase, st, pods)
+    if st.state == S.SUSPENDED:
+        st = _unsuspend(ctx, phase, st, pods)
+    if st.state == S.RECOVERING:
+        if st.next_attempt_at is not None and ctx.now < st.next_attempt_at:
+            ctx.plan.requeue((st.next_attempt_at - ctx.now).total_seconds())
+            return st
+        if any(classify(p).live for p in pods.values()):
+            return st  # never two live trainer pods: wait for the old one to be gone
+        return _start_attempt(ctx, phase, st, Event.REPLACE)
+    if st.state == S.PENDING:
+        deps = [statuses[d] for d in phase.depends_on if d in statuses]
+        if phase.independent:
+            if all(is_terminal(d.state) for d in deps):
+                return _start_attempt(ctx, phase, st, Event.START)
+            return st
+        broken = [d.name for d in deps if d.state in (S.FAILED, S.BLOCKED)]
+        if broken:
+            ctx.note("Warning", C.EV_PHASE_BLOCKED,
+                     f"phase {phase.name} will not run: dependency {', '.join(broken)} failed")
+            return replace(st, state=transition(st.state, Event.BLOCK), completed_at=ctx.now)
+        if all(d.state == S.SUCCEEDED for d in deps):
+            return _start_attempt(ctx, phase, st, Event.START)
+    return st
+
+
+def _checkpoint_from(outcome: Outcome, st: PhaseStatus, when: datetime) -> CheckpointRef | None:
+    tm = outcome.termination
+    if tm and tm.checkpoint and tm.step is not None:
+        if st.last_checkpoint is None or tm.step >= st.last_checkpoint.step:
+            return CheckpointRef(uri=tm.checkpoint, step=tm.step, time=when)
+    return st.last_checkpoint
+
+
+def _describe(outcome: Outcome) -> str:
+    parts = [outcome.reason]
+    if outcome.exit_code is not None:
+        parts.append(f"exit code {outcome.exit_code}")
+    text = ", ".join(parts)
+    tm = outcome.termination
+    if tm and tm.step is not None:
+        text += f"; trainer stopped at step {tm.step}"
+        if tm.checkpoint:
+            saved = "emergency checkpoint saved" if tm.emergencySaveCompleted else "last checkpoint"
+            text += f" ({saved}: {tm.checkpoint})"
+    if outcome.message:
+        text += f": {outcome.message}"
+    return text
+
+
+def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome) -> PhaseStatus:
+    """The recorded attempt ended: charge the right budget and move the state machine."""
+    ended = outcome.finished_at or ctx.now
+    pod = st.pod or pod_name(ctx.job, phase.name, st.attempts)
+    st = replace(st, last_checkpoint=_checkpoint_from(outcome, st, ended))
+    if outcome.cause == Cause.COMPLETED:
+        ctx.note("Normal", C.EV_PHASE_SUCCEEDED,
+                 f"phase {phase.name} succeeded in pod {pod} (attempt {st.attempts})")
+        return replace(st, state=transition(st.state, Event.SUCCEED), completed_at=ended,
+                       next_attempt_at=None)
+    rec = ctx.spec.recovery
+    failure = Failure(cause=outcome.cause.value, reason=outcome.reason,
+                      exit_code=outcome.exit_code, message=outcome.message, time=ended,
+                      attempt=st.attempts)
+    ctx.plan.recoveries.append(Recovery(phase.name, outcome.cause.value, outcome.reason))
+    what = _describe(outcome)
+    if outcome.cause == Cause.PREEMPTION:
+        n = st.preemptions + 1
+        st = replace(st, preemptions=n, last_failure=failure)
+        if rec.max_preemptions is not None and n > rec.max_preemptions:
+            return _exhaust(ctx, phase, st, ended,
+                            f"{n} preemptions exceed maxPreemptions={rec.max_preemptions}; "
+                            f"last: attempt {st.attempts} {what}")
+        ctx.note("Normal", C.EV_PREEMPTED,
+                 f"phase {phase.name} pod {pod} (attempt {st.attempts}) preempted: {what}; "
+                 f"replacing now (preemption {n}"
+                 + (f" of {rec.max_preemptions})" if rec.max_preemptions is not None else ")"))
+        return replace(st, state=transition(st.state, Event.PREEMPT), next_attempt_at=None)
+    n = st.failures + 1
+    st = replace(st, failures=n, last_failure=failure,
+                 consecutive_failures_at_checkpoint=st.consecutive_failures_at_checkpoint + 1)
+    if n > rec.max_failures:
+        return _exhaust(ctx, phase, st, ended,
+                        f"{n} failures exceed maxFailures={rec.max_failures}; "
+                        f"last: attempt {st.attempts} {what}")
+    delay = rec.backoff(n)
+    ctx.note("Warning", C.EV_FAILED,
+             f"phase {phase.name} pod {pod} (attempt {st.attempts}) failed: {what}; "
+             f"retrying in {delay:g}s (failure {n} of {rec.max_failures} allowed)")
+    return replace(st, state=transition(st.state, Event.FAIL),
+                   next_attempt_at=ended + timedelta(seconds=delay))
+
+
+def _exhaust(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, ended: datetime,
+             why: str) -> PhaseStatus:
+    ctx.note("Warning", C.EV_BUDGET_EXHAUSTED, f"phase {phase.name}: {why}")
+    ctx.note("Warning", C.EV_PHASE_FAILED, f"phase {phase.name} failed")
+    msg = replace(st.last_failure, message=why) if st.last_failure else None
+    return replace(st, state=transition(st.state, Event.EXHAUST), completed_at=ended,
+                   next_attempt_at=None, last_failure=msg)
+
+
+def _adopt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
+           pod: Mapping[str, Any]) -> PhaseStatus:
+    ann = (pod.get("metadata") or {}).get("annotations") or {}
+    name = pod["metadata"]["name"]
+    ctx.note("Normal", C.EV_POD_ADOPTED,
+             f"phase {phase.name}: found pod {name} (attempt {attempt}) not yet in status; "
+             f"adopting it instead of creating another")
+    event = Event.START if st.state == S.PENDING else Event.REPLACE
+    resume = ann.get(C.ANNOTATION_RESUME_FROM)
+    return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
+                   resume_from=resume, next_attempt_at=None, started_at=st.started_at or ctx.now)
+
+
+def _suspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
+             pods: Mapping[int, Mapping[str, Any]]) -> PhaseStatus:
+    grace = ctx.spec.recovery.grace_seconds
+    pod = pods.get(st.attempts)
+    if st.state in (S.RUNNING, S.RECOVERING):
+        ctx.note("Normal", C.EV_SUSPENDING,
+                 f"phase {phase.name}: job suspended"
+                 + (f"; deleting pod {st.pod} with {grace}s grace" if st.state == S.RUNNING else ""))
+        st = replace(st, state=transition(st.state, Event.SUSPEND), next_attempt_at=None)
+    if st.state != S.SUSPENDED or pod is None:
+        return st
+    outcome = classify(pod)
+    if outcome.live:
+        if not (pod.get("metadata") or {}).get("deletionTimestamp"):
+            ctx.plan.delete.append(DeletePod(pod["metadata"]["name"], grace, "suspend"))
+        return st
+    st = replace(st, last_checkpoint=_checkpoint_from(outcome, st, outcome.finished_at or ctx.now))
+    if outcome.cause == Cause.COMPLETED:
+        return _account_suspended_success(ctx, phase, st, outcome)
+    return st
+
+
+def _account_suspended_success(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
+                               outcome: Outcome) -> PhaseStatus:
+    ctx.note("Normal", C.EV_PHASE_SUCCEEDED,
+             f"phase {phase.name} succeeded in pod {st.pod} while the job was suspending")
+    return replace(st, state=transition(st.state, Event.SUCCEED),
+                   completed_at=outcome.finished_at or ctx.now)
+
+
+def _unsuspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
+               pods: Mapping[int, Mapping[str, Any]]) -> PhaseStatus:
+    pod = pods.get(st.attempts)
+    if pod is not None:
+        outcome = classify(pod)
+        if outcome.live:
+            return st  # still terminating; its end will trigger us again
+        st = replace(st, last_checkpoint=_checkpoint_from(
+            outcome, st, outcome.finished_at or ctx.now))
+        if outcome.cause == Cause.COMPLETED:
+            return _account_suspended_success(ctx, phase, st, outcome)
+    ctx.note("Normal", C.EV_RESUMED, f"phase {phase.name}: job resumed; starting a new attempt")
+    return replace(st, state=transition(st.state, Event.RESUME), next_attempt_at=None)
+
+
+def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -> PhaseStatus:
+    """Create the next attempt's pod, resuming from the newest checkpoint verified valid."""
+    wanted = [phase.name] + ([phase.depends_on[0]] if phase.depends_on else [])
+    missing = [p for p in wanted if p not in ctx.checkpoints]
+    if missing:
+        ctx.plan.needs_checkpoints.update(missing)
+        return st
+    listing = ctx.checkpoints[phase.name]
+    dep_listing = ctx.checkpoints[phase.depends_on[0]] if phase.depends_on else None
+    for lst, whose in ((listing, phase.name), (dep_listing, phase.depends_on[:1])):
+        if lst is not None and lst.error:
+            ctx.note("Warning", C.EV_STORAGE_ERROR,
+                     f"phase {phase.name}: cannot list checkpoints of {whose}: {lst.error}; "
+                     f"retrying in {STORAGE_RETRY_SECONDS:g}s")
+            ctx.plan.requeue(STORAGE_RETRY_SECONDS)
+            return st
+
+    skipped = tuple(st.skipped_steps)
+    consecutive = st.consecutive_failures_at_checkpoint
+    rec = ctx.spec.recovery
+    if st.resume_from and consecutive >= rec.fallback_after:
+        bad = next((c.step for c in listing.checkpoints if c.uri == st.resume_from), None)
+        if bad is not None and bad not in skipped:
+            skipped = skipped + (bad,)
+            ctx.note("Warning", C.EV_CHECKPOINT_FALLBACK,
+                     f"phase {phase.name}: {consecutive} failures in a row resuming from step "
+                     f"{bad}; falling back to the checkpoint before it")
+    chosen = listing.newest_valid(exclude=skipped)
+    for bad in listing.invalid_newer_than(chosen.step if chosen else None):
+        ctx.note("Warning", C.EV_CHECKPOINT_SKIPPED,
+                 f"phase {phase.name}: skipping checkpoint step {bad.step} ({bad.uri}): "
+                 f"{bad.reason or 'invalid'}")
+    resume = chosen.uri if chosen else None
+    if resume != st.resume_from:
+        consecutive = 0
+    init = dep_listing.newest_valid() if dep_listing is not None else None
+
+    attempt = st.attempts + 1
+    manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
+                         attempt=attempt, resume_from=resume,
+                         resume_step=chosen.step if chosen else None,
+                         init_from=init.uri if init else None)
+    name = manifest["metadata"]["name"]
+    previous = st.last_failure if event == Event.REPLACE else None
+    ctx.plan.create.append(CreatePod(
+        name=name, phase=phase.name, attempt=attempt, manifest=manifest, resume_from=resume,
+        previous_end=previous.time if previous else None,
+        previous_cause=previous.cause if previous else None))
+    where = f"resuming from step {chosen.step} ({resume})" if chosen else "starting fresh"
+    if init and not chosen:
+        where += f", initialised from {init.uri}"
+    ctx.note("Normal", C.EV_POD_CREATED if event == Event.START else C.EV_RESUMING,
+             f"phase {phase.name}: created pod {name} (attempt {attempt}), {where}")
+    last = st.last_checkpoint
+    if chosen and (last is None or chosen.step >= last.step):
+        last = CheckpointRef(uri=chosen.uri, step=chosen.step, epoch=chosen.epoch,
+                             time=chosen.time or (last.time if last and last.uri == chosen.uri
+                                                  else None))
+    return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
+                   resume_from=resume, next_attempt_at=None, started_at=st.started_at or ctx.now,
+                   consecutive_failures_at_checkpoint=consecutive, skipped_steps=skipped,
+                   last_checkpoint=last)
+
+
+# --- status ----------------------------------------------------------------------------
+
+def _current_phase(spec: JobSpec, statuses: Mapping[str, PhaseStatus]) -> str | None:
+    active = (S.RUNNING, S.RECOVERING, S.SUSPENDED)
+    for p in spec.phases:
+        if statuses[p.name].state in active:
+            return p.name
+    started = [p.name for p in spec.phases if statuses[p.name].attempts > 0]
+    if started:
+        return started[-1]
+    return spec.phases[0].name if spec.phases else None
+
+
+def _condition(old: Mapping[str, Mapping[str, Any]], type_: str, true: bool, reason: str,
+               message: str, now: datetime, generation: int | None) -> dict[str, Any]:
+    status = "True" if true else "False"
+    prev = old.get(type_)
+    since = prev.get("lastTransitionTime") if prev and prev.get("status") == status else None
+    cond = {"type": type_, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": since or ts(now)}
+    if generation is not None:
+        cond["observedGeneration"] = generation
+    return cond
+
+
+def failure_summary(spec: JobSpec, statuses: Mapping[str, PhaseStatus]) -> str:
+    parts = []
+    for p in spec.phases:
+        st = statuses[p.name]
+        if st.state == S.FAILED:
+            lf = st.last_failure
+            parts.append(f"phase {p.name} failed: {lf.message if lf else 'budget exhausted'}")
+    blocked = [p.name for p in spec.phases if statuses[p.name].state == S.BLOCKED]
+    if blocked:
+        parts.append(f"blocked: {', '.join(blocked)}")
+    return "; ".join(parts)
+
+
+def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str, Any],
+                generation: int | None) -> dict[str, Any]:
+    spec = ctx.spec
+    phase = job_phase([statuses[p.name].state for p in spec.phases], spec.suspend)
+    current = _current_phase(spec, statuses)
+    cur = statuses.get(current) if current else None
+    old_conds = {c.get("type"): c for c in old.get("conditions") or () if c.get("type")}
+
+    running_msg = (f"phase {current} attempt {cur.attempts} running in pod {cur.pod}"
+                   if cur and cur.state == S.RUNNING else "no trainer pod running")
+    if cur and cur.state == S.RECOVERING and cur.last_failure:
+        lf = cur.last_failure
+        recovering_msg = (f"phase {current} attempt {lf.attempt} ended by {lf.cause} "
+                          f"({lf.reason})")
+        if cur.next_attempt_at and cur.next_attempt_at > ctx.now:
+            recovering_msg += f"; next attempt at {ts(cur.next_attempt_at)}"
+        recovering_reason = "Preempted" if lf.cause == Cause.PREEMPTION.value else "BackingOff"
+    else:
+        recovering_msg, recovering_reason = "", "NotRecovering"
+    failed_msg = failure_summary(spec, statuses) if phase == JobPhase.FAILED else ""
+    conds = [
+        _condition(old_conds, C.COND_RUNNING, phase == JobPhase.RUNNING,
+                   "TrainerRunning" if phase == JobPhase.RUNNING else phase.value,
+                   running_msg, ctx.now, generation),
+        _condition(old_conds, C.COND_RECOVERING, phase == JobPhase.RECOVERING,
+                   recovering_reason, recovering_msg, ctx.now, generation),
+        _condition(old_conds, C.COND_SUSPENDED, phase == JobPhase.SUSPENDED,
+                   "Suspended" if phase == JobPhase.SUSPENDED else "NotSuspended",
+                   "spec.suspend is true" if phase == JobPhase.SUSPENDED else "", ctx.now,
+                   generation),
+        _condition(old_conds, C.COND_SUCCEEDED, phase == JobPhase.SUCCEEDED,
+                   "AllPhasesSucceeded" if phase == JobPhase.SUCCEEDED else "NotFinished",
+                   "" if phase != JobPhase.SUCCEEDED else
+                   f"all {len(spec.phases)} phases succeeded", ctx.now, generation),
+        _condition(old_conds, C.COND_FAILED, phase == JobPhase.FAILED,
+                   "BudgetExhausted" if phase == JobPhase.FAILED else "NotFailed",
+                   failed_msg, ctx.now, generation),
+    ]
+    status: dict[str, Any] = {
+        "phase": phase.value,
+        "currentPhase": current,
+        "preemptions": sum(s.preemptions for s in statuses.values()),
+        "failures": sum(s.failures for s in statuses.values()),
+        "conditions": conds,
+        "phases": [statuses[p.name].to_dict() for p in spec.phases],
+    }
+    if generation is not None:
+        status["observedGeneration"] = generation
+    if cur and cur.last_checkpoint:
+        status["step"] = cur.last_checkpoint.step
+        if cur.last_checkpoint.time:
+            status["lastCheckpointTime"] = ts(cur.last_checkpoint.time)
+    return status

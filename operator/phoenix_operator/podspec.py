@@ -1,0 +1,97 @@
+"""Build a trainer pod manifest from the job spec. Pure: no API calls.
+
+Owner references are added where the pod is created (``kopf.adopt``), so this module only
+decides names, labels, env and the pod spec. Secret values never appear here: credentials
+reach the trainer through ``secretKeyRef``.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Mapping
+
+from phoenix_trainer import contract as env
+
+from . import constants as C
+from .classify import trainer_container_name
+from .model import JobSpec, PhaseSpec
+
+
+def pod_name(job: str, phase: str, attempt: int) -> str:
+    """Deterministic: a second reconcile of the same decision creates the same name, so
+    the API server's AlreadyExists is our idempotency key."""
+    return f"{job}-{phase}-{attempt}"
+
+
+def pod_labels(job: str, phase: str, attempt: int) -> dict[str, str]:
+    return {C.LABEL_JOB: job, C.LABEL_PHASE: phase, C.LABEL_ATTEMPT: str(attempt),
+            C.LABEL_ROLE: C.ROLE_TRAINER, C.LABEL_MANAGED_BY: C.MANAGED_BY}
+
+
+def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
+                resume_from: str | None, init_from: str | None) -> list[dict[str, Any]]:
+    ck, rec = spec.checkpoint, spec.recovery
+    values: list[tuple[str, str | None]] = [
+        (env.ENV_JOB_NAME, job), (env.ENV_JOB_NAMESPACE, namespace),
+        (env.ENV_PHASE, phase.name), (env.ENV_ATTEMPT, str(attempt)),
+        (env.ENV_CHECKPOINT_URI, ck.phase_uri(phase.name)),
+        (env.ENV_RESUME_FROM, resume_from), (env.ENV_INIT_FROM, init_from),
+        (env.ENV_CHECKPOINT_KEEP, str(ck.keep)),
+        (env.ENV_CHECKPOINT_INTERVAL_STEPS,
+         str(ck.interval_steps) if ck.interval_steps else None),
+        (env.ENV_CHECKPOINT_INTERVAL_SECONDS,
+         str(ck.interval_seconds) if ck.interval_seconds else None),
+        (env.ENV_GRACE_SECONDS, str(rec.grace_seconds)),
+        (env.ENV_AWS_ENDPOINT_URL, ck.endpoint),
+        (env.ENV_AWS_DEFAULT_REGION, ck.region or ("us-east-1" if ck.uri.startswith("s3://")
+                                                   else None)),
+    ]
+    out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v is not None]
+    if ck.credentials_secret:
+        for key in (env.ENV_AWS_ACCESS_KEY_ID, env.ENV_AWS_SECRET_ACCESS_KEY):
+            out.append({"name": key, "valueFrom": {"secretKeyRef": {
+                "name": ck.credentials_secret, "key": key}}})
+    return out
+
+
+def _merge_env(*layers: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Later layers win by name; order of first appearance is kept (stable diffs)."""
+    merged: dict[str, dict[str, Any]] = {}
+    for layer in layers:
+        for item in layer:
+            merged.pop(item["name"], None)
+            merged[item["name"]] = dict(item)
+    return list(merged.values())
+
+
+def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
+              resume_from: str | None, resume_step: int | None,
+              init_from: str | None) -> dict[str, Any]:
+    template = copy.deepcopy(dict(spec.template))
+    meta = template.get("metadata") or {}
+    pod_spec = template.get("spec") or {}
+    labels = {**(meta.get("labels") or {}), **pod_labels(job, phase.name, attempt)}
+    annotations = dict(meta.get("annotations") or {})
+    if resume_from:
+        annotations[C.ANNOTATION_RESUME_FROM] = resume_from
+        annotations[C.ANNOTATION_RESUME_STEP] = str(resume_step)
+    name = pod_name(job, phase.name, attempt)
+    pod_spec["restartPolicy"] = "Never"
+    pod_spec["terminationGracePeriodSeconds"] = spec.recovery.grace_seconds
+    pod_spec.setdefault("hostname", name[:63].rstrip("-"))
+    probe = {"metadata": {"annotations": annotations}, "spec": pod_spec}
+    trainer = trainer_container_name(probe)
+    ours = phoenix_env(job=job, namespace=namespace, spec=spec, phase=phase, attempt=attempt,
+                       resume_from=resume_from, init_from=init_from)
+    for container in pod_spec.get("containers") or []:
+        if container.get("name") != trainer:
+            continue
+        if phase.args is not None:
+            container["args"] = list(phase.args)
+        container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours)
+        container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels,
+                     "annotations": annotations},
+        "spec": pod_spec,
+    }

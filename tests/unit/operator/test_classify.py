@@ -1,0 +1,94 @@
+"""Every way a trainer pod can end, and what it counts as."""
+import pytest
+
+from phoenix_operator.classify import classify, gone
+from phoenix_operator.constants import Cause
+
+from opfacts import at, pod
+
+pytestmark = pytest.mark.unit
+
+CASES = [
+    # id, pod, expected cause, expected reason
+    ("running", pod(), None, ""),
+    ("pending", pod(pod_phase="Pending"), None, ""),
+    ("terminating-still-running", pod(deletion=at(0)), None, ""),
+    ("succeeded", pod(pod_phase="Succeeded", exit_code=0), Cause.COMPLETED, "Completed"),
+    ("exit0-in-failed-pod", pod(pod_phase="Failed", exit_code=0), Cause.COMPLETED, "Completed"),
+    ("disruption-target-eviction",
+     pod(pod_phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI"),
+     Cause.PREEMPTION, "EvictionByEvictionAPI"),
+    ("disruption-target-beats-oom",
+     pod(pod_phase="Failed", exit_code=137, reason="OOMKilled", disruption="DeletionByPodGC"),
+     Cause.PREEMPTION, "DeletionByPodGC"),
+    ("evicted-status-reason", pod(pod_phase="Failed", status_reason="Evicted"),
+     Cause.PREEMPTION, "Evicted"),
+    ("node-lost", pod(pod_phase="Failed", status_reason="NodeLost"), Cause.PREEMPTION, "NodeLost"),
+    ("node-shutdown", pod(pod_phase="Failed", exit_code=143, status_reason="Terminated"),
+     Cause.PREEMPTION, "NodeLost"),
+    ("unknown-phase", pod(pod_phase="Unknown"), Cause.PREEMPTION, "NodeLost"),
+    ("oom", pod(pod_phase="Failed", exit_code=137, reason="OOMKilled"), Cause.FAILURE, "OOMKilled"),
+    ("trainer-says-preempted", pod(pod_phase="Failed", exit_code=1, term_reason="preempted"),
+     Cause.PREEMPTION, "TrainerPreempted"),
+    ("deleted-by-others-exit1", pod(pod_phase="Failed", exit_code=1, deletion=at(0)),
+     Cause.PREEMPTION, "DeletedExternally"),
+    ("sigterm", pod(pod_phase="Failed", exit_code=143), Cause.PREEMPTION, "SIGTERM"),
+    ("sigkill", pod(pod_phase="Failed", exit_code=137), Cause.PREEMPTION, "SIGKILL"),
+    ("exit1", pod(pod_phase="Failed", exit_code=1), Cause.FAILURE, "Error"),
+    ("exit1-with-message", pod(pod_phase="Failed", exit_code=1, term_reason="failed",
+                               message="loss is NaN"), Cause.FAILURE, "Error"),
+    ("exit0-but-trainer-failed", pod(pod_phase="Failed", exit_code=0, term_reason="failed"),
+     Cause.FAILURE, "Error"),
+    ("image-pull", pod(pod_phase="Pending", waiting="ImagePullBackOff"), Cause.FAILURE,
+     "ConfigError"),
+    ("bad-config", pod(pod_phase="Pending", waiting="CreateContainerConfigError"), Cause.FAILURE,
+     "ConfigError"),
+    ("crashloop", pod(pod_phase="Running", waiting="CrashLoopBackOff"), Cause.FAILURE,
+     "ConfigError"),
+    ("benign-waiting", pod(pod_phase="Pending", waiting="ContainerCreating"), None, ""),
+    ("admission-refused", pod(pod_phase="Failed", status_reason="OutOfnvidia.com/gpu"),
+     Cause.PREEMPTION, "OutOfnvidia.com/gpu"),
+    ("failed-no-info", pod(pod_phase="Failed"), Cause.FAILURE, "UnknownExit"),
+]
+
+
+@pytest.mark.parametrize("p, cause, reason", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_classify(p, cause, reason):
+    outcome = classify(p)
+    assert outcome.cause == cause
+    assert outcome.reason == reason
+
+
+def test_fatal_waiting_asks_for_delete():
+    assert classify(pod(pod_phase="Pending", waiting="ErrImagePull")).delete
+    assert not classify(pod(pod_phase="Failed", exit_code=1)).delete
+
+
+def test_termination_message_is_parsed():
+    outcome = classify(pod(pod_phase="Failed", exit_code=143, term_reason="preempted",
+                           message="SIGTERM at step 40"))
+    assert outcome.termination.step == 40
+    assert outcome.termination.emergencySaveCompleted
+    assert outcome.message == "SIGTERM at step 40"
+    assert outcome.finished_at == at(0)
+
+
+def test_garbage_termination_message_kept_as_text():
+    p = pod(pod_phase="Failed", exit_code=1)
+    p["status"]["containerStatuses"][0]["state"]["terminated"]["message"] = "Traceback: boom"
+    outcome = classify(p)
+    assert outcome.termination is None
+    assert outcome.message == "Traceback: boom"
+
+
+def test_trainer_container_by_annotation():
+    p = pod(pod_phase="Failed", exit_code=1)
+    p["spec"]["containers"] = [{"name": "sidecar"}, {"name": "trainer"}]
+    p["status"]["containerStatuses"].insert(0, {"name": "sidecar", "state": {
+        "terminated": {"exitCode": 0}}})
+    p["metadata"]["annotations"]["phoenix.dev/trainer-container"] = "trainer"
+    assert classify(p).cause == Cause.FAILURE
+
+
+def test_gone_is_preemption():
+    assert gone("x").cause == Cause.PREEMPTION

@@ -1,0 +1,305 @@
+"""The decision table: facts in, plan out. Injected clock; no cluster, no storage."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+
+from phoenix_operator.decide import Listing, decide
+from phoenix_operator.model import ts
+
+from opfacts import at, job, listing, phase_status, pod, with_status
+
+pytestmark = pytest.mark.unit
+
+NO_CK = {"train": listing()}
+CK_10_20 = {"train": listing(10, 20)}
+CK_CORRUPT = {"train": listing(10, 20, 30, invalid=(30,))}
+RUN1 = phase_status()  # train Running, attempt 1
+
+
+@dataclass
+class Case:
+    id: str
+    body: dict
+    pods: list = field(default_factory=list)
+    listings: dict | None = None
+    now: Any = at(1)
+    states: dict = field(default_factory=dict)
+    create: list = field(default_factory=list)
+    delete: list = field(default_factory=list)
+    events: list = field(default_factory=list)
+    job_phase: str | None = None
+    needs: set = field(default_factory=set)
+    requeue: float | None = None
+    check: Callable | None = None
+
+
+def ps(plan, name="train"):
+    return next(p for p in plan.status["phases"] if p["name"] == name)
+
+
+def env_of(plan, i=0):
+    return {e["name"]: e for e in plan.create[i].manifest["spec"]["containers"][0]["env"]}
+
+
+CASES = [
+    # --- starting ----------------------------------------------------------------------
+    Case("fresh-needs-listing", job(), listings={}, states={"train": "Pending"},
+         needs={"train"}, job_phase="Pending"),
+    Case("fresh-start", job(), listings=NO_CK, states={"train": "Running"},
+         create=["j-train-1"], events=["PodCreated"], job_phase="Running",
+         check=lambda p: "PHOENIX_RESUME_FROM" not in env_of(p)
+         and env_of(p)["PHOENIX_ATTEMPT"]["value"] == "1"),
+    Case("recreated-job-resumes-existing", job(), listings=CK_10_20, create=["j-train-1"],
+         check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
+    Case("steady-running", with_status(job(), RUN1), pods=[pod()], listings={},
+         states={"train": "Running"}, job_phase="Running"),
+    # --- ends of an attempt --------------------------------------------------------------
+    Case("succeeded", with_status(job(), RUN1), pods=[pod(pod_phase="Succeeded", exit_code=0)],
+         states={"train": "Succeeded"}, events=["PhaseSucceeded", "JobSucceeded"],
+         job_phase="Succeeded"),
+    Case("eviction-replaced-at-once", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI")],
+         listings=CK_10_20, states={"train": "Running"}, create=["j-train-2"],
+         events=["Preempted", "Resuming"],
+         check=lambda p: ps(p)["preemptions"] == 1 and ps(p)["failures"] == 0
+         and ps(p)["attempts"] == 2
+         and env_of(p)["PHOENIX_RESUME_FROM"]["value"] == "s3://bucket/run/train/step-00000020"
+         and ps(p)["lastFailure"]["reason"] == "EvictionByEvictionAPI"),
+    Case("preemption-waits-for-listing", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=143)], listings={},
+         states={"train": "Recovering"}, needs={"train"}, job_phase="Recovering"),
+    Case("corrupt-newest-skipped", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=143)], listings=CK_CORRUPT,
+         create=["j-train-2"], events=["Preempted", "CheckpointSkipped", "Resuming"],
+         check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
+    Case("pod-deleted-is-preemption", with_status(job(), RUN1), pods=[], listings=NO_CK,
+         create=["j-train-2"],
+         check=lambda p: ps(p)["lastFailure"]["reason"] == "PodDeleted"),
+    Case("deleted-by-others-terminating-waits", with_status(job(), RUN1),
+         pods=[pod(deletion=at(0))], listings=NO_CK, states={"train": "Running"}),
+    Case("sigkill-node-loss", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=137)], listings=NO_CK, create=["j-train-2"]),
+    Case("failure-backs-off", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=1, finished=at(0))], listings=NO_CK, now=at(1),
+         states={"train": "Recovering"}, events=["AttemptFailed"], requeue=9.0,
+         job_phase="Recovering",
+         check=lambda p: ps(p)["failures"] == 1 and ps(p)["nextAttemptAt"] == ts(at(10))
+         and ps(p)["lastFailure"]["exitCode"] == 1),
+    Case("backoff-not-elapsed", with_status(job(), phase_status(
+        state="Recovering", failures=1, nextAttemptAt=ts(at(10)))),
+        pods=[pod(pod_phase="Failed", exit_code=1)], listings=NO_CK, now=at(5), requeue=5.0,
+        states={"train": "Recovering"}),
+    Case("backoff-elapsed-replaces", with_status(job(), phase_status(
+        state="Recovering", failures=1, nextAttemptAt=ts(at(10)))),
+        pods=[pod(pod_phase="Failed", exit_code=1)], listings=NO_CK, now=at(10),
+        create=["j-train-2"]),
+    Case("second-failure-doubles-backoff", with_status(job(), phase_status(
+        attempts=2, failures=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=1,
+                                            finished=at(100))],
+        listings=NO_CK, now=at(100), requeue=20.0,
+        check=lambda p: ps(p)["nextAttemptAt"] == ts(at(120))),
+    Case("backoff-capped", with_status(job(recovery={"maxFailures": 50, "backoff": {
+        "initialSeconds": 10, "maxSeconds": 60}}), phase_status(attempts=9, failures=8)),
+        pods=[pod(attempt=9, pod_phase="Failed", exit_code=1, finished=at(0))],
+        listings=NO_CK, now=at(0), requeue=60.0,
+        check=lambda p: ps(p)["nextAttemptAt"] == ts(at(60))),
+    Case("failures-exhausted", with_status(job(), phase_status(attempts=3, failures=2)),
+         pods=[pod(attempt=3, pod_phase="Failed", exit_code=1, term_reason="failed",
+                   message="loss is NaN")],
+         listings=NO_CK, states={"train": "Failed"},
+         events=["BudgetExhausted", "PhaseFailed", "JobFailed"], job_phase="Failed",
+         check=lambda p: "maxFailures=2" in _cond(p, "Failed")["message"]
+         and "loss is NaN" in _cond(p, "Failed")["message"]
+         and _cond(p, "Failed")["status"] == "True"),
+    Case("preemption-spares-failure-budget", with_status(job(), phase_status(
+        attempts=3, failures=2)), pods=[pod(attempt=3, pod_phase="Failed", exit_code=143)],
+        listings=NO_CK, create=["j-train-4"],
+        check=lambda p: ps(p)["failures"] == 2 and ps(p)["preemptions"] == 1),
+    Case("preemptions-exhausted", with_status(job(recovery={"maxPreemptions": 1}), phase_status(
+        attempts=2, preemptions=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=143)],
+        listings=NO_CK, states={"train": "Failed"}, job_phase="Failed",
+        check=lambda p: "maxPreemptions=1" in _cond(p, "Failed")["message"]),
+    Case("oom-is-failure", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=137, reason="OOMKilled")], listings=NO_CK,
+         states={"train": "Recovering"}, requeue=9.0, check=lambda p: ps(p)["failures"] == 1),
+    Case("image-error-deletes-and-waits", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Pending", waiting="ImagePullBackOff")], listings=NO_CK, now=at(60),
+         delete=["j-train-1"], states={"train": "Recovering"}, requeue=10.0),
+    Case("old-pod-still-live-no-second-pod", with_status(job(), phase_status(
+        state="Recovering", failures=1, nextAttemptAt=ts(at(0)))),
+        pods=[pod(pod_phase="Pending", waiting="ImagePullBackOff", deletion=at(0))],
+        listings=NO_CK, states={"train": "Recovering"}),
+    # --- restarts and double delivery ---------------------------------------------------
+    Case("lost-status-write-adopts", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=143), pod(attempt=2)], listings={},
+         states={"train": "Running"}, events=["Preempted", "PodAdopted"],
+         check=lambda p: ps(p)["attempts"] == 2 and ps(p)["preemptions"] == 1),
+    Case("recovering-adopts-existing", with_status(job(), phase_status(state="Recovering")),
+         pods=[pod(pod_phase="Failed", exit_code=143), pod(attempt=2)], listings={},
+         states={"train": "Running"}, check=lambda p: ps(p)["attempts"] == 2),
+    Case("pending-adopts-existing", job(), pods=[pod()], listings={},
+         states={"train": "Running"}, events=["PodAdopted"]),
+    Case("adopted-pod-already-ended", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=143), pod(attempt=2, pod_phase="Failed",
+                                                            exit_code=143)],
+         listings=NO_CK, create=["j-train-3"],
+         check=lambda p: ps(p)["preemptions"] == 2),
+    # --- checkpoint fallback ----------------------------------------------------------
+    Case("repeated-crash-falls-back", with_status(job(), phase_status(
+        attempts=2, failures=1, consecutiveFailuresAtCheckpoint=1,
+        resumeFrom="s3://bucket/run/train/step-00000020")),
+        pods=[pod(attempt=2, pod_phase="Failed", exit_code=1, finished=at(0))],
+        listings=CK_10_20, now=at(100), create=["j-train-3"],
+        events=["AttemptFailed", "CheckpointFallback", "Resuming"],
+        check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000010")
+        and ps(p)["skippedSteps"] == [20]),
+    Case("single-crash-no-fallback", with_status(job(), phase_status(
+        attempts=2, resumeFrom="s3://bucket/run/train/step-00000020")),
+        pods=[pod(attempt=2, pod_phase="Failed", exit_code=1, finished=at(0))],
+        listings=CK_10_20, now=at(100), create=["j-train-3"],
+        check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
+    Case("new-checkpoint-resets-crash-count", with_status(job(), phase_status(
+        attempts=2, consecutiveFailuresAtCheckpoint=0,
+        resumeFrom="s3://bucket/run/train/step-00000010")),
+        pods=[pod(attempt=2, pod_phase="Failed", exit_code=1, finished=at(0))],
+        listings=CK_10_20, now=at(100), create=["j-train-3"],
+        check=lambda p: ps(p)["consecutiveFailuresAtCheckpoint"] == 0
+        and env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
+    Case("storage-error-retries", with_status(job(), phase_status(state="Recovering")),
+         pods=[pod(pod_phase="Failed", exit_code=143)],
+         listings={"train": Listing(error="connection refused")}, requeue=15.0,
+         events=["StorageError"], states={"train": "Recovering"}),
+    # --- phases -------------------------------------------------------------------------
+    Case("next-phase-starts-with-init-from",
+         with_status(job(("train", "finetune")), RUN1),
+         pods=[pod(pod_phase="Succeeded", exit_code=0)],
+         listings={"train": listing(10, 20), "finetune": listing(phase="finetune")},
+         states={"train": "Succeeded", "finetune": "Running"}, create=["j-finetune-1"],
+         check=lambda p: env_of(p)["PHOENIX_INIT_FROM"]["value"]
+         == "s3://bucket/run/train/step-00000020"
+         and env_of(p)["PHOENIX_CHECKPOINT_URI"]["value"] == "s3://bucket/run/finetune"),
+    Case("dependent-waits", job(("train", "finetune")), listings={"train": listing()},
+         states={"train": "Running", "finetune": "Pending"}, create=["j-train-1"]),
+    Case("failed-phase-blocks-dependents-eval-runs",
+         with_status(job(("train", "finetune", "eval"), independent=("eval",),
+                         depends={"eval": ["train"]}),
+                     phase_status(attempts=3, failures=2)),
+         pods=[pod(attempt=3, pod_phase="Failed", exit_code=1)],
+         listings={"train": listing(10), "eval": listing(phase="eval")},
+         states={"train": "Failed", "finetune": "Blocked", "eval": "Running"},
+         create=["j-eval-1"], events=["PhaseBlocked"], job_phase="Running"),
+    Case("job-failed-when-all-terminal",
+         with_status(job(("train", "finetune")), phase_status(attempts=3, failures=2)),
+         pods=[pod(attempt=3, pod_phase="Failed", exit_code=1)], listings={},
+         states={"train": "Failed", "finetune": "Blocked"}, job_phase="Failed",
+         check=lambda p: "blocked: finetune" in _cond(p, "Failed")["message"]),
+    Case("succeeded-never-reruns",
+         with_status(job(("train", "eval")), phase_status(state="Succeeded"),
+                     phase_status(name="eval", state="Succeeded")),
+         pods=[], listings={}, job_phase="Succeeded"),
+    # --- suspend ------------------------------------------------------------------------
+    Case("suspend-deletes-pod", with_status(job(suspend=True), RUN1), pods=[pod()],
+         listings={}, delete=["j-train-1"], states={"train": "Suspended"},
+         events=["Suspending"], job_phase="Suspended"),
+    Case("suspend-pod-ended-not-charged", with_status(job(suspend=True), phase_status(
+        state="Suspended")), pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
+        listings={}, states={"train": "Suspended"},
+        check=lambda p: ps(p)["preemptions"] == 0 and ps(p)["lastCheckpoint"]["step"] == 40),
+    Case("suspend-terminating-not-deleted-twice", with_status(job(suspend=True), phase_status(
+        state="Suspended")), pods=[pod(deletion=at(0))], listings={}),
+    Case("suspend-pending-does-not-start", job(suspend=True), listings=NO_CK,
+         states={"train": "Pending"}, job_phase="Suspended"),
+    Case("unsuspend-waits-for-old-pod", with_status(job(), phase_status(state="Suspended")),
+         pods=[pod(deletion=at(0))], listings=NO_CK, states={"train": "Suspended"}),
+    Case("unsuspend-replaces", with_status(job(), phase_status(state="Suspended")),
+         pods=[pod(pod_phase="Failed", exit_code=143)], listings=CK_10_20,
+         create=["j-train-2"], events=["Unsuspended", "Resuming"],
+         check=lambda p: ps(p)["preemptions"] == 0),
+    Case("suspended-pod-completed", with_status(job(suspend=True), phase_status(
+        state="Suspended")), pods=[pod(pod_phase="Succeeded", exit_code=0)], listings={},
+        states={"train": "Succeeded"}, job_phase="Succeeded"),
+]
+
+
+def _cond(plan, type_):
+    return next(c for c in plan.status["conditions"] if c["type"] == type_)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_decision_table(case: Case):
+    plan = decide(case.body, case.pods, case.listings or {}, case.now)
+    states = {p["name"]: p["state"] for p in plan.status["phases"]}
+    for name, state in case.states.items():
+        assert states[name] == state, (name, states)
+    assert [c.name for c in plan.create] == case.create
+    assert [d.name for d in plan.delete] == case.delete
+    reasons = [e.reason for e in plan.events]
+    for reason in case.events:
+        assert reason in reasons, reasons
+    if case.job_phase:
+        assert plan.status["phase"] == case.job_phase
+    assert plan.needs_checkpoints == case.needs
+    assert plan.requeue_after == case.requeue
+    if case.check:
+        assert case.check(plan)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_decide_is_deterministic(case: Case):
+    a = decide(case.body, case.pods, case.listings or {}, case.now)
+    b = decide(case.body, case.pods, case.listings or {}, case.now)
+    assert a == b
+
+
+def test_steady_state_status_is_a_fixed_point():
+    """Applying a plan's status and deciding again later changes nothing: no status write
+    per reconcile (conditions keep their lastTransitionTime)."""
+    body = job()
+    plan = decide(body, [], NO_CK, at(0))
+    body["status"] = plan.status
+    again = decide(body, [pod()], {}, at(500))
+    assert again.status == plan.status
+    assert not again.create and not again.events
+
+
+def test_replacement_records_time_of_previous_end():
+    plan = decide(with_status(job(), RUN1), [pod(pod_phase="Failed", exit_code=143,
+                                                 finished=at(-3))], NO_CK, at(1))
+    assert plan.create[0].previous_end == at(-3)
+    assert plan.create[0].previous_cause == "preemption"
+    assert [r.cause for r in plan.recoveries] == ["preemption"]
+
+
+def test_pod_env_contract_never_holds_secret_values():
+    plan = decide(job(), [], CK_10_20, at(0))
+    env = env_of(plan)
+    assert env["AWS_ACCESS_KEY_ID"] == {"name": "AWS_ACCESS_KEY_ID", "valueFrom": {
+        "secretKeyRef": {"name": "creds", "key": "AWS_ACCESS_KEY_ID"}}}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://127.0.0.1:9000"
+    assert env["PHOENIX_CHECKPOINT_URI"]["value"] == "s3://bucket/run/train"
+    assert env["PHOENIX_JOB_NAME"]["value"] == "j"
+    spec = plan.create[0].manifest["spec"]
+    assert spec["restartPolicy"] == "Never"
+    assert spec["terminationGracePeriodSeconds"] == 30
+    labels = plan.create[0].manifest["metadata"]["labels"]
+    assert labels["phoenix.dev/attempt"] == "1" and labels["phoenix.dev/phase"] == "train"
+
+
+def test_phase_args_and_env_override_template():
+    body = job()
+    body["spec"]["phases"][0].update(args=["--lr", "1"], env=[{"name": "X", "value": "2"}])
+    body["spec"]["template"]["spec"]["containers"][0]["env"] = [{"name": "X", "value": "1"}]
+    plan = decide(body, [], NO_CK, at(0))
+    c = plan.create[0].manifest["spec"]["containers"][0]
+    assert c["args"] == ["--lr", "1"]
+    assert env_of(plan)["X"]["value"] == "2"
+
+
+def test_recovering_condition_explains_backoff():
+    plan = decide(with_status(job(), RUN1), [pod(pod_phase="Failed", exit_code=1)], NO_CK, at(1))
+    cond = _cond(plan, "Recovering")
+    assert cond["status"] == "True" and cond["reason"] == "BackingOff"
+    assert "next attempt at" in cond["message"]
