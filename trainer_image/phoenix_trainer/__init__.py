@@ -1,0 +1,30 @@
+"""Phoenix trainer runtime: staged modules, S3 checkpoints, bit-exact resume, SIGTERM handshake.
+
+Kept free of torch imports so the operator can import ``phoenix_trainer.contract``,
+``.layout`` and ``.storage`` without shipping torch. Heavy pieces load lazily:
+
+    from phoenix_trainer import Trainer, Stage, StagedModule, ResumableShuffleSampler
+"""
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "Stage", "StagedModule", "Trainer", "Callback", "RunResult", "ResumableShuffleSampler",
+    "AsyncCheckpointer", "load_checkpoint", "TrainerEnv", "TerminationMessage", "open_storage",
+]
+
+_LAZY = {
+    "Stage": "stages", "StagedModule": "stages", "Trainer": "trainer", "Callback": "trainer",
+    "RunResult": "trainer", "ResumableShuffleSampler": "state", "AsyncCheckpointer": "checkpoint",
+    "load_checkpoint": "checkpoint", "TrainerEnv": "contract", "TerminationMessage": "contract",
+    "open_storage": "storage",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'phoenix_trainer' has no attribute {name!r}")

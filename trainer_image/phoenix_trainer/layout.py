@@ -218,3 +218,9 @@ def latest_valid_checkpoint(storage: "Storage", deep: bool = True,
             return info
         log.warning("skipping checkpoint %s: %s; falling back to an older one", info.uri, info.reason)
     return None
+
+
+def config_fingerprint(config: Any) -> str:
+    """Stable short hash of a JSON-able training config (key order does not matter)."""
+    text = json.dumps(config, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

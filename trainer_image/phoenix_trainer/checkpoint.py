@@ -1,0 +1,286 @@
+"""Asynchronous checkpointing: snapshot to CPU on the training thread, upload in background.
+
+The training loop only waits for the CPU copy (``to_cpu``) and, if more than
+``max_in_flight`` saves are still uploading, for the oldest one to finish. Serialization,
+sha256, multipart upload, the manifest (written last) and retention run on one background
+thread. A save that fails after its retries is logged and dropped: the previous checkpoint
+stays the latest valid one, so nothing half-written ever looks valid.
+
+Must never be called from a signal handler, and never log credentials.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+
+from .errors import CheckpointError, CorruptCheckpointError
+from .layout import CheckpointInfo, FileEntry, step_dir_name
+from .state import to_cpu, tree_nbytes
+from .storage import Storage
+from .writer import RetryPolicy, apply_retention, commit_checkpoint
+
+log = logging.getLogger("phoenix.checkpoint")
+
+# Conservative guesses used before this process has measured a save of its own.
+_DEFAULT_BYTES_PER_SECOND = 50e6
+_DEFAULT_FIXED_SECONDS = 2.0
+
+
+@dataclass
+class Snapshot:
+    """A CPU copy of everything a checkpoint holds; immutable once taken."""
+
+    step: int
+    epoch: int
+    tensors: dict[str, Any]  # shard name -> object for torch.save
+    documents: dict[str, Any]  # shard name -> JSON-able dict
+    nbytes: int = 0
+    seconds: float = 0.0  # how long the loop was blocked taking it
+
+    @classmethod
+    def take(cls, step: int, epoch: int, tensors: dict[str, Any], documents: dict[str, Any]) -> "Snapshot":
+        t0 = time.perf_counter()
+        copied = {name: to_cpu(obj) for name, obj in tensors.items()}
+        docs = json.loads(json.dumps(documents))  # deep copy + proves it serializes
+        snap = cls(step, epoch, copied, docs)
+        snap.nbytes = tree_nbytes(copied)
+        snap.seconds = time.perf_counter() - t0
+        return snap
+
+
+@dataclass
+class SaveStats:
+    saves: int = 0
+    failures: int = 0
+    bytes: int = 0
+    snapshot_seconds: list[float] = field(default_factory=list)
+    serialize_seconds: list[float] = field(default_factory=list)
+    upload_seconds: list[float] = field(default_factory=list)
+    total_seconds: list[float] = field(default_factory=list)  # serialize + upload + manifest
+    wait_seconds: float = 0.0  # loop blocked because too many saves were in flight
+    upload_bytes_per_second: list[float] = field(default_factory=list)
+
+
+def _hashing_save(obj: Any, path: str) -> FileEntry:
+    """torch.save to ``path`` while computing size and sha256 on the way out."""
+
+    class _Tee(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.h, self.n = f, hashlib.sha256(), 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.h.update(b)
+            self.n += len(b)
+            return self.f.write(b)
+
+    with open(path, "wb") as f:
+        tee = _Tee(f)
+        buf = io.BufferedWriter(tee, buffer_size=8 << 20)
+        torch.save(obj, buf)
+        buf.flush()
+    return FileEntry(size=tee.n, sha256=tee.h.hexdigest())
+
+
+class AsyncCheckpointer:
+    """Writes snapshots to a Storage in the background, bounded and retried."""
+
+    def __init__(self, storage: Storage, *, phase: str, config_fingerprint: str, keep: int = 3,
+                 run_id: str = "", attempt: int | None = None, max_in_flight: int = 1,
+                 retry: RetryPolicy | None = None, spool_dir: str | None = None,
+                 protect: Iterable[int] = ()) -> None:
+        if keep < 2:
+            raise CheckpointError(f"keep={keep}: keep at least 2 checkpoints so there is a fallback")
+        self.storage = storage
+        self.phase = phase
+        self.config_fingerprint = config_fingerprint
+        self.keep = keep
+        self.run_id = run_id
+        self.attempt = attempt
+        self.max_in_flight = max(1, max_in_flight)
+        self.retry = retry or RetryPolicy()
+        self.protect = set(protect)
+        self.spool = tempfile.mkdtemp(prefix="phoenix-ckpt-", dir=spool_dir or os.environ.get("PHOENIX_SPOOL_DIR"))
+        self.stats = SaveStats()
+        self.latest: CheckpointInfo | None = None  # newest checkpoint committed by this process
+        self.last_error: BaseException | None = None
+        self._slots = threading.BoundedSemaphore(self.max_in_flight)
+        self._lock = threading.Lock()
+        self._in_flight: list[Future] = []
+        self._pending_steps: set[int] = set()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phoenix-ckpt")
+        self.after_commit: list[Callable[[CheckpointInfo], None]] = []
+
+    # -- training-thread API --------------------------------------------------------------
+    def save(self, snapshot: Snapshot, *, blocking: bool = False) -> Future:
+        """Queue ``snapshot`` for upload. Waits only if ``max_in_flight`` saves are pending."""
+        t0 = time.perf_counter()
+        self._slots.acquire()
+        waited = time.perf_counter() - t0
+        self.stats.wait_seconds += waited
+        if waited > 0.01:
+            log.info("checkpoint step %d waited %.2fs for an earlier upload (max_in_flight=%d)",
+                     snapshot.step, waited, self.max_in_flight)
+        self.stats.snapshot_seconds.append(snapshot.seconds)
+        with self._lock:
+            self._pending_steps.add(snapshot.step)
+        fut = self._executor.submit(self._write, snapshot)
+        with self._lock:
+            self._in_flight.append(fut)
+        fut.add_done_callback(self._done)
+        if blocking:
+            fut.result()
+        return fut
+
+    def submit_aux(self, fn: Callable[[], Any]) -> Future:
+        """Run small housekeeping (metrics upload) on the upload thread, off the step path."""
+        return self._executor.submit(fn)
+
+    def pending_steps(self) -> set[int]:
+        with self._lock:
+            return set(self._pending_steps)
+
+    def in_flight(self) -> int:
+        with self._lock:
+            return sum(1 for f in self._in_flight if not f.done())
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait for every queued save; True if all finished in time."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                pending = [f for f in self._in_flight if not f.done()]
+            if not pending:
+                return True
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            try:
+                pending[0].exception(timeout=left)
+            except TimeoutError:
+                return False
+            except Exception:  # noqa: BLE001 - the error was already logged by the worker
+                pass
+
+    def estimate_save_seconds(self, nbytes: int) -> float:
+        """Expected wall time of a blocking save of ``nbytes``, from this process's history."""
+        if self.stats.total_seconds and self.stats.bytes:
+            per_save = self.stats.bytes / max(1, self.stats.saves)
+            worst = max(self.stats.total_seconds[-5:])
+            snap = max(self.stats.snapshot_seconds[-5:] or [0.0])
+            return snap + worst * max(1.0, nbytes / max(1.0, per_save))
+        return _DEFAULT_FIXED_SECONDS + nbytes / _DEFAULT_BYTES_PER_SECOND
+
+    def close(self, timeout: float | None = None) -> None:
+        self.wait(timeout)
+        self._executor.shutdown(wait=timeout is None, cancel_futures=True)
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    # -- upload thread --------------------------------------------------------------------
+    def _done(self, fut: Future) -> None:
+        self._slots.release()
+        with self._lock:
+            if fut in self._in_flight:
+                self._in_flight.remove(fut)
+
+    def _write(self, snap: Snapshot) -> CheckpointInfo:
+        d = os.path.join(self.spool, step_dir_name(snap.step))
+        os.makedirs(d, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            files, digests = {}, {}
+            for name, obj in snap.tensors.items():
+                path = os.path.join(d, name)
+                digests[name] = _hashing_save(obj, path)
+                files[name] = path
+            for name, doc in snap.documents.items():
+                path = os.path.join(d, name)
+                with open(path, "wb") as f:
+                    f.write(json.dumps(doc, sort_keys=True, indent=1).encode())
+                files[name] = path
+            t1 = time.perf_counter()
+            info = commit_checkpoint(
+                self.storage, snap.step, files, epoch=snap.epoch, phase=self.phase,
+                config_fingerprint=self.config_fingerprint, run_id=self.run_id,
+                attempt=self.attempt, digests=digests, retry=self.retry)
+            t2 = time.perf_counter()
+            size = sum(os.path.getsize(p) for p in files.values())
+            self.stats.saves += 1
+            self.stats.bytes += size
+            self.stats.serialize_seconds.append(t1 - t0)
+            self.stats.upload_seconds.append(t2 - t1)
+            self.stats.total_seconds.append(t2 - t0)
+            self.stats.upload_bytes_per_second.append(size / max(1e-9, t2 - t1))
+            log.info("saved checkpoint %s: %.1f MB, snapshot %.3fs (blocking), serialize %.2fs,"
+                     " upload %.2fs (%.0f MB/s)", info.uri, size / 1e6, snap.seconds, t1 - t0,
+                     t2 - t1, size / 1e6 / max(1e-9, t2 - t1))
+            if self.latest is None or info.step >= self.latest.step:
+                self.latest = info
+            for cb in self.after_commit:
+                try:
+                    cb(info)
+                except Exception:  # noqa: BLE001 - housekeeping must not fail a good save
+                    log.exception("after-checkpoint hook failed for %s", info.uri)
+            try:
+                apply_retention(self.storage, self.keep, protect=self.protect | {info.step})
+            except Exception as e:  # noqa: BLE001 - retention is best effort; retried next save
+                log.warning("retention under %s failed (%s); will retry after the next save",
+                            self.storage.uri, e)
+            return info
+        except BaseException as e:
+            self.stats.failures += 1
+            self.last_error = e
+            log.error("checkpoint step %d to %s failed after retries: %s; the previous"
+                      " checkpoint remains the latest valid one", snap.step, self.storage.uri, e)
+            raise
+        finally:
+            with self._lock:
+                self._pending_steps.discard(snap.step)
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def load_checkpoint(storage: Storage, info: CheckpointInfo) -> dict[str, Any]:
+    """Download every shard of ``info``, check size and sha256, and deserialize it.
+
+    Raises CorruptCheckpointError naming the shard if anything does not match the manifest.
+    """
+    if info.manifest is None:
+        raise CorruptCheckpointError(f"checkpoint {info.uri} has no readable manifest: {info.reason}")
+    d = step_dir_name(info.step)
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    total = 0
+    for name, entry in sorted(info.manifest.files.items()):
+        try:
+            data = storage.get_bytes(f"{d}/{name}")
+        except FileNotFoundError as e:
+            raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
+        total += len(data)
+        if len(data) != entry.size:
+            raise CorruptCheckpointError(
+                f"checkpoint {info.uri}: shard {name} has {len(data)} bytes, manifest says {entry.size}")
+        if hashlib.sha256(data).hexdigest() != entry.sha256:
+            raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} sha256 mismatch")
+        try:
+            if name.endswith(".json"):
+                out[name] = json.loads(data)
+            else:
+                out[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any decode failure means an unusable shard
+            raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} cannot be decoded ({e})") from e
+    log.info("loaded checkpoint %s: %.1f MB in %.2fs", info.uri, total / 1e6, time.perf_counter() - t0)
+    return out
