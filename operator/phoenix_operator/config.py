@@ -1,0 +1,59 @@
+"""Operator configuration: parsed and validated once, from the environment, at startup.
+
+Nothing else in the operator reads ``os.environ``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping
+
+
+class ConfigError(ValueError):
+    """An operator environment variable has a value that cannot work."""
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    metrics_port: int = 8080
+    """PHOENIX_METRICS_PORT: Prometheus /metrics port (0 disables)."""
+    metrics_host: str = "0.0.0.0"
+    """PHOENIX_METRICS_HOST: address the metrics server binds."""
+    resync_seconds: float = 60.0
+    """PHOENIX_RESYNC_SECONDS: every job is reconciled at least this often, events or not."""
+    deep_verify: bool = True
+    """PHOENIX_DEEP_VERIFY: check every shard's sha256 before resuming from a checkpoint
+    (false: manifest and sizes only; faster for huge checkpoints)."""
+    api_workers: int = 16
+    """PHOENIX_API_WORKERS: threads for blocking Kubernetes/S3 calls."""
+    s3_endpoint_override: str | None = None
+    """PHOENIX_S3_ENDPOINT_OVERRIDE: endpoint the *operator* uses to reach storage when it
+    differs from the one trainers use (e.g. operator outside the cluster network)."""
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
+        env = os.environ if environ is None else environ
+
+        def number(name: str, default: float, kind=float, minimum: float = 0):
+            raw = env.get(name, "").strip()
+            if not raw:
+                return default
+            try:
+                value = kind(raw)
+            except ValueError as e:
+                raise ConfigError(f"{name}={raw!r} is not a number; unset it or give one") from e
+            if value < minimum:
+                raise ConfigError(f"{name}={value} is below {minimum}")
+            return value
+
+        deep = env.get("PHOENIX_DEEP_VERIFY", "true").strip().lower()
+        if deep not in ("true", "false", "1", "0", "yes", "no"):
+            raise ConfigError(f"PHOENIX_DEEP_VERIFY={deep!r}: use true or false")
+        return cls(
+            metrics_port=int(number("PHOENIX_METRICS_PORT", 8080, int)),
+            metrics_host=env.get("PHOENIX_METRICS_HOST", "0.0.0.0") or "0.0.0.0",
+            resync_seconds=number("PHOENIX_RESYNC_SECONDS", 60.0, float, 1),
+            deep_verify=deep in ("true", "1", "yes"),
+            api_workers=int(number("PHOENIX_API_WORKERS", 16, int, 1)),
+            s3_endpoint_override=env.get("PHOENIX_S3_ENDPOINT_OVERRIDE") or None,
+        )

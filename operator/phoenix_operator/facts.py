@@ -1,0 +1,57 @@
+"""Gather checkpoint facts for ``decide``: list and verify checkpoints in storage.
+
+Blocking (S3 / filesystem); run in a thread. The operator trusts only what it verified
+here: a checkpoint is offered for resume iff its manifest validates (and, with deep
+verification, every shard's sha256 matches).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Iterable
+
+from phoenix_trainer.layout import checkpoint_steps
+from phoenix_trainer.storage import open_storage, verify_checkpoint
+
+from .decide import Checkpoint, Listing
+from .model import JobSpec, parse_ts
+
+log = logging.getLogger("phoenix.facts")
+
+VALID_WANTED = 2  # the newest valid one plus one to fall back to
+
+
+def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str | None,
+         endpoint: str | None, skipped: Iterable[int] = (), deep: bool = True) -> Listing:
+    """Verify newest-first until ``VALID_WANTED`` usable checkpoints are found."""
+    uri = spec.checkpoint.phase_uri(phase)
+    started = time.monotonic()
+    try:
+        storage = open_storage(uri, endpoint_url=endpoint, access_key=access_key,
+                               secret_key=secret_key, region=spec.checkpoint.region)
+        skip = set(skipped)
+        found: list[Checkpoint] = []
+        usable = 0
+        for step in reversed(checkpoint_steps(storage)):
+            info = verify_checkpoint(storage, step, deep=deep)
+            m = info.manifest
+            found.append(Checkpoint(step=step, uri=info.uri, valid=info.valid,
+                                    reason=info.reason, epoch=m.epoch if m else None,
+                                    time=_time(m.time) if m else None))
+            if info.valid and step not in skip:
+                usable += 1
+                if usable >= VALID_WANTED:
+                    break
+    except Exception as e:  # noqa: BLE001 - any storage trouble becomes a retry, with the why
+        log.warning("listing checkpoints under %s failed: %s", uri, e)
+        return Listing(error=f"{type(e).__name__}: {e}"[:300])
+    log.info("verified %d checkpoint(s) under %s in %.2fs", len(found), uri,
+             time.monotonic() - started)
+    return Listing(tuple(found))
+
+
+def _time(value: str | None):
+    try:
+        return parse_ts(value)
+    except (TypeError, ValueError):
+        return None

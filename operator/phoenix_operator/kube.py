@@ -1,0 +1,120 @@
+"""Blocking Kubernetes API calls the operator makes, in one place (run them in threads).
+
+Objects go in and out as plain dicts in the API's JSON shape, the same shape ``decide``
+and kopf bodies use. Nothing here decides anything.
+"""
+from __future__ import annotations
+
+import base64
+import logging
+import secrets
+from datetime import datetime, timezone
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+
+from phoenix_trainer import contract
+
+from . import constants as C
+
+log = logging.getLogger("phoenix.kube")
+
+
+def load_config() -> None:
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config()
+
+
+class Kube:
+    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+        self.api = api_client or client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def _plain(self, obj: Any) -> Any:
+        return self.api.sanitize_for_serialization(obj)
+
+    # --- PhoenixJobs -------------------------------------------------------------------
+    def get_job(self, namespace: str, name: str) -> dict | None:
+        try:
+            return self.custom.get_namespaced_custom_object(
+                C.GROUP, C.VERSION, namespace, C.PLURAL, name)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list_jobs(self, namespace: str | None = None) -> list[dict]:
+        if namespace:
+            out = self.custom.list_namespaced_custom_object(C.GROUP, C.VERSION, namespace,
+                                                            C.PLURAL)
+        else:
+            out = self.custom.list_cluster_custom_object(C.GROUP, C.VERSION, C.PLURAL)
+        return out.get("items", [])
+
+    def patch_status(self, job: dict, status: dict) -> dict:
+        """Merge-patch the status subresource, guarded by the resourceVersion we decided on
+        (a concurrent spec change makes this fail with 409 and we decide again)."""
+        meta = job["metadata"]
+        body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": status}
+        return self.custom.patch_namespaced_custom_object_status(
+            C.GROUP, C.VERSION, meta["namespace"], C.PLURAL, meta["name"], body)
+
+    # --- pods --------------------------------------------------------------------------
+    def list_pods(self, namespace: str, job: str) -> list[dict]:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{C.LABEL_JOB}={job}")
+        return [self._plain(p) for p in pods.items]
+
+    def create_pod(self, namespace: str, manifest: dict) -> bool:
+        """Create; False if a pod of that name already exists (the idempotency key)."""
+        try:
+            self.core.create_namespaced_pod(namespace, manifest)
+            return True
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
+
+    def delete_pod(self, namespace: str, name: str, grace_seconds: int) -> None:
+        try:
+            self.core.delete_namespaced_pod(name, namespace, grace_period_seconds=grace_seconds)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    # --- secrets (only the two credential keys are ever decoded) ------------------------
+    def s3_credentials(self, namespace: str, name: str) -> tuple[str | None, str | None]:
+        secret = self.core.read_namespaced_secret(name, namespace)
+        data = secret.data or {}
+
+        def get(key: str) -> str | None:
+            raw = data.get(key)
+            return base64.b64decode(raw).decode() if raw else None
+
+        return get(contract.ENV_AWS_ACCESS_KEY_ID), get(contract.ENV_AWS_SECRET_ACCESS_KEY)
+
+    # --- events ------------------------------------------------------------------------
+    def post_event(self, job: dict, type_: str, reason: str, message: str,
+                   component: str = C.MANAGED_BY) -> None:
+        meta = job["metadata"]
+        now = datetime.now(timezone.utc)
+        event = {
+            "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}",
+                         "namespace": meta["namespace"]},
+            "involvedObject": {"apiVersion": C.API_VERSION, "kind": C.KIND,
+                               "name": meta["name"], "namespace": meta["namespace"],
+                               "uid": meta.get("uid"),
+                               "resourceVersion": meta.get("resourceVersion")},
+            "reason": reason, "message": message[:1024], "type": type_,
+            "source": {"component": component},
+            "reportingComponent": f"{C.GROUP}/operator", "reportingInstance": component,
+            "firstTimestamp": now.isoformat(), "lastTimestamp": now.isoformat(), "count": 1,
+        }
+        try:
+            self.core.create_namespaced_event(meta["namespace"], event)
+        except ApiException as e:  # events are best effort; never fail a reconcile on them
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"],
+                        meta["name"], e.reason)

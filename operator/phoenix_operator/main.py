@@ -1,0 +1,66 @@
+"""kopf entry point: settings and thin handlers only. Run with
+
+    kopf run -m phoenix_operator.main --all-namespaces --standalone \
+        --liveness=http://0.0.0.0:8081/healthz
+
+Every handler just says "this job may need attention" to the Reconciler; what to do is
+decided in ``decide.py`` and done in ``reconcile.py``. No finalizers, no kopf progress
+annotations: ``on.event`` handlers keep nothing on the objects.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import kopf
+
+from . import constants as C
+from . import metrics
+from .config import OperatorConfig
+from .kube import Kube, load_config
+from .reconcile import Reconciler
+
+log = logging.getLogger("phoenix.operator")
+
+_state: dict[str, object] = {}
+
+
+def _reconciler() -> Reconciler:
+    return _state["reconciler"]  # type: ignore[return-value]
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, **_) -> None:
+    config = OperatorConfig.from_env()
+    # Handler log lines would otherwise become Events on pods; we post our own, curated.
+    settings.posting.level = logging.WARNING
+    settings.peering.standalone = True  # safety comes from deterministic pod names, not leases
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.networking.request_timeout = 60
+    load_config()
+    reconciler = Reconciler(Kube(), config)
+    _state["reconciler"] = reconciler
+    _state["resync"] = asyncio.get_running_loop().create_task(reconciler.resync_forever())
+    metrics.serve(config.metrics_port, config.metrics_host)
+    log.info("phoenix operator started: %s", config)
+
+
+@kopf.on.cleanup()
+async def cleanup(**_) -> None:
+    task = _state.pop("resync", None)
+    if task is not None:
+        task.cancel()
+
+
+@kopf.on.event(C.GROUP, C.VERSION, C.PLURAL)
+async def job_event(type: str, name: str, namespace: str, **_) -> None:
+    if type == "DELETED":
+        _reconciler().forget((namespace, name))
+    else:
+        _reconciler().poke((namespace, name))
+
+
+@kopf.on.event("", "v1", "pods", labels={C.LABEL_JOB: kopf.PRESENT})
+async def pod_event(labels: dict, namespace: str, **_) -> None:
+    _reconciler().poke((namespace, labels[C.LABEL_JOB]))

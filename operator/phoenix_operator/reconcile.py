@@ -1,0 +1,226 @@
+"""Gather facts, call ``decide``, apply the plan. One reconcile at a time per job.
+
+The ``Reconciler`` coalesces triggers (job events, pod events, backoff timers, periodic
+resync) into at most one queued pass per job, serialised by a per-job lock, so a burst of
+pod events costs one pass. Everything it knows comes from the API on each pass (job by GET,
+pods by label LIST): nothing in memory is needed to be correct after a restart.
+
+Order when applying: create pods, delete pods, write status, post events. If creating a
+pod fails the status is not written, so status never names a pod that was not created;
+if writing status fails after a pod was created, the next pass adopts the pod (see decide).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+import kopf
+from kubernetes.client.rest import ApiException
+
+from . import metrics
+from .config import OperatorConfig
+from .decide import Listing, Plan, decide
+from .facts import scan
+from .kube import Kube
+from .model import JobSpec, parse_ts, phase_statuses
+
+log = logging.getLogger("phoenix.reconcile")
+
+Key = tuple[str, str]  # (namespace, name)
+RETRY_SECONDS = 10.0
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _owned(pod: dict, uid: str | None) -> bool:
+    """Pods of an earlier PhoenixJob with the same name (still being garbage collected)
+    are not ours."""
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    return not uid or any(r.get("uid") == uid for r in refs)
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, config: OperatorConfig,
+                 clock: Callable[[], datetime] = utcnow) -> None:
+        self.kube = kube
+        self.config = config
+        self.clock = clock
+        self.executor = ThreadPoolExecutor(config.api_workers, thread_name_prefix="phoenix-api")
+        self.known: dict[Key, str] = {}  # key -> last seen status.phase (metrics, resync)
+        self._locks: dict[Key, asyncio.Lock] = {}
+        self._queued: set[Key] = set()
+        self._timers: dict[Key, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task] = set()
+
+    async def _call(self, fn, *args, **kwargs):
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+
+    # --- triggering ----------------------------------------------------------------------
+    def poke(self, key: Key) -> None:
+        """Ask for a pass; a no-op if one is already queued for this job."""
+        if key in self._queued:
+            return
+        self._queued.add(key)
+        task = asyncio.get_running_loop().create_task(self._run(key))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def poke_later(self, key: Key, delay: float) -> None:
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        old = self._timers.get(key)
+        if old is not None and not old.cancelled() and old.when() <= when:
+            return
+        if old is not None:
+            old.cancel()
+        self._timers[key] = loop.call_at(when, self._fire, key)
+
+    def _fire(self, key: Key) -> None:
+        self._timers.pop(key, None)
+        self.poke(key)
+
+    def forget(self, key: Key) -> None:
+        self.known.pop(key, None)
+        metrics.CHECKPOINT_AGE.times = {k: v for k, v in metrics.CHECKPOINT_AGE.times.items()
+                                        if k[:2] != key}
+        timer = self._timers.pop(key, None)
+        if timer:
+            timer.cancel()
+        self._update_job_gauge()
+
+    async def resync_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.resync_seconds)
+            for key in list(self.known):
+                self.poke(key)
+
+    async def _run(self, key: Key) -> None:
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        async with lock:
+            self._queued.discard(key)
+            started = time.monotonic()
+            try:
+                requeue = await self.reconcile(*key)
+                metrics.RECONCILES.labels("ok").inc()
+            except ApiException as e:
+                metrics.RECONCILES.labels("conflict" if e.status == 409 else "api_error").inc()
+                if e.status != 409:
+                    log.warning("[%s/%s] API error %s %s; retrying in %gs", *key, e.status,
+                                e.reason, RETRY_SECONDS)
+                requeue = 0.2 if e.status == 409 else RETRY_SECONDS
+            except Exception:  # noqa: BLE001 - one job's bug must not stop the others
+                metrics.RECONCILES.labels("error").inc()
+                log.exception("[%s/%s] reconcile failed; retrying in %gs", *key, RETRY_SECONDS)
+                requeue = RETRY_SECONDS
+            finally:
+                metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+            if requeue is not None:
+                self.poke_later(key, requeue)
+
+    # --- one pass ------------------------------------------------------------------------
+    async def reconcile(self, namespace: str, name: str) -> float | None:
+        job = await self._call(self.kube.get_job, namespace, name)
+        if job is None or job["metadata"].get("deletionTimestamp"):
+            self.forget((namespace, name))
+            return None
+        uid = job["metadata"].get("uid")
+        pods = [p for p in await self._call(self.kube.list_pods, namespace, name)
+                if _owned(p, uid)]
+        listings: dict[str, Listing] = {}
+        plan = decide(job, pods, listings, self.clock())
+        if plan.needs_checkpoints:
+            listings.update(await self._scan(job, plan.needs_checkpoints))
+            plan = decide(job, pods, listings, self.clock())
+        return await self.apply(job, plan)
+
+    async def _scan(self, job: dict, phases: set[str]) -> dict[str, Listing]:
+        spec = JobSpec.parse(job["spec"])
+        ns = job["metadata"]["namespace"]
+        access = secret = None
+        if spec.checkpoint.credentials_secret:
+            try:
+                access, secret = await self._call(self.kube.s3_credentials, ns,
+                                                  spec.checkpoint.credentials_secret)
+            except ApiException as e:
+                why = (f"cannot read Secret {ns}/{spec.checkpoint.credentials_secret}: "
+                       f"{e.status} {e.reason}")
+                return {p: Listing(error=why) for p in phases}
+        statuses = phase_statuses(spec, job.get("status"))
+        endpoint = self.config.s3_endpoint_override or spec.checkpoint.endpoint
+        results = await asyncio.gather(*(
+            self._call(scan, spec, p, access_key=access, secret_key=secret, endpoint=endpoint,
+                       skipped=statuses[p].skipped_steps if p in statuses else (),
+                       deep=self.config.deep_verify)
+            for p in sorted(phases)))
+        return dict(zip(sorted(phases), results))
+
+    async def apply(self, job: dict, plan: Plan) -> float | None:
+        meta = job["metadata"]
+        ns, name = meta["namespace"], meta["name"]
+        tag = f"[{ns}/{name}]"
+        for create in plan.create:
+            manifest = create.manifest
+            kopf.adopt(manifest, owner=job)
+            try:
+                created = await self._call(self.kube.create_pod, ns, manifest)
+            except ApiException as e:
+                msg = (f"cannot create pod {create.name} for phase {create.phase}: "
+                       f"{e.status} {e.reason}: {_api_message(e)}")
+                log.warning("%s %s", tag, msg)
+                await self._call(self.kube.post_event, job, "Warning", "PodCreateFailed", msg)
+                return RETRY_SECONDS  # status untouched: it must not name a pod that is not there
+            if created:
+                metrics.PODS_CREATED.labels(ns).inc()
+                if create.previous_end is not None:
+                    metrics.REPLACEMENT_SECONDS.labels(create.previous_cause or "unknown").observe(
+                        max(0.0, (self.clock() - create.previous_end).total_seconds()))
+            log.info("%s phase=%s %s pod %s (attempt %d) resume_from=%s", tag, create.phase,
+                     "created" if created else "found existing", create.name, create.attempt,
+                     create.resume_from or "-")
+        for delete in plan.delete:
+            log.info("%s deleting pod %s (%s)", tag, delete.name, delete.reason)
+            await self._call(self.kube.delete_pod, ns, delete.name, delete.grace_seconds)
+        if plan.status != (job.get("status") or {}):
+            await self._call(self.kube.patch_status, job, plan.status)
+        for note in plan.events:
+            log.info("%s %s: %s", tag, note.reason, note.message)
+            await self._call(self.kube.post_event, job, note.type, note.reason, note.message)
+        for r in plan.recoveries:
+            metrics.RECOVERIES.labels(ns, name, r.phase, r.cause, r.reason).inc()
+        self._observe(job, plan)
+        return plan.requeue_after
+
+    def _observe(self, job: dict, plan: Plan) -> None:
+        meta = job["metadata"]
+        key = (meta["namespace"], meta["name"])
+        self.known[key] = plan.status.get("phase", "")
+        self._update_job_gauge()
+        t = parse_ts(plan.status.get("lastCheckpointTime"))
+        current = plan.status.get("currentPhase")
+        metrics.CHECKPOINT_AGE.times = {k: v for k, v in metrics.CHECKPOINT_AGE.times.items()
+                                        if k[:2] != key}
+        if t and current:
+            metrics.CHECKPOINT_AGE.times[(*key, current)] = t.timestamp()
+
+    def _update_job_gauge(self) -> None:
+        counts: dict[str, int] = {}
+        for phase in self.known.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase in ("Pending", "Running", "Recovering", "Succeeded", "Failed", "Suspended"):
+            metrics.JOBS.labels(phase).set(counts.get(phase, 0))
+
+
+def _api_message(e: ApiException) -> str:
+    import json
+
+    try:
+        return json.loads(e.body).get("message", "")[:300]
+    except (TypeError, ValueError, AttributeError):
+        return str(e.body)[:300]
