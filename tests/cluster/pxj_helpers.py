@@ -1,0 +1,96 @@
+"""Builders and waiters for PhoenixJob cluster tests."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from conftest import FAKE_TRAINER
+
+GROUP, VERSION, PLURAL = "phoenix.dev", "v1alpha1", "phoenixjobs"
+SPOT_TOLERATION = [{"key": "phoenix.dev/spot", "operator": "Exists", "effect": "NoSchedule"}]
+
+
+def phoenixjob(name: str, bucket: str, s3_url: str, *, phases=("train",), env=None,
+               recovery=None, grace: int = 10, keep: int = 3, suspend: bool = False,
+               extra_phase: dict | None = None) -> dict:
+    fake_env = [{"name": k, "value": str(v)} for k, v in (env or {}).items()]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "PhoenixJob",
+        "metadata": {"name": name},
+        "spec": {
+            "template": {"spec": {
+                "nodeSelector": {"phoenix.dev/spot": "true"},
+                "tolerations": SPOT_TOLERATION,
+                "containers": [{"name": "trainer", "image": "phoenix-trainer:dev",
+                                "command": ["python", FAKE_TRAINER], "env": fake_env,
+                                "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}},
+            "phases": [dict({"name": p}, **((extra_phase or {}).get(p, {}))) for p in phases],
+            "checkpoint": {"uri": f"s3://{bucket}/run", "endpoint": s3_url,
+                           "credentialsSecret": "s3-creds", "keep": keep},
+            "recovery": dict({"terminationGracePeriodSeconds": grace}, **(recovery or {})),
+            "suspend": suspend,
+        },
+    }
+
+
+def create(custom: client.CustomObjectsApi, ns: str, body: dict) -> dict:
+    return custom.create_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, body)
+
+
+def get(custom: client.CustomObjectsApi, ns: str, name: str) -> dict:
+    return custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+
+
+def patch_spec(custom, ns, name, spec: dict) -> dict:
+    return custom.patch_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name, {"spec": spec})
+
+
+def phase_status(job: dict, phase: str = "train") -> dict:
+    for p in (job.get("status") or {}).get("phases") or ():
+        if p["name"] == phase:
+            return p
+    return {}
+
+
+def wait(fn, timeout: float, what: str, interval: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            value = fn()
+            if value:
+                return value
+        except ApiException as e:
+            last = e
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                         + (f" (last error: {last.status} {last.reason})" if last else ""))
+
+
+def pod_or_none(core, ns, name):
+    try:
+        return core.read_namespaced_pod(name, ns)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
+def trainer_pods(core, ns, job):
+    return core.list_namespaced_pod(ns, label_selector=f"phoenix.dev/job={job}").items
+
+
+def live(pods):
+    return [p for p in pods if p.status.phase not in ("Succeeded", "Failed")]
+
+
+def env_of(pod) -> dict[str, str]:
+    return {e.name: e.value for e in pod.spec.containers[0].env or [] if e.value is not None}
+
+
+def events(core, ns, name) -> list:
+    return [e for e in core.list_namespaced_event(ns).items
+            if e.involved_object.name == name and e.involved_object.kind == "PhoenixJob"]

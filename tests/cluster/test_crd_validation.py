@@ -1,0 +1,95 @@
+"""The API server itself rejects malformed PhoenixJobs (OpenAPI schema + CEL), with a
+message that names the field. No operator needed."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from pxj_helpers import GROUP, PLURAL, VERSION
+
+pytestmark = pytest.mark.cluster
+
+GOOD = {
+    "apiVersion": f"{GROUP}/{VERSION}", "kind": "PhoenixJob",
+    "metadata": {"name": "bad"},
+    "spec": {
+        "template": {"spec": {"containers": [{"name": "t", "image": "img"}]}},
+        "phases": [{"name": "train"}, {"name": "eval", "dependsOn": ["train"]}],
+        "checkpoint": {"uri": "s3://bucket/prefix"},
+    },
+}
+
+
+def mutate(fn):
+    body = copy.deepcopy(GOOD)
+    fn(body)
+    return body
+
+
+def s(body):
+    return body["spec"]
+
+
+MALFORMED = [
+    ("duplicate-phase-names", lambda b: s(b)["phases"].append({"name": "train"}),
+     "phase names must be unique"),
+    ("depends-on-later-phase", lambda b: s(b)["phases"][0].update(dependsOn=["eval"]),
+     "dependsOn"),
+    ("depends-on-unknown-phase", lambda b: s(b)["phases"][1].update(dependsOn=["nope"]),
+     "dependsOn"),
+    ("keep-below-2", lambda b: s(b)["checkpoint"].update(keep=1), "keep"),
+    ("negative-max-failures", lambda b: s(b).update(recovery={"maxFailures": -1}), "maxFailures"),
+    ("negative-max-preemptions", lambda b: s(b).update(recovery={"maxPreemptions": -2}),
+     "maxPreemptions"),
+    ("negative-grace", lambda b: s(b).update(recovery={"terminationGracePeriodSeconds": -1}),
+     "terminationGracePeriodSeconds"),
+    ("backoff-max-below-initial", lambda b: s(b).update(
+        recovery={"backoff": {"initialSeconds": 60, "maxSeconds": 10}}), "maxSeconds"),
+    ("uri-bad-scheme", lambda b: s(b)["checkpoint"].update(uri="gs://bucket/x"), "uri"),
+    ("uri-relative-file", lambda b: s(b)["checkpoint"].update(uri="file://relative/x"), "uri"),
+    ("endpoint-not-url", lambda b: s(b)["checkpoint"].update(endpoint="minio:9000"), "endpoint"),
+    ("no-containers", lambda b: s(b)["template"]["spec"].update(containers=[]), "containers"),
+    ("template-without-containers", lambda b: s(b)["template"].update(spec={}), "containers"),
+    ("no-phases", lambda b: s(b).update(phases=[]), "phases"),
+    ("phase-name-not-dns", lambda b: s(b)["phases"][0].update(name="Train_1"), "name"),
+    ("reserved-env", lambda b: s(b)["phases"][0].update(
+        env=[{"name": "PHOENIX_RESUME_FROM", "value": "x"}]), "env"),
+    ("restart-policy-always", lambda b: s(b)["template"]["spec"].update(restartPolicy="Always"),
+     "restartPolicy"),
+    ("replicas-2-not-yet", lambda b: s(b)["phases"][0].update(replicas=2), "replicas"),
+    ("missing-checkpoint", lambda b: s(b).pop("checkpoint"), "checkpoint"),
+    ("interval-steps-zero", lambda b: s(b)["checkpoint"].update(intervalSteps=0), "intervalSteps"),
+    ("name-too-long", lambda b: b["metadata"].update(name="x" * 64), "metadata.name"),
+]
+
+
+@pytest.fixture(scope="module")
+def custom_api(lab, crd):
+    from kubernetes import client
+
+    with lab.api_client() as api:
+        yield client.CustomObjectsApi(api)
+
+
+def test_good_job_is_accepted_with_defaults(custom_api):
+    out = custom_api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
+                                                     GOOD, dry_run="All")
+    assert out["spec"]["checkpoint"]["keep"] == 3
+    assert out["spec"]["recovery"]["maxFailures"] == 3
+    assert out["spec"]["recovery"]["backoff"] == {"initialSeconds": 10, "maxSeconds": 300}
+    assert out["spec"]["phases"][0]["independent"] is False
+    assert out["spec"]["suspend"] is False
+
+
+@pytest.mark.parametrize("fn,field", [(m[1], m[2]) for m in MALFORMED],
+                         ids=[m[0] for m in MALFORMED])
+def test_malformed_job_is_rejected_naming_the_field(custom_api, fn, field):
+    with pytest.raises(ApiException) as err:
+        custom_api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
+                                                   mutate(fn), dry_run="All")
+    assert err.value.status == 422, err.value.body
+    message = json.loads(err.value.body)["message"]
+    assert field in message, message

@@ -1,0 +1,247 @@
+"""The operator on the lab, running as the chart's ServiceAccount: recovery end to end."""
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+
+import pytest
+
+from phoenix_trainer.layout import step_dir_name
+from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
+
+from pxj_helpers import (create, env_of, events, get, live, patch_spec, phase_status,
+                         phoenixjob, pod_or_none, trainer_pods, wait)
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+LONG = {"FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
+
+
+def storage_for(lab, bucket, phase="train"):
+    return open_storage(f"s3://{bucket}/run/{phase}", endpoint_url=lab.s3.url,
+                        access_key=lab.s3.access_key, secret_key=lab.s3.secret_key)
+
+
+def running(core, ns, name):
+    pod = pod_or_none(core, ns, name)
+    return pod if pod is not None and pod.status.phase == "Running" else None
+
+
+def has_checkpoints(lab, bucket, n, phase="train"):
+    storage = storage_for(lab, bucket, phase)
+    from phoenix_trainer.layout import checkpoint_steps
+    return len(checkpoint_steps(storage)) >= n
+
+
+def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, tmp_path):
+    record = tmp_path / "starts.jsonl"
+    body = phoenixjob("ok", bucket, lab.s3.url, phases=("pretrain", "finetune"),
+                      env={"FAKE_STEPS": 10, "FAKE_CKPT_EVERY": 5, "FAKE_RECORD": record})
+    create(custom, ns, body)
+    job = wait(lambda: (j := get(custom, ns, "ok")).get("status", {}).get("phase") == "Succeeded"
+               and j, 90, "job Succeeded")
+    assert [p["state"] for p in job["status"]["phases"]] == ["Succeeded", "Succeeded"]
+    assert [p["attempts"] for p in job["status"]["phases"]] == [1, 1]
+    cond = {c["type"]: c for c in job["status"]["conditions"]}
+    assert cond["Succeeded"]["status"] == "True"
+    assert job["status"]["observedGeneration"] == job["metadata"]["generation"]
+    starts = [json.loads(line) for line in record.read_text().splitlines()]
+    finetune = next(s for s in starts if s["init_from"])
+    assert finetune["init_from"].endswith("/pretrain/" + step_dir_name(10))
+    pod = core.read_namespaced_pod("ok-pretrain-1", ns)
+    assert pod.metadata.owner_references[0].kind == "PhoenixJob"
+    reasons = [e.reason for e in events(core, ns, "ok")]
+    assert "PodCreated" in reasons and "JobSucceeded" in reasons
+
+
+def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, core, custom, ns,
+                                                               bucket):
+    create(custom, ns, phoenixjob("ev", bucket, lab.s3.url, env=LONG))
+    wait(lambda: running(core, ns, "ev-train-1"), 60, "attempt 1 running")
+    wait(lambda: has_checkpoints(lab, bucket, 2), 60, "two checkpoints")
+    lab.evict(ns, "ev-train-1")
+    pod2 = wait(lambda: pod_or_none(core, ns, "ev-train-2"), 60, "replacement pod ev-train-2")
+    old = core.read_namespaced_pod("ev-train-1", ns)
+    assert old.status.phase == "Failed"
+    message = json.loads(old.status.container_statuses[0].state.terminated.message)
+    assert message["reason"] == "preempted" and message["emergencySaveCompleted"]
+    env = env_of(pod2)
+    assert env["PHOENIX_ATTEMPT"] == "2"
+    # the emergency checkpoint is the newest valid one, and verified by the operator
+    assert env["PHOENIX_RESUME_FROM"] == message["checkpoint"]
+    newest = latest_valid_checkpoint(storage_for(lab, bucket), deep=True)
+    assert newest.step >= int(env["PHOENIX_RESUME_FROM"].rsplit("-", 1)[1])
+    job = wait(lambda: (j := get(custom, ns, "ev")) and phase_status(j).get("attempts") == 2
+               and phase_status(j).get("state") == "Running" and j, 30, "status attempt 2")
+    ps = phase_status(job)
+    assert ps["preemptions"] == 1 and ps["failures"] == 0
+    assert ps["lastFailure"]["cause"] == "preemption"
+    assert ps["lastFailure"]["reason"] == "EvictionByEvictionAPI"
+    assert len(live(trainer_pods(core, ns, "ev"))) == 1
+    assert "Preempted" in [e.reason for e in events(core, ns, "ev")]
+    text = wait(lambda: "phoenix_recoveries_total{" in (m := operator.metrics()) and m, 10,
+                "metrics")
+    assert 'cause="preemption"' in text and "phoenix_time_to_replacement_seconds_count" in text
+
+
+def test_corrupt_newest_checkpoint_is_skipped(lab, operator, core, custom, ns, bucket):
+    env = dict(LONG, FAKE_CKPT_UNTIL=15)
+    create(custom, ns, phoenixjob("cor", bucket, lab.s3.url, env=env))
+    wait(lambda: running(core, ns, "cor-train-1"), 60, "attempt 1 running")
+    s3 = lab.s3.client()
+    key = f"run/train/{step_dir_name(15)}/state.bin"
+    wait(lambda: s3.list_objects_v2(Bucket=bucket, Prefix=f"run/train/{step_dir_name(15)}/"
+                                    "manifest.json").get("KeyCount"), 60, "checkpoint 15")
+    data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3.put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0xFF for b in data))  # same size
+    lab.kill_pod(ns, "cor-train-1", signal.SIGKILL)  # no emergency save: 137 = preemption
+    pod2 = wait(lambda: pod_or_none(core, ns, "cor-train-2"), 60, "replacement")
+    assert env_of(pod2)["PHOENIX_RESUME_FROM"].endswith(step_dir_name(10))
+    skipped = [e for e in events(core, ns, "cor") if e.reason == "CheckpointSkipped"]
+    assert skipped and "sha256" in skipped[0].message
+    assert phase_status(get(custom, ns, "cor"))["lastFailure"]["reason"] == "SIGKILL"
+
+
+def test_failures_back_off_and_exhaust_but_preemptions_do_not_count(lab, operator, core, custom,
+                                                                     ns, bucket):
+    env = dict(LONG, FAKE_FAIL_ATTEMPTS="2,3,4", FAKE_FAIL_AFTER=2)
+    create(custom, ns, phoenixjob("fl", bucket, lab.s3.url, env=env, recovery={
+        "maxFailures": 2, "backoff": {"initialSeconds": 2, "maxSeconds": 4}}))
+    wait(lambda: running(core, ns, "fl-train-1"), 60, "attempt 1 running")
+    lab.evict(ns, "fl-train-1")  # a preemption first: must not touch the failure budget
+    job = wait(lambda: (j := get(custom, ns, "fl"))["status"].get("phase") == "Failed" and j,
+               120, "job Failed")
+    ps = phase_status(job)
+    assert ps["preemptions"] == 1 and ps["failures"] == 3 and ps["attempts"] == 4
+    assert ps["lastFailure"]["exitCode"] == 1
+    cond = {c["type"]: c for c in job["status"]["conditions"]}["Failed"]
+    assert cond["status"] == "True" and cond["reason"] == "BudgetExhausted"
+    assert "maxFailures=2" in cond["message"] and "exit code 1" in cond["message"]
+    assert "injected failure" in cond["message"]
+    # exponential backoff between failed attempts: 2s then 4s
+    pods = {p.metadata.name: p for p in trainer_pods(core, ns, "fl")}
+
+    def gap(prev, nxt):
+        end = pods[prev].status.container_statuses[0].state.terminated.finished_at
+        return (pods[nxt].metadata.creation_timestamp - end).total_seconds()
+
+    assert gap("fl-train-1", "fl-train-2") < 2  # preemption: replaced at once
+    assert gap("fl-train-2", "fl-train-3") >= 1  # backoff 2s (1s slack: second precision)
+    assert gap("fl-train-3", "fl-train-4") >= 3  # backoff 4s
+    assert not live(trainer_pods(core, ns, "fl"))
+    assert "BudgetExhausted" in [e.reason for e in events(core, ns, "fl")]
+
+
+class LivePodWatch(threading.Thread):
+    """Polls a job's pods and remembers the most trainer pods ever alive at once."""
+
+    def __init__(self, core, ns, job):
+        super().__init__(daemon=True)
+        self.core, self.ns, self.job = core, ns, job
+        self.max_live = 0
+        self.done = threading.Event()
+
+    def run(self):
+        deadline = time.monotonic() + 300
+        while not self.done.is_set() and time.monotonic() < deadline:
+            try:
+                self.max_live = max(self.max_live,
+                                    len(live(trainer_pods(self.core, self.ns, self.job))))
+            except Exception:  # noqa: BLE001 - keep watching through API hiccups
+                pass
+            time.sleep(0.05)
+
+
+def test_operator_killed_mid_recovery_creates_no_duplicate(lab, operator, core, custom, ns,
+                                                           bucket):
+    create(custom, ns, phoenixjob("rs", bucket, lab.s3.url, env=LONG))
+    wait(lambda: running(core, ns, "rs-train-1"), 60, "attempt 1 running")
+    watch = LivePodWatch(core, ns, "rs")
+    watch.start()
+    try:
+        operator.kill()
+        lab.evict(ns, "rs-train-1")
+        wait(lambda: (p := pod_or_none(core, ns, "rs-train-1")) and p.status.phase == "Failed",
+             30, "attempt 1 ended")
+        # The restarted operator rebuilds its state from status + pods (by label) and
+        # replaces attempt 1 exactly once.
+        operator.start()
+        wait(lambda: running(core, ns, "rs-train-2"), 60, "attempt 2 running")
+        # kill again right away, twice, while it settles; then let it run
+        for _ in range(2):
+            operator.kill()
+            operator.start()
+        job = wait(lambda: (j := get(custom, ns, "rs")) and phase_status(j).get("attempts") == 2
+                   and phase_status(j)["state"] == "Running" and j, 30, "status attempt 2")
+        time.sleep(3)
+    finally:
+        watch.done.set()
+        watch.join(5)
+    names = sorted(p.metadata.name for p in trainer_pods(core, ns, "rs"))
+    assert names == ["rs-train-1", "rs-train-2"]
+    assert watch.max_live == 1
+    assert phase_status(job)["preemptions"] == 1
+
+
+def test_two_operators_at_once_never_two_live_pods(lab, operator, operator_rbac, core, custom, ns,
+                                                   bucket, tmp_path):
+    from conftest import OperatorProcess
+
+    second = OperatorProcess(operator_rbac, tmp_path, lab.s3.url)
+    second.start()
+    watch = LivePodWatch(core, ns, "dd")
+    try:
+        create(custom, ns, phoenixjob("dd", bucket, lab.s3.url, env=LONG))
+        watch.start()
+        for attempt in (1, 2, 3):
+            wait(lambda: running(core, ns, f"dd-train-{attempt}"), 60, f"attempt {attempt}")
+            lab.evict(ns, f"dd-train-{attempt}")
+        wait(lambda: running(core, ns, "dd-train-4"), 60, "attempt 4")
+        job = wait(lambda: (j := get(custom, ns, "dd")) and phase_status(j).get("attempts") == 4
+                   and j, 30, "status attempt 4")
+        time.sleep(2)
+    finally:
+        watch.done.set()
+        second.stop()
+    assert watch.max_live == 1
+    assert len(trainer_pods(core, ns, "dd")) == 4
+    assert phase_status(job)["preemptions"] == 3
+
+
+def test_suspend_deletes_pod_and_resume_continues(lab, operator, core, custom, ns, bucket):
+    create(custom, ns, phoenixjob("sp", bucket, lab.s3.url, env=LONG))
+    wait(lambda: running(core, ns, "sp-train-1"), 60, "attempt 1 running")
+    wait(lambda: has_checkpoints(lab, bucket, 1), 60, "a checkpoint")
+    patch_spec(custom, ns, "sp", {"suspend": True})
+    wait(lambda: (p := pod_or_none(core, ns, "sp-train-1")) is None
+         or p.status.phase == "Failed", 60, "pod stopped")
+    job = wait(lambda: (j := get(custom, ns, "sp"))["status"].get("phase") == "Suspended" and j,
+               30, "Suspended")
+    assert phase_status(job)["preemptions"] == 0
+    time.sleep(2)
+    assert pod_or_none(core, ns, "sp-train-2") is None
+    patch_spec(custom, ns, "sp", {"suspend": False})
+    pod2 = wait(lambda: pod_or_none(core, ns, "sp-train-2"), 60, "attempt 2 after resume")
+    assert env_of(pod2).get("PHOENIX_RESUME_FROM")
+    job = wait(lambda: (j := get(custom, ns, "sp"))["status"].get("phase") == "Running" and j,
+               30, "Running again")
+    assert phase_status(job)["preemptions"] == 0 and phase_status(job)["failures"] == 0
+
+
+def test_failed_phase_blocks_dependents_but_independent_eval_runs(lab, operator, core, custom,
+                                                                  ns, bucket):
+    body = phoenixjob("blk", bucket, lab.s3.url, phases=("train", "finetune", "eval"),
+                      env={"FAKE_STEPS": 6, "FAKE_FAIL_ATTEMPTS": "1", "FAKE_FAIL_AFTER": 1},
+                      recovery={"maxFailures": 0},
+                      extra_phase={"eval": {"independent": True, "dependsOn": ["train"]}})
+    create(custom, ns, body)
+    job = wait(lambda: (j := get(custom, ns, "blk"))["status"].get("phase") == "Failed" and j,
+               90, "job Failed")
+    states = {p["name"]: p["state"] for p in job["status"]["phases"]}
+    # eval's attempt 1 also fails (same fake trainer knob), but it ran: not Blocked
+    assert states["train"] == "Failed" and states["finetune"] == "Blocked"
+    assert states["eval"] in ("Failed", "Succeeded")
+    assert phase_status(job, "eval")["attempts"] == 1
+    assert pod_or_none(core, ns, "blk-finetune-1") is None
