@@ -39,11 +39,14 @@ class StageError(PhoenixTrainerError):
     """An exception escaped a Stage; carries the stage name and the step it happened at."""
 
     def __init__(self, stage: str, step: int | None, cause: BaseException) -> None:
-        where = f" at step {step}" if step is not None else ""
-        super().__init__(f"stage {stage!r} failed{where}: {type(cause).__name__}: {cause}")
+        super().__init__(stage, step, cause)
         self.stage = stage
-        self.step = step
+        self.step = step  # filled in by the training loop, which knows the step
         self.cause = cause
+
+    def __str__(self) -> str:
+        where = f" at step {self.step}" if self.step is not None else ""
+        return f"stage {self.stage!r} failed{where}: {type(self.cause).__name__}: {self.cause}"
 
 
 class RecoveryExhaustedError(PhoenixTrainerError):

@@ -386,6 +386,8 @@ class Trainer:
             try:
                 return self._run_epochs()
             except Exception as e:  # noqa: BLE001 - classified right below
+                if isinstance(e, StageError) and e.step is None:
+                    e.step = self.step + 1
                 if not self._retryable(e):
                     raise
                 self._recover(e)
@@ -586,19 +588,23 @@ class Trainer:
             self.checkpointer.wait(timeout=max(0.0, remaining()))
             if self._has_checkpoint_at_step():
                 return True, f"{sig} at step {self.step}; a checkpoint of this step already existed (0 steps lost)"
-        if not self.checkpointer.wait(timeout=max(0.0, remaining())):
-            return False, (f"{sig} at step {self.step}; earlier uploads did not finish within the"
-                           f" {grace:.0f}s grace period, no emergency checkpoint")
         nbytes = tree_nbytes(self.model.state_dict()) + tree_nbytes(self.optimizer.state_dict())
         need = self.checkpointer.estimate_save_seconds(nbytes)
+        # Earlier uploads go first (one upload thread); let them use what time there is.
+        flushed = self.checkpointer.wait(timeout=max(0.0, remaining()))
         left = remaining()
         last = self._newest_checkpoint_uri()
-        lost = self.step - (self.checkpointer.latest.step if self.checkpointer.latest else
-                            (self.resumed_from.step if self.resumed_from else 0))
+        base = (self.checkpointer.latest.step if self.checkpointer.latest else
+                (self.resumed_from.step if self.resumed_from else 0))
+        lost = self.step - base
         if need > left:
             return False, (f"{sig} at step {self.step}; grace period too short for an emergency"
                            f" checkpoint (need ~{need:.1f}s, {max(0.0, left):.1f}s left of {grace:.0f}s);"
                            f" resuming from {last or 'scratch'} loses {lost} steps")
+        if not flushed:
+            return False, (f"{sig} at step {self.step}; earlier uploads did not finish within the"
+                           f" {grace:.0f}s grace period, no emergency checkpoint; resuming from"
+                           f" {last or 'scratch'} loses {lost} steps")
         t0 = time.perf_counter()
         try:
             self.checkpoint(blocking=True)
