@@ -135,7 +135,8 @@ class Lab:
 
     def _controller_manager(self) -> Service:
         pki = self.pki
-        kc = self._write_kubeconfig("controller-manager", "controller-manager")
+        kc = self._write_kubeconfig("controller-manager",
+                                    self.state_dir / "controller-manager.kubeconfig")
         return Service(
             name="kube-controller-manager", state_dir=self.state_dir,
             ready=tcp_ready(self.ports.controller_manager),
@@ -161,8 +162,7 @@ class Lab:
                   "--apiserver-port", str(self.ports.apiserver)],
         )
 
-    def _write_kubeconfig(self, cert_name: str, file_name: str) -> str:
-        path = self.state_dir / f"{file_name}.kubeconfig"
+    def _write_kubeconfig(self, cert_name: str, path: Path) -> str:
         b64 = lambda p: base64.b64encode(Path(p).read_bytes()).decode()  # noqa: E731
         config = {
             "apiVersion": "v1", "kind": "Config", "current-context": "phoenix-lab",
@@ -193,7 +193,7 @@ class Lab:
         for name in ("etcd", "kube-apiserver", "kube-controller-manager", "versitygw"):
             paths.binary(name)  # fail early with a clear message if a binary is missing
         ensure_pki(self.pki.dir)
-        self._write_kubeconfig("admin", "kubeconfig")
+        self._write_kubeconfig("admin", Path(self.kubeconfig))
         port_owner = {
             "etcd": (self.ports.etcd, self.ports.etcd_peer),
             "kube-apiserver": (self.ports.apiserver,),

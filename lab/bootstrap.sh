@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up everything Phoenix needs on a fresh machine, idempotently:
+#   1. uv (Python package manager) if missing,
+#   2. the project virtualenv (.venv) with all extras, from uv.lock,
+#   3. the lab binaries (etcd, kube-apiserver, kube-controller-manager, versitygw, kubectl, helm),
+#      built from the Go module proxy and cached under ~/.cache/phoenix.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '[bootstrap] %s\n' "$*" >&2; }
+
+if ! command -v uv >/dev/null 2>&1; then
+  say "installing uv"
+  python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
+  export PATH="$HOME/.local/bin:$PATH"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  uv venv --quiet --python python3 .venv
+fi
+say "syncing Python dependencies (first run downloads torch: a few minutes)"
+uv sync --quiet --extra dev --frozen 2>/dev/null || uv sync --extra dev
+
+say "building/caching lab binaries"
+bash lab/build-binaries.sh
+say "ready"
