@@ -1,0 +1,287 @@
+"""`make demo`: Phoenix on the lab, start to finish, in a few minutes.
+
+1. brings up the lab (real apiserver/etcd/controller-manager, node agent, S3 server);
+2. installs Phoenix with its Helm chart (the operator runs as a pod under the chart's RBAC);
+3. trains the uninterrupted reference run of the sample model locally (for comparison);
+4. applies a two-phase PhoenixJob (train, then an independent eval) and, while it trains,
+   injects one preemption of every kind: eviction, SIGTERM with a 1 s grace, SIGKILL and
+   node loss, showing live progress like `kubectl get pxj` plus step and loss;
+5. ends with a summary: disruptions survived, steps lost per disruption, goodput, and
+   whether the final weights equal the uninterrupted run's, tensor for tensor.
+
+The lab keeps running afterwards so you can look around (`eval "$(phoenix-lab env)"`,
+`kubectl describe pxj -n demo`); `phoenix-lab down` stops it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import paths
+from .chaos import TRAINER_DISRUPTIONS, Injector
+from .cluster import Lab
+from .install import install_phoenix
+
+NAMESPACE = "demo"
+JOB = "mlp-demo"
+BUCKET = "phoenix-demo"
+TRAIN_SCRIPT = paths.REPO_ROOT / "examples" / "train_mlp.py"
+EVAL_SCRIPT = paths.REPO_ROOT / "examples" / "eval_mlp.py"
+_STEP_LINE = re.compile(rb"step (\d+) epoch \d+ loss ([0-9.]+)")
+
+
+def say(msg: str) -> None:
+    print(f"==> {msg}", flush=True)
+
+
+@dataclass
+class DemoConfig:
+    steps: int = 400
+    step_delay: float = 0.04
+    checkpoint_every: int = 25
+    steps_between_disruptions: int = 50
+    grace_seconds: int = 10
+    seed: int = 0
+
+    def train_args(self) -> list[str]:
+        return [str(TRAIN_SCRIPT), "--steps", str(self.steps), "--seed", str(self.seed),
+                "--step-delay", str(self.step_delay), "--log-every", "1"]
+
+
+def job_manifest(cfg: DemoConfig, prefix: str, s3_url: str) -> dict:
+    return {
+        "apiVersion": "phoenix.dev/v1alpha1", "kind": "PhoenixJob",
+        "metadata": {"name": JOB, "namespace": NAMESPACE},
+        "spec": {
+            "template": {"spec": {
+                "nodeSelector": {"phoenix.dev/spot": "true"},
+                "tolerations": [{"key": "phoenix.dev/spot", "operator": "Exists",
+                                 "effect": "NoSchedule"}],
+                "containers": [{"name": "trainer", "image": "phoenix-trainer:dev",
+                                "command": ["python"],
+                                "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
+                                "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}},
+            "phases": [
+                {"name": "train", "args": cfg.train_args()},
+                {"name": "eval", "independent": True,
+                 "args": [str(EVAL_SCRIPT), "--seed", str(cfg.seed)]},
+            ],
+            "checkpoint": {"uri": f"s3://{BUCKET}/{prefix}", "endpoint": s3_url,
+                           "credentialsSecret": "s3-credentials", "keep": 3,
+                           "intervalSteps": cfg.checkpoint_every},
+            "recovery": {"maxFailures": 3, "terminationGracePeriodSeconds": cfg.grace_seconds,
+                         "backoff": {"initialSeconds": 2, "maxSeconds": 30}},
+        },
+    }
+
+
+def run_reference(cfg: DemoConfig, workdir: Path) -> tuple[Path, float]:
+    """Train the same model without interruption; return (weights file, train seconds)."""
+    out = workdir / "reference.pt"
+    env = dict(os.environ, PHOENIX_CHECKPOINT_URI=f"file://{workdir / 'reference-ckpt'}",
+               PHOENIX_TERMINATION_LOG=str(workdir / "reference.termination"),
+               PHOENIX_CHECKPOINT_INTERVAL_STEPS=str(cfg.checkpoint_every), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, *cfg.train_args(), "--out", str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        raise SystemExit(f"reference run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    term = json.loads((workdir / "reference.termination").read_text())
+    train_seconds = float(re.findall(r"train ([0-9.]+)s\)", proc.stderr)[-1])
+    say(f"reference run: {term['step']} steps, {train_seconds:.1f}s of training")
+    return out, train_seconds
+
+
+class Watcher:
+    """Reads the job's status and the running trainer's progress (its log on the lab)."""
+
+    def __init__(self, lab: Lab) -> None:
+        from kubernetes import client
+
+        self.lab = lab
+        self.api = lab.api_client()
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+    def job(self) -> dict:
+        return self.custom.get_namespaced_custom_object(
+            "phoenix.dev", "v1alpha1", NAMESPACE, "phoenixjobs", JOB)
+
+    def trainer_pods(self, phase: str = "train") -> list:
+        pods = self.core.list_namespaced_pod(
+            NAMESPACE, label_selector=f"phoenix.dev/job={JOB},phoenix.dev/phase={phase}").items
+        return sorted(pods, key=lambda p: int(p.metadata.labels.get("phoenix.dev/attempt", 0)))
+
+    def running_pod(self):
+        for pod in reversed(self.trainer_pods()):
+            if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
+                return pod
+        return None
+
+    def progress(self, pod_name: str) -> tuple[int, float] | None:
+        """(last step, loss) the trainer logged, or None before its first step."""
+        try:
+            log = self.lab.pod_dir(NAMESPACE, pod_name) / "trainer.log"
+            data = log.read_bytes()[-4096:]
+        except Exception:
+            return None
+        found = _STEP_LINE.findall(data)
+        return (int(found[-1][0]), float(found[-1][1])) if found else None
+
+
+def status_line(t0: float, job: dict, progress: tuple[int, float] | None, cfg: DemoConfig) -> str:
+    st = job.get("status") or {}
+    step, loss = progress if progress else (st.get("step") or 0, None)
+    age = ""
+    if st.get("lastCheckpointTime"):
+        from datetime import datetime, timezone
+
+        ts = datetime.fromisoformat(st["lastCheckpointTime"].replace("Z", "+00:00"))
+        age = f"{(datetime.now(timezone.utc) - ts).total_seconds():.0f}s"
+    return (f"{time.time() - t0:6.0f}s  {st.get('phase', '-'):<10} {st.get('currentPhase', '-'):<6} "
+            f"step {step:>4}/{cfg.steps}  loss {loss if loss is not None else '-':<7} "
+            f"preemptions {st.get('preemptions', 0):<2} failures {st.get('failures', 0):<2} "
+            f"checkpoint-age {age or '-'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=DemoConfig.steps)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--state-dir", type=Path, default=None)
+    ap.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
+    args = ap.parse_args(argv)
+    cfg = DemoConfig(steps=args.steps, seed=args.seed)
+
+    say("bringing up the lab")
+    lab = Lab(args.state_dir).up()
+    say("installing Phoenix with Helm")
+    install_phoenix(lab)
+    lab.kubectl("create", "namespace", NAMESPACE, check=False)
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials",
+              "namespace": NAMESPACE}, "stringData": {"AWS_ACCESS_KEY_ID": lab.s3.access_key,
+                                                     "AWS_SECRET_ACCESS_KEY": lab.s3.secret_key}}
+    lab.kubectl("apply", "-f", "-", input=json.dumps(secret))
+    lab.kubectl("delete", "phoenixjob", JOB, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
+    lab.s3_server.ensure_bucket(BUCKET)
+    prefix = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
+
+    workdir = Path(tempfile.mkdtemp(prefix="phoenix-demo-"))
+    say(f"training the uninterrupted reference ({cfg.steps} steps) for comparison")
+    reference, reference_seconds = run_reference(cfg, workdir)
+
+    watcher = Watcher(lab)
+    manifest = job_manifest(cfg, prefix, lab.s3.url)
+    (workdir / "phoenixjob.json").write_text(json.dumps(manifest, indent=2))
+    say(f"applying PhoenixJob {NAMESPACE}/{JOB} (train -> eval); checkpoints in s3://{BUCKET}/{prefix}")
+    lab.kubectl("apply", "-f", str(workdir / "phoenixjob.json"))
+    t0 = time.time()
+
+    injector = Injector(lab, NAMESPACE)
+    pending = list(TRAINER_DISRUPTIONS)
+    injected: list[dict] = []
+    attempt_start_step: dict[str, int] = {}
+    train_done_at = None
+    last_print = 0.0
+    while True:
+        if time.time() - t0 > args.timeout:
+            say(f"giving up after {args.timeout:.0f}s; see kubectl describe pxj -n {NAMESPACE} {JOB}")
+            return 1
+        job = watcher.job()
+        st = job.get("status") or {}
+        pod = watcher.running_pod() if st.get("currentPhase", "train") == "train" else None
+        progress = watcher.progress(pod.metadata.name) if pod else None
+        if pod and progress and pod.metadata.name not in attempt_start_step:
+            attempt_start_step[pod.metadata.name] = progress[0]
+        if (pending and pod and progress
+                and progress[0] - attempt_start_step[pod.metadata.name] >= cfg.steps_between_disruptions
+                and progress[0] < cfg.steps - 20):
+            kind = pending.pop(0)
+            injector.inject(kind, pod.metadata.name, node=pod.spec.node_name)
+            injected.append({"kind": kind, "pod": pod.metadata.name, "step": progress[0]})
+            print(f"   !! injected {kind} into {pod.metadata.name} at step {progress[0]}", flush=True)
+        if time.time() - last_print >= 2:
+            print("   " + status_line(t0, job, progress, cfg), flush=True)
+            last_print = time.time()
+        train = next((p for p in st.get("phases") or [] if p["name"] == "train"), {})
+        if train.get("state") == "Succeeded" and train_done_at is None:
+            train_done_at = time.time()
+        if st.get("phase") in ("Succeeded", "Failed"):
+            print("   " + status_line(t0, job, None, cfg), flush=True)
+            break
+        time.sleep(0.5)
+
+    return summarize(lab, watcher, job, injected, reference, reference_seconds,
+                     (train_done_at or time.time()) - t0, prefix)
+
+
+def summarize(lab: Lab, watcher: Watcher, job: dict, injected: list[dict], reference: Path,
+              reference_seconds: float, train_wall: float, prefix: str) -> int:
+    import torch
+
+    from phoenix_trainer.checkpoint import load_checkpoint
+    from phoenix_trainer.layout import latest_valid_checkpoint
+    from phoenix_trainer.storage import open_storage
+
+    st = job.get("status") or {}
+    resume_steps = {p.metadata.name: int(p.metadata.annotations.get("phoenix.dev/resume-step", 0) or 0)
+                    for p in watcher.trainer_pods()}
+    attempts = sorted(resume_steps, key=lambda n: int(n.rsplit("-", 1)[-1]))
+    print()
+    say(f"PhoenixJob {NAMESPACE}/{JOB}: {st.get('phase')}")
+    print(lab.kubectl("get", "pxj", "-n", NAMESPACE).stdout)
+    print(f"   {'disruption':<14} {'pod':<22} {'at step':>8} {'resumed from':>13} {'steps lost':>11}")
+    lost_total = 0
+    for d in injected:
+        i = attempts.index(d["pod"]) if d["pod"] in attempts else -1
+        nxt = attempts[i + 1] if 0 <= i < len(attempts) - 1 else None
+        resumed = resume_steps.get(nxt) if nxt else None
+        lost = d["step"] - resumed if resumed is not None else None
+        lost_total += lost or 0
+        print(f"   {d['kind']:<14} {d['pod']:<22} {d['step']:>8} "
+              f"{resumed if resumed is not None else '-':>13} {lost if lost is not None else '-':>11}")
+    endpoint = lab.s3
+    storage = open_storage(f"s3://{BUCKET}/{prefix}/train", endpoint_url=endpoint.url,
+                           access_key=endpoint.access_key, secret_key=endpoint.secret_key)
+    final = latest_valid_checkpoint(storage)
+    same = False
+    if final is not None:
+        weights = load_checkpoint(storage, final)["model.pt"]
+        ref = torch.load(reference, weights_only=True)
+        same = weights.keys() == ref.keys() and all(torch.equal(weights[k], ref[k]) for k in ref)
+    try:
+        evaluation = json.loads(open_storage(
+            f"s3://{BUCKET}/{prefix}/eval", endpoint_url=endpoint.url, access_key=endpoint.access_key,
+            secret_key=endpoint.secret_key).get_bytes("eval.json"))
+    except FileNotFoundError:
+        evaluation = None
+    goodput = reference_seconds / train_wall if train_wall > 0 else 0.0
+    print()
+    say("summary")
+    print(f"   disruptions survived:       {len(injected)} ({', '.join(d['kind'] for d in injected)})")
+    print(f"   preemptions / failures:     {st.get('preemptions', 0)} / {st.get('failures', 0)} (status)")
+    print(f"   steps lost in total:        {lost_total}")
+    print(f"   train phase wall time:      {train_wall:.1f}s (uninterrupted training: {reference_seconds:.1f}s)")
+    print(f"   goodput:                    {goodput:.2f} (useful training time / wall time, "
+          "pod restarts included)")
+    print(f"   final weights == reference: {'yes, tensor for tensor' if same else 'NO'}"
+          f" (checkpoint {final.uri if final else 'none'})")
+    if evaluation:
+        print(f"   eval phase:                 accuracy {evaluation['accuracy']:.3f}, "
+              f"loss {evaluation['loss']:.4f}")
+    print(f"\n   explore: eval \"$(.venv/bin/phoenix-lab env)\"; kubectl describe pxj -n {NAMESPACE} {JOB}")
+    print("   stop the lab: .venv/bin/phoenix-lab down")
+    ok = st.get("phase") == "Succeeded" and same
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
