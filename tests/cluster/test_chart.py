@@ -1,0 +1,120 @@
+"""The Helm chart against the lab's real API server: every rendered manifest passes server-side
+validation, and an installed release runs the operator (as the chart's ServiceAccount, under
+the chart's RBAC) that recovers a preempted job, then uninstalls without leftovers."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from e2e.phoenix_e2e import CHART, LAB_VALUES, OPERATOR_KINDS, install_chart_on_lab, wait_until
+from pxj_helpers import create, get, phase_status, phoenixjob, pod_or_none
+
+pytestmark = pytest.mark.cluster
+
+SAMPLE_VALUES = CHART / "ci" / "namespaced-values.yaml"
+# Just enough of prometheus-operator's CRD for the API server to accept a ServiceMonitor.
+SERVICE_MONITOR_CRD = {
+    "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+    "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+    "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+             "names": {"kind": "ServiceMonitor", "plural": "servicemonitors",
+                       "singular": "servicemonitor", "listKind": "ServiceMonitorList"},
+             "versions": [{"name": "v1", "served": True, "storage": True, "schema": {
+                 "openAPIV3Schema": {"type": "object",
+                                     "x-kubernetes-preserve-unknown-fields": True}}}]},
+}
+
+
+@pytest.fixture(scope="module")
+def service_monitor_crd(lab):
+    lab.kubectl("apply", "-f", "-", input=json.dumps(SERVICE_MONITOR_CRD))
+    lab.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                "crd/servicemonitors.monitoring.coreos.com")
+    yield
+    lab.kubectl("delete", "crd", "servicemonitors.monitoring.coreos.com", "--wait=false",
+                check=False)
+
+
+@pytest.mark.parametrize("values", [
+    pytest.param([], id="defaults"),
+    pytest.param(["-f", str(LAB_VALUES)], id="lab"),
+    pytest.param(["-f", str(SAMPLE_VALUES)], id="namespaced-servicemonitor"),
+    pytest.param(["--set", "rbac.scope=namespaces", "--set", "rbac.namespaces={dry-a}",
+                  "--set", "rbac.clusterDiscovery=false", "--set", "serviceAccount.create=false",
+                  "--set", "serviceAccount.name=existing"], id="namespaced-bring-your-own-sa"),
+])
+def test_every_rendered_manifest_passes_server_dry_run(lab, crd, service_monitor_crd, values):
+    for namespace in ("phoenix-dry", "team-a", "team-b", "dry-a"):
+        lab.kubectl("create", "namespace", namespace, check=False)
+    rendered = lab.helm("template", "dry", str(CHART), "-n", "phoenix-dry", "--include-crds",
+                        *values).stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    assert {"Deployment", "CustomResourceDefinition"} <= {d["kind"] for d in docs}
+    # --server-side: the CRD is too large for client-side apply's last-applied annotation.
+    out = lab.kubectl("apply", "--dry-run=server", "--server-side", "--force-conflicts",
+                      "-f", "-", input=yaml.safe_dump_all(docs))
+    applied = [line for line in out.stdout.splitlines() if "(server dry run)" in line]
+    assert len(applied) == len(docs), out.stdout
+
+
+@pytest.fixture(scope="module")
+def release(lab, crd):
+    """The chart installed cluster-wide with the lab's values (as a user would on the lab)."""
+    rel = install_chart_on_lab(lab, "phx-chart", "phx-chart-system")
+    yield rel
+    rel.uninstall()
+
+
+def _manifests(lab, bucket: str) -> list[str]:
+    out = lab.s3.client().list_objects_v2(Bucket=bucket)
+    return [o["Key"] for o in out.get("Contents", ()) if o["Key"].endswith("manifest.json")]
+
+
+def _labelled(lab, kind: str, release: str) -> list[str]:
+    out = lab.kubectl("get", kind, "-A", "-l", f"app.kubernetes.io/instance={release}",
+                      "-o", "name", check=False)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()
+
+
+def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_job(
+        lab, release, core, custom, ns, bucket):
+    pod = release.operator_pods()[0]
+    assert pod["spec"]["serviceAccountName"] == "phx-chart-operator"
+    assert pod["spec"]["nodeName"] == "lab-ondemand-0", "operator landed on a spot node"
+    # The chart's RBAC is what the pod gets: it may create pods but not, say, Deployments.
+    can_i = lambda *a: lab.kubectl(  # noqa: E731
+        "auth", "can-i", *a, "--as=system:serviceaccount:phx-chart-system:phx-chart-operator",
+        check=False).stdout.strip()
+    assert can_i("create", "pods", "-n", ns) == "yes"
+    assert can_i("create", "deployments", "-n", ns) == "no"
+    assert can_i("update", "phoenixjobs.phoenix.dev", "-n", ns) == "no"
+
+    env = {"FAKE_STEPS": 200, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
+    create(custom, ns, phoenixjob("chart", bucket, lab.s3.url, env=env))
+    wait_until(lambda: (p := pod_or_none(core, ns, "chart-train-1"))
+               and p.status.phase == "Running", 60, "attempt 1 running",
+               diagnose=release.describe)
+    wait_until(lambda: _manifests(lab, bucket), 60, "a first checkpoint in S3",
+               diagnose=release.describe)
+    lab.evict(ns, "chart-train-1")
+    job = wait_until(lambda: (j := get(custom, ns, "chart"))
+                     and (j.get("status") or {}).get("phase") == "Succeeded" and j,
+                     120, "job Succeeded after the preemption", diagnose=release.describe)
+    ps = phase_status(job)
+    assert ps["preemptions"] == 1 and ps["failures"] == 0 and ps["attempts"] == 2
+    assert pod_or_none(core, ns, "chart-train-2").metadata.labels["phoenix.dev/job"] == "chart"
+    log = release.operator_log()
+    assert f"{ns}/chart" in log, "the chart's operator did not log about the job:\n" + log[-3000:]
+    assert "phoenix_recoveries_total" in release.metrics()
+
+
+def test_uninstall_leaves_no_operator_objects_but_keeps_the_crd(lab, release, crd):
+    # runs after the recovery test (module order); uninstalling twice is harmless
+    assert _labelled(lab, "deployments", "phx-chart")
+    release.uninstall()
+    for kind in OPERATOR_KINDS:
+        assert _labelled(lab, kind, "phx-chart") == [], f"{kind} left behind"
+    assert lab.kubectl("get", "crd", crd, check=False).returncode == 0
