@@ -1,0 +1,202 @@
+"""The chart renders what an operator chart should (restricted pod, probes, resources,
+least-privilege RBAC in both scopes, explicit command, lab bind address), and lints clean.
+Needs only the helm binary."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.unit
+
+REPO = Path(__file__).resolve().parents[3]
+CHART = REPO / "charts" / "phoenix"
+VALUE_FILES = sorted((CHART / "ci").glob("*-values.yaml"))
+
+
+def helm_binary() -> str:
+    from phoenix_lab.paths import bin_dir
+
+    for candidate in (bin_dir() / "helm", shutil.which("helm")):
+        if candidate and Path(candidate).is_file():
+            return str(candidate)
+    pytest.skip("helm not found (build the lab binaries: bash lab/build-binaries.sh)")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    proc = subprocess.run([helm_binary(), *args], capture_output=True, text=True, timeout=60)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"helm {' '.join(args)} failed:\n{proc.stdout}{proc.stderr}")
+    return proc
+
+
+def render(*args: str, release: str = "phx", namespace: str = "phoenix-system") -> list[dict]:
+    out = helm("template", release, str(CHART), "-n", namespace, *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def by_kind(docs: list[dict], kind: str) -> list[dict]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def operator_container(docs: list[dict]) -> dict:
+    (deploy,) = by_kind(docs, "Deployment")
+    (container,) = deploy["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+@pytest.mark.parametrize("values", [None, *VALUE_FILES],
+                         ids=lambda v: "defaults" if v is None else v.name)
+def test_lint_strict_passes(values):
+    out = helm("lint", "--strict", str(CHART), *(["-f", str(values)] if values else []))
+    assert "0 chart(s) failed" in out.stdout
+
+
+def test_sample_values_exist_for_lint():
+    assert {p.name for p in VALUE_FILES} >= {"lab-values.yaml", "namespaced-values.yaml"}
+
+
+def test_chart_ships_the_one_crd_unchanged():
+    (crd_file,) = (CHART / "crds").iterdir()
+    assert crd_file.read_bytes() == (REPO / "crds" / "phoenixjobs.yaml").read_bytes()
+    out = helm("show", "crds", str(CHART)).stdout
+    assert [d["metadata"]["name"] for d in yaml.safe_load_all(out) if d] == \
+        ["phoenixjobs.phoenix.dev"]
+
+
+def test_defaults_render_a_restricted_operator_pod():
+    docs = render()
+    (deploy,) = by_kind(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
+    assert pod["serviceAccountName"] == "phx-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    c = operator_container(docs)
+    sc = c["securityContext"]
+    assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    assert c["resources"]["requests"]["cpu"] and c["resources"]["limits"]["memory"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    # the root fs is read-only, so /tmp comes from an emptyDir
+    assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert c["image"] == "ghcr.io/phoenix-dev/phoenix-operator:0.1.0"
+
+
+def test_explicit_command_and_kopf_args_cluster_wide():
+    c = operator_container(render())
+    # the lab's node agent runs `command` as a host process: it must be explicit
+    assert c["command"] == ["python", "-m", "kopf"]
+    assert c["args"][:3] == ["run", "--module=phoenix_operator.main", "--standalone"]
+    assert "--all-namespaces" in c["args"]
+    assert "--liveness=http://0.0.0.0:8081/healthz" in c["args"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["PHOENIX_METRICS_HOST"] == "0.0.0.0" and env["PHOENIX_METRICS_PORT"] == "8080"
+
+
+def test_lab_values_bind_loopback_on_their_ports():
+    docs = render("-f", str(CHART / "ci" / "lab-values.yaml"),
+                  "--set", "operator.livenessPort=40001", "--set", "operator.metricsPort=40002")
+    c = operator_container(docs)
+    assert "--liveness=http://127.0.0.1:40001/healthz" in c["args"]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["PHOENIX_METRICS_HOST"] == "127.0.0.1" and env["PHOENIX_METRICS_PORT"] == "40002"
+    assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 40002,
+                                                                  "health": 40001}
+
+
+def test_ipv6_bind_address_is_bracketed_in_the_liveness_url():
+    c = operator_container(render("--set", "operator.bindAddress=::"))
+    assert "--liveness=http://[::]:8081/healthz" in c["args"]
+
+
+def _rules(role: dict) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for res in rule["resources"]:
+                out.setdefault(f"{group}/{res}", set()).update(rule["verbs"])
+    return out
+
+
+def test_cluster_scope_rbac_is_least_privilege():
+    docs = render()
+    (role,) = by_kind(docs, "ClusterRole")
+    (binding,) = by_kind(docs, "ClusterRoleBinding")
+    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    rules = _rules(role)
+    assert rules["phoenix.dev/phoenixjobs"] == {"get", "list", "watch"}  # spec is the user's
+    assert rules["phoenix.dev/phoenixjobs/status"] == {"get", "patch", "update"}
+    assert rules["/secrets"] == {"get"}  # never list: only the Secret a job names
+    assert rules["/pods"] == {"get", "list", "watch", "create", "delete"}
+    assert not any("*" in verbs or "*" in key for key, verbs in rules.items())
+    assert "apps/deployments" not in rules
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "phx-operator",
+                                    "namespace": "phoenix-system"}]
+
+
+def test_namespaced_scope_gets_a_role_per_namespace_and_only_discovery_cluster_wide():
+    docs = render("-f", str(CHART / "ci" / "namespaced-values.yaml"))
+    roles = by_kind(docs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == \
+        ["team-a", "team-b"]
+    assert "/secrets" in _rules(roles[0]) and "/pods" in _rules(roles[0])
+    (discovery,) = by_kind(docs, "ClusterRole")
+    rules = _rules(discovery)
+    assert set(rules) == {"apiextensions.k8s.io/customresourcedefinitions", "/namespaces"}
+    assert all(verbs == {"get", "list", "watch"} for verbs in rules.values())
+    c = operator_container(docs)
+    assert "--all-namespaces" not in c["args"]
+    assert [a for a in c["args"] if a.startswith("--namespace=")] == \
+        ["--namespace=team-a", "--namespace=team-b"]
+
+
+def test_namespaced_scope_without_discovery_has_no_cluster_objects():
+    docs = render("--set", "rbac.scope=namespaces", "--set", "rbac.namespaces={ml}",
+                  "--set", "rbac.clusterDiscovery=false")
+    assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+
+
+def test_rbac_and_serviceaccount_can_be_brought_by_the_user():
+    docs = render("--set", "rbac.create=false", "--set", "serviceAccount.create=false",
+                  "--set", "serviceAccount.name=platform-sa")
+    kinds = {d["kind"] for d in docs}
+    assert kinds.isdisjoint({"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role"})
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["template"]["spec"]["serviceAccountName"] == "platform-sa"
+
+
+def test_metrics_service_selects_the_operator_pod_and_servicemonitor_is_optional():
+    docs = render()
+    (svc,) = by_kind(docs, "Service")
+    (deploy,) = by_kind(docs, "Deployment")
+    pod_labels = deploy["spec"]["template"]["metadata"]["labels"]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    assert svc["spec"]["ports"][0]["targetPort"] == "metrics"
+    assert not by_kind(docs, "ServiceMonitor")
+    docs = render("--set", "metrics.serviceMonitor.enabled=true",
+                  "--set", "metrics.serviceMonitor.labels.release=prom")
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "prom"
+    assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+
+
+def test_every_object_carries_the_release_label_so_uninstall_can_be_checked():
+    for doc in render("-f", str(CHART / "ci" / "namespaced-values.yaml")):
+        assert doc["metadata"]["labels"]["app.kubernetes.io/instance"] == "phx", doc["kind"]
+
+
+def test_notes_tell_the_user_what_to_do_next():
+    out = helm("install", "phx", str(CHART), "-n", "phoenix-system", "--dry-run=client").stdout
+    notes = out.split("NOTES:", 1)[1]
+    assert "rollout status deployment/phx-operator" in notes
+    assert "create secret generic" in notes and "get pxj" in notes
+    assert "docs/install.md" in notes
