@@ -41,6 +41,7 @@ class Storage(Protocol):
     uri: str  # the root, e.g. s3://bucket/prefix/train or file:///ckpt/train
 
     def uri_for(self, key: str) -> str: ...
+    def child(self, sub: str) -> "Storage": ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_file(self, key: str, path: str | os.PathLike) -> None: ...
     def get_bytes(self, key: str) -> bytes: ...  # FileNotFoundError if absent
@@ -70,6 +71,9 @@ class LocalStorage:
 
     def uri_for(self, key: str) -> str:
         return "file://" + str(self._path(key))
+
+    def child(self, sub: str) -> "LocalStorage":
+        return LocalStorage(self._path(sub))
 
     def _atomic_write(self, key: str, writer) -> None:
         dest = self._path(key)
@@ -197,6 +201,11 @@ class S3Storage:
     def _key(self, key: str) -> str:
         return _join(self.prefix, key)
 
+    def child(self, sub: str) -> "S3Storage":
+        """The same bucket and client, rooted at ``<prefix>/<sub>``."""
+        return S3Storage(self.bucket, _join(self.prefix, sub), client=self.client,
+                         transfer_config=self.transfer_config)
+
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
 
@@ -213,8 +222,8 @@ class S3Storage:
             raise StorageError(f"S3 {what} {self.uri_for(key)} failed: {code or e}") from e
         except BotoCoreError as e:
             raise StorageError(
-                f"S3 {what} {self.uri_for(key)} failed: {e}; check AWS_ENDPOINT_URL and that"
-                f" the server is reachable") from e
+                f"S3 {what} {self.uri_for(key)} failed: {e}; check AWS_ENDPOINT_URL, the AWS_* credentials"
+                f" and that the server is reachable") from e
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors("put", key):
