@@ -22,6 +22,9 @@ from .model import parse_ts
 
 MAX_MESSAGE = 512
 NODE_GONE_REASONS = frozenset({"NodeLost", "Shutdown", "NodeShutdown", "Terminated"})
+# Set by the handler on the last known state of a pod that has been deleted (from the watch's
+# DELETED event), so the reason it ended is not lost when the kubelet removes it.
+DELETED_KEY = "phoenix.dev/deleted"
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,26 @@ def _disruption(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 def classify(pod: Mapping[str, Any]) -> Outcome:
     """How ``pod`` ended, or ``LIVE``. Rules are checked in order; the first match wins."""
+    if pod.get(DELETED_KEY):
+        return _classify_deleted(pod)
+    return _classify(pod)
+
+
+def _classify_deleted(pod: Mapping[str, Any]) -> Outcome:
+    """The pod object is gone; judge by its last known state."""
+    outcome = _classify({k: v for k, v in pod.items() if k != DELETED_KEY})
+    if not outcome.live:
+        return outcome
+    disruption = _disruption(pod)
+    meta = pod.get("metadata") or {}
+    return Outcome(cause=Cause.PREEMPTION,
+                   reason=(disruption or {}).get("reason") or C.R_POD_DELETED,
+                   message=_shorten((disruption or {}).get("message") or
+                                    f"pod {meta.get('name', '')} was deleted while running"),
+                   finished_at=parse_ts(meta.get("deletionTimestamp")))
+
+
+def _classify(pod: Mapping[str, Any]) -> Outcome:
     status = pod.get("status") or {}
     meta = pod.get("metadata") or {}
     pod_phase = status.get("phase") or "Pending"

@@ -8,6 +8,12 @@ it on the facts left by a half-applied plan (operator killed between creating a 
 writing status) finishes the job instead of repeating it, because pod names are
 deterministic and pods newer than the status are adopted, never duplicated.
 
+Pod creation is intent-first: the plan's status (naming the new pod, guarded by the job's
+resourceVersion) is written before the pod is created, so an operator acting on a stale view
+loses the write and creates nothing. A status that names a pod with no ``podUID`` and no pod
+means "not created yet" and the same pod is created again; a recorded ``podUID`` whose pod is
+gone means the pod was deleted (a preemption).
+
 If a decision needs checkpoint listings the caller did not pass, the plan says so in
 ``needs_checkpoints`` and holds back that phase's pod; the caller lists them and calls again.
 """
@@ -177,8 +183,17 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
         newer = [a for a in pods if a > st.attempts]
         if st.state == S.RUNNING:
             pod = pods.get(st.attempts)
+            if pod is None and st.pod_uid is None:
+                # Status was written (intent) but the pod never got created: the operator
+                # stopped in between. Create it now, same attempt, same name.
+                if not ctx.spec.suspend:
+                    st = _start_attempt(ctx, phase, st, Event.RECREATE)
+                break
             outcome = classify(pod) if pod is not None else gone(st.pod or "")
             if outcome.live:
+                uid = (pod or {}).get("metadata", {}).get("uid")
+                if uid and st.pod_uid is None:
+                    st = replace(st, pod_uid=uid)
                 break
             if outcome.delete and pod is not None:
                 ctx.plan.delete.append(DeletePod(
@@ -305,7 +320,8 @@ def _adopt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
     event = Event.START if st.state == S.PENDING else Event.REPLACE
     resume = ann.get(C.ANNOTATION_RESUME_FROM)
     return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
-                   resume_from=resume, next_attempt_at=None, started_at=st.started_at or ctx.now)
+                   pod_uid=pod["metadata"].get("uid"), resume_from=resume, next_attempt_at=None,
+                   started_at=st.started_at or ctx.now)
 
 
 def _suspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
@@ -390,7 +406,7 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
         consecutive = 0
     init = dep_listing.newest_valid() if dep_listing is not None else None
 
-    attempt = st.attempts + 1
+    attempt = st.attempts if event == Event.RECREATE else st.attempts + 1
     manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
                          attempt=attempt, resume_from=resume,
                          resume_step=chosen.step if chosen else None,
@@ -404,15 +420,17 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
     where = f"resuming from step {chosen.step} ({resume})" if chosen else "starting fresh"
     if init and not chosen:
         where += f", initialised from {init.uri}"
-    ctx.note("Normal", C.EV_POD_CREATED if event == Event.START else C.EV_RESUMING,
-             f"phase {phase.name}: created pod {name} (attempt {attempt}), {where}")
+    reason = {Event.START: C.EV_POD_CREATED, Event.RECREATE: C.EV_POD_CREATED}.get(
+        event, C.EV_RESUMING)
+    ctx.note("Normal", reason, f"phase {phase.name}: created pod {name} (attempt {attempt}), {where}")
     last = st.last_checkpoint
     if chosen and (last is None or chosen.step >= last.step):
         last = CheckpointRef(uri=chosen.uri, step=chosen.step, epoch=chosen.epoch,
                              time=chosen.time or (last.time if last and last.uri == chosen.uri
                                                   else None))
     return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
-                   resume_from=resume, next_attempt_at=None, started_at=st.started_at or ctx.now,
+                   pod_uid=None, resume_from=resume, next_attempt_at=None,
+                   started_at=st.started_at or ctx.now,
                    consecutive_failures_at_checkpoint=consecutive, skipped_steps=skipped,
                    last_checkpoint=last)
 

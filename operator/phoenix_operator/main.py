@@ -10,6 +10,7 @@ annotations: ``on.event`` handlers keep nothing on the objects.
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 
 import kopf
@@ -62,5 +63,8 @@ async def job_event(type: str, name: str, namespace: str, **_) -> None:
 
 
 @kopf.on.event("", "v1", "pods", labels={C.LABEL_JOB: kopf.PRESENT})
-async def pod_event(labels: dict, namespace: str, **_) -> None:
-    _reconciler().poke((namespace, labels[C.LABEL_JOB]))
+async def pod_event(type: str, body: kopf.Body, labels: dict, namespace: str, **_) -> None:
+    key = (namespace, labels[C.LABEL_JOB])
+    if type == "DELETED":
+        _reconciler().remember_deleted(key, copy.deepcopy(dict(body)))
+    _reconciler().poke(key)

@@ -190,6 +190,7 @@ class PhaseStatus:
     consecutive_failures_at_checkpoint: int = 0
     skipped_steps: tuple[int, ...] = ()
     pod: str | None = None
+    pod_uid: str | None = None  # set once the pod is seen: "created" vs "not created yet"
     resume_from: str | None = None
     next_attempt_at: datetime | None = None
     started_at: datetime | None = None
@@ -204,7 +205,8 @@ class PhaseStatus:
             "consecutiveFailuresAtCheckpoint": self.consecutive_failures_at_checkpoint,
             "skippedSteps": list(self.skipped_steps),
         }
-        for key, value in (("pod", self.pod), ("resumeFrom", self.resume_from),
+        for key, value in (("pod", self.pod), ("podUID", self.pod_uid),
+                           ("resumeFrom", self.resume_from),
                            ("nextAttemptAt", ts(self.next_attempt_at)),
                            ("startedAt", ts(self.started_at)),
                            ("completedAt", ts(self.completed_at))):
@@ -227,7 +229,7 @@ class PhaseStatus:
             preemptions=int(d.get("preemptions", 0)), failures=int(d.get("failures", 0)),
             consecutive_failures_at_checkpoint=int(d.get("consecutiveFailuresAtCheckpoint", 0)),
             skipped_steps=tuple(int(s) for s in d.get("skippedSteps") or ()),
-            pod=d.get("pod"), resume_from=d.get("resumeFrom"),
+            pod=d.get("pod"), pod_uid=d.get("podUID"), resume_from=d.get("resumeFrom"),
             next_attempt_at=_ts(d.get("nextAttemptAt")), started_at=_ts(d.get("startedAt")),
             completed_at=_ts(d.get("completedAt")),
             last_failure=Failure.from_dict(d.get("lastFailure")),

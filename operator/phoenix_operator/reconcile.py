@@ -22,6 +22,7 @@ import kopf
 from kubernetes.client.rest import ApiException
 
 from . import metrics
+from .classify import DELETED_KEY
 from .config import OperatorConfig
 from .decide import Listing, Plan, decide
 from .facts import scan
@@ -57,6 +58,10 @@ class Reconciler:
         self._queued: set[Key] = set()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
+        # Last state of deleted trainer pods, per job (from DELETED watch events): it keeps the
+        # DisruptionTarget condition and exit code that the vanished pod can no longer show.
+        # Only an aid: after a restart it is empty and a vanished pod counts as PodDeleted.
+        self.tombstones: dict[Key, dict[str, dict]] = {}
 
     async def _call(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -86,8 +91,15 @@ class Reconciler:
         self._timers.pop(key, None)
         self.poke(key)
 
+    def remember_deleted(self, key: Key, pod: dict) -> None:
+        graves = self.tombstones.setdefault(key, {})
+        graves[pod["metadata"]["name"]] = {**pod, DELETED_KEY: True}
+        while len(graves) > 16:
+            graves.pop(next(iter(graves)))
+
     def forget(self, key: Key) -> None:
         self.known.pop(key, None)
+        self.tombstones.pop(key, None)
         metrics.CHECKPOINT_AGE.times = {k: v for k, v in metrics.CHECKPOINT_AGE.times.items()
                                         if k[:2] != key}
         timer = self._timers.pop(key, None)
@@ -133,6 +145,9 @@ class Reconciler:
         uid = job["metadata"].get("uid")
         pods = [p for p in await self._call(self.kube.list_pods, namespace, name)
                 if _owned(p, uid)]
+        present = {p["metadata"]["name"] for p in pods}
+        pods += [p for n, p in self.tombstones.get((namespace, name), {}).items()
+                 if n not in present and _owned(p, uid)]
         listings: dict[str, Listing] = {}
         plan = decide(job, pods, listings, self.clock())
         if plan.needs_checkpoints:
@@ -165,6 +180,12 @@ class Reconciler:
         meta = job["metadata"]
         ns, name = meta["namespace"], meta["name"]
         tag = f"[{ns}/{name}]"
+        status_written = False
+        if plan.create:
+            # Intent first: if our view of the job is stale, this write fails (409) and we
+            # create nothing; see decide's module docstring.
+            await self._call(self.kube.patch_status, job, plan.status)
+            status_written = True
         for create in plan.create:
             manifest = create.manifest
             kopf.adopt(manifest, owner=job)
@@ -175,7 +196,7 @@ class Reconciler:
                        f"{e.status} {e.reason}: {_api_message(e)}")
                 log.warning("%s %s", tag, msg)
                 await self._call(self.kube.post_event, job, "Warning", "PodCreateFailed", msg)
-                return RETRY_SECONDS  # status untouched: it must not name a pod that is not there
+                return RETRY_SECONDS  # status says "not created yet": the next pass retries
             if created:
                 metrics.PODS_CREATED.labels(ns).inc()
                 if create.previous_end is not None:
@@ -187,7 +208,7 @@ class Reconciler:
         for delete in plan.delete:
             log.info("%s deleting pod %s (%s)", tag, delete.name, delete.reason)
             await self._call(self.kube.delete_pod, ns, delete.name, delete.grace_seconds)
-        if plan.status != (job.get("status") or {}):
+        if not status_written and plan.status != (job.get("status") or {}):
             await self._call(self.kube.patch_status, job, plan.status)
         for note in plan.events:
             log.info("%s %s: %s", tag, note.reason, note.message)

@@ -24,6 +24,7 @@ class Event(str, Enum):
     REPLACE = "replace"      # replacement pod created (or adopted)
     SUSPEND = "suspend"      # spec.suspend set
     RESUME = "resume"        # spec.suspend cleared and the old pod is gone
+    RECREATE = "recreate"    # status names a pod that was never created (crash in between)
 
 
 E = Event
@@ -36,6 +37,7 @@ TRANSITIONS: dict[tuple[PhaseState, Event], PhaseState] = {
     (S.RUNNING, E.FAIL): S.RECOVERING,
     (S.RUNNING, E.EXHAUST): S.FAILED,
     (S.RUNNING, E.SUSPEND): S.SUSPENDED,
+    (S.RUNNING, E.RECREATE): S.RUNNING,
     (S.RECOVERING, E.REPLACE): S.RUNNING,
     (S.RECOVERING, E.SUSPEND): S.SUSPENDED,
     (S.SUSPENDED, E.SUCCEED): S.SUCCEEDED,   # it finished inside its grace period

@@ -47,7 +47,7 @@ def job(phases=("train",), *, status=None, suspend=False, recovery=None, name="j
 
 def phase_status(name="train", state="Running", attempts=1, **kw):
     d = {"name": name, "state": state, "attempts": attempts, "preemptions": 0, "failures": 0,
-         "pod": f"j-{name}-{attempts}"}
+         "pod": f"j-{name}-{attempts}", "podUID": f"uid-j-{name}-{attempts}"}
     d.update(kw)
     return d
 
@@ -71,6 +71,7 @@ def pod(phase="train", attempt=1, *, pod_phase="Running", exit_code=None, reason
         annotations[C.ANNOTATION_RESUME_FROM] = resume
     p = {
         "metadata": {"name": name, "namespace": "ns", "annotations": annotations,
+                     "uid": f"uid-{name}",
                      "labels": {C.LABEL_JOB: "j", C.LABEL_PHASE: phase,
                                 C.LABEL_ATTEMPT: str(attempt)}},
         "spec": {"containers": [{"name": "trainer"}]},

@@ -1,7 +1,7 @@
 """Every way a trainer pod can end, and what it counts as."""
 import pytest
 
-from phoenix_operator.classify import classify, gone
+from phoenix_operator.classify import DELETED_KEY, classify, gone
 from phoenix_operator.constants import Cause
 
 from opfacts import at, pod
@@ -92,3 +92,29 @@ def test_trainer_container_by_annotation():
 
 def test_gone_is_preemption():
     assert gone("x").cause == Cause.PREEMPTION
+
+
+def _deleted(p):
+    return {**p, DELETED_KEY: True}
+
+
+TOMBSTONES = [
+    ("evicted-while-running", _deleted(pod(deletion=at(0), disruption="EvictionByEvictionAPI")),
+     "EvictionByEvictionAPI"),
+    ("force-deleted-while-running", _deleted(pod(deletion=at(0))), "PodDeleted"),
+    ("evicted-and-exited", _deleted(pod(pod_phase="Failed", exit_code=143,
+                                        disruption="EvictionByEvictionAPI")),
+     "EvictionByEvictionAPI"),
+    ("deleted-after-sigterm", _deleted(pod(pod_phase="Failed", exit_code=143, deletion=at(0))),
+     "DeletedExternally"),
+]
+
+
+@pytest.mark.parametrize("p, reason", [t[1:] for t in TOMBSTONES], ids=[t[0] for t in TOMBSTONES])
+def test_deleted_pod_is_judged_by_its_last_state(p, reason):
+    outcome = classify(p)
+    assert outcome.cause == Cause.PREEMPTION and outcome.reason == reason
+
+
+def test_deleted_pod_that_completed_still_counts_as_completed():
+    assert classify(_deleted(pod(pod_phase="Succeeded", exit_code=0))).cause == Cause.COMPLETED

@@ -133,6 +133,14 @@ CASES = [
         pods=[pod(pod_phase="Pending", waiting="ImagePullBackOff", deletion=at(0))],
         listings=NO_CK, states={"train": "Recovering"}),
     # --- restarts and double delivery ---------------------------------------------------
+    Case("intent-written-pod-never-created", with_status(job(), phase_status(podUID=None)),
+         pods=[], listings=CK_10_20, states={"train": "Running"}, create=["j-train-1"],
+         check=lambda p: ps(p)["preemptions"] == 0 and ps(p)["attempts"] == 1
+         and "podUID" not in ps(p)),
+    Case("intent-needs-listing", with_status(job(), phase_status(podUID=None)),
+         pods=[], listings={}, needs={"train"}, states={"train": "Running"}),
+    Case("pod-uid-recorded-once-seen", with_status(job(), phase_status(podUID=None)),
+         pods=[pod()], listings={}, check=lambda p: ps(p)["podUID"] == "uid-j-train-1"),
     Case("lost-status-write-adopts", with_status(job(), RUN1),
          pods=[pod(pod_phase="Failed", exit_code=143), pod(attempt=2)], listings={},
          states={"train": "Running"}, events=["Preempted", "PodAdopted"],
@@ -258,7 +266,8 @@ def test_steady_state_status_is_a_fixed_point():
     """Applying a plan's status and deciding again later changes nothing: no status write
     per reconcile (conditions keep their lastTransitionTime)."""
     body = job()
-    plan = decide(body, [], NO_CK, at(0))
+    body["status"] = decide(body, [], NO_CK, at(0)).status
+    plan = decide(body, [pod()], {}, at(1))  # records the pod's uid: one more write
     body["status"] = plan.status
     again = decide(body, [pod()], {}, at(500))
     assert again.status == plan.status
