@@ -117,6 +117,9 @@ class Trainer:
         self.storage = storage
         if self.storage is None and self.env.checkpoint_uri:
             self.storage = open_storage(self.env.checkpoint_uri)
+        elif self.storage is None and self.env.resume_from:
+            # No prefix of our own: keep checkpointing where the resume target lives.
+            self.storage = open_storage(split_checkpoint_uri(self.env.resume_from)[0])
         self.interval_steps = checkpoint_interval_steps or self.env.checkpoint_interval_steps
         self.interval_seconds = checkpoint_interval_seconds or self.env.checkpoint_interval_seconds
         self.restart_method, self.max_retries = restart_method, max_retries

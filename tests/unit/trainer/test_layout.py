@@ -49,7 +49,8 @@ def test_open_storage_schemes(tmp_path):
 
 def test_layout_and_storage_do_not_import_torch():
     code = ("import sys; import phoenix_trainer, phoenix_trainer.storage, phoenix_trainer.layout,"
-            " phoenix_trainer.contract, phoenix_trainer.writer; assert 'torch' not in sys.modules")
+            " phoenix_trainer.contract, phoenix_trainer.writer,"
+            " phoenix_trainer.metrics, phoenix_trainer.errors; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
