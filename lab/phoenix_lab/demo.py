@@ -206,7 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 and progress[0] < cfg.steps - 20):
             kind = pending.pop(0)
             injector.inject(kind, pod.metadata.name, node=pod.spec.node_name)
-            injected.append({"kind": kind, "pod": pod.metadata.name, "step": progress[0]})
+            injected.append({"kind": kind, "pod": pod.metadata.name, "step": progress[0],
+                             "time": time.time()})
             print(f"   !! injected {kind} into {pod.metadata.name} at step {progress[0]}", flush=True)
         if time.time() - last_print >= 2:
             print("   " + status_line(t0, job, progress, cfg), flush=True)
@@ -219,38 +220,43 @@ def main(argv: list[str] | None = None) -> int:
             break
         time.sleep(0.5)
 
-    return summarize(lab, watcher, job, injected, reference, reference_seconds,
+    return summarize(lab, cfg, job, injected, reference, reference_seconds,
                      (train_done_at or time.time()) - t0, prefix)
 
 
-def summarize(lab: Lab, watcher: Watcher, job: dict, injected: list[dict], reference: Path,
+def summarize(lab: Lab, cfg: DemoConfig, job: dict, injected: list[dict], reference: Path,
               reference_seconds: float, train_wall: float, prefix: str) -> int:
+    from datetime import datetime
+
     import torch
 
     from phoenix_trainer.checkpoint import load_checkpoint
     from phoenix_trainer.layout import latest_valid_checkpoint
+    from phoenix_trainer.metrics import read_metrics
     from phoenix_trainer.storage import open_storage
 
     st = job.get("status") or {}
-    resume_steps = {p.metadata.name: int(p.metadata.annotations.get("phoenix.dev/resume-step", 0) or 0)
-                    for p in watcher.trainer_pods()}
-    attempts = sorted(resume_steps, key=lambda n: int(n.rsplit("-", 1)[-1]))
-    print()
-    say(f"PhoenixJob {NAMESPACE}/{JOB}: {st.get('phase')}")
-    print(lab.kubectl("get", "pxj", "-n", NAMESPACE).stdout)
-    print(f"   {'disruption':<14} {'pod':<22} {'at step':>8} {'resumed from':>13} {'steps lost':>11}")
-    lost_total = 0
-    for d in injected:
-        i = attempts.index(d["pod"]) if d["pod"] in attempts else -1
-        nxt = attempts[i + 1] if 0 <= i < len(attempts) - 1 else None
-        resumed = resume_steps.get(nxt) if nxt else None
-        lost = d["step"] - resumed if resumed is not None else None
-        lost_total += lost or 0
-        print(f"   {d['kind']:<14} {d['pod']:<22} {d['step']:>8} "
-              f"{resumed if resumed is not None else '-':>13} {lost if lost is not None else '-':>11}")
     endpoint = lab.s3
     storage = open_storage(f"s3://{BUCKET}/{prefix}/train", endpoint_url=endpoint.url,
                            access_key=endpoint.access_key, secret_key=endpoint.secret_key)
+    # Where each attempt started (its "start"/"resume" metrics record), to measure loss.
+    began = {r["attempt"]: (r["step"], datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp())
+             for r in read_metrics(storage) if r.get("event") in ("start", "resume")}
+    print()
+    say(f"PhoenixJob {NAMESPACE}/{JOB}: {st.get('phase')}")
+    print(lab.kubectl("get", "pxj", "-n", NAMESPACE).stdout)
+    print(f"   {'disruption':<14} {'pod':<18} {'seen at step':>12} {'resumed from':>13} "
+          f"{'steps lost':>11} {'back after':>11}")
+    lost_total, downtime = 0, []
+    for d in injected:
+        nxt = began.get(int(d["pod"].rsplit("-", 1)[-1]) + 1)
+        lost = max(0, d["step"] - nxt[0]) if nxt else None
+        lost_total += lost or 0
+        back = f"{nxt[1] - d['time']:.1f}s" if nxt else "-"
+        if nxt:
+            downtime.append(nxt[1] - d["time"])
+        print(f"   {d['kind']:<14} {d['pod']:<18} {d['step']:>12} {nxt[0] if nxt else '-':>13} "
+              f"{lost if lost is not None else '-':>11} {back:>11}")
     final = latest_valid_checkpoint(storage)
     same = False
     if final is not None:
@@ -268,7 +274,11 @@ def summarize(lab: Lab, watcher: Watcher, job: dict, injected: list[dict], refer
     say("summary")
     print(f"   disruptions survived:       {len(injected)} ({', '.join(d['kind'] for d in injected)})")
     print(f"   preemptions / failures:     {st.get('preemptions', 0)} / {st.get('failures', 0)} (status)")
-    print(f"   steps lost in total:        {lost_total}")
+    print(f"   steps lost in total:        {lost_total} (checkpoint every {cfg.checkpoint_every} steps; "
+          "an eviction's emergency checkpoint loses none)")
+    if downtime:
+        print(f"   time to resume training:    {sum(downtime) / len(downtime):.1f}s per disruption on average "
+              "(detection, new pod, python+torch start-up, checkpoint load)")
     print(f"   train phase wall time:      {train_wall:.1f}s (uninterrupted training: {reference_seconds:.1f}s)")
     print(f"   goodput:                    {goodput:.2f} (useful training time / wall time, "
           "pod restarts included)")
