@@ -72,6 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint-every", type=int, default=None,
                    help="override PHOENIX_CHECKPOINT_INTERVAL_STEPS")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (seconds), for tests")
+    p.add_argument("--no-emergency-checkpoint", action="store_true",
+                   help="on SIGTERM, exit without the emergency checkpoint (to measure its worth)")
     p.add_argument("--out", default=None, help="write the final model state_dict here (torch.save)")
     args = p.parse_args(argv)
     if args.steps is None and args.epochs is None:
@@ -105,11 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         return loss_fn(m(x), y)
 
     # Only what changes the math goes into the fingerprint (not --step-delay or --out).
-    config = {k: v for k, v in vars(args).items() if k not in ("step_delay", "out", "log_every")}
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("step_delay", "out", "log_every", "no_emergency_checkpoint")}
     trainer = Trainer(model, optimizer, loader, step_loss, scheduler=scheduler, scaler=scaler,
                       grad_clip_norm=args.clip, epochs=args.epochs, max_steps=args.steps,
                       config=config, checkpoint_interval_steps=args.checkpoint_every,
-                      log_every=args.log_every)
+                      log_every=args.log_every,
+                      emergency_checkpoint=not args.no_emergency_checkpoint)
     result = trainer.fit()
     if args.out and result.reason == "completed":
         torch.save(model.state_dict(), args.out)

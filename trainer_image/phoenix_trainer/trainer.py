@@ -103,6 +103,7 @@ class Trainer:
         log_every: int = 50, metrics_interval_seconds: float = 30.0, max_in_flight: int = 1,
         retry_policy: RetryPolicy | None = None, install_signal_handlers: bool = True,
         clock: Callable[[], float] = time.monotonic, init_strict: bool = True,
+        emergency_checkpoint: bool = True,
     ) -> None:
         if epochs is None and max_steps is None:
             raise ValueError("give epochs= or max_steps= (or both); otherwise training never ends")
@@ -112,6 +113,8 @@ class Trainer:
         self.scheduler, self.scaler, self.grad_clip_norm = scheduler, scaler, grad_clip_norm
         self.epochs, self.max_steps = epochs, max_steps
         self.config = dict(config or {})
+        # Off only to measure what the SIGTERM emergency checkpoint is worth (benchmarks).
+        self.emergency_checkpoint = emergency_checkpoint
         self.fingerprint = config_fingerprint(self.config)
         self.env = env or TrainerEnv.from_env()
         self.storage = storage
@@ -587,6 +590,10 @@ class Trainer:
 
         if self.checkpointer is None:
             return False, f"{sig} at step {self.step}; no checkpoint storage configured, progress is lost"
+        if not self.emergency_checkpoint:
+            last = self._newest_checkpoint_uri()
+            return False, (f"{sig} at step {self.step}; emergency checkpoints are disabled,"
+                           f" resuming from {last or 'scratch'}")
         if self.step in self.checkpointer.pending_steps() or self._has_checkpoint_at_step():
             self.checkpointer.wait(timeout=max(0.0, remaining()))
             if self._has_checkpoint_at_step():

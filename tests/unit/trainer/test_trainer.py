@@ -146,6 +146,15 @@ def test_too_little_grace_says_so(tmp_path):
     assert latest_valid_checkpoint(tr.storage).step == 7
 
 
+def test_emergency_checkpoint_can_be_disabled(tmp_path):
+    _, tr = make(tmp_path, callbacks=[StopAt(12)], emergency_checkpoint=False)
+    r = tr.fit()
+    assert r.exit_code == 143 and not r.emergency_save_completed
+    msg = json.loads((tmp_path / "termination-log").read_text())
+    assert "emergency checkpoints are disabled" in msg["message"]
+    assert latest_valid_checkpoint(tr.storage).step == 7, "only the periodic checkpoint exists"
+
+
 @pytest.mark.parametrize("method", ["reload", "reinit_epoch"])
 def test_flaky_stage_recovers_in_process_bit_exact(tmp_path, ref_state, method):
     t, tr = make(tmp_path, restart_method=method, max_retries=2,
