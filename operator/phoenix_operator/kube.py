@@ -68,14 +68,14 @@ class Kube:
         pods = self.core.list_namespaced_pod(namespace, label_selector=f"{C.LABEL_JOB}={job}")
         return [self._plain(p) for p in pods.items]
 
-    def create_pod(self, namespace: str, manifest: dict) -> bool:
-        """Create; False if a pod of that name already exists (the idempotency key)."""
+    def create_pod(self, namespace: str, manifest: dict) -> str | None:
+        """Create; returns the new pod's uid, or None if a pod of that name already exists
+        (the idempotency key)."""
         try:
-            self.core.create_namespaced_pod(namespace, manifest)
-            return True
+            return self.core.create_namespaced_pod(namespace, manifest).metadata.uid
         except ApiException as e:
             if e.status == 409:
-                return False
+                return None
             raise
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int) -> None:

@@ -181,10 +181,12 @@ class Reconciler:
         ns, name = meta["namespace"], meta["name"]
         tag = f"[{ns}/{name}]"
         status_written = False
+        written = job
+        uids: dict[str, str] = {}
         if plan.create:
             # Intent first: if our view of the job is stale, this write fails (409) and we
             # create nothing; see decide's module docstring.
-            await self._call(self.kube.patch_status, job, plan.status)
+            written = await self._call(self.kube.patch_status, job, plan.status)
             status_written = True
         for create in plan.create:
             manifest = create.manifest
@@ -198,6 +200,7 @@ class Reconciler:
                 await self._call(self.kube.post_event, job, "Warning", "PodCreateFailed", msg)
                 return RETRY_SECONDS  # status says "not created yet": the next pass retries
             if created:
+                uids[create.name] = created
                 metrics.PODS_CREATED.labels(ns).inc()
                 if create.previous_end is not None:
                     metrics.REPLACEMENT_SECONDS.labels(create.previous_cause or "unknown").observe(
@@ -205,6 +208,17 @@ class Reconciler:
             log.info("%s phase=%s %s pod %s (attempt %d) resume_from=%s", tag, create.phase,
                      "created" if created else "found existing", create.name, create.attempt,
                      create.resume_from or "-")
+        if uids:
+            # Record "created" right away: from now on a missing pod means it was deleted.
+            for phase in plan.status.get("phases") or ():
+                if phase.get("pod") in uids:
+                    phase["podUID"] = uids[phase["pod"]]
+            try:
+                await self._call(self.kube.patch_status, written, plan.status)
+            except ApiException as e:
+                if e.status != 409:
+                    raise
+                # someone changed the job meanwhile; the next pass records the uid from the pod
         for delete in plan.delete:
             log.info("%s deleting pod %s (%s)", tag, delete.name, delete.reason)
             await self._call(self.kube.delete_pod, ns, delete.name, delete.grace_seconds)
