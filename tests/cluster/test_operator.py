@@ -109,7 +109,7 @@ def test_failures_back_off_and_exhaust_but_preemptions_do_not_count(lab, operato
         "maxFailures": 2, "backoff": {"initialSeconds": 2, "maxSeconds": 4}}))
     wait(lambda: running(core, ns, "fl-train-1"), 60, "attempt 1 running")
     lab.evict(ns, "fl-train-1")  # a preemption first: must not touch the failure budget
-    job = wait(lambda: (j := get(custom, ns, "fl"))["status"].get("phase") == "Failed" and j,
+    job = wait(lambda: (j := get(custom, ns, "fl")).get("status", {}).get("phase") == "Failed" and j,
                120, "job Failed")
     ps = phase_status(job)
     assert ps["preemptions"] == 1 and ps["failures"] == 3 and ps["attempts"] == 4
@@ -218,7 +218,7 @@ def test_suspend_deletes_pod_and_resume_continues(lab, operator, core, custom, n
     patch_spec(custom, ns, "sp", {"suspend": True})
     wait(lambda: (p := pod_or_none(core, ns, "sp-train-1")) is None
          or p.status.phase == "Failed", 60, "pod stopped")
-    job = wait(lambda: (j := get(custom, ns, "sp"))["status"].get("phase") == "Suspended" and j,
+    job = wait(lambda: (j := get(custom, ns, "sp")).get("status", {}).get("phase") == "Suspended" and j,
                30, "Suspended")
     assert phase_status(job)["preemptions"] == 0
     time.sleep(2)
@@ -226,7 +226,7 @@ def test_suspend_deletes_pod_and_resume_continues(lab, operator, core, custom, n
     patch_spec(custom, ns, "sp", {"suspend": False})
     pod2 = wait(lambda: pod_or_none(core, ns, "sp-train-2"), 60, "attempt 2 after resume")
     assert env_of(pod2).get("PHOENIX_RESUME_FROM")
-    job = wait(lambda: (j := get(custom, ns, "sp"))["status"].get("phase") == "Running" and j,
+    job = wait(lambda: (j := get(custom, ns, "sp")).get("status", {}).get("phase") == "Running" and j,
                30, "Running again")
     assert phase_status(job)["preemptions"] == 0 and phase_status(job)["failures"] == 0
 
@@ -238,7 +238,7 @@ def test_failed_phase_blocks_dependents_but_independent_eval_runs(lab, operator,
                       recovery={"maxFailures": 0},
                       extra_phase={"eval": {"independent": True, "dependsOn": ["train"]}})
     create(custom, ns, body)
-    job = wait(lambda: (j := get(custom, ns, "blk"))["status"].get("phase") == "Failed" and j,
+    job = wait(lambda: (j := get(custom, ns, "blk")).get("status", {}).get("phase") == "Failed" and j,
                90, "job Failed")
     states = {p["name"]: p["state"] for p in job["status"]["phases"]}
     # eval's attempt 1 also fails (same fake trainer knob), but it ran: not Blocked
