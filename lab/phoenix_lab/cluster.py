@@ -250,7 +250,7 @@ class Lab:
         return proc
 
     def api_client(self):
-        from kubernetes import client, config
+        from kubernetes import config
 
         return config.new_client_from_config(config_file=self.kubeconfig)
 

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import re
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 
-from . import paths
+from . import samples
 from .chaos import TRAINER_DISRUPTIONS, Injector
 from .cluster import Lab
 from .install import install_phoenix
@@ -34,70 +30,11 @@ from .install import install_phoenix
 NAMESPACE = "demo"
 JOB = "mlp-demo"
 BUCKET = "phoenix-demo"
-TRAIN_SCRIPT = paths.REPO_ROOT / "examples" / "train_mlp.py"
-EVAL_SCRIPT = paths.REPO_ROOT / "examples" / "eval_mlp.py"
-_STEP_LINE = re.compile(rb"step (\d+) epoch \d+ loss ([0-9.]+)")
+STEPS_BETWEEN_DISRUPTIONS = 50
 
 
 def say(msg: str) -> None:
     print(f"==> {msg}", flush=True)
-
-
-@dataclass
-class DemoConfig:
-    steps: int = 400
-    step_delay: float = 0.04
-    checkpoint_every: int = 25
-    steps_between_disruptions: int = 50
-    grace_seconds: int = 10
-    seed: int = 0
-
-    def train_args(self) -> list[str]:
-        return [str(TRAIN_SCRIPT), "--steps", str(self.steps), "--seed", str(self.seed),
-                "--step-delay", str(self.step_delay), "--log-every", "1"]
-
-
-def job_manifest(cfg: DemoConfig, prefix: str, s3_url: str) -> dict:
-    return {
-        "apiVersion": "phoenix.dev/v1alpha1", "kind": "PhoenixJob",
-        "metadata": {"name": JOB, "namespace": NAMESPACE},
-        "spec": {
-            "template": {"spec": {
-                "nodeSelector": {"phoenix.dev/spot": "true"},
-                "tolerations": [{"key": "phoenix.dev/spot", "operator": "Exists",
-                                 "effect": "NoSchedule"}],
-                "containers": [{"name": "trainer", "image": "phoenix-trainer:dev",
-                                "command": ["python"],
-                                "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
-                                "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}},
-            "phases": [
-                {"name": "train", "args": cfg.train_args()},
-                {"name": "eval", "independent": True,
-                 "args": [str(EVAL_SCRIPT), "--seed", str(cfg.seed)]},
-            ],
-            "checkpoint": {"uri": f"s3://{BUCKET}/{prefix}", "endpoint": s3_url,
-                           "credentialsSecret": "s3-credentials", "keep": 3,
-                           "intervalSteps": cfg.checkpoint_every},
-            "recovery": {"maxFailures": 3, "terminationGracePeriodSeconds": cfg.grace_seconds,
-                         "backoff": {"initialSeconds": 2, "maxSeconds": 30}},
-        },
-    }
-
-
-def run_reference(cfg: DemoConfig, workdir: Path) -> tuple[Path, float]:
-    """Train the same model without interruption; return (weights file, train seconds)."""
-    out = workdir / "reference.pt"
-    env = dict(os.environ, PHOENIX_CHECKPOINT_URI=f"file://{workdir / 'reference-ckpt'}",
-               PHOENIX_TERMINATION_LOG=str(workdir / "reference.termination"),
-               PHOENIX_CHECKPOINT_INTERVAL_STEPS=str(cfg.checkpoint_every), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *cfg.train_args(), "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        raise SystemExit(f"reference run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    term = json.loads((workdir / "reference.termination").read_text())
-    train_seconds = float(re.findall(r"train ([0-9.]+)s\)", proc.stderr)[-1])
-    say(f"reference run: {term['step']} steps, {train_seconds:.1f}s of training")
-    return out, train_seconds
 
 
 class Watcher:
@@ -129,15 +66,12 @@ class Watcher:
     def progress(self, pod_name: str) -> tuple[int, float] | None:
         """(last step, loss) the trainer logged, or None before its first step."""
         try:
-            log = self.lab.pod_dir(NAMESPACE, pod_name) / "trainer.log"
-            data = log.read_bytes()[-4096:]
+            return samples.logged_progress(self.lab.pod_dir(NAMESPACE, pod_name) / "trainer.log")
         except Exception:
             return None
-        found = _STEP_LINE.findall(data)
-        return (int(found[-1][0]), float(found[-1][1])) if found else None
 
 
-def status_line(t0: float, job: dict, progress: tuple[int, float] | None, cfg: DemoConfig) -> str:
+def status_line(t0: float, job: dict, progress: tuple[int, float] | None, cfg: samples.TrainConfig) -> str:
     st = job.get("status") or {}
     step, loss = progress if progress else (st.get("step") or 0, None)
     age = ""
@@ -154,32 +88,31 @@ def status_line(t0: float, job: dict, progress: tuple[int, float] | None, cfg: D
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=DemoConfig.steps)
+    ap.add_argument("--steps", type=int, default=samples.TrainConfig.steps)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state-dir", type=Path, default=None)
     ap.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
     args = ap.parse_args(argv)
-    cfg = DemoConfig(steps=args.steps, seed=args.seed)
+    cfg = samples.TrainConfig(steps=args.steps, seed=args.seed)
 
     say("bringing up the lab")
     lab = Lab(args.state_dir).up()
     say("installing Phoenix with Helm")
     install_phoenix(lab)
     lab.kubectl("create", "namespace", NAMESPACE, check=False)
-    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "s3-credentials",
-              "namespace": NAMESPACE}, "stringData": {"AWS_ACCESS_KEY_ID": lab.s3.access_key,
-                                                     "AWS_SECRET_ACCESS_KEY": lab.s3.secret_key}}
-    lab.kubectl("apply", "-f", "-", input=json.dumps(secret))
+    lab.kubectl("apply", "-f", "-", input=json.dumps(samples.credentials_secret(NAMESPACE, lab.s3)))
     lab.kubectl("delete", "phoenixjob", JOB, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
     lab.s3_server.ensure_bucket(BUCKET)
     prefix = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
     workdir = Path(tempfile.mkdtemp(prefix="phoenix-demo-"))
     say(f"training the uninterrupted reference ({cfg.steps} steps) for comparison")
-    reference, reference_seconds = run_reference(cfg, workdir)
+    reference, reference_seconds = samples.run_reference(cfg, workdir)
+    say(f"reference run: {cfg.steps} steps, {reference_seconds:.1f}s of training")
 
     watcher = Watcher(lab)
-    manifest = job_manifest(cfg, prefix, lab.s3.url)
+    manifest = samples.phoenixjob(JOB, NAMESPACE, cfg, f"s3://{BUCKET}/{prefix}", lab.s3.url,
+                                  with_eval=True)
     (workdir / "phoenixjob.json").write_text(json.dumps(manifest, indent=2))
     say(f"applying PhoenixJob {NAMESPACE}/{JOB} (train -> eval); checkpoints in s3://{BUCKET}/{prefix}")
     lab.kubectl("apply", "-f", str(workdir / "phoenixjob.json"))
@@ -188,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     injector = Injector(lab, NAMESPACE)
     pending = list(TRAINER_DISRUPTIONS)
     injected: list[dict] = []
+    disrupted: set[str] = set()
     attempt_start_step: dict[str, int] = {}
     train_done_at = None
     last_print = 0.0
@@ -201,10 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         progress = watcher.progress(pod.metadata.name) if pod else None
         if pod and progress and pod.metadata.name not in attempt_start_step:
             attempt_start_step[pod.metadata.name] = progress[0]
-        if (pending and pod and progress
-                and progress[0] - attempt_start_step[pod.metadata.name] >= cfg.steps_between_disruptions
+        if (pending and pod and progress and pod.metadata.name not in disrupted
+                and progress[0] - attempt_start_step[pod.metadata.name] >= STEPS_BETWEEN_DISRUPTIONS
                 and progress[0] < cfg.steps - 20):
             kind = pending.pop(0)
+            disrupted.add(pod.metadata.name)  # it may look Running for a moment longer
             injector.inject(kind, pod.metadata.name, node=pod.spec.node_name)
             injected.append({"kind": kind, "pod": pod.metadata.name, "step": progress[0],
                              "time": time.time()})
@@ -224,24 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                      (train_done_at or time.time()) - t0, prefix)
 
 
-def summarize(lab: Lab, cfg: DemoConfig, job: dict, injected: list[dict], reference: Path,
+def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict], reference: Path,
               reference_seconds: float, train_wall: float, prefix: str) -> int:
-    from datetime import datetime
-
-    import torch
-
-    from phoenix_trainer.checkpoint import load_checkpoint
-    from phoenix_trainer.layout import latest_valid_checkpoint
-    from phoenix_trainer.metrics import read_metrics
-    from phoenix_trainer.storage import open_storage
-
     st = job.get("status") or {}
-    endpoint = lab.s3
-    storage = open_storage(f"s3://{BUCKET}/{prefix}/train", endpoint_url=endpoint.url,
-                           access_key=endpoint.access_key, secret_key=endpoint.secret_key)
-    # Where each attempt started (its "start"/"resume" metrics record), to measure loss.
-    began = {r["attempt"]: (r["step"], datetime.fromisoformat(r["time"].replace("Z", "+00:00")).timestamp())
-             for r in read_metrics(storage) if r.get("event") in ("start", "resume")}
+    storage = samples.open_phase_storage(f"s3://{BUCKET}/{prefix}/train", lab.s3)
+    began = samples.attempt_starts(storage)
     print()
     say(f"PhoenixJob {NAMESPACE}/{JOB}: {st.get('phase')}")
     print(lab.kubectl("get", "pxj", "-n", NAMESPACE).stdout)
@@ -257,16 +179,10 @@ def summarize(lab: Lab, cfg: DemoConfig, job: dict, injected: list[dict], refere
             downtime.append(nxt[1] - d["time"])
         print(f"   {d['kind']:<14} {d['pod']:<18} {d['step']:>12} {nxt[0] if nxt else '-':>13} "
               f"{lost if lost is not None else '-':>11} {back:>11}")
-    final = latest_valid_checkpoint(storage)
-    same = False
-    if final is not None:
-        weights = load_checkpoint(storage, final)["model.pt"]
-        ref = torch.load(reference, weights_only=True)
-        same = weights.keys() == ref.keys() and all(torch.equal(weights[k], ref[k]) for k in ref)
+    same, final_uri = samples.final_weights_equal(storage, reference)
     try:
-        evaluation = json.loads(open_storage(
-            f"s3://{BUCKET}/{prefix}/eval", endpoint_url=endpoint.url, access_key=endpoint.access_key,
-            secret_key=endpoint.secret_key).get_bytes("eval.json"))
+        evaluation = json.loads(samples.open_phase_storage(
+            f"s3://{BUCKET}/{prefix}/eval", lab.s3).get_bytes("eval.json"))
     except FileNotFoundError:
         evaluation = None
     goodput = reference_seconds / train_wall if train_wall > 0 else 0.0
@@ -283,7 +199,7 @@ def summarize(lab: Lab, cfg: DemoConfig, job: dict, injected: list[dict], refere
     print(f"   goodput:                    {goodput:.2f} (useful training time / wall time, "
           "pod restarts included)")
     print(f"   final weights == reference: {'yes, tensor for tensor' if same else 'NO'}"
-          f" (checkpoint {final.uri if final else 'none'})")
+          f" (checkpoint {final_uri or 'none'})")
     if evaluation:
         print(f"   eval phase:                 accuracy {evaluation['accuracy']:.3f}, "
               f"loss {evaluation['loss']:.4f}")

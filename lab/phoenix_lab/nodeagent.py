@@ -441,7 +441,7 @@ class NodeAgent:
                 raise
 
     def _pod_env(self, pod: dict, container: dict, pod_dir: Path) -> dict[str, str]:
-        meta, spec = pod["metadata"], pod["spec"]
+        meta = pod["metadata"]
         ns = meta["namespace"]
         env = {k: os.environ[k] for k in PASSTHROUGH_ENV if k in os.environ}
         env["PATH"] = f"{self.python_bin}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}"
