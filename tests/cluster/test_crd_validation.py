@@ -3,9 +3,11 @@ message that names the field. No operator needed."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 import json
 
 import pytest
+import yaml
 from kubernetes.client.rest import ApiException
 
 from pxj_helpers import GROUP, PLURAL, VERSION
@@ -93,3 +95,11 @@ def test_malformed_job_is_rejected_naming_the_field(custom_api, fn, field):
     assert err.value.status == 422, err.value.body
     message = json.loads(err.value.body)["message"]
     assert field in message, message
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[2] / "examples")
+                                        .glob("phoenixjob-*.yaml")), ids=lambda p: p.name)
+def test_examples_are_accepted(custom_api, path):
+    body = yaml.safe_load(path.read_text())
+    custom_api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body,
+                                               dry_run="All")

@@ -1,0 +1,27 @@
+"""Sample PhoenixJobs parse and produce sensible trainer pods (the cluster tests check that
+the API server accepts the same shapes)."""
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+import yaml
+
+from phoenix_operator.decide import Listing, decide
+
+pytestmark = pytest.mark.unit
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[3] / "examples").glob("phoenixjob-*.yaml"))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_starts_its_first_phase(path):
+    body = yaml.safe_load(path.read_text())
+    body["metadata"].update(namespace="default", uid="u", generation=1)
+    first = body["spec"]["phases"][0]["name"]
+    plan = decide(body, [], {first: Listing()}, datetime(2026, 1, 1, tzinfo=timezone.utc))
+    assert [c.name for c in plan.create] == [f"{body['metadata']['name']}-{first}-1"]
+    assert plan.status["phase"] == "Running"
+
+
+def test_there_are_examples():
+    assert len(EXAMPLES) >= 2
