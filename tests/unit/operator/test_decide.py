@@ -218,6 +218,10 @@ CASES = [
         check=lambda p: ps(p)["preemptions"] == 0 and ps(p)["lastCheckpoint"]["step"] == 40),
     Case("suspend-terminating-not-deleted-twice", with_status(job(suspend=True), phase_status(
         state="Suspended")), pods=[pod(deletion=at(0))], listings={}),
+    Case("suspend-while-backing-off", with_status(job(suspend=True), phase_status(
+        state="Recovering", failures=1, nextAttemptAt=ts(at(100)))),
+        pods=[pod(pod_phase="Failed", exit_code=1)], listings=NO_CK,
+        states={"train": "Suspended"}, job_phase="Suspended"),
     Case("suspend-pending-does-not-start", job(suspend=True), listings=NO_CK,
          states={"train": "Pending"}, job_phase="Suspended"),
     Case("unsuspend-waits-for-old-pod", with_status(job(), phase_status(state="Suspended")),
@@ -312,3 +316,20 @@ def test_recovering_condition_explains_backoff():
     cond = _cond(plan, "Recovering")
     assert cond["status"] == "True" and cond["reason"] == "BackingOff"
     assert "next attempt at" in cond["message"]
+
+
+def test_every_transition_in_the_table_is_exercised(monkeypatch):
+    """The decision table above reaches every legal edge of the state machine."""
+    from phoenix_operator import decide as decide_module
+    from phoenix_operator.states import TRANSITIONS, transition
+
+    seen = set()
+
+    def spy(state, event):
+        seen.add((state, event))
+        return transition(state, event)
+
+    monkeypatch.setattr(decide_module, "transition", spy)
+    for case in CASES:
+        decide(case.body, case.pods, case.listings or {}, case.now)
+    assert set(TRANSITIONS) - seen == set()
