@@ -22,11 +22,10 @@ fi
 # Compiled bytecode matters here: every trainer pod imports torch, and without .pyc files
 # (e.g. under PYTHONDONTWRITEBYTECODE=1) that import costs 6-20 s instead of ~3 s.
 stamp=.venv/.phoenix-sync-stamp
-want=$(cat pyproject.toml uv.lock 2>/dev/null | sha256sum | cut -d' ' -f1)
+want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "syncing Python dependencies (first run downloads torch: a few minutes)"
-  uv sync --quiet --extra dev --frozen --compile-bytecode 2>/dev/null \
-    || uv sync --extra dev --compile-bytecode
+  uv sync --quiet --extra dev --compile-bytecode
   echo "$want" > "$stamp"
 else
   say "Python dependencies up to date"

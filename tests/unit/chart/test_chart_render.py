@@ -85,7 +85,7 @@ def test_defaults_render_a_restricted_operator_pod():
         assert c[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     # the root fs is read-only, so /tmp comes from an emptyDir
     assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
-    assert c["image"] == "ghcr.io/phoenix-dev/phoenix-operator:0.1.0"
+    assert c["image"] == "phoenix-operator:0.1.0"
 
 
 def test_explicit_command_and_kopf_args_cluster_wide():
