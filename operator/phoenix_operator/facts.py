@@ -6,6 +6,7 @@ verification, every shard's sha256 matches).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Iterable
@@ -21,14 +22,22 @@ log = logging.getLogger("phoenix.facts")
 VALID_WANTED = 2  # the newest valid one plus one to fall back to
 
 
+@functools.lru_cache(maxsize=256)
+def _storage(uri: str, endpoint: str | None, access_key: str | None, secret_key: str | None,
+             region: str | None):
+    """Storage handles are cached: creating a boto3 client costs ~150 ms of CPU, which would
+    otherwise sit on every replacement's critical path. boto3 clients are thread-safe."""
+    return open_storage(uri, endpoint_url=endpoint, access_key=access_key,
+                        secret_key=secret_key, region=region)
+
+
 def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str | None,
          endpoint: str | None, skipped: Iterable[int] = (), deep: bool = True) -> Listing:
     """Verify newest-first until ``VALID_WANTED`` usable checkpoints are found."""
     uri = spec.checkpoint.phase_uri(phase)
     started = time.monotonic()
     try:
-        storage = open_storage(uri, endpoint_url=endpoint, access_key=access_key,
-                               secret_key=secret_key, region=spec.checkpoint.region)
+        storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
         skip = set(skipped)
         found: list[Checkpoint] = []
         usable = 0

@@ -6,6 +6,7 @@ and kopf bodies use. Nothing here decides anything.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import secrets
 from datetime import datetime, timezone
@@ -65,8 +66,10 @@ class Kube:
 
     # --- pods --------------------------------------------------------------------------
     def list_pods(self, namespace: str, job: str) -> list[dict]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=f"{C.LABEL_JOB}={job}")
-        return [self._plain(p) for p in pods.items]
+        # Raw JSON: building typed models and converting them back costs more than the call.
+        resp = self.core.list_namespaced_pod(namespace, label_selector=f"{C.LABEL_JOB}={job}",
+                                             _preload_content=False)
+        return json.loads(resp.data).get("items") or []
 
     def create_pod(self, namespace: str, manifest: dict) -> str | None:
         """Create; returns the new pod's uid, or None if a pod of that name already exists
