@@ -591,6 +591,7 @@ class Trainer:
         if self.checkpointer is None:
             return False, f"{sig} at step {self.step}; no checkpoint storage configured, progress is lost"
         if not self.emergency_checkpoint:
+            self.checkpointer.wait(timeout=max(0.0, remaining()))  # periodic saves still finish
             last = self._newest_checkpoint_uri()
             return False, (f"{sig} at step {self.step}; emergency checkpoints are disabled,"
                            f" resuming from {last or 'scratch'}")
