@@ -10,6 +10,7 @@ import functools
 import logging
 import time
 from typing import Iterable
+from urllib.parse import unquote, urlparse
 
 from phoenix_trainer.layout import checkpoint_steps
 from phoenix_trainer.storage import open_storage, verify_checkpoint
@@ -22,13 +23,24 @@ log = logging.getLogger("phoenix.facts")
 VALID_WANTED = 2  # the newest valid one plus one to fall back to
 
 
-@functools.lru_cache(maxsize=256)
+@functools.lru_cache(maxsize=32)
+def _bucket(bucket: str, endpoint: str | None, access_key: str | None, secret_key: str | None,
+            region: str | None):
+    """One storage handle (one boto3 client) per bucket and credentials, shared by every job
+    and phase: a client costs ~150 ms of CPU to create and ~10 MB to keep, and boto3
+    clients are thread-safe."""
+    return open_storage(f"s3://{bucket}", endpoint_url=endpoint, access_key=access_key,
+                        secret_key=secret_key, region=region)
+
+
 def _storage(uri: str, endpoint: str | None, access_key: str | None, secret_key: str | None,
              region: str | None):
-    """Storage handles are cached: creating a boto3 client costs ~150 ms of CPU, which would
-    otherwise sit on every replacement's critical path. boto3 clients are thread-safe."""
-    return open_storage(uri, endpoint_url=endpoint, access_key=access_key,
-                        secret_key=secret_key, region=region)
+    parsed = urlparse(uri)
+    if parsed.scheme != "s3":
+        return open_storage(uri)
+    root = _bucket(parsed.netloc, endpoint, access_key, secret_key, region)
+    prefix = unquote(parsed.path).strip("/")
+    return root.child(prefix) if prefix else root
 
 
 def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str | None,

@@ -23,48 +23,43 @@ from .reconcile import Reconciler
 
 log = logging.getLogger("phoenix.operator")
 
-_state: dict[str, object] = {}
-
-
-def _reconciler() -> Reconciler:
-    return _state["reconciler"]  # type: ignore[return-value]
-
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, **_) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     config = OperatorConfig.from_env()
     # Handler log lines would otherwise become Events on pods; we post our own, curated.
     settings.posting.level = logging.WARNING
-    settings.peering.standalone = True  # safety comes from deterministic pod names, not leases
+    settings.peering.standalone = True  # safety: intent-first status + deterministic names
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
     load_config()
     reconciler = Reconciler(Kube(), config)
-    _state["reconciler"] = reconciler
-    _state["resync"] = asyncio.get_running_loop().create_task(reconciler.resync_forever())
+    memo.reconciler = reconciler
+    memo.resync = asyncio.get_running_loop().create_task(reconciler.resync_forever())
     metrics.serve(config.metrics_port, config.metrics_host)
     log.info("phoenix operator started: %s", config)
 
 
 @kopf.on.cleanup()
-async def cleanup(**_) -> None:
-    task = _state.pop("resync", None)
+async def cleanup(memo: kopf.Memo, **_) -> None:
+    task = memo.get("resync")
     if task is not None:
         task.cancel()
 
 
 @kopf.on.event(C.GROUP, C.VERSION, C.PLURAL)
-async def job_event(type: str, name: str, namespace: str, **_) -> None:
+async def job_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) -> None:
     if type == "DELETED":
-        _reconciler().forget((namespace, name))
+        memo.reconciler.forget((namespace, name))
     else:
-        _reconciler().poke((namespace, name))
+        memo.reconciler.poke((namespace, name))
 
 
 @kopf.on.event("", "v1", "pods", labels={C.LABEL_JOB: kopf.PRESENT})
-async def pod_event(type: str, body: kopf.Body, labels: dict, namespace: str, **_) -> None:
+async def pod_event(type: str, body: kopf.Body, labels: dict, namespace: str,
+                    memo: kopf.Memo, **_) -> None:
     key = (namespace, labels[C.LABEL_JOB])
     if type == "DELETED":
-        _reconciler().remember_deleted(key, copy.deepcopy(dict(body)))
-    _reconciler().poke(key)
+        memo.reconciler.remember_deleted(key, copy.deepcopy(dict(body)))
+    memo.reconciler.poke(key)

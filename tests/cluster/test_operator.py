@@ -52,8 +52,8 @@ def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, tmp_path
     assert finetune["init_from"].endswith("/pretrain/" + step_dir_name(10))
     pod = core.read_namespaced_pod("ok-pretrain-1", ns)
     assert pod.metadata.owner_references[0].kind == "PhoenixJob"
-    reasons = [e.reason for e in events(core, ns, "ok")]
-    assert "PodCreated" in reasons and "JobSucceeded" in reasons
+    wait(lambda: {"PodCreated", "JobSucceeded"} <= {e.reason for e in events(core, ns, "ok")},
+         10, "events PodCreated and JobSucceeded")
 
 
 def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, core, custom, ns,
@@ -78,7 +78,7 @@ def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, co
     assert ps["lastFailure"]["cause"] == "preemption"
     assert ps["lastFailure"]["reason"] == "EvictionByEvictionAPI"
     assert len(live(trainer_pods(core, ns, "ev"))) == 1
-    assert "Preempted" in [e.reason for e in events(core, ns, "ev")]
+    wait(lambda: "Preempted" in [e.reason for e in events(core, ns, "ev")], 10, "Preempted event")
     text = wait(lambda: "phoenix_recoveries_total{" in (m := operator.metrics()) and m, 10,
                 "metrics")
     assert 'cause="preemption"' in text and "phoenix_time_to_replacement_seconds_count" in text
@@ -97,8 +97,9 @@ def test_corrupt_newest_checkpoint_is_skipped(lab, operator, core, custom, ns, b
     lab.kill_pod(ns, "cor-train-1", signal.SIGKILL)  # no emergency save: 137 = preemption
     pod2 = wait(lambda: pod_or_none(core, ns, "cor-train-2"), 60, "replacement")
     assert env_of(pod2)["PHOENIX_RESUME_FROM"].endswith(step_dir_name(10))
-    skipped = [e for e in events(core, ns, "cor") if e.reason == "CheckpointSkipped"]
-    assert skipped and "sha256" in skipped[0].message
+    skipped = wait(lambda: [e for e in events(core, ns, "cor") if e.reason == "CheckpointSkipped"],
+                   10, "CheckpointSkipped event")
+    assert "sha256" in skipped[0].message
     assert phase_status(get(custom, ns, "cor"))["lastFailure"]["reason"] == "SIGKILL"
 
 
@@ -128,7 +129,8 @@ def test_failures_back_off_and_exhaust_but_preemptions_do_not_count(lab, operato
     assert gap("fl-train-2", "fl-train-3") >= 1  # backoff 2s (1s slack: second precision)
     assert gap("fl-train-3", "fl-train-4") >= 3  # backoff 4s
     assert not live(trainer_pods(core, ns, "fl"))
-    assert "BudgetExhausted" in [e.reason for e in events(core, ns, "fl")]
+    wait(lambda: "BudgetExhausted" in [e.reason for e in events(core, ns, "fl")], 10,
+         "BudgetExhausted event")
 
 
 class LivePodWatch(threading.Thread):
