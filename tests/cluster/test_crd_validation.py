@@ -103,3 +103,17 @@ def test_examples_are_accepted(custom_api, path):
     body = yaml.safe_load(path.read_text())
     custom_api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body,
                                                dry_run="All")
+
+
+def test_kubectl_explain_teaches_the_fields(lab, crd):
+    text = lab.kubectl("explain", "phoenixjobs.spec.recovery.maxFailures").stdout
+    assert "Preemptions never" in text or "failures" in text.lower()
+    text = lab.kubectl("explain", "pxj.status.phases.lastFailure").stdout
+    assert "exitCode" in text and "reason" in text
+
+
+def test_printer_columns(lab, crd):
+    out = lab.kubectl("get", "crd", "phoenixjobs.phoenix.dev", "-o",
+                      "jsonpath={.spec.versions[0].additionalPrinterColumns[*].name}").stdout
+    assert out.split(" ") == ["Status", "Phase", "Step", "Preemptions", "Failures",
+                              "Checkpoint", "age", "Age"]  # "Checkpoint age" has a space

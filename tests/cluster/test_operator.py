@@ -248,3 +248,14 @@ def test_failed_phase_blocks_dependents_but_independent_eval_runs(lab, operator,
     assert states["eval"] in ("Failed", "Succeeded")
     assert phase_status(job, "eval")["attempts"] == 1
     assert pod_or_none(core, ns, "blk-finetune-1") is None
+
+
+def test_deleting_the_job_deletes_its_pods(lab, operator, core, custom, ns, bucket):
+    create(custom, ns, phoenixjob("del", bucket, lab.s3.url, env=LONG))
+    wait(lambda: running(core, ns, "del-train-1"), 60, "attempt 1 running")
+    job = get(custom, ns, "del")
+    assert not job["metadata"].get("finalizers")  # no finalizer: owner references suffice
+    custom.delete_namespaced_custom_object("phoenix.dev", "v1alpha1", ns, "phoenixjobs", "del")
+    wait(lambda: not trainer_pods(core, ns, "del"), 90, "pods garbage-collected")
+    time.sleep(2)
+    assert not trainer_pods(core, ns, "del")  # and the operator did not resurrect them
