@@ -259,3 +259,34 @@ def test_deleting_the_job_deletes_its_pods(lab, operator, core, custom, ns, buck
     wait(lambda: not trainer_pods(core, ns, "del"), 90, "pods garbage-collected")
     time.sleep(2)
     assert not trainer_pods(core, ns, "del")  # and the operator did not resurrect them
+
+
+def test_operator_killed_between_intent_and_create(lab, operator, core, custom, ns, bucket):
+    """The exact crash window: the dead operator had written the status naming attempt 2
+    (intent, no podUID) but never created the pod. The restarted operator creates that very
+    pod - same name, same attempt - and nothing else."""
+    create(custom, ns, phoenixjob("iw", bucket, lab.s3.url, env=LONG))
+    wait(lambda: running(core, ns, "iw-train-1"), 60, "attempt 1 running")
+    wait(lambda: phase_status(get(custom, ns, "iw")).get("podUID"), 30, "podUID recorded")
+    operator.kill()
+    try:
+        lab.evict(ns, "iw-train-1")
+        wait(lambda: (p := pod_or_none(core, ns, "iw-train-1")) is None
+             or p.status.phase == "Failed", 30, "attempt 1 ended")
+        job = get(custom, ns, "iw")
+        status = job["status"]
+        ps = status["phases"][0]
+        ps.update(state="Running", attempts=2, pod="iw-train-2", preemptions=1)
+        ps.pop("podUID")
+        status["phase"] = "Running"
+        custom.patch_namespaced_custom_object_status(
+            "phoenix.dev", "v1alpha1", ns, "phoenixjobs", "iw", {"status": status})
+    finally:
+        operator.start()
+    pod2 = wait(lambda: running(core, ns, "iw-train-2"), 60, "attempt 2 created and running")
+    assert env_of(pod2)["PHOENIX_ATTEMPT"] == "2"
+    ps = wait(lambda: (s := phase_status(get(custom, ns, "iw"))).get("podUID") and s, 30,
+              "podUID of attempt 2 recorded")
+    assert ps["podUID"] == pod2.metadata.uid and ps["preemptions"] == 1
+    time.sleep(2)
+    assert [p.metadata.name for p in trainer_pods(core, ns, "iw")] == ["iw-train-2"]
