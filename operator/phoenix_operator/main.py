@@ -57,9 +57,8 @@ async def job_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) 
 
 
 @kopf.on.event("", "v1", "pods", labels={C.LABEL_JOB: kopf.PRESENT})
-async def pod_event(type: str, body: kopf.Body, labels: dict, namespace: str,
-                    memo: kopf.Memo, **_) -> None:
+async def pod_event(body: kopf.Body, labels: dict, namespace: str, memo: kopf.Memo,
+                    **_) -> None:
     key = (namespace, labels[C.LABEL_JOB])
-    if type == "DELETED":
-        memo.reconciler.remember_deleted(key, copy.deepcopy(dict(body)))
+    memo.reconciler.remember(key, copy.deepcopy(dict(body)))
     memo.reconciler.poke(key)

@@ -58,9 +58,10 @@ class Reconciler:
         self._queued: set[Key] = set()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
-        # Last state of deleted trainer pods, per job (from DELETED watch events): it keeps the
-        # DisruptionTarget condition and exit code that the vanished pod can no longer show.
-        # Only an aid: after a restart it is empty and a vanished pod counts as PodDeleted.
+        # Last state the watch showed of each trainer pod, per job. A pod missing from the
+        # (authoritative) LIST is gone; its last state keeps the DisruptionTarget condition
+        # and exit code the vanished pod can no longer show. Only an aid: after a restart
+        # it is empty and a vanished pod counts as PodDeleted.
         self.tombstones: dict[Key, dict[str, dict]] = {}
 
     async def _call(self, fn, *args, **kwargs):
@@ -91,11 +92,13 @@ class Reconciler:
         self._timers.pop(key, None)
         self.poke(key)
 
-    def remember_deleted(self, key: Key, pod: dict) -> None:
-        graves = self.tombstones.setdefault(key, {})
-        graves[pod["metadata"]["name"]] = {**pod, DELETED_KEY: True}
-        while len(graves) > 16:
-            graves.pop(next(iter(graves)))
+    def remember(self, key: Key, pod: dict) -> None:
+        seen = self.tombstones.setdefault(key, {})
+        name = pod["metadata"]["name"]
+        seen.pop(name, None)
+        seen[name] = pod
+        while len(seen) > 16:
+            seen.pop(next(iter(seen)))
 
     def forget(self, key: Key) -> None:
         self.known.pop(key, None)
@@ -146,7 +149,8 @@ class Reconciler:
         pods = [p for p in await self._call(self.kube.list_pods, namespace, name)
                 if _owned(p, uid)]
         present = {p["metadata"]["name"] for p in pods}
-        pods += [p for n, p in self.tombstones.get((namespace, name), {}).items()
+        last_seen = self.tombstones.get((namespace, name), {})
+        pods += [{**p, DELETED_KEY: True} for n, p in last_seen.items()
                  if n not in present and _owned(p, uid)]
         listings: dict[str, Listing] = {}
         plan = decide(job, pods, listings, self.clock())
