@@ -103,6 +103,9 @@ class Reconciler:
     def forget(self, key: Key) -> None:
         self.known.pop(key, None)
         self.tombstones.pop(key, None)
+        lock = self._locks.get(key)
+        if lock is not None and not lock.locked():
+            del self._locks[key]
         metrics.CHECKPOINT_AGE.times = {k: v for k, v in metrics.CHECKPOINT_AGE.times.items()
                                         if k[:2] != key}
         timer = self._timers.pop(key, None)

@@ -1,0 +1,80 @@
+"""The order in which a plan is applied is what makes it safe: intent (status) before the
+pod, the pod's uid right after, nothing more if the API refuses the pod. Fake Kube, no
+cluster."""
+import asyncio
+
+import pytest
+from kubernetes.client.rest import ApiException
+
+from phoenix_operator.config import OperatorConfig
+from phoenix_operator.decide import decide
+from phoenix_operator.reconcile import Reconciler
+
+from opfacts import NO_CK_LISTING, at, job, phase_status, pod, with_status
+
+pytestmark = pytest.mark.unit
+
+
+class FakeKube:
+    def __init__(self, create_error: int | None = None, patch_error: int | None = None):
+        self.calls = []
+        self.create_error = create_error
+        self.patch_error = patch_error
+
+    def patch_status(self, job, status):
+        self.calls.append(("patch", [(p["attempts"], p.get("podUID")) for p in status["phases"]]))
+        if self.patch_error:
+            raise ApiException(status=self.patch_error, reason="Conflict")
+        return {**job, "metadata": {**job["metadata"], "resourceVersion": "2"}}
+
+    def create_pod(self, namespace, manifest):
+        self.calls.append(("create", manifest["metadata"]["name"]))
+        if self.create_error:
+            raise ApiException(status=self.create_error, reason="Forbidden")
+        return "uid-new"
+
+    def delete_pod(self, namespace, name, grace):
+        self.calls.append(("delete", name))
+
+    def post_event(self, job, type_, reason, message):
+        self.calls.append(("event", reason))
+
+
+def run(kube, body, pods, now=at(1)):
+    body = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
+    plan = decide(body, pods, NO_CK_LISTING, now)
+    reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
+    return asyncio.run(reconciler.apply(body, plan))
+
+
+def test_intent_then_pod_then_uid_then_events():
+    kube = FakeKube()
+    run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143)])
+    kinds = [c[0] for c in kube.calls]
+    assert kinds[:3] == ["patch", "create", "patch"]
+    assert kube.calls[0][1] == [(2, None)]          # intent: attempt 2, not yet created
+    assert kube.calls[2][1] == [(2, "uid-new")]     # created: uid recorded
+    assert set(kinds[3:]) == {"event"}
+
+
+def test_stale_view_creates_nothing():
+    kube = FakeKube(patch_error=409)
+    with pytest.raises(ApiException):
+        run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143)])
+    assert [c[0] for c in kube.calls] == ["patch"]
+
+
+def test_refused_pod_stops_the_pass():
+    kube = FakeKube(create_error=403)
+    requeue = run(kube, job(), [])
+    assert [c[0] for c in kube.calls] == ["patch", "create", "event"]
+    assert kube.calls[-1] == ("event", "PodCreateFailed")
+    assert requeue == 10.0
+
+
+def test_no_write_when_nothing_changed():
+    kube = FakeKube()
+    body = with_status(job(), phase_status())
+    body["status"] = decide(body, [pod()], {}, at(1)).status
+    run(kube, body, [pod()], now=at(2))
+    assert kube.calls == []
