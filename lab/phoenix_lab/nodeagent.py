@@ -449,34 +449,28 @@ class NodeAgent:
                     "KUBERNETES_SERVICE_PORT": str(self.apiserver_port),
                     TERMINATION_LOG_ENV: str(pod_dir / f"termination-log-{container['name']}")})
         for src in container.get("envFrom") or []:
-            prefix = src.get("prefix", "")
-            if "secretRef" in src:
-                data = self._secret(ns, src["secretRef"]["name"], src["secretRef"].get("optional"))
-            else:
-                data = self._configmap(ns, src["configMapRef"]["name"], src["configMapRef"].get("optional"))
-            env.update({prefix + k: v for k, v in data.items()})
+            kind = "Secret" if "secretRef" in src else "ConfigMap"
+            ref = src["secretRef" if kind == "Secret" else "configMapRef"]
+            data = self._source_data(kind, ns, ref["name"], ref.get("optional"))
+            env.update({src.get("prefix", "") + k: v for k, v in data.items()})
         for item in container.get("env") or []:
             name = item["name"]
             if "value" in item or "valueFrom" not in item:
                 env[name] = expand(item.get("value", ""), env)
                 continue
             vf = item["valueFrom"]
-            if "secretKeyRef" in vf:
-                ref = vf["secretKeyRef"]
-                data = self._secret(ns, ref["name"], ref.get("optional"))
-                if ref["key"] in data:
-                    env[name] = data[ref["key"]]
-                elif not ref.get("optional"):
-                    raise ConfigError(f"couldn't find key {ref['key']} in Secret {ns}/{ref['name']}")
-            elif "configMapKeyRef" in vf:
-                ref = vf["configMapKeyRef"]
-                data = self._configmap(ns, ref["name"], ref.get("optional"))
-                if ref["key"] in data:
-                    env[name] = data[ref["key"]]
-                elif not ref.get("optional"):
-                    raise ConfigError(f"couldn't find key {ref['key']} in ConfigMap {ns}/{ref['name']}")
-            elif "fieldRef" in vf:
+            if "fieldRef" in vf:
                 env[name] = self._field(pod, vf["fieldRef"]["fieldPath"])
+                continue
+            kind = "Secret" if "secretKeyRef" in vf else "ConfigMap" if "configMapKeyRef" in vf else None
+            if kind is None:
+                continue  # resourceFieldRef: the lab has no resource accounting to report
+            ref = vf["secretKeyRef" if kind == "Secret" else "configMapKeyRef"]
+            data = self._source_data(kind, ns, ref["name"], ref.get("optional"))
+            if ref["key"] in data:
+                env[name] = data[ref["key"]]
+            elif not ref.get("optional"):
+                raise ConfigError(f"couldn't find key {ref['key']} in {kind} {ns}/{ref['name']}")
         token_kubeconfig = self._service_account_kubeconfig(pod, pod_dir)
         if token_kubeconfig:
             env["KUBECONFIG"] = token_kubeconfig
@@ -495,23 +489,17 @@ class NodeAgent:
             return (meta.get(m.group(1)) or {}).get(m.group(2), "")
         raise ConfigError(f"unsupported fieldRef {path}")
 
-    def _secret(self, ns: str, name: str, optional: bool | None) -> dict[str, str]:
-        obj = self.kube.get(f"/api/v1/namespaces/{ns}/secrets/{name}", ok_missing=True)
+    def _source_data(self, kind: str, ns: str, name: str, optional: bool | None) -> dict[str, str]:
+        """The decoded data of a Secret or ConfigMap ({} if optional and missing)."""
+        obj = self.kube.get(f"/api/v1/namespaces/{ns}/{kind.lower()}s/{name}", ok_missing=True)
         if obj is None:
             if optional:
                 return {}
-            raise ConfigError(f'secret "{name}" not found')
-        data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
-        data.update(obj.get("stringData") or {})
-        return data
-
-    def _configmap(self, ns: str, name: str, optional: bool | None) -> dict[str, str]:
-        obj = self.kube.get(f"/api/v1/namespaces/{ns}/configmaps/{name}", ok_missing=True)
-        if obj is None:
-            if optional:
-                return {}
-            raise ConfigError(f'configmap "{name}" not found')
-        return dict(obj.get("data") or {})
+            raise ConfigError(f'{kind.lower()} "{name}" not found')
+        data = obj.get("data") or {}
+        if kind == "Secret":
+            data = {k: base64.b64decode(v).decode() for k, v in data.items()}
+        return dict(data)
 
     def _service_account_kubeconfig(self, pod: dict, pod_dir: Path) -> str | None:
         spec, meta = pod["spec"], pod["metadata"]
