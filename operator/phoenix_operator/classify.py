@@ -6,6 +6,12 @@ trainer's own "preempted" termination message); it costs the preemption budget a
 replaced at once. A failure is the trainer's own doing (non-zero exit, OOMKilled, image or
 config errors); it costs the failure budget and is replaced after backoff.
 
+A pod can also be over while the API still shows it live: its node is gone (deleted) or has
+been NotReady for longer than a grace, so nothing runs it any more and nothing will report
+its end until pod GC removes it. ``classify`` takes the node's health as a fact gathered by
+the caller (``NodeHealth``) and the time, and calls such a pod a ``NodeLost`` preemption that
+must be force-deleted; it never reads a node or the clock itself.
+
 Pods are dicts in the API's JSON shape (camelCase), as the API returns them.
 """
 from __future__ import annotations
@@ -38,6 +44,7 @@ class Outcome:
     finished_at: datetime | None = None
     termination: TerminationMessage | None = None
     delete: bool = False  # the pod is stuck (image/config error): delete it to replace it
+    force: bool = False   # ... with grace 0: its node is gone, no process can still run
 
     @property
     def live(self) -> bool:
@@ -45,6 +52,30 @@ class Outcome:
 
 
 LIVE = Outcome(cause=None)
+
+
+@dataclass(frozen=True)
+class NodeHealth:
+    """What the caller saw of the node a live pod is bound to: a fact for ``classify``."""
+
+    missing: bool = False                     # GET node answered 404
+    not_ready_since: datetime | None = None   # Ready condition False/Unknown since then
+
+    @property
+    def healthy(self) -> bool:
+        return not self.missing and self.not_ready_since is None
+
+
+def node_health(node: Mapping[str, Any] | None) -> NodeHealth:
+    """``node`` as the API returned it, or None for 404. A Ready condition that is not True
+    counts from its lastTransitionTime; without one we cannot tell, so: healthy."""
+    if node is None:
+        return NodeHealth(missing=True)
+    for cond in (node.get("status") or {}).get("conditions") or ():
+        if cond.get("type") == "Ready" and cond.get("status") != "True":
+            since = parse_ts(cond.get("lastTransitionTime"))
+            return NodeHealth(not_ready_since=since) if since else NodeHealth()
+    return NodeHealth()
 
 
 def trainer_container_name(pod: Mapping[str, Any]) -> str | None:
@@ -94,11 +125,46 @@ def _disruption(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return None
 
 
-def classify(pod: Mapping[str, Any]) -> Outcome:
-    """How ``pod`` ended, or ``LIVE``. Rules are checked in order; the first match wins."""
+def classify(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth] | None = None,
+             now: datetime | None = None, node_grace: float = 0.0) -> Outcome:
+    """How ``pod`` ended, or ``LIVE``. Rules are checked in order; the first match wins.
+
+    ``nodes`` (name -> health) and ``now`` let a pod that still looks live but whose node is
+    gone, or NotReady for more than ``node_grace`` seconds, count as a NodeLost preemption."""
     if pod.get(DELETED_KEY):
         return _classify_deleted(pod)
-    return _classify(pod)
+    outcome = _classify(pod)
+    if outcome.live and nodes and now is not None:
+        return _on_lost_node(pod, nodes, now, node_grace) or outcome
+    return outcome
+
+
+def node_grace_left(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: datetime,
+                    node_grace: float) -> float | None:
+    """Seconds until a live pod on a NotReady node will count as lost (None: not waiting)."""
+    health = nodes.get((pod.get("spec") or {}).get("nodeName") or "")
+    if health is None or health.not_ready_since is None or pod.get(DELETED_KEY):
+        return None
+    left = node_grace - (now - health.not_ready_since).total_seconds()
+    return left if left > 0 else None
+
+
+def _on_lost_node(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: datetime,
+                  node_grace: float) -> Outcome | None:
+    node = (pod.get("spec") or {}).get("nodeName") or ""
+    health = nodes.get(node)
+    if not node or health is None or health.healthy:
+        return None
+    if health.missing:
+        return Outcome(cause=Cause.PREEMPTION, reason=C.R_NODE_LOST, finished_at=now,
+                       message=f"node {node} no longer exists", delete=True, force=True)
+    since = health.not_ready_since
+    down = (now - since).total_seconds() if since else 0.0
+    if down <= node_grace:
+        return None
+    return Outcome(cause=Cause.PREEMPTION, reason=C.R_NODE_LOST,
+                   finished_at=since, delete=True, force=True,
+                   message=f"node {node} not Ready for {down:.0f}s (grace {node_grace:g}s)")
 
 
 def _classify_deleted(pod: Mapping[str, Any]) -> Outcome:

@@ -29,6 +29,10 @@ class OperatorConfig:
     s3_endpoint_override: str | None = None
     """PHOENIX_S3_ENDPOINT_OVERRIDE: endpoint the *operator* uses to reach storage when it
     differs from the one trainers use (e.g. operator outside the cluster network)."""
+    watch_nodes: bool = True
+    """PHOENIX_WATCH_NODES: watch and read Nodes, so a trainer pod whose node was deleted or
+    stayed NotReady is replaced at once instead of after pod GC (needs get/list/watch on
+    nodes; false: rely on pod GC)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -46,14 +50,18 @@ class OperatorConfig:
                 raise ConfigError(f"{name}={value} is below {minimum}")
             return value
 
-        deep = env.get("PHOENIX_DEEP_VERIFY", "true").strip().lower()
-        if deep not in ("true", "false", "1", "0", "yes", "no"):
-            raise ConfigError(f"PHOENIX_DEEP_VERIFY={deep!r}: use true or false")
+        def flag(name: str, default: str) -> bool:
+            raw = env.get(name, default).strip().lower() or default
+            if raw not in ("true", "false", "1", "0", "yes", "no"):
+                raise ConfigError(f"{name}={raw!r}: use true or false")
+            return raw in ("true", "1", "yes")
+
         return cls(
             metrics_port=int(number("PHOENIX_METRICS_PORT", 8080, int)),
             metrics_host=env.get("PHOENIX_METRICS_HOST", "0.0.0.0") or "0.0.0.0",
             resync_seconds=number("PHOENIX_RESYNC_SECONDS", 60.0, float, 1),
-            deep_verify=deep in ("true", "1", "yes"),
+            deep_verify=flag("PHOENIX_DEEP_VERIFY", "true"),
             api_workers=int(number("PHOENIX_API_WORKERS", 16, int, 1)),
             s3_endpoint_override=env.get("PHOENIX_S3_ENDPOINT_OVERRIDE") or None,
+            watch_nodes=flag("PHOENIX_WATCH_NODES", "true"),
         )

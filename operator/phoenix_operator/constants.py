@@ -126,6 +126,11 @@ FATAL_WAITING_REASONS = frozenset({
     "CreateContainerError", "CrashLoopBackOff", "RunContainerError",
 })
 
+# A live pod's node NotReady (Ready False/Unknown) for longer than this: the node is lost.
+# Past the node controller's own grace (node-monitor-grace-period, 40-50 s) before Ready turns
+# Unknown, this is ~90 s after the last heartbeat; a deleted Node counts at once.
+NODE_NOT_READY_GRACE_SECONDS = 40.0
+
 SIGTERM_EXIT = 143
 SIGKILL_EXIT = 137
 

@@ -2,7 +2,7 @@
 
 Pure: no API calls, no clock reads, no globals. The handler gathers the facts (the job as
 the API returns it, the job's pods listed by label, checkpoint listings it verified in
-storage, the time), calls ``decide`` and applies the plan: create pods, delete pods, post
+storage, the health of the nodes its live pods are bound to, the time), calls ``decide`` and applies the plan: create pods, delete pods, post
 events, write status. Running ``decide`` twice on the same facts gives the same plan; running
 it on the facts left by a half-applied plan (operator killed between creating a pod and
 writing status) finishes the job instead of repeating it, because pod names are
@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping, Sequence
 
 from . import constants as C
-from .classify import Outcome, classify, gone
+from .classify import NodeHealth, Outcome, classify, gone, node_grace_left
 from .constants import Cause, JobPhase, PhaseState
 from .model import CheckpointRef, Failure, JobSpec, PhaseSpec, PhaseStatus, phase_statuses, ts
 from .podspec import build_pod, pod_name
@@ -85,6 +85,9 @@ class DeletePod:
     name: str
     grace_seconds: int
     reason: str
+    # Grace 0 because the pod's node is lost: applied before any create of the same plan, so
+    # the replacement never coexists with the old pod object.
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -143,19 +146,31 @@ class _Ctx:
     checkpoints: Mapping[str, Listing]
     now: datetime
     plan: Plan
+    nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
 
     def note(self, type_: str, reason: str, message: str) -> None:
         self.plan.events.append(Note(type_, reason, message))
 
+    def outcome(self, pod: Mapping[str, Any]) -> Outcome:
+        """``classify`` with the node facts: a pod on a lost node is over."""
+        grace = C.NODE_NOT_READY_GRACE_SECONDS
+        left = node_grace_left(pod, self.nodes, self.now, grace)
+        if left is not None:
+            self.plan.requeue(left)  # look again when the NotReady grace runs out
+        return classify(pod, self.nodes, self.now, grace)
+
 
 def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
-           checkpoints: Mapping[str, Listing], now: datetime) -> Plan:
+           checkpoints: Mapping[str, Listing], now: datetime,
+           nodes: Mapping[str, NodeHealth] | None = None) -> Plan:
+    """``nodes``: health of the nodes the job's live pods are bound to, by name (missing
+    names count as healthy)."""
     meta = job.get("metadata") or {}
     spec = JobSpec.parse(job.get("spec") or {})
     old = dict(job.get("status") or {})
     statuses = phase_statuses(spec, old)
     ctx = _Ctx(job=meta["name"], namespace=meta.get("namespace") or "default", spec=spec,
-               checkpoints=checkpoints, now=now, plan=Plan(status={}))
+               checkpoints=checkpoints, now=now, plan=Plan(status={}), nodes=nodes or {})
     grouped = pods_by_phase(pods)
     # Spec order: a phase that succeeds in this pass lets its dependents start in the same pass.
     for phase in spec.phases:
@@ -176,6 +191,13 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
                   statuses: Mapping[str, PhaseStatus]) -> PhaseStatus:
     if is_terminal(st.state):
         return st
+    # Pods on a lost node look live until pod GC removes them (tens of seconds); nothing runs
+    # them any more, so delete them now, without grace, whatever the phase's state.
+    for pod in pods.values():
+        lost = ctx.outcome(pod)
+        if lost.force:
+            ctx.plan.delete.append(DeletePod(pod["metadata"]["name"], 0, lost.reason,
+                                             force=True))
     # Catch up with the cluster: account the recorded attempt if it ended, adopt pods the
     # status does not know yet (a status write lost after a pod was created). Bounded: each
     # round either changes the state or stops.
@@ -189,13 +211,13 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
                 if not ctx.spec.suspend:
                     st = _start_attempt(ctx, phase, st, Event.RECREATE)
                 break
-            outcome = classify(pod) if pod is not None else gone(st.pod or "")
+            outcome = ctx.outcome(pod) if pod is not None else gone(st.pod or "")
             if outcome.live:
                 uid = (pod or {}).get("metadata", {}).get("uid")
                 if uid and st.pod_uid is None:
                     st = replace(st, pod_uid=uid)
                 break
-            if outcome.delete and pod is not None:
+            if outcome.delete and not outcome.force and pod is not None:
                 ctx.plan.delete.append(DeletePod(
                     pod["metadata"]["name"], ctx.spec.recovery.grace_seconds, outcome.reason))
             st = _account(ctx, phase, st, outcome)
@@ -215,7 +237,7 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
         if st.next_attempt_at is not None and ctx.now < st.next_attempt_at:
             ctx.plan.requeue((st.next_attempt_at - ctx.now).total_seconds())
             return st
-        if any(classify(p).live for p in pods.values()):
+        if any(ctx.outcome(p).live for p in pods.values()):
             return st  # never two live trainer pods: wait for the old one to be gone
         return _start_attempt(ctx, phase, st, Event.REPLACE)
     if st.state == S.PENDING:
@@ -335,7 +357,7 @@ def _suspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
         st = replace(st, state=transition(st.state, Event.SUSPEND), next_attempt_at=None)
     if st.state != S.SUSPENDED or pod is None:
         return st
-    outcome = classify(pod)
+    outcome = ctx.outcome(pod)
     if outcome.live:
         if not (pod.get("metadata") or {}).get("deletionTimestamp"):
             ctx.plan.delete.append(DeletePod(pod["metadata"]["name"], grace, "suspend"))
@@ -358,7 +380,7 @@ def _unsuspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
                pods: Mapping[int, Mapping[str, Any]]) -> PhaseStatus:
     pod = pods.get(st.attempts)
     if pod is not None:
-        outcome = classify(pod)
+        outcome = ctx.outcome(pod)
         if outcome.live:
             return st  # still terminating; its end will trigger us again
         st = replace(st, last_checkpoint=_checkpoint_from(

@@ -88,6 +88,17 @@ class Kube:
             if e.status != 404:
                 raise
 
+    # --- nodes (read only: is the node a live pod is bound to still there?) ------------
+    def get_node(self, name: str) -> dict | None:
+        """The Node as JSON, or None if it does not exist (404)."""
+        try:
+            resp = self.core.read_node(name, _preload_content=False)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+        return json.loads(resp.data)
+
     # --- secrets (only the two credential keys are ever decoded) ------------------------
     def s3_credentials(self, namespace: str, name: str) -> tuple[str | None, str | None]:
         secret = self.core.read_namespaced_secret(name, namespace)

@@ -36,6 +36,10 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     load_config()
     reconciler = Reconciler(Kube(), config)
     memo.reconciler = reconciler
+    if config.watch_nodes:
+        # Registered here, not at import, so PHOENIX_WATCH_NODES=false (no RBAC on nodes)
+        # means no watch at all; kopf starts watching only after startup handlers.
+        kopf.on.event("", "v1", "nodes")(node_event)
     memo.resync = asyncio.get_running_loop().create_task(reconciler.resync_forever())
     metrics.serve(config.metrics_port, config.metrics_host)
     log.info("phoenix operator started: %s", config)
@@ -54,6 +58,14 @@ async def job_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) 
         memo.reconciler.forget((namespace, name))
     else:
         memo.reconciler.poke((namespace, name))
+
+
+async def node_event(type: str, name: str, status: dict, memo: kopf.Memo, **_) -> None:
+    """A deleted or not-Ready node may strand trainer pods: look at their jobs now."""
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
+                for c in (status or {}).get("conditions") or ())
+    if type == "DELETED" or not ready:
+        memo.reconciler.poke_node(name)
 
 
 @kopf.on.event("", "v1", "pods", labels={C.LABEL_JOB: kopf.PRESENT})

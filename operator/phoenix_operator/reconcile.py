@@ -5,9 +5,14 @@ resync) into at most one queued pass per job, serialised by a per-job lock, so a
 pod events costs one pass. Everything it knows comes from the API on each pass (job by GET,
 pods by label LIST): nothing in memory is needed to be correct after a restart.
 
-Order when applying: create pods, delete pods, write status, post events. If creating a
-pod fails the status is not written, so status never names a pod that was not created;
-if writing status fails after a pod was created, the next pass adopts the pod (see decide).
+Order when applying: intent status (if creating), force-delete pods of lost nodes, create
+pods, delete pods, write status, post events. If creating a pod fails the status is not
+written, so status never names a pod that was not created; if writing status fails after a
+pod was created, the next pass adopts the pod (see decide).
+
+Node facts: for every live pod bound to a node, the node is read (GET, one per node per
+pass) and its health handed to ``decide``; the node watch in ``main`` only makes the pass
+happen promptly (``poke_node``).
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ import kopf
 from kubernetes.client.rest import ApiException
 
 from . import metrics
-from .classify import DELETED_KEY
+from .classify import DELETED_KEY, NodeHealth, node_health
 from .config import OperatorConfig
 from .decide import Listing, Plan, decide
 from .facts import scan
@@ -63,6 +68,7 @@ class Reconciler:
         # and exit code the vanished pod can no longer show. Only an aid: after a restart
         # it is empty and a vanished pod counts as PodDeleted.
         self.tombstones: dict[Key, dict[str, dict]] = {}
+        self._node_read_warned = False
 
     async def _call(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -99,6 +105,12 @@ class Reconciler:
         seen[name] = pod
         while len(seen) > 16:
             seen.pop(next(iter(seen)))
+
+    def poke_node(self, node: str) -> None:
+        """A node went away or NotReady: look at every job with a pod seen on it."""
+        for key, pods in list(self.tombstones.items()):
+            if any((p.get("spec") or {}).get("nodeName") == node for p in pods.values()):
+                self.poke(key)
 
     def forget(self, key: Key) -> None:
         self.known.pop(key, None)
@@ -155,12 +167,33 @@ class Reconciler:
         last_seen = self.tombstones.get((namespace, name), {})
         pods += [{**p, DELETED_KEY: True} for n, p in last_seen.items()
                  if n not in present and _owned(p, uid)]
+        nodes = await self._nodes(pods)
         listings: dict[str, Listing] = {}
-        plan = decide(job, pods, listings, self.clock())
+        plan = decide(job, pods, listings, self.clock(), nodes)
         if plan.needs_checkpoints:
             listings.update(await self._scan(job, plan.needs_checkpoints))
-            plan = decide(job, pods, listings, self.clock())
+            plan = decide(job, pods, listings, self.clock(), nodes)
         return await self.apply(job, plan)
+
+    async def _nodes(self, pods: list[dict]) -> dict[str, NodeHealth]:
+        """Health of the nodes that pods still shown live are bound to."""
+        if not self.config.watch_nodes:
+            return {}
+        names = sorted({n for p in pods if not p.get(DELETED_KEY)
+                        and (p.get("status") or {}).get("phase") in ("Pending", "Running")
+                        and (n := (p.get("spec") or {}).get("nodeName"))})
+        out: dict[str, NodeHealth] = {}
+        for name in names:
+            try:
+                out[name] = node_health(await self._call(self.kube.get_node, name))
+            except ApiException as e:
+                # Not knowing is not "lost": leave the pod to pod GC, as without this check.
+                if not self._node_read_warned:
+                    log.warning("cannot read node %s (%s %s); node loss will only be noticed "
+                                "through pod GC. Grant get on nodes or set "
+                                "PHOENIX_WATCH_NODES=false", name, e.status, e.reason)
+                    self._node_read_warned = True
+        return out
 
     async def _scan(self, job: dict, phases: set[str]) -> dict[str, Listing]:
         spec = JobSpec.parse(job["spec"])
@@ -195,6 +228,11 @@ class Reconciler:
             # create nothing; see decide's module docstring.
             written = await self._call(self.kube.patch_status, job, plan.status)
             status_written = True
+        # The lost node's pod goes before its replacement comes: never two pod objects.
+        for delete in (d for d in plan.delete if d.force):
+            log.info("%s force-deleting pod %s (%s: its node is lost)", tag, delete.name,
+                     delete.reason)
+            await self._call(self.kube.delete_pod, ns, delete.name, 0)
         for create in plan.create:
             manifest = create.manifest
             kopf.adopt(manifest, owner=job)
@@ -226,7 +264,7 @@ class Reconciler:
                 if e.status != 409:
                     raise
                 # someone changed the job meanwhile; the next pass records the uid from the pod
-        for delete in plan.delete:
+        for delete in (d for d in plan.delete if not d.force):
             log.info("%s deleting pod %s (%s)", tag, delete.name, delete.reason)
             await self._call(self.kube.delete_pod, ns, delete.name, delete.grace_seconds)
         if not status_written and plan.status != (job.get("status") or {}):

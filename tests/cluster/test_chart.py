@@ -91,6 +91,7 @@ def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_
     assert can_i("create", "pods", "-n", ns) == "yes"
     assert can_i("create", "deployments", "-n", ns) == "no"
     assert can_i("update", "phoenixjobs.phoenix.dev", "-n", ns) == "no"
+    assert can_i("watch", "nodes") == "yes" and can_i("delete", "nodes") == "no"
 
     env = {"FAKE_STEPS": 200, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
     create(custom, ns, phoenixjob("chart", bucket, lab.s3.url, env=env))

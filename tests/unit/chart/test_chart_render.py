@@ -134,6 +134,8 @@ def test_cluster_scope_rbac_is_least_privilege():
     assert rules["phoenix.dev/phoenixjobs/status"] == {"get", "patch", "update"}
     assert rules["/secrets"] == {"get"}  # never list: only the Secret a job names
     assert rules["/pods"] == {"get", "list", "watch", "create", "delete"}
+    assert rules["/nodes"] == {"get", "list", "watch"}  # node loss: read only
+    assert "PHOENIX_WATCH_NODES" not in {e["name"] for e in operator_container(docs)["env"]}
     assert not any("*" in verbs or "*" in key for key, verbs in rules.items())
     assert "apps/deployments" not in rules
     assert binding["roleRef"]["name"] == role["metadata"]["name"]
@@ -150,8 +152,10 @@ def test_namespaced_scope_gets_a_role_per_namespace_and_only_discovery_cluster_w
     assert "/secrets" in _rules(roles[0]) and "/pods" in _rules(roles[0])
     (discovery,) = by_kind(docs, "ClusterRole")
     rules = _rules(discovery)
-    assert set(rules) == {"apiextensions.k8s.io/customresourcedefinitions", "/namespaces"}
+    assert set(rules) == {"apiextensions.k8s.io/customresourcedefinitions", "/namespaces",
+                          "/nodes"}
     assert all(verbs == {"get", "list", "watch"} for verbs in rules.values())
+    assert "/nodes" not in _rules(roles[0])  # cluster-scoped: a Role could not grant it
     c = operator_container(docs)
     assert "--all-namespaces" not in c["args"]
     assert [a for a in c["args"] if a.startswith("--namespace=")] == \
@@ -162,6 +166,9 @@ def test_namespaced_scope_without_discovery_has_no_cluster_objects():
     docs = render("--set", "rbac.scope=namespaces", "--set", "rbac.namespaces={ml}",
                   "--set", "rbac.clusterDiscovery=false")
     assert not by_kind(docs, "ClusterRole") and not by_kind(docs, "ClusterRoleBinding")
+    # no right to read Nodes, so the operator must not try (node loss waits for pod GC)
+    env = {e["name"]: e.get("value") for e in operator_container(docs)["env"]}
+    assert env["PHOENIX_WATCH_NODES"] == "false"
 
 
 def test_rbac_and_serviceaccount_can_be_brought_by_the_user():

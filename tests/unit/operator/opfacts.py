@@ -64,7 +64,7 @@ def with_status(body, *phases):
 
 def pod(phase="train", attempt=1, *, pod_phase="Running", exit_code=None, reason=None,
         message=None, term_reason=None, disruption=None, deletion=None, waiting=None,
-        status_reason=None, finished=at(0), resume=None):
+        status_reason=None, finished=at(0), resume=None, node=None):
     name = f"j-{phase}-{attempt}"
     annotations = {}
     if resume:
@@ -78,6 +78,8 @@ def pod(phase="train", attempt=1, *, pod_phase="Running", exit_code=None, reason
         "status": {"phase": pod_phase, "conditions": [], "containerStatuses": [
             {"name": "trainer", "state": {}}]},
     }
+    if node:
+        p["spec"]["nodeName"] = node
     cs = p["status"]["containerStatuses"][0]
     if exit_code is not None:
         term = {"exitCode": exit_code, "finishedAt": ts(finished)}

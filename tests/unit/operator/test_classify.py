@@ -1,7 +1,7 @@
 """Every way a trainer pod can end, and what it counts as."""
 import pytest
 
-from phoenix_operator.classify import DELETED_KEY, classify, gone
+from phoenix_operator.classify import DELETED_KEY, NodeHealth, classify, gone, node_health
 from phoenix_operator.constants import Cause
 
 from opfacts import at, pod
@@ -118,3 +118,51 @@ def test_deleted_pod_is_judged_by_its_last_state(p, reason):
 
 def test_deleted_pod_that_completed_still_counts_as_completed():
     assert classify(_deleted(pod(pod_phase="Succeeded", exit_code=0))).cause == Cause.COMPLETED
+
+
+# --- node loss: the pod still looks live, its node says otherwise ------------------------
+MISSING = {"n1": NodeHealth(missing=True)}
+
+
+@pytest.mark.parametrize("p,nodes,now,cause", [
+    (pod(node="n1"), MISSING, at(5), Cause.PREEMPTION),
+    (pod(node="n1", pod_phase="Pending"), MISSING, at(5), Cause.PREEMPTION),
+    (pod(node="n1", deletion=at(0)), MISSING, at(5), Cause.PREEMPTION),  # stuck terminating
+    (pod(node="n1"), {"n1": NodeHealth(not_ready_since=at(0))}, at(41), Cause.PREEMPTION),
+    (pod(node="n1"), {"n1": NodeHealth(not_ready_since=at(0))}, at(40), None),  # within grace
+    (pod(node="n1"), {"n1": NodeHealth()}, at(5), None),
+    (pod(node="n2"), MISSING, at(5), None),           # another node
+    (pod(), MISSING, at(5), None),                     # not bound yet
+    (pod(node="n1"), MISSING, None, None),             # no clock: no judgement
+])
+def test_live_pod_on_lost_node(p, nodes, now, cause):
+    out = classify(p, nodes, now, 40.0)
+    assert out.cause == cause
+    if cause:
+        assert out.reason == "NodeLost" and out.delete and out.force
+        assert "n1" in out.message
+
+
+def test_pod_that_ended_keeps_its_own_reason_on_a_lost_node():
+    out = classify(pod(node="n1", pod_phase="Failed", exit_code=1), MISSING, at(5), 40.0)
+    assert out.cause == Cause.FAILURE and not out.force
+
+
+def test_not_ready_node_lost_counts_from_the_transition():
+    out = classify(pod(node="n1"), {"n1": NodeHealth(not_ready_since=at(0))}, at(60), 40.0)
+    assert out.finished_at == at(0) and "60s" in out.message
+
+
+@pytest.mark.parametrize("node,health", [
+    (None, NodeHealth(missing=True)),
+    ({"status": {"conditions": [{"type": "Ready", "status": "True"}]}}, NodeHealth()),
+    ({"status": {"conditions": [{"type": "Ready", "status": "Unknown",
+                                 "lastTransitionTime": "2026-01-01T12:00:00Z"}]}},
+     NodeHealth(not_ready_since=at(0))),
+    ({"status": {"conditions": [{"type": "Ready", "status": "False",
+                                 "lastTransitionTime": "2026-01-01T12:00:00Z"}]}},
+     NodeHealth(not_ready_since=at(0))),
+    ({"status": {}}, NodeHealth()),  # no Ready condition yet: cannot tell
+])
+def test_node_health(node, health):
+    assert node_health(node) == health

@@ -6,6 +6,7 @@ from typing import Any, Callable
 
 import pytest
 
+from phoenix_operator.classify import NodeHealth
 from phoenix_operator.decide import Listing, decide
 from phoenix_operator.model import ts
 
@@ -34,6 +35,7 @@ class Case:
     needs: set = field(default_factory=set)
     requeue: float | None = None
     check: Callable | None = None
+    nodes: dict | None = None
 
 
 def ps(plan, name="train"):
@@ -132,6 +134,49 @@ CASES = [
         state="Recovering", failures=1, nextAttemptAt=ts(at(0)))),
         pods=[pod(pod_phase="Pending", waiting="ImagePullBackOff", deletion=at(0))],
         listings=NO_CK, states={"train": "Recovering"}),
+    # --- node loss: the pod still looks Running, its node says otherwise -----------------
+    Case("node-missing-force-deletes-and-replaces-at-once", with_status(job(), RUN1),
+         pods=[pod(node="n1")], nodes={"n1": NodeHealth(missing=True)}, listings=CK_10_20,
+         states={"train": "Running"}, create=["j-train-2"], delete=["j-train-1"],
+         events=["Preempted", "Resuming"], job_phase="Running",
+         check=lambda p: ps(p)["preemptions"] == 1 and ps(p)["failures"] == 0
+         and ps(p)["attempts"] == 2 and ps(p)["lastFailure"]["reason"] == "NodeLost"
+         and ps(p)["lastFailure"]["cause"] == "preemption"
+         and ps(p)["lastFailure"]["time"] == ts(at(1))
+         and [(d.grace_seconds, d.force) for d in p.delete] == [(0, True)]
+         and env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
+    Case("node-missing-needs-listing-deletes-anyway", with_status(job(), RUN1),
+         pods=[pod(node="n1")], nodes={"n1": NodeHealth(missing=True)}, listings={},
+         states={"train": "Recovering"}, delete=["j-train-1"], needs={"train"},
+         job_phase="Recovering"),
+    Case("node-not-ready-past-grace", with_status(job(), RUN1),
+         pods=[pod(node="n1")], nodes={"n1": NodeHealth(not_ready_since=at(-41))},
+         listings=NO_CK, now=at(0), create=["j-train-2"], delete=["j-train-1"],
+         events=["Preempted"],
+         check=lambda p: ps(p)["lastFailure"]["reason"] == "NodeLost"
+         and ps(p)["lastFailure"]["time"] == ts(at(-41)) and ps(p)["preemptions"] == 1),
+    Case("node-not-ready-within-grace-waits", with_status(job(), RUN1),
+         pods=[pod(node="n1")], nodes={"n1": NodeHealth(not_ready_since=at(-10))},
+         listings={}, now=at(0), states={"train": "Running"}, requeue=30.0,
+         check=lambda p: ps(p)["preemptions"] == 0 and not p.events),
+    Case("node-healthy-steady", with_status(job(), RUN1), pods=[pod(node="n1")],
+         nodes={"n1": NodeHealth()}, listings={}, states={"train": "Running"}),
+    Case("node-of-other-pod-missing", with_status(job(), RUN1), pods=[pod(node="n1")],
+         nodes={"n2": NodeHealth(missing=True)}, listings={}, states={"train": "Running"}),
+    Case("node-missing-under-intent-old-pod-deleted-first",
+         with_status(job(), phase_status(attempts=2, podUID=None, preemptions=1)),
+         pods=[pod(attempt=1, node="n1")], nodes={"n1": NodeHealth(missing=True)},
+         listings=NO_CK, states={"train": "Running"}, create=["j-train-2"],
+         delete=["j-train-1"], check=lambda p: ps(p)["preemptions"] == 1),
+    Case("node-missing-while-suspending", with_status(job(suspend=True), phase_status(
+        state="Suspended")), pods=[pod(node="n1", deletion=at(0))],
+        nodes={"n1": NodeHealth(missing=True)}, listings={}, states={"train": "Suspended"},
+        delete=["j-train-1"], check=lambda p: ps(p)["preemptions"] == 0),
+    Case("node-missing-exhausts-preemptions", with_status(
+        job(recovery={"maxPreemptions": 0}), RUN1), pods=[pod(node="n1")],
+        nodes={"n1": NodeHealth(missing=True)}, listings={}, states={"train": "Failed"},
+        delete=["j-train-1"], job_phase="Failed",
+        check=lambda p: "maxPreemptions=0" in _cond(p, "Failed")["message"]),
     # --- restarts and double delivery ---------------------------------------------------
     Case("intent-written-pod-never-created", with_status(job(), phase_status(podUID=None)),
          pods=[], listings=CK_10_20, states={"train": "Running"}, create=["j-train-1"],
@@ -242,7 +287,7 @@ def _cond(plan, type_):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_decision_table(case: Case):
-    plan = decide(case.body, case.pods, case.listings or {}, case.now)
+    plan = decide(case.body, case.pods, case.listings or {}, case.now, case.nodes)
     states = {p["name"]: p["state"] for p in plan.status["phases"]}
     for name, state in case.states.items():
         assert states[name] == state, (name, states)
@@ -261,8 +306,8 @@ def test_decision_table(case: Case):
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_decide_is_deterministic(case: Case):
-    a = decide(case.body, case.pods, case.listings or {}, case.now)
-    b = decide(case.body, case.pods, case.listings or {}, case.now)
+    a = decide(case.body, case.pods, case.listings or {}, case.now, case.nodes)
+    b = decide(case.body, case.pods, case.listings or {}, case.now, case.nodes)
     assert a == b
 
 
@@ -331,5 +376,5 @@ def test_every_transition_in_the_table_is_exercised(monkeypatch):
 
     monkeypatch.setattr(decide_module, "transition", spy)
     for case in CASES:
-        decide(case.body, case.pods, case.listings or {}, case.now)
+        decide(case.body, case.pods, case.listings or {}, case.now, case.nodes)
     assert set(TRANSITIONS) - seen == set()

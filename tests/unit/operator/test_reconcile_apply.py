@@ -6,6 +6,7 @@ import asyncio
 import pytest
 from kubernetes.client.rest import ApiException
 
+from phoenix_operator.classify import NodeHealth
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.decide import decide
 from phoenix_operator.reconcile import Reconciler
@@ -34,15 +35,15 @@ class FakeKube:
         return "uid-new"
 
     def delete_pod(self, namespace, name, grace):
-        self.calls.append(("delete", name))
+        self.calls.append(("delete", name, grace))
 
     def post_event(self, job, type_, reason, message):
         self.calls.append(("event", reason))
 
 
-def run(kube, body, pods, now=at(1)):
+def run(kube, body, pods, now=at(1), nodes=None):
     body = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
-    plan = decide(body, pods, NO_CK_LISTING, now)
+    plan = decide(body, pods, NO_CK_LISTING, now, nodes)
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
     return asyncio.run(reconciler.apply(body, plan))
 
@@ -55,6 +56,15 @@ def test_intent_then_pod_then_uid_then_events():
     assert kube.calls[0][1] == [(2, None)]          # intent: attempt 2, not yet created
     assert kube.calls[2][1] == [(2, "uid-new")]     # created: uid recorded
     assert set(kinds[3:]) == {"event"}
+
+
+def test_pod_of_lost_node_is_force_deleted_after_intent_before_its_replacement():
+    kube = FakeKube()
+    run(kube, with_status(job(), phase_status()), [pod(node="n1")],
+        nodes={"n1": NodeHealth(missing=True)})
+    assert [c[0] for c in kube.calls][:4] == ["patch", "delete", "create", "patch"]
+    assert kube.calls[0][1] == [(2, None)]
+    assert kube.calls[1] == ("delete", "j-train-1", 0)
 
 
 def test_stale_view_creates_nothing():
