@@ -2,6 +2,7 @@
 
     phoenix status JOB [-n NAMESPACE]        per-phase recovery report
     phoenix checkpoints JOB [-n NAMESPACE]   list and verify checkpoints in storage
+    phoenix reset JOB [--phase P] [-n NS]    re-run a Failed/Blocked phase (keeps checkpoints)
 
 Never prints secret values: credentials are read from the job's Secret only to open
 storage.
@@ -13,9 +14,14 @@ import sys
 from datetime import datetime, timezone
 
 from kubernetes import config as kconfig
+from kubernetes.client.rest import ApiException
 
+from . import constants as C
 from .kube import Kube
 from .model import JobSpec, parse_ts, phase_statuses
+from .reset import ResetRefused, reset_status
+
+RESET_ATTEMPTS = 5  # status writes lost to the operator's own writes (409) before giving up
 
 
 def _age(value: datetime | None, now: datetime) -> str:
@@ -126,6 +132,41 @@ def checkpoints(args) -> int:
     return 1 if bad and args.strict else 0
 
 
+def reset(args) -> int:
+    kube, job = _load(args)
+    meta = job["metadata"]
+    for _ in range(RESET_ATTEMPTS):
+        spec = JobSpec.parse(job["spec"])
+        try:
+            status, names = reset_status(spec, job.get("status"), args.phase, args.force)
+        except ResetRefused as e:
+            print(f"phoenix reset {meta['namespace']}/{meta['name']}: {e}", file=sys.stderr)
+            return 2
+        if not names:
+            print(f"PhoenixJob {meta['namespace']}/{meta['name']}: no Failed or Blocked phase; "
+                  "nothing to reset")
+            return 0
+        try:
+            # Guarded by the resourceVersion we decided on: a concurrent operator write makes
+            # this fail (409) and we decide again on the fresh object.
+            kube.patch_status(job, status)
+        except ApiException as e:
+            if e.status != 409:
+                raise SystemExit(f"cannot write status of phoenixjob {meta['namespace']}/"
+                                 f"{meta['name']}: {e.status} {e.reason}") from e
+            job = kube.get_job(meta["namespace"], meta["name"])
+            if job is None:
+                raise SystemExit(f"phoenixjob {meta['namespace']}/{meta['name']} was deleted")
+            continue
+        msg = (f"phase {', '.join(names)} reset to Pending by `phoenix reset`; budgets cleared, "
+               "attempt numbers continue; the operator resumes from the newest valid checkpoint")
+        kube.post_event(job, "Normal", C.EV_PHASE_RESET, msg, component="phoenix-cli")
+        print(f"PhoenixJob {meta['namespace']}/{meta['name']}: {msg}")
+        return 0
+    raise SystemExit(f"phoenixjob {meta['namespace']}/{meta['name']} kept changing; "
+                     "try again")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="phoenix", description=__doc__.split("\n\n")[0])
     parser.add_argument("--kubeconfig", default=None)
@@ -143,6 +184,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shallow", action="store_true", help="skip sha256 (manifest and sizes only)")
     p.add_argument("--strict", action="store_true", help="exit 1 if any checkpoint is invalid")
     p.set_defaults(fn=checkpoints)
+    p = sub.add_parser("reset", help="re-run a Failed (or Blocked) phase after fixing the cause;"
+                       " keeps the job and its checkpoints")
+    p.add_argument("job")
+    p.add_argument("-n", "--namespace")
+    p.add_argument("--phase", help="only this phase (and the phases it blocked); default: "
+                   "every Failed or Blocked phase")
+    p.add_argument("--force", action="store_true",
+                   help="reset even while another phase is running or recovering")
+    p.set_defaults(fn=reset)
     args = parser.parse_args(argv)
     return args.fn(args)
 

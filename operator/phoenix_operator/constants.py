@@ -105,6 +105,7 @@ EV_RESUMED = "Unsuspended"
 EV_JOB_SUCCEEDED = "JobSucceeded"
 EV_JOB_FAILED = "JobFailed"
 EV_STORAGE_ERROR = "StorageError"
+EV_PHASE_RESET = "PhaseReset"  # posted by `phoenix reset`
 
 # --- classification reasons recorded in status.phases[].lastFailure.reason -------------
 R_DISRUPTION_PREFIX = "Disruption"  # + the DisruptionTarget condition's reason

@@ -1,4 +1,5 @@
-"""The `phoenix` CLI against a real job, and recovery from losing a whole node."""
+"""The `phoenix` CLI (status, checkpoints, reset) against a real job, and recovery from
+losing a whole node."""
 from __future__ import annotations
 
 import os
@@ -8,7 +9,10 @@ import time
 
 import pytest
 
-from pxj_helpers import create, env_of, get, phase_status, phoenixjob, pod_or_none, wait
+from phoenix_trainer.layout import step_dir_name
+
+from pxj_helpers import (create, env_of, events, get, patch_spec, phase_status, phoenixjob,
+                         pod_or_none, wait)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -60,3 +64,45 @@ def test_node_loss_is_a_preemption_replaced_before_pod_gc(lab, operator, core, c
     assert pod.spec.node_name in ps["lastFailure"]["message"]
     print(f"node loss -> replacement created in {took:.2f}s")
 
+
+def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, custom, ns,
+                                                         bucket):
+    env = {"FAKE_STEPS": 12, "FAKE_CKPT_EVERY": 5, "FAKE_FAIL_ATTEMPTS": "1",
+           "FAKE_FAIL_AFTER": 7}
+    body = phoenixjob("rst", bucket, lab.s3.url, phases=("train", "eval"), env=env,
+                      recovery={"maxFailures": 0})
+    create(custom, ns, body)
+    job = wait(lambda: (j := get(custom, ns, "rst")).get("status", {}).get("phase") == "Failed"
+               and j, 90, "job Failed")
+    assert [p["state"] for p in job["status"]["phases"]] == ["Failed", "Blocked"]
+    # The user fixes the cause (here: the fake trainer's failure knob) and resets.
+    fixed = dict(env, FAKE_FAIL_ATTEMPTS="")
+    template = phoenixjob("rst", bucket, lab.s3.url, env=fixed)["spec"]["template"]
+    patch_spec(custom, ns, "rst", {"template": template})
+    text = phoenix_cli(lab, "reset", "rst", "-n", ns)
+    assert "phase train, eval reset to Pending" in text
+    job = wait(lambda: (j := get(custom, ns, "rst")).get("status", {}).get("phase") == "Succeeded"
+               and j, 90, "job Succeeded after reset")
+    ps = phase_status(job)
+    assert ps["attempts"] == 2 and ps["failures"] == 0 and ps["state"] == "Succeeded"
+    assert phase_status(job, "eval")["state"] == "Succeeded"
+    pod2 = core.read_namespaced_pod("rst-train-2", ns)
+    assert env_of(pod2)["PHOENIX_RESUME_FROM"].endswith(step_dir_name(5))
+    assert "PhaseReset" in {e.reason for e in events(core, ns, "rst")}
+    # nothing left to reset; and a running job is not reset without --force
+    assert "nothing to reset" in phoenix_cli(lab, "reset", "rst", "-n", ns)
+
+
+def test_reset_refuses_while_running(lab, operator, core, custom, ns, bucket):
+    create(custom, ns, phoenixjob("rr", bucket, lab.s3.url, phases=("train", "eval"), env={
+        "FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_FAIL_ATTEMPTS": "1"},
+        recovery={"maxFailures": 0}, extra_phase={"eval": {
+            "independent": True, "env": [{"name": "FAKE_FAIL_ATTEMPTS", "value": ""}]}}))
+    # train fails at once; the independent eval phase then runs (its attempt 1 is long)
+    wait(lambda: (s := phase_status(get(custom, ns, "rr"), "eval")).get("state") == "Running"
+         and s, 60, "eval running after train failed")
+    out = subprocess.run([sys.executable, "-m", "phoenix_operator.cli", "reset", "rr", "-n", ns],
+                         env=dict(os.environ, KUBECONFIG=lab.kubeconfig), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode != 0 and "--force" in out.stderr
+    assert phase_status(get(custom, ns, "rr"))["state"] == "Failed"

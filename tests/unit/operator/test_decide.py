@@ -366,6 +366,8 @@ def test_recovering_condition_explains_backoff():
 def test_every_transition_in_the_table_is_exercised(monkeypatch):
     """The decision table above reaches every legal edge of the state machine."""
     from phoenix_operator import decide as decide_module
+    from phoenix_operator import reset as reset_module
+    from phoenix_operator.model import JobSpec
     from phoenix_operator.states import TRANSITIONS, transition
 
     seen = set()
@@ -375,6 +377,11 @@ def test_every_transition_in_the_table_is_exercised(monkeypatch):
         return transition(state, event)
 
     monkeypatch.setattr(decide_module, "transition", spy)
+    monkeypatch.setattr(reset_module, "transition", spy)
     for case in CASES:
         decide(case.body, case.pods, case.listings or {}, case.now, case.nodes)
+    # the user's way out of Failed/Blocked (`phoenix reset`)
+    body = with_status(job(("train", "finetune")), phase_status(state="Failed"),
+                       {"name": "finetune", "state": "Blocked"})
+    reset_module.reset_status(JobSpec.parse(body["spec"]), body["status"])
     assert set(TRANSITIONS) - seen == set()
