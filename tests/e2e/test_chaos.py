@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SEEDS = [int(s) for s in os.environ.get("PHOENIX_CHAOS_SEEDS", "1").split(",") if s.strip()]
 DISRUPTIONS = 10
-CFG = samples.TrainConfig(steps=700, step_delay=0.03, checkpoint_every=20)
+CFG = samples.TrainConfig(steps=1200, step_delay=0.03, checkpoint_every=20)
 STEPS_BETWEEN = 30  # progress a new attempt makes before the next disruption
 
 
@@ -118,7 +118,7 @@ def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target, ref
                             and pod.metadata.name not in disrupted):
                         progress = samples.logged_progress(
                             lab.pod_dir(e2e.namespace, pod.metadata.name) / "trainer.log")
-                        start = int(pod.metadata.annotations.get("phoenix.dev/resume-step") or 0)
+                        start = int((pod.metadata.annotations or {}).get("phoenix.dev/resume-step") or 0)
                         if progress and progress[0] >= start + STEPS_BETWEEN:
                             return pod
                 return None
