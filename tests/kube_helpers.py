@@ -1,5 +1,5 @@
-"""Small helpers for tests that talk to a real apiserver: polling with a deadline and
-building throwaway pods whose command is a Python one-liner."""
+"""Small helpers for tests that talk to a real apiserver: polling with a deadline (used by
+tests/cluster, tests/e2e and the lab tests alike) and building throwaway pods whose command is a Python one-liner."""
 from __future__ import annotations
 
 import sys
@@ -11,20 +11,29 @@ T = TypeVar("T")
 
 
 def wait_for(fn: Callable[[], T], timeout: float = 60, interval: float = 0.25,
-             what: str = "condition") -> T:
-    """Call `fn` until it returns something truthy; fail with `what` after `timeout`."""
+             what: str = "condition", *, diagnose: Callable[[], str] | None = None,
+             retry_on: tuple[type[BaseException], ...] = (Exception,)) -> T:
+    """Call `fn` until it returns something truthy and return that; fail with `what` after
+    `timeout` seconds, adding the last error and whatever `diagnose()` says (operator logs,
+    job status). Errors of the types in `retry_on` (default: any, e.g. a transient API
+    error) are polled through; anything else fails at once. The one poller of the suite."""
     deadline = time.monotonic() + timeout
-    last_error = None
+    last_error: BaseException | None = None
     while time.monotonic() < deadline:
         try:
             result = fn()
             if result:
                 return result
-        except Exception as e:  # keep polling through transient API errors
+        except retry_on as e:
             last_error = e
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last_error})" if last_error else ""))
+    extra = f" (last error: {last_error})" if last_error else ""
+    if diagnose is not None:
+        try:
+            extra += "\n" + diagnose()
+        except Exception as e:  # noqa: BLE001 - diagnostics must not hide the real failure
+            extra += f"\n(diagnostics failed: {e})"
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
 
 
 def python_pod(name: str, code: str, *, grace: int | None = None, labels=None,

@@ -1,13 +1,13 @@
 """Builders and waiters for PhoenixJob cluster tests."""
 from __future__ import annotations
 
-import time
-from typing import Any
+from typing import Any, Callable
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from conftest import FAKE_TRAINER
+from kube_helpers import wait_for
+from operator_process import FAKE_TRAINER
 
 GROUP, VERSION, PLURAL = "phoenix.dev", "v1alpha1", "phoenixjobs"
 SPOT_TOLERATION = [{"key": "phoenix.dev/spot", "operator": "Exists", "effect": "NoSchedule"}]
@@ -55,19 +55,9 @@ def phase_status(job: dict, phase: str = "train") -> dict:
     return {}
 
 
-def wait(fn, timeout: float, what: str, interval: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-            if value:
-                return value
-        except ApiException as e:
-            last = e
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                         + (f" (last error: {last.status} {last.reason})" if last else ""))
+def wait(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
+    """Poll until truthy; only API errors are polled through (a bug in `fn` fails at once)."""
+    return wait_for(fn, timeout, interval, what, retry_on=(ApiException,))
 
 
 def pod_or_none(core, ns, name):

@@ -8,7 +8,8 @@ import json
 import pytest
 import yaml
 
-from e2e.phoenix_e2e import CHART, LAB_VALUES, OPERATOR_KINDS, install_chart_on_lab, wait_until
+from e2e.phoenix_e2e import CHART, LAB_VALUES, OPERATOR_KINDS, install_chart_on_lab
+from kube_helpers import wait_for
 from pxj_helpers import create, get, phase_status, phoenixjob, pod_or_none
 
 pytestmark = pytest.mark.cluster
@@ -95,15 +96,15 @@ def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_
 
     env = {"FAKE_STEPS": 200, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
     create(custom, ns, phoenixjob("chart", bucket, lab.s3.url, env=env))
-    wait_until(lambda: (p := pod_or_none(core, ns, "chart-train-1"))
-               and p.status.phase == "Running", 60, "attempt 1 running",
-               diagnose=release.describe)
-    wait_until(lambda: _manifests(lab, bucket), 60, "a first checkpoint in S3",
-               diagnose=release.describe)
+    wait_for(lambda: (p := pod_or_none(core, ns, "chart-train-1"))
+             and p.status.phase == "Running", 60, 0.5, "attempt 1 running",
+             diagnose=release.describe)
+    wait_for(lambda: _manifests(lab, bucket), 60, 0.5, "a first checkpoint in S3",
+             diagnose=release.describe)
     lab.evict(ns, "chart-train-1")
-    job = wait_until(lambda: (j := get(custom, ns, "chart"))
-                     and (j.get("status") or {}).get("phase") == "Succeeded" and j,
-                     120, "job Succeeded after the preemption", diagnose=release.describe)
+    job = wait_for(lambda: (j := get(custom, ns, "chart"))
+                   and (j.get("status") or {}).get("phase") == "Succeeded" and j,
+                   120, 0.5, "job Succeeded after the preemption", diagnose=release.describe)
     ps = phase_status(job)
     assert ps["preemptions"] == 1 and ps["failures"] == 0 and ps["attempts"] == 2
     assert pod_or_none(core, ns, "chart-train-2").metadata.labels["phoenix.dev/job"] == "chart"

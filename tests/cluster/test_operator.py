@@ -11,6 +11,7 @@ import pytest
 from phoenix_trainer.layout import step_dir_name
 from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
 
+from operator_process import OperatorProcess
 from pxj_helpers import (create, env_of, events, get, live, patch_spec, phase_status,
                          phoenixjob, pod_or_none, trainer_pods, wait)
 
@@ -190,8 +191,6 @@ def test_operator_killed_mid_recovery_creates_no_duplicate(lab, operator, core, 
 
 def test_two_operators_at_once_never_two_live_pods(lab, operator, operator_rbac, core, custom, ns,
                                                    bucket, tmp_path):
-    from conftest import OperatorProcess
-
     second = OperatorProcess(operator_rbac, tmp_path, lab.s3.url)
     second.start()
     watch = LivePodWatch(core, ns, "dd")

@@ -9,40 +9,18 @@ session's lab cluster, watching only the e2e namespace. Neither possible: skip, 
 from __future__ import annotations
 
 import os
-import sys
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 import yaml
 
 from phoenix_e2e import (CREDENTIALS_SECRET, GROUP, PLURAL, REPO, VERSION, E2ETarget, S3Target,
-                         install_chart_on_lab, python_for_lab)
+                         install_chart_on_lab)
 
 LAB_NAMESPACE = "phoenix-e2e"
 LAB_RELEASE = "phoenix-e2e"
 LAB_RELEASE_NAMESPACE = "phoenix-e2e-system"
-
-
-def _restore_cluster_conftest(config) -> None:
-    """tests/cluster's helpers do `from conftest import ...` (also inside tests); pytest
-    registers every conftest outside a package under the module name "conftest", so this
-    file, loaded after theirs, would shadow it. Point the name back at theirs. (Better fix,
-    for the owners of tests/cluster: import from a plain module; then delete this.)"""
-    cluster = (REPO / "tests" / "cluster" / "conftest.py").resolve()
-    for plugin in config.pluginmanager.get_plugins():
-        path = getattr(plugin, "__file__", None)
-        if path and Path(path).resolve() == cluster:
-            sys.modules["conftest"] = plugin
-
-
-def pytest_sessionstart(session):
-    _restore_cluster_conftest(session.config)
-
-
-def pytest_collection_finish(session):
-    _restore_cluster_conftest(session.config)
 
 
 def _lab_unavailable() -> str | None:

@@ -23,7 +23,6 @@ import os
 import shlex
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +30,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import yaml
+
+from kube_helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "phoenix"
@@ -47,24 +48,8 @@ OPERATOR_KINDS = ("deployments", "serviceaccounts", "services", "roles", "rolebi
 
 def wait_until(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.5,
                diagnose: Callable[[], str] | None = None) -> Any:
-    """Poll `fn` until truthy; on timeout fail with `what` and whatever `diagnose` says."""
-    deadline = time.monotonic() + timeout
-    last_error: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            value = fn()
-            if value:
-                return value
-        except Exception as e:  # noqa: BLE001 - keep polling through transient API errors
-            last_error = e
-        time.sleep(interval)
-    extra = f" (last error: {last_error})" if last_error else ""
-    if diagnose is not None:
-        try:
-            extra += "\n" + diagnose()
-        except Exception as e:  # noqa: BLE001 - diagnostics must not hide the real failure
-            extra += f"\n(diagnostics failed: {e})"
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
+    """`kube_helpers.wait_for` under the name and argument order e2e tests know."""
+    return wait_for(fn, timeout, interval, what, diagnose=diagnose)
 
 
 @dataclass
@@ -255,8 +240,8 @@ class LabRelease:
     def uninstall(self, timeout: float = 90) -> None:
         self.lab.helm("uninstall", self.release, "-n", self.namespace, "--wait",
                       f"--timeout={int(timeout)}s", check=False)
-        wait_until(lambda: not self.operator_pods(), timeout, f"{self.release} operator pods gone",
-                   diagnose=self.describe)
+        wait_for(lambda: not self.operator_pods(), timeout, 0.5,
+                 f"{self.release} operator pods gone", diagnose=self.describe)
 
 
 def install_chart_on_lab(lab, release: str, namespace: str, *, values: dict | None = None,
@@ -277,8 +262,8 @@ def install_chart_on_lab(lab, release: str, namespace: str, *, values: dict | No
             args += ["--set", f"{key}={value}"]
     lab.helm(*args)
     rel = LabRelease(lab, release, namespace, metrics_port, liveness_port)
-    wait_until(rel.healthy, timeout, f"operator of release {release} answering /healthz",
-               diagnose=rel.describe)
+    wait_for(rel.healthy, timeout, 0.5, f"operator of release {release} answering /healthz",
+             diagnose=rel.describe)
     return rel
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, sample_job, unique, wait_until
+from kube_helpers import wait_for
+from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, sample_job, unique
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -24,9 +25,9 @@ def _manifests(e2e, bucket, prefix):
 
 
 def test_operator_deployment_is_available(e2e, kube):
-    dep = wait_until(lambda: (d := kube.apps.read_namespaced_deployment(
+    dep = wait_for(lambda: (d := kube.apps.read_namespaced_deployment(
         e2e.operator_deployment, e2e.operator_namespace)) and (d.status.available_replicas or 0)
-        >= 1 and d, 120, f"deployment {e2e.operator_deployment} available",
+        >= 1 and d, 120, 0.5, f"deployment {e2e.operator_deployment} available",
         diagnose=e2e.operator_logs)
     pod_spec = dep.spec.template.spec
     assert pod_spec.security_context.run_as_non_root is True
@@ -39,15 +40,15 @@ def test_preempted_training_job_resumes_from_checkpoint_and_succeeds(e2e, kube, 
     diagnose = lambda: f"job status: {_job(kube, e2e, name).get('status')}\n" \
         f"operator log:\n{e2e.operator_logs()}"  # noqa: E731
     first = f"{name}-train-1"
-    wait_until(lambda: _pod_phase(kube, e2e, first) == "Running", 180, f"{first} running",
-               diagnose=diagnose)
-    wait_until(lambda: _manifests(e2e, e2e_bucket, f"{name}/"), 180,
-               "a first checkpoint in S3", diagnose=diagnose)
+    wait_for(lambda: _pod_phase(kube, e2e, first) == "Running", 180, 0.5, f"{first} running",
+             diagnose=diagnose)
+    wait_for(lambda: _manifests(e2e, e2e_bucket, f"{name}/"), 180, 0.5,
+             "a first checkpoint in S3", diagnose=diagnose)
     e2e.evict(e2e.namespace, first)
 
-    job = wait_until(lambda: (j := _job(kube, e2e, name))
-                     and (j.get("status") or {}).get("phase") in ("Succeeded", "Failed") and j,
-                     420, "job finished", interval=2, diagnose=diagnose)
+    job = wait_for(lambda: (j := _job(kube, e2e, name))
+                   and (j.get("status") or {}).get("phase") in ("Succeeded", "Failed") and j,
+                   420, 2, "job finished", diagnose=diagnose)
     assert job["status"]["phase"] == "Succeeded", diagnose()
     ps = phase_status(job)
     assert ps["preemptions"] >= 1 and ps["failures"] == 0, ps
