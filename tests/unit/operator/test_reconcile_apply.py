@@ -88,3 +88,36 @@ def test_no_write_when_nothing_changed():
     body["status"] = decide(body, [pod()], {}, at(1)).status
     run(kube, body, [pod()], now=at(2))
     assert kube.calls == []
+
+
+class NodeKube(FakeKube):
+    def __init__(self, nodes, error=None):
+        super().__init__()
+        self.nodes, self.error = nodes, error
+
+    def get_node(self, name):
+        self.calls.append(("get_node", name))
+        if self.error:
+            raise ApiException(status=self.error, reason="Forbidden")
+        return self.nodes.get(name)
+
+
+def _gather(kube, pods, **config):
+    reconciler = Reconciler(kube, OperatorConfig(api_workers=1, **config))
+    return asyncio.run(reconciler._nodes(pods))
+
+
+def test_node_facts_only_for_live_bound_pods_one_read_per_node():
+    ready = {"status": {"conditions": [{"type": "Ready", "status": "True"}]}}
+    kube = NodeKube({"n1": ready})
+    pods = [pod(node="n1"), pod(attempt=2, node="n1"), pod(attempt=3, node="gone"),
+            pod(attempt=4, node="n9", pod_phase="Failed", exit_code=1), pod(attempt=5)]
+    facts = _gather(kube, pods)
+    assert facts == {"n1": NodeHealth(), "gone": NodeHealth(missing=True)}
+    assert sorted(kube.calls) == [("get_node", "gone"), ("get_node", "n1")]
+
+
+def test_unreadable_node_is_not_lost_and_reading_can_be_switched_off():
+    assert _gather(NodeKube({}, error=403), [pod(node="n1")]) == {}
+    kube = NodeKube({})
+    assert _gather(kube, [pod(node="n1")], watch_nodes=False) == {} and kube.calls == []
