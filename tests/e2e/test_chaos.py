@@ -17,7 +17,8 @@ import time
 
 import pytest
 
-from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, unique, wait_until
+from kube_helpers import wait_for
+from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, unique
 from phoenix_lab import samples
 from phoenix_lab.chaos import Injector, is_preemption, plan
 
@@ -25,7 +26,7 @@ pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SEEDS = [int(s) for s in os.environ.get("PHOENIX_CHAOS_SEEDS", "1").split(",") if s.strip()]
 DISRUPTIONS = 10
-CFG = samples.TrainConfig(steps=1200, step_delay=0.03, checkpoint_every=20)
+CFG = samples.TrainConfig(steps=2500, step_delay=0.03, checkpoint_every=20)
 STEPS_BETWEEN = 30  # progress a new attempt makes before the next disruption
 
 
@@ -122,8 +123,8 @@ def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target, ref
                         if progress and progress[0] >= start + STEPS_BETWEEN:
                             return pod
                 return None
-            pod = wait_until(ready, 240, f"a trainer making progress before {kind}",
-                             interval=0.3, diagnose=diagnose)
+            pod = wait_for(ready, 240, what=f"a trainer making progress before {kind}",
+                           interval=0.3, diagnose=diagnose)
             if kind == "operator-kill":
                 # Mid-recovery: evict the trainer, then kill the operator before it reacts.
                 injector.inject("evict", pod.metadata.name)
@@ -133,9 +134,9 @@ def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target, ref
                 injector.inject(kind, pod.metadata.name, node=pod.spec.node_name)
                 expected_preemptions += is_preemption(kind)
             disrupted.add(pod.metadata.name)
-        final = wait_until(lambda: (j := job()) and (j.get("status") or {}).get("phase")
-                           in ("Succeeded", "Failed") and j, 600, "the job to finish", interval=1,
-                           diagnose=diagnose)
+        final = wait_for(lambda: (j := job()) and (j.get("status") or {}).get("phase")
+                         in ("Succeeded", "Failed") and j, 600, what="the job to finish", interval=1,
+                         diagnose=diagnose)
     finally:
         injector.wait_idle()
         watch.stop()
