@@ -1,9 +1,11 @@
 """Small helpers for tests that talk to a real apiserver: polling with a deadline (used by
-tests/cluster, tests/e2e and the lab tests alike) and building throwaway pods whose command is a Python one-liner."""
+tests/cluster, tests/e2e and the lab tests alike), throwaway pods whose command is a Python
+one-liner, and probes of the operator's loopback health/metrics endpoints."""
 from __future__ import annotations
 
 import sys
 import time
+import urllib.request
 import uuid
 from typing import Callable, TypeVar
 
@@ -59,3 +61,17 @@ def unique(prefix: str) -> str:
 
 
 PYTHON = sys.executable
+
+
+def http_ok(url: str) -> bool:
+    """Whether a loopback health endpoint answers 200 (operator liveness probes)."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def http_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as r:
+        return r.read().decode()

@@ -18,7 +18,7 @@ from kubernetes.client.rest import ApiException
 
 from . import constants as C
 from .kube import Kube
-from .model import JobSpec, parse_ts, phase_statuses
+from .model import JobSpec, phase_statuses
 from .reset import ResetRefused, reset_status
 
 RESET_ATTEMPTS = 5  # status writes lost to the operator's own writes (409) before giving up

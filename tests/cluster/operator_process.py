@@ -8,9 +8,9 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
+from kube_helpers import http_ok, http_text
 from phoenix_lab.procs import free_port
 
 FAKE_TRAINER = str(Path(__file__).with_name("fake_trainer.py"))
@@ -50,17 +50,10 @@ class OperatorProcess:
         raise RuntimeError("operator did not become healthy in 60s\n" + self.log_tail())
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.health_port}/healthz",
-                                        timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"http://127.0.0.1:{self.health_port}/healthz")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=5) as r:
-            return r.read().decode()
+        return http_text(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
     def kill(self) -> None:
         """SIGKILL: no cleanup, as a node crash or OOM would do it."""

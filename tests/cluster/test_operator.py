@@ -9,7 +9,7 @@ import time
 import pytest
 
 from phoenix_trainer.layout import step_dir_name
-from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
+from phoenix_trainer.storage import open_storage
 
 from operator_process import OperatorProcess
 from pxj_helpers import (create, env_of, events, get, live, patch_spec, phase_status,

@@ -23,7 +23,6 @@ import os
 import shlex
 import subprocess
 import sys
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any, Callable
 
 import yaml
 
-from kube_helpers import wait_for
+from kube_helpers import http_ok, http_text, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "charts" / "phoenix"
@@ -44,12 +43,6 @@ DEFAULT_TRAINER_COMMAND = "python /app/examples/train_mlp.py"
 # Labels every object the chart creates carries; used to prove an uninstall is clean.
 OPERATOR_KINDS = ("deployments", "serviceaccounts", "services", "roles", "rolebindings",
                   "clusterroles", "clusterrolebindings", "pods")
-
-
-def wait_until(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.5,
-               diagnose: Callable[[], str] | None = None) -> Any:
-    """`kube_helpers.wait_for` under the name and argument order e2e tests know."""
-    return wait_for(fn, timeout, interval, what, diagnose=diagnose)
 
 
 @dataclass
@@ -220,17 +213,10 @@ class LabRelease:
         return "\n".join(texts) or f"(no operator pod log for release {self.release})"
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.liveness_port}/healthz",
-                                        timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_ok(f"http://127.0.0.1:{self.liveness_port}/healthz")
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics",
-                                    timeout=5) as r:
-            return r.read().decode()
+        return http_text(f"http://127.0.0.1:{self.metrics_port}/metrics")
 
     def describe(self) -> str:
         pods = self.lab.kubectl("-n", self.namespace, "get", "deploy,rs,pods", "-o", "wide",

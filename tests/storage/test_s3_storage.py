@@ -45,7 +45,7 @@ def test_s3_corruption_detected_and_fallback(s3_bucket, tmp_path):
     for step in (1, 2, 3):
         commit_checkpoint(st, step, {"model.pt": f}, epoch=0, phase="train", config_fingerprint="fp")
     c = s3_bucket.client()
-    key = f"job/train/step-0000000003/model.pt"
+    key = "job/train/step-0000000003/model.pt"
     c.put_object(Bucket=s3_bucket.name, Key=key, Body=b"b" * 1000)  # same size, wrong bytes
     assert verify_checkpoint(st, 3, deep=False).valid
     assert "sha256 mismatch" in verify_checkpoint(st, 3, deep=True).reason

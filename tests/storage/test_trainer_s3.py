@@ -2,7 +2,6 @@
 several times, resume it, and demand the same final weights as an uninterrupted run."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random

@@ -19,8 +19,6 @@ Never do real work in the signal handler; never log credentials.
 from __future__ import annotations
 
 import logging
-import math
-import os
 import signal
 import threading
 import time
