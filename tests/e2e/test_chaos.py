@@ -130,10 +130,12 @@ def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target, ref
                 injector.inject("evict", pod.metadata.name)
                 injector.inject("operator-kill", None)
                 expected_preemptions += 1
+                disrupted.add(pod.metadata.name)
             else:
                 injector.inject(kind, pod.metadata.name, node=pod.spec.node_name)
-                expected_preemptions += is_preemption(kind)
-            disrupted.add(pod.metadata.name)
+                if is_preemption(kind):  # an S3 outage leaves the trainer running
+                    expected_preemptions += 1
+                    disrupted.add(pod.metadata.name)
         final = wait_for(lambda: (j := job()) and (j.get("status") or {}).get("phase")
                          in ("Succeeded", "Failed") and j, 600, what="the job to finish", interval=1,
                          diagnose=diagnose)
