@@ -36,8 +36,10 @@ class OperatorProcess:
                    PHOENIX_METRICS_HOST="127.0.0.1", PHOENIX_RESYNC_SECONDS="5")
         log = open(self.log_dir / f"operator-{self.starts}.log", "wb")
         self.proc = subprocess.Popen(
+            # Only the cluster tests' own namespaces (pxj-*): the e2e suite shares the
+            # session's lab and runs the chart's operator, which must be alone there.
             [sys.executable, "-m", "kopf", "run", "-m", "phoenix_operator.main",
-             "--standalone", "--all-namespaces",
+             "--standalone", "--namespace=pxj-*",
              f"--liveness=http://127.0.0.1:{self.health_port}/healthz"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60

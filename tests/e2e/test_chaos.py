@@ -6,7 +6,7 @@ once (a watch checks it throughout), and the status must count exactly the preem
 that were injected and no failures.
 
 Lab only: node loss, process kills and an S3 outage need the lab's hands. The seeds are
-chosen with PHOENIX_CHAOS_SEEDS (default "1"; the closing note lists runs with more).
+chosen with PHOENIX_CHAOS_SEEDS (default "1,2,3": three schedules in a row).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from phoenix_lab.chaos import Injector, is_preemption, plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-SEEDS = [int(s) for s in os.environ.get("PHOENIX_CHAOS_SEEDS", "1").split(",") if s.strip()]
+SEEDS = [int(s) for s in os.environ.get("PHOENIX_CHAOS_SEEDS", "1,2,3").split(",") if s.strip()]
 DISRUPTIONS = 10
 CFG = samples.TrainConfig(steps=2500, step_delay=0.03, checkpoint_every=20)
 STEPS_BETWEEN = 30  # progress a new attempt makes before the next disruption
