@@ -120,24 +120,22 @@ def termination_log_path(environ: Mapping[str, str] | None = None) -> str:
     return environ.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG
 
 
-def _int(environ: Mapping[str, str], name: str, default: int | None) -> int | None:
+def _number(environ: Mapping[str, str], name: str, default, kind, hint: str):
     raw = environ.get(name, "").strip()
     if not raw:
         return default
     try:
-        return int(raw)
+        return kind(raw)
     except ValueError as e:
-        raise ValueError(f"{name}={raw!r} is not an integer; set it to a whole number") from e
+        raise ValueError(f"{name}={raw!r} is not {hint}") from e
+
+
+def _int(environ: Mapping[str, str], name: str, default: int | None) -> int | None:
+    return _number(environ, name, default, int, "an integer; set it to a whole number")
 
 
 def _float(environ: Mapping[str, str], name: str, default: float | None) -> float | None:
-    raw = environ.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return float(raw)
-    except ValueError as e:
-        raise ValueError(f"{name}={raw!r} is not a number; set it to seconds, e.g. 30") from e
+    return _number(environ, name, default, float, "a number; set it to seconds, e.g. 30")
 
 
 def _bool(environ: Mapping[str, str], name: str) -> bool:
