@@ -295,7 +295,7 @@ class Lab:
 
     def kill_pod(self, namespace: str, pod: str, sig: int = _signal.SIGKILL) -> None:
         """Send a signal to a running pod's process group, as the node's runtime would."""
-        pidfile = self._pod_dir(namespace, pod) / "pid"
+        pidfile = self.pod_dir(namespace, pod) / "pid"
         try:
             pid = int(pidfile.read_text())
         except (OSError, ValueError) as e:
@@ -303,9 +303,7 @@ class Lab:
         os.killpg(pid, sig)
 
     def pod_dir(self, namespace: str, pod: str) -> Path:
-        return self._pod_dir(namespace, pod)
-
-    def _pod_dir(self, namespace: str, pod: str) -> Path:
+        """Where the node agent keeps a pod's logs, pid and termination messages."""
         matches = sorted((self.state_dir / "pods").glob(f"{namespace}_{pod}_*"),
                          key=lambda p: p.stat().st_mtime)
         if not matches:
