@@ -8,7 +8,7 @@ Nothing here touches storage.
 from __future__ import annotations
 
 import random
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -46,6 +46,19 @@ def restore_rng(state: dict[str, Any]) -> None:
             torch.cuda.set_rng_state(s, i)
 
 
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
+    """A copy of a nested dict/list/tuple structure with ``fn`` applied to every tensor."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return {k: map_tensors(v, fn) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [map_tensors(v, fn) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(map_tensors(v, fn) for v in obj)
+    return obj
+
+
 def to_cpu(obj: Any) -> Any:
     """Deep copy of a (nested) state dict with every tensor copied to CPU memory.
 
@@ -54,23 +67,15 @@ def to_cpu(obj: Any) -> Any:
     """
     pending_cuda = []
 
-    def walk(o):
-        if isinstance(o, torch.Tensor):
-            if o.device.type == "cpu":
-                return o.detach().clone()
-            t = torch.empty(o.shape, dtype=o.dtype, device="cpu", pin_memory=True)
-            t.copy_(o.detach(), non_blocking=True)
-            pending_cuda.append(t)
-            return t
-        if isinstance(o, dict):
-            return {k: walk(v) for k, v in o.items()}
-        if isinstance(o, list):
-            return [walk(v) for v in o]
-        if isinstance(o, tuple):
-            return tuple(walk(v) for v in o)
-        return o
+    def copy(o: torch.Tensor) -> torch.Tensor:
+        if o.device.type == "cpu":
+            return o.detach().clone()
+        t = torch.empty(o.shape, dtype=o.dtype, device="cpu", pin_memory=True)
+        t.copy_(o.detach(), non_blocking=True)
+        pending_cuda.append(t)
+        return t
 
-    out = walk(obj)
+    out = map_tensors(obj, copy)
     if pending_cuda:
         torch.cuda.synchronize()
     return out
@@ -78,15 +83,7 @@ def to_cpu(obj: Any) -> Any:
 
 def clone_tree(obj: Any) -> Any:
     """A copy safe to hand to ``load_state_dict``: optimizers alias tensors they are given."""
-    if isinstance(obj, torch.Tensor):
-        return obj.clone()
-    if isinstance(obj, dict):
-        return {k: clone_tree(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [clone_tree(v) for v in obj]
-    if isinstance(obj, tuple):
-        return tuple(clone_tree(v) for v in obj)
-    return obj
+    return map_tensors(obj, torch.Tensor.clone)
 
 
 def tree_nbytes(obj: Any) -> int:
