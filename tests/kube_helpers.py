@@ -1,9 +1,11 @@
 """Small helpers for tests that talk to a real apiserver: polling with a deadline (used by
 tests/cluster, tests/e2e and the lab tests alike), throwaway pods whose command is a Python
-one-liner, and probes of the operator's loopback health/metrics endpoints."""
+one-liner (in the trainer image, under restricted Pod Security), a beacon pods report to,
+and probes of the operator's health/metrics endpoints."""
 from __future__ import annotations
 
-import sys
+import socket
+import threading
 import time
 import urllib.request
 import uuid
@@ -38,12 +40,24 @@ def wait_for(fn: Callable[[], T], timeout: float = 60, interval: float = 0.25,
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
 
 
-def python_pod(name: str, code: str, *, grace: int | None = None, labels=None,
+# What the "restricted" Pod Security Standard asks of a container, plus a read-only root.
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+# A writable /tmp for a container with a read-only root filesystem.
+TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
+TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
+
+
+def python_pod(name: str, code: str, *, image: str, grace: int | None = None, labels=None,
                owner=None, node_selector=None, tolerations=None, env=None) -> dict:
-    """A Pod manifest that runs `python -c code` on the lab (restartPolicy Never)."""
-    spec = {"restartPolicy": "Never",
-            "containers": [{"name": "main", "image": "python:3.11-slim",
-                            "command": ["python", "-c", code], "env": env or []}]}
+    """A Pod manifest that runs `python -c code` in `image` (restartPolicy Never), with the
+    restricted securityContext the lab's Pod Security admission enforces."""
+    spec = {"restartPolicy": "Never", "volumes": [TMP_VOLUME],
+            "containers": [{"name": "main", "image": image, "imagePullPolicy": "Never",
+                            "command": ["python", "-c", code], "env": env or [],
+                            "securityContext": RESTRICTED_CONTAINER,
+                            "volumeMounts": [TMP_MOUNT]}]}
     if grace is not None:
         spec["terminationGracePeriodSeconds"] = grace
     if node_selector:
@@ -60,7 +74,44 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
-PYTHON = sys.executable
+class Beacon:
+    """A TCP listener on the lab's host address that pods report to (`BEACON_CODE`), so a
+    test sees what happened inside a container even after its pod is gone."""
+
+    def __init__(self, host: str) -> None:
+        self.messages: list[str] = []
+        self._sock = socket.create_server((host, 0))
+        self.host, self.port = host, self._sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while chunk := conn.recv(4096):
+                    data += chunk
+                self.messages.append(data.decode(errors="replace"))
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def saw(self, message: str) -> bool:
+        return message in self.messages
+
+    def code(self) -> str:
+        """Python source defining `beacon(msg)` that reports to this listener."""
+        return (f"import socket\n"
+                f"def beacon(msg):\n"
+                f"    with socket.create_connection(({self.host!r}, {self.port}), timeout=5) as s:\n"
+                f"        s.sendall(msg.encode())\n")
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def http_ok(url: str) -> bool:

@@ -1,8 +1,9 @@
 """Certificates and keys for the lab control plane, made with `cryptography` (no openssl CLI).
 
 A throwaway CA signs the apiserver's serving cert and the client certs of the admin
-(group system:masters) and the controller-manager; the service-account key pair signs
-tokens. Files are written once per state dir and reused by later `up` calls.
+(group system:masters), the control-plane components and each kubelet
+(``system:node:<name>``, group ``system:nodes``, as the Node authorizer expects); the
+service-account key pair signs tokens. Files are written once per state dir and reused by later `up` calls.
 """
 from __future__ import annotations
 
@@ -60,7 +61,8 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
     return x509.Name(attrs)
 
 
-def _issue(pki: PKI, name: str, cn: str, org: str | None, server: bool) -> None:
+def _issue(pki: PKI, name: str, cn: str, org: str | None, server: bool,
+           server_ips: tuple[str, ...] = ()) -> None:
     ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -83,14 +85,36 @@ def _issue(pki: PKI, name: str, cn: str, org: str | None, server: bool) -> None:
             x509.DNSName("localhost"), x509.DNSName("kubernetes"),
             x509.DNSName("kubernetes.default"), x509.DNSName("kubernetes.default.svc"),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+            *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips),
         ]), critical=False)
     cert = builder.sign(ca_key, hashes.SHA256())
     _write_key(pki.key(name), key)
     pki.cert(name).write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
 
-def ensure_pki(directory: Path) -> PKI:
-    """Create the CA, serving/client certs and SA keys under `directory` unless present."""
+def ensure_client_cert(pki: PKI, name: str, cn: str, org: str | None = None) -> PKI:
+    """A client certificate for one more identity (a kubelet's ``system:node:<name>``)."""
+    if not pki.cert(name).exists():
+        _issue(pki, name, cn, org, server=False)
+    return pki
+
+
+# Client identities of the control plane: file name -> (user, group).
+CLIENTS = {
+    "admin": ("phoenix-lab-admin", "system:masters"),
+    "controller-manager": ("system:kube-controller-manager", None),
+    "scheduler": ("system:kube-scheduler", None),
+    "coredns": ("system:phoenix-lab-coredns", None),
+    # The apiserver's identity towards kubelets (logs, exec): full kubelet API access.
+    "apiserver-kubelet-client": ("kube-apiserver-kubelet-client", "system:masters"),
+}
+
+
+def ensure_pki(directory: Path, server_ips: tuple[str, ...] = ()) -> PKI:
+    """Create the CA, serving/client certs and SA keys under `directory` unless present.
+
+    ``server_ips``: addresses besides 127.0.0.1 the apiserver's certificate must name.
+    """
     pki = PKI(Path(directory))
     pki.dir.mkdir(parents=True, exist_ok=True)
     if not pki.ca_cert.exists():
@@ -110,14 +134,10 @@ def ensure_pki(directory: Path) -> PKI:
         )
         _write_key(pki.ca_key, key)
         pki.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    wanted = {
-        "apiserver": ("kube-apiserver", None, True),
-        "admin": ("phoenix-lab-admin", "system:masters", False),
-        "controller-manager": ("system:kube-controller-manager", None, False),
-    }
-    for name, (cn, org, server) in wanted.items():
-        if not pki.cert(name).exists():
-            _issue(pki, name, cn, org, server)
+    if not pki.cert("apiserver").exists():
+        _issue(pki, "apiserver", "kube-apiserver", None, True, server_ips)
+    for name, (cn, org) in CLIENTS.items():
+        ensure_client_cert(pki, name, cn, org)
     if not pki.sa_key.exists():
         sa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         _write_key(pki.sa_key, sa)

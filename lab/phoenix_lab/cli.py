@@ -17,11 +17,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--state-dir", type=Path, default=None,
                     help="where the lab keeps its state (default: $PHOENIX_LAB_DIR or <repo>/.lab)")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("build", help="build/cache etcd, kube-apiserver, controller-manager, versitygw, kubectl, helm")
-    sub.add_parser("up", help="start the lab (idempotent)")
+    sub.add_parser("build", help="build/cache the lab's binaries (control plane, kubelet, CoreDNS, "
+                                 "versitygw, kubectl, helm)")
+    sub.add_parser("up", help="build the images if needed and start the lab (idempotent; "
+                              "cleans up after a crash)")
     down = sub.add_parser("down", help="stop the lab")
     down.add_argument("--purge", action="store_true", help="also delete the lab's state dir")
     sub.add_parser("status", help="show which lab parts are running")
+    lose = sub.add_parser("lose-node", help="node loss: kill a node's kubelet, containerd and "
+                                            "containers at once; a replacement spot node registers")
+    lose.add_argument("node")
     sub.add_parser("env", help="print shell exports for KUBECONFIG and PATH")
     args = ap.parse_args(argv)
     try:
@@ -41,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             status = lab.status()
             print(json.dumps(status, indent=2))
             return 0 if all(status.values()) else 1
+        elif args.cmd == "lose-node":
+            print(f"replacement: {lab.lose_node(args.node).name}")
         elif args.cmd == "env":
             print(f"export KUBECONFIG={lab.kubeconfig}")
             print(f"export PATH={paths.bin_dir()}:$PATH")

@@ -1,9 +1,14 @@
-"""The lab cluster: start, stop and inspect etcd, kube-apiserver, kube-controller-manager,
-the node agent and the S3 server as one unit, plus the disruption helpers tests use.
+"""The lab cluster: a real Kubernetes control plane and real nodes on this machine.
 
-`Lab.up()` is idempotent (running parts are left alone), `Lab.down()` stops everything it
-started. All servers bind 127.0.0.1; the service CIDR is configuration only and nothing
-ever connects to a cluster IP.
+etcd, kube-apiserver (Node + RBAC authorization; NodeRestriction,
+OwnerReferencesPermissionEnforcement and PodSecurity admission, restricted by default),
+kube-controller-manager, kube-scheduler and CoreDNS run as host processes; each node is a
+real kubelet + containerd + CNI bridge (`nodes.py`) running the repository's own images.
+One on-demand node and two GPU spot nodes; an S3 server (versitygw) for checkpoints.
+
+`Lab.up()` is idempotent (running parts are left alone) and cleans up after a crash;
+`Lab.down()` removes every process, mount, network namespace, bridge, route and rule it
+made. Addresses and the rules that keep traffic on this machine: `network.py`.
 """
 from __future__ import annotations
 
@@ -22,13 +27,44 @@ from typing import Callable
 
 import yaml
 
-from . import paths
-from .certs import PKI, ensure_pki
-from .procs import LabError, Service, free_port, require_free_port, tcp_ready
+from . import images, paths
+from .certs import PKI, ensure_client_cert, ensure_pki
+from .network import LabNetwork, free_net_index
+from .nodes import (GPU, Node, NodeSpec, ctr, ensure_node_image, node_image_root,
+                    processes_of)
+from .procs import LabError, Service, free_port, http_ready, require_free_port, tcp_ready
 from .s3 import S3Endpoint, S3Server
 
 K8S_VERSION_PREFIX = "v1.35."
-SERVICE_CIDR = "10.96.0.0/16"  # configuration only; never dialled
+GPUS_PER_SPOT_NODE = 4
+SPOT_NODES = 2
+# Every namespace is restricted unless it says otherwise; only the control plane's own
+# namespaces are exempt (the lab runs nothing there).
+_ADMISSION_CONFIG = {
+    "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AdmissionConfiguration",
+    "plugins": [{"name": "PodSecurity", "configuration": {
+        "apiVersion": "pod-security.admission.config.k8s.io/v1",
+        "kind": "PodSecurityConfiguration",
+        "defaults": {"enforce": "restricted", "enforce-version": "latest",
+                     "audit": "restricted", "warn": "restricted"},
+        "exemptions": {"usernames": [], "runtimeClasses": [],
+                       "namespaces": ["kube-system"]}}}],
+}
+# CoreDNS's identity may read what the kubernetes plugin serves, nothing else.
+_COREDNS_RBAC = [
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+     "metadata": {"name": "phoenix-lab:coredns"},
+     "rules": [{"apiGroups": [""], "resources": ["services", "pods", "namespaces"],
+                "verbs": ["list", "watch"]},
+               {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"],
+                "verbs": ["list", "watch"]}]},
+    {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+     "metadata": {"name": "phoenix-lab:coredns"},
+     "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                 "name": "phoenix-lab:coredns"},
+     "subjects": [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                   "name": "system:phoenix-lab-coredns"}]},
+]
 
 
 @dataclass
@@ -38,6 +74,8 @@ class LabPorts:
     apiserver: int
     controller_manager: int
     s3: int
+    scheduler: int
+    dns_ready: int
 
     @classmethod
     def fixed(cls) -> "LabPorts":
@@ -49,12 +87,14 @@ class LabPorts:
             apiserver=int(env("PHOENIX_LAB_APISERVER_PORT", 16443)),
             controller_manager=int(env("PHOENIX_LAB_CM_PORT", 10357)),
             s3=int(env("PHOENIX_LAB_S3_PORT", 17070)),
+            scheduler=int(env("PHOENIX_LAB_SCHEDULER_PORT", 10359)),
+            dns_ready=int(env("PHOENIX_LAB_DNS_READY_PORT", 18181)),
         )
 
     @classmethod
     def ephemeral(cls) -> "LabPorts":
         """Free ports picked now, for test sessions that must not collide with a demo lab."""
-        return cls(*(free_port() for _ in range(5)))
+        return cls(*(free_port() for _ in range(7)))
 
 
 Progress = Callable[[str], None]
@@ -64,25 +104,49 @@ def _print_progress(msg: str) -> None:
     print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
+def initial_nodes() -> list[NodeSpec]:
+    return [NodeSpec("lab-ondemand-0", 0, spot=False, gpus=0)] + [
+        NodeSpec(f"lab-spot-{i}", i, spot=True, gpus=GPUS_PER_SPOT_NODE)
+        for i in range(1, SPOT_NODES + 1)]
+
+
 class Lab:
     def __init__(self, state_dir: Path | None = None, ports: LabPorts | None = None,
                  progress: Progress = _print_progress) -> None:
         self.state_dir = Path(state_dir or paths.default_state_dir()).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
-        saved = self.state_dir / "lab.json"
-        if saved.exists():
-            self.ports = LabPorts(**json.loads(saved.read_text())["ports"])
+        self._saved = self.state_dir / "lab.json"
+        if self._saved.exists():
+            saved = json.loads(self._saved.read_text())
+            self.ports = LabPorts(**saved["ports"])
+            self.net = LabNetwork(saved["net_index"])
+            self.node_specs = [NodeSpec(**n) for n in saved["nodes"]]
         else:
+            # The developer's lab (fixed ports) owns slice 0; test labs take a free one.
             self.ports = ports or LabPorts.fixed()
-            saved.write_text(json.dumps({"ports": asdict(self.ports)}, indent=2))
+            self.net = LabNetwork(0 if ports is None else free_net_index())
+            self.node_specs = initial_nodes()
+            self._save()
         self.pki = PKI(self.state_dir / "pki")
-        self.s3_server = S3Server(self.state_dir / "s3", port=self.ports.s3)
+        self.s3_server = S3Server(self.state_dir / "s3", port=self.ports.s3,
+                                  host=self.net.host_ip)
+        self.images: dict[str, str] = {}
+
+    def _save(self) -> None:
+        self._saved.write_text(json.dumps({
+            "ports": asdict(self.ports), "net_index": self.net.index,
+            "nodes": [asdict(n) for n in self.node_specs]}, indent=2))
 
     # ---- paths and clients -------------------------------------------------------------
     @property
+    def host_ip(self) -> str:
+        """Where pods and host tools reach the apiserver, S3 and DNS."""
+        return self.net.host_ip
+
+    @property
     def server_url(self) -> str:
-        return f"https://127.0.0.1:{self.ports.apiserver}"
+        return f"https://{self.host_ip}:{self.ports.apiserver}"
 
     @property
     def kubeconfig(self) -> str:
@@ -92,8 +156,44 @@ class Lab:
     def s3(self) -> S3Endpoint:
         return self.s3_server.endpoint
 
+    @property
+    def trainer_image(self) -> str:
+        return self._image("trainer")
+
+    @property
+    def operator_image(self) -> str:
+        return self._image("operator")
+
+    def _image(self, kind: str) -> str:
+        if not self.images:
+            self.images = images.built_images()
+        return self.images[kind]
+
     def _services(self) -> list[Service]:
-        return [self._etcd(), self._apiserver(), self._controller_manager(), self._node_agent()]
+        return [self._etcd(), self._apiserver(), self._controller_manager(),
+                self._scheduler(), self._coredns()]
+
+    def nodes(self) -> list[Node]:
+        return [self._node(spec) for spec in self.node_specs]
+
+    def node(self, name: str) -> Node:
+        for spec in self.node_specs:
+            if spec.name == name:
+                return self._node(spec)
+        raise LabError(f"no lab node named {name!r} (nodes: "
+                       f"{', '.join(s.name for s in self.node_specs)})")
+
+    def _node(self, spec: NodeSpec) -> Node:
+        return Node(spec, self.state_dir, self.net, ca_file=self.pki.ca_cert,
+                    kubeconfig=str(self.state_dir / "nodes" / f"{spec.name}.kubeconfig"),
+                    dns_ip=self.host_ip, pause_image=images.PAUSE_IMAGE)
+
+    def _node_credentials(self, node: Node) -> None:
+        """The kubelet's own identity, system:node:<name> (Node authorizer, NodeRestriction)."""
+        cert = f"node-{node.name}"
+        ensure_client_cert(self.pki, cert, f"system:node:{node.name}", "system:nodes")
+        Path(node.kubeconfig).parent.mkdir(parents=True, exist_ok=True)
+        self._write_kubeconfig(cert, Path(node.kubeconfig))
 
     def _etcd(self) -> Service:
         p = self.ports
@@ -116,7 +216,7 @@ class Lab:
             name="kube-apiserver", state_dir=self.state_dir, ready=self._apiserver_ready,
             argv=[str(paths.binary("kube-apiserver")),
                   f"--etcd-servers=http://127.0.0.1:{self.ports.etcd}",
-                  "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+                  f"--bind-address={self.host_ip}", f"--advertise-address={self.host_ip}",
                   f"--secure-port={self.ports.apiserver}",
                   f"--tls-cert-file={pki.cert('apiserver')}",
                   f"--tls-private-key-file={pki.key('apiserver')}",
@@ -124,19 +224,44 @@ class Lab:
                   "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
                   f"--service-account-key-file={pki.sa_pub}",
                   f"--service-account-signing-key-file={pki.sa_key}",
-                  f"--service-cluster-ip-range={SERVICE_CIDR}",
-                  "--authorization-mode=RBAC",
-                  # Endpoints may not hold loopback addresses; the lab has no kubernetes
-                  # Service endpoint, pods reach the apiserver by 127.0.0.1 directly.
-                  "--endpoint-reconciler-type=none",
-                  "--allow-privileged=true", "--profiling=false",
+                  f"--service-cluster-ip-range={self.net.service_range}",
+                  "--authorization-mode=Node,RBAC",
+                  "--enable-admission-plugins=NodeRestriction,"
+                  "OwnerReferencesPermissionEnforcement,PodSecurity",
+                  f"--admission-control-config-file={self.state_dir / 'admission.yaml'}",
+                  f"--kubelet-client-certificate={pki.cert('apiserver-kubelet-client')}",
+                  f"--kubelet-client-key={pki.key('apiserver-kubelet-client')}",
+                  "--kubelet-preferred-address-types=InternalIP",
+                  "--profiling=false",
                   f"--cert-dir={self.state_dir / 'apiserver-certs'}"],
         )
 
+    def _component_kubeconfig(self, cert: str) -> str:
+        return str(self.state_dir / f"{cert}.kubeconfig")
+
+    def _write_configs(self) -> None:
+        """Certificates, kubeconfigs and config files every service reads at start."""
+        ensure_pki(self.pki.dir, server_ips=(self.host_ip,))
+        self._write_kubeconfig("admin", Path(self.kubeconfig))
+        for cert in ("controller-manager", "scheduler", "coredns"):
+            self._write_kubeconfig(cert, Path(self._component_kubeconfig(cert)))
+        (self.state_dir / "admission.yaml").write_text(yaml.safe_dump(_ADMISSION_CONFIG))
+        (self.state_dir / "Corefile").write_text(f""".:53 {{
+    bind {self.host_ip}
+    errors
+    ready 127.0.0.1:{self.ports.dns_ready}
+    kubernetes cluster.local in-addr.arpa ip6.arpa {{
+        kubeconfig {self._component_kubeconfig("coredns")} phoenix-lab
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }}
+    cache 5
+}}
+""")
+
     def _controller_manager(self) -> Service:
         pki = self.pki
-        kc = self._write_kubeconfig("controller-manager",
-                                    self.state_dir / "controller-manager.kubeconfig")
+        kc = self._component_kubeconfig("controller-manager")
         return Service(
             name="kube-controller-manager", state_dir=self.state_dir,
             ready=tcp_ready(self.ports.controller_manager),
@@ -148,19 +273,28 @@ class Lab:
                   f"--root-ca-file={pki.ca_cert}", "--use-service-account-credentials=true",
                   f"--cluster-signing-cert-file={pki.ca_cert}",
                   f"--cluster-signing-key-file={pki.ca_key}",
-                  f"--service-cluster-ip-range={SERVICE_CIDR}",
+                  f"--service-cluster-ip-range={self.net.service_range}",
                   "--leader-elect=false", "--profiling=false",
                   f"--cert-dir={self.state_dir / 'cm-certs'}"],
         )
 
-    def _node_agent(self) -> Service:
+    def _scheduler(self) -> Service:
+        kc = self._component_kubeconfig("scheduler")
         return Service(
-            name="node-agent", state_dir=self.state_dir,
-            ready=lambda: (self.state_dir / "run" / "node-agent.ready").exists(),
-            argv=[sys.executable, "-m", "phoenix_lab.nodeagent",
-                  "--kubeconfig", self.kubeconfig, "--state-dir", str(self.state_dir),
-                  "--apiserver-port", str(self.ports.apiserver)],
+            name="kube-scheduler", state_dir=self.state_dir,
+            ready=tcp_ready(self.ports.scheduler),
+            argv=[str(paths.binary("kube-scheduler")),
+                  f"--kubeconfig={kc}", f"--authentication-kubeconfig={kc}",
+                  f"--authorization-kubeconfig={kc}",
+                  "--bind-address=127.0.0.1", f"--secure-port={self.ports.scheduler}",
+                  "--leader-elect=false", "--profiling=false"],
         )
+
+    def _coredns(self) -> Service:
+        return Service(
+            name="coredns", state_dir=self.state_dir,
+            ready=http_ready(f"http://127.0.0.1:{self.ports.dns_ready}/ready"),
+            argv=[str(paths.binary("coredns")), "-conf", str(self.state_dir / "Corefile")])
 
     def _write_kubeconfig(self, cert_name: str, path: Path) -> str:
         b64 = lambda p: base64.b64encode(Path(p).read_bytes()).decode()  # noqa: E731
@@ -190,23 +324,40 @@ class Lab:
     # ---- lifecycle ---------------------------------------------------------------------
     def up(self) -> "Lab":
         t0 = time.monotonic()
-        for name in ("etcd", "kube-apiserver", "kube-controller-manager", "versitygw"):
+        for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                     "kubelet", "coredns", "versitygw"):
             paths.binary(name)  # fail early with a clear message if a binary is missing
-        ensure_pki(self.pki.dir)
-        self._write_kubeconfig("admin", Path(self.kubeconfig))
+        self.images = images.ensure_all(self.progress)
+        node_image = ensure_node_image(
+            {ref: images.save_image(ref) for ref in self.images.values()},
+            images.stamp(self.images), self.progress)
+        self.net.up()
+        self._write_configs()
         port_owner = {
-            "etcd": (self.ports.etcd, self.ports.etcd_peer),
-            "kube-apiserver": (self.ports.apiserver,),
-            "kube-controller-manager": (self.ports.controller_manager,),
+            "etcd": (("127.0.0.1", self.ports.etcd), ("127.0.0.1", self.ports.etcd_peer)),
+            "kube-apiserver": ((self.host_ip, self.ports.apiserver),),
+            "kube-controller-manager": (("127.0.0.1", self.ports.controller_manager),),
+            "kube-scheduler": (("127.0.0.1", self.ports.scheduler),),
+            "coredns": (("127.0.0.1", self.ports.dns_ready),),
         }
         for service in self._services():
             if service.running():
                 self.progress(f"{service.name}: already running (pid {service.pid()})")
                 continue
-            for port in port_owner.get(service.name, ()):
-                require_free_port(port, service.name)
+            for host, port in port_owner.get(service.name, ()):
+                require_free_port(port, service.name, host)
+            if service.name == "coredns":
+                self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_COREDNS_RBAC))
             self.progress(f"starting {service.name}")
             service.start(timeout=120)
+        for node in self.nodes():
+            if node.running():
+                self.progress(f"node {node.name}: already running")
+                continue
+            self.progress(f"starting node {node.name} (containerd + kubelet, {node.ip})")
+            self._node_credentials(node)
+            node.start(node_image, self.progress)
+        self.wait_nodes_ready()
         if not self.s3_server.running():
             self.progress("starting S3 server (versitygw)")
         self.s3_server.start()
@@ -214,15 +365,59 @@ class Lab:
                       f"export KUBECONFIG={self.kubeconfig}")
         return self
 
+    def wait_nodes_ready(self, names: list[str] | None = None, timeout: float = 120) -> None:
+        """Wait until the nodes registered and are Ready; advertise spot nodes' GPUs."""
+        from kubernetes import client
+
+        names = names or [s.name for s in self.node_specs]
+        specs = {s.name: s for s in self.node_specs}
+        deadline = time.monotonic() + timeout
+        with self.api_client() as api:
+            core = client.CoreV1Api(api)
+            pending = set(names)
+            while pending:
+                for name in sorted(pending):
+                    try:
+                        node = core.read_node(name)
+                    except client.ApiException as e:
+                        if e.status != 404:
+                            raise
+                        continue
+                    gpus = specs[name].gpus
+                    if gpus and (node.status.capacity or {}).get(GPU) != str(gpus):
+                        # The documented way to advertise an extended resource.
+                        core.patch_node_status(name, [{
+                            "op": "add", "path": "/status/capacity/nvidia.com~1gpu",
+                            "value": str(gpus)}])
+                        continue
+                    ready = any(c.type == "Ready" and c.status == "True"
+                                for c in node.status.conditions or [])
+                    if ready and (not gpus or (node.status.allocatable or {}).get(GPU) == str(gpus)):
+                        pending.discard(name)
+                if not pending:
+                    break
+                if time.monotonic() > deadline:
+                    logs = "\n".join(self.node(n).kubelet.tail(15) for n in pending)
+                    raise LabError(f"nodes {sorted(pending)} not Ready after {timeout:.0f}s; "
+                                   f"kubelet logs:\n{logs}")
+                time.sleep(0.5)
+
     def down(self) -> None:
         self.s3_server.stop()
+        for node in self.nodes():
+            if node.running():
+                self.progress(f"stopping node {node.name}")
+            node.stop()
         for service in reversed(self._services()):
             if service.running():
                 self.progress(f"stopping {service.name}")
             service.stop()
+        self.net.down()
 
     def status(self) -> dict[str, bool]:
         result = {s.name: s.running() for s in self._services()}
+        for node in self.nodes():
+            result[f"node/{node.name}"] = node.running()
         result["s3"] = self.s3_server.running()
         if result["kube-apiserver"]:
             result["apiserver-ready"] = self._apiserver_ready()
@@ -282,33 +477,60 @@ class Lab:
         with self.api_client() as api:
             client.CoreV1Api(api).create_namespaced_pod_eviction(pod, namespace, body)
 
-    def lose_node(self, node: str) -> None:
-        """Simulate losing a node: its Node object goes away and its processes die at once.
+    def lose_node(self, node: str) -> Node:
+        """Lose a node: its kubelet, containerd and containers die at once, without a word.
 
-        The node agent notices, SIGKILLs what ran there, and registers a replacement node;
-        the controller-manager's pod GC then cleans up the orphaned pods.
+        Then the lab plays the cloud: the vanished instance's Node object is deleted (as a
+        cloud node controller does) and a replacement spot node registers. Returns the
+        replacement (started, not yet Ready).
         """
         from kubernetes import client
 
+        lost = self.node(node)
+        lost.kill()
         with self.api_client() as api:
-            client.CoreV1Api(api).delete_node(node)
+            try:
+                client.CoreV1Api(api).delete_node(node)
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+        lost.cleanup()
+        lost.remove_files()
+        index = max(s.index for s in self.node_specs) + 1
+        spec = NodeSpec(f"lab-spot-{index}", index, spot=True, gpus=GPUS_PER_SPOT_NODE)
+        self.node_specs = [s for s in self.node_specs if s.name != node] + [spec]
+        self._save()
+        replacement = self._node(spec)
+        self._node_credentials(replacement)
+        replacement.start(node_image_root(), self.progress)
+        self.progress(f"node {node} lost; replacement {spec.name} starting")
+        return replacement
+
+    def node_processes(self, node: str) -> list[int]:
+        """Processes of a node (kubelet, containerd, shims) still alive, lost or not."""
+        return processes_of(self.state_dir / "nodes" / node)
+
+    def container(self, namespace: str, pod: str) -> tuple[Node, str]:
+        """The node running a pod and its (first) container's runtime id."""
+        from kubernetes import client
+
+        with self.api_client() as api:
+            p = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
+        statuses = p.status.container_statuses or []
+        if not p.spec.node_name or not statuses or not statuses[0].container_id:
+            raise LabError(f"pod {namespace}/{pod} has no running container")
+        return self.node(p.spec.node_name), statuses[0].container_id.split("://", 1)[1]
 
     def kill_pod(self, namespace: str, pod: str, sig: int = _signal.SIGKILL) -> None:
-        """Send a signal to a running pod's process group, as the node's runtime would."""
-        pidfile = self.pod_dir(namespace, pod) / "pid"
-        try:
-            pid = int(pidfile.read_text())
-        except (OSError, ValueError) as e:
-            raise LabError(f"pod {namespace}/{pod} has no running process on the lab") from e
-        os.killpg(pid, sig)
+        """Signal a pod's container through its node's containerd (as an OOM kill or a
+        crashing runtime would), bypassing the kubelet and its grace period."""
+        node, container_id = self.container(namespace, pod)
+        ctr(node.socket, "tasks", "kill", "--signal", _signal.Signals(sig).name, container_id)
 
-    def pod_dir(self, namespace: str, pod: str) -> Path:
-        """Where the node agent keeps a pod's logs, pid and termination messages."""
-        matches = sorted((self.state_dir / "pods").glob(f"{namespace}_{pod}_*"),
-                         key=lambda p: p.stat().st_mtime)
-        if not matches:
-            raise LabError(f"pod {namespace}/{pod} never ran on the lab")
-        return matches[-1]
+    def pod_logs(self, namespace: str, pod: str, previous: bool = False) -> str:
+        """The pod's log through the apiserver and kubelet, as `kubectl logs` shows it."""
+        args = ["logs", "-n", namespace, pod] + (["--previous"] if previous else [])
+        return self.kubectl(*args, check=False).stdout
 
     @property
     def node_names(self) -> list[str]:

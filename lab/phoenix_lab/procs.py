@@ -32,10 +32,10 @@ def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
     return True
 
 
-def require_free_port(port: int, what: str) -> None:
-    if not port_is_free(port):
+def require_free_port(port: int, what: str, host: str = "127.0.0.1") -> None:
+    if not port_is_free(port, host):
         raise LabError(
-            f"port {port} on 127.0.0.1 is already in use, so {what} cannot listen there; "
+            f"port {port} on {host} is already in use, so {what} cannot listen there; "
             "stop the process holding it (ss -ltnp) or choose other ports for the lab"
         )
 
@@ -157,6 +157,19 @@ def tcp_ready(port: int, host: str = "127.0.0.1") -> Callable[[], bool]:
         try:
             with socket.create_connection((host, port), timeout=0.5):
                 return True
+        except OSError:
+            return False
+    return check
+
+
+def http_ready(url: str) -> Callable[[], bool]:
+    """A readiness check: the URL answers 200."""
+    import urllib.request
+
+    def check() -> bool:
+        try:
+            with urllib.request.urlopen(url, timeout=1) as r:
+                return r.status == 200
         except OSError:
             return False
     return check

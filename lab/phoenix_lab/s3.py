@@ -46,7 +46,7 @@ class S3Endpoint:
 
 
 class S3Server:
-    def __init__(self, state_dir: Path, port: int | None = None) -> None:
+    def __init__(self, state_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.state_dir = Path(state_dir)
         self.data_dir = self.state_dir / "s3-data"
         creds = self.state_dir / "s3-credentials"
@@ -60,21 +60,22 @@ class S3Server:
             creds.touch(mode=0o600)
             creds.write_text(f"{access} {secret} {port}\n")
         self.port = port
-        self.endpoint = S3Endpoint(f"http://127.0.0.1:{port}", access, secret)
+        self.host = host
+        self.endpoint = S3Endpoint(f"http://{host}:{port}", access, secret)
         self.service = Service(
             name="s3",
-            argv=[str(paths.binary("versitygw")), "--port", f"127.0.0.1:{port}", "posix",
+            argv=[str(paths.binary("versitygw")), "--port", f"{host}:{port}", "posix",
                   str(self.data_dir)],
             # Credentials go through the environment, not argv, so `ps` does not show them.
             env={"ROOT_ACCESS_KEY": access, "ROOT_SECRET_KEY": secret},
             state_dir=self.state_dir,
-            ready=tcp_ready(port),
+            ready=tcp_ready(port, host),
         )
 
     def start(self) -> S3Endpoint:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.service.running():
-            require_free_port(self.port, "the S3 server")
+            require_free_port(self.port, "the S3 server", self.host)
         self.service.start(timeout=30)
         return self.endpoint
 

@@ -5,13 +5,17 @@ writes real checkpoints with the trainer's manifest-last writer, stops at a step
 on SIGTERM with an emergency checkpoint and a "preempted" termination message, and can be
 told to crash. Behaviour knobs (env): FAKE_STEPS, FAKE_STEP_SECONDS, FAKE_CKPT_EVERY,
 FAKE_CKPT_UNTIL (no checkpoints after this step), FAKE_FAIL_ATTEMPTS ("2,3": exit 1 in
-those attempts after FAKE_FAIL_AFTER steps), FAKE_RECORD (a file; one JSON line per start).
+those attempts after FAKE_FAIL_AFTER steps), FAKE_RECORD ("host:port" of a test's beacon;
+one JSON message per start).
+
+It runs in the trainer image, mounted from a ConfigMap (tests/cluster/conftest.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -45,10 +49,11 @@ def main() -> int:
         start = step or 0
     record = os.environ.get("FAKE_RECORD")
     if record:
-        with open(record, "a") as f:
-            f.write(json.dumps({"attempt": env.attempt, "resume_from": env.resume_from,
-                                "init_from": env.init_from, "start": start,
-                                "time": time.time()}) + "\n")
+        host, port = record.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(json.dumps({"attempt": env.attempt, "resume_from": env.resume_from,
+                                  "init_from": env.init_from, "start": start,
+                                  "time": time.time()}).encode())
     last_ckpt = env.resume_from
 
     def save(step: int) -> str:

@@ -13,7 +13,10 @@ from pathlib import Path
 from kube_helpers import http_ok, http_text
 from phoenix_lab.procs import free_port
 
-FAKE_TRAINER = str(Path(__file__).with_name("fake_trainer.py"))
+FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
+# The fake trainer reaches trainer pods as a ConfigMap mounted at /opt/fake.
+FAKE_TRAINER_CONFIGMAP = "phoenix-fake-trainer"
+FAKE_TRAINER_PATH = "/opt/fake/fake_trainer.py"
 
 
 class OperatorProcess:

@@ -6,16 +6,18 @@ from typing import Any, Callable
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kube_helpers import wait_for
-from operator_process import FAKE_TRAINER
+from kube_helpers import RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, wait_for
+from operator_process import FAKE_TRAINER_CONFIGMAP, FAKE_TRAINER_PATH
 
 GROUP, VERSION, PLURAL = "phoenix.dev", "v1alpha1", "phoenixjobs"
 SPOT_TOLERATION = [{"key": "phoenix.dev/spot", "operator": "Exists", "effect": "NoSchedule"}]
 
 
-def phoenixjob(name: str, bucket: str, s3_url: str, *, phases=("train",), env=None,
+def phoenixjob(name: str, bucket: str, s3_url: str, *, image: str, phases=("train",), env=None,
                recovery=None, grace: int = 10, keep: int = 3, suspend: bool = False,
                extra_phase: dict | None = None) -> dict:
+    """A PhoenixJob whose trainer is tests/cluster/fake_trainer.py in the trainer `image`,
+    under restricted Pod Security, on the lab's spot nodes."""
     fake_env = [{"name": k, "value": str(v)} for k, v in (env or {}).items()]
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "PhoenixJob",
@@ -24,8 +26,13 @@ def phoenixjob(name: str, bucket: str, s3_url: str, *, phases=("train",), env=No
             "template": {"spec": {
                 "nodeSelector": {"phoenix.dev/spot": "true"},
                 "tolerations": SPOT_TOLERATION,
-                "containers": [{"name": "trainer", "image": "phoenix-trainer:dev",
-                                "command": ["python", FAKE_TRAINER], "env": fake_env,
+                "volumes": [TMP_VOLUME, {"name": "fake", "configMap": {
+                    "name": FAKE_TRAINER_CONFIGMAP}}],
+                "containers": [{"name": "trainer", "image": image, "imagePullPolicy": "Never",
+                                "command": ["python", FAKE_TRAINER_PATH], "env": fake_env,
+                                "securityContext": RESTRICTED_CONTAINER,
+                                "volumeMounts": [TMP_MOUNT, {"name": "fake",
+                                                             "mountPath": "/opt/fake"}],
                                 "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}},
             "phases": [dict({"name": p}, **((extra_phase or {}).get(p, {}))) for p in phases],
             "checkpoint": {"uri": f"s3://{bucket}/run", "endpoint": s3_url,

@@ -95,7 +95,7 @@ def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_
     assert can_i("watch", "nodes") == "yes" and can_i("delete", "nodes") == "no"
 
     env = {"FAKE_STEPS": 200, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
-    create(custom, ns, phoenixjob("chart", bucket, lab.s3.url, env=env))
+    create(custom, ns, phoenixjob("chart", bucket, lab.s3.url, image=lab.trainer_image, env=env))
     wait_for(lambda: (p := pod_or_none(core, ns, "chart-train-1"))
              and p.status.phase == "Running", 60, 0.5, "attempt 1 running",
              diagnose=release.describe)

@@ -26,7 +26,7 @@ def phoenix_cli(lab, *args: str) -> str:
 
 
 def test_cli_status_and_checkpoints(lab, operator, core, custom, ns, bucket):
-    create(custom, ns, phoenixjob("cli", bucket, lab.s3.url, phases=("pretrain", "eval"),
+    create(custom, ns, phoenixjob("cli", bucket, lab.s3.url, image=lab.trainer_image, phases=("pretrain", "eval"),
                                   env={"FAKE_STEPS": 10, "FAKE_CKPT_EVERY": 5}))
     wait(lambda: get(custom, ns, "cli").get("status", {}).get("phase") == "Succeeded", 90,
          "job Succeeded")
@@ -44,7 +44,7 @@ def test_node_loss_is_a_preemption_replaced_before_pod_gc(lab, operator, core, c
     """The Node is deleted and its processes die without a word: the pod stays Running in
     the API until pod GC (40-60 s). The operator notices the missing Node, force-deletes the
     pod and creates the next attempt long before that."""
-    create(custom, ns, phoenixjob("nl", bucket, lab.s3.url, env={
+    create(custom, ns, phoenixjob("nl", bucket, lab.s3.url, image=lab.trainer_image, env={
         "FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}))
     pod = wait(lambda: (p := pod_or_none(core, ns, "nl-train-1")) and p.status.phase == "Running"
                and p, 60, "attempt 1 running")
@@ -69,7 +69,7 @@ def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, cu
                                                          bucket):
     env = {"FAKE_STEPS": 12, "FAKE_CKPT_EVERY": 5, "FAKE_FAIL_ATTEMPTS": "1",
            "FAKE_FAIL_AFTER": 7}
-    body = phoenixjob("rst", bucket, lab.s3.url, phases=("train", "eval"), env=env,
+    body = phoenixjob("rst", bucket, lab.s3.url, image=lab.trainer_image, phases=("train", "eval"), env=env,
                       recovery={"maxFailures": 0})
     create(custom, ns, body)
     job = wait(lambda: (j := get(custom, ns, "rst")).get("status", {}).get("phase") == "Failed"
@@ -77,7 +77,7 @@ def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, cu
     assert [p["state"] for p in job["status"]["phases"]] == ["Failed", "Blocked"]
     # The user fixes the cause (here: the fake trainer's failure knob) and resets.
     fixed = dict(env, FAKE_FAIL_ATTEMPTS="")
-    template = phoenixjob("rst", bucket, lab.s3.url, env=fixed)["spec"]["template"]
+    template = phoenixjob("rst", bucket, lab.s3.url, image=lab.trainer_image, env=fixed)["spec"]["template"]
     patch_spec(custom, ns, "rst", {"template": template})
     text = phoenix_cli(lab, "reset", "rst", "-n", ns)
     assert "phase train, eval reset to Pending" in text
@@ -94,7 +94,7 @@ def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, cu
 
 
 def test_reset_refuses_while_running(lab, operator, core, custom, ns, bucket):
-    create(custom, ns, phoenixjob("rr", bucket, lab.s3.url, phases=("train", "eval"), env={
+    create(custom, ns, phoenixjob("rr", bucket, lab.s3.url, image=lab.trainer_image, phases=("train", "eval"), env={
         "FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_FAIL_ATTEMPTS": "1"},
         recovery={"maxFailures": 0}, extra_phase={"eval": {
             "independent": True, "env": [{"name": "FAKE_FAIL_ATTEMPTS", "value": ""}]}}))

@@ -36,10 +36,11 @@ def has_checkpoints(lab, bucket, n, phase="train"):
     return len(checkpoint_steps(storage)) >= n
 
 
-def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, tmp_path):
-    record = tmp_path / "starts.jsonl"
-    body = phoenixjob("ok", bucket, lab.s3.url, phases=("pretrain", "finetune"),
-                      env={"FAKE_STEPS": 10, "FAKE_CKPT_EVERY": 5, "FAKE_RECORD": record})
+def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, recorder):
+    body = phoenixjob("ok", bucket, lab.s3.url, image=lab.trainer_image,
+                      phases=("pretrain", "finetune"),
+                      env={"FAKE_STEPS": 10, "FAKE_CKPT_EVERY": 5,
+                           "FAKE_RECORD": recorder.address})
     create(custom, ns, body)
     job = wait(lambda: (j := get(custom, ns, "ok")).get("status", {}).get("phase") == "Succeeded"
                and j, 90, "job Succeeded")
@@ -48,7 +49,7 @@ def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, tmp_path
     cond = {c["type"]: c for c in job["status"]["conditions"]}
     assert cond["Succeeded"]["status"] == "True"
     assert job["status"]["observedGeneration"] == job["metadata"]["generation"]
-    starts = [json.loads(line) for line in record.read_text().splitlines()]
+    starts = [json.loads(m) for m in recorder.messages]
     finetune = next(s for s in starts if s["init_from"])
     assert finetune["init_from"].endswith("/pretrain/" + step_dir_name(10))
     pod = core.read_namespaced_pod("ok-pretrain-1", ns)
@@ -59,7 +60,7 @@ def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, tmp_path
 
 def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, core, custom, ns,
                                                                bucket):
-    create(custom, ns, phoenixjob("ev", bucket, lab.s3.url, env=LONG))
+    create(custom, ns, phoenixjob("ev", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
     wait(lambda: running(core, ns, "ev-train-1"), 60, "attempt 1 running")
     wait(lambda: has_checkpoints(lab, bucket, 2), 60, "two checkpoints")
     lab.evict(ns, "ev-train-1")
@@ -87,7 +88,7 @@ def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, co
 
 def test_corrupt_newest_checkpoint_is_skipped(lab, operator, core, custom, ns, bucket):
     env = dict(LONG, FAKE_CKPT_UNTIL=15)
-    create(custom, ns, phoenixjob("cor", bucket, lab.s3.url, env=env))
+    create(custom, ns, phoenixjob("cor", bucket, lab.s3.url, image=lab.trainer_image, env=env))
     wait(lambda: running(core, ns, "cor-train-1"), 60, "attempt 1 running")
     s3 = lab.s3.client()
     key = f"run/train/{step_dir_name(15)}/state.bin"
@@ -107,7 +108,7 @@ def test_corrupt_newest_checkpoint_is_skipped(lab, operator, core, custom, ns, b
 def test_failures_back_off_and_exhaust_but_preemptions_do_not_count(lab, operator, core, custom,
                                                                      ns, bucket):
     env = dict(LONG, FAKE_FAIL_ATTEMPTS="2,3,4", FAKE_FAIL_AFTER=2)
-    create(custom, ns, phoenixjob("fl", bucket, lab.s3.url, env=env, recovery={
+    create(custom, ns, phoenixjob("fl", bucket, lab.s3.url, image=lab.trainer_image, env=env, recovery={
         "maxFailures": 2, "backoff": {"initialSeconds": 2, "maxSeconds": 4}}))
     wait(lambda: running(core, ns, "fl-train-1"), 60, "attempt 1 running")
     lab.evict(ns, "fl-train-1")  # a preemption first: must not touch the failure budget
@@ -160,7 +161,7 @@ class LivePodWatch(threading.Thread):
 
 def test_operator_killed_mid_recovery_creates_no_duplicate(lab, operator, core, custom, ns,
                                                            bucket):
-    create(custom, ns, phoenixjob("rs", bucket, lab.s3.url, env=LONG))
+    create(custom, ns, phoenixjob("rs", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
     wait(lambda: running(core, ns, "rs-train-1"), 60, "attempt 1 running")
     watch = LivePodWatch(core, ns, "rs")
     watch.start()
@@ -195,7 +196,7 @@ def test_two_operators_at_once_never_two_live_pods(lab, operator, operator_rbac,
     second.start()
     watch = LivePodWatch(core, ns, "dd")
     try:
-        create(custom, ns, phoenixjob("dd", bucket, lab.s3.url, env=LONG))
+        create(custom, ns, phoenixjob("dd", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
         watch.start()
         for attempt in (1, 2, 3):
             wait(lambda: running(core, ns, f"dd-train-{attempt}"), 60, f"attempt {attempt}")
@@ -213,7 +214,7 @@ def test_two_operators_at_once_never_two_live_pods(lab, operator, operator_rbac,
 
 
 def test_suspend_deletes_pod_and_resume_continues(lab, operator, core, custom, ns, bucket):
-    create(custom, ns, phoenixjob("sp", bucket, lab.s3.url, env=LONG))
+    create(custom, ns, phoenixjob("sp", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
     wait(lambda: running(core, ns, "sp-train-1"), 60, "attempt 1 running")
     wait(lambda: has_checkpoints(lab, bucket, 1), 60, "a checkpoint")
     patch_spec(custom, ns, "sp", {"suspend": True})
@@ -234,7 +235,7 @@ def test_suspend_deletes_pod_and_resume_continues(lab, operator, core, custom, n
 
 def test_failed_phase_blocks_dependents_but_independent_eval_runs(lab, operator, core, custom,
                                                                   ns, bucket):
-    body = phoenixjob("blk", bucket, lab.s3.url, phases=("train", "finetune", "eval"),
+    body = phoenixjob("blk", bucket, lab.s3.url, image=lab.trainer_image, phases=("train", "finetune", "eval"),
                       env={"FAKE_STEPS": 6, "FAKE_FAIL_ATTEMPTS": "1", "FAKE_FAIL_AFTER": 1},
                       recovery={"maxFailures": 0},
                       extra_phase={"eval": {"independent": True, "dependsOn": ["train"]}})
@@ -250,7 +251,7 @@ def test_failed_phase_blocks_dependents_but_independent_eval_runs(lab, operator,
 
 
 def test_deleting_the_job_deletes_its_pods(lab, operator, core, custom, ns, bucket):
-    create(custom, ns, phoenixjob("del", bucket, lab.s3.url, env=LONG))
+    create(custom, ns, phoenixjob("del", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
     wait(lambda: running(core, ns, "del-train-1"), 60, "attempt 1 running")
     job = get(custom, ns, "del")
     assert not job["metadata"].get("finalizers")  # no finalizer: owner references suffice
@@ -264,7 +265,7 @@ def test_operator_killed_between_intent_and_create(lab, operator, core, custom, 
     """The exact crash window: the dead operator had written the status naming attempt 2
     (intent, no podUID) but never created the pod. The restarted operator creates that very
     pod - same name, same attempt - and nothing else."""
-    create(custom, ns, phoenixjob("iw", bucket, lab.s3.url, env=LONG))
+    create(custom, ns, phoenixjob("iw", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
     wait(lambda: running(core, ns, "iw-train-1"), 60, "attempt 1 running")
     wait(lambda: phase_status(get(custom, ns, "iw")).get("podUID"), 30, "podUID recorded")
     operator.kill()
