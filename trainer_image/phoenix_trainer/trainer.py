@@ -19,6 +19,7 @@ Never do real work in the signal handler; never log credentials.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -252,9 +253,11 @@ class Trainer:
         self.metrics.emit("resume" if self.resumed_from else "start", step=self.step, epoch=self.epoch,
                           checkpoint=self.resumed_from.uri if self.resumed_from else None,
                           configFingerprint=self.fingerprint, trainSeconds=round(self.train_seconds, 3))
-        self.log.info("%s run %s attempt %d at step %d (epoch %d, batch %d), config %s",
+        # The pid shows whether the trainer is its container's PID 1 (it must be, or a shell
+        # in front of it swallows the kubelet's SIGTERM).
+        self.log.info("%s run %s attempt %d at step %d (epoch %d, batch %d), config %s, pid %d",
                       "resuming" if self.resumed_from else "starting", self.run_id, self.attempt,
-                      self.step, self.epoch, self.batch_in_epoch, self.fingerprint)
+                      self.step, self.epoch, self.batch_in_epoch, self.fingerprint, os.getpid())
         self._last_ckpt_time = self._last_metrics_upload = self.clock()
         # The state we start from is the first "last good state" for restart_method=reload.
         # Its RNG must be the restored one, which the loop has not applied yet.
