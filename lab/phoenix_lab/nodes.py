@@ -158,7 +158,8 @@ def ensure_node_image(tars: dict[str, Path], stamp: str, progress) -> Path:
 
 
 def _same_image(ref: str, name: str) -> bool:
-    """'docker.io/library/phoenix-trainer:abc' names the short 'phoenix-trainer:abc'."""
+    """A normalized reference ('<default host>/library/phoenix-trainer:abc') names the
+    short 'phoenix-trainer:abc' the lab's manifests use."""
     return ref == name or ref.endswith("/" + name)
 
 
