@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .contract import ENV_SPOOL_DIR
 from .errors import CheckpointError, CorruptCheckpointError
 from .layout import CheckpointInfo, FileEntry, step_dir_name
 from .state import to_cpu, tree_nbytes
@@ -96,6 +97,27 @@ def _hashing_save(obj: Any, path: str) -> FileEntry:
     return FileEntry(size=tee.n, sha256=tee.h.hexdigest())
 
 
+def make_spool(spool_dir: str | None = None) -> str:
+    """A fresh directory for this process's checkpoint files before upload.
+
+    Under ``spool_dir``, else $PHOENIX_SPOOL_DIR, else the system temp dir. The directory is
+    created if missing: the image's /tmp/phoenix-spool is hidden by the emptyDir mounted at
+    /tmp (the root filesystem is read-only), so it must be made at run time.
+    """
+    root = spool_dir or os.environ.get(ENV_SPOOL_DIR) or None
+    source = "spool_dir" if spool_dir else ENV_SPOOL_DIR
+    try:
+        if root is not None:
+            os.makedirs(root, exist_ok=True)
+        return tempfile.mkdtemp(prefix="phoenix-ckpt-", dir=root)
+    except OSError as e:
+        where = f"{source}={root!r}" if root is not None else f"the temp dir {tempfile.gettempdir()!r}"
+        raise CheckpointError(
+            f"cannot create the checkpoint spool under {where}: {e.strerror or e}. Point "
+            f"{ENV_SPOOL_DIR} at a writable directory, e.g. under an emptyDir mounted at /tmp "
+            "(the container's root filesystem is read-only)") from e
+
+
 class AsyncCheckpointer:
     """Writes snapshots to a Storage in the background, bounded and retried."""
 
@@ -114,7 +136,7 @@ class AsyncCheckpointer:
         self.max_in_flight = max(1, max_in_flight)
         self.retry = retry or RetryPolicy()
         self.protect = set(protect)
-        self.spool = tempfile.mkdtemp(prefix="phoenix-ckpt-", dir=spool_dir or os.environ.get("PHOENIX_SPOOL_DIR"))
+        self.spool = make_spool(spool_dir)
         self.stats = SaveStats()
         self.latest: CheckpointInfo | None = None  # newest checkpoint committed by this process
         self.last_error: BaseException | None = None

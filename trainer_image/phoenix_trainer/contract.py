@@ -26,6 +26,9 @@ ENV_GRACE_SECONDS = "PHOENIX_GRACE_SECONDS"
 ENV_TERMINATION_LOG = "PHOENIX_TERMINATION_LOG"
 ENV_FORCE_RESUME = "PHOENIX_FORCE_RESUME"
 
+# Set by the trainer image, not the operator: where checkpoint files are staged before upload.
+ENV_SPOOL_DIR = "PHOENIX_SPOOL_DIR"
+
 # S3: boto3 reads these natively; listed so the operator sets exactly these.
 ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
 ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
