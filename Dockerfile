@@ -1,9 +1,15 @@
-# syntax=docker/dockerfile:1
 # Phoenix operator image: kopf, the Kubernetes client, prometheus-client and the torch-free
 # part of phoenix_trainer (contract, checkpoint layout, storage) the operator verifies
-# checkpoints with. Never torch: `pip install .[operator]` only, checked in the build stage.
+# checkpoints with. Never torch: only the core dependencies and the `operator` extra,
+# checked in the build stage.
 #
 #   docker build -t phoenix-operator:dev .
+#   docker build --build-arg PYTHON_IMAGE=phoenix-python-base:bookworm -t phoenix-operator:dev .
+#
+# PYTHON_IMAGE is any Debian-based image with python3 (>= 3.11, for tomllib) and its venv
+# module; the lab builds one with debootstrap (lab/phoenix_lab/images.py), since no
+# registry is reachable there. No `# syntax=` line on purpose: it would make BuildKit pull
+# a frontend image from a registry; the daemon's built-in frontend parses this file.
 #
 # The Helm chart sets the command explicitly (python -m kopf run ...); ENTRYPOINT/CMD here
 # make `docker run` do the same thing.
@@ -14,26 +20,46 @@ ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    PYTHONDONTWRITEBYTECODE=1
-RUN python -m venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH
+    PATH=/opt/venv/bin:$PATH
+# The runtime's user gets a passwd/group entry (copied into the runtime stage below) for
+# tools that look the uid up; the runtime's USER/LOGNAME/HOME cover any other uid too.
+RUN python -m venv /opt/venv \
+ && groupadd --gid 65532 phoenix \
+ && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp \
+      --shell /usr/sbin/nologin phoenix
 WORKDIR /src
-# Dependencies change less often than code: metadata first, packages after.
-COPY pyproject.toml README.md ./
+# Dependencies from pyproject.toml alone (core + the `operator` extra + the build backend),
+# so a code edit rebuilds only the small layer after this one.
+COPY pyproject.toml ./
+RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
+print('\n'.join(p['build-system']['requires'] + p['project']['dependencies'] \
++ p['project']['optional-dependencies']['operator']))" > /tmp/requirements.txt \
+ && pip install -r /tmp/requirements.txt
+COPY README.md ./
 COPY operator/phoenix_operator/ operator/phoenix_operator/
 COPY trainer_image/phoenix_trainer/ trainer_image/phoenix_trainer/
-RUN pip install ".[operator]" \
- && python -c "import phoenix_operator.main, sys; assert 'torch' not in sys.modules" \
+# pip byte-compiles what it installs (PYTHONDONTWRITEBYTECODE does not stop that); the root
+# filesystem is read-only at run time, so .pyc files must exist now.
+RUN pip install --no-deps --no-build-isolation . \
+ && PYTHONDONTWRITEBYTECODE=1 python -c "import phoenix_operator.main, sys; assert 'torch' not in sys.modules" \
  && if pip show torch >/dev/null 2>&1; then echo "torch must not be in the operator image" >&2; exit 1; fi
 
-# --- runtime: slim python, the venv, nothing else -----------------------------------------
+# --- runtime: the same base, the venv and the user entry, nothing else ----------------------
 FROM ${PYTHON_IMAGE} AS runtime
 LABEL org.opencontainers.image.title="phoenix-operator" \
       org.opencontainers.image.description="Phoenix operator: recovers preempted GPU training jobs" \
       org.opencontainers.image.licenses="Apache-2.0"
+# USER/LOGNAME: kopf names itself `getpass.getuser()`@host (peering.detect_own_id), which
+# reads these before it asks the passwd database; without them a uid with no passwd entry
+# (runAsUser other than 65532) dies at start-up with "getpwuid(): uid not found".
+# HOME: the root filesystem is read-only; /tmp is the chart's emptyDir.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    USER=phoenix \
+    LOGNAME=phoenix \
+    HOME=/tmp
+COPY --from=build /etc/passwd /etc/group /etc/
 COPY --from=build /opt/venv /opt/venv
 # Numeric uid/gid so Kubernetes can verify runAsNonRoot; matches the chart's securityContext.
 USER 65532:65532

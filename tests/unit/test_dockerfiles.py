@@ -1,11 +1,15 @@
-"""Structure of the two Dockerfiles, since no container engine runs here (the kind workflow
-builds them for real): non-root final USER, COPY sources that exist in the build context
-(the repo root) and are not dockerignored, multi-stage operator image without torch, and
-the operator's COPY set really is enough to build and import the operator."""
+"""Structure of the two Dockerfiles, the fast checks beside the real builds (the lab builds
+and runs both images with lab/phoenix_lab/images.py; the kind workflow too): non-root final
+USER, COPY sources that exist in the build context (the repo root) and are not dockerignored,
+the base image as a build argument, dependency layers that depend on pyproject.toml only,
+bytecode compiled at build time, a multi-stage operator image without torch that starts as
+any uid, and the operator's COPY set really is enough to build and import the operator."""
 from __future__ import annotations
 
 import fnmatch
+import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -64,7 +68,6 @@ def copy_sources(stage: Stage) -> list[str]:
             if "--from=" in arg:
                 continue
             if arg.startswith("["):
-                import json
                 parts = json.loads(arg)
             else:
                 parts = [p for p in arg.split() if not p.startswith("--")]
@@ -135,14 +138,34 @@ def test_operator_image_is_multi_stage_on_a_slim_base():
     assert runtime.all("ENTRYPOINT") or runtime.all("CMD")
 
 
+def env_of(stage: Stage, before: int | None = None) -> dict[str, str]:
+    """The stage's ENV settings (of its first ``before`` instructions)."""
+    out: dict[str, str] = {}
+    for op, arg in stage.instructions[:before]:
+        if op == "ENV":
+            for word in shlex.split(arg):
+                name, _, value = word.partition("=")
+                out[name] = value
+    return out
+
+
+def install_runs(stage: Stage) -> list[tuple[int, str]]:
+    return [(i, arg) for i, (op, arg) in enumerate(stage.instructions)
+            if op == "RUN" and "pip install" in arg]
+
+
 def test_operator_image_installs_only_the_operator_extra():
     _, stages = parse(OPERATOR)
-    installs = [r for st in stages for r in st.all("RUN") if "pip install" in r]
+    installs = [r for st in stages for _, r in install_runs(st)]
     assert installs, "no pip install"
     for run in installs:
-        targets = re.findall(r"pip install\s+([^&;]+)", run)
-        for target in targets:
-            assert target.strip().strip('"\'') == ".[operator]", target
+        for target in re.findall(r"pip install\s+([^&;]+)", run):
+            target = target.strip()
+            # the dependency layer: requirements derived from pyproject.toml; the package
+            # itself: no dependencies of its own choosing
+            assert target.startswith("-r ") or target.startswith("--no-deps"), target
+    derive = " ".join(installs)
+    assert "['operator']" in derive and "['trainer']" not in derive and "[trainer]" not in derive
     text = OPERATOR.read_text()
     # "torch" may appear only in comments and the build-time guard that checks it is absent
     code = [line for line in text.splitlines()
@@ -150,6 +173,88 @@ def test_operator_image_installs_only_the_operator_extra():
             and "not in sys.modules" not in line and "pip show torch" not in line
             and "must not be in" not in line]
     assert code == []
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles())
+def test_base_image_is_a_build_argument_without_a_registry(dockerfile):
+    """The lab passes its debootstrapped base (PYTHON_IMAGE=phoenix-python-base:bookworm);
+    the default is an official image's short name, no registry host."""
+    args, stages = parse(dockerfile)
+    raw = [line.split()[1] for line in dockerfile.read_text().splitlines()
+           if line.upper().startswith("FROM ")]
+    assert raw and all(r == "${PYTHON_IMAGE}" for r in raw), raw
+    default = args.get("PYTHON_IMAGE", "")
+    assert default.startswith("python:") and "/" not in default, default
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles())
+def test_no_syntax_directive(dockerfile):
+    # "# syntax=docker/dockerfile:1" makes BuildKit pull its frontend from a registry; the
+    # daemon's built-in frontend must do (nothing can be pulled in the lab).
+    assert not re.search(r"^#\s*syntax\s*=", dockerfile.read_text(), re.MULTILINE | re.IGNORECASE)
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles())
+def test_dependencies_layer_depends_on_pyproject_only(dockerfile):
+    """Code edits must not re-download dependencies (torch: gigabytes): before the RUN that
+    installs the dependencies, only pyproject.toml is copied; the code is installed after,
+    with --no-deps, into a venv at /opt/venv (Debian's python refuses system installs)."""
+    _, stages = parse(dockerfile)
+    stage = stages[0]
+    runs = install_runs(stage)
+    assert len(runs) >= 2, runs
+    deps_at, deps = runs[0]
+    assert "-r " in deps and "tomllib" in deps and "pyproject.toml" in deps, deps
+    copied_before = [s for op, arg in stage.instructions[:deps_at] if op in ("COPY", "ADD")
+                     for s in copy_sources(Stage("", None, [(op, arg)]))]
+    assert [Path(s).name for s in copied_before] == ["pyproject.toml"], copied_before
+    code_at, code = runs[-1]
+    assert code_at > deps_at and "--no-deps" in code, code
+    assert any("python -m venv /opt/venv" in arg for op, arg in stage.instructions if op == "RUN")
+    assert env_of(stages[-1])["PATH"].startswith("/opt/venv/bin:")
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles())
+def test_bytecode_is_compiled_at_build_time(dockerfile):
+    """The root filesystem is read-only at run time: .pyc files come from the build. pip
+    compiles what it installs; PYTHONDONTWRITEBYTECODE may be set for the runtime, but not
+    (stage-wide) where pip runs, and never --no-compile."""
+    _, stages = parse(dockerfile)
+    for stage in stages:
+        for at, run in install_runs(stage):
+            assert "--no-compile" not in run and "PIP_NO_COMPILE" not in run
+            assert env_of(stage, at).get("PYTHONDONTWRITEBYTECODE") in (None, "", "0"), \
+                f"PYTHONDONTWRITEBYTECODE set before: {run[:60]}"
+
+
+@pytest.mark.parametrize("dockerfile", dockerfiles())
+def test_runs_without_a_passwd_entry_for_its_uid(dockerfile):
+    """kopf (getpass.getuser) and torch's caches ask who the user is: USER/LOGNAME answer
+    for any uid a pod runs as; HOME points into /tmp, the writable emptyDir."""
+    _, stages = parse(dockerfile)
+    env = env_of(stages[-1])
+    assert env.get("USER") and env.get("LOGNAME"), env
+    assert env.get("HOME", "").startswith("/tmp"), env
+
+
+def test_operator_image_has_a_passwd_entry_for_its_uid():
+    _, stages = parse(OPERATOR)
+    uid, _, gid = final_user(stages[-1]).partition(":")
+    build = stages[0]
+    assert any(f"useradd --uid {uid} --gid {gid}" in arg for op, arg in build.instructions
+               if op == "RUN"), "the build stage must create the runtime's user"
+    assert any(f"--from={build.name}" in arg and "/etc/passwd" in arg and "/etc/group" in arg
+               for arg in stages[-1].all("COPY"))
+
+
+@pytest.mark.skipif(not TRAINER.exists(), reason="no trainer_image/Dockerfile")
+def test_trainer_image_runs_python_as_pid_1_with_its_spool_under_tmp():
+    _, stages = parse(TRAINER)
+    final = stages[-1]
+    assert final_user(final) == "10001:10001"
+    entry = final.all("ENTRYPOINT")[-1]
+    assert entry.startswith("[") and json.loads(entry)[0] == "python", entry  # exec form, no shell
+    assert env_of(final)["PHOENIX_SPOOL_DIR"].startswith("/tmp/")
 
 
 def test_operator_package_builds_from_exactly_the_copied_sources(tmp_path):
