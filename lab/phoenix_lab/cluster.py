@@ -329,8 +329,9 @@ class Lab:
             paths.binary(name)  # fail early with a clear message if a binary is missing
         self.images = images.ensure_all(self.progress)
         node_image = ensure_node_image(
-            {ref: images.save_image(ref) for ref in self.images.values()},
-            images.stamp(self.images), self.progress)
+            [self.images["pause"], self.images["operator"], self.images["trainer"]],
+            images.stamp(self.images), lambda ref: images.save_image(ref, self.progress),
+            self.progress)
         self.net.up()
         self._write_configs()
         port_owner = {

@@ -29,6 +29,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import yaml
 
@@ -118,11 +119,13 @@ def node_image_root() -> Path:
     return paths.cache_dir() / "node-image" / "root"
 
 
-def ensure_node_image(tars: dict[str, Path], stamp: str, progress) -> Path:
-    """A containerd root holding every image in ``tars`` (name -> `docker save` tar).
+def ensure_node_image(images: list[str], stamp: str, save: Callable[[str], Path],
+                      progress) -> Path:
+    """A containerd root holding ``images`` (short references), for nodes to boot from.
 
-    Rebuilt only when ``stamp`` (the image IDs) changes; imports are incremental, so a new
-    build of the trainer image unpacks only its changed layers.
+    Rebuilt only when ``stamp`` (the images' IDs) changes. ``save(ref)`` gives a
+    `docker save` tar of an image; it is deleted once imported (the node image holds it).
+    Imports are incremental: a new build of the trainer image unpacks only changed layers.
     """
     root = node_image_root()
     base = root.parent
@@ -132,22 +135,24 @@ def ensure_node_image(tars: dict[str, Path], stamp: str, progress) -> Path:
         stamp_file = base / "stamp"
         if root.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
             return root
-        progress("preparing the node image (containerd root with the lab's images)")
+        progress("preparing the node image (a containerd root with the lab's images)")
+        stamp_file.unlink(missing_ok=True)
         tmp = base / "import"
         socket = tmp / "containerd" / "containerd.sock"
         tmp.mkdir(exist_ok=True)
         service = _containerd_service("node-image", tmp, containerd_config(
-            root, tmp / "state", socket, tmp / "cni", "phoenix-pause:1"))
+            root, tmp / "state", socket, tmp / "cni", images[0]))
         service.start(timeout=60)
         try:
-            for name, tar in tars.items():
+            for ref in images:
+                tar = save(ref)
                 t0 = time.monotonic()
-                progress(f"importing {name} into the node image ({tar.stat().st_size >> 20} MiB)")
+                progress(f"importing {ref} into the node image ({tar.stat().st_size >> 20} MiB)")
                 ctr(socket, "images", "import", "--snapshotter", "overlayfs", str(tar))
-                progress(f"imported {name} in {time.monotonic() - t0:.0f}s")
-            wanted = set(tars)
+                tar.unlink()
+                progress(f"imported {ref} in {time.monotonic() - t0:.0f}s")
             for line in ctr(socket, "images", "ls", "-q").stdout.split():
-                if not any(_same_image(line, w) for w in wanted):
+                if not any(_same_image(line, ref) for ref in images):
                     ctr(socket, "images", "rm", "--sync", line, check=False)
         finally:
             service.stop(grace=30)
