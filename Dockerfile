@@ -11,8 +11,9 @@
 # registry is reachable there. No `# syntax=` line on purpose: it would make BuildKit pull
 # a frontend image from a registry; the daemon's built-in frontend parses this file.
 #
-# The Helm chart sets the command explicitly (python -m kopf run ...); ENTRYPOINT/CMD here
-# make `docker run` do the same thing.
+# The Helm chart sets the command explicitly (python -m kopf + run arguments); the CMD here
+# makes `docker run IMAGE` do the same, and `docker run IMAGE python -m kopf run ...` (no
+# ENTRYPOINT in front of it) work as written.
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
@@ -65,6 +66,5 @@ COPY --from=build /opt/venv /opt/venv
 USER 65532:65532
 WORKDIR /tmp
 EXPOSE 8080 8081
-ENTRYPOINT ["python", "-m", "kopf"]
-CMD ["run", "--module=phoenix_operator.main", "--standalone", "--all-namespaces", \
-     "--liveness=http://0.0.0.0:8081/healthz"]
+CMD ["python", "-m", "kopf", "run", "--module=phoenix_operator.main", "--standalone", \
+     "--all-namespaces", "--liveness=http://0.0.0.0:8081/healthz"]
