@@ -29,7 +29,7 @@ import yaml
 
 from . import images, paths
 from .certs import PKI, ensure_client_cert, ensure_pki
-from .network import LabNetwork, free_net_index
+from .network import LabNetwork, free_net_index, labs_running
 from .nodes import (GPU, Node, NodeSpec, ctr, ensure_node_image, node_image_root,
                     processes_of)
 from .procs import LabError, Service, free_port, http_ready, require_free_port, tcp_ready
@@ -414,6 +414,8 @@ class Lab:
                 self.progress(f"stopping {service.name}")
             service.stop()
         self.net.down()
+        if not labs_running() and images.stop_docker():
+            self.progress("stopped the lab's image builder (dockerd); no lab is running")
 
     def status(self) -> dict[str, bool]:
         result = {s.name: s.running() for s in self._services()}

@@ -40,6 +40,11 @@ def link_exists(name: str) -> bool:
     return _run("ip", "link", "show", name, check=False).returncode == 0
 
 
+def labs_running() -> list[int]:
+    """The slices whose host address exists: labs up on this machine."""
+    return [i for i in range(MAX_LABS) if link_exists(LabNetwork(i).host_link)]
+
+
 def free_net_index(start: int = 1) -> int:
     """The first lab slice no other lab on this machine uses (0 is the developer's lab)."""
     for i in range(start, MAX_LABS):
