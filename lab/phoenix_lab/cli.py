@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build/cache the lab's binaries (control plane, kubelet, CoreDNS, "
                                  "versitygw, kubectl, helm)")
+    imgs = sub.add_parser("images", help="build the lab's images (base, pause, operator, trainer); "
+                                         "see 'phoenix-lab images -h'")
+    imgs.add_argument("rest", nargs=argparse.REMAINDER)
     sub.add_parser("up", help="build the images if needed and start the lab (idempotent; "
                               "cleans up after a crash)")
     down = sub.add_parser("down", help="stop the lab")
@@ -32,6 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.cmd == "build":
             return subprocess.call(["bash", str(paths.BUILD_SCRIPT)])
+        if args.cmd == "images":
+            from . import images
+
+            return images.main(args.rest)
         lab = Lab(args.state_dir)
         if args.cmd == "up":
             lab.up()
