@@ -351,10 +351,14 @@ class Lab:
                 self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_COREDNS_RBAC))
             self.progress(f"starting {service.name}")
             service.start(timeout=120)
+        stamp = (node_image.parent / "stamp").read_text()
         for node in self.nodes():
-            if node.running():
+            if node.running() and node.booted_from() == stamp:
                 self.progress(f"node {node.name}: already running")
                 continue
+            if node.running():
+                self.progress(f"node {node.name}: the images changed; rebooting it")
+                node.stop()
             self.progress(f"starting node {node.name} (containerd + kubelet, {node.ip})")
             self._node_credentials(node)
             node.start(node_image, self.progress)

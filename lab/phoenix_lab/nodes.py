@@ -317,6 +317,13 @@ class Node:
     def running(self) -> bool:
         return self.containerd.running() and self.kubelet.running()
 
+    def booted_from(self) -> str | None:
+        """The node image (its stamp) this node booted from."""
+        try:
+            return (self.dir / "image-stamp").read_text()
+        except OSError:
+            return None
+
     def start(self, node_image: Path, progress) -> None:
         """Boot the node afresh from the node image (a stopped node's files are stale)."""
         if self.running():
@@ -325,6 +332,7 @@ class Node:
         self.remove_files()
         t0 = time.monotonic()
         _copy_node_image(node_image, self.dir / "containerd" / "root")
+        shutil.copy2(node_image.parent / "stamp", self.dir / "image-stamp")
         progress(f"{self.name}: node image copied in {time.monotonic() - t0:.1f}s")
         self.net.add_bridge(self.spec.index)
         conf_dir = self.dir / "cni" / "net.d"
