@@ -25,3 +25,20 @@ def test_example_starts_its_first_phase(path):
 
 def test_there_are_examples():
     assert len(EXAMPLES) >= 2
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_trainer_pods_meet_restricted_pod_security(path):
+    """What users copy must run where namespaces enforce the restricted standard, with a
+    read-only root filesystem and a writable /tmp for the checkpoint spool."""
+    spec = yaml.safe_load(path.read_text())["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    tmp_volumes = {v["name"] for v in spec["volumes"] if "emptyDir" in v}
+    for c in spec["containers"]:
+        sc = c["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False
+        assert sc["readOnlyRootFilesystem"] is True
+        assert sc["capabilities"]["drop"] == ["ALL"]
+        assert any(m["mountPath"] == "/tmp" and m["name"] in tmp_volumes
+                   for m in c["volumeMounts"])
