@@ -52,7 +52,7 @@ def s3_env(s3_server: S3Endpoint, monkeypatch) -> S3Endpoint:
 
 @pytest.fixture(scope="session")
 def lab(tmp_path_factory):
-    """A whole lab cluster (etcd, kube-apiserver, controller-manager, node agent, S3) for
+    """A whole lab cluster (control plane, CoreDNS, real kubelet + containerd nodes, S3) for
     this test session, on free ports in a temp state dir; torn down at the end."""
     from phoenix_lab.cluster import Lab, LabPorts
 

@@ -1,4 +1,4 @@
-"""Start, probe and stop the lab's long-running processes (servers and the node agent).
+"""Start, probe and stop the lab's long-running processes (servers, kubelets, containerd).
 
 A service is a child process detached into its own session, with its log in the state dir
 and a pidfile so a later CLI call (``phoenix-lab down``) can stop what ``up`` started.
