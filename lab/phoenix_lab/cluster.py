@@ -29,7 +29,7 @@ import yaml
 
 from . import images, paths
 from .certs import PKI, ensure_client_cert, ensure_pki
-from .network import LabNetwork, free_net_index, labs_running
+from .network import LabNetwork, claim_net_index, labs_running
 from .nodes import (GPU, Node, NodeSpec, ctr, ensure_node_image, node_image_root,
                     processes_of)
 from .procs import LabError, Service, free_port, http_ready, require_free_port, tcp_ready
@@ -125,7 +125,7 @@ class Lab:
         else:
             # The developer's lab (fixed ports) owns slice 0; test labs take a free one.
             self.ports = ports or LabPorts.fixed()
-            self.net = LabNetwork(0 if ports is None else free_net_index())
+            self.net = LabNetwork(0 if ports is None else claim_net_index())
             self.node_specs = initial_nodes()
             self._save()
         self.pki = PKI(self.state_dir / "pki")

@@ -45,10 +45,13 @@ def labs_running() -> list[int]:
     return [i for i in range(MAX_LABS) if link_exists(LabNetwork(i).host_link)]
 
 
-def free_net_index(start: int = 1) -> int:
-    """The first lab slice no other lab on this machine uses (0 is the developer's lab)."""
+def claim_net_index(start: int = 1) -> int:
+    """Claim the first lab slice no other lab on this machine holds (0 is the developer's
+    lab) by creating its host link: atomic, so two test sessions starting at once never
+    get the same slice."""
     for i in range(start, MAX_LABS):
-        if not link_exists(LabNetwork(i).host_link):
+        if _run("ip", "link", "add", LabNetwork(i).host_link, "type", "bridge",
+                check=False).returncode == 0:
             return i
     raise LabError(f"all {MAX_LABS} lab network slices are in use; stop a lab with "
                    "'phoenix-lab down' (ip -br link | grep phx)")
