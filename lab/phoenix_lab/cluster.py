@@ -29,7 +29,7 @@ import yaml
 
 from . import images, paths
 from .certs import PKI, ensure_client_cert, ensure_pki
-from .network import LabNetwork, claim_net_index, labs_running
+from .network import LabNetwork, claim_net_index, labs_running, slice_owner
 from .nodes import (GPU, Node, NodeSpec, ctr, ensure_node_image, node_image_root,
                     processes_of)
 from .procs import LabError, Service, free_port, http_ready, require_free_port, tcp_ready
@@ -104,6 +104,19 @@ def _print_progress(msg: str) -> None:
     print(f"[lab] {msg}", file=sys.stderr, flush=True)
 
 
+def reap_stale_labs(progress: Progress = _print_progress) -> None:
+    """Tear down labs whose control plane died without `down` (a killed test session): their
+    nodes, mounts, bridges and rules would otherwise stay behind and hold a slice."""
+    for index in labs_running():
+        owner = slice_owner(index)
+        if owner is None or not (owner / "lab.json").exists():
+            continue
+        lab = Lab(owner, progress=progress)
+        if not lab._etcd().running():
+            progress(f"cleaning up the stale lab in {owner} (slice {index})")
+            lab.down()
+
+
 def initial_nodes() -> list[NodeSpec]:
     return [NodeSpec("lab-ondemand-0", 0, spot=False, gpus=0)] + [
         NodeSpec(f"lab-spot-{i}", i, spot=True, gpus=GPUS_PER_SPOT_NODE)
@@ -125,7 +138,9 @@ class Lab:
         else:
             # The developer's lab (fixed ports) owns slice 0; test labs take a free one.
             self.ports = ports or LabPorts.fixed()
-            self.net = LabNetwork(0 if ports is None else claim_net_index())
+            if ports is not None:
+                reap_stale_labs(self.progress)
+            self.net = LabNetwork(0 if ports is None else claim_net_index(self.state_dir))
             self.node_specs = initial_nodes()
             self._save()
         self.pki = PKI(self.state_dir / "pki")

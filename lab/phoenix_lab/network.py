@@ -23,10 +23,13 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 
 from .procs import LabError
 
 MAX_LABS = 8
+# Who holds each slice: a file per slice naming the owning lab's state dir.
+OWNERS = Path("/run/phoenix-lab")
 
 
 def _run(*argv: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -40,18 +43,27 @@ def link_exists(name: str) -> bool:
     return _run("ip", "link", "show", name, check=False).returncode == 0
 
 
+def slice_owner(index: int) -> Path | None:
+    try:
+        return Path((OWNERS / f"slice-{index}").read_text())
+    except OSError:
+        return None
+
+
 def labs_running() -> list[int]:
     """The slices whose host address exists: labs up on this machine."""
     return [i for i in range(MAX_LABS) if link_exists(LabNetwork(i).host_link)]
 
 
-def claim_net_index(start: int = 1) -> int:
+def claim_net_index(owner: Path, start: int = 1) -> int:
     """Claim the first lab slice no other lab on this machine holds (0 is the developer's
     lab) by creating its host link: atomic, so two test sessions starting at once never
-    get the same slice."""
+    get the same slice. ``owner`` (the lab's state dir) is recorded for `slice_owner`."""
     for i in range(start, MAX_LABS):
         if _run("ip", "link", "add", LabNetwork(i).host_link, "type", "bridge",
                 check=False).returncode == 0:
+            OWNERS.mkdir(parents=True, exist_ok=True)
+            (OWNERS / f"slice-{i}").write_text(str(owner))
             return i
     raise LabError(f"all {MAX_LABS} lab network slices are in use; stop a lab with "
                    "'phoenix-lab down' (ip -br link | grep phx)")
@@ -141,6 +153,7 @@ class LabNetwork:
             pass
         _run("iptables", "-F", self.chain, check=False)
         _run("iptables", "-X", self.chain, check=False)
+        (OWNERS / f"slice-{self.index}").unlink(missing_ok=True)
 
     def cni_config(self, node_name: str, node_index: int, ipam_dir: str) -> dict:
         """A bridge network whose pods can only route to the lab's own range."""
