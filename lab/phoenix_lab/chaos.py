@@ -7,10 +7,15 @@ the same thing everywhere. `plan()` is pure (a seeded schedule); `Injector` acts
 |----------------|-----------------------------------------------------------|-------------------|---------------|
 | evict          | Eviction API (DisruptionTarget, graceful delete)          | SIGTERM + grace   | preemption    |
 | sigterm-short  | pod deleted by someone else with a 1 s grace              | SIGTERM, SIGKILL  | preemption    |
-| sigkill        | the container's processes are SIGKILLed (exit 137)        | nothing           | preemption    |
-| node-loss      | the Node object disappears, its processes die silently    | nothing           | preemption    |
-| operator-kill  | the operator's process is SIGKILLed mid-recovery          | nothing           | nothing       |
+| sigkill        | the container is SIGKILLed through containerd (exit 137)  | nothing           | preemption    |
+| node-loss      | kubelet, containerd and containers die silently, the Node | nothing           | preemption    |
+|                | object is deleted and a replacement spot node registers   |                   |               |
+| operator-kill  | the operator pod's container is SIGKILLed mid-recovery    | nothing           | nothing       |
 | s3-outage      | the S3 server is stopped for a while, then restarted      | upload retries    | nothing       |
+
+A lost node's replacement is waited for (Ready, GPUs advertised) in the background, as a
+cloud's node pool would bring it back; `wait_idle` joins that and any S3 restore and says
+what failed in them.
 """
 from __future__ import annotations
 
@@ -51,15 +56,17 @@ class Injected:
 
 @dataclass
 class Injector:
-    """Injects disruptions into the lab. `operator_kill` and `s3_down/s3_up` are supplied by
-    whoever runs the operator and the S3 server (they differ between demo and tests)."""
+    """Injects disruptions into the lab. `operator_kill` is supplied by whoever installed
+    the operator (it knows the release's pods)."""
 
     lab: object
     namespace: str
     operator_kill: Callable[[], str] | None = None
     s3_outage_seconds: float = 30.0
     log: list[Injected] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
+    _s3_thread: threading.Thread | None = None
 
     def inject(self, kind: str, pod: str | None, node: str | None = None) -> Injected:
         lab = self.lab
@@ -71,17 +78,17 @@ class Injector:
         elif kind == "sigkill":
             lab.kill_pod(self.namespace, pod, signal.SIGKILL)
         elif kind == "node-loss":
-            lab.lose_node(node)
-            detail = f"node {node}"
+            replacement = lab.lose_node(node).name
+            self._background(lambda: lab.wait_nodes_ready([replacement], timeout=180),
+                             f"node-ready-{replacement}")
+            detail = f"node {node}, replacement {replacement}"
         elif kind == "operator-kill":
             if self.operator_kill is None:
                 raise ValueError("operator-kill needs an operator_kill callback")
             detail = self.operator_kill()
         elif kind == "s3-outage":
             lab.s3_server.stop()
-            t = threading.Thread(target=self._restore_s3, daemon=True, name="s3-restore")
-            t.start()
-            self._threads.append(t)
+            self._s3_thread = self._background(self._restore_s3, "s3-restore")
             detail = f"S3 down for {self.s3_outage_seconds:.0f}s"
         else:
             raise ValueError(f"unknown disruption {kind!r}; one of {ALL_DISRUPTIONS}")
@@ -89,13 +96,26 @@ class Injector:
         self.log.append(record)
         return record
 
+    def _background(self, fn: Callable[[], object], name: str) -> threading.Thread:
+        def run() -> None:
+            try:
+                fn()
+            except Exception as e:  # noqa: BLE001 - reported by wait_idle
+                self.errors.append(f"{name}: {e}")
+        t = threading.Thread(target=run, daemon=True, name=name)
+        t.start()
+        self._threads.append(t)
+        return t
+
     def _restore_s3(self) -> None:
         time.sleep(self.s3_outage_seconds)
         self.lab.s3_server.start()
 
     def s3_busy(self) -> bool:
-        return any(t.is_alive() for t in self._threads)
+        return self._s3_thread is not None and self._s3_thread.is_alive()
 
-    def wait_idle(self, timeout: float = 120) -> None:
+    def wait_idle(self, timeout: float = 240) -> list[str]:
+        """Wait for S3 restores and replacement nodes; what went wrong in them."""
         for t in self._threads:
             t.join(timeout)
+        return list(self.errors)

@@ -1,11 +1,15 @@
 """`make demo`: Phoenix on the lab, start to finish, in a few minutes.
 
-1. brings up the lab (real apiserver/etcd/controller-manager, node agent, S3 server);
-2. installs Phoenix with its Helm chart (the operator runs as a pod under the chart's RBAC);
-3. trains the uninterrupted reference run of the sample model locally (for comparison);
-4. applies a two-phase PhoenixJob (train, then an independent eval) and, while it trains,
-   injects one preemption of every kind: eviction, SIGTERM with a 1 s grace, SIGKILL and
-   node loss, showing live progress like `kubectl get pxj` plus step and loss;
+1. brings up the lab (etcd, kube-apiserver, controller-manager, scheduler, CoreDNS, real
+   kubelet + containerd nodes running the repository's images, an S3 server);
+2. installs Phoenix with its Helm chart (the operator pod runs the operator image as the
+   chart's ServiceAccount, under restricted Pod Security);
+3. applies a two-phase PhoenixJob (train in the trainer image on a spot GPU node, then an
+   independent eval) and, alongside it, the uninterrupted reference run of the same config
+   on the on-demand node, never disrupted;
+4. while the job trains, injects one preemption of every kind: eviction, SIGTERM with a
+   1 s grace, SIGKILL of the container and loss of the node, showing live progress like
+   `kubectl get pxj` plus step and loss (read from the trainer's `kubectl logs`);
 5. ends with a summary: disruptions survived, steps lost per disruption, goodput, and
    whether the final weights equal the uninterrupted run's, tensor for tensor.
 
@@ -17,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +32,7 @@ from .install import install_phoenix
 
 NAMESPACE = "demo"
 JOB = "mlp-demo"
+REFERENCE_JOB = "mlp-demo-reference"
 BUCKET = "phoenix-demo"
 STEPS_BETWEEN_DISRUPTIONS = 50
 
@@ -65,10 +69,7 @@ class Watcher:
 
     def progress(self, pod_name: str) -> tuple[int, float] | None:
         """(last step, loss) the trainer logged, or None before its first step."""
-        try:
-            return samples.logged_progress(self.lab.pod_dir(NAMESPACE, pod_name) / "trainer.log")
-        except Exception:
-            return None
+        return samples.logged_progress(self.lab, NAMESPACE, pod_name)
 
 
 def status_line(t0: float, job: dict, progress: tuple[int, float] | None, cfg: samples.TrainConfig) -> str:
@@ -101,22 +102,22 @@ def main(argv: list[str] | None = None) -> int:
     install_phoenix(lab)
     lab.kubectl("create", "namespace", NAMESPACE, check=False)
     lab.kubectl("apply", "-f", "-", input=json.dumps(samples.credentials_secret(NAMESPACE, lab.s3)))
-    lab.kubectl("delete", "phoenixjob", JOB, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")
+    lab.kubectl("delete", "phoenixjob", JOB, REFERENCE_JOB, "-n", NAMESPACE, "--ignore-not-found",
+                "--wait=true")
     lab.s3_server.ensure_bucket(BUCKET)
     prefix = f"run-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:4]}"
 
-    workdir = Path(tempfile.mkdtemp(prefix="phoenix-demo-"))
-    say(f"training the uninterrupted reference ({cfg.steps} steps) for comparison")
-    reference, reference_seconds = samples.run_reference(cfg, workdir)
-    say(f"reference run: {cfg.steps} steps, {reference_seconds:.1f}s of training")
-
     watcher = Watcher(lab)
     manifest = samples.phoenixjob(JOB, NAMESPACE, cfg, f"s3://{BUCKET}/{prefix}", lab.s3.url,
-                                  with_eval=True)
-    (workdir / "phoenixjob.json").write_text(json.dumps(manifest, indent=2))
-    say(f"applying PhoenixJob {NAMESPACE}/{JOB} (train -> eval); checkpoints in s3://{BUCKET}/{prefix}")
-    lab.kubectl("apply", "-f", str(workdir / "phoenixjob.json"))
+                                  image=lab.trainer_image, with_eval=True)
+    say(f"applying PhoenixJob {NAMESPACE}/{JOB} (train -> eval, {cfg.steps} steps, image "
+        f"{lab.trainer_image}); checkpoints in s3://{BUCKET}/{prefix}")
+    lab.kubectl("apply", "-f", "-", input=json.dumps(manifest))
     t0 = time.time()
+    reference = samples.ReferenceRun(lab, NAMESPACE, REFERENCE_JOB, cfg,
+                                     f"s3://{BUCKET}/{prefix}-reference").start()
+    say(f"applying {NAMESPACE}/{REFERENCE_JOB}: the same training on the on-demand node, "
+        "never disrupted, for comparison")
 
     injector = Injector(lab, NAMESPACE)
     pending = list(TRAINER_DISRUPTIONS)
@@ -155,13 +156,18 @@ def main(argv: list[str] | None = None) -> int:
             break
         time.sleep(0.5)
 
-    return summarize(lab, cfg, job, injected, reference, reference_seconds,
-                     (train_done_at or time.time()) - t0, prefix)
+    train_wall = (train_done_at or time.time()) - t0
+    aftermath = injector.wait_idle()
+    say("waiting for the uninterrupted reference run")
+    reference.wait(timeout=max(60.0, args.timeout - (time.time() - t0)))
+    return summarize(lab, cfg, job, injected, reference, train_wall, prefix, aftermath)
 
 
-def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict], reference: Path,
-              reference_seconds: float, train_wall: float, prefix: str) -> int:
+def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict],
+              reference: samples.ReferenceRun, train_wall: float, prefix: str,
+              aftermath: list[str]) -> int:
     st = job.get("status") or {}
+    reference_seconds = reference.train_seconds()
     storage = samples.open_phase_storage(f"s3://{BUCKET}/{prefix}/train", lab.s3)
     began = samples.attempt_starts(storage)
     print()
@@ -179,7 +185,7 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
             downtime.append(nxt[1] - d["time"])
         print(f"   {d['kind']:<14} {d['pod']:<18} {d['step']:>12} {nxt[0] if nxt else '-':>13} "
               f"{lost if lost is not None else '-':>11} {back:>11}")
-    same, final_uri = samples.final_weights_equal(storage, reference)
+    same, final_uri = samples.final_weights_equal(storage, reference.storage())
     try:
         evaluation = json.loads(samples.open_phase_storage(
             f"s3://{BUCKET}/{prefix}/eval", lab.s3).get_bytes("eval.json"))
@@ -199,13 +205,17 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
     print(f"   goodput:                    {goodput:.2f} (useful training time / wall time, "
           "pod restarts included)")
     print(f"   final weights == reference: {'yes, tensor for tensor' if same else 'NO'}"
-          f" (checkpoint {final_uri or 'none'})")
+          f" (checkpoint {final_uri or 'none'}; reference: {NAMESPACE}/{reference.name} on the "
+          "on-demand node)")
+    for problem in aftermath:
+        print(f"   !! {problem}")
     if evaluation:
         print(f"   eval phase:                 accuracy {evaluation['accuracy']:.3f}, "
               f"loss {evaluation['loss']:.4f}")
-    print(f"\n   explore: eval \"$(.venv/bin/phoenix-lab env)\"; kubectl describe pxj -n {NAMESPACE} {JOB}")
-    print("   stop the lab: .venv/bin/phoenix-lab down")
-    ok = st.get("phase") == "Succeeded" and same
+    lab_cli = f".venv/bin/phoenix-lab --state-dir {lab.state_dir}"
+    print(f"\n   explore: eval \"$({lab_cli} env)\"; kubectl describe pxj -n {NAMESPACE} {JOB}")
+    print(f"   stop the lab: {lab_cli} down")
+    ok = st.get("phase") == "Succeeded" and same and not aftermath
     return 0 if ok else 1
 
 

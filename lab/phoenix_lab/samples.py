@@ -2,28 +2,47 @@
 goodput benchmark run it: its PhoenixJob, its uninterrupted reference run, and the checks
 made afterwards (final weights equal the reference, steps lost per attempt).
 
-Kept in one place so that all three measure the same thing the same way.
+Everything trains in the trainer image on the lab's nodes, as users run it: the image's
+python is the ENTRYPOINT (PhoenixJobs give `args` only), the examples live at
+/app/examples/ inside it, and every pod passes the restricted Pod Security Standard the lab
+enforces (non-root, read-only root, a writable /tmp only as an emptyDir). Kept in one place
+so that all three measure the same thing the same way. No torch import at module level.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
+from typing import Any
 
-from . import paths
 from .s3 import S3Endpoint
 
-TRAIN_SCRIPT = paths.REPO_ROOT / "examples" / "train_mlp.py"
-EVAL_SCRIPT = paths.REPO_ROOT / "examples" / "eval_mlp.py"
+GROUP, VERSION, PLURAL = "phoenix.dev", "v1alpha1", "phoenixjobs"
+# Where trainer_image/Dockerfile puts the examples.
+IMAGE_EXAMPLES = "/app/examples"
+TRAIN_SCRIPT = f"{IMAGE_EXAMPLES}/train_mlp.py"
+EVAL_SCRIPT = f"{IMAGE_EXAMPLES}/eval_mlp.py"
+SPOT_LABEL = "phoenix.dev/spot"
 SPOT_SCHEDULING = {
-    "nodeSelector": {"phoenix.dev/spot": "true"},
-    "tolerations": [{"key": "phoenix.dev/spot", "operator": "Exists", "effect": "NoSchedule"}],
+    "nodeSelector": {SPOT_LABEL: "true"},
+    "tolerations": [{"key": SPOT_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
 }
+# The reference run stays off the spot pool: no toleration of the spot taint, and a node
+# affinity that says so outright (the lab's on-demand node carries no spot label).
+ON_DEMAND_SCHEDULING = {
+    "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": SPOT_LABEL, "operator": "DoesNotExist"}]}]}}},
+}
+# What the "restricted" Pod Security Standard asks of a container, plus a read-only root
+# (the same as tests/kube_helpers.RESTRICTED_CONTAINER; the lab package cannot import tests).
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
+TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 CREDENTIALS_SECRET = "s3-credentials"
 
 
@@ -38,37 +57,49 @@ class TrainConfig:
     extra_args: list[str] = field(default_factory=list)
 
     def args(self) -> list[str]:
-        return [str(TRAIN_SCRIPT), "--steps", str(self.steps), "--seed", str(self.seed),
+        return [TRAIN_SCRIPT, "--steps", str(self.steps), "--seed", str(self.seed),
                 "--step-delay", str(self.step_delay), "--log-every", "1", *self.extra_args]
 
 
-def credentials_secret(namespace: str, s3: S3Endpoint) -> dict:
+def credentials_secret(namespace: str, s3: S3Endpoint, name: str = CREDENTIALS_SECRET) -> dict:
     return {"apiVersion": "v1", "kind": "Secret",
-            "metadata": {"name": CREDENTIALS_SECRET, "namespace": namespace},
+            "metadata": {"name": name, "namespace": namespace},
             "stringData": {"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key}}
 
 
-def trainer_container(args: list[str] | None = None, env: list[dict] | None = None) -> dict:
-    c = {"name": "trainer", "image": "phoenix-trainer:dev", "command": ["python"],
+def trainer_container(image: str, args: list[str] | None = None, env: list[dict] | None = None,
+                      *, gpu: bool = True) -> dict:
+    """The trainer container: the image's ENTRYPOINT (python) with `args`, restricted."""
+    c = {"name": "trainer", "image": image, "imagePullPolicy": "Never",
          "env": [{"name": "OMP_NUM_THREADS", "value": "1"}, *(env or [])],
-         "resources": {"limits": {"nvidia.com/gpu": "1"}}}
+         "securityContext": RESTRICTED_CONTAINER, "volumeMounts": [TMP_MOUNT]}
+    if gpu:
+        c["resources"] = {"limits": {"nvidia.com/gpu": "1"}}
     if args is not None:
         c["args"] = args
     return c
 
 
+def trainer_pod_spec(image: str, args: list[str] | None = None, env: list[dict] | None = None,
+                     *, spot: bool = True) -> dict:
+    """A pod spec for the trainer: on a spot GPU node, or (spot=False) on the on-demand node
+    without a GPU."""
+    return {**(SPOT_SCHEDULING if spot else ON_DEMAND_SCHEDULING), "volumes": [TMP_VOLUME],
+            "containers": [trainer_container(image, args, env, gpu=spot)]}
+
+
 def phoenixjob(name: str, namespace: str, cfg: TrainConfig, checkpoint_uri: str, s3_url: str, *,
-               grace_seconds: int = 10, with_eval: bool = False,
+               image: str, grace_seconds: int = 10, with_eval: bool = False, spot: bool = True,
                credentials_secret: str = CREDENTIALS_SECRET, max_failures: int = 3) -> dict:
     phases = [{"name": "train", "args": cfg.args()}]
     if with_eval:
         phases.append({"name": "eval", "independent": True,
-                       "args": [str(EVAL_SCRIPT), "--seed", str(cfg.seed)]})
+                       "args": [EVAL_SCRIPT, "--seed", str(cfg.seed)]})
     return {
-        "apiVersion": "phoenix.dev/v1alpha1", "kind": "PhoenixJob",
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "PhoenixJob",
         "metadata": {"name": name, "namespace": namespace},
         "spec": {
-            "template": {"spec": {**SPOT_SCHEDULING, "containers": [trainer_container()]}},
+            "template": {"spec": trainer_pod_spec(image, spot=spot)},
             "phases": phases,
             "checkpoint": {"uri": checkpoint_uri, "endpoint": s3_url,
                            "credentialsSecret": credentials_secret, "keep": 3,
@@ -79,27 +110,72 @@ def phoenixjob(name: str, namespace: str, cfg: TrainConfig, checkpoint_uri: str,
     }
 
 
-def run_reference(cfg: TrainConfig, workdir: Path) -> tuple[Path, float]:
-    """Train without interruption on local files; return (final weights file, train seconds)."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    out = workdir / "reference.pt"
-    env = dict(os.environ, PHOENIX_CHECKPOINT_URI=f"file://{workdir / 'reference-ckpt'}",
-               PHOENIX_TERMINATION_LOG=str(workdir / "reference.termination"),
-               PHOENIX_CHECKPOINT_INTERVAL_STEPS=str(cfg.checkpoint_every), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, *cfg.args(), "--out", str(out)], env=env,
-                          capture_output=True, text=True, timeout=3600)
-    if proc.returncode != 0:
-        raise RuntimeError(f"reference run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    train_seconds = json.loads(_last_metrics_end(workdir / "reference-ckpt"))["trainSeconds"]
-    return out, float(train_seconds)
+def job_phase(job: dict, phase: str = "train") -> dict:
+    for p in (job.get("status") or {}).get("phases") or ():
+        if p["name"] == phase:
+            return p
+    return {}
 
 
-def _last_metrics_end(prefix: Path) -> str:
-    for path in sorted((prefix / "metrics").glob("attempt-*.jsonl"), reverse=True):
-        for line in reversed(path.read_text().splitlines()):
-            if '"event": "end"' in line:
-                return line
-    raise RuntimeError(f"no end record in the metrics under {prefix}")
+class ReferenceRun:
+    """The uninterrupted run a disrupted job is compared with.
+
+    The same TrainConfig as a PhoenixJob of its own, in the same trainer image on the same
+    lab (the image's torch may differ from the host's, so a host run proves nothing about
+    the pods' weights), on the on-demand node with no GPU request, started alongside the
+    disrupted job and never disrupted. Its final checkpoint is the reference, and its end
+    record's training seconds are the "useful time" of goodput.
+    """
+
+    def __init__(self, lab: Any, namespace: str, name: str, cfg: TrainConfig, checkpoint_uri: str,
+                 *, credentials_secret: str = CREDENTIALS_SECRET) -> None:
+        self.lab, self.namespace, self.name, self.cfg = lab, namespace, name, cfg
+        self.checkpoint_uri = checkpoint_uri
+        self.manifest = phoenixjob(name, namespace, cfg, checkpoint_uri, lab.s3.url,
+                                   image=lab.trainer_image, spot=False, max_failures=0,
+                                   credentials_secret=credentials_secret)
+
+    def start(self) -> "ReferenceRun":
+        self.lab.kubectl("apply", "-f", "-", input=json.dumps(self.manifest))
+        return self
+
+    def job(self) -> dict:
+        from kubernetes import client
+
+        with self.lab.api_client() as api:
+            return client.CustomObjectsApi(api).get_namespaced_custom_object(
+                GROUP, VERSION, self.namespace, PLURAL, self.name)
+
+    def wait(self, timeout: float = 900) -> dict:
+        """Wait until the reference job succeeded; its status. Fails loudly otherwise."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.job()
+            phase = (job.get("status") or {}).get("phase")
+            if phase == "Succeeded":
+                return job
+            if phase == "Failed" or time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"reference run {self.namespace}/{self.name} {phase or 'not started'} "
+                    f"(it is never disrupted, so this is a bug or a broken lab): "
+                    f"{json.dumps(job.get('status'))[:3000]}")
+            time.sleep(1)
+
+    def storage(self):
+        return open_phase_storage(f"{self.checkpoint_uri}/train", self.lab.s3)
+
+    def train_seconds(self) -> float:
+        """Training time of the run, from its end record (excludes start-up)."""
+        from phoenix_trainer.metrics import read_metrics
+
+        ends = [r for r in read_metrics(self.storage()) if r.get("event") == "end"]
+        if not ends:
+            raise RuntimeError(f"no end record in the reference run's metrics ({self.checkpoint_uri})")
+        return float(ends[-1]["trainSeconds"])
+
+    def delete(self) -> None:
+        self.lab.kubectl("delete", "phoenixjob", self.name, "-n", self.namespace,
+                         "--ignore-not-found", "--wait=false", check=False)
 
 
 def open_phase_storage(checkpoint_uri: str, s3: S3Endpoint):
@@ -109,19 +185,22 @@ def open_phase_storage(checkpoint_uri: str, s3: S3Endpoint):
                         secret_key=s3.secret_key)
 
 
-def final_weights_equal(storage, reference: Path) -> tuple[bool, str | None]:
-    """Whether the newest valid checkpoint's model equals the reference, tensor for tensor."""
+def final_weights_equal(storage, reference_storage) -> tuple[bool, str | None]:
+    """Whether the newest valid checkpoints of two runs hold the same model, tensor for
+    tensor; and the checked checkpoint's URI (None: `storage` has no valid checkpoint)."""
     import torch
 
     from phoenix_trainer.checkpoint import load_checkpoint
     from phoenix_trainer.layout import latest_valid_checkpoint
 
     final = latest_valid_checkpoint(storage)
-    if final is None:
-        return False, None
+    reference = latest_valid_checkpoint(reference_storage)
+    if final is None or reference is None:
+        return False, final.uri if final else None
     weights = load_checkpoint(storage, final)["model.pt"]
-    ref = torch.load(reference, weights_only=True)
-    same = weights.keys() == ref.keys() and all(torch.equal(weights[k], ref[k]) for k in ref)
+    ref = load_checkpoint(reference_storage, reference)["model.pt"]
+    same = (final.step == reference.step and weights.keys() == ref.keys()
+            and all(torch.equal(weights[k], ref[k]) for k in ref))
     return same, final.uri
 
 
@@ -148,16 +227,15 @@ def _unix(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 
 
-_STEP_LINE = re.compile(rb"step (\d+) epoch \d+ loss ([0-9.]+)")
+_STEP_LINE = re.compile(r"step (\d+) epoch \d+ loss ([0-9.]+)")
 
 
-def logged_progress(log_file: Path) -> tuple[int, float] | None:
-    """(last step, loss) a running train_mlp.py printed, or None before its first step."""
-    try:
-        with open(log_file, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 4096))
-            found = _STEP_LINE.findall(f.read())
-    except OSError:
-        return None
+def parse_progress(log: str) -> tuple[int, float] | None:
+    """(last step, loss) in a train_mlp.py log, or None before its first step."""
+    found = _STEP_LINE.findall(log)
     return (int(found[-1][0]), float(found[-1][1])) if found else None
+
+
+def logged_progress(lab: Any, namespace: str, pod: str) -> tuple[int, float] | None:
+    """(last step, loss) a running trainer pod logged (`kubectl logs`), or None."""
+    return parse_progress(lab.pod_logs(namespace, pod))
