@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(status, indent=2))
             return 0 if all(status.values()) else 1
         elif args.cmd == "lose-node":
-            print(f"replacement: {lab.lose_node(args.node).name}")
+            print(f"replacement: {lab.lose_node(args.node, wait=True).name} (Ready)")
         elif args.cmd == "env":
             print(f"export KUBECONFIG={lab.kubeconfig}")
             print(f"export PATH={paths.bin_dir()}:$PATH")

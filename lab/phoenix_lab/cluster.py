@@ -499,12 +499,13 @@ class Lab:
         with self.api_client() as api:
             client.CoreV1Api(api).create_namespaced_pod_eviction(pod, namespace, body)
 
-    def lose_node(self, node: str) -> Node:
+    def lose_node(self, node: str, wait: bool = False) -> Node:
         """Lose a node: its kubelet, containerd and containers die at once, without a word.
 
         Then the lab plays the cloud: the vanished instance's Node object is deleted (as a
         cloud node controller does) and a replacement spot node registers. Returns the
-        replacement (started, not yet Ready).
+        replacement, started; its GPUs are advertised by `wait_nodes_ready`, which
+        ``wait=True`` calls (callers that must not block call it in the background).
         """
         from kubernetes import client
 
@@ -526,6 +527,8 @@ class Lab:
         self._node_credentials(replacement)
         replacement.start(node_image_root(), self.progress)
         self.progress(f"node {node} lost; replacement {spec.name} starting")
+        if wait:
+            self.wait_nodes_ready([spec.name])
         return replacement
 
     def node_processes(self, node: str) -> list[int]:
