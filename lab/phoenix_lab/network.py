@@ -113,6 +113,8 @@ class LabNetwork:
     def up(self) -> None:
         if not link_exists(self.host_link):
             _run("ip", "link", "add", self.host_link, "type", "bridge")  # no dummy module here
+        if f" {self.host_ip}/32 " not in _run("ip", "-o", "addr", "show", "dev",
+                                              self.host_link).stdout:
             _run("ip", "addr", "add", f"{self.host_ip}/32", "dev", self.host_link)
         _run("ip", "link", "set", self.host_link, "up")
         if f"blackhole {self.service_range}" not in _run("ip", "route", "show", "type",
