@@ -30,11 +30,12 @@ SPOT_SCHEDULING = {
     "tolerations": [{"key": SPOT_LABEL, "operator": "Exists", "effect": "NoSchedule"}],
 }
 # The reference run stays off the spot pool: no toleration of the spot taint, and a node
-# affinity that says so outright (the lab's on-demand node carries no spot label).
+# affinity that says so outright (the lab's on-demand node is labelled spot=false; a
+# cluster's may carry no such label at all).
 ON_DEMAND_SCHEDULING = {
     "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
         "nodeSelectorTerms": [{"matchExpressions": [
-            {"key": SPOT_LABEL, "operator": "DoesNotExist"}]}]}}},
+            {"key": SPOT_LABEL, "operator": "NotIn", "values": ["true"]}]}]}}},
 }
 # What the "restricted" Pod Security Standard asks of a container, plus a read-only root
 # (the same as tests/kube_helpers.RESTRICTED_CONTAINER; the lab package cannot import tests).
