@@ -535,16 +535,21 @@ class Lab:
         """Processes of a node (kubelet, containerd, shims) still alive, lost or not."""
         return processes_of(self.state_dir / "nodes" / node)
 
-    def container(self, namespace: str, pod: str) -> tuple[Node, str]:
-        """The node running a pod and its (first) container's runtime id."""
+    def container(self, namespace: str, pod: str, timeout: float = 15) -> tuple[Node, str]:
+        """The node running a pod and its (first) container's runtime id. A container can
+        run before its kubelet's next status update names it: wait up to ``timeout``."""
         from kubernetes import client
 
+        deadline = time.monotonic() + timeout
         with self.api_client() as api:
-            p = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
-        statuses = p.status.container_statuses or []
-        if not p.spec.node_name or not statuses or not statuses[0].container_id:
-            raise LabError(f"pod {namespace}/{pod} has no running container")
-        return self.node(p.spec.node_name), statuses[0].container_id.split("://", 1)[1]
+            while True:
+                p = client.CoreV1Api(api).read_namespaced_pod(pod, namespace)
+                statuses = p.status.container_statuses or []
+                if p.spec.node_name and statuses and statuses[0].container_id:
+                    return self.node(p.spec.node_name), statuses[0].container_id.split("://", 1)[1]
+                if time.monotonic() > deadline:
+                    raise LabError(f"pod {namespace}/{pod} has no running container")
+                time.sleep(0.2)
 
     def kill_pod(self, namespace: str, pod: str, sig: int = _signal.SIGKILL) -> None:
         """Signal a pod's container through its node's containerd (as an OOM kill or a
