@@ -294,3 +294,10 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
         assert dockerignored(path), path
     for path in ("operator/phoenix_operator/main.py", "pyproject.toml", "examples/train_mlp.py"):
         assert not dockerignored(path), path
+
+
+def test_trainer_image_checks_its_writable_tmp_before_anything_imports_torch():
+    """sitecustomize runs phoenix_trainer.preflight at interpreter start (a clear error
+    naming PHOENIX_SPOOL_DIR instead of torch's 'No usable temporary directory')."""
+    text = TRAINER.read_text()
+    assert "sitecustomize.py" in text and "phoenix_trainer.preflight.main()" in text
