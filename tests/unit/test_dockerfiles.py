@@ -297,7 +297,7 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
 
 
 def test_trainer_image_checks_its_writable_tmp_before_anything_imports_torch():
-    """sitecustomize runs phoenix_trainer.preflight at interpreter start (a clear error
-    naming PHOENIX_SPOOL_DIR instead of torch's 'No usable temporary directory')."""
+    """A .pth file runs phoenix_trainer.preflight at interpreter start (a clear error naming
+    PHOENIX_SPOOL_DIR instead of torch's 'No usable temporary directory')."""
     text = TRAINER.read_text()
-    assert "sitecustomize.py" in text and "phoenix_trainer.preflight.main()" in text
+    assert "phoenix-preflight.pth" in text and "phoenix_trainer.preflight.main()" in text

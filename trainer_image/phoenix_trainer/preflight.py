@@ -1,7 +1,7 @@
 """What the runtime needs from its container, checked at interpreter start, before any
 import can fail in a confusing way.
 
-The trainer image runs it from ``sitecustomize`` (trainer_image/Dockerfile), so it runs
+The trainer image runs it from a ``.pth`` file in its venv (trainer_image/Dockerfile), so it runs
 before the training script imports torch, which itself needs a writable temp dir and dies
 with "No usable temporary directory found" under a read-only root filesystem without an
 emptyDir at /tmp. Standard library only; never import torch here.
@@ -49,4 +49,4 @@ def main() -> None:
         TerminationMessage(REASON_FAILED, message=problem).write()
     except OSError:
         pass
-    os._exit(1)  # from sitecustomize: SystemExit would be reported as a site error
+    os._exit(1)  # from a .pth file: SystemExit would be reported as a site error
