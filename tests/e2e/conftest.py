@@ -4,19 +4,22 @@ installed, an S3 endpoint, a namespace with credentials), plus reusable per-test
 
 PHOENIX_E2E_KUBECONFIG set: run against that cluster (see phoenix_e2e.py for the other
 PHOENIX_E2E_* variables; the kind workflow sets them). Unset: install the chart into the
-session's lab cluster, watching only the e2e namespace. Neither possible: skip, saying why.
+session's lab cluster (the operator image as a pod on a real node, restricted Pod Security),
+watching only the e2e namespace; trainers run the lab's trainer image. Neither possible:
+skip, saying why.
 """
 from __future__ import annotations
 
 import os
+import shlex
 import uuid
 from dataclasses import dataclass
 
 import pytest
 import yaml
 
-from phoenix_e2e import (CREDENTIALS_SECRET, GROUP, PLURAL, REPO, VERSION, E2ETarget, S3Target,
-                         install_chart_on_lab)
+from phoenix_e2e import (CREDENTIALS_SECRET, DEFAULT_TRAINER_COMMAND, GROUP, PLURAL, VERSION,
+                         E2ETarget, S3Target, install_chart_on_lab)
 
 LAB_NAMESPACE = "phoenix-e2e"
 LAB_RELEASE = "phoenix-e2e"
@@ -26,8 +29,8 @@ LAB_RELEASE_NAMESPACE = "phoenix-e2e-system"
 def _lab_unavailable() -> str | None:
     from phoenix_lab import paths
 
-    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kubectl", "helm",
-                 "versitygw"):
+    for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                 "kubelet", "coredns", "kubectl", "helm", "versitygw"):
         try:
             paths.binary(name)
         except FileNotFoundError as e:
@@ -61,14 +64,14 @@ def e2e(request) -> E2ETarget:
     # Watch only the e2e namespace: other operators a test session may run (tests/cluster)
     # stay out of our way, and the chart's namespaced RBAC mode gets exercised.
     release = install_chart_on_lab(lab, LAB_RELEASE, LAB_RELEASE_NAMESPACE, values={
-        "rbac.scope": "namespaces", "rbac.namespaces": [LAB_NAMESPACE]})
+        "rbac": {"scope": "namespaces", "namespaces": [LAB_NAMESPACE]}})
     target = E2ETarget(
         kubeconfig=lab.kubeconfig, namespace=LAB_NAMESPACE,
         operator_namespace=LAB_RELEASE_NAMESPACE, operator_release=LAB_RELEASE,
         s3=S3Target(lab.s3.url, lab.s3.url, lab.s3.access_key, lab.s3.secret_key),
-        trainer_image="phoenix-trainer:dev",
-        # the lab runs the command on the host: the repo's example with the venv's python
-        trainer_command=["python", str(REPO / "examples" / "train_mlp.py")],
+        # The images exist only inside the lab's nodes: never pull.
+        trainer_image=lab.trainer_image, image_pull_policy="Never",
+        trainer_command=shlex.split(DEFAULT_TRAINER_COMMAND),
         operator_log=release.operator_log, extra={"lab": lab, "release": release})
     _ensure_namespace_and_secret(target)
     try:

@@ -16,25 +16,27 @@ Env vars for an external cluster (the kind workflow sets all of them):
   PHOENIX_E2E_S3_ACCESS_KEY / PHOENIX_E2E_S3_SECRET_KEY
   PHOENIX_E2E_TRAINER_IMAGE         trainer image (default phoenix-trainer:dev)
   PHOENIX_E2E_TRAINER_COMMAND       trainer command, shell-split (default below)
+  PHOENIX_E2E_IMAGE_PULL_POLICY     the trainer's imagePullPolicy (default IfNotPresent)
+
+Trainer pods are written as users must write them for a namespace that enforces the
+"restricted" Pod Security Standard (the lab enforces it everywhere): non-root, read-only
+root filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp,
+a writable /tmp only as an emptyDir.
 """
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import subprocess
-import sys
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import yaml
+from kube_helpers import RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, http_ok, http_text, wait_for
 
-from kube_helpers import http_ok, http_text, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "charts" / "phoenix"
-LAB_VALUES = CHART / "ci" / "lab-values.yaml"
 MANIFESTS = Path(__file__).with_name("manifests")
 GROUP, VERSION, PLURAL = "phoenix.dev", "v1alpha1", "phoenixjobs"
 CREDENTIALS_SECRET = "phoenix-e2e-s3"
@@ -43,6 +45,10 @@ DEFAULT_TRAINER_COMMAND = "python /app/examples/train_mlp.py"
 # Labels every object the chart creates carries; used to prove an uninstall is clean.
 OPERATOR_KINDS = ("deployments", "serviceaccounts", "services", "roles", "rolebindings",
                   "clusterroles", "clusterrolebindings", "pods")
+# Waiting reasons of a container that will not start or keeps dying.
+BROKEN_WAITING = {"CrashLoopBackOff", "ErrImageNeverPull", "ErrImagePull", "ImagePullBackOff",
+                  "CreateContainerConfigError", "CreateContainerError", "InvalidImageName",
+                  "RunContainerError"}
 
 
 @dataclass
@@ -74,7 +80,8 @@ class E2ETarget:
     s3: S3Target
     trainer_image: str
     trainer_command: list[str]
-    # How to read the operator's log: kubectl logs on real clusters, a file on the lab.
+    image_pull_policy: str = "IfNotPresent"
+    # How to read the operator's log (default: kubectl logs of the Deployment).
     operator_log: Callable[[], str] | None = None
     extra: dict = field(default_factory=dict)
 
@@ -100,6 +107,7 @@ class E2ETarget:
             trainer_image=env.get("PHOENIX_E2E_TRAINER_IMAGE", "phoenix-trainer:dev"),
             trainer_command=shlex.split(env.get("PHOENIX_E2E_TRAINER_COMMAND")
                                         or DEFAULT_TRAINER_COMMAND),
+            image_pull_policy=env.get("PHOENIX_E2E_IMAGE_PULL_POLICY", "IfNotPresent"),
         )
 
     def api_client(self):
@@ -123,6 +131,15 @@ class E2ETarget:
                                 f"deployment/{self.operator_deployment}", f"--tail={tail}",
                                 check=False).stdout
         return "\n".join(text.splitlines()[-tail:])
+
+    def operator_pods(self) -> list[dict]:
+        """The operator Deployment's pods (by its selector), as `kubectl get -o json` shows them."""
+        dep = json.loads(self.kubectl("-n", self.operator_namespace, "get", "deployment",
+                                      self.operator_deployment, "-o", "json").stdout)
+        selector = ",".join(f"{k}={v}" for k, v in dep["spec"]["selector"]["matchLabels"].items())
+        out = self.kubectl("-n", self.operator_namespace, "get", "pods", "-l", selector, "-o", "json")
+        return [p for p in json.loads(out.stdout)["items"]
+                if not p["metadata"].get("deletionTimestamp")]
 
     def evict(self, namespace: str, pod: str) -> None:
         """Preempt a pod the way a spot reclaim or node drain does: the Eviction API."""
@@ -156,13 +173,15 @@ def sample_job(target: E2ETarget, name: str, bucket: str, *, steps: int = 400,
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "PhoenixJob",
         "metadata": {"name": name, "labels": {"phoenix.dev/e2e": "true"}},
         "spec": {
-            "template": {"spec": {"containers": [{
+            "template": {"spec": {"volumes": [TMP_VOLUME], "containers": [{
                 "name": "trainer", "image": target.trainer_image,
+                "imagePullPolicy": target.image_pull_policy,
                 "command": [*target.trainer_command, f"--steps={steps}",
                             f"--step-delay={step_delay}", f"--checkpoint-every={checkpoint_every}",
                             "--log-every=50"],
                 "env": [{"name": "OMP_NUM_THREADS", "value": "1"}],
                 "resources": {"requests": {"cpu": "100m", "memory": "256Mi"}},
+                "securityContext": RESTRICTED_CONTAINER, "volumeMounts": [TMP_MOUNT],
             }]}},
             "phases": [{"name": "train"}],
             "checkpoint": {"uri": f"s3://{bucket}/{name}", "endpoint": target.s3.endpoint,
@@ -179,49 +198,193 @@ def phase_status(job: dict, phase: str = "train") -> dict:
     return {}
 
 
+# --- the operator pod ----------------------------------------------------------------------
+def pod_ready(pod: dict) -> bool:
+    """Running, Ready, every container running and ready."""
+    status = pod.get("status") or {}
+    statuses = status.get("containerStatuses") or ()
+    return (status.get("phase") == "Running" and bool(statuses)
+            and any(c["type"] == "Ready" and c["status"] == "True"
+                    for c in status.get("conditions") or ())
+            and all(cs.get("ready") and "running" in (cs.get("state") or {}) for cs in statuses))
+
+
+def restarts(pod: dict) -> int:
+    return sum(cs.get("restartCount", 0)
+               for cs in (pod.get("status") or {}).get("containerStatuses") or ())
+
+
+def broken_reason(pod: dict) -> str | None:
+    """Why a pod's container will not run by itself (crash loop, missing image, bad
+    config), or None."""
+    for cs in (pod.get("status") or {}).get("containerStatuses") or ():
+        reason = ((cs.get("state") or {}).get("waiting") or {}).get("reason")
+        if reason in BROKEN_WAITING:
+            return f"container {cs['name']}: {reason} (last state {json.dumps(cs.get('lastState'))})"
+    return None
+
+
+def restricted_violations(pod: dict) -> list[str]:
+    """What in a pod's spec falls short of the restricted Pod Security Standard (plus the
+    chart's read-only root filesystem). Container settings override the pod's."""
+    spec = pod["spec"]
+    psc = spec.get("securityContext") or {}
+    out = []
+    for c in spec.get("initContainers", []) + spec["containers"]:
+        sc = c.get("securityContext") or {}
+        name = c["name"]
+        if not sc.get("runAsNonRoot", psc.get("runAsNonRoot")):
+            out.append(f"{name}: runAsNonRoot is not true")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            out.append(f"{name}: runAsUser 0")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            out.append(f"{name}: seccompProfile {seccomp!r}")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            out.append(f"{name}: allowPrivilegeEscalation is not false")
+        if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or ()):
+            out.append(f"{name}: capabilities do not drop ALL")
+        if set((sc.get("capabilities") or {}).get("add") or ()) - {"NET_BIND_SERVICE"}:
+            out.append(f"{name}: adds capabilities {sc['capabilities']['add']}")
+        if sc.get("privileged"):
+            out.append(f"{name}: privileged")
+        if sc.get("readOnlyRootFilesystem") is not True:
+            out.append(f"{name}: root filesystem is writable")
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if spec.get(key):
+            out.append(f"pod: {key}")
+    if any("hostPath" in v for v in spec.get("volumes") or ()):
+        out.append("pod: hostPath volume")
+    return out
+
+
+def restricted_admission_warnings(target: E2ETarget, namespace: str) -> str:
+    """What the apiserver's PodSecurity admission says about the pods already in
+    `namespace` if it enforced "restricted" there (a server-side dry run: nothing changes).
+    Empty when every pod complies. The version is pinned to the server's own: admission
+    skips the check when the policy would not change, and the lab's default is already
+    restricted:latest."""
+    server = json.loads(target.kubectl("version", "-o", "json").stdout)["serverVersion"]
+    version = f"v{server['major']}.{server['minor'].rstrip('+')}"
+    out = target.kubectl("label", "--dry-run=server", "--overwrite", "namespace", namespace,
+                         "pod-security.kubernetes.io/enforce=restricted",
+                         f"pod-security.kubernetes.io/enforce-version={version}")
+    return "\n".join(line for line in out.stderr.splitlines() if line.startswith("Warning"))
+
+
+def check_operator_pod(target: E2ETarget, *, ready_timeout: float = 180,
+                       steady_seconds: float = 20) -> dict:
+    """The operator pod runs under the restricted Pod Security Standard, becomes Ready
+    (its readiness probe is kopf's /healthz) and stays Ready without a restart for
+    `steady_seconds`. A crash-looping operator fails here: it never turns Ready, or it
+    restarts within the window. Returns the pod."""
+    diagnose = lambda: describe_operator(target)  # noqa: E731
+
+    def one_ready_pod():
+        pods = target.operator_pods()
+        return len(pods) == 1 and pod_ready(pods[0]) and pods[0]
+
+    pod = wait_for(one_ready_pod, ready_timeout, 1, "the operator pod Running and Ready",
+                   diagnose=diagnose)
+    assert restricted_violations(pod) == [], (restricted_violations(pod), diagnose())
+    warnings = restricted_admission_warnings(target, target.operator_namespace)
+    assert not warnings, f"PodSecurity admission: {warnings}"
+    uid, before = pod["metadata"]["uid"], restarts(pod)
+    deadline = time.monotonic() + steady_seconds
+    while time.monotonic() < deadline:
+        time.sleep(2)
+        pods = target.operator_pods()
+        now = next((p for p in pods if p["metadata"]["uid"] == uid), None)
+        assert now is not None, f"operator pod {pod['metadata']['name']} went away\n{diagnose()}"
+        assert restarts(now) == before and pod_ready(now), (
+            f"operator pod {pod['metadata']['name']} restarted or lost readiness "
+            f"(restarts {before} -> {restarts(now)}; {broken_reason(now)})\n{diagnose()}")
+    return pod
+
+
+def describe_operator(target: E2ETarget) -> str:
+    ns = target.operator_namespace
+    out = target.kubectl("-n", ns, "get", "deploy,rs,pods", "-o", "wide", check=False)
+    events = target.kubectl("-n", ns, "get", "events", "--sort-by=.lastTimestamp", check=False)
+    return (f"{out.stdout}{out.stderr}\n{events.stdout[-3000:]}\n"
+            f"{target.operator_logs(tail=120)}")
+
+
 # --- the chart on the lab ------------------------------------------------------------------
 @dataclass
 class LabRelease:
-    """A chart release installed into the lab by `install_chart_on_lab`."""
+    """A chart release installed into the lab by `install_chart_on_lab`. Everything about
+    the running operator is read as on any cluster: the pod's status, `kubectl logs`, and
+    its endpoints at the pod's IP (the lab's host routes to the nodes' pod bridges)."""
 
     lab: Any
     release: str
     namespace: str
-    metrics_port: int
-    liveness_port: int
 
     @property
     def deployment(self) -> str:
         return f"{self.release}-operator"
 
     def operator_pods(self) -> list[dict]:
-        out = self.lab.kubectl("-n", self.namespace, "get", "pods", "-o", "yaml", "-l",
-                               f"app.kubernetes.io/instance={self.release}").stdout
-        return yaml.safe_load(out)["items"]
+        out = self.lab.kubectl("-n", self.namespace, "get", "pods", "-o", "json", "-l",
+                               f"app.kubernetes.io/instance={self.release}")
+        return json.loads(out.stdout)["items"]
+
+    def running_operator_pod(self) -> dict:
+        pods = [p for p in self.operator_pods() if not p["metadata"].get("deletionTimestamp")
+                and (p.get("status") or {}).get("phase") == "Running"]
+        assert len(pods) == 1, f"expected one running operator pod, got {len(pods)}\n{self.describe()}"
+        return pods[0]
 
     def operator_log(self) -> str:
-        """The operator pod's stdout, from the lab's pod directory (the lab has no
-        `kubectl logs`)."""
+        """The operator container's log (`kubectl logs`), with the previous container's
+        first if it restarted (e.g. after an operator-kill)."""
         texts = []
         for pod in self.operator_pods():
-            meta = pod["metadata"]
-            pod_dir = (Path(self.lab.state_dir) / "pods"
-                       / f"{meta['namespace']}_{meta['name']}_{meta['uid'][:8]}")
-            path = pod_dir / "operator.log"
-            if path.exists():
-                texts.append(f"--- {path}\n" + path.read_text(errors="replace"))
-        return "\n".join(texts) or f"(no operator pod log for release {self.release})"
+            name = pod["metadata"]["name"]
+            if restarts(pod):
+                texts.append(f"--- {name} (previous container)\n"
+                             + self.lab.pod_logs(self.namespace, name, previous=True))
+            texts.append(f"--- {name}\n" + self.lab.pod_logs(self.namespace, name))
+        return "\n".join(texts) or f"(no operator pod for release {self.release})"
+
+    def _endpoint(self, port_name: str, path: str) -> str:
+        pod = self.running_operator_pod()
+        port = next(p["containerPort"] for c in pod["spec"]["containers"]
+                    for p in c.get("ports") or () if p.get("name") == port_name)
+        return f"http://{pod['status']['podIP']}:{port}{path}"
 
     def healthy(self) -> bool:
-        return http_ok(f"http://127.0.0.1:{self.liveness_port}/healthz")
+        """kopf's /healthz answers 200 at the operator pod's IP."""
+        try:
+            return http_ok(self._endpoint("health", "/healthz"))
+        except (AssertionError, KeyError, StopIteration):
+            return False
 
     def metrics(self) -> str:
-        return http_text(f"http://127.0.0.1:{self.metrics_port}/metrics")
+        return http_text(self._endpoint("metrics", "/metrics"))
+
+    def check_not_broken(self) -> bool:
+        """Raise if an operator container restarted or is stuck; True otherwise."""
+        for pod in self.operator_pods():
+            problem = broken_reason(pod) or (f"{restarts(pod)} restart(s)" if restarts(pod) else None)
+            if problem:
+                raise AssertionError(f"operator pod {pod['metadata']['name']} of release "
+                                     f"{self.release} is broken: {problem}\n{self.describe()}")
+        return True
+
+    def ready(self) -> bool:
+        self.check_not_broken()
+        pods = [p for p in self.operator_pods() if not p["metadata"].get("deletionTimestamp")]
+        return len(pods) == 1 and pod_ready(pods[0])
 
     def describe(self) -> str:
-        pods = self.lab.kubectl("-n", self.namespace, "get", "deploy,rs,pods", "-o", "wide",
-                                check=False)
-        return f"{pods.stdout}{pods.stderr}\n{self.operator_log()[-4000:]}"
+        out = self.lab.kubectl("-n", self.namespace, "get", "deploy,rs,pods", "-o", "wide",
+                               check=False)
+        events = self.lab.kubectl("-n", self.namespace, "get", "events",
+                                  "--sort-by=.lastTimestamp", check=False)
+        return (f"{out.stdout}{out.stderr}\n{events.stdout[-3000:]}\n"
+                f"{self.operator_log()[-4000:]}")
 
     def uninstall(self, timeout: float = 90) -> None:
         self.lab.helm("uninstall", self.release, "-n", self.namespace, "--wait",
@@ -231,29 +394,18 @@ class LabRelease:
 
 
 def install_chart_on_lab(lab, release: str, namespace: str, *, values: dict | None = None,
-                         timeout: float = 120) -> LabRelease:
-    """`helm install` the chart with the lab's values on free loopback ports, and wait
-    until the operator pod is running and answers /healthz."""
-    from phoenix_lab.procs import free_port
+                         timeout: float = 180) -> LabRelease:
+    """`helm install` the chart with the lab's values (phoenix_lab.install) and `values`,
+    then wait until the operator pod is Ready and /healthz answers at its IP. Not `helm
+    --wait`: an operator that crashes fails here at its first restart, with its logs,
+    instead of after the whole timeout."""
+    from phoenix_lab.install import helm_install_args
+    from phoenix_lab.procs import LabError
 
-    metrics_port, liveness_port = free_port(), free_port()
-    lab.kubectl("create", "namespace", namespace, check=False)
-    sets = {"operator.metricsPort": metrics_port, "operator.livenessPort": liveness_port,
-            "metrics.service.port": metrics_port, **(values or {})}
-    args = ["install", release, str(CHART), "-n", namespace, "-f", str(LAB_VALUES)]
-    for key, value in sets.items():
-        if isinstance(value, (list, tuple)):
-            args += ["--set", f"{key}={{{','.join(map(str, value))}}}"]
-        else:
-            args += ["--set", f"{key}={value}"]
-    lab.helm(*args)
-    rel = LabRelease(lab, release, namespace, metrics_port, liveness_port)
-    wait_for(rel.healthy, timeout, 0.5, f"operator of release {release} answering /healthz",
+    lab.helm(*helm_install_args(lab, release, namespace, values, upgrade=False))
+    rel = LabRelease(lab, release, namespace)
+    wait_for(rel.ready, timeout, 0.5, f"operator pod of release {release} Ready",
+             diagnose=rel.describe, retry_on=(LabError,))
+    wait_for(rel.healthy, 30, 0.5, f"operator of release {release} answering /healthz at its pod IP",
              diagnose=rel.describe)
     return rel
-
-
-def python_for_lab() -> str:
-    """On the lab `python` in a pod command is the project's venv (the node agent puts it
-    first on PATH); this is the same interpreter, for building commands in tests."""
-    return sys.executable
