@@ -1,11 +1,18 @@
-"""Chaos: a seeded random schedule of at least ten disruptions of every kind hits one real
-training job on the lab — eviction, SIGTERM with a 1 s grace, SIGKILL, node loss, the
-operator killed mid-recovery, the S3 server down for 30 s. The job must succeed with final
-weights equal to an uninterrupted run's, no two trainer pods of the phase may ever run at
-once (a watch checks it throughout), and the status must count exactly the preemptions
-that were injected and no failures.
+"""Chaos: disruptions of every kind hit one real training job on the lab (the trainer image
+on real kubelets; the chart's operator pod) while the same training runs undisrupted on the
+on-demand node as the reference.
 
-Lab only: node loss, process kills and an S3 outage need the lab's hands. The seeds are
+- `test_every_trainer_disruption_once`: the fixed schedule eviction, SIGTERM with a 1 s
+  grace, SIGKILL of the container, node loss, right after the chart's install (the operator
+  pod must run under restricted Pod Security and be Ready first).
+- `test_chaos_schedule`: a seeded random schedule of at least ten disruptions that also
+  kills the operator pod's container mid-recovery and takes the S3 server down for 30 s.
+
+Every job must succeed with final weights equal to the reference run's, tensor for tensor;
+no two trainer pods of the phase may ever run at once (a watch checks it throughout); the
+status must count exactly the preemptions that were injected and no failures.
+
+Lab only: node loss, container kills and an S3 outage need the lab's hands. The seeds are
 chosen with PHOENIX_CHAOS_SEEDS (default "1,2,3": three schedules in a row).
 """
 from __future__ import annotations
@@ -18,15 +25,18 @@ import time
 import pytest
 
 from kube_helpers import wait_for
-from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, unique
+from phoenix_e2e import (CREDENTIALS_SECRET, GROUP, PLURAL, VERSION, check_operator_pod,
+                         phase_status, unique)
 from phoenix_lab import samples
-from phoenix_lab.chaos import Injector, is_preemption, plan
+from phoenix_lab.chaos import TRAINER_DISRUPTIONS, Injector, is_preemption, plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 SEEDS = [int(s) for s in os.environ.get("PHOENIX_CHAOS_SEEDS", "1,2,3").split(",") if s.strip()]
 DISRUPTIONS = 10
 CFG = samples.TrainConfig(steps=2500, step_delay=0.03, checkpoint_every=20)
+# Four disruptions need far fewer steps.
+FIXED_CFG = samples.TrainConfig(steps=800, step_delay=0.03, checkpoint_every=20)
 STEPS_BETWEEN = 30  # progress a new attempt makes before the next disruption
 
 
@@ -35,11 +45,6 @@ def lab_target(e2e):
     if "lab" not in e2e.extra:
         pytest.skip("the chaos suite needs the lab (node loss, process kills, S3 outage)")
     return e2e.extra["lab"], e2e.extra["release"]
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    return samples.run_reference(CFG, tmp_path_factory.mktemp("chaos-reference"))[0]
 
 
 class PodOverlapWatch:
@@ -84,27 +89,51 @@ class PodOverlapWatch:
 
 def _operator_killer(lab, release):
     def kill() -> str:
-        pods = [p for p in release.operator_pods() if p["status"].get("phase") == "Running"]
-        name = pods[0]["metadata"]["name"]
+        name = release.running_operator_pod()["metadata"]["name"]
         lab.kill_pod(release.namespace, name, signal.SIGKILL)
         return f"operator pod {name}"
     return kill
 
 
+def test_every_trainer_disruption_once(e2e, kube, e2e_bucket, submit_job, lab_target):
+    """helm install -> the operator pod runs restricted and Ready -> one PhoenixJob is
+    evicted, deleted with a 1 s grace, SIGKILLed and loses its node -> Succeeded, with the
+    reference run's final weights."""
+    check_operator_pod(e2e, steady_seconds=10)
+    run_schedule(list(TRAINER_DISRUPTIONS), FIXED_CFG, unique("every"), e2e, kube, e2e_bucket,
+                 submit_job, *lab_target)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
-def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target, reference):
-    lab, release = lab_target
+def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target):
     schedule = plan(seed, DISRUPTIONS)
-    name = unique(f"chaos{seed}")
-    body = samples.phoenixjob(name, e2e.namespace, CFG, f"s3://{e2e_bucket}/{name}", lab.s3.url,
-                              grace_seconds=10, credentials_secret="phoenix-e2e-s3", max_failures=0)  # any failure fails loudly
+    injected = run_schedule(schedule, CFG, unique(f"chaos{seed}"), e2e, kube, e2e_bucket,
+                            submit_job, *lab_target)
+    assert len(injected) >= DISRUPTIONS
+    assert {i.kind for i in injected} >= {"evict", "sigterm-short", "sigkill", "node-loss",
+                                          "operator-kill", "s3-outage"}
+
+
+def run_schedule(schedule, cfg, name, e2e, kube, e2e_bucket, submit_job, lab, release):
+    """Run one job through `schedule` next to its reference run; check everything the
+    module docstring promises. Returns what was injected."""
+    body = samples.phoenixjob(name, e2e.namespace, cfg, f"s3://{e2e_bucket}/{name}", lab.s3.url,
+                              image=lab.trainer_image, grace_seconds=10,
+                              credentials_secret=CREDENTIALS_SECRET,
+                              max_failures=0)  # any failure fails loudly
+    reference = samples.ReferenceRun(lab, e2e.namespace, f"{name}-ref", cfg,
+                                     f"s3://{e2e_bucket}/{name}-ref",
+                                     credentials_secret=CREDENTIALS_SECRET)
     watch = PodOverlapWatch(kube.core, e2e.namespace, name)
     submit_job(body)
+    submit_job(reference.manifest)  # started alongside; deleted after the test like the job
     injector = Injector(lab, e2e.namespace, operator_kill=_operator_killer(lab, release))
     job = lambda: kube.custom.get_namespaced_custom_object(  # noqa: E731
         GROUP, VERSION, e2e.namespace, PLURAL, name)
-    diagnose = lambda: (f"schedule {schedule}, injected {[(i.kind, i.pod) for i in injector.log]}\n"  # noqa: E731
-                        f"status: {job().get('status')}\noperator:\n{release.operator_log()[-6000:]}")
+    diagnose = lambda: (f"schedule {schedule}, injected {[(i.kind, i.pod, i.detail) for i in injector.log]}\n"  # noqa: E731
+                        f"status: {job().get('status')}\n"
+                        f"reference status: {reference.job().get('status')}\n"
+                        f"operator:\n{release.operator_log()[-6000:]}")
     expected_preemptions = 0
     disrupted: set[str] = set()
     try:
@@ -117,14 +146,13 @@ def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target, ref
                         e2e.namespace, label_selector=watch.selector).items:
                     if (pod.status.phase == "Running" and not pod.metadata.deletion_timestamp
                             and pod.metadata.name not in disrupted):
-                        progress = samples.logged_progress(
-                            lab.pod_dir(e2e.namespace, pod.metadata.name) / "trainer.log")
+                        progress = samples.logged_progress(lab, e2e.namespace, pod.metadata.name)
                         start = int((pod.metadata.annotations or {}).get("phoenix.dev/resume-step") or 0)
                         if progress and progress[0] >= start + STEPS_BETWEEN:
                             return pod
                 return None
-            pod = wait_for(ready, 240, what=f"a trainer making progress before {kind}",
-                           interval=0.3, diagnose=diagnose)
+            pod = wait_for(ready, 300, what=f"a trainer making progress before {kind}",
+                           interval=0.5, diagnose=diagnose)
             if kind == "operator-kill":
                 # Mid-recovery: evict the trainer, then kill the operator before it reacts.
                 injector.inject("evict", pod.metadata.name)
@@ -140,16 +168,18 @@ def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target, ref
                          in ("Succeeded", "Failed") and j, 600, what="the job to finish", interval=1,
                          diagnose=diagnose)
     finally:
-        injector.wait_idle()
+        aftermath = injector.wait_idle()
         watch.stop()
     assert final["status"]["phase"] == "Succeeded", diagnose()
+    assert aftermath == [], aftermath
     train = phase_status(final)
     assert watch.violations == [], f"two trainer pods ran at once: {watch.violations}"
     assert train["preemptions"] == expected_preemptions, diagnose()
     assert train["failures"] == 0, diagnose()
-    assert len(injector.log) >= DISRUPTIONS
-    assert {i.kind for i in injector.log} >= {"evict", "sigterm-short", "sigkill", "node-loss",
-                                              "operator-kill", "s3-outage"}
+    assert set(schedule) <= {i.kind for i in injector.log}
+    reference_job = reference.wait(timeout=300)
+    assert phase_status(reference_job)["preemptions"] == 0, reference_job["status"]
     storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{name}/train", lab.s3)
-    same, uri = samples.final_weights_equal(storage, reference)
-    assert same, f"final weights at {uri} differ from the uninterrupted run"
+    same, uri = samples.final_weights_equal(storage, reference.storage())
+    assert same, f"final weights at {uri} differ from the uninterrupted run's"
+    return injector.log
