@@ -238,7 +238,10 @@ def ensure_docker(progress: Progress = say) -> str:
         (d / "daemon.json").write_text(json.dumps({"deprecated-key-path": str(d / "key.json")}))
         (d / "dockerd.pid").unlink(missing_ok=True)
         sock.unlink(missing_ok=True)
-        for driver in ("overlay2", "vfs"):
+        # vfs only on a data root that never held overlay2 layers: falling back later would
+        # hide every built image and rebuild them, gigabytes per layer.
+        drivers = ("overlay2",) if (d / "data" / "overlay2").is_dir() else ("overlay2", "vfs")
+        for attempt, driver in enumerate(drivers + (("overlay2",) if len(drivers) == 1 else ())):
             progress(f"starting dockerd (storage driver {driver}) on {sock}")
             with open(d / "dockerd.log", "ab") as log:
                 proc = subprocess.Popen(_dockerd_argv(driver), stdout=log, stderr=subprocess.STDOUT,
@@ -250,8 +253,10 @@ def ensure_docker(progress: Progress = say) -> str:
                 proc.wait()
                 raise LabError(f"dockerd did not answer on {sock} within 60 s; see {d / 'dockerd.log'}")
             tail = _tail(d / "dockerd.log", 5)
-            if driver == "overlay2":
-                progress(f"dockerd failed with overlay2 (exit {proc.returncode}); trying vfs:\n{tail}")
+            if attempt == 0:
+                # A daemon stopped a moment ago may still hold its containerd: retry once.
+                progress(f"dockerd failed with {driver} (exit {proc.returncode}); trying once more:\n{tail}")
+                time.sleep(3)
                 continue
             raise LabError(f"dockerd exited with code {proc.returncode} at start-up; "
                            f"last lines of {d / 'dockerd.log'}:\n{tail}")
@@ -259,9 +264,10 @@ def ensure_docker(progress: Progress = say) -> str:
 
 
 def stop_docker(grace: float = 20.0) -> bool:
-    """Stop the lab's dockerd (and the containerd it started); False if none ran."""
+    """Stop the lab's dockerd (and the containerd it started); False if none ran or another
+    process is building or saving an image right now (it is left running then)."""
     pid = _dockerd_pid()
-    if pid is None:
+    if pid is None or _busy():
         return False
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, 15)
@@ -719,6 +725,18 @@ def _record() -> dict:
 
 _held: dict[str, int] = {}
 _held_lock = threading.Lock()
+
+
+def _busy() -> bool:
+    """Whether another process holds a build, save or dockerd lock."""
+    for path in (paths.cache_dir() / "images").glob(".*.lock"):
+        with open(path, "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return False
 
 
 @contextlib.contextmanager
