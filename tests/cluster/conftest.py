@@ -11,7 +11,8 @@ import yaml
 from kubernetes import client
 
 from kube_helpers import Beacon
-from operator_process import FAKE_TRAINER, FAKE_TRAINER_CONFIGMAP, OperatorProcess
+from operator_process import OperatorProcess
+from pxj_helpers import create_job_namespace
 
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR_NS = "phoenix-system"
@@ -61,17 +62,8 @@ def custom(lab):
 
 @pytest.fixture
 def ns(lab, core):
-    """A fresh namespace with a credentials Secret for the lab's S3 server and the fake
-    trainer's source as a ConfigMap."""
-    name = f"pxj-{uuid.uuid4().hex[:6]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    core.create_namespaced_secret(name, client.V1Secret(
-        metadata=client.V1ObjectMeta(name="s3-creds"),
-        string_data={"AWS_ACCESS_KEY_ID": lab.s3.access_key,
-                     "AWS_SECRET_ACCESS_KEY": lab.s3.secret_key}))
-    core.create_namespaced_config_map(name, client.V1ConfigMap(
-        metadata=client.V1ObjectMeta(name=FAKE_TRAINER_CONFIGMAP),
-        data={"fake_trainer.py": FAKE_TRAINER.read_text()}))
+    """A fresh pxj-* namespace (see create_job_namespace), deleted afterwards."""
+    name = create_job_namespace(lab, core)
     yield name
     core.delete_namespace(name)
 

@@ -1,6 +1,7 @@
 """The Helm chart against the lab's real API server: every rendered manifest passes server-side
-validation, and an installed release runs the operator (as the chart's ServiceAccount, under
-the chart's RBAC) that recovers a preempted job, then uninstalls without leftovers."""
+validation, and an installed release runs the operator image as a pod on a real node (as the
+chart's ServiceAccount, under the chart's RBAC and restricted Pod Security) that recovers a
+preempted job without ever restarting, then uninstalls without leftovers."""
 from __future__ import annotations
 
 import json
@@ -8,13 +9,18 @@ import json
 import pytest
 import yaml
 
-from e2e.phoenix_e2e import CHART, LAB_VALUES, OPERATOR_KINDS, install_chart_on_lab
+from chart_release import OperatorPodBroken, install_chart
 from kube_helpers import wait_for
-from pxj_helpers import create, get, phase_status, phoenixjob, pod_or_none
+from phoenix_lab.install import CHART, LAB_VALUES
+from pxj_helpers import (create, create_job_namespace, get, phase_status, phoenixjob,
+                         pod_or_none)
 
 pytestmark = pytest.mark.cluster
 
 SAMPLE_VALUES = CHART / "ci" / "namespaced-values.yaml"
+# Every kind of object the chart creates carries the release's instance label.
+OPERATOR_KINDS = ("deployments", "serviceaccounts", "services", "roles", "rolebindings",
+                  "clusterroles", "clusterrolebindings", "pods")
 # Just enough of prometheus-operator's CRD for the API server to accept a ServiceMonitor.
 SERVICE_MONITOR_CRD = {
     "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
@@ -62,10 +68,20 @@ def test_every_rendered_manifest_passes_server_dry_run(lab, crd, service_monitor
 
 @pytest.fixture(scope="module")
 def release(lab, crd):
-    """The chart installed cluster-wide with the lab's values (as a user would on the lab)."""
-    rel = install_chart_on_lab(lab, "phx-chart", "phx-chart-system")
+    """The chart installed cluster-wide with the lab's values (as a user would on the lab):
+    the operator image as a pod on the on-demand node."""
+    rel = install_chart(lab, "phx-chart", "phx-chart-system")
     yield rel
     rel.uninstall()
+
+
+@pytest.fixture
+def ns(lab, core):
+    """A job namespace outside pxj-*, so only the chart's operator acts on it (the cluster
+    tests' host-process operator watches pxj-* only)."""
+    name = create_job_namespace(lab, core, prefix="chart")
+    yield name
+    core.delete_namespace(name)
 
 
 def _manifests(lab, bucket: str) -> list[str]:
@@ -82,9 +98,17 @@ def _labelled(lab, kind: str, release: str) -> list[str]:
 
 def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_job(
         lab, release, core, custom, ns, bucket):
-    pod = release.operator_pods()[0]
-    assert pod["spec"]["serviceAccountName"] == "phx-chart-operator"
-    assert pod["spec"]["nodeName"] == "lab-ondemand-0", "operator landed on a spot node"
+    pod = release.operator_pod()
+    spec = pod["spec"]
+    assert spec["serviceAccountName"] == "phx-chart-operator"
+    assert spec["nodeName"] == "lab-ondemand-0", "operator landed on a spot node"
+    [container] = spec["containers"]
+    assert container["image"] == lab.operator_image
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    # The image's own user (65532, numeric: runAsNonRoot is verifiable) under restricted PSS.
+    assert spec["securityContext"]["runAsNonRoot"] is True
+    # kopf's liveness endpoint answers 200 with its probes' results (a JSON object).
+    assert isinstance(json.loads(release.healthz()), dict)
     # The chart's RBAC is what the pod gets: it may create pods but not, say, Deployments.
     can_i = lambda *a: lab.kubectl(  # noqa: E731
         "auth", "can-i", *a, "--as=system:serviceaccount:phx-chart-system:phx-chart-operator",
@@ -94,23 +118,43 @@ def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_
     assert can_i("update", "phoenixjobs.phoenix.dev", "-n", ns) == "no"
     assert can_i("watch", "nodes") == "yes" and can_i("delete", "nodes") == "no"
 
+    def describe() -> str:
+        job = lab.kubectl("-n", ns, "get", "pxj,pods", "-o", "wide", check=False).stdout
+        return f"{job}\n{release.describe()}"
+
     env = {"FAKE_STEPS": 200, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
     create(custom, ns, phoenixjob("chart", bucket, lab.s3.url, image=lab.trainer_image, env=env))
     wait_for(lambda: (p := pod_or_none(core, ns, "chart-train-1"))
-             and p.status.phase == "Running", 60, 0.5, "attempt 1 running",
-             diagnose=release.describe)
+             and p.status.phase == "Running", 90, 0.5, "attempt 1 running", diagnose=describe)
     wait_for(lambda: _manifests(lab, bucket), 60, 0.5, "a first checkpoint in S3",
-             diagnose=release.describe)
+             diagnose=describe)
     lab.evict(ns, "chart-train-1")
     job = wait_for(lambda: (j := get(custom, ns, "chart"))
                    and (j.get("status") or {}).get("phase") == "Succeeded" and j,
-                   120, 0.5, "job Succeeded after the preemption", diagnose=release.describe)
+                   120, 0.5, "job Succeeded after the preemption", diagnose=describe)
     ps = phase_status(job)
     assert ps["preemptions"] == 1 and ps["failures"] == 0 and ps["attempts"] == 2
+    assert ps["lastFailure"]["reason"] == "EvictionByEvictionAPI", ps["lastFailure"]
     assert pod_or_none(core, ns, "chart-train-2").metadata.labels["phoenix.dev/job"] == "chart"
     log = release.operator_log()
     assert f"{ns}/chart" in log, "the chart's operator did not log about the job:\n" + log[-3000:]
-    assert "phoenix_recoveries_total" in release.metrics()
+    assert "phoenix_recoveries_total{" in release.metrics()
+    # The same pod did all of it: it never crashed or restarted.
+    release.check_not_broken()
+    assert release.operator_pod()["metadata"]["uid"] == pod["metadata"]["uid"]
+
+
+def test_a_crash_looping_operator_fails_the_install(lab, crd):
+    """The guard the tests above rely on: an operator container that exits is reported at
+    once, with its log, rather than passing or timing out."""
+    code = "print('operator exploding on purpose', flush=True); raise SystemExit(3)"
+    with pytest.raises(OperatorPodBroken) as err:
+        install_chart(lab, "phx-broken", "phx-broken-system", values={
+            "command": ["python", "-c", code]}, timeout=120)
+    try:
+        assert "exploding on purpose" in str(err.value), str(err.value)[-2000:]
+    finally:
+        lab.helm("uninstall", "phx-broken", "-n", "phx-broken-system", "--wait", check=False)
 
 
 def test_uninstall_leaves_no_operator_objects_but_keeps_the_crd(lab, release, crd):
