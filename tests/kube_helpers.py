@@ -1,7 +1,8 @@
 """Small helpers for tests that talk to a real apiserver: polling with a deadline (used by
 tests/cluster, tests/e2e and the lab tests alike), throwaway pods whose command is a Python
 one-liner (in the trainer image, under restricted Pod Security), a beacon pods report to,
-and probes of the operator's health/metrics endpoints."""
+a watch for pod states a poller can miss, and probes of the operator's health/metrics
+endpoints."""
 from __future__ import annotations
 
 import socket
@@ -68,6 +69,38 @@ def python_pod(name: str, code: str, *, image: str, grace: int | None = None, la
     if owner:
         meta["ownerReferences"] = [owner]
     return {"apiVersion": "v1", "kind": "Pod", "metadata": meta, "spec": spec}
+
+
+def watch_pod(core, namespace: str, name: str, since: str, pred: Callable[[object], bool],
+              timeout: float = 60, what: str = "pod state"):
+    """Follow one pod's watch events from resourceVersion `since` (read before the action
+    under test, so nothing is missed) until `pred(pod)` holds; return that pod object.
+
+    For states a poller can miss: an evicted or deleted pod's object disappears right after
+    its container ends, but its watch still shows the final status (the DELETED event
+    carries the last state too)."""
+    from kubernetes import watch
+
+    seen = []
+    w = watch.Watch()
+    for event in w.stream(core.list_namespaced_pod, namespace,
+                          field_selector=f"metadata.name={name}", resource_version=since,
+                          timeout_seconds=max(1, int(timeout))):
+        pod = event["object"]
+        seen.append(f"{event['type']} phase={pod.status.phase}")
+        if pred(pod):
+            w.stop()
+            return pod
+        if event["type"] == "DELETED":
+            break
+    raise AssertionError(f"{what} of pod {namespace}/{name} never seen within {timeout}s "
+                         f"(events: {', '.join(seen) or 'none'})")
+
+
+def terminated_state(pod):
+    """The first container's terminated state, or None while it runs."""
+    statuses = pod.status.container_statuses or []
+    return statuses[0].state.terminated if statuses and statuses[0].state else None
 
 
 def unique(prefix: str) -> str:

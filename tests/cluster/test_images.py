@@ -14,7 +14,8 @@ import uuid
 import pytest
 from kubernetes import client
 
-from kube_helpers import RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, unique, wait_for
+from kube_helpers import (RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, terminated_state,
+                          unique, wait_for, watch_pod)
 
 pytestmark = pytest.mark.cluster
 
@@ -72,12 +73,13 @@ def test_trainer_is_pid_1_and_checkpoints_on_eviction_with_termination_message(l
     wait_for(lambda: re.search(r"step \d+ epoch", logs()), 180, 1, "the trainer's first steps",
              diagnose=logs)
     assert re.search(r"starting run \S+ attempt 1 .*pid 1\b", logs()), logs()
+    since = core.read_namespaced_pod(name, ns).metadata.resource_version
     lab.evict(ns, name)
-    pod = wait_for(lambda: (p := core.read_namespaced_pod(name, ns)).status.phase
-                   in ("Succeeded", "Failed") and p, 60, 0.5, "the evicted trainer to exit",
-                   diagnose=logs)
-    state = pod.status.container_statuses[0].state.terminated
-    assert state.exit_code == 143, logs()
+    # The evicted pod's object is deleted as soon as its container has ended: its final
+    # status is seen on the watch, not by polling.
+    pod = watch_pod(core, ns, name, since, terminated_state, 60, "the evicted trainer's exit")
+    state = terminated_state(pod)
+    assert state.exit_code == 143, state
     message = json.loads(state.message)  # written to /dev/termination-log by the trainer
     assert message["reason"] == "preempted"
     assert message["emergencySaveCompleted"] is True
