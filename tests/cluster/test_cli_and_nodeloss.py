@@ -49,7 +49,7 @@ def test_node_loss_is_a_preemption_replaced_before_pod_gc(lab, operator, core, c
     pod = wait(lambda: (p := pod_or_none(core, ns, "nl-train-1")) and p.status.phase == "Running"
                and p, 60, "attempt 1 running")
     lost = time.monotonic()
-    lab.lose_node(pod.spec.node_name)
+    replacement = lab.lose_node(pod.spec.node_name)
     pod2 = wait(lambda: pod_or_none(core, ns, "nl-train-2"), 15,
                 "replacement after node loss (well before pod GC)")
     took = time.monotonic() - lost
@@ -63,6 +63,7 @@ def test_node_loss_is_a_preemption_replaced_before_pod_gc(lab, operator, core, c
     assert ps["lastFailure"]["reason"] == "NodeLost", ps["lastFailure"]
     assert pod.spec.node_name in ps["lastFailure"]["message"]
     print(f"node loss -> replacement created in {took:.2f}s")
+    lab.wait_nodes_ready([replacement.name])  # leave the lab whole: its GPUs advertised
 
 
 def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, custom, ns,
