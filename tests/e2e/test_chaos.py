@@ -102,6 +102,9 @@ def test_every_trainer_disruption_once(e2e, kube, e2e_bucket, submit_job, lab_ta
     check_operator_pod(e2e, steady_seconds=10)
     run_schedule(list(TRAINER_DISRUPTIONS), FIXED_CFG, unique("every"), e2e, kube, e2e_bucket,
                  submit_job, *lab_target)
+    # The operator's /metrics (bound to 0.0.0.0 in its pod, read at the pod IP) counted them.
+    metrics = lab_target[1].metrics()
+    assert 'phoenix_recoveries_total{' in metrics, metrics[-2000:]
 
 
 @pytest.mark.parametrize("seed", SEEDS)
@@ -151,7 +154,10 @@ def run_schedule(schedule, cfg, name, e2e, kube, e2e_bucket, submit_job, lab, re
                         if progress and progress[0] >= start + STEPS_BETWEEN:
                             return pod
                 return None
-            pod = wait_for(ready, 300, what=f"a trainer making progress before {kind}",
+            # Generous: every operator-kill of a session lengthens the kubelet's restart
+            # back-off of the operator container (10 s, doubling, up to 300 s), and the
+            # next recovery waits for the operator.
+            pod = wait_for(ready, 480, what=f"a trainer making progress before {kind}",
                            interval=0.5, diagnose=diagnose)
             if kind == "operator-kill":
                 # Mid-recovery: evict the trainer, then kill the operator before it reacts.
