@@ -15,7 +15,11 @@ B. Operator resident memory and reconcile rate with M PhoenixJobs (suspended, so
    does not have to run M trainer processes on two cores; every job is still listed,
    reconciled, checkpoint-free, and has its status written).
 
-The operator runs as a local process authenticated as the chart's ServiceAccount.
+Trainer pods run on the lab's real nodes (kubelet + containerd): the cluster tests' fake
+trainer (tests/cluster/fake_trainer.py, from a ConfigMap) in the trainer image, under
+restricted Pod Security, on the spot nodes, one GPU each; both kinds use the same pod
+template. The operator runs as a local process authenticated as the chart's
+ServiceAccount (so its RSS can be read from /proc), like the cluster tests' operator.
 
     .venv/bin/python benchmarks/bench_recovery.py --out benchmarks/results/recovery.json
 """
@@ -40,11 +44,14 @@ from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_lab.procs import free_port
 
 REPO = Path(__file__).resolve().parents[1]
-FAKE_TRAINER = str(REPO / "tests" / "cluster" / "fake_trainer.py")
-NS = "bench"
-SPOT = {"nodeSelector": {"phoenix.dev/spot": "true"},
-        "tolerations": [{"key": "phoenix.dev/spot", "operator": "Exists",
-                         "effect": "NoSchedule"}]}
+# The pod template, fake trainer and namespace set-up are the cluster tests' own, so the
+# benchmark measures exactly what those tests exercise.
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "cluster")]
+from pxj_helpers import create_job_namespace, phoenixjob as test_phoenixjob  # noqa: E402
+
+NS_PREFIX = "bench"
+BUCKET = "bench"
+GRACE = 5
 TRAINER_ENV = {"FAKE_STEPS": "1000000", "FAKE_STEP_SECONDS": "0.05", "FAKE_CKPT_EVERY": "20"}
 
 
@@ -68,9 +75,10 @@ class PodClock(threading.Thread):
     """Watches pods matching a selector; remembers when each was first seen and when it was
     first seen terminal or deleted."""
 
-    def __init__(self, api: client.ApiClient, selector: str) -> None:
+    def __init__(self, api: client.ApiClient, ns: str, selector: str) -> None:
         super().__init__(daemon=True)
         self.core = client.CoreV1Api(api)
+        self.ns = ns
         self.selector = selector
         self.added: dict[str, float] = {}
         self.ended: dict[str, float] = {}
@@ -83,7 +91,7 @@ class PodClock(threading.Thread):
         while not self.stop.is_set():
             w = watch.Watch()
             try:
-                for ev in w.stream(self.core.list_namespaced_pod, NS,
+                for ev in w.stream(self.core.list_namespaced_pod, self.ns,
                                    label_selector=self.selector, timeout_seconds=30):
                     now = time.monotonic()
                     pod = ev["object"]
@@ -117,11 +125,12 @@ class PodClock(threading.Thread):
                 self.cv.wait(min(left, 0.5))
 
 
-def measure(lab: Lab, api, selectors: list[str], rounds: int, label: str) -> list[float]:
+def measure(lab: Lab, api, ns: str, selectors: list[str], rounds: int,
+            label: str) -> list[float]:
     """``rounds`` rounds; in each, the running pod of every job is evicted at once and the
     time to each job's replacement is recorded (jobs in parallel, so a controller's backoff
     is waited out once per round, not once per job)."""
-    clocks = [PodClock(api, sel) for sel in selectors]
+    clocks = [PodClock(api, ns, sel) for sel in selectors]
     for c in clocks:
         c.start()
     latencies = []
@@ -138,7 +147,7 @@ def measure(lab: Lab, api, selectors: list[str], rounds: int, label: str) -> lis
                 victims.append((clock, pod, set(clock.order)))
             time.sleep(0.5)  # past start-up, as a real preemption would find it
             for _, pod, _ in victims:
-                lab.evict(NS, pod)
+                lab.evict(ns, pod)
             for clock, pod, before in victims:
                 clock.wait(lambda: pod in clock.ended, 120, f"{label}: {pod} to end")
                 new = clock.wait(lambda: next((p for p in clock.order if p not in before), None),
@@ -152,30 +161,25 @@ def measure(lab: Lab, api, selectors: list[str], rounds: int, label: str) -> lis
     return latencies
 
 
-def phoenixjob(name: str, bucket: str, s3_url: str, suspend: bool = False) -> dict:
-    return {
-        "apiVersion": "phoenix.dev/v1alpha1", "kind": "PhoenixJob", "metadata": {"name": name},
-        "spec": {
-            "template": {"spec": dict(SPOT, containers=[{
-                "name": "trainer", "image": "phoenix-trainer:dev",
-                "command": ["python", FAKE_TRAINER],
-                "env": [{"name": k, "value": v} for k, v in TRAINER_ENV.items()]}])},
-            "phases": [{"name": "train"}],
-            "checkpoint": {"uri": f"s3://{bucket}/{name}", "endpoint": s3_url,
-                           "credentialsSecret": "s3-creds"},
-            "recovery": {"terminationGracePeriodSeconds": 5},
-            "suspend": suspend,
-        },
-    }
+def phoenixjob(name: str, image: str, s3_url: str, suspend: bool = False) -> dict:
+    job = test_phoenixjob(name, BUCKET, s3_url, image=image, env=TRAINER_ENV, grace=GRACE,
+                          suspend=suspend)
+    job["spec"]["checkpoint"]["uri"] = f"s3://{BUCKET}/{name}"  # one bucket, a prefix per job
+    return job
 
 
-def k8s_job(name: str, bucket: str, s3_url: str) -> dict:
-    env = [{"name": k, "value": v} for k, v in TRAINER_ENV.items()] + [
-        {"name": "PHOENIX_CHECKPOINT_URI", "value": f"s3://{bucket}/{name}/train"},
+def k8s_job(name: str, image: str, s3_url: str) -> dict:
+    """The same trainer pod template under a batch/v1 Job: PhoenixJob's env contract by hand."""
+    template = test_phoenixjob(name, BUCKET, s3_url, image=image, env=TRAINER_ENV,
+                               grace=GRACE)["spec"]["template"]
+    container = template["spec"]["containers"][0]
+    container["env"] += [
+        {"name": "PHOENIX_CHECKPOINT_URI", "value": f"s3://{BUCKET}/{name}/train"},
         {"name": "AWS_ENDPOINT_URL", "value": s3_url},
         {"name": "AWS_DEFAULT_REGION", "value": "us-east-1"},
     ] + [{"name": k, "valueFrom": {"secretKeyRef": {"name": "s3-creds", "key": k}}}
          for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    template["spec"].update(restartPolicy="Never", terminationGracePeriodSeconds=GRACE)
     return {
         "apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name},
         "spec": {
@@ -184,10 +188,7 @@ def k8s_job(name: str, bucket: str, s3_url: str) -> dict:
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
                 {"action": "FailJob", "onExitCodes": {"operator": "NotIn", "values": [0, 137, 143]}},
             ]},
-            "template": {"spec": dict(SPOT, restartPolicy="Never", terminationGracePeriodSeconds=5,
-                                      containers=[{"name": "trainer", "image": "phoenix-trainer:dev",
-                                                   "command": ["python", FAKE_TRAINER],
-                                                   "env": env}])},
+            "template": template,
         },
     }
 
@@ -237,9 +238,9 @@ def main() -> int:
                     "machine": {"cpus": os.cpu_count()}}
     with tempfile.TemporaryDirectory(prefix="bench-recovery-") as tmp:
         lab = Lab(Path(tmp) / "lab", ports=LabPorts.ephemeral())
-        lab.up()
         op = None
         try:
+            lab.up()  # inside the try: a lab that failed half-way up is torn down too
             lab.kubectl("apply", "--server-side", "-f", str(REPO / "crds" / "phoenixjobs.yaml"))
             lab.kubectl("wait", "--for=condition=Established", "--timeout=60s",
                         "crd/phoenixjobs.phoenix.dev")
@@ -279,32 +280,29 @@ def main() -> int:
             with lab.api_client() as api:
                 core = client.CoreV1Api(api)
                 custom = client.CustomObjectsApi(api)
-                core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=NS)))
-                core.create_namespaced_secret(NS, client.V1Secret(
-                    metadata=client.V1ObjectMeta(name="s3-creds"),
-                    string_data={"AWS_ACCESS_KEY_ID": lab.s3.access_key,
-                                 "AWS_SECRET_ACCESS_KEY": lab.s3.secret_key}))
-                lab.s3.client().create_bucket(Bucket="bench")
+                ns = create_job_namespace(lab, core, prefix=NS_PREFIX)
+                lab.s3.client().create_bucket(Bucket=BUCKET)
+                image = lab.trainer_image
 
                 # --- A: time to replacement -------------------------------------------------
                 names = [f"rec-{k}" for k in range(args.parallel)]
                 for name in names:
-                    custom.create_namespaced_custom_object("phoenix.dev", "v1alpha1", NS,
+                    custom.create_namespaced_custom_object("phoenix.dev", "v1alpha1", ns,
                                                            "phoenixjobs",
-                                                           phoenixjob(name, "bench", lab.s3.url))
-                phx = measure(lab, api, [f"phoenix.dev/job={n}" for n in names], args.rounds,
+                                                           phoenixjob(name, image, lab.s3.url))
+                phx = measure(lab, api, ns, [f"phoenix.dev/job={n}" for n in names], args.rounds,
                               "phoenix")
                 for name in names:
-                    custom.delete_namespaced_custom_object("phoenix.dev", "v1alpha1", NS,
+                    custom.delete_namespaced_custom_object("phoenix.dev", "v1alpha1", ns,
                                                            "phoenixjobs", name)
                 batch = client.BatchV1Api(api)
                 jnames = [f"kjob-{k}" for k in range(args.parallel)]
                 for name in jnames:
-                    batch.create_namespaced_job(NS, k8s_job(name, "bench", lab.s3.url))
-                job = measure(lab, api, [f"batch.kubernetes.io/job-name={n}" for n in jnames],
+                    batch.create_namespaced_job(ns, k8s_job(name, image, lab.s3.url))
+                job = measure(lab, api, ns, [f"batch.kubernetes.io/job-name={n}" for n in jnames],
                               args.rounds, "job")
                 for name in jnames:
-                    batch.delete_namespaced_job(name, NS, propagation_policy="Background")
+                    batch.delete_namespaced_job(name, ns, propagation_policy="Background")
                 result["time_to_replacement_seconds"] = {"phoenix": summary(phx),
                                                          "job_podfailurepolicy": summary(job)}
                 result["operator_rss_mb_after_recoveries"] = round(rss_mb(op.pid), 1)
@@ -313,13 +311,13 @@ def main() -> int:
                 t0 = time.monotonic()
                 for i in range(args.jobs):
                     custom.create_namespaced_custom_object(
-                        "phoenix.dev", "v1alpha1", NS, "phoenixjobs",
-                        phoenixjob(f"many-{i:04d}", "bench", lab.s3.url, suspend=True))
+                        "phoenix.dev", "v1alpha1", ns, "phoenixjobs",
+                        phoenixjob(f"many-{i:04d}", image, lab.s3.url, suspend=True))
                 created = time.monotonic() - t0
 
                 def settled() -> int:
                     items = custom.list_namespaced_custom_object(
-                        "phoenix.dev", "v1alpha1", NS, "phoenixjobs")["items"]
+                        "phoenix.dev", "v1alpha1", ns, "phoenixjobs")["items"]
                     return sum(1 for j in items if j["metadata"]["name"].startswith("many-")
                                and (j.get("status") or {}).get("phase") == "Suspended")
 
