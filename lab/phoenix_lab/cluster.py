@@ -32,7 +32,8 @@ from .certs import PKI, ensure_client_cert, ensure_pki
 from .network import LabNetwork, claim_net_index, labs_running, slice_owner
 from .nodes import (GPU, Node, NodeSpec, ctr, ensure_node_image, node_image_root,
                     processes_of)
-from .procs import LabError, Service, free_port, http_ready, require_free_port, tcp_ready
+from .procs import (LabError, Service, free_port, http_ready, pid_alive, require_free_port,
+                    tcp_ready)
 from .s3 import S3Endpoint, S3Server
 
 K8S_VERSION_PREFIX = "v1.35."
@@ -105,12 +106,14 @@ def _print_progress(msg: str) -> None:
 
 
 def reap_stale_labs(progress: Progress = _print_progress) -> None:
-    """Tear down labs whose control plane died without `down` (a killed test session): their
-    nodes, mounts, bridges and rules would otherwise stay behind and hold a slice."""
+    """Tear down labs whose creating process and control plane died without `down` (a killed
+    test session): their nodes, mounts, bridges and rules would otherwise stay behind and
+    hold a slice."""
     for index in labs_running():
-        owner = slice_owner(index)
-        if owner is None or not (owner / "lab.json").exists():
-            continue
+        claimed = slice_owner(index)
+        if claimed is None or pid_alive(claimed[1]) or not (claimed[0] / "lab.json").exists():
+            continue  # unknown, or its process lives (it may still be starting)
+        owner = claimed[0]
         lab = Lab(owner, progress=progress)
         if not lab._etcd().running():
             progress(f"cleaning up the stale lab in {owner} (slice {index})")
@@ -135,6 +138,7 @@ class Lab:
             self.ports = LabPorts(**saved["ports"])
             self.net = LabNetwork(saved["net_index"])
             self.node_specs = [NodeSpec(**n) for n in saved["nodes"]]
+            self.node_image_stamp = saved.get("node_image")
         else:
             # The developer's lab (fixed ports) owns slice 0; test labs take a free one.
             self.ports = ports or LabPorts.fixed()
@@ -142,6 +146,7 @@ class Lab:
                 reap_stale_labs(self.progress)
             self.net = LabNetwork(0 if ports is None else claim_net_index(self.state_dir))
             self.node_specs = initial_nodes()
+            self.node_image_stamp = None
             self._save()
         self.pki = PKI(self.state_dir / "pki")
         self.s3_server = S3Server(self.state_dir / "s3", port=self.ports.s3,
@@ -151,7 +156,8 @@ class Lab:
     def _save(self) -> None:
         self._saved.write_text(json.dumps({
             "ports": asdict(self.ports), "net_index": self.net.index,
-            "nodes": [asdict(n) for n in self.node_specs]}, indent=2))
+            "nodes": [asdict(n) for n in self.node_specs],
+            "node_image": self.node_image_stamp}, indent=2))
 
     # ---- paths and clients -------------------------------------------------------------
     @property
@@ -366,7 +372,8 @@ class Lab:
                 self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_COREDNS_RBAC))
             self.progress(f"starting {service.name}")
             service.start(timeout=120)
-        stamp = (node_image.parent / "stamp").read_text()
+        stamp = self.node_image_stamp = node_image.parent.name
+        self._save()
         for node in self.nodes():
             if node.running() and node.booted_from() == stamp:
                 self.progress(f"node {node.name}: already running")
@@ -525,7 +532,7 @@ class Lab:
         self._save()
         replacement = self._node(spec)
         self._node_credentials(replacement)
-        replacement.start(node_image_root(), self.progress)
+        replacement.start(node_image_root(self.node_image_stamp), self.progress)
         self.progress(f"node {node} lost; replacement {spec.name} starting")
         if wait:
             self.wait_nodes_ready([spec.name])

@@ -21,6 +21,7 @@ Never: touch the uplink, enable global forwarding, or add NAT.
 from __future__ import annotations
 
 import ipaddress
+import os
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,10 +44,12 @@ def link_exists(name: str) -> bool:
     return _run("ip", "link", "show", name, check=False).returncode == 0
 
 
-def slice_owner(index: int) -> Path | None:
+def slice_owner(index: int) -> tuple[Path, int] | None:
+    """The state dir of the lab holding a slice and the pid of the process that claimed it."""
     try:
-        return Path((OWNERS / f"slice-{index}").read_text())
-    except OSError:
+        owner, pid = (OWNERS / f"slice-{index}").read_text().split("\n")[:2]
+        return Path(owner), int(pid)
+    except (OSError, ValueError):
         return None
 
 
@@ -63,7 +66,7 @@ def claim_net_index(owner: Path, start: int = 1) -> int:
         if _run("ip", "link", "add", LabNetwork(i).host_link, "type", "bridge",
                 check=False).returncode == 0:
             OWNERS.mkdir(parents=True, exist_ok=True)
-            (OWNERS / f"slice-{i}").write_text(str(owner))
+            (OWNERS / f"slice-{i}").write_text(f"{owner}\n{os.getpid()}\n")
             return i
     raise LabError(f"all {MAX_LABS} lab network slices are in use; stop a lab with "
                    "'phoenix-lab down' (ip -br link | grep phx)")

@@ -115,31 +115,39 @@ def _containerd_service(name: str, node_dir: Path, config: str) -> Service:
 
 
 # ---- the node image ----------------------------------------------------------------------
-def node_image_root() -> Path:
-    return paths.cache_dir() / "node-image" / "root"
+KEEP_NODE_IMAGES = 3
+
+
+def node_image_root(stamp: str) -> Path:
+    """The node image for one set of images (``stamp``): ``<cache>/node-image/<stamp>/root``."""
+    return paths.cache_dir() / "node-image" / stamp / "root"
 
 
 def ensure_node_image(images: list[str], stamp: str, save: Callable[[str], Path],
                       progress) -> Path:
     """A containerd root holding ``images`` (short references), for nodes to boot from.
 
-    Rebuilt only when ``stamp`` (the images' IDs) changes. ``save(ref)`` gives a
-    `docker save` tar of an image; it is deleted once imported (the node image holds it).
-    Imports are incremental: a new build of the trainer image unpacks only changed layers.
+    One per set of images (``stamp``, from their IDs), so a lab keeps booting replacement
+    nodes with its own images while another lab on this machine moved on; the newest
+    ``KEEP_NODE_IMAGES`` are kept. A new one starts as a hard-linked copy of the newest
+    existing one, so importing only unpacks changed layers. ``save(ref)`` gives a `docker
+    save` tar of an image; it is deleted once imported.
     """
-    root = node_image_root()
-    base = root.parent
+    base = paths.cache_dir() / "node-image"
+    root = node_image_root(stamp)
     base.mkdir(parents=True, exist_ok=True)
     with open(base / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        stamp_file = base / "stamp"
-        if root.exists() and stamp_file.exists() and stamp_file.read_text() == stamp:
+        if (root.parent / "ready").exists():
             return root
         progress("preparing the node image (a containerd root with the lab's images)")
-        stamp_file.unlink(missing_ok=True)
-        tmp = base / "import"
+        shutil.rmtree(root.parent, ignore_errors=True)
+        ready = sorted((p.parent for p in base.glob("*/ready")), key=lambda d: d.stat().st_mtime)
+        if ready:
+            _copy_node_image(ready[-1] / "root", root)
+        tmp = root.parent / "import"
         socket = tmp / "containerd" / "containerd.sock"
-        tmp.mkdir(exist_ok=True)
+        tmp.mkdir(parents=True, exist_ok=True)
         service = _containerd_service("node-image", tmp, containerd_config(
             root, tmp / "state", socket, tmp / "cni", images[0]))
         service.start(timeout=60)
@@ -158,7 +166,11 @@ def ensure_node_image(images: list[str], stamp: str, save: Callable[[str], Path]
             service.stop(grace=30)
             _umount_under(tmp)
             shutil.rmtree(tmp, ignore_errors=True)
-        stamp_file.write_text(stamp)
+        (root.parent / "ready").write_text(" ".join(images))
+        for old in ready[:max(0, len(ready) + 1 - KEEP_NODE_IMAGES)]:
+            shutil.rmtree(old, ignore_errors=True)
+        for legacy in (base / "root", base / "import"):  # the single node image of before
+            shutil.rmtree(legacy, ignore_errors=True)
         return root
 
 
@@ -332,7 +344,7 @@ class Node:
         self.remove_files()
         t0 = time.monotonic()
         _copy_node_image(node_image, self.dir / "containerd" / "root")
-        shutil.copy2(node_image.parent / "stamp", self.dir / "image-stamp")
+        (self.dir / "image-stamp").write_text(node_image.parent.name)
         progress(f"{self.name}: node image copied in {time.monotonic() - t0:.1f}s")
         self.net.add_bridge(self.spec.index)
         conf_dir = self.dir / "cni" / "net.d"
