@@ -171,6 +171,7 @@ def ensure_node_image(images: list[str], stamp: str, save: Callable[[str], Path]
             shutil.rmtree(old, ignore_errors=True)
         for legacy in (base / "root", base / "import"):  # the single node image of before
             shutil.rmtree(legacy, ignore_errors=True)
+        (base / "stamp").unlink(missing_ok=True)
         return root
 
 
