@@ -13,7 +13,8 @@ no two trainer pods of the phase may ever run at once (a watch checks it through
 status must count exactly the preemptions that were injected and no failures.
 
 Lab only: node loss, container kills and an S3 outage need the lab's hands. The seeds are
-chosen with PHOENIX_CHAOS_SEEDS (default "1,2,3": three schedules in a row).
+chosen with PHOENIX_CHAOS_SEEDS (default "1,2": two schedules in a row, after the fixed
+schedule that hits one job with each trainer disruption).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ from phoenix_lab.chaos import TRAINER_DISRUPTIONS, Injector, is_preemption, plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
-SEEDS = [int(s) for s in os.environ.get("PHOENIX_CHAOS_SEEDS", "1,2,3").split(",") if s.strip()]
+SEEDS = [int(s) for s in os.environ.get("PHOENIX_CHAOS_SEEDS", "1,2").split(",") if s.strip()]
 DISRUPTIONS = 10
 CFG = samples.TrainConfig(steps=2500, step_delay=0.03, checkpoint_every=20)
 # Four disruptions need far fewer steps.
