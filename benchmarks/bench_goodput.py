@@ -210,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(10)
             print("[goodput] " + ", ".join(
                 f"{v.name}: {'done' if v.finished else 'running'} ({len(v.preemptions)} preemptions)"
-                for v in variants), flush=True)
+                for v in variants) + f", reference: {'done' if 'finished' in reference else 'running'}",
+                flush=True)
         if errors or "finished" not in reference:
             print("[goodput] errors: " + "; ".join(errors or ["reference run failed"]), file=sys.stderr)
             return 1
