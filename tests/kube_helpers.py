@@ -12,6 +12,10 @@ import urllib.request
 import uuid
 from typing import Callable, TypeVar
 
+# The "restricted" Pod Security container settings (plus a read-only root) and the writable
+# /tmp such a container needs: one definition, the lab samples', re-exported for tests.
+from phoenix_lab.samples import RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME  # noqa: F401
+
 T = TypeVar("T")
 
 
@@ -39,15 +43,6 @@ def wait_for(fn: Callable[[], T], timeout: float = 60, interval: float = 0.25,
         except Exception as e:  # noqa: BLE001 - diagnostics must not hide the real failure
             extra += f"\n(diagnostics failed: {e})"
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{extra}")
-
-
-# What the "restricted" Pod Security Standard asks of a container, plus a read-only root.
-RESTRICTED_CONTAINER = {
-    "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
-    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
-# A writable /tmp for a container with a read-only root filesystem.
-TMP_VOLUME = {"name": "tmp", "emptyDir": {}}
-TMP_MOUNT = {"name": "tmp", "mountPath": "/tmp"}
 
 
 def python_pod(name: str, code: str, *, image: str, grace: int | None = None, labels=None,

@@ -38,7 +38,7 @@ ON_DEMAND_SCHEDULING = {
             {"key": SPOT_LABEL, "operator": "NotIn", "values": ["true"]}]}]}}},
 }
 # What the "restricted" Pod Security Standard asks of a container, plus a read-only root
-# (the same as tests/kube_helpers.RESTRICTED_CONTAINER; the lab package cannot import tests).
+# (tests/kube_helpers re-exports these for the tests' own pods).
 RESTRICTED_CONTAINER = {
     "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
     "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
