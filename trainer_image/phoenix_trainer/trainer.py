@@ -641,13 +641,16 @@ class Trainer:
         self.log.info("%s at step %d: %s (checkpoint %s, exit %d, train %.1fs)", result.reason,
                       result.step, result.message, result.checkpoint, result.exit_code,
                       result.train_seconds)
+        # The termination message first: it is what the operator reads, and the metrics upload
+        # below is synchronous; with S3 unreachable it can outlast the grace period and the
+        # kubelet's SIGKILL would otherwise lose the emergency-save result.
+        result.termination_message().write(self.env.termination_log)
         if self.metrics:
             self.metrics.emit("end", reason=result.reason, step=result.step, epoch=result.epoch,
                               checkpoint=result.checkpoint, trainSeconds=round(result.train_seconds, 3),
                               emergencySaveCompleted=result.emergency_save_completed,
                               message=result.message)
             self.metrics.upload()
-        result.termination_message().write(self.env.termination_log)
         for cb in self.callbacks:
             cb.on_end(self, result)
 
