@@ -7,11 +7,15 @@ the same thing everywhere. `plan()` is pure (a seeded schedule); `Injector` acts
 |----------------|-----------------------------------------------------------|-------------------|---------------|
 | evict          | Eviction API (DisruptionTarget, graceful delete)          | SIGTERM + grace   | preemption    |
 | sigterm-short  | pod deleted by someone else with a 1 s grace              | SIGTERM, SIGKILL  | preemption    |
-| sigkill        | the container is SIGKILLed through containerd (exit 137)  | nothing           | preemption    |
+| sigkill        | the container is SIGKILLed through containerd (exit 137)  | nothing           | failure (*)   |
 | node-loss      | kubelet, containerd and containers die silently, the Node | nothing           | preemption    |
 |                | object is deleted and a replacement spot node registers   |                   |               |
 | operator-kill  | the operator pod's container is SIGKILLed mid-recovery    | nothing           | nothing       |
 | s3-outage      | the S3 server is stopped for a while, then restarted      | upload retries    | nothing       |
+
+(*) Nothing on the cluster says the kill came from outside: exit 137 alone is what a
+liveness probe, activeDeadlineSeconds or a trainer killing itself leave too, so the operator
+charges it to the failure budget (with backoff) rather than retry it as a preemption forever.
 
 A lost node's replacement is waited for (Ready, GPUs advertised) in the background, as a
 cloud's node pool would bring it back; `wait_idle` joins that and any S3 restore and says
@@ -31,7 +35,12 @@ ALL_DISRUPTIONS = TRAINER_DISRUPTIONS + ("operator-kill", "s3-outage")
 
 
 def is_preemption(kind: str) -> bool:
-    return kind in TRAINER_DISRUPTIONS
+    return kind in TRAINER_DISRUPTIONS and not is_failure(kind)
+
+
+def is_failure(kind: str) -> bool:
+    """Disruptions the operator counts against the failure budget (see the table)."""
+    return kind == "sigkill"
 
 
 def plan(seed: int, count: int, kinds: tuple[str, ...] = ALL_DISRUPTIONS) -> list[str]:

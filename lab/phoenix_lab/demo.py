@@ -7,8 +7,9 @@
 3. applies a two-phase PhoenixJob (train in the trainer image on a spot GPU node, then an
    independent eval) and, alongside it, the uninterrupted reference run of the same config
    on the on-demand node, never disrupted;
-4. while the job trains, injects one preemption of every kind: eviction, SIGTERM with a
-   1 s grace, SIGKILL of the container and loss of the node, showing live progress like
+4. while the job trains, injects one disruption of every kind: eviction, SIGTERM with a
+   1 s grace and loss of the node (preemptions), and a SIGKILL of the container (a failure:
+   nothing says it came from outside), showing live progress like
    `kubectl get pxj` plus step and loss (read from the trainer's `kubectl logs`);
 5. ends with a summary: disruptions survived, steps lost per disruption, goodput, and
    whether the final weights equal the uninterrupted run's, tensor for tensor.

@@ -1,10 +1,14 @@
 """Tell how a trainer pod ended: completed, preempted or failed. Pure: reads a pod dict.
 
-A preemption is something that happened *to* the pod (DisruptionTarget condition,
-eviction, node loss, deletion by someone else, SIGTERM/SIGKILL from outside, or the
-trainer's own "preempted" termination message); it costs the preemption budget and is
-replaced at once. A failure is the trainer's own doing (non-zero exit, OOMKilled, image or
-config errors); it costs the failure budget and is replaced after backoff.
+A preemption is something that happened *to* the pod, shown by the cluster or by the
+trainer: a DisruptionTarget condition, an eviction, node loss, deletion by someone else, or
+the trainer's own "preempted" termination message. It costs the preemption budget (unlimited
+by default) and is replaced at once. Everything else is a failure (non-zero exit, OOMKilled,
+image or config errors, activeDeadlineSeconds); it costs the failure budget and is replaced
+after backoff. In particular an exit code of 137/143 alone proves nothing: a liveness probe,
+``activeDeadlineSeconds`` or a trainer that kills itself end the same way, and counting them
+as preemptions would retry them forever. Such an exit is a preemption only when something
+corroborates it (its node is gone or not Ready); otherwise it is a failure.
 
 A pod can also be over while the API still shows it live: its node is gone (deleted) or has
 been NotReady for longer than a grace, so nothing runs it any more and nothing will report
@@ -28,6 +32,14 @@ from .model import parse_ts
 
 MAX_MESSAGE = 512
 NODE_GONE_REASONS = frozenset({"NodeLost", "Shutdown", "NodeShutdown", "Terminated"})
+KILL_REASONS = {C.SIGTERM_EXIT: C.R_SIGTERM, C.SIGKILL_EXIT: C.R_SIGKILL}
+# Pod-level reasons that are the job's own doing, never a disruption.
+FAILURE_POD_REASONS = frozenset({"DeadlineExceeded"})  # activeDeadlineSeconds ran out
+# The kubelet evicts a pod for exceeding its *own* limits (ephemeral storage, emptyDir size)
+# with the same reason, and the same DisruptionTarget condition, as for node pressure; the
+# message tells them apart. Retrying such a pod reproduces the eviction: a failure.
+_OWN_LIMIT_MARKERS = ("exceeds the total limit", "exceeded its local ephemeral storage limit",
+                      "exceeds the limit")
 # Set by the handler on the last known state of a pod that has been deleted (from the watch's
 # DELETED event), so the reason it ended is not lost when the kubelet removes it.
 DELETED_KEY = "phoenix.dev/deleted"
@@ -133,10 +145,20 @@ def classify(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth] | None = No
     gone, or NotReady for more than ``node_grace`` seconds, count as a NodeLost preemption."""
     if pod.get(DELETED_KEY):
         return _classify_deleted(pod)
-    outcome = _classify(pod)
+    node = (nodes or {}).get((pod.get("spec") or {}).get("nodeName") or "")
+    outcome = _classify(pod, node)
     if outcome.live and nodes and now is not None:
         return _on_lost_node(pod, nodes, now, node_grace) or outcome
     return outcome
+
+
+def bare_kill(pod: Mapping[str, Any]) -> bool:
+    """The trainer ended with 137/143 and nothing else says why: its node's health is what
+    decides between preemption and failure, so the caller should gather it."""
+    if pod.get(DELETED_KEY) or (pod.get("status") or {}).get("phase") not in ("Failed", "Unknown"):
+        return False
+    outcome = _classify(pod, None)
+    return outcome.reason in (C.R_SIGTERM, C.R_SIGKILL) and outcome.cause == Cause.FAILURE
 
 
 def node_grace_left(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: datetime,
@@ -169,7 +191,7 @@ def _on_lost_node(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: 
 
 def _classify_deleted(pod: Mapping[str, Any]) -> Outcome:
     """The pod object is gone; judge by its last known state."""
-    outcome = _classify({k: v for k, v in pod.items() if k != DELETED_KEY})
+    outcome = _classify({k: v for k, v in pod.items() if k != DELETED_KEY}, None)
     if not outcome.live:
         return outcome
     disruption = _disruption(pod)
@@ -181,7 +203,12 @@ def _classify_deleted(pod: Mapping[str, Any]) -> Outcome:
                    finished_at=parse_ts(meta.get("deletionTimestamp")))
 
 
-def _classify(pod: Mapping[str, Any]) -> Outcome:
+def _own_limit(status: Mapping[str, Any]) -> bool:
+    text = str(status.get("message") or "").lower()
+    return status.get("reason") == "Evicted" and any(m in text for m in _OWN_LIMIT_MARKERS)
+
+
+def _classify(pod: Mapping[str, Any], node: NodeHealth | None) -> Outcome:
     status = pod.get("status") or {}
     meta = pod.get("metadata") or {}
     pod_phase = status.get("phase") or "Pending"
@@ -209,6 +236,10 @@ def _classify(pod: Mapping[str, Any]) -> Outcome:
         return LIVE
 
     # Failed or Unknown from here on: the attempt is over.
+    if _own_limit(status):
+        return out(Cause.FAILURE, C.R_OWN_LIMIT, status.get("message", ""))
+    if status.get("reason") in FAILURE_POD_REASONS:
+        return out(Cause.FAILURE, status["reason"], status.get("message", ""))
     disruption = _disruption(pod)
     if disruption:
         return out(Cause.PREEMPTION, disruption.get("reason") or C.DISRUPTION_TARGET,
@@ -223,10 +254,8 @@ def _classify(pod: Mapping[str, Any]) -> Outcome:
         return out(Cause.PREEMPTION, C.R_TRAINER_PREEMPTED)
     if meta.get("deletionTimestamp"):
         return out(Cause.PREEMPTION, C.R_DELETED_BY_OTHERS)
-    if exit_code == C.SIGTERM_EXIT:
-        return out(Cause.PREEMPTION, C.R_SIGTERM)
-    if exit_code == C.SIGKILL_EXIT:
-        return out(Cause.PREEMPTION, C.R_SIGKILL)
+    if exit_code in KILL_REASONS:
+        return _killed(out, exit_code, node, raw_msg)
     if exit_code == 0 and (tmsg is None or tmsg.reason == REASON_COMPLETED):
         return out(Cause.COMPLETED, "Completed")
     if term is None:
@@ -236,6 +265,20 @@ def _classify(pod: Mapping[str, Any]) -> Outcome:
             return out(Cause.PREEMPTION, status["reason"], status.get("message", ""))
         return out(Cause.FAILURE, C.R_UNKNOWN_EXIT, "pod failed without a container exit")
     return out(Cause.FAILURE, C.R_ERROR)
+
+
+def _killed(out, exit_code: int, node: NodeHealth | None, raw_msg: str) -> Outcome:
+    """137/143 with no DisruptionTarget, no deletion, no "preempted" message: a preemption
+    only if the node corroborates it."""
+    reason = KILL_REASONS[exit_code]
+    if node is not None and not node.healthy:
+        state = "gone" if node.missing else "not Ready"
+        return out(Cause.PREEMPTION, C.R_NODE_LOST,
+                   f"exit code {exit_code} ({reason}) while its node was {state}")
+    why = (f"exit code {exit_code} ({reason}) with no sign of a disruption (no DisruptionTarget "
+           "condition, not deleted, node healthy, no 'preempted' termination message): a "
+           "liveness probe, activeDeadlineSeconds or the trainer itself killed it")
+    return out(Cause.FAILURE, reason, f"{why}; {raw_msg}" if raw_msg else why)
 
 
 def gone(pod_name: str) -> Outcome:

@@ -117,6 +117,7 @@ R_TRAINER_PREEMPTED = "TrainerPreempted"
 R_SIGTERM = "SIGTERM"
 R_SIGKILL = "SIGKILL"
 R_OOM = "OOMKilled"
+R_OWN_LIMIT = "LimitExceeded"  # evicted for exceeding its own ephemeral-storage limits
 R_ERROR = "Error"
 R_CONFIG_ERROR = "ConfigError"
 R_UNKNOWN_EXIT = "UnknownExit"

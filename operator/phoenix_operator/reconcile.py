@@ -27,7 +27,7 @@ import kopf
 from kubernetes.client.rest import ApiException
 
 from . import metrics
-from .classify import DELETED_KEY, NodeHealth, node_health
+from .classify import DELETED_KEY, NodeHealth, bare_kill, node_health
 from .config import OperatorConfig
 from .decide import Listing, Plan, decide
 from .facts import scan
@@ -179,8 +179,11 @@ class Reconciler:
         """Health of the nodes that pods still shown live are bound to."""
         if not self.config.watch_nodes:
             return {}
+        # Pods shown live (is their node lost?) and pods killed by 137/143 with nothing else
+        # to say why (a lost node is what would make that a preemption).
         names = sorted({n for p in pods if not p.get(DELETED_KEY)
-                        and (p.get("status") or {}).get("phase") in ("Pending", "Running")
+                        and ((p.get("status") or {}).get("phase") in ("Pending", "Running")
+                             or bare_kill(p))
                         and (n := (p.get("spec") or {}).get("nodeName"))})
         out: dict[str, NodeHealth] = {}
         for name in names:

@@ -96,7 +96,7 @@ def test_corrupt_newest_checkpoint_is_skipped(lab, operator, core, custom, ns, b
                                     "manifest.json").get("KeyCount"), 60, "checkpoint 15")
     data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0xFF for b in data))  # same size
-    lab.kill_pod(ns, "cor-train-1", signal.SIGKILL)  # no emergency save: 137 = preemption
+    lab.kill_pod(ns, "cor-train-1", signal.SIGKILL)  # no emergency save; bare 137 = failure
     pod2 = wait(lambda: pod_or_none(core, ns, "cor-train-2"), 60, "replacement")
     assert env_of(pod2)["PHOENIX_RESUME_FROM"].endswith(step_dir_name(10))
     skipped = wait(lambda: [e for e in events(core, ns, "cor") if e.reason == "CheckpointSkipped"],

@@ -1,7 +1,8 @@
 """Every way a trainer pod can end, and what it counts as."""
 import pytest
 
-from phoenix_operator.classify import DELETED_KEY, NodeHealth, classify, gone, node_health
+from phoenix_operator.classify import (DELETED_KEY, NodeHealth, bare_kill, classify, gone,
+                                       node_health)
 from phoenix_operator.constants import Cause
 
 from opfacts import at, pod
@@ -32,8 +33,20 @@ CASES = [
      Cause.PREEMPTION, "TrainerPreempted"),
     ("deleted-by-others-exit1", pod(pod_phase="Failed", exit_code=1, deletion=at(0)),
      Cause.PREEMPTION, "DeletedExternally"),
-    ("sigterm", pod(pod_phase="Failed", exit_code=143), Cause.PREEMPTION, "SIGTERM"),
-    ("sigkill", pod(pod_phase="Failed", exit_code=137), Cause.PREEMPTION, "SIGKILL"),
+    # 137/143 alone is not a preemption (liveness probe, activeDeadlineSeconds, self-kill).
+    ("bare-sigterm", pod(pod_phase="Failed", exit_code=143), Cause.FAILURE, "SIGTERM"),
+    ("bare-sigkill", pod(pod_phase="Failed", exit_code=137), Cause.FAILURE, "SIGKILL"),
+    ("sigterm-trainer-says-preempted", pod(pod_phase="Failed", exit_code=143,
+                                           term_reason="preempted"),
+     Cause.PREEMPTION, "TrainerPreempted"),
+    ("sigkill-deleted-by-others", pod(pod_phase="Failed", exit_code=137, deletion=at(0)),
+     Cause.PREEMPTION, "DeletedExternally"),
+    ("sigkill-evicted", pod(pod_phase="Failed", exit_code=137, disruption="TerminationByKubelet"),
+     Cause.PREEMPTION, "TerminationByKubelet"),
+    ("active-deadline", pod(pod_phase="Failed", exit_code=137, status_reason="DeadlineExceeded"),
+     Cause.FAILURE, "DeadlineExceeded"),
+    ("active-deadline-no-exit", pod(pod_phase="Failed", status_reason="DeadlineExceeded"),
+     Cause.FAILURE, "DeadlineExceeded"),
     ("exit1", pod(pod_phase="Failed", exit_code=1), Cause.FAILURE, "Error"),
     ("exit1-with-message", pod(pod_phase="Failed", exit_code=1, term_reason="failed",
                                message="loss is NaN"), Cause.FAILURE, "Error"),
@@ -166,3 +179,43 @@ def test_not_ready_node_lost_counts_from_the_transition():
 ])
 def test_node_health(node, health):
     assert node_health(node) == health
+
+
+# --- 137/143 corroborated by the node ------------------------------------------------------
+@pytest.mark.parametrize("health,cause,reason", [
+    (NodeHealth(missing=True), Cause.PREEMPTION, "NodeLost"),
+    (NodeHealth(not_ready_since=at(0)), Cause.PREEMPTION, "NodeLost"),
+    (NodeHealth(), Cause.FAILURE, "SIGKILL"),
+])
+def test_bare_kill_is_judged_by_its_node(health, cause, reason):
+    out = classify(pod(node="n1", pod_phase="Failed", exit_code=137), {"n1": health}, at(1), 40.0)
+    assert (out.cause, out.reason) == (cause, reason)
+    if cause == Cause.FAILURE:
+        assert "no sign of a disruption" in out.message
+
+
+def test_bare_kill_asks_for_its_node_and_nothing_else_does():
+    assert bare_kill(pod(node="n1", pod_phase="Failed", exit_code=137))
+    assert bare_kill(pod(node="n1", pod_phase="Failed", exit_code=143))
+    assert not bare_kill(pod(node="n1", pod_phase="Failed", exit_code=143, term_reason="preempted"))
+    assert not bare_kill(pod(node="n1", pod_phase="Failed", exit_code=1))
+    assert not bare_kill(pod(node="n1", pod_phase="Failed", exit_code=137, reason="OOMKilled"))
+    assert not bare_kill(pod(node="n1"))
+
+
+@pytest.mark.parametrize("message,cause", [
+    ("Pod ephemeral local storage usage exceeds the total limit of containers 1Gi.",
+     Cause.FAILURE),
+    ('Container trainer exceeded its local ephemeral storage limit "1Gi". ', Cause.FAILURE),
+    ("The node was low on resource: ephemeral-storage. ", Cause.PREEMPTION),
+])
+def test_eviction_for_its_own_limits_is_a_failure(message, cause):
+    """An over-full checkpoint spool gets the pod evicted, DisruptionTarget and all; retried
+    as a preemption it would be evicted again, forever."""
+    p = pod(pod_phase="Failed", exit_code=137, status_reason="Evicted",
+            disruption="TerminationByKubelet")
+    p["status"]["message"] = message
+    out = classify(p)
+    assert out.cause == cause
+    if cause == Cause.FAILURE:
+        assert out.reason == "LimitExceeded" and "limit" in out.message

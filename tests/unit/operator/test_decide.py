@@ -71,10 +71,10 @@ CASES = [
          and env_of(p)["PHOENIX_RESUME_FROM"]["value"] == "s3://bucket/run/train/step-00000020"
          and ps(p)["lastFailure"]["reason"] == "EvictionByEvictionAPI"),
     Case("preemption-waits-for-listing", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=143)], listings={},
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")], listings={},
          states={"train": "Recovering"}, needs={"train"}, job_phase="Recovering"),
     Case("corrupt-newest-skipped", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=143)], listings=CK_CORRUPT,
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")], listings=CK_CORRUPT,
          create=["j-train-2"], events=["Preempted", "CheckpointSkipped", "Resuming"],
          check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("pod-deleted-is-preemption", with_status(job(), RUN1), pods=[], listings=NO_CK,
@@ -82,8 +82,21 @@ CASES = [
          check=lambda p: ps(p)["lastFailure"]["reason"] == "PodDeleted"),
     Case("deleted-by-others-terminating-waits", with_status(job(), RUN1),
          pods=[pod(deletion=at(0))], listings=NO_CK, states={"train": "Running"}),
-    Case("sigkill-node-loss", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=137)], listings=NO_CK, create=["j-train-2"]),
+    Case("sigkill-on-lost-node-is-preemption", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=137, node="n1")],
+         nodes={"n1": NodeHealth(missing=True)}, listings=NO_CK, create=["j-train-2"],
+         check=lambda p: ps(p)["lastFailure"]["reason"] == "NodeLost"),
+    # 137/143 alone: a liveness probe, activeDeadlineSeconds or the trainer itself. With
+    # unlimited preemptions, counting it as one would retry it forever.
+    Case("bare-sigkill-is-a-failure-and-backs-off", with_status(job(), RUN1),
+         pods=[pod(pod_phase="Failed", exit_code=137, node="n1")], nodes={"n1": NodeHealth()},
+         listings=NO_CK, states={"train": "Recovering"}, events=["AttemptFailed"],
+         requeue=9.0, check=lambda p: ps(p)["failures"] == 1 and ps(p)["preemptions"] == 0
+         and ps(p)["lastFailure"]["reason"] == "SIGKILL"),
+    Case("bare-sigterm-exhausts-the-failure-budget", with_status(job(), phase_status(
+        attempts=3, failures=2)), pods=[pod(attempt=3, pod_phase="Failed", exit_code=143)],
+        listings=NO_CK, states={"train": "Failed"}, job_phase="Failed",
+        check=lambda p: "maxFailures=2" in _cond(p, "Failed")["message"]),
     Case("failure-backs-off", with_status(job(), RUN1),
          pods=[pod(pod_phase="Failed", exit_code=1, finished=at(0))], listings=NO_CK, now=at(1),
          states={"train": "Recovering"}, events=["AttemptFailed"], requeue=9.0,
@@ -117,11 +130,11 @@ CASES = [
          and "loss is NaN" in _cond(p, "Failed")["message"]
          and _cond(p, "Failed")["status"] == "True"),
     Case("preemption-spares-failure-budget", with_status(job(), phase_status(
-        attempts=3, failures=2)), pods=[pod(attempt=3, pod_phase="Failed", exit_code=143)],
+        attempts=3, failures=2)), pods=[pod(attempt=3, pod_phase="Failed", exit_code=143, term_reason="preempted")],
         listings=NO_CK, create=["j-train-4"],
         check=lambda p: ps(p)["failures"] == 2 and ps(p)["preemptions"] == 1),
     Case("preemptions-exhausted", with_status(job(recovery={"maxPreemptions": 1}), phase_status(
-        attempts=2, preemptions=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=143)],
+        attempts=2, preemptions=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=143, term_reason="preempted")],
         listings=NO_CK, states={"train": "Failed"}, job_phase="Failed",
         check=lambda p: "maxPreemptions=1" in _cond(p, "Failed")["message"]),
     Case("oom-is-failure", with_status(job(), RUN1),
@@ -187,17 +200,17 @@ CASES = [
     Case("pod-uid-recorded-once-seen", with_status(job(), phase_status(podUID=None)),
          pods=[pod()], listings={}, check=lambda p: ps(p)["podUID"] == "uid-j-train-1"),
     Case("lost-status-write-adopts", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=143), pod(attempt=2)], listings={},
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted"), pod(attempt=2)], listings={},
          states={"train": "Running"}, events=["Preempted", "PodAdopted"],
          check=lambda p: ps(p)["attempts"] == 2 and ps(p)["preemptions"] == 1),
     Case("recovering-adopts-existing", with_status(job(), phase_status(state="Recovering")),
-         pods=[pod(pod_phase="Failed", exit_code=143), pod(attempt=2)], listings={},
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted"), pod(attempt=2)], listings={},
          states={"train": "Running"}, check=lambda p: ps(p)["attempts"] == 2),
     Case("pending-adopts-existing", job(), pods=[pod()], listings={},
          states={"train": "Running"}, events=["PodAdopted"]),
     Case("adopted-pod-already-ended", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=143), pod(attempt=2, pod_phase="Failed",
-                                                            exit_code=143)],
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted"), pod(attempt=2, pod_phase="Failed",
+                                                            exit_code=143, term_reason="preempted")],
          listings=NO_CK, create=["j-train-3"],
          check=lambda p: ps(p)["preemptions"] == 2),
     # --- checkpoint fallback ----------------------------------------------------------
@@ -222,7 +235,7 @@ CASES = [
         check=lambda p: ps(p)["consecutiveFailuresAtCheckpoint"] == 0
         and env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("storage-error-retries", with_status(job(), phase_status(state="Recovering")),
-         pods=[pod(pod_phase="Failed", exit_code=143)],
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
          listings={"train": Listing(error="connection refused")}, requeue=15.0,
          events=["StorageError"], states={"train": "Recovering"}),
     # --- phases -------------------------------------------------------------------------
@@ -272,7 +285,7 @@ CASES = [
     Case("unsuspend-waits-for-old-pod", with_status(job(), phase_status(state="Suspended")),
          pods=[pod(deletion=at(0))], listings=NO_CK, states={"train": "Suspended"}),
     Case("unsuspend-replaces", with_status(job(), phase_status(state="Suspended")),
-         pods=[pod(pod_phase="Failed", exit_code=143)], listings=CK_10_20,
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")], listings=CK_10_20,
          create=["j-train-2"], events=["Unsuspended", "Resuming"],
          check=lambda p: ps(p)["preemptions"] == 0),
     Case("suspended-pod-completed", with_status(job(suspend=True), phase_status(
@@ -324,7 +337,7 @@ def test_steady_state_status_is_a_fixed_point():
 
 
 def test_replacement_records_time_of_previous_end():
-    plan = decide(with_status(job(), RUN1), [pod(pod_phase="Failed", exit_code=143,
+    plan = decide(with_status(job(), RUN1), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted",
                                                  finished=at(-3))], NO_CK, at(1))
     assert plan.create[0].previous_end == at(-3)
     assert plan.create[0].previous_cause == "preemption"

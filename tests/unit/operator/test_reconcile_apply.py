@@ -50,7 +50,7 @@ def run(kube, body, pods, now=at(1), nodes=None):
 
 def test_intent_then_pod_then_uid_then_events():
     kube = FakeKube()
-    run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143)])
+    run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")])
     kinds = [c[0] for c in kube.calls]
     assert kinds[:3] == ["patch", "create", "patch"]
     assert kube.calls[0][1] == [(2, None)]          # intent: attempt 2, not yet created
@@ -70,7 +70,7 @@ def test_pod_of_lost_node_is_force_deleted_after_intent_before_its_replacement()
 def test_stale_view_creates_nothing():
     kube = FakeKube(patch_error=409)
     with pytest.raises(ApiException):
-        run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143)])
+        run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")])
     assert [c[0] for c in kube.calls] == ["patch"]
 
 
@@ -115,6 +115,14 @@ def test_node_facts_only_for_live_bound_pods_one_read_per_node():
     facts = _gather(kube, pods)
     assert facts == {"n1": NodeHealth(), "gone": NodeHealth(missing=True)}
     assert sorted(kube.calls) == [("get_node", "gone"), ("get_node", "n1")]
+
+
+def test_node_of_a_bare_kill_is_read_it_decides_preemption_or_failure():
+    kube = NodeKube({})
+    pods = [pod(node="n7", pod_phase="Failed", exit_code=137),
+            pod(attempt=2, node="n8", pod_phase="Failed", exit_code=143, term_reason="preempted")]
+    assert _gather(kube, pods) == {"n7": NodeHealth(missing=True)}
+    assert kube.calls == [("get_node", "n7")]
 
 
 def test_unreadable_node_is_not_lost_and_reading_can_be_switched_off():
