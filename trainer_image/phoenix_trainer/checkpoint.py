@@ -47,15 +47,17 @@ class Snapshot:
     epoch: int
     tensors: dict[str, Any]  # shard name -> object for torch.save
     documents: dict[str, Any]  # shard name -> JSON-able dict
+    extra: dict[str, Any] = field(default_factory=dict)  # copied into the manifest's "extra"
     nbytes: int = 0
     seconds: float = 0.0  # how long the loop was blocked taking it
 
     @classmethod
-    def take(cls, step: int, epoch: int, tensors: dict[str, Any], documents: dict[str, Any]) -> "Snapshot":
+    def take(cls, step: int, epoch: int, tensors: dict[str, Any], documents: dict[str, Any],
+             extra: dict[str, Any] | None = None) -> "Snapshot":
         t0 = time.perf_counter()
         copied = {name: to_cpu(obj) for name, obj in tensors.items()}
         docs = json.loads(json.dumps(documents))  # deep copy + proves it serializes
-        snap = cls(step, epoch, copied, docs)
+        snap = cls(step, epoch, copied, docs, json.loads(json.dumps(extra or {})))
         snap.nbytes = tree_nbytes(copied)
         snap.seconds = time.perf_counter() - t0
         return snap
@@ -238,7 +240,7 @@ class AsyncCheckpointer:
             info = commit_checkpoint(
                 self.storage, snap.step, files, epoch=snap.epoch, phase=self.phase,
                 config_fingerprint=self.config_fingerprint, run_id=self.run_id,
-                attempt=self.attempt, digests=digests, retry=self.retry)
+                attempt=self.attempt, digests=digests, retry=self.retry, extra=snap.extra)
             t2 = time.perf_counter()
             size = sum(os.path.getsize(p) for p in files.values())
             self.stats.saves += 1

@@ -60,13 +60,16 @@ REASONS = (REASON_PREEMPTED, REASON_COMPLETED, REASON_FAILED)
 
 # Kubernetes truncates termination messages at 4096 bytes; keep ours well below that.
 MAX_TERMINATION_MESSAGE_BYTES = 4096
+MAX_REASON_CHARS = 1000  # resumeExactReason's share of it
 
 
 @dataclass
 class TerminationMessage:
     """What the trainer leaves in the termination log for the operator to record.
 
-    JSON keys are exactly: reason, step, checkpoint, emergencySaveCompleted, message.
+    JSON keys are exactly: reason, step, checkpoint, emergencySaveCompleted, message,
+    resumeExact (true/false, or null when the trainer did not get far enough to know) and
+    resumeExactReason (why a resume of this run is not bit-exact; "" when it is).
     """
 
     reason: str
@@ -74,6 +77,8 @@ class TerminationMessage:
     checkpoint: str | None = None  # URI of the newest valid checkpoint the trainer wrote/knows
     emergencySaveCompleted: bool = False
     message: str = ""
+    resumeExact: bool | None = None
+    resumeExactReason: str = ""
 
     def __post_init__(self) -> None:
         if self.reason not in REASONS:
@@ -81,9 +86,11 @@ class TerminationMessage:
 
     def to_json(self) -> str:
         data = asdict(self)
+        if len(data["resumeExactReason"]) > MAX_REASON_CHARS:
+            data["resumeExactReason"] = data["resumeExactReason"][:MAX_REASON_CHARS] + "..."
         text = json.dumps(data, sort_keys=True)
         if len(text.encode()) > MAX_TERMINATION_MESSAGE_BYTES:
-            # The message is the only free-form field; shorten it rather than lose the rest.
+            # The message is the free-form field; shorten it rather than lose the rest.
             overflow = len(text.encode()) - MAX_TERMINATION_MESSAGE_BYTES + 16
             data["message"] = data["message"][: max(0, len(data["message"]) - overflow)] + "..."
             text = json.dumps(data, sort_keys=True)
@@ -101,6 +108,8 @@ class TerminationMessage:
             checkpoint=data.get("checkpoint"),
             emergencySaveCompleted=bool(data.get("emergencySaveCompleted", False)),
             message=str(data.get("message", "")),
+            resumeExact=bool(data["resumeExact"]) if data.get("resumeExact") is not None else None,
+            resumeExactReason=str(data.get("resumeExactReason") or ""),
         )
 
     def write(self, path: str | None = None) -> bool:

@@ -8,11 +8,42 @@ Nothing here touches storage.
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import Sampler
+
+
+@dataclass(frozen=True)
+class Exactness:
+    """Whether a resume reproduces the uninterrupted run bit for bit, and if not, why."""
+
+    exact: bool
+    reason: str = ""
+
+    @staticmethod
+    def combine(*parts: "Exactness") -> "Exactness":
+        bad = [p.reason for p in parts if not p.exact]
+        return Exactness(not bad, "; ".join(bad))
+
+
+EXACT = Exactness(True)
+
+
+def kernel_exactness(module: torch.nn.Module) -> Exactness:
+    """CPU kernels repeat themselves; CUDA ones only when told to (cuBLAS, atomics, cuDNN)."""
+    if not any(p.is_cuda for p in module.parameters()):
+        return EXACT
+    if torch.backends.cudnn.benchmark:
+        return Exactness(False, "torch.backends.cudnn.benchmark=True picks kernels by timing,"
+                                " so a resumed run may compute differently; set it to False")
+    if not torch.are_deterministic_algorithms_enabled():
+        return Exactness(False, "CUDA kernels may be nondeterministic: call"
+                                " torch.use_deterministic_algorithms(True) and set"
+                                " CUBLAS_WORKSPACE_CONFIG=:4096:8")
+    return EXACT
 
 
 def capture_rng() -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Small deterministic training setups for tests, the demo and benchmarks.
 
 A FlakyLayer that fails sporadically (from its own RNG, so it never disturbs the training
-RNG streams) and ``tiny_setup`` that builds a complete, seeded run: dropout, a shuffling
-loader over ResumableShuffleSampler, AdamW, cosine LR and gradient clipping. Never used by
-the runtime itself.
+RNG streams), a NoisyDataset whose every fetch draws from all three global RNGs (a random
+transform, as augmentation does), and ``tiny_setup`` that builds a complete, seeded run:
+dropout, a shuffling loader (ResumableShuffleSampler or ``shuffle=True``, optionally with
+worker processes), AdamW, cosine LR and gradient clipping. Never used by the runtime itself.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from .errors import TransientError
 from .stages import Stage, StagedModule
@@ -44,13 +45,40 @@ class FlakyLayer(nn.Module):
         return x
 
 
+class NoisyDataset(Dataset):
+    """(x + noise, y) where the noise comes from torch's, python's and numpy's global RNGs."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, scale: float = 0.05) -> None:
+        self.x, self.y, self.scale = x, y, scale
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+    def __getitem__(self, i: int):
+        noise = torch.randn(self.x.shape[1]) + random.random() + float(np.random.rand())
+        return self.x[i] + self.scale * noise, self.y[i]
+
+
+def make_loader(data: Dataset, *, kind: str = "sampler", batch_size: int = 16, workers: int = 0,
+                seed: int = 0, drop_last: bool = True) -> DataLoader:
+    """``kind``: "sampler" (ResumableShuffleSampler), "shuffle" (shuffle=True with a seeded
+    generator), "shuffle-global" (shuffle=True, no generator: draws from the global RNG)."""
+    if kind == "sampler":
+        return DataLoader(data, batch_size=batch_size, sampler=ResumableShuffleSampler(len(data), seed=seed),
+                          drop_last=drop_last, num_workers=workers)
+    gen = torch.Generator().manual_seed(seed) if kind == "shuffle" else None
+    if kind not in ("shuffle", "shuffle-global"):
+        raise ValueError(f"unknown loader kind {kind!r}")
+    return DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen, drop_last=drop_last,
+                      num_workers=workers)
+
+
 @dataclass
 class TinyRun:
     model: StagedModule
     optimizer: torch.optim.Optimizer
     scheduler: Any
     loader: DataLoader
-    sampler: ResumableShuffleSampler
     loss_fn: Any
     config: dict
     flaky: FlakyLayer
@@ -66,14 +94,14 @@ def tiny_setup(*, seed: int = 0, samples: int = 128, batch_size: int = 16, dim: 
                hidden: int = 32, classes: int = 4, dropout: float = 0.2, lr: float = 1e-2,
                total_steps: int = 40, flaky_rate: float = 0.0, fail_on_calls: tuple[int, ...] = (),
                restart_method: str = "reload", max_retries: int = 3,
-               numpy_noise: bool = True) -> TinyRun:
+               numpy_noise: bool = True, loader: str = "sampler", workers: int = 0,
+               noisy: bool = False) -> TinyRun:
     seed_everything(seed)
     g = torch.Generator().manual_seed(seed + 99)
     x = torch.randn(samples, dim, generator=g)
     y = (x @ torch.randn(dim, classes, generator=g)).argmax(1)
-    data = TensorDataset(x, y)
-    sampler = ResumableShuffleSampler(samples, seed=seed)
-    loader = DataLoader(data, batch_size=batch_size, sampler=sampler, drop_last=True)
+    data = NoisyDataset(x, y) if noisy else TensorDataset(x, y)
+    train_loader = make_loader(data, kind=loader, batch_size=batch_size, workers=workers, seed=seed)
     flaky = FlakyLayer(flaky_rate, seed=seed + 7, fail_on_calls=fail_on_calls)
     model = StagedModule([
         Stage("embed", nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Dropout(dropout))),
@@ -93,8 +121,9 @@ def tiny_setup(*, seed: int = 0, samples: int = 128, batch_size: int = 16, dim: 
         return loss
 
     config = {"seed": seed, "samples": samples, "batch": batch_size, "dim": dim, "hidden": hidden,
-              "classes": classes, "dropout": dropout, "lr": lr, "total_steps": total_steps}
-    return TinyRun(model, optimizer, scheduler, loader, sampler, loss_fn, config, flaky)
+              "classes": classes, "dropout": dropout, "lr": lr, "total_steps": total_steps,
+              "loader": loader, "noisy": noisy}
+    return TinyRun(model, optimizer, scheduler, train_loader, loss_fn, config, flaky)
 
 
 def state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

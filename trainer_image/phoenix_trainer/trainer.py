@@ -5,14 +5,20 @@ boundaries. Stopping is cooperative: the SIGTERM handler only records that it fi
 loop notices at the next step boundary, tries an emergency checkpoint if the grace period
 allows it, writes the termination message and returns exit code 143.
 
-Bit-exact resume rests on three rules kept here:
+A step is one optimizer step over ``accumulate_grad_batches`` micro-batches (fewer at the
+end of an epoch); checkpoints and stops happen only between optimizer steps.
+
+Bit-exact resume rests on four rules kept here:
 - RNG states are restored at the step boundary they were captured at. At an epoch start
-  that is *before* the DataLoader iterator is built (building it draws from the global
-  RNG); mid-epoch it is *after* (in the uninterrupted run the iterator already existed).
-- The data position is (epoch, batch_in_epoch); the ResumableShuffleSampler rebuilds the
-  same permutation from (seed, epoch) and skips the consumed samples.
+  that is *before* the epoch's iterator is built (a loader Phoenix does not own may draw
+  from the global RNG then); mid-epoch it is *after* (in the uninterrupted run the iterator
+  already existed).
+- The data position is (epoch, micro-batches consumed in the epoch); ``loaders.py`` turns
+  it back into the same batches with the same worker randomness, or says it cannot.
 - Optimizer state is cloned before ``load_state_dict`` (optimizers alias what they load,
   which would let training mutate the in-memory "last good" snapshot).
+- What cannot be restored exactly is reported, not just logged: the termination message,
+  every checkpoint's manifest and the PhoenixJob's ``ResumeExact`` condition carry it.
 
 Never do real work in the signal handler; never log credentials.
 """
@@ -26,7 +32,7 @@ import time
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -41,9 +47,10 @@ from .errors import (
     StageError, TransientError,
 )
 from .layout import CheckpointInfo, config_fingerprint, split_checkpoint_uri
+from .loaders import adapt_loader
 from .metrics import MetricsLog, next_attempt
 from .stages import RESTART_METHODS, StagedModule
-from .state import clone_tree, restore_rng, tree_nbytes
+from .state import Exactness, capture_rng, clone_tree, kernel_exactness, restore_rng, tree_nbytes
 from .storage import Storage, latest_valid_checkpoint, open_storage, verify_checkpoint
 from .writer import RetryPolicy
 
@@ -73,11 +80,15 @@ class RunResult:
     message: str
     exit_code: int
     train_seconds: float
+    exactness: Exactness | None = None
 
     def termination_message(self) -> TerminationMessage:
+        ex = self.exactness
         return TerminationMessage(reason=self.reason, step=self.step, checkpoint=self.checkpoint,
                                   emergencySaveCompleted=self.emergency_save_completed,
-                                  message=self.message)
+                                  message=self.message,
+                                  resumeExact=ex.exact if ex is not None else None,
+                                  resumeExactReason=ex.reason if ex is not None else "")
 
 
 class _Ctx(logging.LoggerAdapter):
@@ -102,12 +113,14 @@ class Trainer:
         log_every: int = 50, metrics_interval_seconds: float = 30.0, max_in_flight: int = 1,
         retry_policy: RetryPolicy | None = None, install_signal_handlers: bool = True,
         clock: Callable[[], float] = time.monotonic, init_strict: bool = True,
-        emergency_checkpoint: bool = True,
+        emergency_checkpoint: bool = True, accumulate_grad_batches: int = 1,
     ) -> None:
         if epochs is None and max_steps is None:
             raise ValueError("give epochs= or max_steps= (or both); otherwise training never ends")
         if restart_method not in RESTART_METHODS:
             raise ValueError(f"restart_method={restart_method!r}; use one of {RESTART_METHODS}")
+        if accumulate_grad_batches < 1:
+            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches}; use 1 or more")
         self.model, self.optimizer, self.loader, self.loss_fn = model, optimizer, train_loader, loss_fn
         self.scheduler, self.scaler, self.grad_clip_norm = scheduler, scaler, grad_clip_norm
         self.epochs, self.max_steps = epochs, max_steps
@@ -133,17 +146,18 @@ class Trainer:
         self.install_signal_handlers, self.clock, self.init_strict = install_signal_handlers, clock, init_strict
         self.log = _Ctx(log, {"ctx": self.env.log_context})
 
-        self.sampler = self._find_sampler(train_loader)
-        self.batch_size = getattr(train_loader, "batch_size", None)
-        try:
-            self.steps_per_epoch: int | None = len(train_loader)  # type: ignore[arg-type]
-        except TypeError:
-            self.steps_per_epoch = None
+        self.accumulate = int(accumulate_grad_batches)
+        self.data = adapt_loader(train_loader)
+        self.batch_size = self.data.batch_size
+        self.batches_per_epoch = self.data.batches_per_epoch  # micro-batches
+        self.steps_per_epoch: int | None = (
+            -(-self.batches_per_epoch // self.accumulate) if self.batches_per_epoch is not None else None)
+        self.exactness = self.data.exactness  # kernels are checked once the model is placed
 
         # Position and bookkeeping (all of it goes into trainer.json / data.json).
-        self.step = 0
+        self.step = 0  # optimizer steps
         self.epoch = 0
-        self.batch_in_epoch = 0
+        self.batch_in_epoch = 0  # micro-batches consumed in this epoch
         self.samples_seen = 0
         self.train_seconds = 0.0  # productive time only; restored from the checkpoint
         self.run_id = uuid.uuid4().hex[:12]
@@ -163,7 +177,6 @@ class Trainer:
         self._last_metrics_upload = 0.0
         self._losses: deque[float] = deque(maxlen=max(10, self.log_every))
         self._window = (0.0, 0, 0)  # (train_seconds, step, samples) at last log line
-        self._warned_skip = False
 
     # ------------------------------------------------------------------ public API -------
     def request_stop(self, signum: int = signal.SIGTERM) -> None:
@@ -226,15 +239,10 @@ class Trainer:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
 
-    @staticmethod
-    def _find_sampler(loader):
-        for cand in (getattr(loader, "sampler", None),
-                     getattr(getattr(loader, "batch_sampler", None), "sampler", None)):
-            if cand is not None and hasattr(cand, "skip") and hasattr(cand, "set_epoch"):
-                return cand
-        return None
-
     def _setup(self) -> None:
+        self.exactness = Exactness.combine(self.data.exactness, kernel_exactness(self.model))
+        if not self.exactness.exact:
+            self.log.warning("a resume of this run will not be bit-exact: %s", self.exactness.reason)
         if self.storage is not None:
             self.attempt = self.env.attempt if self.env.attempt is not None else next_attempt(self.storage)
         else:
@@ -252,7 +260,8 @@ class Trainer:
             self.checkpointer.after_commit.append(self._on_commit)
         self.metrics.emit("resume" if self.resumed_from else "start", step=self.step, epoch=self.epoch,
                           checkpoint=self.resumed_from.uri if self.resumed_from else None,
-                          configFingerprint=self.fingerprint, trainSeconds=round(self.train_seconds, 3))
+                          configFingerprint=self.fingerprint, trainSeconds=round(self.train_seconds, 3),
+                          resumeExact=self.exactness.exact, resumeExactReason=self.exactness.reason)
         # The pid shows whether the trainer is its container's PID 1 (it must be, or a shell
         # in front of it swallows the kubelet's SIGTERM).
         self.log.info("%s run %s attempt %d at step %d (epoch %d, batch %d), config %s, pid %d",
@@ -343,7 +352,7 @@ class Trainer:
     # ------------------------------------------------------------------ state ------------
     def _data_state(self) -> dict:
         return {"epoch": self.epoch, "batchInEpoch": self.batch_in_epoch, "batchSize": self.batch_size,
-                "sampler": self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None}
+                "accumulateGradBatches": self.accumulate, "loader": self.data.state_dict()}
 
     def _trainer_state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "samplesSeen": self.samples_seen,
@@ -357,10 +366,11 @@ class Trainer:
             tensors["scheduler.pt"] = self.scheduler.state_dict()
         if self.scaler is not None:
             tensors["scaler.pt"] = self.scaler.state_dict()
-        from .state import capture_rng
         tensors["rng.pt"] = capture_rng()
         return Snapshot.take(self.step, self.epoch, tensors,
-                             {"data.json": self._data_state(), "trainer.json": self._trainer_state()})
+                             {"data.json": self._data_state(), "trainer.json": self._trainer_state()},
+                             extra={"resumeExact": self.exactness.exact,
+                                    "resumeExactReason": self.exactness.reason})
 
     def _apply(self, shards: dict[str, Any]) -> None:
         self.model.load_state_dict(shards["model.pt"])
@@ -374,8 +384,11 @@ class Trainer:
         if data.get("batchSize") not in (None, self.batch_size):
             raise CheckpointError(f"checkpoint used batch size {data['batchSize']}, this run uses"
                                   f" {self.batch_size}; the data position would not line up")
-        if self.sampler is not None and data.get("sampler") and hasattr(self.sampler, "load_state_dict"):
-            self.sampler.load_state_dict(data["sampler"])  # validates the dataset size
+        if int(data.get("accumulateGradBatches", 1)) != self.accumulate:
+            raise CheckpointError(
+                f"checkpoint used accumulate_grad_batches={data.get('accumulateGradBatches', 1)},"
+                f" this run uses {self.accumulate}; its step count and data position would not line up")
+        self.data.load_state_dict(data.get("loader"))
         self.epoch, self.batch_in_epoch = int(data["epoch"]), int(data["batchInEpoch"])
         self.step, self.samples_seen = int(tr["step"]), int(tr["samplesSeen"])
         self.train_seconds, self.run_id = float(tr["trainSeconds"]), str(tr["runId"]) or self.run_id
@@ -429,23 +442,12 @@ class Trainer:
             if self.stop_requested:
                 return REASON_PREEMPTED
             skip = self.batch_in_epoch
-            if self.sampler is not None:
-                self.sampler.set_epoch(self.epoch)
-                if skip:
-                    self.sampler.skip(skip * (self.batch_size or 1))
             if skip == 0 and self._pending_rng is not None:
-                restore_rng(self._pending_rng)  # before the iterator: it draws from the global RNG
+                restore_rng(self._pending_rng)  # before the iterator: it may draw from the global RNG
                 self._pending_rng = None
             if skip == 0 and self.restart_method == "reinit_epoch":
                 self._epoch_start = self._take_snapshot()
-            it = iter(self.loader)
-            if skip and self.sampler is None:
-                if not self._warned_skip:
-                    self.log.warning("loader has no resumable sampler; skipping %d batches by"
-                                     " reading them (use ResumableShuffleSampler)", skip)
-                    self._warned_skip = True
-                for _ in range(skip):
-                    next(it)
+            it = self.data.epoch_iterator(self.epoch, skip)
             if self._pending_rng is not None:
                 restore_rng(self._pending_rng)  # mid-epoch: the iterator existed already
                 self._pending_rng = None
@@ -453,18 +455,17 @@ class Trainer:
                 if self.stop_requested:
                     return REASON_PREEMPTED
                 t0 = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
+                batches = self._next_micro_batches(it)
+                if not batches:
                     break
-                loss = self._train_step(batch)
+                loss = self._train_step(batches)
                 self.train_seconds += time.perf_counter() - t0
                 self.step += 1
-                self.batch_in_epoch += 1
-                self.samples_seen += _batch_len(batch, self.batch_size)
+                self.batch_in_epoch += len(batches)
+                self.samples_seen += sum(_batch_len(b, self.batch_size) for b in batches)
                 if self.step > self._failure_high_water:
                     self._retries = 0
-                rolled = self.steps_per_epoch is not None and self.batch_in_epoch >= self.steps_per_epoch
+                rolled = self.batches_per_epoch is not None and self.batch_in_epoch >= self.batches_per_epoch
                 if rolled:
                     self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self._after_step(loss)
@@ -472,30 +473,48 @@ class Trainer:
                     self._after_epoch(self.epoch - 1)
                 if rolled or self._done():
                     break
-            if self.batch_in_epoch and self.steps_per_epoch is None and not self._done() and not self.stop_requested:
+            if self.batch_in_epoch and self.batches_per_epoch is None and not self._done() and not self.stop_requested:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0  # iterable without len: ran dry
                 self._after_epoch(self.epoch - 1)
         return REASON_COMPLETED
 
-    def _train_step(self, batch: Any) -> torch.Tensor:
+    def _next_micro_batches(self, it: Iterator[Any]) -> list[Any]:
+        """The micro-batches of the next optimizer step (fewer at the end of an epoch)."""
+        n = self.accumulate
+        if self.batches_per_epoch is not None:
+            n = min(n, self.batches_per_epoch - self.batch_in_epoch)
+        batches = []
+        for _ in range(n):
+            batch = next(it, _END)
+            if batch is _END:
+                break
+            batches.append(batch)
+        return batches
+
+    def _train_step(self, batches: list[Any]) -> torch.Tensor:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.loss_fn(self.model, batch)
+        n = len(batches)
+        total: torch.Tensor | None = None
+        for batch in batches:
+            loss = self.loss_fn(self.model, batch)
+            part = loss / n if n > 1 else loss  # the mean over the window, as one big batch
+            (self.scaler.scale(part) if self.scaler is not None else part).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        assert total is not None
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             if self.grad_clip_norm is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            loss.backward()
             if self.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip_norm)
             self.optimizer.step()
         if self.scheduler is not None:
             self.scheduler.step()
-        return loss.detach()
+        return total / n if n > 1 else total
 
     def _after_step(self, loss: torch.Tensor) -> None:
         if self.step % self.log_every == 0 or self._done():
@@ -577,7 +596,7 @@ class Trainer:
             saved, message = self._emergency_save()
             exit_code = EXIT_PREEMPTED
         result = RunResult(reason, self.step, self.epoch, self._newest_checkpoint_uri(), saved,
-                           message, exit_code, self.train_seconds)
+                           message, exit_code, self.train_seconds, self.exactness)
         self._end(result)
         return result
 
@@ -630,7 +649,7 @@ class Trainer:
         if self.checkpointer is not None:
             self.checkpointer.wait(timeout=10)  # finished uploads are still good fallbacks
         result = RunResult(REASON_FAILED, self.step, self.epoch, self._newest_checkpoint_uri(), False,
-                           msg, EXIT_FAILED, self.train_seconds)
+                           msg, EXIT_FAILED, self.train_seconds, self.exactness)
         try:
             self._end(result)
         except Exception:  # noqa: BLE001 - the original error matters more
@@ -653,6 +672,9 @@ class Trainer:
             self.metrics.upload()
         for cb in self.callbacks:
             cb.on_end(self, result)
+
+
+_END = object()
 
 
 def _batch_len(batch: Any, default: int | None) -> int:

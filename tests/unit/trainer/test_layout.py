@@ -146,7 +146,16 @@ def test_termination_message_round_trip(tmp_path):
     assert len(text.encode()) <= contract.MAX_TERMINATION_MESSAGE_BYTES
     back = contract.TerminationMessage.from_json(text)
     assert back.reason == "preempted" and back.step == 12 and back.emergencySaveCompleted
-    assert set(json.loads(text)) == {"reason", "step", "checkpoint", "emergencySaveCompleted", "message"}
+    assert set(json.loads(text)) == {"reason", "step", "checkpoint", "emergencySaveCompleted", "message",
+                                     "resumeExact", "resumeExactReason"}
+    assert back.resumeExact is None  # the trainer did not say
+    inexact = contract.TerminationMessage("completed", step=3, resumeExact=False,
+                                          resumeExactReason="r" * 5000, message="m" * 5000)
+    text = inexact.to_json()
+    back = contract.TerminationMessage.from_json(text)
+    assert len(text.encode()) <= contract.MAX_TERMINATION_MESSAGE_BYTES
+    assert back.resumeExact is False and back.resumeExactReason.startswith("rrr")
+    assert back.message.startswith("mmm")
     with pytest.raises(ValueError):
         contract.TerminationMessage("exploded")
     assert msg.write(str(tmp_path / "term")) and not msg.write(str(tmp_path / "no" / "dir" / "x"))
