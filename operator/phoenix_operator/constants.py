@@ -85,7 +85,11 @@ COND_RECOVERING = "Recovering"
 COND_SUSPENDED = "Suspended"
 COND_SUCCEEDED = "Succeeded"
 COND_FAILED = "Failed"
-CONDITION_TYPES = (COND_RUNNING, COND_RECOVERING, COND_SUSPENDED, COND_SUCCEEDED, COND_FAILED)
+# A pod name the job needs is taken by a pod it does not own: nothing is created or deleted
+# under that name until it is gone.
+COND_POD_CONFLICT = "PodConflict"
+CONDITION_TYPES = (COND_RUNNING, COND_RECOVERING, COND_SUSPENDED, COND_SUCCEEDED, COND_FAILED,
+                   COND_POD_CONFLICT)
 
 # --- event reasons (CamelCase, as `kubectl describe` shows them) ----------------------
 EV_POD_CREATED = "PodCreated"
@@ -106,6 +110,7 @@ EV_JOB_SUCCEEDED = "JobSucceeded"
 EV_JOB_FAILED = "JobFailed"
 EV_STORAGE_ERROR = "StorageError"
 EV_PHASE_RESET = "PhaseReset"  # posted by `phoenix reset`
+EV_POD_CONFLICT = "PodConflict"
 
 # --- classification reasons recorded in status.phases[].lastFailure.reason -------------
 R_DISRUPTION_PREFIX = "Disruption"  # + the DisruptionTarget condition's reason

@@ -32,6 +32,9 @@ from .states import Event, is_terminal, job_phase, transition
 
 S = PhaseState
 STORAGE_RETRY_SECONDS = 15.0
+# A foreign pod holds a name we need: look again this often (its deletion, if it carries our
+# job label, triggers a pass at once anyway).
+CONFLICT_RETRY_SECONDS = 30.0
 
 
 # --- inputs ----------------------------------------------------------------------------
@@ -147,6 +150,8 @@ class _Ctx:
     now: datetime
     plan: Plan
     nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
+    foreign: Mapping[str, str] = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)
 
     def note(self, type_: str, reason: str, message: str) -> None:
         self.plan.events.append(Note(type_, reason, message))
@@ -162,15 +167,18 @@ class _Ctx:
 
 def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
            checkpoints: Mapping[str, Listing], now: datetime,
-           nodes: Mapping[str, NodeHealth] | None = None) -> Plan:
+           nodes: Mapping[str, NodeHealth] | None = None,
+           foreign: Mapping[str, str] | None = None) -> Plan:
     """``nodes``: health of the nodes the job's live pods are bound to, by name (missing
-    names count as healthy)."""
+    names count as healthy). ``foreign``: pod names the status wants that are taken by pods
+    this job does not own, with who owns them."""
     meta = job.get("metadata") or {}
     spec = JobSpec.parse(job.get("spec") or {})
     old = dict(job.get("status") or {})
     statuses = phase_statuses(spec, old)
     ctx = _Ctx(job=meta["name"], namespace=meta.get("namespace") or "default", spec=spec,
-               checkpoints=checkpoints, now=now, plan=Plan(status={}), nodes=nodes or {})
+               checkpoints=checkpoints, now=now, plan=Plan(status={}), nodes=nodes or {},
+               foreign=foreign or {})
     grouped = pods_by_phase(pods)
     # Spec order: a phase that succeeds in this pass lets its dependents start in the same pass.
     for phase in spec.phases:
@@ -206,6 +214,9 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
         if st.state == S.RUNNING:
             pod = pods.get(st.attempts)
             if pod is None and st.pod_uid is None:
+                if st.pod in ctx.foreign:
+                    _conflict(ctx, phase, st.pod, ctx.foreign[st.pod])
+                    break
                 # Status was written (intent) but the pod never got created: the operator
                 # stopped in between. Create it now, same attempt, same name.
                 if not ctx.spec.suspend:
@@ -254,6 +265,17 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
         if all(d.state == S.SUCCEEDED for d in deps):
             return _start_attempt(ctx, phase, st, Event.START)
     return st
+
+
+def _conflict(ctx: _Ctx, phase: PhaseSpec, name: str, owner: str) -> None:
+    """The name of this attempt's pod is taken by a pod we do not own: never adopt, delete
+    or retry it in a loop; say so (condition + one event) and look again later."""
+    ctx.conflicts.append(
+        f"phase {phase.name}: pod {ctx.namespace}/{name} exists and is not owned by this "
+        f"PhoenixJob ({owner}); Phoenix will neither adopt nor delete it. Delete or rename it "
+        f"and attempt {name.rsplit('-', 1)[-1]} starts; looking again every "
+        f"{CONFLICT_RETRY_SECONDS:g}s")
+    ctx.plan.requeue(CONFLICT_RETRY_SECONDS)
 
 
 def _checkpoint_from(outcome: Outcome, st: PhaseStatus, when: datetime) -> CheckpointRef | None:
@@ -515,6 +537,9 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
     else:
         recovering_msg, recovering_reason = "", "NotRecovering"
     failed_msg = failure_summary(spec, statuses) if phase == JobPhase.FAILED else ""
+    conflict_msg = "; ".join(ctx.conflicts)
+    if ctx.conflicts and (old_conds.get(C.COND_POD_CONFLICT) or {}).get("status") != "True":
+        ctx.note("Warning", C.EV_POD_CONFLICT, conflict_msg)
     conds = [
         _condition(old_conds, C.COND_RUNNING, phase == JobPhase.RUNNING,
                    "TrainerRunning" if phase == JobPhase.RUNNING else phase.value,
@@ -532,6 +557,9 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
         _condition(old_conds, C.COND_FAILED, phase == JobPhase.FAILED,
                    "BudgetExhausted" if phase == JobPhase.FAILED else "NotFailed",
                    failed_msg, ctx.now, generation),
+        _condition(old_conds, C.COND_POD_CONFLICT, bool(ctx.conflicts),
+                   "ForeignPod" if ctx.conflicts else "NoConflict", conflict_msg, ctx.now,
+                   generation),
     ]
     status: dict[str, Any] = {
         "phase": phase.value,

@@ -22,6 +22,35 @@ from . import constants as C
 log = logging.getLogger("phoenix.kube")
 
 
+def _json_or_none(read, *args) -> dict | None:
+    """A read as raw JSON (no typed models: building them costs more than the call), or None
+    for 404."""
+    try:
+        resp = read(*args, _preload_content=False)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+    return json.loads(resp.data)
+
+
+class ForeignPod(Exception):
+    """A pod the operator wants to create exists and belongs to someone else."""
+
+    def __init__(self, namespace: str, name: str, owner: str) -> None:
+        super().__init__(f"pod {namespace}/{name} exists and is not ours ({owner})")
+        self.namespace, self.name, self.owner = namespace, name, owner
+
+
+def describe_owner(pod: dict) -> str:
+    """Who a pod belongs to, for a person: its controller, else its first owner, else none."""
+    refs = (pod.get("metadata") or {}).get("ownerReferences") or []
+    ref = next((r for r in refs if r.get("controller")), refs[0] if refs else None)
+    if ref is None:
+        return "it has no owner"
+    return f"owned by {ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
+
+
 def load_config() -> None:
     try:
         config.load_incluster_config()
@@ -72,14 +101,28 @@ class Kube:
         return json.loads(resp.data).get("items") or []
 
     def create_pod(self, namespace: str, manifest: dict) -> str | None:
-        """Create; returns the new pod's uid, or None if a pod of that name already exists
-        (the idempotency key)."""
+        """Create; returns the new pod's uid. If a pod of that name already exists (409, the
+        idempotency key) it is ours only when its owner reference names the same owner as
+        ``manifest``'s: then its uid comes back; otherwise ``ForeignPod`` is raised. None:
+        it existed but was gone again before it could be read."""
         try:
             return self.core.create_namespaced_pod(namespace, manifest).metadata.uid
         except ApiException as e:
-            if e.status == 409:
-                return None
-            raise
+            if e.status != 409:
+                raise
+        name = manifest["metadata"]["name"]
+        existing = self.get_pod(namespace, name)
+        if existing is None:
+            return None
+        meta = existing.get("metadata") or {}
+        owners = {r.get("uid") for r in (manifest["metadata"].get("ownerReferences") or ())}
+        if any(r.get("uid") in owners for r in meta.get("ownerReferences") or ()):
+            return meta.get("uid")
+        raise ForeignPod(namespace, name, describe_owner(existing))
+
+    def get_pod(self, namespace: str, name: str) -> dict | None:
+        """The pod as JSON, or None if it does not exist (404)."""
+        return _json_or_none(self.core.read_namespaced_pod, name, namespace)
 
     def delete_pod(self, namespace: str, name: str, grace_seconds: int) -> None:
         try:
@@ -91,13 +134,7 @@ class Kube:
     # --- nodes (read only: is the node a live pod is bound to still there?) ------------
     def get_node(self, name: str) -> dict | None:
         """The Node as JSON, or None if it does not exist (404)."""
-        try:
-            resp = self.core.read_node(name, _preload_content=False)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        return json.loads(resp.data)
+        return _json_or_none(self.core.read_node, name)
 
     # --- secrets (only the two credential keys are ever decoded) ------------------------
     def s3_credentials(self, namespace: str, name: str) -> tuple[str | None, str | None]:

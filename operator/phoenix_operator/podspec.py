@@ -17,9 +17,20 @@ from .model import JobSpec, PhaseSpec
 
 
 def pod_name(job: str, phase: str, attempt: int) -> str:
-    """Deterministic: a second reconcile of the same decision creates the same name, so
-    the API server's AlreadyExists is our idempotency key."""
-    return f"{job}-{phase}-{attempt}"
+    """``<job>.<phase>-<attempt>``. Deterministic: a second reconcile of the same decision
+    creates the same name, so the API server's AlreadyExists is our idempotency key.
+
+    Collision-proof: a phase name is a DNS label (no dot) and the attempt a number, so the
+    last dot splits off the job and the last dash the attempt; two different (job, phase,
+    attempt) never share a name. (``<job>-<phase>-<attempt>`` did: job ``a-b`` phase ``c`` and
+    job ``a`` phase ``b-c``.)"""
+    return f"{job}.{phase}-{attempt}"
+
+
+def pod_hostname(name: str) -> str:
+    """A DNS label for the pod's hostname (no dots, at most 63 characters); it need not be
+    unique, the pod name is."""
+    return name.replace(".", "-")[:63].rstrip("-")
 
 
 def pod_labels(job: str, phase: str, attempt: int) -> dict[str, str]:
@@ -77,7 +88,7 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
     name = pod_name(job, phase.name, attempt)
     pod_spec["restartPolicy"] = "Never"
     pod_spec["terminationGracePeriodSeconds"] = spec.recovery.grace_seconds
-    pod_spec.setdefault("hostname", name[:63].rstrip("-"))
+    pod_spec.setdefault("hostname", pod_hostname(name))
     probe = {"metadata": {"annotations": annotations}, "spec": pod_spec}
     trainer = trainer_container_name(probe)
     ours = phoenix_env(job=job, namespace=namespace, spec=spec, phase=phase, attempt=attempt,

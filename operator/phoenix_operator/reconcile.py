@@ -31,7 +31,7 @@ from .classify import DELETED_KEY, NodeHealth, bare_kill, node_health
 from .config import OperatorConfig
 from .decide import Listing, Plan, decide
 from .facts import scan
-from .kube import Kube
+from .kube import ForeignPod, Kube, describe_owner
 from .model import JobSpec, parse_ts, phase_statuses
 
 log = logging.getLogger("phoenix.reconcile")
@@ -168,11 +168,12 @@ class Reconciler:
         pods += [{**p, DELETED_KEY: True} for n, p in last_seen.items()
                  if n not in present and _owned(p, uid)]
         nodes = await self._nodes(pods)
+        foreign = await self._foreign(job, present)
         listings: dict[str, Listing] = {}
-        plan = decide(job, pods, listings, self.clock(), nodes)
+        plan = decide(job, pods, listings, self.clock(), nodes, foreign)
         if plan.needs_checkpoints:
             listings.update(await self._scan(job, plan.needs_checkpoints))
-            plan = decide(job, pods, listings, self.clock(), nodes)
+            plan = decide(job, pods, listings, self.clock(), nodes, foreign)
         return await self.apply(job, plan)
 
     async def _nodes(self, pods: list[dict]) -> dict[str, NodeHealth]:
@@ -196,6 +197,20 @@ class Reconciler:
                                 "through pod GC. Grant get on nodes or set "
                                 "PHOENIX_WATCH_NODES=false", name, e.status, e.reason)
                     self._node_read_warned = True
+        return out
+
+    async def _foreign(self, job: dict, present: set[str]) -> dict[str, str]:
+        """Pods the status names but has no uid for (the create is pending or was refused
+        with 409), that the LIST of our pods did not return: if they exist they are someone
+        else's. One GET each; normally there are none."""
+        ns, uid = job["metadata"]["namespace"], job["metadata"].get("uid")
+        wanted = [p["pod"] for p in (job.get("status") or {}).get("phases") or ()
+                  if p.get("pod") and not p.get("podUID") and p["pod"] not in present]
+        out: dict[str, str] = {}
+        for name in wanted:
+            pod = await self._call(self.kube.get_pod, ns, name)
+            if pod is not None and not _owned(pod, uid):
+                out[name] = describe_owner(pod)
         return out
 
     async def _scan(self, job: dict, phases: set[str]) -> dict[str, Listing]:
@@ -241,6 +256,11 @@ class Reconciler:
             kopf.adopt(manifest, owner=job)
             try:
                 created = await self._call(self.kube.create_pod, ns, manifest)
+            except ForeignPod as e:
+                # The status names the pod (intent) without a uid: the next pass finds the
+                # foreign pod, and decide reports it as a condition instead of retrying.
+                log.warning("%s %s", tag, e)
+                return 0.5
             except ApiException as e:
                 msg = (f"cannot create pod {create.name} for phase {create.phase}: "
                        f"{e.status} {e.reason}: {_api_message(e)}")

@@ -4,7 +4,7 @@ Pure: takes the spec and the status as the API returned them and returns the new
 refuses, saying why); the CLI reads and writes the cluster. The operator then sees a Pending
 phase and starts its next attempt from the newest valid checkpoint, as for any start.
 
-A reset phase keeps its attempt counter (pod names ``<job>-<phase>-<attempt>`` stay unique
+A reset phase keeps its attempt counter (pod names ``<job>.<phase>-<attempt>`` stay unique
 and the old pods' logs stay where they are), its last checkpoint and its last failure (the
 history); it loses its budgets' counts and the "this checkpoint keeps crashing" bookkeeping,
 since the user says the cause is fixed.

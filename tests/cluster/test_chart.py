@@ -12,6 +12,7 @@ import yaml
 from e2e.phoenix_e2e import OPERATOR_KINDS, install_chart_on_lab
 from kube_helpers import wait_for
 from phoenix_lab.install import CHART, LAB_VALUES
+from phoenix_operator.podspec import pod_name
 from pxj_helpers import (create, create_job_namespace, get, phase_status, phoenixjob,
                          pod_or_none)
 
@@ -120,18 +121,18 @@ def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_
 
     env = {"FAKE_STEPS": 200, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
     create(custom, ns, phoenixjob("chart", bucket, lab.s3.url, image=lab.trainer_image, env=env))
-    wait_for(lambda: (p := pod_or_none(core, ns, "chart-train-1"))
+    wait_for(lambda: (p := pod_or_none(core, ns, pod_name("chart", "train", 1)))
              and p.status.phase == "Running", 90, 0.5, "attempt 1 running", diagnose=describe)
     wait_for(lambda: _manifests(lab, bucket), 60, 0.5, "a first checkpoint in S3",
              diagnose=describe)
-    lab.evict(ns, "chart-train-1")
+    lab.evict(ns, pod_name("chart", "train", 1))
     job = wait_for(lambda: (j := get(custom, ns, "chart"))
                    and (j.get("status") or {}).get("phase") == "Succeeded" and j,
                    120, 0.5, "job Succeeded after the preemption", diagnose=describe)
     ps = phase_status(job)
     assert ps["preemptions"] == 1 and ps["failures"] == 0 and ps["attempts"] == 2
     assert ps["lastFailure"]["reason"] == "EvictionByEvictionAPI", ps["lastFailure"]
-    assert pod_or_none(core, ns, "chart-train-2").metadata.labels["phoenix.dev/job"] == "chart"
+    assert pod_or_none(core, ns, pod_name("chart", "train", 2)).metadata.labels["phoenix.dev/job"] == "chart"
     log = release.operator_log()
     assert f"{ns}/chart" in log, "the chart's operator did not log about the job:\n" + log[-3000:]
     # Scraped as Prometheus would: through the chart's metrics Service (apiserver proxy).

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from phoenix_operator.podspec import pod_name
 from phoenix_trainer.layout import step_dir_name
 
 from pxj_helpers import (create, env_of, events, get, patch_spec, phase_status, phoenixjob,
@@ -46,15 +47,15 @@ def test_node_loss_is_a_preemption_replaced_before_pod_gc(lab, operator, core, c
     pod and creates the next attempt long before that."""
     create(custom, ns, phoenixjob("nl", bucket, lab.s3.url, image=lab.trainer_image, env={
         "FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}))
-    pod = wait(lambda: (p := pod_or_none(core, ns, "nl-train-1")) and p.status.phase == "Running"
+    pod = wait(lambda: (p := pod_or_none(core, ns, pod_name("nl", "train", 1))) and p.status.phase == "Running"
                and p, 60, "attempt 1 running")
     lost = time.monotonic()
     replacement = lab.lose_node(pod.spec.node_name)
-    pod2 = wait(lambda: pod_or_none(core, ns, "nl-train-2"), 15,
+    pod2 = wait(lambda: pod_or_none(core, ns, pod_name("nl", "train", 2)), 15,
                 "replacement after node loss (well before pod GC)")
     took = time.monotonic() - lost
     assert env_of(pod2)["PHOENIX_ATTEMPT"] == "2"
-    old = pod_or_none(core, ns, "nl-train-1")
+    old = pod_or_none(core, ns, pod_name("nl", "train", 1))
     assert old is None or old.metadata.uid != pod.metadata.uid, "old pod left to pod GC"
     ps = wait(lambda: (s := phase_status(get(custom, ns, "nl"))).get("attempts") == 2 and s, 30,
               "status attempt 2")
@@ -87,7 +88,7 @@ def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, cu
     ps = phase_status(job)
     assert ps["attempts"] == 2 and ps["failures"] == 0 and ps["state"] == "Succeeded"
     assert phase_status(job, "eval")["state"] == "Succeeded"
-    pod2 = core.read_namespaced_pod("rst-train-2", ns)
+    pod2 = core.read_namespaced_pod(pod_name("rst", "train", 2), ns)
     assert env_of(pod2)["PHOENIX_RESUME_FROM"].endswith(step_dir_name(5))
     assert "PhaseReset" in {e.reason for e in events(core, ns, "rst")}
     # nothing left to reset; and a running job is not reset without --force

@@ -8,9 +8,11 @@ import time
 
 import pytest
 
+from phoenix_operator.podspec import pod_name
 from phoenix_trainer.layout import step_dir_name
 from phoenix_trainer.storage import open_storage
 
+from kube_helpers import python_pod
 from operator_process import OperatorProcess
 from pxj_helpers import (create, env_of, events, get, live, patch_spec, phase_status,
                          phoenixjob, pod_or_none, trainer_pods, wait)
@@ -52,7 +54,7 @@ def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, recorder
     starts = [json.loads(m) for m in recorder.messages]
     finetune = next(s for s in starts if s["init_from"])
     assert finetune["init_from"].endswith("/pretrain/" + step_dir_name(10))
-    pod = core.read_namespaced_pod("ok-pretrain-1", ns)
+    pod = core.read_namespaced_pod(pod_name("ok", "pretrain", 1), ns)
     assert pod.metadata.owner_references[0].kind == "PhoenixJob"
     wait(lambda: {"PodCreated", "JobSucceeded"} <= {e.reason for e in events(core, ns, "ok")},
          10, "events PodCreated and JobSucceeded")
@@ -61,10 +63,10 @@ def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, recorder
 def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, core, custom, ns,
                                                                bucket):
     create(custom, ns, phoenixjob("ev", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
-    wait(lambda: running(core, ns, "ev-train-1"), 60, "attempt 1 running")
+    wait(lambda: running(core, ns, pod_name("ev", "train", 1)), 60, "attempt 1 running")
     wait(lambda: has_checkpoints(lab, bucket, 2), 60, "two checkpoints")
-    lab.evict(ns, "ev-train-1")
-    pod2 = wait(lambda: pod_or_none(core, ns, "ev-train-2"), 60, "replacement pod ev-train-2")
+    lab.evict(ns, pod_name("ev", "train", 1))
+    pod2 = wait(lambda: pod_or_none(core, ns, pod_name("ev", "train", 2)), 60, "replacement pod of attempt 2")
     env = env_of(pod2)
     assert env["PHOENIX_ATTEMPT"] == "2"
     # Attempt 1 saved an emergency checkpoint on SIGTERM; it is the newest valid one and the
@@ -89,15 +91,15 @@ def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, co
 def test_corrupt_newest_checkpoint_is_skipped(lab, operator, core, custom, ns, bucket):
     env = dict(LONG, FAKE_CKPT_UNTIL=15)
     create(custom, ns, phoenixjob("cor", bucket, lab.s3.url, image=lab.trainer_image, env=env))
-    wait(lambda: running(core, ns, "cor-train-1"), 60, "attempt 1 running")
+    wait(lambda: running(core, ns, pod_name("cor", "train", 1)), 60, "attempt 1 running")
     s3 = lab.s3.client()
     key = f"run/train/{step_dir_name(15)}/state.bin"
     wait(lambda: s3.list_objects_v2(Bucket=bucket, Prefix=f"run/train/{step_dir_name(15)}/"
                                     "manifest.json").get("KeyCount"), 60, "checkpoint 15")
     data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
     s3.put_object(Bucket=bucket, Key=key, Body=bytes(b ^ 0xFF for b in data))  # same size
-    lab.kill_pod(ns, "cor-train-1", signal.SIGKILL)  # no emergency save; bare 137 = failure
-    pod2 = wait(lambda: pod_or_none(core, ns, "cor-train-2"), 60, "replacement")
+    lab.kill_pod(ns, pod_name("cor", "train", 1), signal.SIGKILL)  # no emergency save; bare 137 = failure
+    pod2 = wait(lambda: pod_or_none(core, ns, pod_name("cor", "train", 2)), 60, "replacement")
     assert env_of(pod2)["PHOENIX_RESUME_FROM"].endswith(step_dir_name(10))
     skipped = wait(lambda: [e for e in events(core, ns, "cor") if e.reason == "CheckpointSkipped"],
                    10, "CheckpointSkipped event")
@@ -110,8 +112,8 @@ def test_failures_back_off_and_exhaust_but_preemptions_do_not_count(lab, operato
     env = dict(LONG, FAKE_FAIL_ATTEMPTS="2,3,4", FAKE_FAIL_AFTER=2)
     create(custom, ns, phoenixjob("fl", bucket, lab.s3.url, image=lab.trainer_image, env=env, recovery={
         "maxFailures": 2, "backoff": {"initialSeconds": 2, "maxSeconds": 4}}))
-    wait(lambda: running(core, ns, "fl-train-1"), 60, "attempt 1 running")
-    lab.evict(ns, "fl-train-1")  # a preemption first: must not touch the failure budget
+    wait(lambda: running(core, ns, pod_name("fl", "train", 1)), 60, "attempt 1 running")
+    lab.evict(ns, pod_name("fl", "train", 1))  # a preemption first: must not touch the failure budget
     job = wait(lambda: (j := get(custom, ns, "fl")).get("status", {}).get("phase") == "Failed" and j,
                120, "job Failed")
     ps = phase_status(job)
@@ -128,8 +130,8 @@ def test_failures_back_off_and_exhaust_but_preemptions_do_not_count(lab, operato
         end = pods[prev].status.container_statuses[0].state.terminated.finished_at
         return (pods[nxt].metadata.creation_timestamp - end).total_seconds()
 
-    assert gap("fl-train-2", "fl-train-3") >= 1  # backoff 2s (1s slack: second precision)
-    assert gap("fl-train-3", "fl-train-4") >= 3  # backoff 4s
+    assert gap(pod_name("fl", "train", 2), pod_name("fl", "train", 3)) >= 1  # backoff 2s (1s slack: second precision)
+    assert gap(pod_name("fl", "train", 3), pod_name("fl", "train", 4)) >= 3  # backoff 4s
     assert not live(trainer_pods(core, ns, "fl"))
     wait(lambda: "BudgetExhausted" in [e.reason for e in events(core, ns, "fl")], 10,
          "BudgetExhausted event")
@@ -162,18 +164,18 @@ class LivePodWatch(threading.Thread):
 def test_operator_killed_mid_recovery_creates_no_duplicate(lab, operator, core, custom, ns,
                                                            bucket):
     create(custom, ns, phoenixjob("rs", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
-    wait(lambda: running(core, ns, "rs-train-1"), 60, "attempt 1 running")
+    wait(lambda: running(core, ns, pod_name("rs", "train", 1)), 60, "attempt 1 running")
     watch = LivePodWatch(core, ns, "rs")
     watch.start()
     try:
         operator.kill()
-        lab.evict(ns, "rs-train-1")
-        wait(lambda: (p := pod_or_none(core, ns, "rs-train-1")) is None
+        lab.evict(ns, pod_name("rs", "train", 1))
+        wait(lambda: (p := pod_or_none(core, ns, pod_name("rs", "train", 1))) is None
              or p.status.phase == "Failed", 30, "attempt 1 ended")
         # The restarted operator rebuilds its state from status + pods (by label) and
         # replaces attempt 1 exactly once.
         operator.start()
-        wait(lambda: running(core, ns, "rs-train-2"), 60, "attempt 2 running")
+        wait(lambda: running(core, ns, pod_name("rs", "train", 2)), 60, "attempt 2 running")
         # kill again right away, twice, while it settles; then let it run
         for _ in range(2):
             operator.kill()
@@ -185,7 +187,7 @@ def test_operator_killed_mid_recovery_creates_no_duplicate(lab, operator, core, 
         watch.done.set()
         watch.join(5)
     names = sorted(p.metadata.name for p in trainer_pods(core, ns, "rs"))
-    assert names == ["rs-train-2"]  # attempt 1 was evicted (deleted); no attempt 3
+    assert names == [pod_name("rs", "train", 2)]  # attempt 1 was evicted (deleted); no attempt 3
     assert watch.max_live == 1, watch.worst
     assert phase_status(job)["preemptions"] == 1
 
@@ -199,9 +201,9 @@ def test_two_operators_at_once_never_two_live_pods(lab, operator, operator_rbac,
         create(custom, ns, phoenixjob("dd", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
         watch.start()
         for attempt in (1, 2, 3):
-            wait(lambda: running(core, ns, f"dd-train-{attempt}"), 60, f"attempt {attempt}")
-            lab.evict(ns, f"dd-train-{attempt}")
-        wait(lambda: running(core, ns, "dd-train-4"), 60, "attempt 4")
+            wait(lambda: running(core, ns, pod_name("dd", "train", attempt)), 60, f"attempt {attempt}")
+            lab.evict(ns, pod_name("dd", "train", attempt))
+        wait(lambda: running(core, ns, pod_name("dd", "train", 4)), 60, "attempt 4")
         job = wait(lambda: (j := get(custom, ns, "dd")) and phase_status(j).get("attempts") == 4
                    and j, 30, "status attempt 4")
         time.sleep(2)
@@ -209,24 +211,24 @@ def test_two_operators_at_once_never_two_live_pods(lab, operator, operator_rbac,
         watch.done.set()
         second.stop()
     assert watch.max_live == 1, watch.worst
-    assert [p.metadata.name for p in trainer_pods(core, ns, "dd")] == ["dd-train-4"]
+    assert [p.metadata.name for p in trainer_pods(core, ns, "dd")] == [pod_name("dd", "train", 4)]
     assert phase_status(job)["preemptions"] == 3
 
 
 def test_suspend_deletes_pod_and_resume_continues(lab, operator, core, custom, ns, bucket):
     create(custom, ns, phoenixjob("sp", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
-    wait(lambda: running(core, ns, "sp-train-1"), 60, "attempt 1 running")
+    wait(lambda: running(core, ns, pod_name("sp", "train", 1)), 60, "attempt 1 running")
     wait(lambda: has_checkpoints(lab, bucket, 1), 60, "a checkpoint")
     patch_spec(custom, ns, "sp", {"suspend": True})
-    wait(lambda: (p := pod_or_none(core, ns, "sp-train-1")) is None
+    wait(lambda: (p := pod_or_none(core, ns, pod_name("sp", "train", 1))) is None
          or p.status.phase == "Failed", 60, "pod stopped")
     job = wait(lambda: (j := get(custom, ns, "sp")).get("status", {}).get("phase") == "Suspended" and j,
                30, "Suspended")
     assert phase_status(job)["preemptions"] == 0
     time.sleep(2)
-    assert pod_or_none(core, ns, "sp-train-2") is None
+    assert pod_or_none(core, ns, pod_name("sp", "train", 2)) is None
     patch_spec(custom, ns, "sp", {"suspend": False})
-    pod2 = wait(lambda: pod_or_none(core, ns, "sp-train-2"), 60, "attempt 2 after resume")
+    pod2 = wait(lambda: pod_or_none(core, ns, pod_name("sp", "train", 2)), 60, "attempt 2 after resume")
     assert env_of(pod2).get("PHOENIX_RESUME_FROM")
     job = wait(lambda: (j := get(custom, ns, "sp")).get("status", {}).get("phase") == "Running" and j,
                30, "Running again")
@@ -247,12 +249,12 @@ def test_failed_phase_blocks_dependents_but_independent_eval_runs(lab, operator,
     assert states["train"] == "Failed" and states["finetune"] == "Blocked"
     assert states["eval"] in ("Failed", "Succeeded")
     assert phase_status(job, "eval")["attempts"] == 1
-    assert pod_or_none(core, ns, "blk-finetune-1") is None
+    assert pod_or_none(core, ns, pod_name("blk", "finetune", 1)) is None
 
 
 def test_deleting_the_job_deletes_its_pods(lab, operator, core, custom, ns, bucket):
     create(custom, ns, phoenixjob("del", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
-    wait(lambda: running(core, ns, "del-train-1"), 60, "attempt 1 running")
+    wait(lambda: running(core, ns, pod_name("del", "train", 1)), 60, "attempt 1 running")
     job = get(custom, ns, "del")
     assert not job["metadata"].get("finalizers")  # no finalizer: owner references suffice
     custom.delete_namespaced_custom_object("phoenix.dev", "v1alpha1", ns, "phoenixjobs", "del")
@@ -266,27 +268,55 @@ def test_operator_killed_between_intent_and_create(lab, operator, core, custom, 
     (intent, no podUID) but never created the pod. The restarted operator creates that very
     pod - same name, same attempt - and nothing else."""
     create(custom, ns, phoenixjob("iw", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
-    wait(lambda: running(core, ns, "iw-train-1"), 60, "attempt 1 running")
+    wait(lambda: running(core, ns, pod_name("iw", "train", 1)), 60, "attempt 1 running")
     wait(lambda: phase_status(get(custom, ns, "iw")).get("podUID"), 30, "podUID recorded")
     operator.kill()
     try:
-        lab.evict(ns, "iw-train-1")
-        wait(lambda: (p := pod_or_none(core, ns, "iw-train-1")) is None
+        lab.evict(ns, pod_name("iw", "train", 1))
+        wait(lambda: (p := pod_or_none(core, ns, pod_name("iw", "train", 1))) is None
              or p.status.phase == "Failed", 30, "attempt 1 ended")
         job = get(custom, ns, "iw")
         status = job["status"]
         ps = status["phases"][0]
-        ps.update(state="Running", attempts=2, pod="iw-train-2", preemptions=1)
+        ps.update(state="Running", attempts=2, pod=pod_name("iw", "train", 2), preemptions=1)
         ps.pop("podUID")
         status["phase"] = "Running"
         custom.patch_namespaced_custom_object_status(
             "phoenix.dev", "v1alpha1", ns, "phoenixjobs", "iw", {"status": status})
     finally:
         operator.start()
-    pod2 = wait(lambda: running(core, ns, "iw-train-2"), 60, "attempt 2 created and running")
+    pod2 = wait(lambda: running(core, ns, pod_name("iw", "train", 2)), 60, "attempt 2 created and running")
     assert env_of(pod2)["PHOENIX_ATTEMPT"] == "2"
     ps = wait(lambda: (s := phase_status(get(custom, ns, "iw"))).get("podUID") and s, 30,
               "podUID of attempt 2 recorded")
     assert ps["podUID"] == pod2.metadata.uid and ps["preemptions"] == 1
     time.sleep(2)
-    assert [p.metadata.name for p in trainer_pods(core, ns, "iw")] == ["iw-train-2"]
+    assert [p.metadata.name for p in trainer_pods(core, ns, "iw")] == [pod_name("iw", "train", 2)]
+
+
+def test_foreign_pod_holding_the_name_gives_a_condition_not_a_loop(lab, operator, core, custom,
+                                                                   ns, bucket):
+    """A pod that is not the job's holds the first attempt's name: the job says so in a
+    condition and one event, never adopts or deletes it, and starts once it is gone."""
+    name = pod_name("fp", "train", 1)
+    # Stays Pending (no such node): costs nothing.
+    core.create_namespaced_pod(ns, python_pod(name, "pass", image=lab.trainer_image,
+                                              labels={"app": "someone-else"},
+                                              node_selector={"no-such-node": "true"}))
+    create(custom, ns, phoenixjob("fp", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
+
+    def conflict():
+        conds = {c["type"]: c for c in (get(custom, ns, "fp").get("status") or {}).get(
+            "conditions") or ()}
+        return conds.get("PodConflict", {}).get("status") == "True" and conds["PodConflict"]
+    cond = wait(conflict, 30, "PodConflict condition")
+    assert f"{ns}/{name}" in cond["message"] and "no owner" in cond["message"]
+    time.sleep(5)  # a loop would show as more events, creates or deletes meanwhile
+    assert [e.reason for e in events(core, ns, "fp")].count("PodConflict") == 1
+    assert core.read_namespaced_pod(name, ns).metadata.labels == {"app": "someone-else"}
+    assert phase_status(get(custom, ns, "fp"))["attempts"] == 1
+    core.delete_namespaced_pod(name, ns, grace_period_seconds=0)
+    pod = wait(lambda: (p := pod_or_none(core, ns, name)) and p.metadata.owner_references and p,
+               60, "the job's own pod once the name is free")
+    assert pod.metadata.owner_references[0].kind == "PhoenixJob"
+    wait(lambda: not conflict(), 10, "PodConflict cleared")

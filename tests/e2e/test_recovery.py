@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from kube_helpers import wait_for
+from phoenix_operator.podspec import pod_name
 from phoenix_e2e import (GROUP, PLURAL, VERSION, check_operator_pod, phase_status, sample_job,
                          unique)
 
@@ -43,7 +44,7 @@ def test_preempted_training_job_resumes_from_checkpoint_and_succeeds(e2e, kube, 
     name = submit_job(sample_job(e2e, unique("mlp"), e2e_bucket))
     diagnose = lambda: f"job status: {_job(kube, e2e, name).get('status')}\n" \
         f"operator log:\n{e2e.operator_logs()}"  # noqa: E731
-    first = f"{name}-train-1"
+    first = pod_name(name, "train", 1)
     wait_for(lambda: _pod_phase(kube, e2e, first) == "Running", 180, 0.5, f"{first} running",
              diagnose=diagnose)
     wait_for(lambda: _manifests(e2e, e2e_bucket, f"{name}/"), 180, 0.5,
@@ -58,7 +59,7 @@ def test_preempted_training_job_resumes_from_checkpoint_and_succeeds(e2e, kube, 
     assert ps["preemptions"] >= 1 and ps["failures"] == 0, ps
     assert ps["attempts"] >= 2
     # the replacement resumed from a checkpoint the operator validated, not from scratch
-    second = kube.core.read_namespaced_pod(f"{name}-train-2", e2e.namespace)
+    second = kube.core.read_namespaced_pod(pod_name(name, "train", 2), e2e.namespace)
     env = {e.name: e.value for e in second.spec.containers[0].env or [] if e.value}
     assert env.get("PHOENIX_RESUME_FROM", "").startswith(f"s3://{e2e_bucket}/{name}/")
     assert _manifests(e2e, e2e_bucket, f"{name}/")

@@ -8,6 +8,7 @@ from datetime import datetime, timedelta, timezone
 from phoenix_operator import constants as C
 from phoenix_operator.decide import Checkpoint, Listing
 from phoenix_operator.model import ts
+from phoenix_operator.podspec import pod_name
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -47,7 +48,8 @@ def job(phases=("train",), *, status=None, suspend=False, recovery=None, name="j
 
 def phase_status(name="train", state="Running", attempts=1, **kw):
     d = {"name": name, "state": state, "attempts": attempts, "preemptions": 0, "failures": 0,
-         "pod": f"j-{name}-{attempts}", "podUID": f"uid-j-{name}-{attempts}"}
+         "pod": pod_name("j", name, attempts),
+         "podUID": "uid-" + pod_name("j", name, attempts)}
     d.update(kw)
     return d
 
@@ -65,7 +67,7 @@ def with_status(body, *phases):
 def pod(phase="train", attempt=1, *, pod_phase="Running", exit_code=None, reason=None,
         message=None, term_reason=None, disruption=None, deletion=None, waiting=None,
         status_reason=None, finished=at(0), resume=None, node=None):
-    name = f"j-{phase}-{attempt}"
+    name = pod_name("j", phase, attempt)
     annotations = {}
     if resume:
         annotations[C.ANNOTATION_RESUME_FROM] = resume

@@ -9,6 +9,7 @@ import pytest
 from phoenix_operator.classify import NodeHealth
 from phoenix_operator.decide import Listing, decide
 from phoenix_operator.model import ts
+from phoenix_operator.podspec import pod_name
 
 from opfacts import at, job, listing, phase_status, pod, with_status
 
@@ -51,10 +52,10 @@ CASES = [
     Case("fresh-needs-listing", job(), listings={}, states={"train": "Pending"},
          needs={"train"}, job_phase="Pending"),
     Case("fresh-start", job(), listings=NO_CK, states={"train": "Running"},
-         create=["j-train-1"], events=["PodCreated"], job_phase="Running",
+         create=["j.train-1"], events=["PodCreated"], job_phase="Running",
          check=lambda p: "PHOENIX_RESUME_FROM" not in env_of(p)
          and env_of(p)["PHOENIX_ATTEMPT"]["value"] == "1"),
-    Case("recreated-job-resumes-existing", job(), listings=CK_10_20, create=["j-train-1"],
+    Case("recreated-job-resumes-existing", job(), listings=CK_10_20, create=["j.train-1"],
          check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("steady-running", with_status(job(), RUN1), pods=[pod()], listings={},
          states={"train": "Running"}, job_phase="Running"),
@@ -64,7 +65,7 @@ CASES = [
          job_phase="Succeeded"),
     Case("eviction-replaced-at-once", with_status(job(), RUN1),
          pods=[pod(pod_phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI")],
-         listings=CK_10_20, states={"train": "Running"}, create=["j-train-2"],
+         listings=CK_10_20, states={"train": "Running"}, create=["j.train-2"],
          events=["Preempted", "Resuming"],
          check=lambda p: ps(p)["preemptions"] == 1 and ps(p)["failures"] == 0
          and ps(p)["attempts"] == 2
@@ -75,16 +76,16 @@ CASES = [
          states={"train": "Recovering"}, needs={"train"}, job_phase="Recovering"),
     Case("corrupt-newest-skipped", with_status(job(), RUN1),
          pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")], listings=CK_CORRUPT,
-         create=["j-train-2"], events=["Preempted", "CheckpointSkipped", "Resuming"],
+         create=["j.train-2"], events=["Preempted", "CheckpointSkipped", "Resuming"],
          check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("pod-deleted-is-preemption", with_status(job(), RUN1), pods=[], listings=NO_CK,
-         create=["j-train-2"],
+         create=["j.train-2"],
          check=lambda p: ps(p)["lastFailure"]["reason"] == "PodDeleted"),
     Case("deleted-by-others-terminating-waits", with_status(job(), RUN1),
          pods=[pod(deletion=at(0))], listings=NO_CK, states={"train": "Running"}),
     Case("sigkill-on-lost-node-is-preemption", with_status(job(), RUN1),
          pods=[pod(pod_phase="Failed", exit_code=137, node="n1")],
-         nodes={"n1": NodeHealth(missing=True)}, listings=NO_CK, create=["j-train-2"],
+         nodes={"n1": NodeHealth(missing=True)}, listings=NO_CK, create=["j.train-2"],
          check=lambda p: ps(p)["lastFailure"]["reason"] == "NodeLost"),
     # 137/143 alone: a liveness probe, activeDeadlineSeconds or the trainer itself. With
     # unlimited preemptions, counting it as one would retry it forever.
@@ -110,7 +111,7 @@ CASES = [
     Case("backoff-elapsed-replaces", with_status(job(), phase_status(
         state="Recovering", failures=1, nextAttemptAt=ts(at(10)))),
         pods=[pod(pod_phase="Failed", exit_code=1)], listings=NO_CK, now=at(10),
-        create=["j-train-2"]),
+        create=["j.train-2"]),
     Case("second-failure-doubles-backoff", with_status(job(), phase_status(
         attempts=2, failures=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=1,
                                             finished=at(100))],
@@ -131,7 +132,7 @@ CASES = [
          and _cond(p, "Failed")["status"] == "True"),
     Case("preemption-spares-failure-budget", with_status(job(), phase_status(
         attempts=3, failures=2)), pods=[pod(attempt=3, pod_phase="Failed", exit_code=143, term_reason="preempted")],
-        listings=NO_CK, create=["j-train-4"],
+        listings=NO_CK, create=["j.train-4"],
         check=lambda p: ps(p)["failures"] == 2 and ps(p)["preemptions"] == 1),
     Case("preemptions-exhausted", with_status(job(recovery={"maxPreemptions": 1}), phase_status(
         attempts=2, preemptions=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=143, term_reason="preempted")],
@@ -142,7 +143,7 @@ CASES = [
          states={"train": "Recovering"}, requeue=9.0, check=lambda p: ps(p)["failures"] == 1),
     Case("image-error-deletes-and-waits", with_status(job(), RUN1),
          pods=[pod(pod_phase="Pending", waiting="ImagePullBackOff")], listings=NO_CK, now=at(60),
-         delete=["j-train-1"], states={"train": "Recovering"}, requeue=10.0),
+         delete=["j.train-1"], states={"train": "Recovering"}, requeue=10.0),
     Case("old-pod-still-live-no-second-pod", with_status(job(), phase_status(
         state="Recovering", failures=1, nextAttemptAt=ts(at(0)))),
         pods=[pod(pod_phase="Pending", waiting="ImagePullBackOff", deletion=at(0))],
@@ -150,7 +151,7 @@ CASES = [
     # --- node loss: the pod still looks Running, its node says otherwise -----------------
     Case("node-missing-force-deletes-and-replaces-at-once", with_status(job(), RUN1),
          pods=[pod(node="n1")], nodes={"n1": NodeHealth(missing=True)}, listings=CK_10_20,
-         states={"train": "Running"}, create=["j-train-2"], delete=["j-train-1"],
+         states={"train": "Running"}, create=["j.train-2"], delete=["j.train-1"],
          events=["Preempted", "Resuming"], job_phase="Running",
          check=lambda p: ps(p)["preemptions"] == 1 and ps(p)["failures"] == 0
          and ps(p)["attempts"] == 2 and ps(p)["lastFailure"]["reason"] == "NodeLost"
@@ -160,11 +161,11 @@ CASES = [
          and env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("node-missing-needs-listing-deletes-anyway", with_status(job(), RUN1),
          pods=[pod(node="n1")], nodes={"n1": NodeHealth(missing=True)}, listings={},
-         states={"train": "Recovering"}, delete=["j-train-1"], needs={"train"},
+         states={"train": "Recovering"}, delete=["j.train-1"], needs={"train"},
          job_phase="Recovering"),
     Case("node-not-ready-past-grace", with_status(job(), RUN1),
          pods=[pod(node="n1")], nodes={"n1": NodeHealth(not_ready_since=at(-41))},
-         listings=NO_CK, now=at(0), create=["j-train-2"], delete=["j-train-1"],
+         listings=NO_CK, now=at(0), create=["j.train-2"], delete=["j.train-1"],
          events=["Preempted"],
          check=lambda p: ps(p)["lastFailure"]["reason"] == "NodeLost"
          and ps(p)["lastFailure"]["time"] == ts(at(-41)) and ps(p)["preemptions"] == 1),
@@ -179,26 +180,26 @@ CASES = [
     Case("node-missing-under-intent-old-pod-deleted-first",
          with_status(job(), phase_status(attempts=2, podUID=None, preemptions=1)),
          pods=[pod(attempt=1, node="n1")], nodes={"n1": NodeHealth(missing=True)},
-         listings=NO_CK, states={"train": "Running"}, create=["j-train-2"],
-         delete=["j-train-1"], check=lambda p: ps(p)["preemptions"] == 1),
+         listings=NO_CK, states={"train": "Running"}, create=["j.train-2"],
+         delete=["j.train-1"], check=lambda p: ps(p)["preemptions"] == 1),
     Case("node-missing-while-suspending", with_status(job(suspend=True), phase_status(
         state="Suspended")), pods=[pod(node="n1", deletion=at(0))],
         nodes={"n1": NodeHealth(missing=True)}, listings={}, states={"train": "Suspended"},
-        delete=["j-train-1"], check=lambda p: ps(p)["preemptions"] == 0),
+        delete=["j.train-1"], check=lambda p: ps(p)["preemptions"] == 0),
     Case("node-missing-exhausts-preemptions", with_status(
         job(recovery={"maxPreemptions": 0}), RUN1), pods=[pod(node="n1")],
         nodes={"n1": NodeHealth(missing=True)}, listings={}, states={"train": "Failed"},
-        delete=["j-train-1"], job_phase="Failed",
+        delete=["j.train-1"], job_phase="Failed",
         check=lambda p: "maxPreemptions=0" in _cond(p, "Failed")["message"]),
     # --- restarts and double delivery ---------------------------------------------------
     Case("intent-written-pod-never-created", with_status(job(), phase_status(podUID=None)),
-         pods=[], listings=CK_10_20, states={"train": "Running"}, create=["j-train-1"],
+         pods=[], listings=CK_10_20, states={"train": "Running"}, create=["j.train-1"],
          check=lambda p: ps(p)["preemptions"] == 0 and ps(p)["attempts"] == 1
          and "podUID" not in ps(p)),
     Case("intent-needs-listing", with_status(job(), phase_status(podUID=None)),
          pods=[], listings={}, needs={"train"}, states={"train": "Running"}),
     Case("pod-uid-recorded-once-seen", with_status(job(), phase_status(podUID=None)),
-         pods=[pod()], listings={}, check=lambda p: ps(p)["podUID"] == "uid-j-train-1"),
+         pods=[pod()], listings={}, check=lambda p: ps(p)["podUID"] == "uid-j.train-1"),
     Case("lost-status-write-adopts", with_status(job(), RUN1),
          pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted"), pod(attempt=2)], listings={},
          states={"train": "Running"}, events=["Preempted", "PodAdopted"],
@@ -211,27 +212,27 @@ CASES = [
     Case("adopted-pod-already-ended", with_status(job(), RUN1),
          pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted"), pod(attempt=2, pod_phase="Failed",
                                                             exit_code=143, term_reason="preempted")],
-         listings=NO_CK, create=["j-train-3"],
+         listings=NO_CK, create=["j.train-3"],
          check=lambda p: ps(p)["preemptions"] == 2),
     # --- checkpoint fallback ----------------------------------------------------------
     Case("repeated-crash-falls-back", with_status(job(), phase_status(
         attempts=2, failures=1, consecutiveFailuresAtCheckpoint=1,
         resumeFrom="s3://bucket/run/train/step-00000020")),
         pods=[pod(attempt=2, pod_phase="Failed", exit_code=1, finished=at(0))],
-        listings=CK_10_20, now=at(100), create=["j-train-3"],
+        listings=CK_10_20, now=at(100), create=["j.train-3"],
         events=["AttemptFailed", "CheckpointFallback", "Resuming"],
         check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000010")
         and ps(p)["skippedSteps"] == [20]),
     Case("single-crash-no-fallback", with_status(job(), phase_status(
         attempts=2, resumeFrom="s3://bucket/run/train/step-00000020")),
         pods=[pod(attempt=2, pod_phase="Failed", exit_code=1, finished=at(0))],
-        listings=CK_10_20, now=at(100), create=["j-train-3"],
+        listings=CK_10_20, now=at(100), create=["j.train-3"],
         check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("new-checkpoint-resets-crash-count", with_status(job(), phase_status(
         attempts=2, consecutiveFailuresAtCheckpoint=0,
         resumeFrom="s3://bucket/run/train/step-00000010")),
         pods=[pod(attempt=2, pod_phase="Failed", exit_code=1, finished=at(0))],
-        listings=CK_10_20, now=at(100), create=["j-train-3"],
+        listings=CK_10_20, now=at(100), create=["j.train-3"],
         check=lambda p: ps(p)["consecutiveFailuresAtCheckpoint"] == 0
         and env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("storage-error-retries", with_status(job(), phase_status(state="Recovering")),
@@ -243,12 +244,12 @@ CASES = [
          with_status(job(("train", "finetune")), RUN1),
          pods=[pod(pod_phase="Succeeded", exit_code=0)],
          listings={"train": listing(10, 20), "finetune": listing(phase="finetune")},
-         states={"train": "Succeeded", "finetune": "Running"}, create=["j-finetune-1"],
+         states={"train": "Succeeded", "finetune": "Running"}, create=["j.finetune-1"],
          check=lambda p: env_of(p)["PHOENIX_INIT_FROM"]["value"]
          == "s3://bucket/run/train/step-00000020"
          and env_of(p)["PHOENIX_CHECKPOINT_URI"]["value"] == "s3://bucket/run/finetune"),
     Case("dependent-waits", job(("train", "finetune")), listings={"train": listing()},
-         states={"train": "Running", "finetune": "Pending"}, create=["j-train-1"]),
+         states={"train": "Running", "finetune": "Pending"}, create=["j.train-1"]),
     Case("failed-phase-blocks-dependents-eval-runs",
          with_status(job(("train", "finetune", "eval"), independent=("eval",),
                          depends={"eval": ["train"]}),
@@ -256,7 +257,7 @@ CASES = [
          pods=[pod(attempt=3, pod_phase="Failed", exit_code=1)],
          listings={"train": listing(10), "eval": listing(phase="eval")},
          states={"train": "Failed", "finetune": "Blocked", "eval": "Running"},
-         create=["j-eval-1"], events=["PhaseBlocked"], job_phase="Running"),
+         create=["j.eval-1"], events=["PhaseBlocked"], job_phase="Running"),
     Case("job-failed-when-all-terminal",
          with_status(job(("train", "finetune")), phase_status(attempts=3, failures=2)),
          pods=[pod(attempt=3, pod_phase="Failed", exit_code=1)], listings={},
@@ -268,7 +269,7 @@ CASES = [
          pods=[], listings={}, job_phase="Succeeded"),
     # --- suspend ------------------------------------------------------------------------
     Case("suspend-deletes-pod", with_status(job(suspend=True), RUN1), pods=[pod()],
-         listings={}, delete=["j-train-1"], states={"train": "Suspended"},
+         listings={}, delete=["j.train-1"], states={"train": "Suspended"},
          events=["Suspending"], job_phase="Suspended"),
     Case("suspend-pod-ended-not-charged", with_status(job(suspend=True), phase_status(
         state="Suspended")), pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
@@ -286,7 +287,7 @@ CASES = [
          pods=[pod(deletion=at(0))], listings=NO_CK, states={"train": "Suspended"}),
     Case("unsuspend-replaces", with_status(job(), phase_status(state="Suspended")),
          pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")], listings=CK_10_20,
-         create=["j-train-2"], events=["Unsuspended", "Resuming"],
+         create=["j.train-2"], events=["Unsuspended", "Resuming"],
          check=lambda p: ps(p)["preemptions"] == 0),
     Case("suspended-pod-completed", with_status(job(suspend=True), phase_status(
         state="Suspended")), pods=[pod(pod_phase="Succeeded", exit_code=0)], listings={},
@@ -398,3 +399,47 @@ def test_every_transition_in_the_table_is_exercised(monkeypatch):
                        {"name": "finetune", "state": "Blocked"})
     reset_module.reset_status(JobSpec.parse(body["spec"]), body["status"])
     assert set(TRANSITIONS) - seen == set()
+
+
+# --- a pod name taken by a pod this job does not own ---------------------------------------
+FOREIGN = {pod_name("j", "train", 2): "owned by ReplicaSet web-1 (uid r-1)"}
+INTENT_2 = phase_status(attempts=2, podUID=None, preemptions=1)
+
+
+def test_foreign_pod_gives_a_condition_not_a_create():
+    plan = decide(with_status(job(), INTENT_2), [pod(pod_phase="Failed", exit_code=143)],
+                  NO_CK, at(1), foreign=FOREIGN)
+    assert plan.create == [] and plan.delete == []
+    cond = _cond(plan, "PodConflict")
+    assert cond["status"] == "True" and cond["reason"] == "ForeignPod"
+    assert "ns/j.train-2" in cond["message"] and "ReplicaSet web-1" in cond["message"]
+    assert [e.reason for e in plan.events] == ["PodConflict"]
+    assert plan.requeue_after == 30.0
+    assert ps(plan)["state"] == "Running" and ps(plan)["attempts"] == 2
+
+
+def test_foreign_pod_event_is_posted_once_and_the_condition_clears():
+    body = with_status(job(), INTENT_2)
+    body["status"] = decide(body, [], NO_CK, at(1), foreign=FOREIGN).status
+    again = decide(body, [], NO_CK, at(31), foreign=FOREIGN)
+    assert again.events == [] and again.create == []
+    assert _cond(again, "PodConflict")["lastTransitionTime"] == ts(at(1))
+    gone = decide(body, [], NO_CK, at(61))  # the foreign pod was deleted
+    assert [c.name for c in gone.create] == ["j.train-2"]
+    assert _cond(gone, "PodConflict")["status"] == "False"
+
+
+@pytest.mark.parametrize("a,b", [(("a-b", "c"), ("a", "b-c")), (("a", "b-1"), ("a-b", "1")),
+                                 (("x.y", "z"), ("x", "y-z"))])
+def test_pod_names_cannot_collide(a, b):
+    """``<job>-<phase>-<attempt>`` gave job a-b phase c and job a phase b-c the same pod."""
+    assert pod_name(*a, 1) != pod_name(*b, 1)
+    assert pod_name("a", "b", 11) != pod_name("a", "b-1", 1)
+
+
+def test_pod_hostname_is_a_dns_label():
+    from phoenix_operator.podspec import pod_hostname
+
+    name = pod_name("x" * 40 + ".y", "phase-" + "p" * 24, 12)
+    host = pod_hostname(name)
+    assert len(host) <= 63 and "." not in host and not host.endswith("-")

@@ -19,7 +19,7 @@ def test_example_starts_its_first_phase(path):
     body["metadata"].update(namespace="default", uid="u", generation=1)
     first = body["spec"]["phases"][0]["name"]
     plan = decide(body, [], {first: Listing()}, datetime(2026, 1, 1, tzinfo=timezone.utc))
-    assert [c.name for c in plan.create] == [f"{body['metadata']['name']}-{first}-1"]
+    assert [c.name for c in plan.create] == [f"{body['metadata']['name']}.{first}-1"]
     assert plan.status["phase"] == "Running"
 
 

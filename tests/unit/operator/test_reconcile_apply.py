@@ -2,6 +2,7 @@
 pod, the pod's uid right after, nothing more if the API refuses the pod. Fake Kube, no
 cluster."""
 import asyncio
+import json
 
 import pytest
 from kubernetes.client.rest import ApiException
@@ -9,6 +10,7 @@ from kubernetes.client.rest import ApiException
 from phoenix_operator.classify import NodeHealth
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.decide import decide
+from phoenix_operator.kube import ForeignPod, Kube
 from phoenix_operator.reconcile import Reconciler
 
 from opfacts import NO_CK_LISTING, at, job, phase_status, pod, with_status
@@ -64,7 +66,7 @@ def test_pod_of_lost_node_is_force_deleted_after_intent_before_its_replacement()
         nodes={"n1": NodeHealth(missing=True)})
     assert [c[0] for c in kube.calls][:4] == ["patch", "delete", "create", "patch"]
     assert kube.calls[0][1] == [(2, None)]
-    assert kube.calls[1] == ("delete", "j-train-1", 0)
+    assert kube.calls[1] == ("delete", "j.train-1", 0)
 
 
 def test_stale_view_creates_nothing():
@@ -129,3 +131,74 @@ def test_unreadable_node_is_not_lost_and_reading_can_be_switched_off():
     assert _gather(NodeKube({}, error=403), [pod(node="n1")]) == {}
     kube = NodeKube({})
     assert _gather(kube, [pod(node="n1")], watch_nodes=False) == {} and kube.calls == []
+
+
+# --- 409 on create: ours (adopt its uid) or someone else's (condition, no loop) ------------
+class ForeignKube(FakeKube):
+    def create_pod(self, namespace, manifest):
+        self.calls.append(("create", manifest["metadata"]["name"]))
+        raise ForeignPod(namespace, manifest["metadata"]["name"], "it has no owner")
+
+
+def test_foreign_pod_on_create_stops_the_pass_without_an_event_loop():
+    kube = ForeignKube()
+    requeue = run(kube, job(), [])
+    assert [c[0] for c in kube.calls] == ["patch", "create"]
+    assert requeue == 0.5  # the next pass finds the pod and reports the conflict
+
+
+class FakeCore:
+    """The two CoreV1Api calls ``Kube.create_pod`` makes."""
+
+    def __init__(self, existing):
+        self.existing = existing
+
+    def create_namespaced_pod(self, namespace, manifest):
+        raise ApiException(status=409, reason="AlreadyExists")
+
+    def read_namespaced_pod(self, name, namespace, _preload_content=True):
+        if self.existing is None:
+            raise ApiException(status=404, reason="NotFound")
+        return type("Resp", (), {"data": json.dumps(self.existing).encode()})()
+
+
+def _kube_with(existing):
+    kube = Kube.__new__(Kube)
+    kube.core = FakeCore(existing)
+    return kube
+
+
+MANIFEST = {"metadata": {"name": "j.train-1", "ownerReferences": [{"uid": "u-1"}]}}
+
+
+def test_existing_pod_is_adopted_only_when_it_has_our_owner():
+    ours = {"metadata": {"uid": "p-1", "ownerReferences": [{"uid": "u-1", "kind": "PhoenixJob"}]}}
+    assert _kube_with(ours).create_pod("ns", MANIFEST) == "p-1"
+    assert _kube_with(None).create_pod("ns", MANIFEST) is None  # gone again meanwhile
+    theirs = {"metadata": {"uid": "p-2", "ownerReferences": [
+        {"uid": "u-0", "kind": "PhoenixJob", "name": "j", "controller": True}]}}
+    with pytest.raises(ForeignPod, match="owned by PhoenixJob j \\(uid u-0\\)"):
+        _kube_with(theirs).create_pod("ns", MANIFEST)
+    with pytest.raises(ForeignPod, match="no owner"):
+        _kube_with({"metadata": {"uid": "p-3"}}).create_pod("ns", MANIFEST)
+
+
+class PodKube(FakeKube):
+    def __init__(self, pods):
+        super().__init__()
+        self.pods = pods
+
+    def get_pod(self, namespace, name):
+        self.calls.append(("get_pod", name))
+        return self.pods.get(name)
+
+
+def test_foreign_fact_is_gathered_only_for_a_named_pod_without_uid_missing_from_the_list():
+    body = with_status(job(phases=("train", "eval")), phase_status(attempts=2, podUID=None),
+                       phase_status(name="eval"))
+    kube = PodKube({"j.train-2": {"metadata": {"uid": "x"}}})
+    reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
+    assert asyncio.run(reconciler._foreign(body, set())) == {"j.train-2": "it has no owner"}
+    assert kube.calls == [("get_pod", "j.train-2")]  # eval has its uid: not read
+    kube.calls.clear()
+    assert asyncio.run(reconciler._foreign(body, {"j.train-2"})) == {} and kube.calls == []

@@ -92,7 +92,7 @@ def test_operator_restarts_the_reset_phase_from_the_newest_valid_checkpoint():
     b = body(FAILED, names=("train",))
     b["status"], _ = reset_status(JobSpec.parse(b["spec"]), b["status"])
     plan = decide(b, [], {"train": listing(10, 20, 30, invalid=(30,))}, at(100))
-    assert [c.name for c in plan.create] == ["j-train-5"]
+    assert [c.name for c in plan.create] == ["j.train-5"]
     env = {e["name"]: e.get("value") for e in plan.create[0].manifest["spec"]["containers"][0]
            ["env"]}
     # step 20 was skipped as "crashes repeatedly"; the user's reset forgets that
