@@ -571,8 +571,13 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
     }
     if generation is not None:
         status["observedGeneration"] = generation
-    if cur and cur.last_checkpoint:
-        status["step"] = cur.last_checkpoint.step
-        if cur.last_checkpoint.time:
-            status["lastCheckpointTime"] = ts(cur.last_checkpoint.time)
+    last = cur.last_checkpoint if cur else None
+    for key, value in (("step", last.step if last else None),
+                       ("lastCheckpointTime", ts(last.time) if last and last.time else None)):
+        if value is not None:
+            status[key] = value
+        elif key in old:
+            # A merge patch never drops a key it does not mention: null deletes it, so the
+            # printer columns do not go on showing the previous phase's checkpoint.
+            status[key] = None
     return status

@@ -443,3 +443,20 @@ def test_pod_hostname_is_a_dns_label():
     name = pod_name("x" * 40 + ".y", "phase-" + "p" * 24, 12)
     host = pod_hostname(name)
     assert len(host) <= 63 and "." not in host and not host.endswith("-")
+
+
+def test_phase_switch_deletes_the_previous_phases_step_and_checkpoint_time():
+    """status is a merge patch: a key left out survives, so the Step and Checkpoint age
+    columns went on showing pretrain's checkpoint while finetune ran. null deletes it."""
+    done = phase_status("pretrain", attempts=1, lastCheckpoint={
+        "uri": "s3://bucket/run/pretrain/step-100", "step": 100, "time": ts(at(0))})
+    body = with_status(job(phases=("pretrain", "finetune")), done)
+    body["status"].update(step=100, lastCheckpointTime=ts(at(0)), currentPhase="pretrain")
+    pods = [pod("pretrain", pod_phase="Succeeded", exit_code=0)]
+    plan = decide(body, pods, {"finetune": listing(phase="finetune"),
+                               "pretrain": listing(100, phase="pretrain")}, at(5))
+    assert plan.status["currentPhase"] == "finetune"
+    assert plan.status["step"] is None and plan.status["lastCheckpointTime"] is None
+    body["status"] = {k: v for k, v in plan.status.items() if v is not None}  # as the API keeps it
+    again = decide(body, pods + [pod("finetune")], {}, at(6))
+    assert "step" not in again.status and "lastCheckpointTime" not in again.status
