@@ -117,3 +117,70 @@ def test_printer_columns(lab, crd):
                       "jsonpath={.spec.versions[0].additionalPrinterColumns[*].name}").stdout
     assert out.split(" ") == ["Status", "Phase", "Step", "Preemptions", "Failures",
                               "Checkpoint", "age", "Age"]  # "Checkpoint age" has a space
+
+
+# --- transition rules (oldSelf): what a running job may not change -------------------------
+STARTED = "spec.phases: Forbidden: spec.phases: a phase that has started"
+IMMUTABLE = [
+    ("checkpoint-uri", lambda b: s(b)["checkpoint"].update(uri="s3://bucket/elsewhere"),
+     "spec.checkpoint.uri: Forbidden: spec.checkpoint.uri is immutable"),
+    ("rename-started-phase", lambda b: s(b).update(
+        phases=[{"name": "pretrain"}, {"name": "eval", "dependsOn": ["pretrain"]}]), STARTED),
+    ("remove-started-phase", lambda b: s(b).update(phases=[{"name": "eval"}]), STARTED),
+    ("move-started-phase", lambda b: s(b).update(
+        phases=[{"name": "warmup"}, {"name": "train"}, {"name": "eval", "dependsOn": ["train"]}]),
+     STARTED),
+]
+ALLOWED = [
+    ("rename-unstarted-phase", lambda b: s(b)["phases"][1].update(name="evaluate")),
+    ("append-phase", lambda b: s(b)["phases"].append({"name": "export"})),
+    ("other-fields", lambda b: s(b).update(recovery={"maxFailures": 7}, suspend=False)),
+]
+
+
+@pytest.fixture(scope="module")
+def started_job(custom_api):
+    """A job whose train phase has started (attempts 1, as the operator writes it); suspended
+    and outside the operator's namespaces, so nothing acts on it."""
+    body = copy.deepcopy(GOOD)
+    body["metadata"] = {"name": "immutable"}
+    body["spec"]["suspend"] = True
+    custom_api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body)
+    custom_api.patch_namespaced_custom_object_status(
+        GROUP, VERSION, "default", PLURAL, "immutable",
+        {"status": {"phases": [{"name": "train", "state": "Running", "attempts": 1},
+                               {"name": "eval", "state": "Pending", "attempts": 0}]}})
+    yield custom_api.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "immutable")
+    custom_api.delete_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "immutable")
+
+
+def _update(custom_api, job, fn):
+    body = copy.deepcopy(job)
+    fn(body)
+    return custom_api.replace_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
+                                                       "immutable", body, dry_run="All")
+
+
+@pytest.mark.parametrize("fn,text", [(m[1], m[2]) for m in IMMUTABLE],
+                         ids=[m[0] for m in IMMUTABLE])
+def test_identity_fields_of_a_started_job_are_immutable(custom_api, started_job, fn, text):
+    with pytest.raises(ApiException) as err:
+        _update(custom_api, started_job, fn)
+    assert err.value.status == 422, err.value.body
+    message = " ".join(json.loads(err.value.body)["message"].split())
+    assert text in message, message
+
+
+@pytest.mark.parametrize("fn", [a[1] for a in ALLOWED], ids=[a[0] for a in ALLOWED])
+def test_what_a_started_job_may_still_change(custom_api, started_job, fn):
+    _update(custom_api, started_job, fn)
+
+
+def test_status_writes_pass_the_transition_rule(custom_api, started_job):
+    """The rule reads the status; the operator's own status writes (spec untouched) are never
+    refused by it."""
+    custom_api.patch_namespaced_custom_object_status(
+        GROUP, VERSION, "default", PLURAL, "immutable",
+        {"status": {"phases": [{"name": "train", "state": "Running", "attempts": 2},
+                               {"name": "eval", "state": "Pending", "attempts": 0}]}},
+        dry_run="All")
