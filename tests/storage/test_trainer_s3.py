@@ -6,9 +6,6 @@ import logging
 import os
 import random
 import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -21,6 +18,7 @@ from phoenix_trainer.metrics import read_metrics
 from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
 from phoenix_trainer.testing import state_dicts_equal, tiny_setup
 from phoenix_trainer.trainer import Callback, Trainer
+from trainer_procs import Proc, env_for
 
 pytestmark = pytest.mark.storage
 REPO = Path(__file__).resolve().parents[2]
@@ -28,55 +26,6 @@ EXAMPLE = REPO / "examples" / "train_mlp.py"
 STEPS = 90
 ARGS = ["--steps", str(STEPS), "--samples", "512", "--batch-size", "16", "--hidden", "64",
         "--log-every", "1", "--step-delay", "0.01", "--checkpoint-every", "10"]
-
-
-class Proc:
-    """A training subprocess whose stderr we follow to know which step it reached."""
-
-    def __init__(self, env: dict[str, str]) -> None:
-        self.p = subprocess.Popen([sys.executable, str(EXAMPLE), *ARGS], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        self.step = -1
-        self.start_step: int | None = None
-        self.lines: list[str] = []
-        self._t = threading.Thread(target=self._follow, daemon=True)
-        self._t.start()
-
-    def _follow(self) -> None:
-        for line in self.p.stderr:
-            self.lines.append(line)
-            if " at step " in line and ("starting run" in line or "resuming run" in line):
-                self.start_step = int(line.split(" at step ")[1].split()[0])
-                self.step = self.start_step
-            elif "phoenix.trainer" in line and "] step " in line:
-                self.step = int(line.split("] step ")[1].split()[0])
-
-    def wait_for_step(self, step: int, timeout: float = 120) -> None:
-        deadline = time.monotonic() + timeout
-        while self.step < step:
-            assert self.p.poll() is None, "trainer exited early:\n" + "".join(self.lines[-30:])
-            assert time.monotonic() < deadline, f"trainer never reached step {step}"
-            time.sleep(0.005)
-
-    def finish(self, timeout: float = 120) -> int:
-        rc = self.p.wait(timeout)
-        self._t.join(5)
-        return rc
-
-
-def env_for(s3_server, uri: str, attempt: int, tmp_path: Path, **extra) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PHOENIX_", "AWS_"))}
-    env.update(s3_server.env())
-    env.update({"PHOENIX_CHECKPOINT_URI": uri, "PHOENIX_ATTEMPT": str(attempt),
-                "PHOENIX_PHASE": "train", "PHOENIX_JOB_NAME": "kill-test",
-                "PHOENIX_JOB_NAMESPACE": "tests", "OMP_NUM_THREADS": "1",
-                "PHOENIX_TERMINATION_LOG": str(tmp_path / f"termination-{attempt}")})
-    # Start-up is mostly compiling torch's Python files; let the subprocesses cache bytecode
-    # outside the repo and the venv.
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(Path.home() / ".cache" / "phoenix" / "pycache")
-    env.update(extra)
-    return env
 
 
 def final_model(storage):
@@ -88,7 +37,7 @@ def final_model(storage):
 @pytest.mark.slow
 def test_killed_and_resumed_run_matches_uninterrupted(s3_server, s3_env, s3_bucket, tmp_path):
     ref_uri, run_uri = f"{s3_bucket.uri}/ref/train", f"{s3_bucket.uri}/run/train"
-    ref = Proc(env_for(s3_server, ref_uri, 0, tmp_path / "ref"))
+    ref = Proc(env_for(s3_server, ref_uri, 0, tmp_path / "ref"), EXAMPLE, ARGS)
     (tmp_path / "ref").mkdir()
 
     seed = int(os.environ.get("PHOENIX_TEST_SEED", time.time_ns() % 10_000))
@@ -99,7 +48,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(s3_server, s3_env, s3_buck
     plan = [("kill", {}), ("term", {"PHOENIX_GRACE_SECONDS": "30"}), ("kill", {})]
     attempt = 0
     for what, extra in plan:
-        proc = Proc(env_for(s3_server, run_uri, attempt, tmp_path, **extra))
+        proc = Proc(env_for(s3_server, run_uri, attempt, tmp_path, **extra), EXAMPLE, ARGS)
         proc.wait_for_step(0)
         target = min(STEPS - 5, proc.start_step + rng.randint(3, 25))
         proc.wait_for_step(target)
@@ -118,7 +67,7 @@ def test_killed_and_resumed_run_matches_uninterrupted(s3_server, s3_env, s3_buck
                 assert not msg.emergencySaveCompleted and "grace period too short" in msg.message
         attempt += 1
 
-    last = Proc(env_for(s3_server, run_uri, attempt, tmp_path))
+    last = Proc(env_for(s3_server, run_uri, attempt, tmp_path), EXAMPLE, ARGS)
     assert last.finish() == 0, "".join(last.lines[-30:])
     msg = TerminationMessage.from_json((tmp_path / f"termination-{attempt}").read_text())
     assert msg.reason == "completed" and msg.step == STEPS
