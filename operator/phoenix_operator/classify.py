@@ -10,11 +10,15 @@ after backoff. In particular an exit code of 137/143 alone proves nothing: a liv
 as preemptions would retry them forever. Such an exit is a preemption only when something
 corroborates it (its node is gone or not Ready); otherwise it is a failure.
 
-A pod can also be over while the API still shows it live: its node is gone (deleted) or has
-been NotReady for longer than a grace, so nothing runs it any more and nothing will report
-its end until pod GC removes it. ``classify`` takes the node's health as a fact gathered by
-the caller (``NodeHealth``) and the time, and calls such a pod a ``NodeLost`` preemption that
-must be force-deleted; it never reads a node or the clock itself.
+A pod can also be over while the API still shows it live: its Node object is gone, or carries
+the ``node.kubernetes.io/out-of-service`` taint (a person or the cloud says the machine is
+shut down), so nothing runs it any more and nothing will report its end until pod GC removes
+it. ``classify`` takes the node's health as a fact gathered by the caller (``NodeHealth``) and
+calls such a pod a ``NodeLost`` preemption that must be force-deleted; it never reads a node
+or the clock itself. A node that is merely NotReady is *not* enough, whatever its duration:
+a partitioned kubelet keeps running the trainer, and a replacement next to it would have two
+attempts writing one checkpoint prefix (what Kubernetes itself refuses to do for
+StatefulSets). Such a pod stays live; ``stranded`` tells the caller to say so.
 
 Pods are dicts in the API's JSON shape (camelCase), as the API returns them.
 """
@@ -72,22 +76,30 @@ class NodeHealth:
 
     missing: bool = False                     # GET node answered 404
     not_ready_since: datetime | None = None   # Ready condition False/Unknown since then
+    out_of_service: bool = False              # tainted node.kubernetes.io/out-of-service
 
     @property
     def healthy(self) -> bool:
-        return not self.missing and self.not_ready_since is None
+        return not self.missing and self.not_ready_since is None and not self.out_of_service
+
+    @property
+    def dead(self) -> bool:
+        """Nothing can still run a pod there: safe to force-delete it and start another."""
+        return self.missing or self.out_of_service
 
 
 def node_health(node: Mapping[str, Any] | None) -> NodeHealth:
     """``node`` as the API returned it, or None for 404. A Ready condition that is not True
-    counts from its lastTransitionTime; without one we cannot tell, so: healthy."""
+    counts from its lastTransitionTime; without one we cannot tell, so: not NotReady."""
     if node is None:
         return NodeHealth(missing=True)
+    taints = (node.get("spec") or {}).get("taints") or ()
+    out = any(t.get("key") == C.TAINT_OUT_OF_SERVICE for t in taints)
+    since = None
     for cond in (node.get("status") or {}).get("conditions") or ():
         if cond.get("type") == "Ready" and cond.get("status") != "True":
             since = parse_ts(cond.get("lastTransitionTime"))
-            return NodeHealth(not_ready_since=since) if since else NodeHealth()
-    return NodeHealth()
+    return NodeHealth(not_ready_since=since, out_of_service=out)
 
 
 def trainer_container_name(pod: Mapping[str, Any]) -> str | None:
@@ -138,17 +150,17 @@ def _disruption(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 
 def classify(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth] | None = None,
-             now: datetime | None = None, node_grace: float = 0.0) -> Outcome:
+             now: datetime | None = None) -> Outcome:
     """How ``pod`` ended, or ``LIVE``. Rules are checked in order; the first match wins.
 
     ``nodes`` (name -> health) and ``now`` let a pod that still looks live but whose node is
-    gone, or NotReady for more than ``node_grace`` seconds, count as a NodeLost preemption."""
+    gone or tainted out-of-service count as a NodeLost preemption."""
     if pod.get(DELETED_KEY):
         return _classify_deleted(pod)
     node = (nodes or {}).get((pod.get("spec") or {}).get("nodeName") or "")
     outcome = _classify(pod, node)
     if outcome.live and nodes and now is not None:
-        return _on_lost_node(pod, nodes, now, node_grace) or outcome
+        return _on_lost_node(pod, nodes, now) or outcome
     return outcome
 
 
@@ -161,32 +173,48 @@ def bare_kill(pod: Mapping[str, Any]) -> bool:
     return outcome.reason in (C.R_SIGTERM, C.R_SIGKILL) and outcome.cause == Cause.FAILURE
 
 
+def _not_ready(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth]) -> tuple[str, NodeHealth] | None:
+    node = (pod.get("spec") or {}).get("nodeName") or ""
+    health = nodes.get(node)
+    if pod.get(DELETED_KEY) or health is None or health.dead or health.not_ready_since is None:
+        return None
+    return node, health
+
+
 def node_grace_left(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: datetime,
                     node_grace: float) -> float | None:
-    """Seconds until a live pod on a NotReady node will count as lost (None: not waiting)."""
-    health = nodes.get((pod.get("spec") or {}).get("nodeName") or "")
-    if health is None or health.not_ready_since is None or pod.get(DELETED_KEY):
+    """Seconds until a live pod on a NotReady node counts as stranded (None: not waiting)."""
+    found = _not_ready(pod, nodes)
+    if found is None:
         return None
-    left = node_grace - (now - health.not_ready_since).total_seconds()
+    left = node_grace - (now - found[1].not_ready_since).total_seconds()
     return left if left > 0 else None
 
 
-def _on_lost_node(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: datetime,
-                  node_grace: float) -> Outcome | None:
+def stranded(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: datetime,
+             node_grace: float) -> str | None:
+    """Why a live pod is neither running for sure nor replaceable: its node has been NotReady
+    longer than ``node_grace`` but is neither gone nor tainted out-of-service. None if not."""
+    found = _not_ready(pod, nodes)
+    if found is None or (now - found[1].not_ready_since).total_seconds() <= node_grace:
+        return None
+    node, health = found
+    return (f"pod {(pod.get('metadata') or {}).get('name', '')} is on node {node}, NotReady "
+            f"since {health.not_ready_since.strftime('%Y-%m-%dT%H:%M:%SZ')}: it is not replaced "
+            f"while its trainer may still run; delete the Node or taint it "
+            f"{C.TAINT_OUT_OF_SERVICE}=nodeshutdown:NoExecute once the machine is down")
+
+
+def _on_lost_node(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth],
+                  now: datetime) -> Outcome | None:
     node = (pod.get("spec") or {}).get("nodeName") or ""
     health = nodes.get(node)
-    if not node or health is None or health.healthy:
+    if not node or health is None or not health.dead:
         return None
-    if health.missing:
-        return Outcome(cause=Cause.PREEMPTION, reason=C.R_NODE_LOST, finished_at=now,
-                       message=f"node {node} no longer exists", delete=True, force=True)
-    since = health.not_ready_since
-    down = (now - since).total_seconds() if since else 0.0
-    if down <= node_grace:
-        return None
-    return Outcome(cause=Cause.PREEMPTION, reason=C.R_NODE_LOST,
-                   finished_at=since, delete=True, force=True,
-                   message=f"node {node} not Ready for {down:.0f}s (grace {node_grace:g}s)")
+    why = (f"node {node} no longer exists" if health.missing else
+           f"node {node} is tainted {C.TAINT_OUT_OF_SERVICE}")
+    return Outcome(cause=Cause.PREEMPTION, reason=C.R_NODE_LOST, finished_at=now,
+                   message=why, delete=True, force=True)
 
 
 def _classify_deleted(pod: Mapping[str, Any]) -> Outcome:

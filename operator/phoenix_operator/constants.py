@@ -111,6 +111,8 @@ EV_JOB_FAILED = "JobFailed"
 EV_STORAGE_ERROR = "StorageError"
 EV_PHASE_RESET = "PhaseReset"  # posted by `phoenix reset`
 EV_POD_CONFLICT = "PodConflict"
+EV_NODE_NOT_READY = "NodeNotReady"  # a trainer pod's node NotReady past the grace: stranded
+REASON_NODE_NOT_READY = "NodeNotReady"  # ... and the Running condition's reason meanwhile
 
 # --- classification reasons recorded in status.phases[].lastFailure.reason -------------
 R_DISRUPTION_PREFIX = "Disruption"  # + the DisruptionTarget condition's reason
@@ -133,10 +135,12 @@ FATAL_WAITING_REASONS = frozenset({
     "CreateContainerError", "CrashLoopBackOff", "RunContainerError",
 })
 
-# A live pod's node NotReady (Ready False/Unknown) for longer than this: the node is lost.
-# Past the node controller's own grace (node-monitor-grace-period, 40-50 s) before Ready turns
-# Unknown, this is ~90 s after the last heartbeat; a deleted Node counts at once.
+# A live pod's node NotReady (Ready False/Unknown) for longer than this: the job says that
+# its pod is stranded (Running condition, one event). It is never replaced for that alone:
+# only a deleted Node or the out-of-service taint proves the old trainer is gone.
 NODE_NOT_READY_GRACE_SECONDS = 40.0
+# The taint Kubernetes' non-graceful node shutdown uses: the node is down, its pods may go.
+TAINT_OUT_OF_SERVICE = "node.kubernetes.io/out-of-service"
 
 SIGTERM_EXIT = 143
 SIGKILL_EXIT = 137

@@ -24,7 +24,7 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping, Sequence
 
 from . import constants as C
-from .classify import NodeHealth, Outcome, classify, gone, node_grace_left
+from .classify import NodeHealth, Outcome, classify, gone, node_grace_left, stranded
 from .constants import Cause, JobPhase, PhaseState
 from .model import CheckpointRef, Failure, JobSpec, PhaseSpec, PhaseStatus, phase_statuses, ts
 from .podspec import build_pod, pod_name
@@ -152,17 +152,22 @@ class _Ctx:
     nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
     foreign: Mapping[str, str] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
+    stranded: list[str] = field(default_factory=list)
 
     def note(self, type_: str, reason: str, message: str) -> None:
         self.plan.events.append(Note(type_, reason, message))
 
     def outcome(self, pod: Mapping[str, Any]) -> Outcome:
-        """``classify`` with the node facts: a pod on a lost node is over."""
+        """``classify`` with the node facts: a pod on a lost node is over; one on a node
+        NotReady past the grace is stranded (noted, not replaced)."""
         grace = C.NODE_NOT_READY_GRACE_SECONDS
         left = node_grace_left(pod, self.nodes, self.now, grace)
         if left is not None:
             self.plan.requeue(left)  # look again when the NotReady grace runs out
-        return classify(pod, self.nodes, self.now, grace)
+        why = stranded(pod, self.nodes, self.now, grace)
+        if why and why not in self.stranded:
+            self.stranded.append(why)
+        return classify(pod, self.nodes, self.now)
 
 
 def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
@@ -527,6 +532,11 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
 
     running_msg = (f"phase {current} attempt {cur.attempts} running in pod {cur.pod}"
                    if cur and cur.state == S.RUNNING else "no trainer pod running")
+    running_reason = "TrainerRunning" if phase == JobPhase.RUNNING else phase.value
+    if ctx.stranded:
+        running_reason, running_msg = C.REASON_NODE_NOT_READY, "; ".join(ctx.stranded)
+        if (old_conds.get(C.COND_RUNNING) or {}).get("reason") != running_reason:
+            ctx.note("Warning", C.EV_NODE_NOT_READY, running_msg)
     if cur and cur.state == S.RECOVERING and cur.last_failure:
         lf = cur.last_failure
         recovering_msg = (f"phase {current} attempt {lf.attempt} ended by {lf.cause} "
@@ -541,8 +551,7 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
     if ctx.conflicts and (old_conds.get(C.COND_POD_CONFLICT) or {}).get("status") != "True":
         ctx.note("Warning", C.EV_POD_CONFLICT, conflict_msg)
     conds = [
-        _condition(old_conds, C.COND_RUNNING, phase == JobPhase.RUNNING,
-                   "TrainerRunning" if phase == JobPhase.RUNNING else phase.value,
+        _condition(old_conds, C.COND_RUNNING, phase == JobPhase.RUNNING, running_reason,
                    running_msg, ctx.now, generation),
         _condition(old_conds, C.COND_RECOVERING, phase == JobPhase.RECOVERING,
                    recovering_reason, recovering_msg, ctx.now, generation),

@@ -2,7 +2,7 @@
 import pytest
 
 from phoenix_operator.classify import (DELETED_KEY, NodeHealth, bare_kill, classify, gone,
-                                       node_health)
+                                       node_grace_left, node_health, stranded)
 from phoenix_operator.constants import Cause
 
 from opfacts import at, pod
@@ -137,19 +137,25 @@ def test_deleted_pod_that_completed_still_counts_as_completed():
 MISSING = {"n1": NodeHealth(missing=True)}
 
 
+OUT = {"n1": NodeHealth(not_ready_since=at(0), out_of_service=True)}
+NOT_READY = {"n1": NodeHealth(not_ready_since=at(0))}
+
+
 @pytest.mark.parametrize("p,nodes,now,cause", [
     (pod(node="n1"), MISSING, at(5), Cause.PREEMPTION),
     (pod(node="n1", pod_phase="Pending"), MISSING, at(5), Cause.PREEMPTION),
     (pod(node="n1", deletion=at(0)), MISSING, at(5), Cause.PREEMPTION),  # stuck terminating
-    (pod(node="n1"), {"n1": NodeHealth(not_ready_since=at(0))}, at(41), Cause.PREEMPTION),
-    (pod(node="n1"), {"n1": NodeHealth(not_ready_since=at(0))}, at(40), None),  # within grace
+    (pod(node="n1"), OUT, at(5), Cause.PREEMPTION),   # the out-of-service taint: node is down
+    # NotReady alone, however long: a partitioned kubelet may still run the trainer.
+    (pod(node="n1"), NOT_READY, at(41), None),
+    (pod(node="n1"), NOT_READY, at(3600), None),
     (pod(node="n1"), {"n1": NodeHealth()}, at(5), None),
     (pod(node="n2"), MISSING, at(5), None),           # another node
     (pod(), MISSING, at(5), None),                     # not bound yet
     (pod(node="n1"), MISSING, None, None),             # no clock: no judgement
 ])
 def test_live_pod_on_lost_node(p, nodes, now, cause):
-    out = classify(p, nodes, now, 40.0)
+    out = classify(p, nodes, now)
     assert out.cause == cause
     if cause:
         assert out.reason == "NodeLost" and out.delete and out.force
@@ -157,13 +163,17 @@ def test_live_pod_on_lost_node(p, nodes, now, cause):
 
 
 def test_pod_that_ended_keeps_its_own_reason_on_a_lost_node():
-    out = classify(pod(node="n1", pod_phase="Failed", exit_code=1), MISSING, at(5), 40.0)
+    out = classify(pod(node="n1", pod_phase="Failed", exit_code=1), MISSING, at(5))
     assert out.cause == Cause.FAILURE and not out.force
 
 
-def test_not_ready_node_lost_counts_from_the_transition():
-    out = classify(pod(node="n1"), {"n1": NodeHealth(not_ready_since=at(0))}, at(60), 40.0)
-    assert out.finished_at == at(0) and "60s" in out.message
+def test_pod_on_a_not_ready_node_is_stranded_after_the_grace_never_lost():
+    p = pod(node="n1")
+    assert node_grace_left(p, NOT_READY, at(10), 40.0) == 30.0
+    assert stranded(p, NOT_READY, at(40), 40.0) is None
+    why = stranded(p, NOT_READY, at(41), 40.0)
+    assert "NotReady since 2026-01-01T12:00:00Z" in why and "out-of-service" in why
+    assert stranded(p, OUT, at(41), 40.0) is None and stranded(p, MISSING, at(41), 40.0) is None
 
 
 @pytest.mark.parametrize("node,health", [
@@ -176,6 +186,11 @@ def test_not_ready_node_lost_counts_from_the_transition():
                                  "lastTransitionTime": "2026-01-01T12:00:00Z"}]}},
      NodeHealth(not_ready_since=at(0))),
     ({"status": {}}, NodeHealth()),  # no Ready condition yet: cannot tell
+    ({"spec": {"taints": [{"key": "node.kubernetes.io/out-of-service", "value": "nodeshutdown",
+                           "effect": "NoExecute"}]},
+      "status": {"conditions": [{"type": "Ready", "status": "Unknown",
+                                 "lastTransitionTime": "2026-01-01T12:00:00Z"}]}},
+     NodeHealth(not_ready_since=at(0), out_of_service=True)),
 ])
 def test_node_health(node, health):
     assert node_health(node) == health
@@ -188,7 +203,7 @@ def test_node_health(node, health):
     (NodeHealth(), Cause.FAILURE, "SIGKILL"),
 ])
 def test_bare_kill_is_judged_by_its_node(health, cause, reason):
-    out = classify(pod(node="n1", pod_phase="Failed", exit_code=137), {"n1": health}, at(1), 40.0)
+    out = classify(pod(node="n1", pod_phase="Failed", exit_code=137), {"n1": health}, at(1))
     assert (out.cause, out.reason) == (cause, reason)
     if cause == Cause.FAILURE:
         assert "no sign of a disruption" in out.message

@@ -163,12 +163,22 @@ CASES = [
          pods=[pod(node="n1")], nodes={"n1": NodeHealth(missing=True)}, listings={},
          states={"train": "Recovering"}, delete=["j.train-1"], needs={"train"},
          job_phase="Recovering"),
-    Case("node-not-ready-past-grace", with_status(job(), RUN1),
+    # NotReady but present: the kubelet may be partitioned, its trainer still writing. Not
+    # replaced (two attempts on one prefix) until the Node goes or is tainted out-of-service.
+    Case("node-not-ready-past-grace-is-stranded-not-replaced", with_status(job(), RUN1),
          pods=[pod(node="n1")], nodes={"n1": NodeHealth(not_ready_since=at(-41))},
+         listings=NO_CK, now=at(0), states={"train": "Running"}, events=["NodeNotReady"],
+         check=lambda p: ps(p)["preemptions"] == 0 and not p.delete
+         and _cond(p, "Running")["reason"] == "NodeNotReady"
+         and "out-of-service" in _cond(p, "Running")["message"]),
+    Case("node-out-of-service-force-deletes-and-replaces", with_status(job(), RUN1),
+         pods=[pod(node="n1")],
+         nodes={"n1": NodeHealth(not_ready_since=at(-10), out_of_service=True)},
          listings=NO_CK, now=at(0), create=["j.train-2"], delete=["j.train-1"],
          events=["Preempted"],
          check=lambda p: ps(p)["lastFailure"]["reason"] == "NodeLost"
-         and ps(p)["lastFailure"]["time"] == ts(at(-41)) and ps(p)["preemptions"] == 1),
+         and "out-of-service" in ps(p)["lastFailure"]["message"] and ps(p)["preemptions"] == 1
+         and [(d.grace_seconds, d.force) for d in p.delete] == [(0, True)]),
     Case("node-not-ready-within-grace-waits", with_status(job(), RUN1),
          pods=[pod(node="n1")], nodes={"n1": NodeHealth(not_ready_since=at(-10))},
          listings={}, now=at(0), states={"train": "Running"}, requeue=30.0,
@@ -460,3 +470,11 @@ def test_phase_switch_deletes_the_previous_phases_step_and_checkpoint_time():
     body["status"] = {k: v for k, v in plan.status.items() if v is not None}  # as the API keeps it
     again = decide(body, pods + [pod("finetune")], {}, at(6))
     assert "step" not in again.status and "lastCheckpointTime" not in again.status
+
+
+def test_stranded_pod_event_is_posted_once():
+    body = with_status(job(), RUN1)
+    nodes = {"n1": NodeHealth(not_ready_since=at(-41))}
+    body["status"] = decide(body, [pod(node="n1")], {}, at(0), nodes).status
+    again = decide(body, [pod(node="n1")], {}, at(300), nodes)
+    assert again.events == [] and again.status == body["status"] and not again.delete
