@@ -260,7 +260,8 @@ class AsyncCheckpointer:
                 except Exception:  # noqa: BLE001 - housekeeping must not fail a good save
                     log.exception("after-checkpoint hook failed for %s", info.uri)
             try:
-                apply_retention(self.storage, self.keep, protect=self.protect | {info.step})
+                apply_retention(self.storage, self.keep, protect=self.protect | {info.step},
+                                attempt=self.attempt)
             except Exception as e:  # noqa: BLE001 - retention is best effort; retried next save
                 log.warning("retention under %s failed (%s); will retry after the next save",
                             self.storage.uri, e)

@@ -31,6 +31,11 @@ class ConfigMismatchError(CheckpointError):
     """The checkpoint was made with a different config fingerprint."""
 
 
+class SupersededError(CheckpointError):
+    """A newer attempt of this phase has started (the operator's fence object says so): this
+    attempt must not publish or delete checkpoints any more."""
+
+
 class TransientError(PhoenixTrainerError):
     """Raise (or subclass) this for failures that a retry from the last good state can fix."""
 

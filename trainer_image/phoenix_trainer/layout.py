@@ -6,6 +6,11 @@
 exists iff its manifest exists and validates; the latest checkpoint is the highest step with
 a valid manifest. Per-attempt metrics live in ``<prefix>/metrics/attempt-<n>.jsonl``.
 
+``<prefix>/fence.json`` names the newest attempt the operator started for the phase (it is
+written before that attempt's pod is created). An attempt older than the fence is superseded:
+it must not publish (manifest) or delete (retention) checkpoints, so a trainer left running
+on a partitioned node cannot overwrite or prune what its successor relies on.
+
 This module must never import torch (the operator image does not ship it) and never perform
 writes: it only reads storage through the small ``Storage`` protocol from ``storage.py``.
 """
@@ -30,6 +35,7 @@ FORMAT_NAME = "phoenix-checkpoint"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 METRICS_DIR = "metrics"
+FENCE_NAME = "fence.json"
 STEP_DIR_RE = re.compile(r"^step-(\d{10})$")
 
 
@@ -133,6 +139,36 @@ class Manifest:
             if entry.size < 0 or not re.fullmatch(r"[0-9a-f]{64}", entry.sha256):
                 raise CorruptCheckpointError(f"manifest entry for {name!r} has a bad size or sha256")
         return manifest
+
+
+@dataclass(frozen=True)
+class Fence:
+    """``<prefix>/fence.json``: the newest attempt started for a phase."""
+
+    attempt: int
+    pod: str = ""
+    time: str = ""
+
+    def to_json(self) -> str:
+        return json.dumps({"attempt": self.attempt, "pod": self.pod, "time": self.time},
+                          sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Fence":
+        try:
+            data = json.loads(text)
+            return cls(attempt=int(data["attempt"]), pod=str(data.get("pod", "")),
+                       time=str(data.get("time", "")))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CorruptCheckpointError(f"{FENCE_NAME} is unreadable ({e!r})") from e
+
+
+def read_fence(storage: "Storage") -> Fence | None:
+    """The phase's fence, or None if no operator ever wrote one (a run outside Phoenix)."""
+    try:
+        return Fence.from_json(storage.get_bytes(FENCE_NAME))
+    except FileNotFoundError:
+        return None
 
 
 @dataclass

@@ -7,6 +7,7 @@ shard is stored: the manifest is the commit record and goes up last.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -16,8 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Callable, Iterable, TypeVar
 
-from .errors import CheckpointError, StorageError
-from .layout import MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, list_checkpoints, step_dir_name
+from .errors import CheckpointError, StorageError, SupersededError
+from .layout import (MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, list_checkpoints,
+                     read_fence, step_dir_name)
 from .storage import Storage
 
 log = logging.getLogger("phoenix.checkpoint")
@@ -67,14 +69,36 @@ def utcnow_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def check_fence(storage: Storage, attempt: int | None, what: str) -> None:
+    """Raise ``SupersededError`` if the operator has started an attempt newer than
+    ``attempt`` (its fence says so). No attempt (a run outside the operator) or no fence:
+    nothing to check."""
+    if attempt is None:
+        return
+    fence = read_fence(storage)
+    if fence is not None and fence.attempt > attempt:
+        raise SupersededError(
+            f"attempt {attempt} is superseded by attempt {fence.attempt} (pod {fence.pod or '?'},"
+            f" started {fence.time or '?'}): refusing to {what} under {storage.uri}")
+
+
 def commit_checkpoint(storage: Storage, step: int, files: dict[str, str | os.PathLike], *,
                       epoch: int, phase: str, config_fingerprint: str, run_id: str = "",
                       attempt: int | None = None, extra: dict | None = None,
                       digests: dict[str, FileEntry] | None = None,
                       retry: RetryPolicy | None = None) -> CheckpointInfo:
-    """Upload ``files`` into ``step-N/`` and write the manifest last. Returns the new info."""
+    """Upload ``files`` into ``step-N/`` and write the manifest last. Returns the new info.
+
+    Fenced (``check_fence``): refused before the first byte, before the manifest, and undone
+    if the fence moved while the manifest was being written."""
     retry = retry or RetryPolicy()
     d = step_dir_name(step)
+
+    def fence(what: str) -> None:
+        retry.run(f"read the fence of {storage.uri}",
+                  lambda: check_fence(storage, attempt, f"{what} checkpoint step {step}"))
+
+    fence("write")
     digests = dict(digests or {})
     for name, path in files.items():
         if name not in digests:
@@ -90,19 +114,31 @@ def commit_checkpoint(storage: Storage, step: int, files: dict[str, str | os.Pat
                         config_fingerprint=config_fingerprint, files=digests, run_id=run_id,
                         attempt=attempt, extra=dict(extra or {}))
     body = manifest.to_json().encode()
+    fence("publish")
     retry.run(f"write manifest {storage.uri_for(d)}",
               lambda: storage.put_bytes(f"{d}/{MANIFEST_NAME}", body))
+    try:
+        fence("keep")
+    except SupersededError:
+        # The successor started while we wrote: take our manifest back (if still ours).
+        with contextlib.suppress(Exception):
+            if Manifest.from_json(storage.get_bytes(f"{d}/{MANIFEST_NAME}")).attempt == attempt:
+                storage.delete(f"{d}/{MANIFEST_NAME}")
+        raise
     return CheckpointInfo(step, storage.uri_for(d), manifest, True, "ok")
 
 
-def apply_retention(storage: Storage, keep: int, protect: Iterable[int] = ()) -> list[int]:
+def apply_retention(storage: Storage, keep: int, protect: Iterable[int] = (),
+                    attempt: int | None = None) -> list[int]:
     """Keep the newest ``keep`` valid checkpoints; delete older ones and stale partial dirs.
 
     Never deletes a protected step (the one this attempt resumed from) and never touches a
     partial directory newer than the newest valid checkpoint (it may be a save in flight).
+    A superseded ``attempt`` deletes nothing (``SupersededError``; checked before each step).
     """
     if keep < 2:
         raise CheckpointError(f"keep={keep} would leave nothing to fall back to; use keep >= 2")
+    check_fence(storage, attempt, "apply retention")
     protected = set(protect)
     infos = list_checkpoints(storage, deep=False)
     valid = [i for i in infos if i.valid]
@@ -116,6 +152,7 @@ def apply_retention(storage: Storage, keep: int, protect: Iterable[int] = ()) ->
         if step in protected:
             continue
         d = step_dir_name(step)
+        check_fence(storage, attempt, f"delete checkpoint step {step}")
         # Manifest first: a crash half-way through leaves an invalid dir, never a "valid"
         # checkpoint with missing shards.
         storage.delete(f"{d}/{MANIFEST_NAME}")

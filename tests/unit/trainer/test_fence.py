@@ -1,0 +1,108 @@
+"""Storage fencing: once the operator has started attempt N+1 (its fence says so), attempt N -
+say a trainer still running on a partitioned node - can neither publish nor delete a
+checkpoint. Torch-free: the writer commits files that are already serialized."""
+from __future__ import annotations
+
+import pytest
+
+from phoenix_trainer.errors import CorruptCheckpointError, SupersededError
+from phoenix_trainer.layout import (FENCE_NAME, MANIFEST_NAME, Fence, checkpoint_steps,
+                                    read_fence, step_dir_name)
+from phoenix_trainer.storage import LocalStorage, list_checkpoints
+from phoenix_trainer.writer import RetryPolicy, apply_retention, commit_checkpoint
+
+pytestmark = pytest.mark.unit
+NO_WAIT = RetryPolicy(attempts=2, sleep=lambda s: None)
+
+
+def fence(storage, attempt: int) -> None:
+    storage.put_bytes(FENCE_NAME, Fence(attempt, f"j.train-{attempt}", "t").to_json().encode())
+
+
+def commit(storage, step: int, attempt: int | None, tmp_path):
+    shard = tmp_path / f"model-{step}.pt"
+    shard.write_bytes(b"weights %d" % step)
+    return commit_checkpoint(storage, step, {"model.pt": shard}, epoch=0, phase="train",
+                             config_fingerprint="f", attempt=attempt, retry=NO_WAIT)
+
+
+@pytest.fixture
+def storage(tmp_path):
+    return LocalStorage(tmp_path / "ckpt")
+
+
+def test_fence_round_trip_and_absent(storage):
+    assert read_fence(storage) is None
+    fence(storage, 3)
+    assert read_fence(storage) == Fence(3, "j.train-3", "t")
+    storage.put_bytes(FENCE_NAME, b"{not json")
+    with pytest.raises(CorruptCheckpointError, match="fence.json"):
+        read_fence(storage)
+
+
+@pytest.mark.parametrize("fenced,attempt", [(None, 2), (2, 2), (1, 2), (5, None)])
+def test_current_attempt_or_no_fence_commits(storage, tmp_path, fenced, attempt):
+    if fenced is not None:
+        fence(storage, fenced)
+    assert commit(storage, 10, attempt, tmp_path).valid
+    assert [c.valid for c in list_checkpoints(storage)] == [True]
+
+
+def test_superseded_attempt_writes_nothing(storage, tmp_path):
+    fence(storage, 3)
+    with pytest.raises(SupersededError, match="attempt 2 is superseded by attempt 3"):
+        commit(storage, 10, 2, tmp_path)
+    assert checkpoint_steps(storage) == []  # not even a shard: the successor may own step 10
+
+
+class FenceMovesOn:
+    """Storage that lets the operator write the fence for attempt 3 in the middle of an
+    upload: right after the shard (``when='shard'``) or right after the manifest."""
+
+    def __init__(self, inner, when: str) -> None:
+        self.inner, self.when = inner, when
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def put_file(self, key, path):
+        self.inner.put_file(key, path)
+        if self.when == "shard":
+            fence(self.inner, 3)
+
+    def put_bytes(self, key, data):
+        self.inner.put_bytes(key, data)
+        if self.when == "manifest" and key.endswith(MANIFEST_NAME):
+            fence(self.inner, 3)
+
+
+@pytest.mark.parametrize("when", ["shard", "manifest"])
+def test_fence_moving_mid_commit_leaves_no_manifest(storage, tmp_path, when):
+    with pytest.raises(SupersededError):
+        commit(FenceMovesOn(storage, when), 10, 2, tmp_path)
+    assert storage.size(f"{step_dir_name(10)}/{MANIFEST_NAME}") is None
+    assert [c.valid for c in list_checkpoints(storage)] == [False]
+
+
+def test_superseded_attempt_deletes_nothing_the_current_one_does(storage, tmp_path):
+    for step in (10, 20, 30, 40):
+        commit(storage, step, 2, tmp_path)
+    fence(storage, 3)
+    with pytest.raises(SupersededError, match="apply retention"):
+        apply_retention(storage, keep=2, attempt=2)
+    assert checkpoint_steps(storage) == [10, 20, 30, 40]
+    assert apply_retention(storage, keep=2, attempt=3) == [10, 20]
+
+
+class FenceMovesOnDelete(FenceMovesOn):
+    def delete(self, key):
+        self.inner.delete(key)
+        fence(self.inner, 3)
+
+
+def test_retention_stops_at_the_first_step_after_the_fence_moved(storage, tmp_path):
+    for step in (10, 20, 30, 40):
+        commit(storage, step, 2, tmp_path)
+    with pytest.raises(SupersededError, match="delete checkpoint step 20"):
+        apply_retention(FenceMovesOnDelete(storage, "never"), keep=2, attempt=2)
+    assert checkpoint_steps(storage) == [20, 30, 40]
