@@ -1,4 +1,5 @@
-"""Gather checkpoint facts for ``decide``: list and verify checkpoints in storage.
+"""Gather checkpoint facts for ``decide``: list and verify checkpoints in storage; and the
+one write the operator makes there, the fence that supersedes older attempts.
 
 Blocking (S3 / filesystem); run in a thread. The operator trusts only what it verified
 here: a checkpoint is offered for resume iff its manifest validates (and, with deep
@@ -12,7 +13,7 @@ import time
 from typing import Iterable
 from urllib.parse import unquote, urlparse
 
-from phoenix_trainer.layout import checkpoint_steps
+from phoenix_trainer.layout import FENCE_NAME, Fence, checkpoint_steps
 from phoenix_trainer.storage import open_storage, verify_checkpoint
 
 from .decide import Checkpoint, Listing
@@ -69,6 +70,17 @@ def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str |
     log.info("verified %d checkpoint(s) under %s in %.2fs", len(found), uri,
              time.monotonic() - started)
     return Listing(tuple(found))
+
+
+def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,
+                access_key: str | None, secret_key: str | None, endpoint: str | None) -> str:
+    """Write ``<phase prefix>/fence.json`` naming ``attempt``: from now on every older
+    attempt's commit and retention are refused (``phoenix_trainer.writer.check_fence``).
+    Returns where it was written."""
+    uri = spec.checkpoint.phase_uri(phase)
+    storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
+    storage.put_bytes(FENCE_NAME, Fence(attempt, pod, when).to_json().encode())
+    return storage.uri_for(FENCE_NAME)
 
 
 def _time(value: str | None):

@@ -29,10 +29,11 @@ from kubernetes.client.rest import ApiException
 from . import metrics
 from .classify import DELETED_KEY, NodeHealth, bare_kill, node_health
 from .config import OperatorConfig
-from .decide import Listing, Plan, decide
-from .facts import scan
+from . import constants as C
+from .decide import STORAGE_RETRY_SECONDS, CreatePod, Listing, Plan, decide
+from .facts import scan, write_fence
 from .kube import ForeignPod, Kube, describe_owner
-from .model import JobSpec, parse_ts, phase_statuses
+from .model import JobSpec, parse_ts, phase_statuses, ts
 
 log = logging.getLogger("phoenix.reconcile")
 
@@ -42,6 +43,10 @@ RETRY_SECONDS = 10.0
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class StorageAccessError(Exception):
+    """The job's checkpoint storage cannot be reached with what the cluster gives us."""
 
 
 def _owned(pod: dict, uid: str | None) -> bool:
@@ -69,6 +74,7 @@ class Reconciler:
         # it is empty and a vanished pod counts as PodDeleted.
         self.tombstones: dict[Key, dict[str, dict]] = {}
         self._node_read_warned = False
+        self.fence_writer = write_fence  # replaceable in tests
 
     async def _call(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -213,26 +219,45 @@ class Reconciler:
                 out[name] = describe_owner(pod)
         return out
 
+    async def _storage_access(self, job: dict) -> dict:
+        """Credentials and endpoint for the job's checkpoint storage (keyword arguments of
+        ``facts.scan``/``facts.write_fence``). Raises StorageAccessError saying why not."""
+        spec = JobSpec.parse(job["spec"])
+        ns, name = job["metadata"]["namespace"], spec.checkpoint.credentials_secret
+        access = secret = None
+        if name:
+            try:
+                access, secret = await self._call(self.kube.s3_credentials, ns, name)
+            except ApiException as e:
+                raise StorageAccessError(
+                    f"cannot read Secret {ns}/{name}: {e.status} {e.reason}") from e
+        return {"access_key": access, "secret_key": secret,
+                "endpoint": self.config.s3_endpoint_override or spec.checkpoint.endpoint}
+
     async def _scan(self, job: dict, phases: set[str]) -> dict[str, Listing]:
         spec = JobSpec.parse(job["spec"])
-        ns = job["metadata"]["namespace"]
-        access = secret = None
-        if spec.checkpoint.credentials_secret:
-            try:
-                access, secret = await self._call(self.kube.s3_credentials, ns,
-                                                  spec.checkpoint.credentials_secret)
-            except ApiException as e:
-                why = (f"cannot read Secret {ns}/{spec.checkpoint.credentials_secret}: "
-                       f"{e.status} {e.reason}")
-                return {p: Listing(error=why) for p in phases}
+        try:
+            access = await self._storage_access(job)
+        except StorageAccessError as e:
+            return {p: Listing(error=str(e)) for p in phases}
         statuses = phase_statuses(spec, job.get("status"))
-        endpoint = self.config.s3_endpoint_override or spec.checkpoint.endpoint
         results = await asyncio.gather(*(
-            self._call(scan, spec, p, access_key=access, secret_key=secret, endpoint=endpoint,
+            self._call(scan, spec, p, **access,
                        skipped=statuses[p].skipped_steps if p in statuses else (),
                        deep=self.config.deep_verify)
             for p in sorted(phases)))
         return dict(zip(sorted(phases), results))
+
+    async def _fence(self, job: dict, create: CreatePod) -> str | None:
+        """Fence the phase's storage for ``create``'s attempt before its pod exists; returns
+        why it could not (then the pod must not be created), or None."""
+        try:
+            access = await self._storage_access(job)
+            await self._call(self.fence_writer, JobSpec.parse(job["spec"]), create.phase,
+                             create.attempt, create.name, ts(self.clock()), **access)
+        except Exception as e:  # noqa: BLE001 - any storage trouble: do not start, say why
+            return f"{type(e).__name__}: {e}"[:300]
+        return None
 
     async def apply(self, job: dict, plan: Plan) -> float | None:
         meta = job["metadata"]
@@ -252,6 +277,14 @@ class Reconciler:
                      delete.reason)
             await self._call(self.kube.delete_pod, ns, delete.name, 0)
         for create in plan.create:
+            why = await self._fence(job, create)
+            if why is not None:
+                msg = (f"phase {create.phase}: cannot write the storage fence for attempt "
+                       f"{create.attempt} ({why}); not creating pod {create.name} while an "
+                       f"older attempt could still write; retrying in {STORAGE_RETRY_SECONDS:g}s")
+                log.warning("%s %s", tag, msg)
+                await self._call(self.kube.post_event, job, "Warning", C.EV_STORAGE_ERROR, msg)
+                return STORAGE_RETRY_SECONDS
             manifest = create.manifest
             kopf.adopt(manifest, owner=job)
             try:

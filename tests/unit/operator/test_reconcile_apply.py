@@ -42,11 +42,21 @@ class FakeKube:
     def post_event(self, job, type_, reason, message):
         self.calls.append(("event", reason))
 
+    def s3_credentials(self, namespace, name):
+        return "key", "secret"
 
-def run(kube, body, pods, now=at(1), nodes=None):
+
+def run(kube, body, pods, now=at(1), nodes=None, fence_error=None):
     body = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
     plan = decide(body, pods, NO_CK_LISTING, now, nodes)
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
+
+    def fence(spec, phase, attempt, pod, when, **access):
+        kube.calls.append(("fence", phase, attempt))
+        assert access["access_key"] == "key" and access["endpoint"] == "http://127.0.0.1:9000"
+        if fence_error:
+            raise fence_error
+    reconciler.fence_writer = fence
     return asyncio.run(reconciler.apply(body, plan))
 
 
@@ -54,19 +64,31 @@ def test_intent_then_pod_then_uid_then_events():
     kube = FakeKube()
     run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")])
     kinds = [c[0] for c in kube.calls]
-    assert kinds[:3] == ["patch", "create", "patch"]
+    assert kinds[:4] == ["patch", "fence", "create", "patch"]
     assert kube.calls[0][1] == [(2, None)]          # intent: attempt 2, not yet created
-    assert kube.calls[2][1] == [(2, "uid-new")]     # created: uid recorded
-    assert set(kinds[3:]) == {"event"}
+    assert kube.calls[1] == ("fence", "train", 2)   # attempt 1 can no longer publish
+    assert kube.calls[3][1] == [(2, "uid-new")]     # created: uid recorded
+    assert set(kinds[4:]) == {"event"}
 
 
 def test_pod_of_lost_node_is_force_deleted_after_intent_before_its_replacement():
     kube = FakeKube()
     run(kube, with_status(job(), phase_status()), [pod(node="n1")],
         nodes={"n1": NodeHealth(missing=True)})
-    assert [c[0] for c in kube.calls][:4] == ["patch", "delete", "create", "patch"]
+    assert [c[0] for c in kube.calls][:5] == ["patch", "delete", "fence", "create", "patch"]
     assert kube.calls[0][1] == [(2, None)]
     assert kube.calls[1] == ("delete", "j.train-1", 0)
+
+
+def test_no_fence_no_pod():
+    """Storage that cannot be fenced: the new attempt is not started while the old one could
+    still publish checkpoints."""
+    kube = FakeKube()
+    requeue = run(kube, with_status(job(), phase_status()),
+                  [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
+                  fence_error=OSError("S3 unreachable"))
+    assert [c[0] for c in kube.calls] == ["patch", "fence", "event"]
+    assert kube.calls[-1] == ("event", "StorageError") and requeue == 15.0
 
 
 def test_stale_view_creates_nothing():
@@ -79,7 +101,7 @@ def test_stale_view_creates_nothing():
 def test_refused_pod_stops_the_pass():
     kube = FakeKube(create_error=403)
     requeue = run(kube, job(), [])
-    assert [c[0] for c in kube.calls] == ["patch", "create", "event"]
+    assert [c[0] for c in kube.calls] == ["patch", "fence", "create", "event"]
     assert kube.calls[-1] == ("event", "PodCreateFailed")
     assert requeue == 10.0
 
@@ -143,7 +165,7 @@ class ForeignKube(FakeKube):
 def test_foreign_pod_on_create_stops_the_pass_without_an_event_loop():
     kube = ForeignKube()
     requeue = run(kube, job(), [])
-    assert [c[0] for c in kube.calls] == ["patch", "create"]
+    assert [c[0] for c in kube.calls] == ["patch", "fence", "create"]
     assert requeue == 0.5  # the next pass finds the pod and reports the conflict
 
 
