@@ -88,8 +88,11 @@ COND_FAILED = "Failed"
 # A pod name the job needs is taken by a pod it does not own: nothing is created or deleted
 # under that name until it is gone.
 COND_POD_CONFLICT = "PodConflict"
+# Whether a resume reproduces the uninterrupted run bit for bit, as the trainer reports it
+# (termination message, checkpoint manifest); absent until the trainer has said.
+COND_RESUME_EXACT = "ResumeExact"
 CONDITION_TYPES = (COND_RUNNING, COND_RECOVERING, COND_SUSPENDED, COND_SUCCEEDED, COND_FAILED,
-                   COND_POD_CONFLICT)
+                   COND_POD_CONFLICT, COND_RESUME_EXACT)
 
 # --- event reasons (CamelCase, as `kubectl describe` shows them) ----------------------
 EV_POD_CREATED = "PodCreated"
@@ -111,6 +114,7 @@ EV_JOB_FAILED = "JobFailed"
 EV_STORAGE_ERROR = "StorageError"
 EV_PHASE_RESET = "PhaseReset"  # posted by `phoenix reset`
 EV_POD_CONFLICT = "PodConflict"
+EV_RESUME_NOT_EXACT = "ResumeNotExact"  # the trainer says a resume will not be bit-exact
 EV_NODE_NOT_READY = "NodeNotReady"  # a trainer pod's node NotReady past the grace: stranded
 REASON_NODE_NOT_READY = "NodeNotReady"  # ... and the Running condition's reason meanwhile
 

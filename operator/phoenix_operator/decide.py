@@ -49,6 +49,8 @@ class Checkpoint:
     reason: str = ""
     epoch: int | None = None
     time: datetime | None = None
+    resume_exact: bool | None = None  # from the manifest's extra, when the trainer wrote it
+    resume_exact_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -312,6 +314,9 @@ def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome) -> 
     ended = outcome.finished_at or ctx.now
     pod = st.pod or pod_name(ctx.job, phase.name, st.attempts)
     st = replace(st, last_checkpoint=_checkpoint_from(outcome, st, ended))
+    tm = outcome.termination
+    if tm and tm.resumeExact is not None:
+        st = replace(st, resume_exact=tm.resumeExact, resume_exact_reason=tm.resumeExactReason)
     if outcome.cause == Cause.COMPLETED:
         ctx.note("Normal", C.EV_PHASE_SUCCEEDED,
                  f"phase {phase.name} succeeded in pod {pod} (attempt {st.attempts})")
@@ -477,6 +482,8 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
         last = CheckpointRef(uri=chosen.uri, step=chosen.step, epoch=chosen.epoch,
                              time=chosen.time or (last.time if last and last.uri == chosen.uri
                                                   else None))
+    if chosen and chosen.resume_exact is not None:
+        st = replace(st, resume_exact=chosen.resume_exact, resume_exact_reason=chosen.resume_exact_reason)
     return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
                    pod_uid=None, resume_from=resume, next_attempt_at=None,
                    started_at=st.started_at or ctx.now,
@@ -507,6 +514,23 @@ def _condition(old: Mapping[str, Mapping[str, Any]], type_: str, true: bool, rea
     if generation is not None:
         cond["observedGeneration"] = generation
     return cond
+
+
+def _resume_exact_condition(ctx: _Ctx, cur: PhaseStatus | None,
+                            old_conds: Mapping[str, Mapping[str, Any]],
+                            generation: int | None) -> dict[str, Any] | None:
+    """``ResumeExact`` from the trainer's own verdict; absent until the trainer has given one."""
+    if cur is None or cur.resume_exact is None:
+        return None
+    if cur.resume_exact:
+        return _condition(old_conds, C.COND_RESUME_EXACT, True, "ExactResume",
+                          f"phase {cur.name}: the trainer restores everything a resume needs to"
+                          " reproduce the uninterrupted run bit for bit", ctx.now, generation)
+    message = f"phase {cur.name}: {cur.resume_exact_reason or 'the trainer cannot resume exactly'}"
+    if (old_conds.get(C.COND_RESUME_EXACT) or {}).get("status") != "False":
+        ctx.note("Warning", C.EV_RESUME_NOT_EXACT, message)
+    return _condition(old_conds, C.COND_RESUME_EXACT, False, "ResumeNotExact", message, ctx.now,
+                      generation)
 
 
 def failure_summary(spec: JobSpec, statuses: Mapping[str, PhaseStatus]) -> str:
@@ -570,6 +594,9 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
                    "ForeignPod" if ctx.conflicts else "NoConflict", conflict_msg, ctx.now,
                    generation),
     ]
+    exact = _resume_exact_condition(ctx, cur, old_conds, generation)
+    if exact is not None:
+        conds.append(exact)
     status: dict[str, Any] = {
         "phase": phase.value,
         "currentPhase": current,

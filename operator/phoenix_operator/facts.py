@@ -57,9 +57,13 @@ def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str |
         for step in reversed(checkpoint_steps(storage)):
             info = verify_checkpoint(storage, step, deep=deep)
             m = info.manifest
+            exact = m.extra.get("resumeExact") if m else None
             found.append(Checkpoint(step=step, uri=info.uri, valid=info.valid,
                                     reason=info.reason, epoch=m.epoch if m else None,
-                                    time=_time(m.time) if m else None))
+                                    time=_time(m.time) if m else None,
+                                    resume_exact=exact if isinstance(exact, bool) else None,
+                                    resume_exact_reason=str(m.extra.get("resumeExactReason") or "")
+                                    if m else ""))
             if info.valid and step not in skip:
                 usable += 1
                 if usable >= VALID_WANTED:

@@ -197,6 +197,9 @@ class PhaseStatus:
     completed_at: datetime | None = None
     last_failure: Failure | None = None
     last_checkpoint: CheckpointRef | None = None
+    # What the trainer last said about exact resume (None: it has not said yet).
+    resume_exact: bool | None = None
+    resume_exact_reason: str = ""
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -216,6 +219,9 @@ class PhaseStatus:
             d["lastFailure"] = self.last_failure.to_dict()
         if self.last_checkpoint:
             d["lastCheckpoint"] = self.last_checkpoint.to_dict()
+        if self.resume_exact is not None:
+            d["resumeExact"] = self.resume_exact
+            d["resumeExactReason"] = self.resume_exact_reason
         return d
 
     @classmethod
@@ -234,6 +240,8 @@ class PhaseStatus:
             completed_at=_ts(d.get("completedAt")),
             last_failure=Failure.from_dict(d.get("lastFailure")),
             last_checkpoint=CheckpointRef.from_dict(d.get("lastCheckpoint")),
+            resume_exact=bool(d["resumeExact"]) if d.get("resumeExact") is not None else None,
+            resume_exact_reason=str(d.get("resumeExactReason") or ""),
         )
 
 

@@ -184,3 +184,21 @@ def test_status_writes_pass_the_transition_rule(custom_api, started_job):
         {"status": {"phases": [{"name": "train", "state": "Running", "attempts": 2},
                                {"name": "eval", "state": "Pending", "attempts": 0}]}},
         dry_run="All")
+
+
+def test_resume_exact_verdict_is_kept_by_the_schema(custom_api, started_job, lab):
+    """The trainer's verdict in status.phases[] and the ResumeExact condition are not pruned."""
+    why = "sampler Opaque has neither a generator nor set_epoch()"
+    custom_api.patch_namespaced_custom_object_status(
+        GROUP, VERSION, "default", PLURAL, "immutable",
+        {"status": {"phases": [{"name": "train", "state": "Running", "attempts": 1,
+                                "resumeExact": False, "resumeExactReason": why},
+                               {"name": "eval", "state": "Pending", "attempts": 0}],
+                    "conditions": [{"type": "ResumeExact", "status": "False", "reason": "ResumeNotExact",
+                                    "message": f"phase train: {why}",
+                                    "lastTransitionTime": "2026-01-01T00:00:00Z"}]}})
+    got = custom_api.get_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, "immutable")
+    assert got["status"]["phases"][0]["resumeExact"] is False
+    assert got["status"]["phases"][0]["resumeExactReason"] == why
+    assert got["status"]["conditions"][0]["reason"] == "ResumeNotExact"
+    assert "resumeExactReason" in lab.kubectl("explain", "pxj.status.phases").stdout

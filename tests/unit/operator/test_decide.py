@@ -1,13 +1,14 @@
 """The decision table: facts in, plan out. Injected clock; no cluster, no storage."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import pytest
 
 from phoenix_operator.classify import NodeHealth
-from phoenix_operator.decide import Listing, decide
+from phoenix_operator.decide import Checkpoint, Listing, decide
 from phoenix_operator.model import ts
 from phoenix_operator.podspec import pod_name
 
@@ -478,3 +479,36 @@ def test_stranded_pod_event_is_posted_once():
     body["status"] = decide(body, [pod(node="n1")], {}, at(0), nodes).status
     again = decide(body, [pod(node="n1")], {}, at(300), nodes)
     assert again.events == [] and again.status == body["status"] and not again.delete
+
+
+def _said(p, exact: bool, why: str = ""):
+    term = p["status"]["containerStatuses"][0]["state"]["terminated"]
+    term["message"] = json.dumps({**json.loads(term["message"]), "resumeExact": exact,
+                                  "resumeExactReason": why})
+    return p
+
+
+def test_resume_exact_condition_follows_the_trainers_verdict():
+    body = with_status(job(), RUN1)
+    assert not any(c["type"] == "ResumeExact" for c in decide(body, [pod()], {}, at(0)).status["conditions"])
+    ended = _said(pod(pod_phase="Failed", exit_code=143, term_reason="preempted",
+                      disruption="EvictionByEvictionAPI"), False, "sampler Opaque has no generator")
+    plan = decide(body, [ended], NO_CK, at(1))
+    cond = _cond(plan, "ResumeExact")
+    assert (cond["status"], cond["reason"]) == ("False", "ResumeNotExact")
+    assert "phase train: sampler Opaque has no generator" == cond["message"]
+    assert ps(plan)["resumeExact"] is False and "Opaque" in ps(plan)["resumeExactReason"]
+    assert [e.reason for e in plan.events].count("ResumeNotExact") == 1
+    body["status"] = plan.status
+    again = decide(body, [ended, pod(attempt=2)], {}, at(5))
+    assert "ResumeNotExact" not in [e.reason for e in again.events]
+    assert _cond(again, "ResumeExact")["lastTransitionTime"] == ts(at(1))
+
+
+def test_resume_exact_from_the_chosen_checkpoints_manifest():
+    ck = Checkpoint(step=20, uri="s3://bucket/run/train/step-20", valid=True, resume_exact=True)
+    plan = decide(with_status(job(), RUN1), [pod(pod_phase="Failed", exit_code=143,
+                                                 disruption="EvictionByEvictionAPI")],
+                  {"train": Listing((ck,))}, at(1))
+    assert plan.create and _cond(plan, "ResumeExact")["status"] == "True"
+    assert ps(plan)["resumeExact"] is True
