@@ -48,6 +48,9 @@ class Storage(Protocol):
     def get_file(self, key: str, path: str | os.PathLike) -> None: ...
     def open_read(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def size(self, key: str) -> int | None: ...  # None if absent
+    # (size, checksum the store recorded at upload); (None, None) if absent, checksum None
+    # where the store keeps none. One metadata request, never a download.
+    def stat(self, key: str) -> tuple[int | None, str | None]: ...
     def list_dirs(self, prefix: str) -> list[str]: ...  # immediate child "directories"
     def list_keys(self, prefix: str) -> list[str]: ...  # every key below prefix
     def delete_prefix(self, prefix: str) -> None: ...
@@ -126,6 +129,9 @@ class LocalStorage:
             return None
         return st.st_size if not Path(self._path(key)).is_dir() else None
 
+    def stat(self, key: str) -> tuple[int | None, str | None]:
+        return self.size(key), None  # a file system keeps no checksum
+
     def list_dirs(self, prefix: str) -> list[str]:
         p = self._path(prefix)
         if not p.is_dir():
@@ -151,6 +157,12 @@ class LocalStorage:
 
     def __repr__(self) -> str:
         return f"LocalStorage({self.uri!r})"
+
+
+# Every object is uploaded with an S3 SHA256 checksum: the server checks each part against it
+# on the way in and keeps it, so a reader can later ask "is this the object that was
+# uploaded?" with a HEAD instead of downloading it (layout.verify_checkpoint).
+CHECKSUM_ALGORITHM = "SHA256"
 
 
 def default_transfer_config():
@@ -227,7 +239,8 @@ class S3Storage:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors("put", key):
-            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
+                                   ChecksumAlgorithm=CHECKSUM_ALGORITHM)
 
     def put_file(self, key: str, path: str | os.PathLike) -> None:
         from boto3.exceptions import S3UploadFailedError
@@ -235,7 +248,8 @@ class S3Storage:
         with self._errors("upload", key):
             try:
                 self.client.upload_file(str(path), self.bucket, self._key(key),
-                                        Config=self.transfer_config)
+                                        Config=self.transfer_config,
+                                        ExtraArgs={"ChecksumAlgorithm": CHECKSUM_ALGORITHM})
             except S3UploadFailedError as e:
                 raise StorageError(f"S3 upload {self.uri_for(key)} failed: {e}") from e
 
@@ -260,12 +274,16 @@ class S3Storage:
             body.close()
 
     def size(self, key: str) -> int | None:
+        return self.stat(key)[0]
+
+    def stat(self, key: str) -> tuple[int | None, str | None]:
         try:
             with self._errors("head", key):
-                resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+                resp = self.client.head_object(Bucket=self.bucket, Key=self._key(key),
+                                               ChecksumMode="ENABLED")
         except FileNotFoundError:
-            return None
-        return int(resp["ContentLength"])
+            return None, None
+        return int(resp["ContentLength"]), resp.get("ChecksumSHA256")
 
     def list_dirs(self, prefix: str) -> list[str]:
         full = _join(self.prefix, prefix)

@@ -13,7 +13,7 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Callable, Iterable, TypeVar
 
@@ -110,6 +110,15 @@ def commit_checkpoint(storage: Storage, step: int, files: dict[str, str | os.Pat
     for name, path in files.items():
         retry.run(f"upload {storage.uri_for(f'{d}/{name}')}",
                   lambda name=name, path=path: storage.put_file(f"{d}/{name}", path))
+        # What the store recorded (it checked the upload against the checksums sent with
+        # it): the manifest keeps it so readers can verify with a HEAD, no download.
+        size, stored = retry.run(f"stat {storage.uri_for(f'{d}/{name}')}",
+                                 lambda name=name: storage.stat(f"{d}/{name}"))
+        if size != digests[name].size:
+            raise StorageError(f"{storage.uri_for(f'{d}/{name}')} has {size} bytes after upload,"
+                               f" {digests[name].size} were sent")
+        if stored:
+            digests[name] = replace(digests[name], stored_checksum=stored)
     manifest = Manifest(step=step, epoch=epoch, phase=phase, time=utcnow_iso(),
                         config_fingerprint=config_fingerprint, files=digests, run_id=run_id,
                         attempt=attempt, extra=dict(extra or {}))
