@@ -1,4 +1,7 @@
-"""Prometheus metrics. Names are prefixed ``phoenix_``; labels never carry secrets."""
+"""Prometheus metrics. Names are prefixed ``phoenix_``; labels never carry secrets.
+
+Series labelled by job are removed when the job is deleted (``forget_job``): with jobs coming
+and going, a label set per job ever seen would grow the scrape without end."""
 from __future__ import annotations
 
 import time
@@ -40,6 +43,30 @@ class _CheckpointAge:
 
 CHECKPOINT_AGE = _CheckpointAge()
 REGISTRY.register(CHECKPOINT_AGE)
+
+# Label sets of RECOVERIES per (namespace, job), so they can be removed with the job.
+_recovery_labels: dict[tuple[str, str], set[tuple[str, ...]]] = {}
+
+
+def count_recovery(namespace: str, job: str, phase: str, cause: str, reason: str) -> None:
+    labels = (namespace, job, phase, cause, reason)
+    RECOVERIES.labels(*labels).inc()
+    _recovery_labels.setdefault((namespace, job), set()).add(labels)
+
+
+def set_checkpoint_time(namespace: str, job: str, phase: str | None, when: float | None) -> None:
+    """The job's current phase's newest checkpoint time (None: none known)."""
+    CHECKPOINT_AGE.times = {k: v for k, v in CHECKPOINT_AGE.times.items()
+                            if k[:2] != (namespace, job)}
+    if phase and when is not None:
+        CHECKPOINT_AGE.times[(namespace, job, phase)] = when
+
+
+def forget_job(namespace: str, job: str) -> None:
+    """Drop every series labelled with this job."""
+    for labels in _recovery_labels.pop((namespace, job), ()):
+        RECOVERIES.remove(*labels)
+    set_checkpoint_time(namespace, job, None, None)
 
 
 def serve(port: int, host: str) -> None:

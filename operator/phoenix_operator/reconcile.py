@@ -124,8 +124,7 @@ class Reconciler:
         lock = self._locks.get(key)
         if lock is not None and not lock.locked():
             del self._locks[key]
-        metrics.CHECKPOINT_AGE.times = {k: v for k, v in metrics.CHECKPOINT_AGE.times.items()
-                                        if k[:2] != key}
+        metrics.forget_job(*key)
         timer = self._timers.pop(key, None)
         if timer:
             timer.cancel()
@@ -329,7 +328,7 @@ class Reconciler:
             log.info("%s %s: %s", tag, note.reason, note.message)
             await self._call(self.kube.post_event, job, note.type, note.reason, note.message)
         for r in plan.recoveries:
-            metrics.RECOVERIES.labels(ns, name, r.phase, r.cause, r.reason).inc()
+            metrics.count_recovery(ns, name, r.phase, r.cause, r.reason)
         self._observe(job, plan)
         return plan.requeue_after
 
@@ -339,11 +338,8 @@ class Reconciler:
         self.known[key] = plan.status.get("phase", "")
         self._update_job_gauge()
         t = parse_ts(plan.status.get("lastCheckpointTime"))
-        current = plan.status.get("currentPhase")
-        metrics.CHECKPOINT_AGE.times = {k: v for k, v in metrics.CHECKPOINT_AGE.times.items()
-                                        if k[:2] != key}
-        if t and current:
-            metrics.CHECKPOINT_AGE.times[(*key, current)] = t.timestamp()
+        metrics.set_checkpoint_time(*key, plan.status.get("currentPhase"),
+                                    t.timestamp() if t else None)
 
     def _update_job_gauge(self) -> None:
         counts: dict[str, int] = {}
