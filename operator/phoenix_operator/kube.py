@@ -9,6 +9,8 @@ import base64
 import json
 import logging
 import secrets
+import threading
+from collections import OrderedDict
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,6 +34,28 @@ def _json_or_none(read, *args) -> dict | None:
             return None
         raise
     return json.loads(resp.data)
+
+
+class EventCache:
+    """The Events this process posted, by (namespace, object, type, reason, message): name
+    and count, so a repeat updates the Event instead of creating another. Bounded (oldest
+    forgotten first); thread-safe (events are posted from the API worker threads)."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._items: OrderedDict[tuple, tuple[str, int]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[str, int] | None:
+        with self._lock:
+            return self._items.get(key)
+
+    def put(self, key: tuple, name: str, count: int) -> None:
+        with self._lock:
+            self._items[key] = (name, count)
+            self._items.move_to_end(key)
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
 
 
 class ForeignPod(Exception):
@@ -63,6 +87,7 @@ class Kube:
         self.api = api_client or client.ApiClient()
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.events = EventCache()
 
     def _plain(self, obj: Any) -> Any:
         return self.api.sanitize_for_serialization(obj)
@@ -150,8 +175,25 @@ class Kube:
     # --- events ------------------------------------------------------------------------
     def post_event(self, job: dict, type_: str, reason: str, message: str,
                    component: str = C.MANAGED_BY) -> None:
+        """Post an Event on the job; the same event again (object, type, reason, message)
+        bumps the first one's count and lastTimestamp, as kubectl describe shows
+        "(x5 over 2m)", instead of another object every retry."""
         meta = job["metadata"]
         now = datetime.now(timezone.utc)
+        key = (meta["namespace"], meta.get("uid") or meta["name"], type_, reason, message[:1024])
+        seen = self.events.get(key)
+        if seen is not None:
+            name, count = seen
+            try:
+                self.core.patch_namespaced_event(name, meta["namespace"], {
+                    "count": count + 1, "lastTimestamp": now.isoformat()})
+                self.events.put(key, name, count + 1)
+                return
+            except ApiException as e:  # gone (events expire after an hour): post anew
+                if e.status != 404:
+                    log.warning("could not update event %s on %s/%s: %s", reason,
+                                meta["namespace"], meta["name"], e.reason)
+                    return
         event = {
             "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}",
                          "namespace": meta["namespace"]},
@@ -166,6 +208,7 @@ class Kube:
         }
         try:
             self.core.create_namespaced_event(meta["namespace"], event)
+            self.events.put(key, event["metadata"]["name"], 1)
         except ApiException as e:  # events are best effort; never fail a reconcile on them
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"],
                         meta["name"], e.reason)

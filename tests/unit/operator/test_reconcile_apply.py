@@ -10,7 +10,7 @@ from kubernetes.client.rest import ApiException
 from phoenix_operator.classify import NodeHealth
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.decide import decide
-from phoenix_operator.kube import ForeignPod, Kube
+from phoenix_operator.kube import EventCache, ForeignPod, Kube
 from phoenix_operator.reconcile import Reconciler
 
 from opfacts import NO_CK_LISTING, at, job, phase_status, pod, with_status
@@ -224,3 +224,42 @@ def test_foreign_fact_is_gathered_only_for_a_named_pod_without_uid_missing_from_
     assert kube.calls == [("get_pod", "j.train-2")]  # eval has its uid: not read
     kube.calls.clear()
     assert asyncio.run(reconciler._foreign(body, {"j.train-2"})) == {} and kube.calls == []
+
+
+# --- Events: a repeat is one Event with a count, not another object ------------------------
+class EventCore:
+    def __init__(self, patch_status=None):
+        self.calls, self.patch_status = [], patch_status
+
+    def create_namespaced_event(self, namespace, event):
+        self.calls.append(("create", event["reason"], event["count"]))
+
+    def patch_namespaced_event(self, name, namespace, body):
+        self.calls.append(("patch", name.split(".")[0], body["count"]))
+        if self.patch_status:
+            raise ApiException(status=self.patch_status, reason="NotFound")
+
+
+def _events_kube(core):
+    kube = Kube.__new__(Kube)
+    kube.core, kube.events = core, EventCache()
+    return kube
+
+
+def test_repeated_event_is_counted_not_reposted():
+    core = EventCore()
+    kube = _events_kube(core)
+    body = job()
+    for _ in range(3):
+        kube.post_event(body, "Warning", "StorageError", "cannot list checkpoints")
+    kube.post_event(body, "Warning", "StorageError", "another message")
+    assert core.calls == [("create", "StorageError", 1), ("patch", "j", 2), ("patch", "j", 3),
+                          ("create", "StorageError", 1)]
+
+
+def test_expired_event_is_posted_anew():
+    core = EventCore(patch_status=404)
+    kube = _events_kube(core)
+    kube.post_event(job(), "Normal", "Preempted", "m")
+    kube.post_event(job(), "Normal", "Preempted", "m")
+    assert [c[0] for c in core.calls] == ["create", "patch", "create"]
