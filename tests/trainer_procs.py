@@ -2,11 +2,15 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+
+# "... INFO phoenix.trainer: [ns/job/phase] step 12 ..." (Trainer) or "phoenix.example: step 12"
+_STEP_LINE = re.compile(r" phoenix\.[\w.]+: (?:\[[^\]]*\] )?step (\d+)\b")
 
 
 class Proc:
@@ -27,8 +31,8 @@ class Proc:
             if " at step " in line and ("starting run" in line or "resuming run" in line):
                 self.start_step = int(line.split(" at step ")[1].split()[0])
                 self.step = self.start_step
-            elif "phoenix.trainer" in line and "] step " in line:
-                self.step = int(line.split("] step ")[1].split()[0])
+            elif (m := _STEP_LINE.search(line)):
+                self.step = int(m.group(1))
 
     def wait_for_step(self, step: int, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -56,3 +60,38 @@ def env_for(s3_server, uri: str, attempt: int, tmp_path: Path, **extra) -> dict[
     env["PYTHONPYCACHEPREFIX"] = str(Path.home() / ".cache" / "phoenix" / "pycache")
     env.update(extra)
     return env
+
+
+def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], run_uri: str,
+                    ref_uri: str, plan: list[tuple[int, int]], **extra_env: str) -> list[int]:
+    """Run ``script`` uninterrupted (to ``ref_uri``) and, beside it, killed per ``plan`` —
+    (signal, step at which to send it) — and resumed through the env contract (attempt N is
+    the N-th process) until it completes. Asserts exit codes and the SIGTERM termination
+    messages; returns the steps the resumed processes started from."""
+    import signal
+
+    from phoenix_trainer.contract import TerminationMessage
+
+    (tmp_path / "ref").mkdir(exist_ok=True)
+    ref = Proc(env_for(s3_server, ref_uri, 0, tmp_path / "ref", **extra_env), script, args)
+    starts = []
+    for attempt, (sig, at) in enumerate(plan):
+        proc = Proc(env_for(s3_server, run_uri, attempt, tmp_path, PHOENIX_GRACE_SECONDS="30",
+                            **extra_env), script, args)
+        proc.wait_for_step(at)
+        proc.p.send_signal(sig)
+        rc = proc.finish()
+        starts.append(proc.start_step)
+        if sig == signal.SIGKILL:
+            assert rc == -signal.SIGKILL, "".join(proc.lines[-20:])
+            continue
+        assert rc == 143, "".join(proc.lines[-20:])
+        msg = TerminationMessage.from_json((tmp_path / f"termination-{attempt}").read_text())
+        assert msg.reason == "preempted" and msg.emergencySaveCompleted and msg.step >= at, msg
+        assert msg.checkpoint.endswith(f"step-{msg.step:010d}"), msg  # 0 steps lost
+    last = Proc(env_for(s3_server, run_uri, len(plan), tmp_path, **extra_env), script, args)
+    assert last.finish() == 0, "".join(last.lines[-30:])
+    msg = TerminationMessage.from_json((tmp_path / f"termination-{len(plan)}").read_text())
+    assert msg.reason == "completed", msg
+    assert ref.finish() == 0, "".join(ref.lines[-30:])
+    return [*starts[1:], last.start_step]

@@ -14,10 +14,9 @@ from pathlib import Path
 import pytest
 
 from phoenix_trainer.checkpoint import load_checkpoint
-from phoenix_trainer.contract import TerminationMessage
 from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
 from phoenix_trainer.testing import state_dicts_equal
-from trainer_procs import Proc, env_for
+from trainer_procs import kill_and_resume
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_transformer.py"
@@ -40,8 +39,6 @@ def final_weights(uri: str):
 def test_killed_transformer_run_equals_uninterrupted(s3_server, s3_env, s3_bucket, tmp_path, loader, seed):
     args = [*ARGS, "--loader", loader, "--seed", str(seed)]
     ref_uri, run_uri = f"{s3_bucket.uri}/ref-{loader}-{seed}/train", f"{s3_bucket.uri}/run-{loader}-{seed}/train"
-    (tmp_path / "ref").mkdir()
-    ref = Proc(env_for(s3_server, ref_uri, 0, tmp_path / "ref"), SCRIPT, args)
     rng = random.Random(seed)
     # (signal, step at which to send it): a SIGKILL in epoch 1 (resume from the checkpoint at
     # step 8 or 4, mid-epoch), a SIGTERM timed so the stop lands on the end of epoch 1 (resume
@@ -49,27 +46,9 @@ def test_killed_transformer_run_equals_uninterrupted(s3_server, s3_env, s3_bucke
     # step 16, mid-epoch). Periodic uploads are asynchronous: kills wait two steps past them.
     plan = [(signal.SIGKILL, rng.randint(10, 11)), (signal.SIGTERM, 2 * STEPS_PER_EPOCH - 1),
             (signal.SIGKILL, rng.randint(18, 19))]
-    resumed_at = []
-    for attempt, (sig, at) in enumerate(plan):
-        proc = Proc(env_for(s3_server, run_uri, attempt, tmp_path, PHOENIX_GRACE_SECONDS="30"), SCRIPT, args)
-        proc.wait_for_step(at)
-        proc.p.send_signal(sig)
-        rc = proc.finish()
-        resumed_at.append(proc.start_step)
-        if sig == signal.SIGKILL:
-            assert rc == -signal.SIGKILL
-            continue
-        assert rc == 143, "".join(proc.lines[-20:])
-        msg = TerminationMessage.from_json((tmp_path / f"termination-{attempt}").read_text())
-        assert msg.reason == "preempted" and msg.emergencySaveCompleted and msg.step >= at, msg
-        assert msg.resumeExact is True and msg.resumeExactReason == "", msg
-
-    last = Proc(env_for(s3_server, run_uri, len(plan), tmp_path), SCRIPT, args)
-    assert last.finish() == 0, "".join(last.lines[-30:])
-    resumed_at = [*resumed_at[1:], last.start_step]
+    resumed_at = kill_and_resume(s3_server, tmp_path, SCRIPT, args, run_uri, ref_uri, plan)
     print(f"resumed at steps {resumed_at} ({STEPS_PER_EPOCH} steps per epoch)")
     assert all(s > 0 for s in resumed_at), "a resume started from scratch: checkpoints too slow?"
     assert any(s % STEPS_PER_EPOCH for s in resumed_at), "no resume landed mid-epoch"
-    assert ref.finish() == 0, "".join(ref.lines[-30:])
     assert state_dicts_equal(final_weights(run_uri), final_weights(ref_uri)), \
         f"weights differ after resumes at {resumed_at} (loader {loader}, seed {seed})"

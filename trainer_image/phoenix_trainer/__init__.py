@@ -4,6 +4,7 @@ Kept free of torch imports so the operator can import ``phoenix_trainer.contract
 ``.layout`` and ``.storage`` without shipping torch. Heavy pieces load lazily:
 
     from phoenix_trainer import Trainer, Stage, StagedModule, ResumableShuffleSampler
+    from phoenix_trainer import Session      # any other loop: restore / save / stop / finish
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from typing import Any
 __all__ = [
     "Stage", "StagedModule", "Trainer", "Callback", "RunResult", "ResumableShuffleSampler",
     "AsyncCheckpointer", "load_checkpoint", "TrainerEnv", "TerminationMessage", "open_storage",
+    "Session", "Restored", "capture_rng", "restore_rng", "adapt_loader",
 ]
 
 _LAZY = {
     "Stage": "stages", "StagedModule": "stages", "Trainer": "trainer", "Callback": "trainer",
-    "RunResult": "trainer", "ResumableShuffleSampler": "state", "AsyncCheckpointer": "checkpoint",
+    "RunResult": "session", "Session": "session", "Restored": "session",
+    "capture_rng": "state", "restore_rng": "state", "adapt_loader": "loaders", "ResumableShuffleSampler": "state", "AsyncCheckpointer": "checkpoint",
     "load_checkpoint": "checkpoint", "TrainerEnv": "contract", "TerminationMessage": "contract",
     "open_storage": "storage",
 }

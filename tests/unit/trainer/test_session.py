@@ -1,0 +1,118 @@
+"""The Session API on its own, driven by a plain loop (local-file storage, in-process)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from phoenix_trainer.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.session import Session
+from phoenix_trainer.state import Exactness, capture_rng, restore_rng
+from phoenix_trainer.storage import LocalStorage, list_checkpoints
+from phoenix_trainer.testing import state_dicts_equal
+
+pytestmark = pytest.mark.unit
+STEPS = 12
+
+
+def session(tmp_path, phase="train", **kw) -> Session:
+    env = TrainerEnv(phase=phase, termination_log=str(tmp_path / f"term-{phase}"), **kw.pop("env", {}))
+    return Session(config={"lr": 0.1}, env=env, storage=LocalStorage(tmp_path / phase),
+                   install_signal_handlers=False, checkpoint_interval_steps=4, **kw)
+
+
+def loop(s: Session, stop_at: int | None = None):
+    """A plain loop the way a user writes one: the model, its optimizer and a step counter."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Dropout(0.3), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = 0
+    restored = s.restore()
+    if restored is not None:
+        model.load_state_dict(restored["model.pt"])
+        if restored.kind == "resume":
+            opt.load_state_dict(restored["optimizer.pt"])
+            restore_rng(restored["rng.pt"])
+            step = restored.step
+            assert restored["data.json"] == {"seen": step * 4} and restored.progress == {"seen": step * 4}
+    s.started(step)
+
+    def state():
+        return {"model.pt": model.state_dict(), "optimizer.pt": opt.state_dict(),
+                "rng.pt": capture_rng(), "data.json": {"seen": step * 4}}
+
+    while step < STEPS:
+        x = torch.randn(4, 3)
+        opt.zero_grad()
+        model(x).pow(2).mean().backward()
+        opt.step()
+        step += 1
+        if step == stop_at:
+            s.request_stop()
+        if s.stop_requested:
+            return s.finish("preempted", step, state=state, progress={"seen": step * 4}), model
+        if s.should_checkpoint(step):
+            s.save(step, state(), progress={"seen": step * 4})
+    return s.finish("completed", step, state=state, progress={"seen": step * 4}), model
+
+
+@pytest.fixture(scope="module")
+def ref_model(tmp_path_factory):
+    with session(tmp_path_factory.mktemp("ref")) as s:
+        result, model = loop(s)
+    assert (result.reason, result.exit_code) == ("completed", 0)
+    return model.state_dict()
+
+
+@pytest.mark.parametrize("stop_at", [3, 4, 9])
+def test_plain_loop_stops_and_resumes_bit_exact(tmp_path, ref_model, stop_at):
+    with session(tmp_path) as s:
+        result, _ = loop(s, stop_at)
+    assert (result.reason, result.exit_code, result.step, result.emergency_save_completed) == \
+        ("preempted", 143, stop_at, True)
+    msg = TerminationMessage.from_json((tmp_path / "term-train").read_text())
+    assert msg.checkpoint.endswith(f"step-{stop_at:010d}") and msg.resumeExact is True
+    with session(tmp_path, env={"attempt": 1}) as s:
+        result, model = loop(s)
+    assert s.resumed_from.step == stop_at and result.reason == "completed"
+    assert state_dicts_equal(model.state_dict(), ref_model)
+    assert [c.step for c in list_checkpoints(s.storage)][-1] == STEPS
+
+
+def test_an_exception_in_the_loop_is_a_failed_termination_message(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with session(tmp_path) as s:
+            s.restore()
+            s.should_checkpoint(5)
+            1 / 0
+    msg = TerminationMessage.from_json((tmp_path / "term-train").read_text())
+    assert (msg.reason, msg.step) == ("failed", 5) and "ZeroDivisionError" in msg.message
+
+
+def test_completed_without_state_and_misuse(tmp_path):
+    with session(tmp_path, exactness=Exactness(False, "my loader is a generator")) as s:
+        s.restore()
+        with pytest.raises(RuntimeError, match="already called"):
+            s.restore()
+        with pytest.raises(ValueError, match="use 'completed' or 'preempted'"):
+            s.finish("done", 3)
+        s.save(3, {"model.pt": {"w": torch.ones(2)}, "notes.json": {"a": 1}})
+        result = s.finish("completed", 3)  # the save of step 3 is the final checkpoint
+    assert result.emergency_save_completed and result.checkpoint.endswith("step-0000000003")
+    manifest = json.loads((tmp_path / "train" / "step-0000000003" / "manifest.json").read_text())
+    assert set(manifest["files"]) == {"model.pt", "notes.json", "trainer.json"}
+    assert manifest["extra"] == {"resumeExact": False, "resumeExactReason": "my loader is a generator"}
+    msg = TerminationMessage.from_json((tmp_path / "term-train").read_text())
+    assert msg.resumeExact is False and msg.resumeExactReason == "my loader is a generator"
+
+
+def test_a_later_phase_is_initialised_from_the_previous_one(tmp_path, ref_model):
+    with session(tmp_path) as s:
+        loop(s)
+    env = {"init_from": f"file://{tmp_path}/train/step-{STEPS:010d}"}
+    with session(tmp_path, phase="finetune", env=env) as s:
+        restored = s.restore()
+    assert restored.kind == "init" and restored.step == 0 and s.resumed_from is None
+    assert state_dicts_equal(restored["model.pt"], ref_model)

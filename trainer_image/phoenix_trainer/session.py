@@ -1,0 +1,501 @@
+"""A training process's link to Phoenix, for any training loop.
+
+Everything Phoenix promises a trainer pod, without owning the loop: read the env contract,
+restore the newest valid checkpoint (falling back over damaged ones, refusing a silent
+config change), answer "checkpoint now?" and "stop now?" at step boundaries, save any state
+asynchronously with the checkpoint layout and manifest, and finish with the termination
+message and exit code the operator reads (an emergency checkpoint first, when SIGTERM came
+and the grace period allows it). ``Trainer`` is built on it; the Lightning and transformers
+callbacks are too. The loop stays the user's::
+
+    with Session(config=cfg) as s:
+        restored = s.restore()
+        if restored:                      # resume: load what you saved
+            model.load_state_dict(restored["model.pt"]); step = restored.step
+        while step < total:
+            train_one_step(); step += 1
+            if s.stop_requested:          # SIGTERM: emergency checkpoint, exit 143
+                raise SystemExit(s.finish("preempted", step, state=state()).exit_code)
+            if s.should_checkpoint(step):
+                s.save(step, state())     # async: only the CPU copy blocks
+        raise SystemExit(s.finish("completed", step, state=state()).exit_code)
+
+State is a flat dict of shard name -> object: names ending in ``.json`` are JSON documents,
+everything else is written with ``torch.save`` (tensors, state dicts, RNG states).
+``trainer.json`` (step, epoch, run id, attempt, config fingerprint, plus ``progress``) is
+added by the session. Never does real work in the signal handler; never logs credentials.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+import uuid
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from .checkpoint import AsyncCheckpointer, Snapshot, load_checkpoint
+from .contract import (
+    EXIT_COMPLETED, EXIT_FAILED, EXIT_PREEMPTED, REASON_COMPLETED, REASON_FAILED,
+    REASON_PREEMPTED, TerminationMessage, TrainerEnv,
+)
+from .errors import CheckpointError, ConfigMismatchError, CorruptCheckpointError
+from .layout import CheckpointInfo, config_fingerprint, split_checkpoint_uri
+from .metrics import MetricsLog, next_attempt
+from .state import EXACT, Exactness, tree_nbytes
+from .storage import Storage, latest_valid_checkpoint, open_storage, verify_checkpoint
+from .writer import RetryPolicy
+
+log = logging.getLogger("phoenix.trainer")
+
+# Time kept back from the grace period for writing the termination message and exiting.
+EXIT_RESERVE_SECONDS = 1.0
+TRAINER_DOC = "trainer.json"
+
+
+@dataclass
+class RunResult:
+    reason: str
+    step: int
+    epoch: int
+    checkpoint: str | None
+    emergency_save_completed: bool
+    message: str
+    exit_code: int
+    train_seconds: float
+    exactness: Exactness | None = None
+
+    def termination_message(self) -> TerminationMessage:
+        ex = self.exactness
+        return TerminationMessage(reason=self.reason, step=self.step, checkpoint=self.checkpoint,
+                                  emergencySaveCompleted=self.emergency_save_completed,
+                                  message=self.message,
+                                  resumeExact=ex.exact if ex is not None else None,
+                                  resumeExactReason=ex.reason if ex is not None else "")
+
+
+@dataclass
+class Restored:
+    """What to load. ``kind`` is "resume" (this phase's own checkpoint: load everything) or
+    "init" (``PHOENIX_INIT_FROM``, a previous phase's checkpoint: load the weights only)."""
+
+    kind: str
+    step: int
+    epoch: int
+    info: CheckpointInfo
+    state: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, name: str) -> Any:
+        return self.state[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.state
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self.state.get(name, default)
+
+    @property
+    def progress(self) -> dict[str, Any]:
+        """The ``progress`` given to ``save`` (samples seen, productive seconds, ...)."""
+        return dict((self.state.get(TRAINER_DOC) or {}).get("progress") or {})
+
+
+class _Ctx(logging.LoggerAdapter):
+    def process(self, msg, kwargs):
+        return f"[{self.extra['ctx']}] {msg}", kwargs
+
+
+def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors for torch.save, JSON documents) by shard name."""
+    tensors = {k: v for k, v in state.items() if not k.endswith(".json")}
+    docs = {k: v for k, v in state.items() if k.endswith(".json")}
+    return tensors, docs
+
+
+class Session:
+    """One training process's Phoenix session; see the module docstring."""
+
+    def __init__(
+        self, *, config: Mapping[str, Any] | None = None, env: TrainerEnv | None = None,
+        storage: Storage | None = None, checkpoint_interval_steps: int | None = None,
+        checkpoint_interval_seconds: float | None = None, max_in_flight: int = 1,
+        retry_policy: RetryPolicy | None = None, install_signal_handlers: bool = True,
+        clock: Callable[[], float] = time.monotonic, emergency_checkpoint: bool = True,
+        exactness: Exactness = EXACT, metrics_interval_seconds: float = 30.0,
+    ) -> None:
+        self.config = dict(config or {})
+        self.fingerprint = config_fingerprint(self.config)
+        self.env = env or TrainerEnv.from_env()
+        self.storage = storage
+        if self.storage is None and self.env.checkpoint_uri:
+            self.storage = open_storage(self.env.checkpoint_uri)
+        elif self.storage is None and self.env.resume_from:
+            # No prefix of our own: keep checkpointing where the resume target lives.
+            self.storage = open_storage(split_checkpoint_uri(self.env.resume_from)[0])
+        self.interval_steps = checkpoint_interval_steps or self.env.checkpoint_interval_steps
+        self.interval_seconds = checkpoint_interval_seconds or self.env.checkpoint_interval_seconds
+        self.max_in_flight, self.retry_policy = max_in_flight, retry_policy
+        self.clock = clock
+        # Off only to measure what the SIGTERM emergency checkpoint is worth (benchmarks).
+        self.emergency_checkpoint = emergency_checkpoint
+        self.exactness = exactness
+        self.metrics_interval = metrics_interval_seconds
+        self.log = _Ctx(log, {"ctx": self.env.log_context})
+        self.run_id = uuid.uuid4().hex[:12]
+        self.attempt = 0
+        self.resumed_from: CheckpointInfo | None = None
+        self.checkpointer: AsyncCheckpointer | None = None
+        self.metrics: MetricsLog | None = None
+        self.after_commit: list[Callable[[CheckpointInfo], None]] = []
+        self._stop_signal: int | None = None
+        self._stop_time: float | None = None
+        self._last_ckpt_time = clock()
+        self._last_metrics_upload = clock()
+        self._previous_handler: Any = None
+        self._restored = False
+        self._finished: RunResult | None = None
+        self.last_step = 0  # the newest step boundary the loop told us about
+        if install_signal_handlers:
+            self.install_signal_handler()
+
+    # ------------------------------------------------------------------ signals ----------
+    def install_signal_handler(self) -> None:
+        """SIGTERM -> ``request_stop`` (main thread only; ``close`` puts the old one back)."""
+        if threading.current_thread() is not threading.main_thread() or self._previous_handler is not None:
+            return
+
+        def handler(signum, frame):  # only a flag: never do real work in a signal handler
+            self.request_stop(signum)
+
+        self._previous_handler = signal.signal(signal.SIGTERM, handler)
+
+    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+        """Ask the loop to stop at its next step boundary (what the SIGTERM handler does)."""
+        if self._stop_signal is None:
+            self._stop_time = self.clock()
+            self._stop_signal = signum
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_signal is not None
+
+    # ------------------------------------------------------------------ restore ----------
+    def restore(self) -> Restored | None:
+        """Load the newest valid checkpoint of this phase (or ``PHOENIX_RESUME_FROM``'s),
+        else the previous phase's weights (``PHOENIX_INIT_FROM``), else None. Opens the
+        asynchronous checkpointer and starts the metrics log; call it once, before training."""
+        if self._restored:
+            raise RuntimeError("Session.restore() was already called")
+        self._restored = True
+        if self.storage is not None:
+            self.attempt = self.env.attempt if self.env.attempt is not None else next_attempt(self.storage)
+        else:
+            self.attempt = self.env.attempt or 0
+        restored = self._find_own() if self.storage is not None else None
+        if restored is None:
+            restored = self._init_from()
+        else:
+            self.resumed_from = restored.info
+            self.run_id = str((restored.get(TRAINER_DOC) or {}).get("runId") or self.run_id)
+        if self.storage is not None:
+            self.checkpointer = AsyncCheckpointer(
+                self.storage, phase=self.env.phase, config_fingerprint=self.fingerprint,
+                keep=self.env.checkpoint_keep, run_id=self.run_id, attempt=self.attempt,
+                max_in_flight=self.max_in_flight, retry=self.retry_policy,
+                protect=[self.resumed_from.step] if self.resumed_from else [])
+            self.checkpointer.after_commit.append(self._on_commit)
+        self.metrics = MetricsLog(self.storage, self.attempt, {
+            "runId": self.run_id, "attempt": self.attempt, "phase": self.env.phase})
+        self._last_ckpt_time = self._last_metrics_upload = self.clock()
+        return restored
+
+    def _find_own(self) -> Restored | None:
+        assert self.storage is not None
+        tried: set[int] = set()
+        below: int | None = None
+        if self.env.resume_from:
+            prefix, step = split_checkpoint_uri(self.env.resume_from)
+            if step is None:
+                raise CheckpointError(
+                    f"PHOENIX_RESUME_FROM={self.env.resume_from!r} does not name a step directory"
+                    f" (…/step-NNNNNNNNNN); fix the operator's resume target")
+            same = prefix.rstrip("/") == self.storage.uri.rstrip("/")
+            if not same:
+                self.log.warning("PHOENIX_RESUME_FROM points outside this phase's prefix %s;"
+                                 " resuming from it anyway", self.storage.uri)
+            store = self.storage if same else open_storage(prefix)
+            info = verify_checkpoint(store, step, deep=False)
+            if info.valid:
+                loaded = self._try_load(store, info)
+                if loaded is not None:
+                    return loaded
+            else:
+                self.log.warning("PHOENIX_RESUME_FROM=%s is not a valid checkpoint (%s); falling back"
+                                 " to the previous valid checkpoint", info.uri, info.reason)
+            tried.add(step)
+            below = step
+        while True:
+            info = latest_valid_checkpoint(self.storage, deep=False, exclude_steps=tried, below_step=below)
+            if info is None:
+                break
+            loaded = self._try_load(self.storage, info)
+            if loaded is not None:
+                return loaded
+            tried.add(info.step)
+        if tried:
+            self.log.warning("no usable checkpoint under %s; starting from scratch", self.storage.uri)
+        return None
+
+    def _try_load(self, storage: Storage, info: CheckpointInfo) -> Restored | None:
+        assert info.manifest is not None
+        if info.manifest.config_fingerprint != self.fingerprint:
+            if not self.env.force_resume:
+                raise ConfigMismatchError(
+                    f"checkpoint {info.uri} was written with config {info.manifest.config_fingerprint}"
+                    f" but this run's config is {self.fingerprint}; resuming would silently mix"
+                    f" configs. Restore the old config, start a fresh prefix, or set"
+                    f" PHOENIX_FORCE_RESUME=1 to resume anyway")
+            self.log.warning("resuming %s across a config change (%s -> %s) because"
+                             " PHOENIX_FORCE_RESUME=1", info.uri, info.manifest.config_fingerprint,
+                             self.fingerprint)
+        try:
+            state = load_checkpoint(storage, info)
+        except CorruptCheckpointError as e:
+            self.log.warning("checkpoint %s is unusable (%s); falling back to the previous valid"
+                             " checkpoint", info.uri, e)
+            return None
+        return Restored("resume", info.step, info.manifest.epoch, info, state)
+
+    def _init_from(self) -> Restored | None:
+        uri = self.env.init_from
+        if not uri:
+            return None
+        prefix, step = split_checkpoint_uri(uri)
+        store = open_storage(prefix)
+        info = verify_checkpoint(store, step, deep=False) if step is not None else latest_valid_checkpoint(store, deep=False)
+        if info is None or not info.valid:
+            raise CheckpointError(
+                f"PHOENIX_INIT_FROM={uri!r} has no valid checkpoint"
+                f" ({info.reason if info else 'nothing under that prefix'}); finish the previous phase first")
+        state = load_checkpoint(store, info)
+        self.log.info("initialising weights from %s (phase %s, step %d)", info.uri,
+                      info.manifest.phase if info.manifest else "?", info.step)
+        return Restored("init", 0, 0, info, state)
+
+    def started(self, step: int, epoch: int = 0, **fields: Any) -> None:
+        """Record the start (or resume) in the log and the metrics; call after loading."""
+        if self.metrics:
+            self.metrics.emit("resume" if self.resumed_from else "start", step=step, epoch=epoch,
+                              checkpoint=self.resumed_from.uri if self.resumed_from else None,
+                              configFingerprint=self.fingerprint, resumeExact=self.exactness.exact,
+                              resumeExactReason=self.exactness.reason, **fields)
+        if not self.exactness.exact:
+            self.log.warning("a resume of this run will not be bit-exact: %s", self.exactness.reason)
+        # The pid shows whether the trainer is its container's PID 1 (it must be, or a shell
+        # in front of it swallows the kubelet's SIGTERM).
+        self.log.info("%s run %s attempt %d at step %d (epoch %d), config %s, pid %d",
+                      "resuming" if self.resumed_from else "starting", self.run_id, self.attempt,
+                      step, epoch, self.fingerprint, os.getpid())
+
+    # ------------------------------------------------------------------ saving -----------
+    def should_checkpoint(self, step: int) -> bool:
+        """A periodic checkpoint is due at this step boundary (interval in steps or seconds)."""
+        self.last_step = step
+        return bool((self.interval_steps and step % self.interval_steps == 0)
+                    or (self.interval_seconds and self.clock() - self._last_ckpt_time >= self.interval_seconds))
+
+    def snapshot(self, step: int, epoch: int, state: Mapping[str, Any],
+                 progress: Mapping[str, Any] | None = None) -> Snapshot:
+        """A CPU copy of ``state`` plus ``trainer.json``: the only part of a save that blocks."""
+        tensors, docs = split_state(state)
+        docs[TRAINER_DOC] = {**docs.get(TRAINER_DOC, {}), "step": step, "epoch": epoch,
+                             "runId": self.run_id, "attempt": self.attempt,
+                             "configFingerprint": self.fingerprint, "phase": self.env.phase,
+                             "progress": dict(progress or {})}
+        return Snapshot.take(step, epoch, tensors, docs,
+                             extra={"resumeExact": self.exactness.exact,
+                                    "resumeExactReason": self.exactness.reason})
+
+    def save(self, step: int, state: Mapping[str, Any] | Snapshot, *, epoch: int = 0,
+             progress: Mapping[str, Any] | None = None, blocking: bool = False) -> Future | None:
+        """Checkpoint ``state`` (or a snapshot already taken) as ``step-N``, in the background."""
+        snap = state if isinstance(state, Snapshot) else self.snapshot(step, epoch, state, progress)
+        self._last_ckpt_time = self.clock()
+        self.last_step = step
+        if self.checkpointer is None:
+            return None
+        fut = self.checkpointer.save(snap, blocking=blocking)
+        if blocking:
+            fut.result()
+        return fut
+
+    def _on_commit(self, info: CheckpointInfo) -> None:  # runs on the upload thread
+        if self.metrics:
+            s = self.checkpointer.stats if self.checkpointer else None
+            self.metrics.emit("checkpoint", step=info.step, epoch=info.epoch, checkpoint=info.uri,
+                              saveSeconds=round(s.total_seconds[-1], 3) if s else None,
+                              megabytes=round(sum(f.size for f in info.manifest.files.values()) / 1e6, 3)
+                              if info.manifest else None)
+            self.metrics.upload()
+        for fn in self.after_commit:
+            fn(info)
+
+    def emit(self, event: str, **fields: Any) -> None:
+        """A metrics record (``metrics/attempt-N.jsonl``); uploaded now and then, off the loop."""
+        if self.metrics is None:
+            return
+        self.metrics.emit(event, **fields)
+        if self.checkpointer and self.clock() - self._last_metrics_upload >= self.metrics_interval:
+            self._last_metrics_upload = self.clock()
+            self.checkpointer.submit_aux(self.metrics.upload)
+
+    @property
+    def latest(self) -> CheckpointInfo | None:
+        """The newest checkpoint this process committed, else the one it resumed from."""
+        if self.checkpointer and self.checkpointer.latest:
+            return self.checkpointer.latest
+        return self.resumed_from
+
+    def has_checkpoint_at(self, step: int) -> bool:
+        latest = self.latest
+        return latest is not None and latest.step == step
+
+    # ------------------------------------------------------------------ the end ----------
+    def finish(self, reason: str, step: int, *, epoch: int = 0,
+               state: Mapping[str, Any] | Snapshot | Callable[[], Mapping[str, Any] | Snapshot] | None = None,
+               progress: Mapping[str, Any] | None = None, train_seconds: float = 0.0) -> RunResult:
+        """End the run: "completed" saves a final checkpoint of ``step`` if none exists;
+        "preempted" saves an emergency checkpoint if the grace period allows it. Writes the
+        termination message and returns the result (``exit_code`` for ``sys.exit``).
+
+        ``state`` may be a callable so that a stop too close to the grace deadline does not
+        even pay for building it; its size is what the time estimate is made from."""
+        if reason not in (REASON_COMPLETED, REASON_PREEMPTED):
+            raise ValueError(f"finish(reason={reason!r}): use 'completed' or 'preempted' (or fail())")
+        saved, message = False, ""
+        if reason == REASON_COMPLETED:
+            if self.checkpointer is not None:
+                self.checkpointer.wait()
+                if not self.has_checkpoint_at(step) and state is not None:
+                    try:
+                        self.save(step, _resolve(state), epoch=epoch, progress=progress, blocking=True)
+                    except Exception as e:  # noqa: BLE001 - report, do not crash a finished run
+                        message = f"final checkpoint at step {step} failed: {e}"
+                saved = self.has_checkpoint_at(step)
+            message = message or f"training completed at step {step}"
+            exit_code = EXIT_COMPLETED
+        else:
+            saved, message = self._emergency_save(step, epoch, state, progress)
+            exit_code = EXIT_PREEMPTED
+        latest = self.latest
+        result = RunResult(reason, step, epoch, latest.uri if latest else None, saved, message,
+                           exit_code, train_seconds, self.exactness)
+        self._end(result)
+        return result
+
+    def _emergency_save(self, step: int, epoch: int, state: Any,
+                        progress: Mapping[str, Any] | None) -> tuple[bool, str]:
+        sig = signal.Signals(self._stop_signal).name if self._stop_signal else "stop"
+        start = self._stop_time if self._stop_time is not None else self.clock()
+        grace = self.env.grace_seconds
+
+        def remaining() -> float:
+            return grace - (self.clock() - start) - EXIT_RESERVE_SECONDS
+
+        def resume_point() -> tuple[str, int]:
+            latest = self.latest
+            return (latest.uri if latest else "scratch"), step - (latest.step if latest else 0)
+
+        if self.checkpointer is None:
+            return False, f"{sig} at step {step}; no checkpoint storage configured, progress is lost"
+        if step in self.checkpointer.pending_steps() or self.has_checkpoint_at(step):
+            self.checkpointer.wait(timeout=max(0.0, remaining()))
+            if self.has_checkpoint_at(step):
+                return True, f"{sig} at step {step}; a checkpoint of this step already existed (0 steps lost)"
+        if not self.emergency_checkpoint or state is None:
+            self.checkpointer.wait(timeout=max(0.0, remaining()))  # periodic saves still finish
+            why = "emergency checkpoints are disabled" if not self.emergency_checkpoint else "no state given"
+            return False, f"{sig} at step {step}; {why}, resuming from {resume_point()[0]}"
+        state = _resolve(state)
+        nbytes = state.nbytes if isinstance(state, Snapshot) else tree_nbytes(split_state(state)[0])
+        need = self.checkpointer.estimate_save_seconds(nbytes)
+        # Earlier uploads go first (one upload thread); let them use what time there is.
+        flushed = self.checkpointer.wait(timeout=max(0.0, remaining()))
+        left = remaining()
+        last, lost = resume_point()
+        if need > left:
+            return False, (f"{sig} at step {step}; grace period too short for an emergency"
+                           f" checkpoint (need ~{need:.1f}s, {max(0.0, left):.1f}s left of {grace:.0f}s);"
+                           f" resuming from {last} loses {lost} steps")
+        if not flushed:
+            return False, (f"{sig} at step {step}; earlier uploads did not finish within the"
+                           f" {grace:.0f}s grace period, no emergency checkpoint; resuming from"
+                           f" {last} loses {lost} steps")
+        t0 = time.perf_counter()
+        try:
+            self.save(step, state, epoch=epoch, progress=progress, blocking=True)
+        except Exception as e:  # noqa: BLE001 - report in the termination message instead
+            return False, f"{sig} at step {step}; emergency checkpoint failed: {e}"
+        return True, (f"{sig} at step {step}; emergency checkpoint saved in"
+                      f" {time.perf_counter() - t0:.1f}s (estimated {need:.1f}s, 0 steps lost)")
+
+    def fail(self, error: BaseException, step: int, *, epoch: int = 0,
+             train_seconds: float = 0.0) -> RunResult:
+        """End the run as failed (exit 1): finished uploads stay as fallbacks."""
+        msg = f"{type(error).__name__}: {error}"
+        if self.checkpointer is not None:
+            self.checkpointer.wait(timeout=10)
+        latest = self.latest
+        result = RunResult(REASON_FAILED, step, epoch, latest.uri if latest else None, False, msg,
+                           EXIT_FAILED, train_seconds, self.exactness)
+        try:
+            self._end(result)
+        except Exception:  # noqa: BLE001 - the original error matters more
+            self.log.exception("while reporting failure")
+        return result
+
+    def _end(self, result: RunResult) -> None:
+        self._finished = result
+        self.log.info("%s at step %d: %s (checkpoint %s, exit %d, train %.1fs)", result.reason,
+                      result.step, result.message, result.checkpoint, result.exit_code,
+                      result.train_seconds)
+        # The termination message first: it is what the operator reads, and the metrics upload
+        # below is synchronous; with S3 unreachable it can outlast the grace period and the
+        # kubelet's SIGKILL would otherwise lose the emergency-save result.
+        result.termination_message().write(self.env.termination_log)
+        if self.metrics:
+            self.metrics.emit("end", reason=result.reason, step=result.step, epoch=result.epoch,
+                              checkpoint=result.checkpoint, trainSeconds=round(result.train_seconds, 3),
+                              emergencySaveCompleted=result.emergency_save_completed,
+                              message=result.message)
+            self.metrics.upload()
+
+    @property
+    def result(self) -> RunResult | None:
+        return self._finished
+
+    def close(self) -> None:
+        """Put the SIGTERM handler back and stop the upload thread (after a stop, at once)."""
+        if self._previous_handler is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+        if self.checkpointer is not None:
+            # After a preemption we already spent what the grace period allowed.
+            self.checkpointer.close(timeout=0 if self.stop_requested else None)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc is not None and self._finished is None and not isinstance(exc, SystemExit):
+                self.fail(exc, step=self.last_step)
+        finally:
+            self.close()
+
+
+def _resolve(state: Any) -> Any:
+    return state() if callable(state) else state
