@@ -28,9 +28,10 @@ from kubernetes.client.rest import ApiException
 
 from . import metrics
 from .classify import DELETED_KEY, NodeHealth, bare_kill, node_health
+from .backoff import Backoff
 from .config import OperatorConfig
 from . import constants as C
-from .decide import STORAGE_RETRY_SECONDS, CreatePod, Listing, Plan, decide
+from .decide import CreatePod, Listing, Plan, decide
 from .facts import scan, write_fence
 from .kube import ForeignPod, Kube, describe_owner
 from .model import JobSpec, parse_ts, phase_statuses, ts
@@ -38,11 +39,15 @@ from .model import JobSpec, parse_ts, phase_statuses, ts
 log = logging.getLogger("phoenix.reconcile")
 
 Key = tuple[str, str]  # (namespace, name)
-RETRY_SECONDS = 10.0
 
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
+
+
+class RetryLater(Exception):
+    """The pass stopped for a reason it has already reported (Event, log): try again after
+    this job's backoff."""
 
 
 class StorageAccessError(Exception):
@@ -75,6 +80,7 @@ class Reconciler:
         self.tombstones: dict[Key, dict[str, dict]] = {}
         self._node_read_warned = False
         self.fence_writer = write_fence  # replaceable in tests
+        self.backoff = Backoff(initial=1.0, maximum=300.0)
 
     async def _call(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
@@ -125,6 +131,7 @@ class Reconciler:
         if lock is not None and not lock.locked():
             del self._locks[key]
         metrics.forget_job(*key)
+        self.backoff.success(key)
         timer = self._timers.pop(key, None)
         if timer:
             timer.cancel()
@@ -143,17 +150,23 @@ class Reconciler:
             started = time.monotonic()
             try:
                 requeue = await self.reconcile(*key)
+                self.backoff.success(key)
                 metrics.RECONCILES.labels("ok").inc()
+            except RetryLater as e:  # already reported (event, log)
+                metrics.RECONCILES.labels("retry").inc()
+                requeue = self.backoff.failure(key)
+                log.info("[%s/%s] %s; retrying in %gs", *key, e, requeue)
             except ApiException as e:
                 metrics.RECONCILES.labels("conflict" if e.status == 409 else "api_error").inc()
+                # A conflict is optimistic concurrency doing its job: decide again at once.
+                requeue = 0.2 if e.status == 409 else self.backoff.failure(key)
                 if e.status != 409:
                     log.warning("[%s/%s] API error %s %s; retrying in %gs", *key, e.status,
-                                e.reason, RETRY_SECONDS)
-                requeue = 0.2 if e.status == 409 else RETRY_SECONDS
+                                e.reason, requeue)
             except Exception:  # noqa: BLE001 - one job's bug must not stop the others
                 metrics.RECONCILES.labels("error").inc()
-                log.exception("[%s/%s] reconcile failed; retrying in %gs", *key, RETRY_SECONDS)
-                requeue = RETRY_SECONDS
+                requeue = self.backoff.failure(key)
+                log.exception("[%s/%s] reconcile failed; retrying in %gs", *key, requeue)
             finally:
                 metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
             if requeue is not None:
@@ -280,10 +293,10 @@ class Reconciler:
             if why is not None:
                 msg = (f"phase {create.phase}: cannot write the storage fence for attempt "
                        f"{create.attempt} ({why}); not creating pod {create.name} while an "
-                       f"older attempt could still write; retrying in {STORAGE_RETRY_SECONDS:g}s")
+                       f"older attempt could still write; retrying with backoff")
                 log.warning("%s %s", tag, msg)
                 await self._call(self.kube.post_event, job, "Warning", C.EV_STORAGE_ERROR, msg)
-                return STORAGE_RETRY_SECONDS
+                raise RetryLater(f"no fence for attempt {create.attempt}")
             manifest = create.manifest
             kopf.adopt(manifest, owner=job)
             try:
@@ -298,7 +311,8 @@ class Reconciler:
                        f"{e.status} {e.reason}: {_api_message(e)}")
                 log.warning("%s %s", tag, msg)
                 await self._call(self.kube.post_event, job, "Warning", "PodCreateFailed", msg)
-                return RETRY_SECONDS  # status says "not created yet": the next pass retries
+                # Status says "not created yet": a later pass retries, backing off.
+                raise RetryLater(f"pod {create.name} refused ({e.status})") from e
             if created:
                 uids[create.name] = created
                 metrics.PODS_CREATED.labels(ns).inc()

@@ -7,11 +7,12 @@ import json
 import pytest
 from kubernetes.client.rest import ApiException
 
+from phoenix_operator.backoff import Backoff
 from phoenix_operator.classify import NodeHealth
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.decide import decide
 from phoenix_operator.kube import EventCache, ForeignPod, Kube
-from phoenix_operator.reconcile import Reconciler
+from phoenix_operator.reconcile import Reconciler, RetryLater
 
 from opfacts import NO_CK_LISTING, at, job, phase_status, pod, with_status
 
@@ -84,11 +85,12 @@ def test_no_fence_no_pod():
     """Storage that cannot be fenced: the new attempt is not started while the old one could
     still publish checkpoints."""
     kube = FakeKube()
-    requeue = run(kube, with_status(job(), phase_status()),
-                  [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
-                  fence_error=OSError("S3 unreachable"))
+    with pytest.raises(RetryLater, match="no fence"):
+        run(kube, with_status(job(), phase_status()),
+            [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
+            fence_error=OSError("S3 unreachable"))
     assert [c[0] for c in kube.calls] == ["patch", "fence", "event"]
-    assert kube.calls[-1] == ("event", "StorageError") and requeue == 15.0
+    assert kube.calls[-1] == ("event", "StorageError")
 
 
 def test_stale_view_creates_nothing():
@@ -100,10 +102,10 @@ def test_stale_view_creates_nothing():
 
 def test_refused_pod_stops_the_pass():
     kube = FakeKube(create_error=403)
-    requeue = run(kube, job(), [])
+    with pytest.raises(RetryLater, match="refused"):
+        run(kube, job(), [])
     assert [c[0] for c in kube.calls] == ["patch", "fence", "create", "event"]
     assert kube.calls[-1] == ("event", "PodCreateFailed")
-    assert requeue == 10.0
 
 
 def test_no_write_when_nothing_changed():
@@ -263,3 +265,37 @@ def test_expired_event_is_posted_anew():
     kube.post_event(job(), "Normal", "Preempted", "m")
     kube.post_event(job(), "Normal", "Preempted", "m")
     assert [c[0] for c in core.calls] == ["create", "patch", "create"]
+
+
+
+# --- per-job exponential backoff -----------------------------------------------------------
+def test_backoff_doubles_per_key_caps_and_resets():
+    b = Backoff(initial=1.0, maximum=8.0)
+    assert [b.failure("a") for _ in range(5)] == [1.0, 2.0, 4.0, 8.0, 8.0]
+    assert b.failure("b") == 1.0  # another job is not slowed down
+    b.success("a")
+    assert b.failure("a") == 1.0
+
+
+def test_failing_passes_back_off_and_a_good_one_resets():
+    """A job whose passes keep failing (API errors, refused pods) is retried after 1, 2, 4 s
+    ..., not every 10 s forever; one good pass starts it over; a conflict is not a failure."""
+    outcomes = [ApiException(status=500), RetryLater("refused"), ValueError("bug"),
+                ApiException(status=409), None, ApiException(status=500)]
+    reconciler = Reconciler(FakeKube(), OperatorConfig(api_workers=1))
+    delays = []
+
+    async def reconcile(ns, name):
+        outcome = outcomes.pop(0)
+        if outcome is not None:
+            raise outcome
+        return None
+
+    reconciler.reconcile = reconcile
+    reconciler.poke_later = lambda key, delay: delays.append(delay)
+
+    async def main():
+        for _ in range(6):
+            await reconciler._run(("ns", "j"))
+    asyncio.run(main())
+    assert delays == [1.0, 2.0, 4.0, 0.2, 1.0]
