@@ -28,6 +28,8 @@ LABEL_ROLE = f"{GROUP}/role"
 ROLE_TRAINER = "trainer"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "phoenix-operator"
+# The operator's pod watch: server-side, only pods that carry the job label.
+POD_WATCH_SELECTOR = LABEL_JOB
 
 # --- annotations on trainer pods (facts the operator needs back, not selectable) -------
 ANNOTATION_RESUME_FROM = f"{GROUP}/resume-from"

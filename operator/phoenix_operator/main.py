@@ -24,15 +24,23 @@ from .reconcile import Reconciler
 log = logging.getLogger("phoenix.operator")
 
 
-@kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
-    config = OperatorConfig.from_env()
+def configure(settings: kopf.OperatorSettings) -> None:
+    """kopf settings, in one place."""
     # Handler log lines would otherwise become Events on pods; we post our own, curated.
     settings.posting.level = logging.WARNING
     settings.peering.standalone = True  # safety: intent-first status + deterministic names
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.networking.request_timeout = 60
+    # Only Phoenix's pods, filtered by the API server: the handler's labels= filter alone is
+    # applied client-side, after every pod in the cluster was streamed to us and parsed.
+    settings.watching.label_selectors["v1", "pods"] = C.POD_WATCH_SELECTOR
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    config = OperatorConfig.from_env()
+    configure(settings)
     load_config()
     reconciler = Reconciler(Kube(), config)
     memo.reconciler = reconciler
