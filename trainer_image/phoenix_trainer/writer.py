@@ -91,14 +91,25 @@ def commit_checkpoint(storage: Storage, step: int, files: dict[str, str | os.Pat
 
     Fenced (``check_fence``): refused before the first byte, before the manifest, and undone
     if the fence moved while the manifest was being written."""
+    digests = upload_shards(storage, step, files, attempt=attempt, digests=digests, retry=retry)
+    return publish_manifest(storage, step, digests, epoch=epoch, phase=phase,
+                            config_fingerprint=config_fingerprint, run_id=run_id,
+                            attempt=attempt, extra=extra, retry=retry)
+
+
+def _fence(storage: Storage, attempt: int | None, step: int, what: str, retry: RetryPolicy) -> None:
+    retry.run(f"read the fence of {storage.uri}",
+              lambda: check_fence(storage, attempt, f"{what} checkpoint step {step}"))
+
+
+def upload_shards(storage: Storage, step: int, files: dict[str, str | os.PathLike], *,
+                  attempt: int | None = None, digests: dict[str, FileEntry] | None = None,
+                  retry: RetryPolicy | None = None) -> dict[str, FileEntry]:
+    """The first half of a commit: upload ``files`` into ``step-N/`` (no manifest yet) and
+    return their entries for it. Every rank of a gang does this for its own files."""
     retry = retry or RetryPolicy()
     d = step_dir_name(step)
-
-    def fence(what: str) -> None:
-        retry.run(f"read the fence of {storage.uri}",
-                  lambda: check_fence(storage, attempt, f"{what} checkpoint step {step}"))
-
-    fence("write")
+    _fence(storage, attempt, step, "write", retry)
     digests = dict(digests or {})
     for name, path in files.items():
         if name not in digests:
@@ -119,15 +130,26 @@ def commit_checkpoint(storage: Storage, step: int, files: dict[str, str | os.Pat
                                f" {digests[name].size} were sent")
         if stored:
             digests[name] = replace(digests[name], stored_checksum=stored)
+    return {name: digests[name] for name in files}
+
+
+def publish_manifest(storage: Storage, step: int, digests: dict[str, FileEntry], *, epoch: int,
+                     phase: str, config_fingerprint: str, run_id: str = "",
+                     attempt: int | None = None, extra: dict | None = None,
+                     retry: RetryPolicy | None = None) -> CheckpointInfo:
+    """The second half: write the manifest listing every uploaded file (all ranks' files,
+    for a gang), fenced before and after."""
+    retry = retry or RetryPolicy()
+    d = step_dir_name(step)
     manifest = Manifest(step=step, epoch=epoch, phase=phase, time=utcnow_iso(),
-                        config_fingerprint=config_fingerprint, files=digests, run_id=run_id,
+                        config_fingerprint=config_fingerprint, files=dict(digests), run_id=run_id,
                         attempt=attempt, extra=dict(extra or {}))
     body = manifest.to_json().encode()
-    fence("publish")
+    _fence(storage, attempt, step, "publish", retry)
     retry.run(f"write manifest {storage.uri_for(d)}",
               lambda: storage.put_bytes(f"{d}/{MANIFEST_NAME}", body))
     try:
-        fence("keep")
+        _fence(storage, attempt, step, "keep", retry)
     except SupersededError:
         # The successor started while we wrote: take our manifest back (if still ours).
         with contextlib.suppress(Exception):
