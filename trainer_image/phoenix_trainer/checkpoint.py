@@ -48,6 +48,7 @@ class Snapshot:
     tensors: dict[str, Any]  # shard name -> object for torch.save
     documents: dict[str, Any]  # shard name -> JSON-able dict
     extra: dict[str, Any] = field(default_factory=dict)  # copied into the manifest's "extra"
+    files: dict[str, str] = field(default_factory=dict)  # shard name -> a file already written
     nbytes: int = 0
     seconds: float = 0.0  # how long the loop was blocked taking it
 
@@ -126,7 +127,8 @@ class AsyncCheckpointer:
     def __init__(self, storage: Storage, *, phase: str, config_fingerprint: str, keep: int = 3,
                  run_id: str = "", attempt: int | None = None, max_in_flight: int = 1,
                  retry: RetryPolicy | None = None, spool_dir: str | None = None,
-                 protect: Iterable[int] = ()) -> None:
+                 protect: Iterable[int] = (),
+                 commit: Callable[..., CheckpointInfo] | None = None, retention: bool = True) -> None:
         if keep < 2:
             raise CheckpointError(f"keep={keep}: keep at least 2 checkpoints so there is a fallback")
         self.storage = storage
@@ -138,6 +140,10 @@ class AsyncCheckpointer:
         self.max_in_flight = max(1, max_in_flight)
         self.retry = retry or RetryPolicy()
         self.protect = set(protect)
+        # How files become a checkpoint: commit_checkpoint's signature; a gang plugs in its own
+        # (every rank uploads, one publishes the manifest), and only that one applies retention.
+        self.commit = commit or commit_checkpoint
+        self.retention = retention
         self.spool = make_spool(spool_dir)
         self.stats = SaveStats()
         self.latest: CheckpointInfo | None = None  # newest checkpoint committed by this process
@@ -229,15 +235,18 @@ class AsyncCheckpointer:
             files, digests = {}, {}
             for name, obj in snap.tensors.items():
                 path = os.path.join(d, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)  # "rank-1/rng.pt" in a gang
                 digests[name] = _hashing_save(obj, path)
                 files[name] = path
             for name, doc in snap.documents.items():
                 path = os.path.join(d, name)
+                os.makedirs(os.path.dirname(path), exist_ok=True)
                 with open(path, "wb") as f:
                     f.write(json.dumps(doc, sort_keys=True, indent=1).encode())
                 files[name] = path
+            files.update(snap.files)
             t1 = time.perf_counter()
-            info = commit_checkpoint(
+            info = self.commit(
                 self.storage, snap.step, files, epoch=snap.epoch, phase=self.phase,
                 config_fingerprint=self.config_fingerprint, run_id=self.run_id,
                 attempt=self.attempt, digests=digests, retry=self.retry, extra=snap.extra)
@@ -260,8 +269,9 @@ class AsyncCheckpointer:
                 except Exception:  # noqa: BLE001 - housekeeping must not fail a good save
                     log.exception("after-checkpoint hook failed for %s", info.uri)
             try:
-                apply_retention(self.storage, self.keep, protect=self.protect | {info.step},
-                                attempt=self.attempt)
+                if self.retention:
+                    apply_retention(self.storage, self.keep, protect=self.protect | {info.step},
+                                    attempt=self.attempt)
             except Exception as e:  # noqa: BLE001 - retention is best effort; retried next save
                 log.warning("retention under %s failed (%s); will retry after the next save",
                             self.storage.uri, e)

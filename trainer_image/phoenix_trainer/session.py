@@ -182,6 +182,15 @@ class Session:
     def stop_requested(self) -> bool:
         return self._stop_signal is not None
 
+    def should_stop(self, step: int) -> bool:
+        """Stop at this step boundary? (In a gang: does any rank want to; all agree.)"""
+        self.last_step = step
+        return self.stop_requested
+
+    def _all_agree(self, ok: bool) -> bool:
+        """True iff every process of the run says ``ok`` (one process: itself)."""
+        return ok
+
     # ------------------------------------------------------------------ restore ----------
     def restore(self) -> Restored | None:
         """Load the newest valid checkpoint of this phase (or ``PHOENIX_RESUME_FROM``'s),
@@ -262,12 +271,16 @@ class Session:
                              " PHOENIX_FORCE_RESUME=1", info.uri, info.manifest.config_fingerprint,
                              self.fingerprint)
         try:
-            state = load_checkpoint(storage, info)
+            state = self._load(storage, info)
         except CorruptCheckpointError as e:
             self.log.warning("checkpoint %s is unusable (%s); falling back to the previous valid"
                              " checkpoint", info.uri, e)
             return None
         return Restored("resume", info.step, info.manifest.epoch, info, state)
+
+    def _load(self, storage: Storage, info: CheckpointInfo) -> dict[str, Any]:
+        """Download, verify (size, sha256) and deserialize this process's part of ``info``."""
+        return load_checkpoint(storage, info)
 
     def _init_from(self) -> Restored | None:
         uri = self.env.init_from
@@ -415,25 +428,31 @@ class Session:
             self.checkpointer.wait(timeout=max(0.0, remaining()))
             if self.has_checkpoint_at(step):
                 return True, f"{sig} at step {step}; a checkpoint of this step already existed (0 steps lost)"
+        verdict: str | None = None  # why this process cannot save now (None: it can)
         if not self.emergency_checkpoint or state is None:
             self.checkpointer.wait(timeout=max(0.0, remaining()))  # periodic saves still finish
             why = "emergency checkpoints are disabled" if not self.emergency_checkpoint else "no state given"
-            return False, f"{sig} at step {step}; {why}, resuming from {resume_point()[0]}"
-        state = _resolve(state)
-        nbytes = state.nbytes if isinstance(state, Snapshot) else tree_nbytes(split_state(state)[0])
-        need = self.checkpointer.estimate_save_seconds(nbytes)
-        # Earlier uploads go first (one upload thread); let them use what time there is.
-        flushed = self.checkpointer.wait(timeout=max(0.0, remaining()))
-        left = remaining()
-        last, lost = resume_point()
-        if need > left:
-            return False, (f"{sig} at step {step}; grace period too short for an emergency"
+            verdict = f"{sig} at step {step}; {why}, resuming from {resume_point()[0]}"
+            need = 0.0
+        else:
+            state = _resolve(state)
+            nbytes = state.nbytes if isinstance(state, Snapshot) else tree_nbytes(split_state(state)[0])
+            need = self.checkpointer.estimate_save_seconds(nbytes)
+            # Earlier uploads go first (one upload thread); let them use what time there is.
+            flushed = self.checkpointer.wait(timeout=max(0.0, remaining()))
+            left = remaining()
+            last, lost = resume_point()
+            if need > left:
+                verdict = (f"{sig} at step {step}; grace period too short for an emergency"
                            f" checkpoint (need ~{need:.1f}s, {max(0.0, left):.1f}s left of {grace:.0f}s);"
                            f" resuming from {last} loses {lost} steps")
-        if not flushed:
-            return False, (f"{sig} at step {step}; earlier uploads did not finish within the"
+            elif not flushed:
+                verdict = (f"{sig} at step {step}; earlier uploads did not finish within the"
                            f" {grace:.0f}s grace period, no emergency checkpoint; resuming from"
                            f" {last} loses {lost} steps")
+        if not self._all_agree(verdict is None):  # a gang saves together or not at all
+            return False, verdict or (f"{sig} at step {step}; a peer rank could not save within"
+                                      f" its grace period; resuming from {resume_point()[0]}")
         t0 = time.perf_counter()
         try:
             self.save(step, state, epoch=epoch, progress=progress, blocking=True)

@@ -288,7 +288,7 @@ class Trainer:
 
     def _run_epochs(self) -> str:
         while not self._done():
-            if self.stop_requested:
+            if self.session.should_stop(self.step):
                 return REASON_PREEMPTED
             skip = self.batch_in_epoch
             if skip == 0 and self._pending_rng is not None:
@@ -301,7 +301,7 @@ class Trainer:
                 restore_rng(self._pending_rng)  # mid-epoch: the iterator existed already
                 self._pending_rng = None
             while True:
-                if self.stop_requested:
+                if self.session.should_stop(self.step):
                     return REASON_PREEMPTED
                 t0 = time.perf_counter()
                 batches = self._next_micro_batches(it)
@@ -322,7 +322,7 @@ class Trainer:
                     self._after_epoch(self.epoch - 1)
                 if rolled or self._done():
                     break
-            if self.batch_in_epoch and self.batches_per_epoch is None and not self._done() and not self.stop_requested:
+            if self.batch_in_epoch and self.batches_per_epoch is None and not self._done() and not self.session.should_stop(self.step):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0  # iterable without len: ran dry
                 self._after_epoch(self.epoch - 1)
         return REASON_COMPLETED
