@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -12,15 +13,28 @@ from pathlib import Path
 # "... INFO phoenix.trainer: [ns/job/phase] step 12 ..." (Trainer) or "phoenix.example: step 12"
 _STEP_LINE = re.compile(r" phoenix\.[\w.]+: (?:\[[^\]]*\] )?step (\d+)\b")
 
+_RANK_PID = re.compile(r" rank (\d+)/\d+\] .* pid (\d+)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 class Proc:
     """A training subprocess whose stderr we follow to know which step it reached."""
 
-    def __init__(self, env: dict[str, str], script: Path, args: list[str]) -> None:
-        self.p = subprocess.Popen([sys.executable, str(script), *args], env=env,
+    def __init__(self, env: dict[str, str], script: Path, args: list[str], nproc: int | None = None) -> None:
+        """``nproc``: run under torchrun with that many ranks (loopback rendezvous)."""
+        launcher = [] if nproc is None else [
+            "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
+            f"--master-port={free_port()}"]
+        self.p = subprocess.Popen([sys.executable, *launcher, str(script), *args], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.step = -1
         self.start_step: int | None = None
+        self.pids: dict[int, int] = {}  # rank -> pid, from the ranks' start lines
         self.lines: list[str] = []
         self._t = threading.Thread(target=self._follow, daemon=True)
         self._t.start()
@@ -31,6 +45,8 @@ class Proc:
             if " at step " in line and ("starting run" in line or "resuming run" in line):
                 self.start_step = int(line.split(" at step ")[1].split()[0])
                 self.step = self.start_step
+                if (m := _RANK_PID.search(line)):
+                    self.pids[int(m.group(1))] = int(m.group(2))
             elif (m := _STEP_LINE.search(line)):
                 self.step = int(m.group(1))
 
@@ -63,33 +79,41 @@ def env_for(s3_server, uri: str, attempt: int, tmp_path: Path, **extra) -> dict[
 
 
 def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], run_uri: str,
-                    ref_uri: str, plan: list[tuple[int, int]], **extra_env: str) -> list[int]:
+                    ref_uri: str, plan: list[tuple[int, int]], *, nproc: int | None = None,
+                    target=None, expect_rc: dict[int, int] | None = None,
+                    between=None, **extra_env: str) -> list[int]:
     """Run ``script`` uninterrupted (to ``ref_uri``) and, beside it, killed per ``plan`` —
     (signal, step at which to send it) — and resumed through the env contract (attempt N is
     the N-th process) until it completes. Asserts exit codes and the SIGTERM termination
-    messages; returns the steps the resumed processes started from."""
+    messages; returns the steps the resumed processes started from.
+
+    Under torchrun (``nproc``): ``target(proc, attempt)`` picks the pid to signal (default:
+    the launcher), ``expect_rc`` maps signal -> the launcher's exit code, and
+    ``between(proc, attempt)`` runs after each killed attempt (checks, damage)."""
     import signal
 
     from phoenix_trainer.contract import TerminationMessage
 
+    expect_rc = expect_rc or {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143}
     (tmp_path / "ref").mkdir(exist_ok=True)
-    ref = Proc(env_for(s3_server, ref_uri, 0, tmp_path / "ref", **extra_env), script, args)
+    ref = Proc(env_for(s3_server, ref_uri, 0, tmp_path / "ref", **extra_env), script, args, nproc)
     starts = []
     for attempt, (sig, at) in enumerate(plan):
         proc = Proc(env_for(s3_server, run_uri, attempt, tmp_path, PHOENIX_GRACE_SECONDS="30",
-                            **extra_env), script, args)
+                            **extra_env), script, args, nproc)
         proc.wait_for_step(at)
-        proc.p.send_signal(sig)
+        os.kill(target(proc, attempt) if target else proc.p.pid, sig)
         rc = proc.finish()
         starts.append(proc.start_step)
+        assert rc == expect_rc[sig], f"exit {rc}:\n" + "".join(proc.lines[-20:])
+        if between is not None:
+            between(proc, attempt)
         if sig == signal.SIGKILL:
-            assert rc == -signal.SIGKILL, "".join(proc.lines[-20:])
             continue
-        assert rc == 143, "".join(proc.lines[-20:])
         msg = TerminationMessage.from_json((tmp_path / f"termination-{attempt}").read_text())
         assert msg.reason == "preempted" and msg.emergencySaveCompleted and msg.step >= at, msg
         assert msg.checkpoint.endswith(f"step-{msg.step:010d}"), msg  # 0 steps lost
-    last = Proc(env_for(s3_server, run_uri, len(plan), tmp_path, **extra_env), script, args)
+    last = Proc(env_for(s3_server, run_uri, len(plan), tmp_path, **extra_env), script, args, nproc)
     assert last.finish() == 0, "".join(last.lines[-30:])
     msg = TerminationMessage.from_json((tmp_path / f"termination-{len(plan)}").read_text())
     assert msg.reason == "completed", msg

@@ -260,6 +260,18 @@ class Session:
 
     def _try_load(self, storage: Storage, info: CheckpointInfo) -> Restored | None:
         assert info.manifest is not None
+        self._check_config(info)
+        try:
+            state = self._load(storage, info)
+        except CorruptCheckpointError as e:
+            self.log.warning("checkpoint %s is unusable (%s); falling back to the previous valid"
+                             " checkpoint", info.uri, e)
+            return None
+        return Restored("resume", info.step, info.manifest.epoch, info, state)
+
+    def _check_config(self, info: CheckpointInfo) -> None:
+        """Refuse to resume across a config change, unless PHOENIX_FORCE_RESUME=1."""
+        assert info.manifest is not None
         if info.manifest.config_fingerprint != self.fingerprint:
             if not self.env.force_resume:
                 raise ConfigMismatchError(
@@ -270,13 +282,6 @@ class Session:
             self.log.warning("resuming %s across a config change (%s -> %s) because"
                              " PHOENIX_FORCE_RESUME=1", info.uri, info.manifest.config_fingerprint,
                              self.fingerprint)
-        try:
-            state = self._load(storage, info)
-        except CorruptCheckpointError as e:
-            self.log.warning("checkpoint %s is unusable (%s); falling back to the previous valid"
-                             " checkpoint", info.uri, e)
-            return None
-        return Restored("resume", info.step, info.manifest.epoch, info, state)
 
     def _load(self, storage: Storage, info: CheckpointInfo) -> dict[str, Any]:
         """Download, verify (size, sha256) and deserialize this process's part of ``info``."""

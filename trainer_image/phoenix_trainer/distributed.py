@@ -1,0 +1,306 @@
+"""Phoenix under torchrun: one checkpoint for all ranks, one stop for all ranks.
+
+``DistributedSession`` is a ``Session`` for a process group of any size (gloo on CPU, NCCL
+on GPUs; torchrun's environment). What changes against one process:
+
+- **Agreement.** At each step boundary the ranks agree, in one tiny all-reduce, whether to
+  stop (SIGTERM reached any rank) and whether to checkpoint (the interval is due on any
+  rank), so every rank stops or saves at the same step. The emergency save is made by all
+  ranks or by none. Bookkeeping runs on its own gloo groups (one for the training thread,
+  one for the upload thread), never on the model's (possibly NCCL) group, with a bounded
+  timeout (``PHOENIX_COLLECTIVE_TIMEOUT_SECONDS``, default 60): a rank lost without a word
+  makes the others fail promptly instead of hanging until the grace period runs out.
+- **Sharded checkpoints.** The state entry ``"sharded"`` (e.g. ``{"model": msd, "optim":
+  osd}`` from ``torch.distributed.checkpoint.state_dict.get_state_dict``, for DDP or FSDP2)
+  is written with ``torch.distributed.checkpoint``: each rank writes its own shard file to a
+  local spool (the blocking part), then uploads it in the background.
+  Everything else in the state is per rank, as ``step-N/rank<r>-<name>`` (RNG states, data
+  position, trainer.json); DCP's files are ``step-N/dcp-<name>`` (checkpoint file names are
+  flat). The upload threads then exchange their files' sizes and sha256;
+  rank 0 writes the one manifest listing every rank's files, last, after the fence check,
+  and tells the others. A checkpoint missing any rank's file has no manifest (or fails
+  verification) and is never resumed from, exactly like a partial single-process one.
+- **Restore.** Rank 0 picks the candidate (newest valid, or ``PHOENIX_RESUME_FROM``) and
+  broadcasts it; every rank downloads and verifies its own files and the DCP files; if any
+  rank fails, all fall back to the previous checkpoint together. ``Restored.load_sharded``
+  then loads with DCP, which reshards: a checkpoint written by 4 ranks loads on 2.
+  Per-rank state of a rank that did not exist at save time comes from rank 0 (RNG streams
+  then differ: exact in samples seen, not bitwise — see docs/trainer.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from datetime import timedelta
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from .checkpoint import Snapshot
+from .errors import CheckpointError, CorruptCheckpointError
+from .layout import CheckpointInfo, Manifest, step_dir_name
+from .session import Restored, Session, _Ctx
+from .storage import Storage, latest_valid_checkpoint, split_checkpoint_uri, verify_checkpoint
+from .writer import file_digest, publish_manifest, upload_shards
+
+log = logging.getLogger("phoenix.trainer")
+
+ENV_COLLECTIVE_TIMEOUT = "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS"
+DEFAULT_COLLECTIVE_TIMEOUT = 60.0
+SHARDED = "sharded"  # the state entry written with torch.distributed.checkpoint
+DCP_PREFIX = "dcp-"
+
+
+def rank_prefix(rank: int) -> str:
+    return f"rank{rank}-"
+
+
+def init_from_env(backend: str | None = None, timeout_seconds: float | None = None) -> bool:
+    """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1)
+    if nobody did; returns whether this process is part of a group of more than one."""
+    if dist.is_initialized():
+        return dist.get_world_size() > 1
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout(timeout_seconds)))
+    return True
+
+
+def collective_timeout(seconds: float | None = None) -> float:
+    if seconds is not None:
+        return float(seconds)
+    raw = os.environ.get(ENV_COLLECTIVE_TIMEOUT)
+    try:
+        return float(raw) if raw else DEFAULT_COLLECTIVE_TIMEOUT
+    except ValueError:
+        raise ValueError(f"{ENV_COLLECTIVE_TIMEOUT}={raw!r} is not a number of seconds") from None
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class ShardedRestored(Restored):
+    """A restored gang checkpoint: this rank's own state, plus the DCP files on local disk."""
+
+    sharded_dir: str | None = None
+
+    def load_sharded(self, target: Any, *, process_group: Any = None) -> None:
+        """Load the ``"sharded"`` state into ``target`` in place (DCP; reshards as needed)."""
+        if self.sharded_dir is None:
+            raise CheckpointError(f"checkpoint {self.info.uri} has no sharded state")
+        dcp.load(target, storage_reader=dcp.FileSystemReader(self.sharded_dir),
+                 process_group=process_group)
+
+
+class DistributedSession(Session):
+    """A ``Session`` shared by every rank of a process group; see the module docstring."""
+
+    def __init__(self, *, collective_timeout_seconds: float | None = None, **kwargs: Any) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistributedSession needs torch.distributed initialised"
+                               " (call phoenix_trainer.distributed.init_from_env() under torchrun)")
+        super().__init__(**kwargs)
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        timeout = timedelta(seconds=collective_timeout(collective_timeout_seconds))
+        # Training thread: agreement, DCP planning, restore. Upload thread: commit handshake.
+        self.ctl_group = dist.new_group(backend="gloo", timeout=timeout)
+        self.io_group = dist.new_group(backend="gloo", timeout=timeout)
+        self.log = _Ctx(log, {"ctx": f"{self.env.log_context} rank {self.rank}/{self.world_size}"})
+        self._agreed: tuple[int, bool, bool] | None = None
+        self._download_dir: str | None = None
+
+    # ------------------------------------------------------------------ agreement --------
+    def _agree(self, step: int) -> tuple[int, bool, bool]:
+        if self._agreed is not None and self._agreed[0] == step:
+            return self._agreed
+        due = Session.should_checkpoint(self, step)
+        flags = torch.tensor([int(self.stop_requested), int(due)], dtype=torch.int32)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ctl_group)
+        stop, ckpt = bool(flags[0]), bool(flags[1])
+        if stop and not self.stop_requested:
+            self.log.info("a peer rank was asked to stop; stopping at step %d with it", step)
+            self.request_stop()
+        self._agreed = (step, stop, ckpt)
+        return self._agreed
+
+    def should_stop(self, step: int) -> bool:
+        self.last_step = step
+        return self._agree(step)[1]
+
+    def should_checkpoint(self, step: int) -> bool:
+        self.last_step = step
+        return self._agree(step)[2]
+
+    def _all_agree(self, ok: bool) -> bool:
+        flag = torch.tensor([int(ok)], dtype=torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.ctl_group)
+        return bool(flag[0])
+
+    # ------------------------------------------------------------------ saving -----------
+    def snapshot(self, step: int, epoch: int, state: Mapping[str, Any],
+                 progress: Mapping[str, Any] | None = None) -> Snapshot:
+        state = dict(state)
+        sharded = state.pop(SHARDED, None)
+        snap = super().snapshot(step, epoch, state, progress)
+        prefix = rank_prefix(self.rank)
+        snap.tensors = {prefix + k: v for k, v in snap.tensors.items()}
+        snap.documents = {prefix + k: v for k, v in snap.documents.items()}
+        if sharded is not None:
+            spool = self.checkpointer.spool if self.checkpointer else tempfile.mkdtemp(prefix="phoenix-dcp-")
+            d = os.path.join(spool, step_dir_name(step), "dcp")
+            shutil.rmtree(d, ignore_errors=True)
+            t0 = time.perf_counter()
+            dcp.save(sharded, storage_writer=dcp.FileSystemWriter(d), process_group=self.ctl_group)
+            for name in sorted(os.listdir(d)):
+                path = os.path.join(d, name)
+                snap.files[DCP_PREFIX + name] = path
+                snap.nbytes += os.path.getsize(path)
+            snap.seconds += time.perf_counter() - t0
+        return snap
+
+    def restore(self) -> Restored | None:
+        restored = super().restore()
+        if self.checkpointer is not None:
+            self.checkpointer.commit = self._commit
+            self.checkpointer.retention = self.rank == 0
+        if self.rank != 0:
+            self.metrics = None  # one metrics file per attempt: rank 0 writes it
+        return restored
+
+    def _end(self, result: Any) -> None:
+        # One termination message per pod (its local rank 0; torchrun's ranks share the file).
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            super()._end(result)
+        else:
+            self._finished = result
+            self.log.info("%s at step %d: %s", result.reason, result.step, result.message)
+
+    def _commit(self, storage: Storage, step: int, files: dict[str, str], *, epoch: int,
+                phase: str, config_fingerprint: str, run_id: str = "", attempt: int | None = None,
+                extra: dict | None = None, digests: dict | None = None, retry: Any = None) -> CheckpointInfo:
+        """Upload thread, every rank in the same order: upload mine, exchange entries, rank 0
+        publishes the manifest listing everyone's files and tells the others how it went."""
+        error = None
+        try:
+            mine = upload_shards(storage, step, files, attempt=attempt, digests=digests, retry=retry)
+        except BaseException as e:  # noqa: BLE001 - reported to rank 0, which will not publish
+            mine, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, (mine, error), group=self.io_group)
+        outcome: list[Any] = [None]
+        if self.rank == 0:
+            errors = [e for _, e in everyone if e]
+            if errors:
+                outcome[0] = (None, "; ".join(errors))
+            else:
+                merged: dict[str, Any] = {}
+                for entries, _ in everyone:
+                    merged.update(entries)
+                try:
+                    info = publish_manifest(storage, step, merged, epoch=epoch, phase=phase,
+                                            config_fingerprint=config_fingerprint, run_id=run_id,
+                                            attempt=attempt, extra=extra, retry=retry)
+                    outcome[0] = (info.manifest.to_json(), None)
+                except BaseException as e:  # noqa: BLE001 - every rank must hear about it
+                    outcome[0] = (None, f"rank 0: {type(e).__name__}: {e}")
+        dist.broadcast_object_list(outcome, src=0, group=self.io_group)
+        manifest_json, why = outcome[0]
+        if why is not None:
+            raise CheckpointError(f"checkpoint step {step} of the gang was not committed: {why}")
+        manifest = Manifest.from_json(manifest_json)
+        return CheckpointInfo(step, storage.uri_for(step_dir_name(step)), manifest, True, "ok")
+
+    # ------------------------------------------------------------------ restore ----------
+    def _find_own(self) -> Restored | None:
+        assert self.storage is not None
+        tried: set[int] = set()
+        below: int | None = None
+        first = split_checkpoint_uri(self.env.resume_from)[1] if self.env.resume_from else None
+        while True:
+            pick: list[Any] = [None]
+            if self.rank == 0:
+                if first is not None and first not in tried:
+                    pick[0] = first
+                else:
+                    info = latest_valid_checkpoint(self.storage, deep=False, exclude_steps=tried,
+                                                   below_step=below)
+                    pick[0] = info.step if info else None
+            dist.broadcast_object_list(pick, src=0, group=self.ctl_group)
+            step = pick[0]
+            if step is None:
+                if tried:
+                    self.log.warning("no usable checkpoint under %s; starting from scratch", self.storage.uri)
+                return None
+            info = verify_checkpoint(self.storage, step, deep=False)
+            loaded = self._try_load(self.storage, info) if info.valid else None
+            if not info.valid:
+                self.log.warning("checkpoint %s is not valid (%s); falling back", info.uri, info.reason)
+            oks: list[Any] = [None] * self.world_size
+            dist.all_gather_object(oks, loaded is not None, group=self.ctl_group)
+            if all(oks):
+                return loaded
+            if loaded is not None:
+                self.log.warning("a peer rank could not load %s; falling back with it", info.uri)
+            tried.add(step)
+            if step == first:
+                below = step
+
+    def _try_load(self, storage: Storage, info: CheckpointInfo) -> Restored | None:
+        assert info.manifest is not None
+        files = info.manifest.files
+        self._check_config(info)
+        own = rank_prefix(self.rank) if any(n.startswith(rank_prefix(self.rank)) for n in files) else rank_prefix(0)
+        if self._download_dir:
+            shutil.rmtree(self._download_dir, ignore_errors=True)
+        self._download_dir = tempfile.mkdtemp(prefix="phoenix-restore-")
+        wanted = [n for n in files if n.startswith((own, DCP_PREFIX))]
+        state: dict[str, Any] = {}
+        try:
+            os.makedirs(os.path.join(self._download_dir, "dcp"))
+            for name in sorted(wanted):
+                local = ("dcp/" + name[len(DCP_PREFIX):]) if name.startswith(DCP_PREFIX) else name
+                path = os.path.join(self._download_dir, local)
+                try:
+                    storage.get_file(f"{step_dir_name(info.step)}/{name}", path)
+                except FileNotFoundError as e:
+                    raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
+                got = file_digest(path)
+                if (got.size, got.sha256) != (files[name].size, files[name].sha256):
+                    raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} does not match"
+                                                 " its manifest entry (size or sha256)")
+                if name.startswith(own):
+                    key = name[len(own):]
+                    state[key] = _decode(path, key, info)
+        except CorruptCheckpointError as e:
+            self.log.warning("checkpoint %s is unusable (%s); falling back to the previous valid"
+                             " checkpoint", info.uri, e)
+            return None
+        restored = ShardedRestored("resume", info.step, info.manifest.epoch, info, state)
+        if any(n.startswith(DCP_PREFIX) for n in files):
+            restored.sharded_dir = os.path.join(self._download_dir, "dcp")
+        return restored
+
+    def close(self) -> None:
+        super().close()
+        if self._download_dir:
+            shutil.rmtree(self._download_dir, ignore_errors=True)
+
+
+def _decode(path: str, name: str, info: CheckpointInfo) -> Any:
+    try:
+        if name.endswith(".json"):
+            with open(path, "rb") as f:
+                return json.load(f)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any decode failure means an unusable shard
+        raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} cannot be decoded ({e})") from e
