@@ -17,6 +17,7 @@ from kubernetes import config as kconfig
 from kubernetes.client.rest import ApiException
 
 from . import constants as C
+from .decide import member_of
 from .kube import Kube
 from .model import JobSpec, phase_statuses
 from .reset import ResetRefused, reset_status
@@ -47,7 +48,7 @@ def _load(args) -> tuple[Kube, dict]:
 
 
 def status(args) -> int:
-    _, job = _load(args)
+    kube, job = _load(args)
     now = datetime.now(timezone.utc)
     spec = JobSpec.parse(job["spec"])
     st = job.get("status") or {}
@@ -64,13 +65,21 @@ def status(args) -> int:
             print(f"  condition {cond['type']}: {cond.get('reason', '')}"
                   + (f" - {cond['message']}" if cond.get("message") else ""))
     print()
+    pods = kube.list_pods(meta["namespace"], meta["name"]) if any(
+        p.replicas > 1 for p in spec.phases) else []
     for name, ps in phase_statuses(spec, st).items():
         phase = spec.phase(name)
         deps = ", ".join(phase.depends_on) or "-"
         print(f"phase {name} [{ps.state.value}]  depends on: {deps}"
               + ("  (independent)" if phase.independent else ""))
         print(f"  attempts {ps.attempts}, preemptions {ps.preemptions}, failures "
-              f"{ps.failures}, pod {ps.pod or '-'}")
+              f"{ps.failures}, pod {ps.pod or '-'}"
+              + (f" (gang of {phase.replicas})" if phase.replicas > 1 else ""))
+        for pod in _members(pods, name, ps.attempts) if phase.replicas > 1 else ():
+            pst = pod.get("status") or {}
+            print(f"    member {member_of(pod)}: {pod['metadata']['name']}"
+                  f" on {(pod.get('spec') or {}).get('nodeName') or '(not scheduled)'}:"
+                  f" {pst.get('phase', '?')}" + (f" ({pst['reason']})" if pst.get("reason") else ""))
         if ps.started_at:
             print(f"  started {_age(ps.started_at, now)}"
                   + (f", finished {_age(ps.completed_at, now)}" if ps.completed_at else ""))
@@ -89,6 +98,12 @@ def status(args) -> int:
         if ps.skipped_steps:
             print(f"  will not resume from steps {list(ps.skipped_steps)} (crashed repeatedly)")
     return 0
+
+
+def _members(pods: list[dict], phase: str, attempt: int) -> list[dict]:
+    labels = lambda p: (p.get("metadata") or {}).get("labels") or {}  # noqa: E731
+    return sorted((p for p in pods if labels(p).get(C.LABEL_PHASE) == phase
+                   and labels(p).get(C.LABEL_ATTEMPT) == str(attempt)), key=member_of)
 
 
 def checkpoints(args) -> int:
@@ -124,6 +139,9 @@ def checkpoints(args) -> int:
             m = info.manifest
             mark = "ok " if info.valid else "BAD"
             extra = f"epoch {m.epoch}, {m.time}" if m else ""
+            ranks = {n.split("-", 1)[0] for n in (m.files if m else ()) if n.startswith("rank")}
+            if ranks:  # a gang's sharded checkpoint: every rank's files are in the manifest
+                extra += f", {len(ranks)} ranks, {len(m.files)} files"
             note = "  (skipped by operator)" if step in skipped else ""
             print(f"  {mark} step {step:>8}  {extra}  {info.uri}"
                   + ("" if info.valid else f"  - {info.reason}") + note)

@@ -25,6 +25,8 @@ LABEL_JOB = f"{GROUP}/job"
 LABEL_PHASE = f"{GROUP}/phase"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_ROLE = f"{GROUP}/role"
+LABEL_MEMBER = f"{GROUP}/member"  # a gang member's index (node rank), on gang phases only
+RENDEZVOUS_PORT = 29500  # torchrun's PET_MASTER_PORT inside a gang
 ROLE_TRAINER = "trainer"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "phoenix-operator"
@@ -117,6 +119,7 @@ EV_STORAGE_ERROR = "StorageError"
 EV_PHASE_RESET = "PhaseReset"  # posted by `phoenix reset`
 EV_POD_CONFLICT = "PodConflict"
 EV_RESUME_NOT_EXACT = "ResumeNotExact"  # the trainer says a resume will not be bit-exact
+EV_GANG_UNSCHEDULABLE = "GangUnschedulable"  # a gang not all scheduled in time: released
 EV_NODE_NOT_READY = "NodeNotReady"  # a trainer pod's node NotReady past the grace: stranded
 REASON_NODE_NOT_READY = "NodeNotReady"  # ... and the Running condition's reason meanwhile
 

@@ -16,6 +16,15 @@ gone means the pod was deleted (a preemption).
 
 If a decision needs checkpoint listings the caller did not pass, the plan says so in
 ``needs_checkpoints`` and holds back that phase's pod; the caller lists them and calls again.
+
+A gang phase (``replicas`` > 1) runs each attempt as that many pods, created together (with
+their headless Service). The attempt is one unit: it is live while every member is, it
+succeeds when every member has, and the first member to end otherwise ends it — a member
+that was preempted is the cause before any that failed (its peers fail only because they lost
+it) — and the live members are deleted with their grace before the next attempt. One
+preemption or failure is counted, naming that member. A gang not fully scheduled within
+``recovery.gangScheduleTimeoutSeconds`` is released (its pods deleted, no budget charged) and
+tried again after the same time.
 """
 from __future__ import annotations
 
@@ -24,10 +33,12 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping, Sequence
 
 from . import constants as C
-from .classify import NodeHealth, Outcome, classify, gone, node_grace_left, stranded
+from .classify import LIVE, NodeHealth, Outcome, classify, gone, node_grace_left, stranded
 from .constants import Cause, JobPhase, PhaseState
-from .model import CheckpointRef, Failure, JobSpec, PhaseSpec, PhaseStatus, phase_statuses, ts
-from .podspec import build_pod, pod_name
+from .model import (
+    CheckpointRef, Failure, JobSpec, PhaseSpec, PhaseStatus, parse_ts, phase_statuses, ts,
+)
+from .podspec import build_pod, build_service, pod_name
 from .states import Event, is_terminal, job_phase, transition
 
 S = PhaseState
@@ -117,6 +128,7 @@ class Recovery:
 class Plan:
     status: dict[str, Any]
     create: list[CreatePod] = field(default_factory=list)
+    services: list[dict[str, Any]] = field(default_factory=list)  # ensured before the pods
     delete: list[DeletePod] = field(default_factory=list)
     events: list[Note] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
@@ -131,15 +143,28 @@ class Plan:
 
 # --- the decision ----------------------------------------------------------------------
 
-def pods_by_phase(pods: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, Mapping[str, Any]]]:
-    out: dict[str, dict[int, Mapping[str, Any]]] = {}
+Pods = Mapping[int, Sequence[Mapping[str, Any]]]  # attempt -> its pods (a gang's members)
+
+
+def member_of(pod: Mapping[str, Any]) -> int:
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(C.LABEL_MEMBER, 0))
+    except ValueError:
+        return 0
+
+
+def pods_by_phase(pods: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, list[Mapping[str, Any]]]]:
+    out: dict[str, dict[int, list[Mapping[str, Any]]]] = {}
     for pod in pods:
         labels = (pod.get("metadata") or {}).get("labels") or {}
         try:
             attempt = int(labels.get(C.LABEL_ATTEMPT, ""))
         except ValueError:
             continue
-        out.setdefault(labels.get(C.LABEL_PHASE, ""), {})[attempt] = pod
+        out.setdefault(labels.get(C.LABEL_PHASE, ""), {}).setdefault(attempt, []).append(pod)
+    for attempts in out.values():
+        for members in attempts.values():
+            members.sort(key=member_of)
     return out
 
 
@@ -201,14 +226,13 @@ def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
     return ctx.plan
 
 
-def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
-                  pods: Mapping[int, Mapping[str, Any]],
+def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
                   statuses: Mapping[str, PhaseStatus]) -> PhaseStatus:
     if is_terminal(st.state):
         return st
     # Pods on a lost node look live until pod GC removes them (tens of seconds); nothing runs
     # them any more, so delete them now, without grace, whatever the phase's state.
-    for pod in pods.values():
+    for pod in (p for members in pods.values() for p in members):
         lost = ctx.outcome(pod)
         if lost.force:
             ctx.plan.delete.append(DeletePod(pod["metadata"]["name"], 0, lost.reason,
@@ -219,29 +243,33 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
     for _ in range(2 * len(pods) + 2):
         newer = [a for a in pods if a > st.attempts]
         if st.state == S.RUNNING:
-            pod = pods.get(st.attempts)
-            if pod is None and st.pod_uid is None:
-                if st.pod in ctx.foreign:
+            members = pods.get(st.attempts, ())
+            if len(members) < phase.replicas and st.pod_uid is None:
+                if not members and st.pod in ctx.foreign:
                     _conflict(ctx, phase, st.pod, ctx.foreign[st.pod])
                     break
-                # Status was written (intent) but the pod never got created: the operator
-                # stopped in between. Create it now, same attempt, same name.
+                # Status was written (intent) but the pods never all got created: the
+                # operator stopped in between. Create them now, same attempt, same names.
                 if not ctx.spec.suspend:
                     st = _start_attempt(ctx, phase, st, Event.RECREATE)
                 break
-            outcome = ctx.outcome(pod) if pod is not None else gone(st.pod or "")
+            outcome, culprit, live = _attempt_outcome(ctx, phase, st, members)
             if outcome.live:
-                uid = (pod or {}).get("metadata", {}).get("uid")
+                uid = members[0].get("metadata", {}).get("uid") if members else None
                 if uid and st.pod_uid is None:
                     st = replace(st, pod_uid=uid)
+                if phase.replicas > 1:
+                    st = _gang_scheduled_in_time(ctx, phase, st, members)
                 break
-            if outcome.delete and not outcome.force and pod is not None:
+            if outcome.delete and not outcome.force and culprit is not None:
                 ctx.plan.delete.append(DeletePod(
-                    pod["metadata"]["name"], ctx.spec.recovery.grace_seconds, outcome.reason))
-            st = _account(ctx, phase, st, outcome)
+                    culprit["metadata"]["name"], ctx.spec.recovery.grace_seconds, outcome.reason))
+            name = culprit["metadata"]["name"] if culprit is not None else None
+            _delete_live(ctx, live, f"gang member {name} ended the attempt")
+            st = _account(ctx, phase, st, outcome, name)
             continue
         if st.state in (S.RECOVERING, S.PENDING) and newer and not ctx.spec.suspend:
-            st = _adopt(ctx, phase, st, max(newer), pods[max(newer)])
+            st = _adopt(ctx, phase, st, max(newer), pods[max(newer)][0])
             continue
         break
     if is_terminal(st.state):
@@ -255,8 +283,11 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
         if st.next_attempt_at is not None and ctx.now < st.next_attempt_at:
             ctx.plan.requeue((st.next_attempt_at - ctx.now).total_seconds())
             return st
-        if any(ctx.outcome(p).live for p in pods.values()):
-            return st  # never two live trainer pods: wait for the old one to be gone
+        old_live = [p for members in pods.values() for p in members if ctx.outcome(p).live]
+        if old_live:
+            if phase.replicas > 1:  # a gang's peers, should a delete have been lost
+                _delete_live(ctx, old_live, "the gang's attempt is over")
+            return st  # never two live trainer pods: wait for the old ones to be gone
         return _start_attempt(ctx, phase, st, Event.REPLACE)
     if st.state == S.PENDING:
         deps = [statuses[d] for d in phase.depends_on if d in statuses]
@@ -285,6 +316,76 @@ def _conflict(ctx: _Ctx, phase: PhaseSpec, name: str, owner: str) -> None:
     ctx.plan.requeue(CONFLICT_RETRY_SECONDS)
 
 
+def _attempt_outcome(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
+                     members: Sequence[Mapping[str, Any]]
+                     ) -> tuple[Outcome, Mapping[str, Any] | None, list[Mapping[str, Any]]]:
+    """How the recorded attempt stands: (its outcome, the pod that decided it, live pods).
+
+    One pod: that pod's outcome (gone if it vanished). A gang: live while no member ended;
+    completed when all completed; else the earliest preempted member ends it, or, with no
+    preemption, the earliest failed one (see the module docstring)."""
+    if phase.replicas <= 1:
+        pod = members[0] if members else None
+        outcome = ctx.outcome(pod) if pod is not None else gone(st.pod or "")
+        return outcome, pod, [pod] if pod is not None and outcome.live else []
+    by_member = {member_of(p): p for p in members}
+    seen = []
+    for i in range(phase.replicas):
+        pod = by_member.get(i)
+        name = pod_name(ctx.job, phase.name, st.attempts, i)
+        seen.append((pod, ctx.outcome(pod) if pod is not None else gone(name), name))
+    live = [p for p, o, _ in seen if o.live and p is not None]
+    ended = [(p, o, n) for p, o, n in seen if not o.live]
+    if not ended:
+        return LIVE, None, live
+    if all(o.cause == Cause.COMPLETED for _, o, _ in seen):
+        return seen[0][1], seen[0][0], []
+    bad = [x for x in ended if x[1].cause != Cause.COMPLETED]
+    if not bad:
+        return LIVE, None, live  # some done, the others finishing
+    preempted = [x for x in bad if x[1].cause == Cause.PREEMPTION]
+    far = datetime.max.replace(tzinfo=ctx.now.tzinfo)
+    pod, outcome, name = min(preempted or bad, key=lambda x: (x[1].finished_at or far, x[2]))
+    return outcome, pod if pod is not None else {"metadata": {"name": name}}, live
+
+
+def _delete_live(ctx: _Ctx, pods: Sequence[Mapping[str, Any]], reason: str,
+                 grace: int | None = None) -> None:
+    """Delete live pods (with their grace) that are not being deleted yet."""
+    planned = {d.name for d in ctx.plan.delete}
+    for pod in pods:
+        if not (pod.get("metadata") or {}).get("deletionTimestamp") and pod["metadata"]["name"] not in planned:
+            ctx.plan.delete.append(DeletePod(pod["metadata"]["name"],
+                                             ctx.spec.recovery.grace_seconds if grace is None else grace,
+                                             reason))
+
+
+def _gang_scheduled_in_time(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
+                            members: Sequence[Mapping[str, Any]]) -> PhaseStatus:
+    """All-or-nothing: a gang whose members are not all bound to nodes within the timeout
+    releases what it holds (deletes its pods; no budget charged) and tries again later."""
+    waiting = [p["metadata"]["name"] for p in members if not (p.get("spec") or {}).get("nodeName")]
+    if not waiting:
+        return st
+    created = [t for p in members if (t := parse_ts((p.get("metadata") or {}).get("creationTimestamp")))]
+    timeout = ctx.spec.recovery.gang_schedule_timeout
+    since = min(created) if created else ctx.now
+    left = timeout - (ctx.now - since).total_seconds()
+    if left > 0:
+        ctx.plan.requeue(left)
+        return st
+    why = (f"{len(waiting)} of {phase.replicas} pods ({', '.join(waiting)}) not scheduled within"
+           f" gangScheduleTimeoutSeconds={timeout:g}; released the gang's pods, trying again in"
+           f" {timeout:g}s")
+    ctx.note("Warning", C.EV_GANG_UNSCHEDULABLE, f"phase {phase.name}: {why}")
+    _delete_live(ctx, members, "gang not schedulable in time")
+    failure = Failure(cause="unschedulable", reason=C.EV_GANG_UNSCHEDULABLE, exit_code=None,
+                      message=why, time=ctx.now, attempt=st.attempts)
+    ctx.plan.requeue(timeout)
+    return replace(st, state=transition(st.state, Event.PREEMPT), last_failure=failure,
+                   next_attempt_at=ctx.now + timedelta(seconds=timeout))
+
+
 def _checkpoint_from(outcome: Outcome, st: PhaseStatus, when: datetime) -> CheckpointRef | None:
     tm = outcome.termination
     if tm and tm.checkpoint and tm.step is not None:
@@ -309,10 +410,14 @@ def _describe(outcome: Outcome) -> str:
     return text
 
 
-def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome) -> PhaseStatus:
-    """The recorded attempt ended: charge the right budget and move the state machine."""
+def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
+             member: str | None = None) -> PhaseStatus:
+    """The recorded attempt ended: charge the right budget and move the state machine.
+    ``member``: the pod that ended it (a gang's member that caused it)."""
     ended = outcome.finished_at or ctx.now
-    pod = st.pod or pod_name(ctx.job, phase.name, st.attempts)
+    pod = member or st.pod or pod_name(ctx.job, phase.name, st.attempts)
+    if phase.replicas > 1 and outcome.cause != Cause.COMPLETED:
+        pod = f"{pod} (gang member {pod.rsplit('.', 1)[-1]} of {phase.replicas})"
     st = replace(st, last_checkpoint=_checkpoint_from(outcome, st, ended))
     tm = outcome.termination
     if tm and tm.resumeExact is not None:
@@ -325,7 +430,7 @@ def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome) -> 
     rec = ctx.spec.recovery
     failure = Failure(cause=outcome.cause.value, reason=outcome.reason,
                       exit_code=outcome.exit_code, message=outcome.message, time=ended,
-                      attempt=st.attempts)
+                      attempt=st.attempts, pod=member)
     ctx.plan.recoveries.append(Recovery(phase.name, outcome.cause.value, outcome.reason))
     what = _describe(outcome)
     if outcome.cause == Cause.PREEMPTION:
@@ -378,21 +483,19 @@ def _adopt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
                    started_at=st.started_at or ctx.now)
 
 
-def _suspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
-             pods: Mapping[int, Mapping[str, Any]]) -> PhaseStatus:
+def _suspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
     grace = ctx.spec.recovery.grace_seconds
-    pod = pods.get(st.attempts)
+    members = pods.get(st.attempts, ())
     if st.state in (S.RUNNING, S.RECOVERING):
         ctx.note("Normal", C.EV_SUSPENDING,
                  f"phase {phase.name}: job suspended"
                  + (f"; deleting pod {st.pod} with {grace}s grace" if st.state == S.RUNNING else ""))
         st = replace(st, state=transition(st.state, Event.SUSPEND), next_attempt_at=None)
-    if st.state != S.SUSPENDED or pod is None:
+    if st.state != S.SUSPENDED or not members:
         return st
-    outcome = ctx.outcome(pod)
-    if outcome.live:
-        if not (pod.get("metadata") or {}).get("deletionTimestamp"):
-            ctx.plan.delete.append(DeletePod(pod["metadata"]["name"], grace, "suspend"))
+    outcome, _, live = _attempt_outcome(ctx, phase, st, members)
+    if live:
+        _delete_live(ctx, live, "suspend", grace)
         return st
     st = replace(st, last_checkpoint=_checkpoint_from(outcome, st, outcome.finished_at or ctx.now))
     if outcome.cause == Cause.COMPLETED:
@@ -408,12 +511,11 @@ def _account_suspended_success(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
                    completed_at=outcome.finished_at or ctx.now)
 
 
-def _unsuspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
-               pods: Mapping[int, Mapping[str, Any]]) -> PhaseStatus:
-    pod = pods.get(st.attempts)
-    if pod is not None:
-        outcome = ctx.outcome(pod)
-        if outcome.live:
+def _unsuspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
+    members = pods.get(st.attempts, ())
+    if members:
+        outcome, _, live = _attempt_outcome(ctx, phase, st, members)
+        if live:
             return st  # still terminating; its end will trigger us again
         st = replace(st, last_checkpoint=_checkpoint_from(
             outcome, st, outcome.finished_at or ctx.now))
@@ -461,22 +563,30 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
     init = dep_listing.newest_valid() if dep_listing is not None else None
 
     attempt = st.attempts if event == Event.RECREATE else st.attempts + 1
-    manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
-                         attempt=attempt, resume_from=resume,
-                         resume_step=chosen.step if chosen else None,
-                         init_from=init.uri if init else None)
-    name = manifest["metadata"]["name"]
     previous = st.last_failure if event == Event.REPLACE else None
-    ctx.plan.create.append(CreatePod(
-        name=name, phase=phase.name, attempt=attempt, manifest=manifest, resume_from=resume,
-        previous_end=previous.time if previous else None,
-        previous_cause=previous.cause if previous else None))
+    members: list[int | None] = list(range(phase.replicas)) if phase.replicas > 1 else [None]
+    if phase.replicas > 1:
+        ctx.plan.services.append(build_service(job=ctx.job, namespace=ctx.namespace, phase=phase.name))
+    names = []
+    for member in members:  # a gang all at once: the scheduler sees every member together
+        manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
+                             attempt=attempt, resume_from=resume,
+                             resume_step=chosen.step if chosen else None,
+                             init_from=init.uri if init else None, member=member)
+        names.append(manifest["metadata"]["name"])
+        first = member in (None, 0)  # time-to-replacement is observed once per attempt
+        ctx.plan.create.append(CreatePod(
+            name=names[-1], phase=phase.name, attempt=attempt, manifest=manifest, resume_from=resume,
+            previous_end=previous.time if previous and first else None,
+            previous_cause=previous.cause if previous and first else None))
+    name = names[0]
     where = f"resuming from step {chosen.step} ({resume})" if chosen else "starting fresh"
     if init and not chosen:
         where += f", initialised from {init.uri}"
     reason = {Event.START: C.EV_POD_CREATED, Event.RECREATE: C.EV_POD_CREATED}.get(
         event, C.EV_RESUMING)
-    ctx.note("Normal", reason, f"phase {phase.name}: created pod {name} (attempt {attempt}), {where}")
+    what = f"pod {name}" if len(names) == 1 else f"gang of {len(names)} pods {names[0]}..{names[-1].rsplit('.', 1)[-1]}"
+    ctx.note("Normal", reason, f"phase {phase.name}: created {what} (attempt {attempt}), {where}")
     last = st.last_checkpoint
     if chosen and (last is None or chosen.step >= last.step):
         last = CheckpointRef(uri=chosen.uri, step=chosen.step, epoch=chosen.epoch,
@@ -565,9 +675,13 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
         lf = cur.last_failure
         recovering_msg = (f"phase {current} attempt {lf.attempt} ended by {lf.cause} "
                           f"({lf.reason})")
+        if lf.reason == C.EV_GANG_UNSCHEDULABLE:
+            recovering_msg = f"phase {current}: {lf.message}"
         if cur.next_attempt_at and cur.next_attempt_at > ctx.now:
             recovering_msg += f"; next attempt at {ts(cur.next_attempt_at)}"
-        recovering_reason = "Preempted" if lf.cause == Cause.PREEMPTION.value else "BackingOff"
+        recovering_reason = ("Preempted" if lf.cause == Cause.PREEMPTION.value else
+                             C.EV_GANG_UNSCHEDULABLE if lf.reason == C.EV_GANG_UNSCHEDULABLE else
+                             "BackingOff")
     else:
         recovering_msg, recovering_reason = "", "NotRecovering"
     failed_msg = failure_summary(spec, statuses) if phase == JobPhase.FAILED else ""

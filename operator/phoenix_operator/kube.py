@@ -145,6 +145,15 @@ class Kube:
             return meta.get("uid")
         raise ForeignPod(namespace, name, describe_owner(existing))
 
+    def ensure_service(self, namespace: str, manifest: dict) -> None:
+        """Create the gang's headless Service; one that exists already is fine (its selector
+        and ports are a function of the name)."""
+        try:
+            self.core.create_namespaced_service(namespace, manifest)
+        except ApiException as e:
+            if e.status != 409:
+                raise
+
     def get_pod(self, namespace: str, name: str) -> dict | None:
         """The pod as JSON, or None if it does not exist (404)."""
         return _json_or_none(self.core.read_namespaced_pod, name, namespace)

@@ -35,7 +35,8 @@ class PhaseSpec:
     env: tuple[Mapping[str, Any], ...] = ()
     depends_on: tuple[str, ...] = ()
     independent: bool = False
-    replicas: int = 1
+    replicas: int = 1  # pods in the gang (one torchrun node each)
+    nproc_per_node: int | None = None  # torchrun processes per pod; None: the pod's GPUs, else 1
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,7 @@ class RecoverySpec:
     backoff_initial: float = 10.0
     backoff_max: float = 300.0
     grace_seconds: int = 30
+    gang_schedule_timeout: float = 300.0  # a gang not all scheduled by then is released
 
     def backoff(self, failures: int) -> float:
         """Delay before the replacement after the ``failures``-th failure (1-based)."""
@@ -96,6 +98,7 @@ class JobSpec:
                 env=tuple(raw.get("env") or ()), depends_on=deps,
                 independent=bool(raw.get("independent", False)),
                 replicas=int(raw.get("replicas", 1)),
+                nproc_per_node=int(raw["nprocPerNode"]) if raw.get("nprocPerNode") else None,
             ))
         ck = spec.get("checkpoint") or {}
         rec = spec.get("recovery") or {}
@@ -116,6 +119,7 @@ class JobSpec:
                 backoff_initial=float(bo.get("initialSeconds", 10)),
                 backoff_max=float(bo.get("maxSeconds", 300)),
                 grace_seconds=int(rec.get("terminationGracePeriodSeconds", 30)),
+                gang_schedule_timeout=float(rec.get("gangScheduleTimeoutSeconds", 300)),
             ),
             suspend=bool(spec.get("suspend", False)),
         )
@@ -131,12 +135,15 @@ class Failure:
     message: str
     time: datetime
     attempt: int
+    pod: str | None = None  # the pod that ended the attempt (a gang: the member that caused it)
 
     def to_dict(self) -> dict:
         d = {"cause": self.cause, "reason": self.reason, "message": self.message,
              "time": ts(self.time), "attempt": self.attempt}
         if self.exit_code is not None:
             d["exitCode"] = self.exit_code
+        if self.pod:
+            d["pod"] = self.pod
         return d
 
     @classmethod
@@ -146,7 +153,7 @@ class Failure:
         return cls(cause=d.get("cause", ""), reason=d.get("reason", ""),
                    exit_code=d.get("exitCode"), message=d.get("message", ""),
                    time=_ts(d.get("time")) or datetime.fromtimestamp(0, timezone.utc),
-                   attempt=int(d.get("attempt", 0)))
+                   attempt=int(d.get("attempt", 0)), pod=d.get("pod"))
 
 
 @dataclass(frozen=True)

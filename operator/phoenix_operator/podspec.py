@@ -3,10 +3,16 @@
 Owner references are added where the pod is created (``kopf.adopt``), so this module only
 decides names, labels, env and the pod spec. Secret values never appear here: credentials
 reach the trainer through ``secretKeyRef``.
+
+A gang phase (``replicas`` > 1) gets one pod per member, each a torchrun node: a stable
+hostname ``<phase>-<member>`` under a headless Service (``gang_service``), and the PET_*
+environment torchrun reads (node count, node rank, master address and port, processes per
+node), so the trainer's command is plain ``torchrun train.py``.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 from typing import Any, Mapping
 
 from phoenix_trainer import contract as env
@@ -16,15 +22,62 @@ from .classify import trainer_container_name
 from .model import JobSpec, PhaseSpec
 
 
-def pod_name(job: str, phase: str, attempt: int) -> str:
-    """``<job>.<phase>-<attempt>``. Deterministic: a second reconcile of the same decision
-    creates the same name, so the API server's AlreadyExists is our idempotency key.
+def pod_name(job: str, phase: str, attempt: int, member: int | None = None) -> str:
+    """``<job>.<phase>-<attempt>``, and ``<job>.<phase>-<attempt>.<member>`` for a gang's
+    members. Deterministic: a second reconcile of the same decision creates the same name,
+    so the API server's AlreadyExists is our idempotency key.
 
     Collision-proof: a phase name is a DNS label (no dot) and the attempt a number, so the
-    last dot splits off the job and the last dash the attempt; two different (job, phase,
-    attempt) never share a name. (``<job>-<phase>-<attempt>`` did: job ``a-b`` phase ``c`` and
-    job ``a`` phase ``b-c``.)"""
-    return f"{job}.{phase}-{attempt}"
+    last dot splits off the job and the last dash the attempt; a member index is the only
+    part after the last dot that is all digits. Two different (job, phase, attempt, member)
+    never share a name. (``<job>-<phase>-<attempt>`` did: job ``a-b`` phase ``c`` and job
+    ``a`` phase ``b-c``.)"""
+    base = f"{job}.{phase}-{attempt}"
+    return base if member is None else f"{base}.{member}"
+
+
+def gang_service(job: str, phase: str) -> str:
+    """The headless Service of a gang phase: a DNS-1035 label, unique per (job, phase) (the
+    hash keeps job ``a-b`` phase ``c`` apart from job ``a`` phase ``b-c``)."""
+    raw = f"{job}-{phase}".replace(".", "-").lower()
+    digest = hashlib.sha256(f"{job}/{phase}".encode()).hexdigest()[:8]
+    return f"{'' if raw[:1].isalpha() else 'g-'}{raw[:52].rstrip('-')}-{digest}"
+
+
+def member_hostname(phase: str, member: int) -> str:
+    return f"{phase}-{member}"[:63]
+
+
+def build_service(*, job: str, namespace: str, phase: str) -> dict[str, Any]:
+    """Headless, publishing not-ready addresses: members resolve each other by hostname
+    while torchrun's rendezvous is still waiting for the gang to gather."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": gang_service(job, phase), "namespace": namespace,
+                     "labels": {C.LABEL_JOB: job, C.LABEL_PHASE: phase,
+                                C.LABEL_MANAGED_BY: C.MANAGED_BY}},
+        "spec": {"clusterIP": "None", "publishNotReadyAddresses": True,
+                 "selector": {C.LABEL_JOB: job, C.LABEL_PHASE: phase, C.LABEL_ROLE: C.ROLE_TRAINER},
+                 "ports": [{"name": "rendezvous", "port": C.RENDEZVOUS_PORT}]},
+    }
+
+
+def _gpus(container: Mapping[str, Any]) -> int | None:
+    limits = (container.get("resources") or {}).get("limits") or {}
+    try:
+        return int(limits.get("nvidia.com/gpu")) if limits.get("nvidia.com/gpu") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def gang_env(*, job: str, namespace: str, phase: PhaseSpec, member: int,
+             container: Mapping[str, Any]) -> list[dict[str, Any]]:
+    nproc = phase.nproc_per_node or _gpus(container) or 1
+    master = f"{member_hostname(phase.name, 0)}.{gang_service(job, phase.name)}.{namespace}.svc"
+    return [{"name": k, "value": v} for k, v in (
+        ("PET_NNODES", str(phase.replicas)), ("PET_NODE_RANK", str(member)),
+        ("PET_MASTER_ADDR", master), ("PET_MASTER_PORT", str(C.RENDEZVOUS_PORT)),
+        ("PET_NPROC_PER_NODE", str(nproc)))]
 
 
 def pod_hostname(name: str) -> str:
@@ -33,9 +86,12 @@ def pod_hostname(name: str) -> str:
     return name.replace(".", "-")[:63].rstrip("-")
 
 
-def pod_labels(job: str, phase: str, attempt: int) -> dict[str, str]:
-    return {C.LABEL_JOB: job, C.LABEL_PHASE: phase, C.LABEL_ATTEMPT: str(attempt),
-            C.LABEL_ROLE: C.ROLE_TRAINER, C.LABEL_MANAGED_BY: C.MANAGED_BY}
+def pod_labels(job: str, phase: str, attempt: int, member: int | None = None) -> dict[str, str]:
+    labels = {C.LABEL_JOB: job, C.LABEL_PHASE: phase, C.LABEL_ATTEMPT: str(attempt),
+              C.LABEL_ROLE: C.ROLE_TRAINER, C.LABEL_MANAGED_BY: C.MANAGED_BY}
+    if member is not None:
+        labels[C.LABEL_MEMBER] = str(member)
+    return labels
 
 
 def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
@@ -76,19 +132,24 @@ def _merge_env(*layers: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
               resume_from: str | None, resume_step: int | None,
-              init_from: str | None) -> dict[str, Any]:
+              init_from: str | None, member: int | None = None) -> dict[str, Any]:
+    """One trainer pod; ``member``: its index in a gang phase (None for a single pod)."""
     template = copy.deepcopy(dict(spec.template))
     meta = template.get("metadata") or {}
     pod_spec = template.get("spec") or {}
-    labels = {**(meta.get("labels") or {}), **pod_labels(job, phase.name, attempt)}
+    labels = {**(meta.get("labels") or {}), **pod_labels(job, phase.name, attempt, member)}
     annotations = dict(meta.get("annotations") or {})
     if resume_from:
         annotations[C.ANNOTATION_RESUME_FROM] = resume_from
         annotations[C.ANNOTATION_RESUME_STEP] = str(resume_step)
-    name = pod_name(job, phase.name, attempt)
+    name = pod_name(job, phase.name, attempt, member)
     pod_spec["restartPolicy"] = "Never"
     pod_spec["terminationGracePeriodSeconds"] = spec.recovery.grace_seconds
-    pod_spec.setdefault("hostname", pod_hostname(name))
+    if member is None:
+        pod_spec.setdefault("hostname", pod_hostname(name))
+    else:  # stable across attempts: the master address never changes
+        pod_spec["hostname"] = member_hostname(phase.name, member)
+        pod_spec["subdomain"] = gang_service(job, phase.name)
     probe = {"metadata": {"annotations": annotations}, "spec": pod_spec}
     trainer = trainer_container_name(probe)
     ours = phoenix_env(job=job, namespace=namespace, spec=spec, phase=phase, attempt=attempt,
@@ -98,7 +159,9 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
             continue
         if phase.args is not None:
             container["args"] = list(phase.args)
-        container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours)
+        gang = [] if member is None else gang_env(job=job, namespace=namespace, phase=phase,
+                                                  member=member, container=container)
+        container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours, gang)
         container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
     return {
         "apiVersion": "v1", "kind": "Pod",

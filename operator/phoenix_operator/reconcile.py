@@ -288,8 +288,14 @@ class Reconciler:
             log.info("%s force-deleting pod %s (%s: its node is lost)", tag, delete.name,
                      delete.reason)
             await self._call(self.kube.delete_pod, ns, delete.name, 0)
+        for service in plan.services:  # a gang's members resolve each other through it
+            kopf.adopt(service, owner=job)
+            await self._call(self.kube.ensure_service, ns, service)
+        fenced: set[tuple[str, int]] = set()
         for create in plan.create:
-            why = await self._fence(job, create)
+            # One fence per attempt (a gang's members share it).
+            why = None if (create.phase, create.attempt) in fenced else await self._fence(job, create)
+            fenced.add((create.phase, create.attempt))
             if why is not None:
                 msg = (f"phase {create.phase}: cannot write the storage fence for attempt "
                        f"{create.attempt} ({why}); not creating pod {create.name} while an "

@@ -13,6 +13,7 @@ from phoenix_operator.model import ts
 from phoenix_operator.podspec import pod_name
 
 from opfacts import at, job, listing, phase_status, pod, with_status
+from phoenix_operator import constants as C
 
 pytestmark = pytest.mark.unit
 
@@ -512,3 +513,97 @@ def test_resume_exact_from_the_chosen_checkpoints_manifest():
                   {"train": Listing((ck,))}, at(1))
     assert plan.create and _cond(plan, "ResumeExact")["status"] == "True"
     assert ps(plan)["resumeExact"] is True
+
+
+# --- gangs ----------------------------------------------------------------------------------
+def gang_job(replicas=2, **kw):
+    body = job(**kw)
+    body["spec"]["phases"][0]["replicas"] = replicas
+    body["spec"]["phases"][0]["nprocPerNode"] = 2
+    return body
+
+
+def member(i, attempt=1, node="spot-1", **kw):
+    p = pod(attempt=attempt, node=node, **kw)
+    name = pod_name("j", "train", attempt, i)
+    p["metadata"].update(name=name, uid=f"uid-{name}")
+    p["metadata"]["labels"][C.LABEL_MEMBER] = str(i)
+    p["metadata"]["creationTimestamp"] = ts(at(0))
+    return p
+
+
+GANG_RUN1 = phase_status(pod="j.train-1.0", podUID="uid-j.train-1.0")
+
+
+def test_gang_starts_all_members_with_torchrun_env_and_a_headless_service():
+    plan = decide(gang_job(), [], NO_CK, at(0))
+    names = [c.name for c in plan.create]
+    assert names == ["j.train-1.0", "j.train-1.1"] and ps(plan)["pod"] == "j.train-1.0"
+    svc = plan.services[0]
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"]
+    for i, c in enumerate(plan.create):
+        spec = c.manifest["spec"]
+        assert spec["hostname"] == f"train-{i}" and spec["subdomain"] == svc["metadata"]["name"]
+        env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+        assert env["PET_NNODES"] == "2" and env["PET_NODE_RANK"] == str(i)
+        assert env["PET_NPROC_PER_NODE"] == "2" and env["PET_MASTER_PORT"] == "29500"
+        assert env["PET_MASTER_ADDR"] == f"train-0.{svc['metadata']['name']}.ns.svc"
+        assert c.manifest["metadata"]["labels"][C.LABEL_MEMBER] == str(i)
+    assert [c.previous_end is None for c in plan.create] == [True, True]
+
+
+def test_one_preempted_member_ends_the_gang_once_and_its_peers_are_not_charged():
+    body = with_status(gang_job(), GANG_RUN1)
+    evicted = member(1, pod_phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI",
+                     finished=at(-5))
+    peer_lost = member(0, pod_phase="Failed", exit_code=1, message="peer vanished", finished=at(-2))
+    for pods in ([member(0), evicted], [peer_lost, evicted]):
+        plan = decide(body, pods, NO_CK, at(1))
+        st = ps(plan)
+        assert (st["preemptions"], st["failures"]) == (1, 0), st
+        assert st["lastFailure"]["pod"] == "j.train-1.1"
+        assert [r.cause for r in plan.recoveries] == ["preemption"]
+    # the live peer is deleted with its grace; the next attempt waits for it to be gone
+    plan = decide(body, [member(0), evicted], NO_CK, at(1))
+    assert [(d.name, d.grace_seconds) for d in plan.delete] == [("j.train-1.0", 30)]
+    assert plan.create == [] and ps(plan)["state"] == "Recovering"
+    body["status"] = plan.status
+    assert decide(body, [member(0), evicted], NO_CK, at(2)).create == []
+    again = decide(body, [evicted], NO_CK, at(3))
+    assert [c.name for c in again.create] == ["j.train-2.0", "j.train-2.1"]
+
+
+def test_a_failed_member_is_one_failure_naming_it_and_a_gang_succeeds_only_whole():
+    body = with_status(gang_job(), GANG_RUN1)
+    failed = member(0, pod_phase="Failed", exit_code=1, message="bug", finished=at(-5))
+    plan = decide(body, [failed, member(1)], NO_CK, at(1))
+    assert (ps(plan)["failures"], ps(plan)["preemptions"]) == (1, 0)
+    assert ps(plan)["lastFailure"]["pod"] == "j.train-1.0"
+    done = [member(i, pod_phase="Succeeded", exit_code=0) for i in range(2)]
+    assert ps(decide(body, done[:1] + [member(1)], {}, at(1)))["state"] == "Running"
+    assert ps(decide(body, done, {}, at(1)))["state"] == "Succeeded"
+
+
+def test_a_member_deleted_by_someone_is_a_preemption_naming_it():
+    body = with_status(gang_job(), GANG_RUN1)
+    plan = decide(body, [member(0)], NO_CK, at(1))
+    assert ps(plan)["preemptions"] == 1 and ps(plan)["lastFailure"]["pod"] == "j.train-1.1"
+    assert ps(plan)["lastFailure"]["reason"] == C.R_POD_DELETED
+
+
+def test_a_gang_not_scheduled_in_time_is_released_without_charge():
+    body = with_status(gang_job(), GANG_RUN1)
+    body["spec"]["recovery"]["gangScheduleTimeoutSeconds"] = 60
+    waiting = [member(0), member(1, node=None, pod_phase="Pending")]
+    early = decide(body, waiting, {}, at(30))
+    assert early.delete == [] and early.requeue_after == 30
+    plan = decide(body, waiting, {}, at(61))
+    st = ps(plan)
+    assert (st["state"], st["preemptions"], st["failures"]) == ("Recovering", 0, 0)
+    assert {d.name for d in plan.delete} == {"j.train-1.0", "j.train-1.1"}
+    cond = _cond(plan, "Recovering")
+    assert cond["reason"] == "GangUnschedulable" and "j.train-1.1" in cond["message"]
+    assert [e.reason for e in plan.events] == ["GangUnschedulable"]
+    body["status"] = plan.status
+    assert decide(body, [], NO_CK, at(100)).create == []  # waits the same time again
+    assert len(decide(body, [], NO_CK, at(122)).create) == 2
