@@ -6,6 +6,7 @@ import re
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -119,3 +120,36 @@ def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], ru
     assert msg.reason == "completed", msg
     assert ref.finish() == 0, "".join(ref.lines[-30:])
     return [*starts[1:], last.start_step]
+
+
+def gang_state(uri: str, tmp_path: Path, step: int) -> dict:
+    """A gang's newest checkpoint (it must be ``step``) as one plain state dict: its DCP
+    files converted to the torch.save format."""
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from phoenix_trainer.layout import step_dir_name
+    from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
+
+    storage = open_storage(uri)
+    info = latest_valid_checkpoint(storage)
+    assert info is not None and info.step == step, info
+    d = Path(tempfile.mkdtemp(prefix="gang-", dir=tmp_path))
+    for name in info.manifest.files:
+        if name.startswith("dcp-"):
+            storage.get_file(f"{step_dir_name(step)}/{name}", d / name[len("dcp-"):])
+    dcp_to_torch_save(d, d / "all.pt")
+    return torch.load(d / "all.pt", weights_only=False)
+
+
+def tensors_equal(a, b) -> bool:
+    """Nested dicts/lists of tensors equal bit for bit (``torch.equal``), other leaves ==."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b

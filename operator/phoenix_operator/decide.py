@@ -345,7 +345,11 @@ def _attempt_outcome(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
         return LIVE, None, live  # some done, the others finishing
     preempted = [x for x in bad if x[1].cause == Cause.PREEMPTION]
     far = datetime.max.replace(tzinfo=ctx.now.tzinfo)
-    pod, outcome, name = min(preempted or bad, key=lambda x: (x[1].finished_at or far, x[2]))
+    # Earliest first; at the same second, a member killed by a signal or OOM before one that
+    # exited with an error (torchrun exits 1 when it loses a peer).
+    killed = {C.SIGTERM_EXIT, C.SIGKILL_EXIT}
+    pod, outcome, name = min(preempted or bad, key=lambda x: (
+        x[1].finished_at or far, x[1].exit_code not in killed and x[1].reason != C.R_OOM, x[2]))
     return outcome, pod if pod is not None else {"metadata": {"name": name}}, live
 
 

@@ -20,42 +20,16 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
-from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from phoenix_trainer.layout import step_dir_name
 from phoenix_trainer.storage import latest_valid_checkpoint, list_checkpoints, open_storage
-from trainer_procs import Proc, env_for, kill_and_resume
+from trainer_procs import Proc, env_for, gang_state, kill_and_resume, tensors_equal
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_distributed.py"
 STEPS = 40
 ARGS = ["--steps", str(STEPS), "--log-every", "1", "--step-delay", "0.03"]
 ENV = {"PHOENIX_CHECKPOINT_INTERVAL_STEPS": "5", "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS": "20"}
-
-
-def final_state(uri: str, tmp_path: Path, step: int = STEPS) -> dict:
-    """The gang's newest checkpoint as one plain state dict (DCP -> torch.save format)."""
-    storage = open_storage(uri)
-    info = latest_valid_checkpoint(storage)
-    assert info is not None and info.step == step, info
-    d = tmp_path / f"dcp-{abs(hash(uri))}"
-    d.mkdir()
-    for name in info.manifest.files:
-        if name.startswith("dcp-"):
-            storage.get_file(f"{step_dir_name(step)}/{name}", d / name[len("dcp-"):])
-    dcp_to_torch_save(d, d / "all.pt")
-    return torch.load(d / "all.pt", weights_only=False)
-
-
-def tensors_equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 def gone(pid: int) -> bool:
@@ -97,7 +71,7 @@ def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3
     print(f"resumed at steps {starts}; damaged checkpoint step {damaged}")
     assert 0 < starts[0] < damaged[0], "the damaged checkpoint was resumed from"
     assert starts[1] > plan[1][1] - 1  # the emergency checkpoint of the SIGTERM'd gang
-    assert tensors_equal(final_state(run_uri, tmp_path), final_state(ref_uri, tmp_path)), \
+    assert tensors_equal(gang_state(run_uri, tmp_path, STEPS), gang_state(ref_uri, tmp_path, STEPS)), \
         f"{mode}: weights differ after resumes at {starts} (seed {seed})"
     steps = [c.step for c in list_checkpoints(open_storage(run_uri))]
     assert steps[-1] == STEPS
