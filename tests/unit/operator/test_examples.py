@@ -19,7 +19,10 @@ def test_example_starts_its_first_phase(path):
     body["metadata"].update(namespace="default", uid="u", generation=1)
     first = body["spec"]["phases"][0]["name"]
     plan = decide(body, [], {first: Listing()}, datetime(2026, 1, 1, tzinfo=timezone.utc))
-    assert [c.name for c in plan.create] == [f"{body['metadata']['name']}.{first}-1"]
+    replicas = body["spec"]["phases"][0].get("replicas", 1)
+    base = f"{body['metadata']['name']}.{first}-1"
+    want = [base] if replicas == 1 else [f"{base}.{i}" for i in range(replicas)]
+    assert [c.name for c in plan.create] == want
     assert plan.status["phase"] == "Running"
 
 
