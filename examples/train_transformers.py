@@ -1,0 +1,111 @@
+"""Example: a Hugging Face ``transformers.Trainer`` script with Phoenix's guarantees
+(``phoenix[transformers]``).
+
+A tiny GPT-2 built from its config (nothing is downloaded) learns the synthetic token
+sequences of ``train_transformer.py`` (fixed, pre-tokenized samples, as a tokenized
+dataset is) with the Trainer's shuffling, dropout, AdamW, warmup + cosine, clipping and
+gradient accumulation 2. The lines marked ``# phoenix`` resume it exactly from the newest
+valid checkpoint in S3, checkpoint it asynchronously on the job's interval, and on SIGTERM
+save an emergency checkpoint, write the termination message and exit 143
+(docs/integrations.md).
+
+    PHOENIX_CHECKPOINT_URI=file:///tmp/ckpt python examples/train_transformers.py --steps 40
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import tempfile
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+
+from phoenix_trainer import Session  # phoenix
+from phoenix_trainer.integrations.transformers import PhoenixCallback  # phoenix
+from train_transformer import TokenSequences
+
+log = logging.getLogger("phoenix.example")
+
+
+class FixedSequences(TokenSequences):
+    """The same sequences, each always the same crop: a tokenized dataset draws nothing."""
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        seq = self.data[i, : self.seq_len]
+        return {"input_ids": seq, "labels": seq}
+
+
+class StepLog(TrainerCallback):
+    def __init__(self, every: int) -> None:
+        self.every = every
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if state.global_step % self.every == 0:
+            log.info("step %d epoch %.2f", state.global_step, state.epoch)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps to train")
+    p.add_argument("--samples", type=int, default=256)
+    p.add_argument("--seq-len", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=64)
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--accumulate", type=int, default=2)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--clip", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (seconds), for tests")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+    data = FixedSequences(args.samples, args.seq_len, args.vocab, args.seed, drop=0.0)
+    config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.dim,
+                        n_layer=args.layers, n_head=args.heads, resid_pdrop=args.dropout,
+                        embd_pdrop=args.dropout, attn_pdrop=args.dropout, bos_token_id=0, eos_token_id=0)
+    training = TrainingArguments(
+        output_dir=tempfile.mkdtemp(prefix="hf-"), max_steps=args.steps, seed=args.seed,
+        per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=args.accumulate,
+        learning_rate=args.lr, lr_scheduler_type="cosine", warmup_steps=args.warmup,
+        max_grad_norm=args.clip, weight_decay=0.01, dataloader_num_workers=args.workers,
+        dataloader_drop_last=True, use_cpu=True, report_to="none", disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy="no")  # phoenix: checkpoints go to S3 through the session
+    run_config = {k: v for k, v in vars(args).items() if k not in ("step_delay", "log_every", "workers")}
+
+    with Session(config=run_config) as session:  # phoenix: the env contract, SIGTERM handler
+        phoenix = PhoenixCallback(session, deterministic_data=True)  # phoenix: FixedSequences draws nothing
+        callbacks = [phoenix, StepLog(args.log_every)]
+        if args.step_delay:
+            callbacks.append(Delay(args.step_delay))
+        torch.manual_seed(args.seed)
+        trainer = Trainer(GPT2LMHeadModel(config), training, train_dataset=data, callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=phoenix.restore())  # phoenix
+    return phoenix.exit_code  # phoenix: 0, or 143 after a SIGTERM
+
+
+class Delay(TrainerCallback):
+    """Slows each step so that tests can signal the process at a chosen step."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        import time
+
+        time.sleep(self.seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

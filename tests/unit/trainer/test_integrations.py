@@ -1,0 +1,151 @@
+"""The Lightning and transformers integrations in-process (local-file storage): what the
+kill/resume storage tests cannot see cheaply - the stop lands on an optimizer step boundary
+even between accumulated micro-batches, the loader's position, the exactness verdicts, and
+that the core never imports a framework."""
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from phoenix_trainer.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.session import Session
+from phoenix_trainer.state import capture_rng, restore_rng
+from phoenix_trainer.storage import LocalStorage, list_checkpoints
+
+pytestmark = pytest.mark.unit
+
+
+def test_importing_the_runtime_imports_no_framework():
+    code = ("import sys, phoenix_trainer, phoenix_trainer.integrations;"
+            " from phoenix_trainer import Session, Trainer;"
+            " bad = [m for m in ('lightning', 'transformers') if m in sys.modules];"
+            " assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def session(tmp_path, **kw) -> Session:
+    env = TrainerEnv(termination_log=str(tmp_path / "term"), grace_seconds=30)
+    return Session(config={"n": 1}, env=env, storage=LocalStorage(tmp_path / "train"),
+                   checkpoint_interval_steps=100, **kw)
+
+
+# ------------------------------------------------------------------ Lightning ------------
+L = pytest.importorskip("lightning")
+
+
+def tensors(n=32):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randn(n, 1, generator=g))
+
+
+def test_phoenix_loader_resumes_at_the_position_lightning_saved():
+    from phoenix_trainer.integrations.lightning import PhoenixLoader
+
+    def loader():
+        return PhoenixLoader(DataLoader(tensors(), batch_size=4, shuffle=True,
+                                        generator=torch.Generator().manual_seed(3)))
+
+    first = loader()
+    epoch0 = [x for x, _ in first]
+    epoch1 = [x for x, _ in first]
+    assert len(epoch0) == len(first) == 8 and not torch.equal(torch.cat(epoch0), torch.cat(epoch1))
+    first.at_step_boundary(1, 3)  # what the callback says after the 3rd batch of epoch 1
+    again = loader()
+    again.load_state_dict(first.state_dict())
+    assert all(torch.equal(a, b) for a, (b, _) in zip(epoch1[3:], again, strict=True))
+    done = loader()
+    done.at_step_boundary(0, 8)  # saved after the epoch's last batch: the next one starts
+    assert torch.equal(next(iter(done))[0], epoch1[0])
+
+
+class Lit(L.LightningModule):
+    def __init__(self, sigterm_at_batch: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.2), torch.nn.Linear(8, 1))
+        self.sigterm_at_batch = sigterm_at_batch
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.sigterm_at_batch:
+            os.kill(os.getpid(), signal.SIGTERM)
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_lightning_sigterm_between_micro_batches_stops_at_the_step_boundary(tmp_path):
+    """Lightning's own handler would raise SIGTERMException after the micro-batch (half an
+    optimizer step) and exit 0; Phoenix stops after the step, saves it, and exits 143."""
+    from phoenix_trainer.integrations.lightning import PhoenixCallback, PhoenixLoader
+
+    before = signal.getsignal(signal.SIGTERM)
+    with Session(config={"n": 1}, env=TrainerEnv(termination_log=str(tmp_path / "term")),
+                 storage=LocalStorage(tmp_path / "train")) as s:
+        phoenix = PhoenixCallback(s)
+        trainer = L.Trainer(max_steps=20, accumulate_grad_batches=2, callbacks=[phoenix],
+                            accelerator="cpu", logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=str(tmp_path))
+        loader = PhoenixLoader(DataLoader(tensors(), batch_size=4, shuffle=True,
+                                          generator=torch.Generator().manual_seed(0)))
+        with pytest.raises(SystemExit) as exit_:
+            trainer.fit(Lit(sigterm_at_batch=4), loader, ckpt_path=phoenix.restore())
+    assert exit_.value.code == 143 == phoenix.exit_code
+    assert signal.getsignal(signal.SIGTERM) == before
+    msg = TerminationMessage.from_json((tmp_path / "term").read_text())
+    # batch 4 is the first micro-batch of step 3
+    assert (msg.reason, msg.step, msg.emergencySaveCompleted) == ("preempted", 3, True), msg
+    assert [c.step for c in list_checkpoints(LocalStorage(tmp_path / "train"))] == [3]
+
+
+def test_lightning_hyperparameters_load_with_weights_only():
+    from lightning.fabric.utilities.data import AttributeDict
+
+    from phoenix_trainer.integrations.lightning import _plain
+
+    plain = _plain({"hyper_parameters": AttributeDict(lr=0.1, layers=[AttributeDict(d=2)])})
+    assert type(plain["hyper_parameters"]) is dict and type(plain["hyper_parameters"]["layers"][0]) is dict
+
+
+# ------------------------------------------------------------------ transformers ---------
+def test_transformers_rng_file_restores_what_phoenix_captured(tmp_path):
+    pytest.importorskip("transformers")
+    from phoenix_trainer.integrations.transformers import _hf_rng_state
+
+    torch.manual_seed(5), random.seed(5), np.random.seed(5)
+    saved = capture_rng()
+    expected = (torch.rand(3), random.random(), np.random.rand())
+    torch.manual_seed(9)
+    current = capture_rng()
+    hf = _hf_rng_state(saved)
+    assert torch.equal(capture_rng()["torch"], current["torch"])  # the caller's RNG is untouched
+    torch.random.set_rng_state(hf["cpu"]), random.setstate(hf["python"]), np.random.set_state(hf["numpy"])
+    assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    assert np.random.rand() == expected[2]
+    restore_rng(current)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_transformers_verdict_names_what_the_trainer_cannot_restore(tmp_path, deterministic):
+    pytest.importorskip("transformers")
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from phoenix_trainer.integrations.transformers import PhoenixCallback
+
+    with session(tmp_path, install_signal_handlers=False) as s:
+        cb = PhoenixCallback(s, deterministic_data=deterministic)
+        assert cb.restore() is None
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+        cb.on_train_begin(args, TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
+        assert s.exactness.exact is deterministic
+        if not deterministic:
+            assert "worker seeds" in s.exactness.reason and "deterministic_data=True" in s.exactness.reason
