@@ -14,20 +14,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import random
 import sys
 import tempfile
 
 import lightning as L
-import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from phoenix_trainer import Session  # phoenix
 from phoenix_trainer.integrations.lightning import PhoenixCallback, PhoenixLoader  # phoenix
-from train_transformer import TinyLM, TokenSequences, warmup_cosine
+from train_transformer import TinyLM, TokenSequences, model_arguments, start, warmup_cosine
 
 log = logging.getLogger("phoenix.example")
 
@@ -62,30 +59,10 @@ class LitLM(L.LightningModule):
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40, help="optimizer steps to train")
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--token-drop", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--accumulate", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--step-delay", type=float, default=0.0, help="sleep per forward (seconds), for tests")
+    model_arguments(p)
+    p.add_argument("--token-drop", type=float, default=0.1, help="random token dropout in the dataset")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    start(args)
 
     data = TokenSequences(args.samples, args.seq_len, args.vocab, args.seed, args.token_drop)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True,

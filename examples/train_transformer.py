@@ -85,10 +85,8 @@ def warmup_cosine(optimizer, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps to train")
-    p.add_argument("--epochs", type=int, default=None)
+def model_arguments(p: argparse.ArgumentParser) -> None:
+    """Model, data and optimizer flags; the Lightning and transformers examples share them."""
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--seq-len", type=int, default=16)
     p.add_argument("--vocab", type=int, default=64)
@@ -96,30 +94,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--token-drop", type=float, default=0.1, help="random token dropout in the dataset")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--accumulate", type=int, default=2, help="micro-batches per optimizer step")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes")
-    p.add_argument("--loader", choices=("shuffle", "sampler"), default="shuffle",
-                   help="shuffle: DataLoader(shuffle=True, generator=g); sampler: ResumableShuffleSampler")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--clip", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--checkpoint-every", type=int, default=None,
-                   help="override PHOENIX_CHECKPOINT_INTERVAL_STEPS")
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per forward (seconds), for tests")
-    args = p.parse_args(argv)
-    if args.steps is None and args.epochs is None:
-        args.epochs = 2
 
+
+def start(args: argparse.Namespace) -> None:
+    """Logging to stderr, every global RNG seeded, torch's threads from OMP_NUM_THREADS."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps to train")
+    p.add_argument("--epochs", type=int, default=None)
+    model_arguments(p)
+    p.add_argument("--token-drop", type=float, default=0.1, help="random token dropout in the dataset")
+    p.add_argument("--loader", choices=("shuffle", "sampler"), default="shuffle",
+                   help="shuffle: DataLoader(shuffle=True, generator=g); sampler: ResumableShuffleSampler")
+    p.add_argument("--checkpoint-every", type=int, default=None,
+                   help="override PHOENIX_CHECKPOINT_INTERVAL_STEPS")
+    args = p.parse_args(argv)
+    if args.steps is None and args.epochs is None:
+        args.epochs = 2
+    start(args)
 
     data = TokenSequences(args.samples, args.seq_len, args.vocab, args.seed, args.token_drop)
     if args.loader == "shuffle":

@@ -15,16 +15,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 import tempfile
+import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
 from phoenix_trainer import Session  # phoenix
 from phoenix_trainer.integrations.transformers import PhoenixCallback  # phoenix
-from train_transformer import TokenSequences
+from train_transformer import TokenSequences, model_arguments, start
 
 log = logging.getLogger("phoenix.example")
 
@@ -46,29 +46,22 @@ class StepLog(TrainerCallback):
             log.info("step %d epoch %.2f", state.global_step, state.epoch)
 
 
+class Delay(TrainerCallback):
+    """Sleeps before each optimizer step, so that tests can signal the process at a chosen step."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def on_step_begin(self, args, state, control, **kwargs) -> None:
+        time.sleep(self.seconds)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40, help="optimizer steps to train")
-    p.add_argument("--samples", type=int, default=256)
-    p.add_argument("--seq-len", type=int, default=16)
-    p.add_argument("--vocab", type=int, default=64)
-    p.add_argument("--dim", type=int, default=32)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--accumulate", type=int, default=2)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--clip", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=10)
-    p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (seconds), for tests")
+    model_arguments(p)
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    start(args)
 
     data = FixedSequences(args.samples, args.seq_len, args.vocab, args.seed, drop=0.0)
     config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.dim,
@@ -93,18 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         trainer = Trainer(GPT2LMHeadModel(config), training, train_dataset=data, callbacks=callbacks)
         trainer.train(resume_from_checkpoint=phoenix.restore())  # phoenix
     return phoenix.exit_code  # phoenix: 0, or 143 after a SIGTERM
-
-
-class Delay(TrainerCallback):
-    """Slows each step so that tests can signal the process at a chosen step."""
-
-    def __init__(self, seconds: float) -> None:
-        self.seconds = seconds
-
-    def on_step_begin(self, args, state, control, **kwargs) -> None:
-        import time
-
-        time.sleep(self.seconds)
 
 
 if __name__ == "__main__":

@@ -48,8 +48,9 @@ from lightning.pytorch.utilities.data import extract_batch_size
 
 from ..contract import REASON_COMPLETED, REASON_PREEMPTED
 from ..loaders import adapt_loader
-from ..session import Restored, Session
+from ..session import Session
 from ..state import Exactness, capture_rng, kernel_exactness, restore_rng
+from ._session_hook import SessionHook
 
 log = logging.getLogger("phoenix.trainer")
 
@@ -125,12 +126,11 @@ class _PhoenixCheckpointIO(CheckpointIO):
         self.inner.teardown()
 
 
-class PhoenixCallback(pl.Callback):
+class PhoenixCallback(SessionHook, pl.Callback):
     """Lightning's state onto a ``Session``; see the module docstring."""
 
     def __init__(self, session: Session) -> None:
-        self.session = session
-        self.restored: Restored | None = None
+        super().__init__(session)
         self.samples_seen = 0
         self._rng: dict[str, Any] | None = None  # applied before the first batch after a resume
         self._io: _PhoenixCheckpointIO | None = None
@@ -140,17 +140,12 @@ class PhoenixCallback(pl.Callback):
     def restore(self) -> str | None:
         """Find and load the checkpoint to resume (``session.restore``); the value for
         ``trainer.fit(ckpt_path=...)``: None to start fresh."""
-        self.restored = self.session.restore()
-        if self.restored is None or self.restored.kind != "resume":
+        resume = self._restore()
+        if resume is None:
             return None
-        self._rng = self.restored.get(RNG_SHARD)
-        self.samples_seen = int(self.restored.progress.get("samplesSeen", 0))
-        return self.restored.info.uri
-
-    @property
-    def exit_code(self) -> int:
-        """0 completed, 143 preempted, 1 failed; 1 if the run never finished."""
-        return self.session.result.exit_code if self.session.result else 1
+        self._rng = resume.get(RNG_SHARD)
+        self.samples_seen = int(resume.progress.get("samplesSeen", 0))
+        return resume.info.uri
 
     # -------------------------------------------------------------- hooks ----------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

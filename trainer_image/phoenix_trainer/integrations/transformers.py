@@ -50,8 +50,9 @@ from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_N
 from transformers.utils import WEIGHTS_NAME
 
 from ..contract import REASON_COMPLETED, REASON_PREEMPTED
-from ..session import Restored, Session
+from ..session import Session
 from ..state import Exactness, capture_rng, kernel_exactness, restore_rng
+from ._session_hook import SessionHook
 
 log = logging.getLogger("phoenix.trainer")
 
@@ -67,36 +68,30 @@ SKIPS_NO_DATA = Exactness(False, "TrainingArguments(ignore_data_skip=True): a re
                                  " starts from its first batch")
 
 
-class PhoenixCallback(TrainerCallback):
+class PhoenixCallback(SessionHook, TrainerCallback):
     """The Trainer's state onto a ``Session``; see the module docstring."""
 
     def __init__(self, session: Session, *, deterministic_data: bool = False) -> None:
-        self.session = session
+        super().__init__(session)
         self.deterministic_data = deterministic_data
-        self.restored: Restored | None = None
         self.resume_dir: str | None = None
 
     # -------------------------------------------------------------- before train ---------
     def restore(self) -> str | None:
         """Find and load the checkpoint to resume (``session.restore``); the value for
         ``trainer.train(resume_from_checkpoint=...)``: None to start fresh."""
-        self.restored = self.session.restore()
-        if self.restored is None or self.restored.kind != "resume":
+        resume = self._restore()
+        if resume is None:
             return None
         parent = tempfile.mkdtemp(prefix="phoenix-resume-")
-        d = self.resume_dir = os.path.join(parent, f"checkpoint-{self.restored.step}")
+        d = self.resume_dir = os.path.join(parent, f"checkpoint-{resume.step}")
         os.makedirs(d)
-        torch.save(self.restored[MODEL_SHARD], os.path.join(d, WEIGHTS_NAME))
-        torch.save(self.restored[OPTIMIZER_SHARD], os.path.join(d, OPTIMIZER_NAME))
-        torch.save(self.restored[SCHEDULER_SHARD], os.path.join(d, SCHEDULER_NAME))
-        torch.save(_hf_rng_state(self.restored[RNG_SHARD]), os.path.join(d, HF_RNG_FILE))
-        TrainerState(**self.restored[STATE_DOC]).save_to_json(os.path.join(d, TRAINER_STATE_NAME))
+        torch.save(resume[MODEL_SHARD], os.path.join(d, WEIGHTS_NAME))
+        torch.save(resume[OPTIMIZER_SHARD], os.path.join(d, OPTIMIZER_NAME))
+        torch.save(resume[SCHEDULER_SHARD], os.path.join(d, SCHEDULER_NAME))
+        torch.save(_hf_rng_state(resume[RNG_SHARD]), os.path.join(d, HF_RNG_FILE))
+        TrainerState(**resume[STATE_DOC]).save_to_json(os.path.join(d, TRAINER_STATE_NAME))
         return d
-
-    @property
-    def exit_code(self) -> int:
-        """0 completed, 143 preempted, 1 failed; 1 if the run never finished."""
-        return self.session.result.exit_code if self.session.result else 1
 
     # -------------------------------------------------------------- hooks ----------------
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
