@@ -149,3 +149,44 @@ def test_transformers_verdict_names_what_the_trainer_cannot_restore(tmp_path, de
         assert s.exactness.exact is deterministic
         if not deterministic:
             assert "worker seeds" in s.exactness.reason and "deterministic_data=True" in s.exactness.reason
+
+
+# ------------------------------------------------------------------ PHOENIX_INIT_FROM ----
+def previous_phase(tmp_path, model: torch.nn.Module) -> str:
+    """A finished previous phase holding ``model``'s weights; its prefix URI."""
+    with Session(config={"n": 1}, env=TrainerEnv(phase="pretrain", termination_log=str(tmp_path / "t0")),
+                 storage=LocalStorage(tmp_path / "pretrain"), install_signal_handlers=False) as s:
+        s.restore()
+        s.save(5, {"model.pt": model.state_dict()}, blocking=True)
+    return (tmp_path / "pretrain").as_uri()
+
+
+def init_session(tmp_path, init_from: str) -> Session:
+    env = TrainerEnv(phase="finetune", init_from=init_from, termination_log=str(tmp_path / "t1"))
+    return Session(config={"n": 2}, env=env, storage=LocalStorage(tmp_path / "finetune"),
+                   install_signal_handlers=False)
+
+
+@pytest.mark.parametrize("framework", ["lightning", "transformers"])
+def test_a_phase_starts_from_the_previous_phases_weights(tmp_path, framework):
+    torch.manual_seed(1)
+    trained = Lit(sigterm_at_batch=-1) if framework == "lightning" else torch.nn.Linear(3, 2)
+    fresh = Lit(sigterm_at_batch=-1) if framework == "lightning" else torch.nn.Linear(3, 2)
+    assert not torch.equal(next(trained.parameters()), next(fresh.parameters()))
+    with init_session(tmp_path, previous_phase(tmp_path, trained)) as s:
+        if framework == "lightning":
+            from phoenix_trainer.integrations.lightning import PhoenixCallback
+
+            cb = PhoenixCallback(s)
+            assert cb.restore() is None  # nothing of its own to resume: ckpt_path=None
+            cb.setup(L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False), fresh, "fit")
+        else:
+            from transformers import TrainerControl, TrainerState, TrainingArguments
+
+            from phoenix_trainer.integrations.transformers import PhoenixCallback
+
+            cb = PhoenixCallback(s)
+            assert cb.restore() is None
+            args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+            cb.on_train_begin(args, TrainerState(), TrainerControl(), model=fresh)
+    assert all(torch.equal(a, b) for a, b in zip(trained.state_dict().values(), fresh.state_dict().values()))
