@@ -16,7 +16,7 @@ from phoenix_trainer.contract import TerminationMessage, TrainerEnv
 from phoenix_trainer.layout import MANIFEST_NAME
 from phoenix_trainer.metrics import read_metrics
 from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
-from phoenix_trainer.testing import state_dicts_equal, tiny_setup
+from phoenix_trainer.testing import StopAt, state_dicts_equal, tiny_setup
 from phoenix_trainer.trainer import Callback, Trainer
 from trainer_procs import Proc, env_for
 
@@ -80,14 +80,6 @@ def test_killed_and_resumed_run_matches_uninterrupted(s3_server, s3_env, s3_buck
     assert {1, attempt} <= {m["attempt"] for m in metrics} <= set(range(attempt + 1))
     assert any(m["event"] == "step" and "etaSeconds" in m and "samplesPerSec" in m for m in metrics)
 
-
-class StopAt(Callback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, trainer, loss):
-        if trainer.step == self.step:
-            trainer.request_stop()
 
 
 def run_inproc(storage, tmp_path, steps=30, callbacks=(), resume_from=None):

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from .errors import TransientError
 from .stages import Stage, StagedModule
 from .state import ResumableShuffleSampler
+from .trainer import Callback
 
 
 class FlakyError(TransientError, RuntimeError):
@@ -124,6 +125,17 @@ def tiny_setup(*, seed: int = 0, samples: int = 128, batch_size: int = 16, dim: 
               "classes": classes, "dropout": dropout, "lr": lr, "total_steps": total_steps,
               "loader": loader, "noisy": noisy}
     return TinyRun(model, optimizer, scheduler, train_loader, loss_fn, config, flaky)
+
+
+class StopAt(Callback):
+    """A ``Trainer`` callback that simulates SIGTERM arriving during step ``step``."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, trainer: Any, loss: Any) -> None:
+        if trainer.step == self.step:
+            trainer.request_stop()
 
 
 def state_dicts_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

@@ -14,8 +14,8 @@ from phoenix_trainer.loaders import (
     ReplayLoader, ResumableLoader, StatefulLoader, adapt_loader,
 )
 from phoenix_trainer.storage import LocalStorage, latest_valid_checkpoint
-from phoenix_trainer.testing import NoisyDataset, make_loader, state_dicts_equal, tiny_setup
-from phoenix_trainer.trainer import Callback, Trainer
+from phoenix_trainer.testing import StopAt, NoisyDataset, make_loader, state_dicts_equal, tiny_setup
+from phoenix_trainer.trainer import Trainer
 
 pytestmark = pytest.mark.unit
 EPOCHS = 3
@@ -137,14 +137,6 @@ def test_what_cannot_be_restored_says_why():
 
 
 # --------------------------------------------------------------------- the trainer ---------
-class StopAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer, loss):
-        if trainer.step == self.step:
-            trainer.request_stop()
-
 
 STEPS = 16  # 11 micro-batches per epoch, 2 per step: 6 steps per epoch, the last one short
 

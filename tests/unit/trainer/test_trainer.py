@@ -14,22 +14,12 @@ from phoenix_trainer.errors import ConfigMismatchError, RecoveryExhaustedError, 
 from phoenix_trainer.metrics import read_metrics
 from phoenix_trainer.state import ResumableShuffleSampler, capture_rng, restore_rng
 from phoenix_trainer.storage import LocalStorage, latest_valid_checkpoint, list_checkpoints
-from phoenix_trainer.testing import state_dicts_equal, tiny_setup
+from phoenix_trainer.testing import StopAt, state_dicts_equal, tiny_setup
 from phoenix_trainer.trainer import Callback, Trainer
 
 pytestmark = pytest.mark.unit
 STEPS = 30  # 8 batches per epoch: crosses three epoch boundaries
 
-
-class StopAt(Callback):
-    """Simulates SIGTERM arriving during step ``step``."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, trainer, loss):
-        if trainer.step == self.step:
-            trainer.request_stop()
 
 
 def make(tmp_path, *, storage=True, steps=STEPS, env=None, config_extra=None, setup_kw=None, **kw):
