@@ -1,7 +1,8 @@
-"""The framework examples as users run them: examples/phoenixjob-lightning.yaml and
-phoenixjob-transformers.yaml (pointed at this cluster's image, S3 and namespace, and
-shortened) run side by side in the real trainer image, each evicted once after its first
-checkpoint, and both succeed with the replacement resuming from that checkpoint."""
+"""The bring-your-own-loop examples as users run them: examples/phoenixjob-lightning.yaml,
+phoenixjob-transformers.yaml and phoenixjob-custom-loop.yaml (a plain loop on Session),
+pointed at this cluster's image, S3 and namespace, and shortened, run side by side in the
+real trainer image, each evicted once after its first checkpoint, and all succeed with the
+replacement resuming from that checkpoint."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,8 @@ from phoenix_e2e import CREDENTIALS_SECRET, GROUP, PLURAL, VERSION, phase_status
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
-# Lightning's example sleeps per forward (2 per step), the transformers one per step.
-STEP_DELAY = {"lightning": "0.05", "transformers": "0.1"}
+# Lightning's example sleeps per forward (2 per step), the others per step.
+STEP_DELAY = {"lightning": "0.05", "transformers": "0.1", "custom-loop": "0.1"}
 
 
 def example_job(e2e, framework: str, bucket: str) -> dict:
