@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from phoenix_trainer import capture_rng, restore_rng
-from phoenix_trainer.distributed import DistributedSession, init_from_env
+from phoenix_trainer.distributed import DistributedSession, exact_allreduce_hook, init_from_env
 
 log = logging.getLogger("phoenix.example")
 
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
         model = fully_shard(model)
     else:
         model = nn.parallel.DistributedDataParallel(model)
+        # Bit-exact resume with more than 2 ranks: see exact_allreduce_hook.
+        model.register_comm_hook(None, exact_allreduce_hook)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     random.seed(args.seed + rank)
     np.random.seed(args.seed + rank)
