@@ -102,6 +102,19 @@ def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:6]}"
 
 
+def create_namespace(core, prefix: str) -> str:
+    """A fresh ``<prefix>-xxxxxx`` namespace, returned once pods can be admitted to it (the
+    controller-manager has made its default ServiceAccount)."""
+    from kubernetes import client
+    from kubernetes.client.rest import ApiException
+
+    name = unique(prefix)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    wait_for(lambda: core.read_namespaced_service_account("default", name), 60, 0.2,
+             f"default ServiceAccount in {name}", retry_on=(ApiException,))
+    return name
+
+
 class Beacon:
     """A TCP listener on the lab's host address that pods report to (`BEACON_CODE`), so a
     test sees what happened inside a container even after its pod is gone."""

@@ -48,7 +48,7 @@ def operator(lab, operator_rbac, tmp_path_factory):
     op.stop()
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def core(lab):
     with lab.api_client() as api:
         yield client.CoreV1Api(api)

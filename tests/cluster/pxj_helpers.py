@@ -1,13 +1,12 @@
 """Builders and waiters for PhoenixJob cluster tests."""
 from __future__ import annotations
 
-import uuid
 from typing import Any, Callable
 
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kube_helpers import RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, wait_for
+from kube_helpers import RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, create_namespace, wait_for
 from operator_process import FAKE_TRAINER, FAKE_TRAINER_CONFIGMAP, FAKE_TRAINER_PATH
 
 GROUP, VERSION, PLURAL = "phoenix.dev", "v1alpha1", "phoenixjobs"
@@ -97,8 +96,7 @@ def events(core, ns, name) -> list:
 def create_job_namespace(lab, core, prefix: str = "pxj") -> str:
     """A fresh namespace with a credentials Secret for the lab's S3 server and the fake
     trainer's source as a ConfigMap. The cluster tests' operator watches pxj-* only."""
-    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
+    name = create_namespace(core, prefix)
     core.create_namespaced_secret(name, client.V1Secret(
         metadata=client.V1ObjectMeta(name="s3-creds"),
         string_data={"AWS_ACCESS_KEY_ID": lab.s3.access_key,
@@ -106,7 +104,4 @@ def create_job_namespace(lab, core, prefix: str = "pxj") -> str:
     core.create_namespaced_config_map(name, client.V1ConfigMap(
         metadata=client.V1ObjectMeta(name=FAKE_TRAINER_CONFIGMAP),
         data={"fake_trainer.py": FAKE_TRAINER.read_text()}))
-    # Pods are admitted only once the controller-manager made the default ServiceAccount.
-    wait(lambda: core.read_namespaced_service_account("default", name), 60,
-         f"default ServiceAccount in {name}")
     return name

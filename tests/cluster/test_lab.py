@@ -12,7 +12,7 @@ import pytest
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from kube_helpers import Beacon, python_pod, unique, wait_for
+from kube_helpers import Beacon, create_namespace, python_pod, unique, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -33,17 +33,8 @@ time.sleep(600)
 
 
 @pytest.fixture(scope="module")
-def core(lab):
-    with lab.api_client() as api:
-        yield client.CoreV1Api(api)
-
-
-@pytest.fixture(scope="module")
-def ns(lab, core):
-    name = unique("labtest")
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    wait_for(lambda: core.read_namespaced_service_account("default", name), 60,
-             what="default ServiceAccount (controller-manager)")
+def ns(core):
+    name = create_namespace(core, "labtest")
     yield name
     core.delete_namespace(name)
 

@@ -12,10 +12,9 @@ import re
 import uuid
 
 import pytest
-from kubernetes import client
 
 from kube_helpers import (RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, terminated_state,
-                          unique, wait_for, watch_pod)
+                          create_namespace, unique, wait_for, watch_pod)
 
 pytestmark = pytest.mark.cluster
 
@@ -24,17 +23,8 @@ SPOT = {"nodeSelector": {"phoenix.dev/spot": "true"},
 
 
 @pytest.fixture(scope="module")
-def core(lab):
-    with lab.api_client() as api:
-        yield client.CoreV1Api(api)
-
-
-@pytest.fixture(scope="module")
-def ns(lab, core):
-    name = unique("images")
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=name)))
-    wait_for(lambda: core.read_namespaced_service_account("default", name), 60,
-             what="default ServiceAccount")
+def ns(core):
+    name = create_namespace(core, "images")
     yield name
     core.delete_namespace(name)
 
