@@ -1,20 +1,34 @@
-"""``phoenix``: a small CLI for people. Reads the cluster through the kubeconfig.
+"""``phoenix`` (or ``kubectl phoenix``): a small CLI for people. Reads the cluster through
+the kubeconfig.
 
-    phoenix status JOB [-n NAMESPACE]        per-phase recovery report
-    phoenix checkpoints JOB [-n NAMESPACE]   list and verify checkpoints in storage
-    phoenix reset JOB [--phase P] [-n NS]    re-run a Failed/Blocked phase (keeps checkpoints)
+    phoenix status JOB        per-phase recovery report
+    phoenix checkpoints JOB   list and verify checkpoints in storage
+    phoenix reset JOB         re-run a Failed/Blocked phase (keeps checkpoints)
 
-Never prints secret values: credentials are read from the job's Secret only to open
-storage.
+Global flags, as in kubectl, go anywhere on the line (before or after the command and its
+arguments): --kubeconfig, --context, -n/--namespace, -o/--output json|yaml. Installed as
+``kubectl-phoenix`` too, so ``kubectl phoenix status JOB`` works.
+
+The argument parsing, kubeconfig context/namespace resolution and -o rendering are plain
+functions (no cluster) so the unit tests can hold them; only ``_connect`` and the command
+bodies talk to the API. Never prints secret values: credentials are read from the job's
+Secret only to open storage.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import Any, Callable, Iterator, Mapping
 
+import yaml
 from kubernetes import config as kconfig
 from kubernetes.client.rest import ApiException
+from kubernetes.config.kube_config import KubeConfigMerger
+from urllib3.exceptions import HTTPError
 
 from . import constants as C
 from .decide import member_of
@@ -23,6 +37,211 @@ from .model import JobSpec, phase_statuses
 from .reset import ResetRefused, reset_status
 
 RESET_ATTEMPTS = 5  # status writes lost to the operator's own writes (409) before giving up
+OUTPUT_FORMATS = ("json", "yaml")
+PLUGIN_EXECUTABLE = "kubectl-phoenix"  # kubectl runs `kubectl phoenix` as this, found on PATH
+DEFAULT_KUBECONFIG = "~/.kube/config"
+
+
+class CliError(Exception):
+    """A problem the user can fix (no such job, context, kubeconfig): one line, no trace."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# --- arguments -------------------------------------------------------------------------
+
+
+def program_name(argv0: str) -> str:
+    """What usage and help call us: ``kubectl phoenix`` when kubectl ran us as its plugin
+    (it execs ``kubectl-phoenix`` found on PATH), else ``phoenix``."""
+    base = os.path.basename(argv0)
+    base = base[:-4] if base.lower().endswith(".exe") else base
+    return "kubectl phoenix" if base == PLUGIN_EXECUTABLE else "phoenix"
+
+
+def _global_flags(top: bool) -> argparse.ArgumentParser:
+    # The same flags are given to the top-level parser and to every subcommand so they can
+    # go anywhere on the line. Only the top-level copy has defaults: a subcommand's copy is
+    # SUPPRESSed, so its (absent) value never overwrites one given before the command.
+    default = None if top else argparse.SUPPRESS
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    g = p.add_argument_group("global flags (anywhere on the line, as in kubectl)")
+    g.add_argument("--kubeconfig", default=default, metavar="FILE",
+                   help="kubeconfig file (default: $KUBECONFIG, which may list several "
+                   "files, else ~/.kube/config)")
+    g.add_argument("--context", default=default,
+                   help="kubeconfig context to use (default: its current-context)")
+    g.add_argument("-n", "--namespace", default=default,
+                   help="namespace of the job (default: the context's namespace, else "
+                   "'default')")
+    g.add_argument("-o", "--output", default=default, choices=OUTPUT_FORMATS,
+                   help="print json or yaml for programs instead of the report for people")
+    return p
+
+
+def build_parser(prog: str = "phoenix") -> argparse.ArgumentParser:
+    about = " ".join(__doc__.split("\n\n")[0].split())
+    parser = argparse.ArgumentParser(prog=prog, description=about,
+                                     parents=[_global_flags(top=True)], allow_abbrev=False)
+    flags = [_global_flags(top=False)]
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("status", parents=flags, allow_abbrev=False,
+                       help="per-phase recovery report of a PhoenixJob")
+    p.add_argument("job")
+    p.set_defaults(fn=status)
+    p = sub.add_parser("checkpoints", parents=flags, allow_abbrev=False,
+                       help="list and verify a PhoenixJob's checkpoints")
+    p.add_argument("job")
+    p.add_argument("--phase", help="only this phase")
+    p.add_argument("--endpoint", help="S3 endpoint to use instead of spec.checkpoint.endpoint")
+    p.add_argument("--shallow", action="store_true", help="skip sha256 (manifest and sizes only)")
+    p.add_argument("--strict", action="store_true", help="exit 1 if any checkpoint is invalid")
+    p.set_defaults(fn=checkpoints)
+    p = sub.add_parser("reset", parents=flags, allow_abbrev=False,
+                       help="re-run a Failed (or Blocked) phase after fixing the cause;"
+                       " keeps the job and its checkpoints")
+    p.add_argument("job")
+    p.add_argument("--phase", help="only this phase (and the phases it blocked); default: "
+                   "every Failed or Blocked phase")
+    p.add_argument("--force", action="store_true",
+                   help="reset even while another phase is running or recovering")
+    p.set_defaults(fn=reset)
+    return parser
+
+
+def parse_args(argv: list[str], prog: str = "phoenix") -> argparse.Namespace:
+    return build_parser(prog).parse_args(argv)
+
+
+# --- kubeconfig: which context, which namespace ------------------------------------------
+
+
+@dataclass(frozen=True)
+class Target:
+    kubeconfig: str  # path(s) as the kubernetes client's loader takes them (os.pathsep-joined)
+    context: str
+    namespace: str
+
+
+def kubeconfig_paths(flag: str | None, environ: Mapping[str, str]) -> str:
+    """--kubeconfig, else $KUBECONFIG (several files joined by os.pathsep), else
+    ~/.kube/config. Read at call time: the client's own default is frozen at its import."""
+    return flag or environ.get("KUBECONFIG") or DEFAULT_KUBECONFIG
+
+
+def pick_context(contexts: list[dict], current: str | None, wanted: str | None) -> dict:
+    """The kubeconfig context entry (``{"name", "context": {...}}``) to use: --context, else
+    the current-context."""
+    name = wanted or current
+    if not name:
+        raise CliError("the kubeconfig has no current-context; pass --context "
+                       f"(contexts: {', '.join(_names(contexts)) or 'none'})")
+    for ctx in contexts:
+        if ctx.get("name") == name:
+            return ctx
+    raise CliError(f'context "{name}" does not exist in the kubeconfig '
+                   f"(contexts: {', '.join(_names(contexts)) or 'none'})")
+
+
+def _names(contexts: list[dict]) -> list[str]:
+    return [str(c.get("name")) for c in contexts]
+
+
+def namespace_for(context: dict, flag: str | None) -> str:
+    """-n wins; else the chosen context's namespace; else "default" (kubectl's rule)."""
+    return flag or (context.get("context") or {}).get("namespace") or "default"
+
+
+def resolve_target(kubeconfig: str | None, context: str | None, namespace: str | None,
+                   environ: Mapping[str, str] = os.environ) -> Target:
+    """Read the kubeconfig(s) the way the kubernetes client's loader does (its merger: first
+    file to define a context wins, current-context as the client reads it), so the namespace
+    and the cluster we then connect to come from the same context."""
+    paths = kubeconfig_paths(kubeconfig, environ)
+    try:
+        merged = KubeConfigMerger(paths).config
+    except Exception as e:  # noqa: BLE001 - unreadable YAML, a directory, ...: say which file
+        raise CliError(f"cannot read kubeconfig {paths}: {e}") from e
+    if merged is None:
+        raise CliError(f"no kubeconfig found at {paths} (set --kubeconfig or KUBECONFIG)")
+    data = merged.value
+    contexts = [getattr(c, "value", c) for c in data.get("contexts") or ()]
+    ctx = pick_context(contexts, data.get("current-context"), context)
+    return Target(paths, ctx["name"], namespace_for(ctx, namespace))
+
+
+# --- output for programs -----------------------------------------------------------------
+
+
+def render(document: Any, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(document, indent=2) + "\n"
+    if fmt == "yaml":
+        return yaml.safe_dump(document, sort_keys=False, default_flow_style=False)
+    raise CliError(f"unknown output format {fmt!r} (use one of: {', '.join(OUTPUT_FORMATS)})",
+                   code=2)
+
+
+def status_document(job: dict) -> dict:
+    """`status -o`: the job's status as the API holds it (fields: README "Status fields"),
+    with the name, namespace and generation it belongs to (compare status.observedGeneration)."""
+    meta = job.get("metadata") or {}
+    return {"name": meta.get("name"), "namespace": meta.get("namespace"),
+            "generation": meta.get("generation"), "status": job.get("status") or {}}
+
+
+@dataclass(frozen=True)
+class CheckpointRow:
+    phase: str
+    step: int
+    uri: str
+    valid: bool
+    reason: str
+    epoch: int | None  # None: no readable manifest
+    time: str | None
+    ranks: int  # > 0: a gang's sharded checkpoint
+    files: int
+    skipped: bool  # the operator will not resume from it (crashed there repeatedly)
+
+    def as_dict(self) -> dict:
+        return {"phase": self.phase, "step": self.step, "uri": self.uri, "valid": self.valid,
+                "reason": self.reason or None, "epoch": self.epoch, "time": self.time,
+                "ranks": self.ranks, "files": self.files, "skippedByOperator": self.skipped}
+
+    def text(self) -> str:
+        mark = "ok " if self.valid else "BAD"
+        extra = f"epoch {self.epoch}, {self.time}" if self.epoch is not None else ""
+        if self.ranks:  # a gang's sharded checkpoint: every rank's files are in the manifest
+            extra += f", {self.ranks} ranks, {self.files} files"
+        note = "  (skipped by operator)" if self.skipped else ""
+        return (f"  {mark} step {self.step:>8}  {extra}  {self.uri}"
+                + ("" if self.valid else f"  - {self.reason}") + note)
+
+
+def checkpoint_row(phase: str, info, skipped=()) -> CheckpointRow:
+    """From phoenix_trainer's CheckpointInfo (verify_checkpoint's answer)."""
+    m = info.manifest
+    files = list(m.files) if m else []
+    ranks = {n.split("-", 1)[0] for n in files if n.startswith("rank")}
+    return CheckpointRow(phase, info.step, info.uri, info.valid, info.reason,
+                         m.epoch if m else None, m.time if m else None, len(ranks),
+                         len(files), info.step in skipped)
+
+
+def checkpoints_document(job: dict, rows: list[CheckpointRow],
+                         errors: list[dict]) -> dict:
+    meta = job.get("metadata") or {}
+    return {"name": meta.get("name"), "namespace": meta.get("namespace"),
+            "checkpoints": [r.as_dict() for r in rows], "errors": errors}
+
+
+def _emit(args, document: Any) -> None:
+    sys.stdout.write(render(document, args.output))
+
+
+# --- commands ----------------------------------------------------------------------------
 
 
 def _age(value: datetime | None, now: datetime) -> str:
@@ -36,19 +255,35 @@ def _age(value: datetime | None, now: datetime) -> str:
     return f"{s // 3600}h{(s % 3600) // 60:02d}m ago"
 
 
+def _connect(target: Target) -> Kube:
+    try:
+        kconfig.load_kube_config(config_file=target.kubeconfig, context=target.context)
+    except kconfig.ConfigException as e:
+        raise CliError(f"kubeconfig {target.kubeconfig}, context {target.context}: {e}") from e
+    return Kube()
+
+
 def _load(args) -> tuple[Kube, dict]:
-    kconfig.load_kube_config(config_file=args.kubeconfig, context=args.context)
-    kube = Kube()
-    namespace = args.namespace or kconfig.list_kube_config_contexts(
-        config_file=args.kubeconfig)[1]["context"].get("namespace", "default")
-    job = kube.get_job(namespace, args.job)
+    target = resolve_target(args.kubeconfig, args.context, args.namespace)
+    kube = _connect(target)
+    try:
+        job = kube.get_job(target.namespace, args.job)
+    except ApiException as e:
+        raise CliError(f"cannot read phoenixjob {target.namespace}/{args.job}: "
+                       f"{e.status} {e.reason}") from e
+    except HTTPError as e:
+        raise CliError(f"cannot reach the cluster of context {target.context}: {e}") from e
     if job is None:
-        raise SystemExit(f"phoenixjob {namespace}/{args.job} not found")
+        raise CliError(f'phoenixjob "{args.job}" not found in namespace "{target.namespace}"'
+                       f" (context {target.context})")
     return kube, job
 
 
 def status(args) -> int:
     kube, job = _load(args)
+    if args.output:
+        _emit(args, status_document(job))
+        return 0
     now = datetime.now(timezone.utc)
     spec = JobSpec.parse(job["spec"])
     st = job.get("status") or {}
@@ -106,11 +341,22 @@ def _members(pods: list[dict], phase: str, attempt: int) -> list[dict]:
                    and labels(p).get(C.LABEL_ATTEMPT) == str(attempt)), key=member_of)
 
 
-def checkpoints(args) -> int:
+@dataclass
+class _PhaseScan:
+    phase: str
+    uri: str
+    error: str | None
+    steps: list[int]
+    verify: Callable[[int], CheckpointRow]
+
+    def rows(self) -> Iterator[CheckpointRow]:  # lazy: people see each line as it is checked
+        return (self.verify(step) for step in self.steps)
+
+
+def _scan(kube: Kube, job: dict, args) -> Iterator[_PhaseScan]:
     from phoenix_trainer.layout import checkpoint_steps
     from phoenix_trainer.storage import open_storage, verify_checkpoint
 
-    kube, job = _load(args)
     spec = JobSpec.parse(job["spec"])
     ns = job["metadata"]["namespace"]
     access = secret = None
@@ -118,51 +364,62 @@ def checkpoints(args) -> int:
         access, secret = kube.s3_credentials(ns, spec.checkpoint.credentials_secret)
     endpoint = args.endpoint or spec.checkpoint.endpoint
     statuses = phase_statuses(spec, job.get("status"))
-    phases = [args.phase] if args.phase else [p.name for p in spec.phases]
-    bad = 0
-    for name in phases:
+    if args.phase and args.phase not in {p.name for p in spec.phases}:
+        raise CliError(f"phoenixjob {ns}/{job['metadata']['name']} has no phase "
+                       f"{args.phase!r} (phases: {', '.join(p.name for p in spec.phases)})")
+    for name in [args.phase] if args.phase else [p.name for p in spec.phases]:
         uri = spec.checkpoint.phase_uri(name)
-        print(f"phase {name}: {uri}")
+        skipped = statuses[name].skipped_steps if name in statuses else ()
         try:
             storage = open_storage(uri, endpoint_url=endpoint, access_key=access,
                                    secret_key=secret, region=spec.checkpoint.region)
             steps = list(reversed(checkpoint_steps(storage)))
         except Exception as e:  # noqa: BLE001 - report and go on with the next phase
-            print(f"  cannot list: {type(e).__name__}: {e}")
-            bad += 1
+            yield _PhaseScan(name, uri, f"{type(e).__name__}: {e}", [], None)
             continue
-        if not steps:
+        yield _PhaseScan(name, uri, None, steps, lambda step, storage=storage, name=name,
+                         skipped=skipped: checkpoint_row(
+                             name, verify_checkpoint(storage, step, deep=not args.shallow),
+                             skipped))
+
+
+def checkpoints(args) -> int:
+    kube, job = _load(args)
+    rows: list[CheckpointRow] = []
+    errors: list[dict] = []
+    for scan in _scan(kube, job, args):
+        if not args.output:
+            print(f"phase {scan.phase}: {scan.uri}")
+        if scan.error:
+            errors.append({"phase": scan.phase, "uri": scan.uri, "error": scan.error})
+            if not args.output:
+                print(f"  cannot list: {scan.error}")
+            continue
+        if not scan.steps and not args.output:
             print("  (no checkpoints)")
-        skipped = statuses[name].skipped_steps if name in statuses else ()
-        for step in steps:
-            info = verify_checkpoint(storage, step, deep=not args.shallow)
-            m = info.manifest
-            mark = "ok " if info.valid else "BAD"
-            extra = f"epoch {m.epoch}, {m.time}" if m else ""
-            ranks = {n.split("-", 1)[0] for n in (m.files if m else ()) if n.startswith("rank")}
-            if ranks:  # a gang's sharded checkpoint: every rank's files are in the manifest
-                extra += f", {len(ranks)} ranks, {len(m.files)} files"
-            note = "  (skipped by operator)" if step in skipped else ""
-            print(f"  {mark} step {step:>8}  {extra}  {info.uri}"
-                  + ("" if info.valid else f"  - {info.reason}") + note)
-            if not info.valid:
-                bad += 1
+        for row in scan.rows():
+            rows.append(row)
+            if not args.output:
+                print(row.text())
+    if args.output:
+        _emit(args, checkpoints_document(job, rows, errors))
+    bad = len(errors) + sum(not r.valid for r in rows)
     return 1 if bad and args.strict else 0
 
 
 def reset(args) -> int:
     kube, job = _load(args)
     meta = job["metadata"]
+    where = f"{meta['namespace']}/{meta['name']}"
     for _ in range(RESET_ATTEMPTS):
         spec = JobSpec.parse(job["spec"])
         try:
             status, names = reset_status(spec, job.get("status"), args.phase, args.force)
         except ResetRefused as e:
-            print(f"phoenix reset {meta['namespace']}/{meta['name']}: {e}", file=sys.stderr)
-            return 2
+            raise CliError(f"reset {where}: {e}", code=2) from e
         if not names:
-            print(f"PhoenixJob {meta['namespace']}/{meta['name']}: no Failed or Blocked phase; "
-                  "nothing to reset")
+            msg = "no Failed or Blocked phase; nothing to reset"
+            _report_reset(args, meta, [], msg)
             return 0
         try:
             # Guarded by the resourceVersion we decided on: a concurrent operator write makes
@@ -170,49 +427,36 @@ def reset(args) -> int:
             kube.patch_status(job, status)
         except ApiException as e:
             if e.status != 409:
-                raise SystemExit(f"cannot write status of phoenixjob {meta['namespace']}/"
-                                 f"{meta['name']}: {e.status} {e.reason}") from e
+                raise CliError(f"cannot write status of phoenixjob {where}: "
+                               f"{e.status} {e.reason}") from e
             job = kube.get_job(meta["namespace"], meta["name"])
             if job is None:
-                raise SystemExit(f"phoenixjob {meta['namespace']}/{meta['name']} was deleted")
+                raise CliError(f"phoenixjob {where} was deleted")
             continue
         msg = (f"phase {', '.join(names)} reset to Pending by `phoenix reset`; budgets cleared, "
                "attempt numbers continue; the operator resumes from the newest valid checkpoint")
         kube.post_event(job, "Normal", C.EV_PHASE_RESET, msg, component="phoenix-cli")
-        print(f"PhoenixJob {meta['namespace']}/{meta['name']}: {msg}")
+        _report_reset(args, meta, names, msg)
         return 0
-    raise SystemExit(f"phoenixjob {meta['namespace']}/{meta['name']} kept changing; "
-                     "try again")
+    raise CliError(f"phoenixjob {where} kept changing; try again")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="phoenix", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kubeconfig", default=None)
-    parser.add_argument("--context", default=None)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("status", help="per-phase recovery report of a PhoenixJob")
-    p.add_argument("job")
-    p.add_argument("-n", "--namespace")
-    p.set_defaults(fn=status)
-    p = sub.add_parser("checkpoints", help="list and verify a PhoenixJob's checkpoints")
-    p.add_argument("job")
-    p.add_argument("-n", "--namespace")
-    p.add_argument("--phase", help="only this phase")
-    p.add_argument("--endpoint", help="S3 endpoint to use instead of spec.checkpoint.endpoint")
-    p.add_argument("--shallow", action="store_true", help="skip sha256 (manifest and sizes only)")
-    p.add_argument("--strict", action="store_true", help="exit 1 if any checkpoint is invalid")
-    p.set_defaults(fn=checkpoints)
-    p = sub.add_parser("reset", help="re-run a Failed (or Blocked) phase after fixing the cause;"
-                       " keeps the job and its checkpoints")
-    p.add_argument("job")
-    p.add_argument("-n", "--namespace")
-    p.add_argument("--phase", help="only this phase (and the phases it blocked); default: "
-                   "every Failed or Blocked phase")
-    p.add_argument("--force", action="store_true",
-                   help="reset even while another phase is running or recovering")
-    p.set_defaults(fn=reset)
-    args = parser.parse_args(argv)
-    return args.fn(args)
+def _report_reset(args, meta: dict, names: list[str], msg: str) -> None:
+    if args.output:
+        _emit(args, {"name": meta["name"], "namespace": meta["namespace"], "reset": names,
+                     "message": msg})
+    else:
+        print(f"PhoenixJob {meta['namespace']}/{meta['name']}: {msg}")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    prog = prog or program_name(sys.argv[0])
+    args = parse_args(sys.argv[1:] if argv is None else argv, prog)
+    try:
+        return args.fn(args)
+    except CliError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.code
 
 
 if __name__ == "__main__":
