@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from phoenix_trainer.contract import REASON_COMPLETED, REASON_PREEMPTED, TerminationMessage
 
@@ -77,6 +77,7 @@ class NodeHealth:
     missing: bool = False                     # GET node answered 404
     not_ready_since: datetime | None = None   # Ready condition False/Unknown since then
     out_of_service: bool = False              # tainted node.kubernetes.io/out-of-service
+    notice: str | None = None                 # a reclaim announced: "taint <key>" / "condition <type>"
 
     @property
     def healthy(self) -> bool:
@@ -88,18 +89,27 @@ class NodeHealth:
         return self.missing or self.out_of_service
 
 
-def node_health(node: Mapping[str, Any] | None) -> NodeHealth:
+def node_health(node: Mapping[str, Any] | None,
+                notice_taints: Iterable[str] = C.DEFAULT_NOTICE_TAINTS,
+                notice_conditions: Iterable[str] = C.DEFAULT_NOTICE_CONDITIONS) -> NodeHealth:
     """``node`` as the API returned it, or None for 404. A Ready condition that is not True
-    counts from its lastTransitionTime; without one we cannot tell, so: not NotReady."""
+    counts from its lastTransitionTime; without one we cannot tell, so: not NotReady.
+    ``notice``: the first of ``notice_taints`` on the node, else the first of
+    ``notice_conditions`` that is True."""
     if node is None:
         return NodeHealth(missing=True)
     taints = (node.get("spec") or {}).get("taints") or ()
     out = any(t.get("key") == C.TAINT_OUT_OF_SERVICE for t in taints)
+    conditions = (node.get("status") or {}).get("conditions") or ()
     since = None
-    for cond in (node.get("status") or {}).get("conditions") or ():
+    for cond in conditions:
         if cond.get("type") == "Ready" and cond.get("status") != "True":
             since = parse_ts(cond.get("lastTransitionTime"))
-    return NodeHealth(not_ready_since=since, out_of_service=out)
+    keys = {t.get("key") for t in taints}
+    true = {c.get("type") for c in conditions if c.get("status") == "True"}
+    notice = next((f"taint {k}" for k in notice_taints if k in keys), None) or next(
+        (f"condition {c}" for c in notice_conditions if c in true), None)
+    return NodeHealth(not_ready_since=since, out_of_service=out, notice=notice)
 
 
 def trainer_container_name(pod: Mapping[str, Any]) -> str | None:
@@ -303,6 +313,10 @@ def _killed(out, exit_code: int, node: NodeHealth | None, raw_msg: str) -> Outco
         state = "gone" if node.missing else "not Ready"
         return out(Cause.PREEMPTION, C.R_NODE_LOST,
                    f"exit code {exit_code} ({reason}) while its node was {state}")
+    if node is not None and node.notice:
+        return out(Cause.PREEMPTION, C.R_NOTICE,
+                   f"exit code {exit_code} ({reason}) on a node that announced its reclaim"
+                   f" ({node.notice})")
     why = (f"exit code {exit_code} ({reason}) with no sign of a disruption (no DisruptionTarget "
            "condition, not deleted, node healthy, no 'preempted' termination message): a "
            "liveness probe, activeDeadlineSeconds or the trainer itself killed it")

@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
+from . import constants as C
+
 
 class ConfigError(ValueError):
     """An operator environment variable has a value that cannot work."""
@@ -32,7 +34,12 @@ class OperatorConfig:
     watch_nodes: bool = True
     """PHOENIX_WATCH_NODES: watch and read Nodes, so a trainer pod whose node was deleted or
     stayed NotReady is replaced at once instead of after pod GC (needs get/list/watch on
-    nodes; false: rely on pod GC)."""
+    nodes; false: rely on pod GC). Preemption notices need it too."""
+    notice_taints: tuple[str, ...] = C.DEFAULT_NOTICE_TAINTS
+    """PHOENIX_NOTICE_TAINTS: comma-separated node taint keys that announce a reclaim."""
+    notice_conditions: tuple[str, ...] = C.DEFAULT_NOTICE_CONDITIONS
+    """PHOENIX_NOTICE_CONDITIONS: comma-separated node condition types that announce a
+    reclaim while True."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -50,6 +57,11 @@ class OperatorConfig:
                 raise ConfigError(f"{name}={value} is below {minimum}")
             return value
 
+        def names(name: str, default: tuple[str, ...]) -> tuple[str, ...]:
+            if name not in env:
+                return default
+            return tuple(n.strip() for n in env[name].split(",") if n.strip())
+
         def flag(name: str, default: str) -> bool:
             raw = env.get(name, default).strip().lower() or default
             if raw not in ("true", "false", "1", "0", "yes", "no"):
@@ -64,4 +76,6 @@ class OperatorConfig:
             api_workers=int(number("PHOENIX_API_WORKERS", 16, int, 1)),
             s3_endpoint_override=env.get("PHOENIX_S3_ENDPOINT_OVERRIDE") or None,
             watch_nodes=flag("PHOENIX_WATCH_NODES", "true"),
+            notice_taints=names("PHOENIX_NOTICE_TAINTS", C.DEFAULT_NOTICE_TAINTS),
+            notice_conditions=names("PHOENIX_NOTICE_CONDITIONS", C.DEFAULT_NOTICE_CONDITIONS),
         )

@@ -26,6 +26,11 @@ LABEL_PHASE = f"{GROUP}/phase"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
 LABEL_ROLE = f"{GROUP}/role"
 LABEL_MEMBER = f"{GROUP}/member"  # a gang member's index (node rank), on gang phases only
+# "true" on a pod started as a standby (it keeps the label once promoted). Never adopted as
+# a lost attempt: the status names every standby before its pod is created.
+LABEL_STANDBY = f"{GROUP}/standby"
+# The trainer's readiness endpoint (phoenix_trainer.control.StatusServer) on standby pods.
+STATUS_PORT = 8471
 RENDEZVOUS_PORT = 29500  # torchrun's PET_MASTER_PORT inside a gang
 ROLE_TRAINER = "trainer"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -121,12 +126,19 @@ EV_POD_CONFLICT = "PodConflict"
 EV_RESUME_NOT_EXACT = "ResumeNotExact"  # the trainer says a resume will not be bit-exact
 EV_GANG_UNSCHEDULABLE = "GangUnschedulable"  # a gang not all scheduled in time: released
 EV_NODE_NOT_READY = "NodeNotReady"  # a trainer pod's node NotReady past the grace: stranded
+EV_NOTICE = "PreemptionNotice"  # a trainer pod's node announced its reclaim
+EV_STANDBY_STARTED = "StandbyStarted"
+EV_STANDBY_READY = "StandbyReady"
+EV_STANDBY_LOST = "StandbyLost"  # a standby ended or was removed before it was needed
+EV_HANDOFF = "Handoff"  # the active trainer was asked to hand off to the ready standby
+EV_PROMOTED = "StandbyPromoted"
 REASON_NODE_NOT_READY = "NodeNotReady"  # ... and the Running condition's reason meanwhile
 
 # --- classification reasons recorded in status.phases[].lastFailure.reason -------------
 R_DISRUPTION_PREFIX = "Disruption"  # + the DisruptionTarget condition's reason
 R_EVICTED = "Evicted"
 R_NODE_LOST = "NodeLost"
+R_NOTICE = "ReclaimNotice"  # killed on a node that announced its reclaim
 R_POD_DELETED = "PodDeleted"
 R_DELETED_BY_OTHERS = "DeletedExternally"
 R_TRAINER_PREEMPTED = "TrainerPreempted"
@@ -150,6 +162,22 @@ FATAL_WAITING_REASONS = frozenset({
 NODE_NOT_READY_GRACE_SECONDS = 40.0
 # The taint Kubernetes' non-graceful node shutdown uses: the node is down, its pods may go.
 TAINT_OUT_OF_SERVICE = "node.kubernetes.io/out-of-service"
+# Node taints that announce a reclaim (a "notice"), set by the common termination handlers
+# and autoscalers; PHOENIX_NOTICE_TAINTS replaces the list (chart: notice.taints).
+DEFAULT_NOTICE_TAINTS = (
+    "karpenter.sh/disrupted",                               # Karpenter v1
+    "karpenter.sh/disruption",                              # Karpenter before v1
+    "aws-node-termination-handler/spot-itn",                # AWS NTH: spot interruption
+    "aws-node-termination-handler/rebalance-recommendation",
+    "aws-node-termination-handler/asg-lifecycle-termination",
+    "aws-node-termination-handler/scheduled-maintenance",
+    "cloud.google.com/impending-node-termination",          # GKE spot / preemptible
+    "ToBeDeletedByClusterAutoscaler",                       # cluster-autoscaler scale-down
+    "phoenix.dev/preemption-notice",                        # anything else: set it yourself
+)
+# Node condition types that announce a reclaim when True (PHOENIX_NOTICE_CONDITIONS).
+DEFAULT_NOTICE_CONDITIONS: tuple[str, ...] = ()
+ON_NOTICE_HANDOFF, ON_NOTICE_CHECKPOINT, ON_NOTICE_IGNORE = "Handoff", "Checkpoint", "Ignore"
 
 SIGTERM_EXIT = 143
 SIGKILL_EXIT = 137

@@ -25,6 +25,18 @@ it) — and the live members are deleted with their grace before the next attemp
 preemption or failure is counted, naming that member. A gang not fully scheduled within
 ``recovery.gangScheduleTimeoutSeconds`` is released (its pods deleted, no budget charged) and
 tried again after the same time.
+
+Standbys and notices (single-pod phases). A standby is the phase's next attempt started
+ahead of need: its pod is created (status first, as always) but the storage fence is not
+moved, so it waits (see ``phoenix_trainer.control``). When the active attempt ends, the
+standby is *promoted* instead of a pod being created: the fence moves to it, naming the
+checkpoint to resume from, and that is its signal to start. ``recovery.standby`` keeps one
+standby per running phase (off the active pod's node). A *notice* is a taint or condition on
+the active pod's node announcing its reclaim: the trainer is asked for a checkpoint now
+(``control.json``), and with ``onNotice: Handoff`` a standby is started on another node; once
+it reports Ready the trainer is asked to hand off: it saves a final checkpoint at the next
+step boundary, fences the phase for the standby naming that checkpoint, and exits as
+preempted. One writer at all times: only the fence's attempt may publish checkpoints.
 """
 from __future__ import annotations
 
@@ -35,8 +47,11 @@ from typing import Any, Mapping, Sequence
 from . import constants as C
 from .classify import LIVE, NodeHealth, Outcome, classify, gone, node_grace_left, stranded
 from .constants import Cause, JobPhase, PhaseState
+from phoenix_trainer.layout import Control
+
 from .model import (
-    CheckpointRef, Failure, JobSpec, PhaseSpec, PhaseStatus, parse_ts, phase_statuses, ts,
+    CheckpointRef, Failure, JobSpec, Notice, PhaseSpec, PhaseStatus, StandbyRef, parse_ts,
+    phase_statuses, ts,
 )
 from .podspec import build_pod, build_service, pod_name
 from .states import Event, is_terminal, job_phase, transition
@@ -46,6 +61,8 @@ STORAGE_RETRY_SECONDS = 15.0
 # A foreign pod holds a name we need: look again this often (its deletion, if it carries our
 # job label, triggers a pass at once anyway).
 CONFLICT_RETRY_SECONDS = 30.0
+# A standby that failed (not preempted) is not started again before this.
+STANDBY_RETRY_SECONDS = 30.0
 
 
 # --- inputs ----------------------------------------------------------------------------
@@ -94,6 +111,28 @@ class CreatePod:
     resume_from: str | None
     previous_end: datetime | None  # when the attempt it replaces ended (time-to-replacement)
     previous_cause: str | None
+    standby: bool = False  # a standby: the fence is not moved for it
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Move the phase's fence to a waiting standby (its signal to start), naming the
+    checkpoint to resume from. Written before the status that records it."""
+
+    phase: str
+    attempt: int
+    pod: str
+    resume_from: str | None
+    previous_end: datetime | None
+    previous_cause: str | None
+
+
+@dataclass(frozen=True)
+class ControlWrite:
+    """Write ``control.json`` for a phase (requests to its running attempt)."""
+
+    phase: str
+    control: Control
 
 
 @dataclass(frozen=True)
@@ -129,6 +168,8 @@ class Plan:
     status: dict[str, Any]
     create: list[CreatePod] = field(default_factory=list)
     services: list[dict[str, Any]] = field(default_factory=list)  # ensured before the pods
+    promote: list[Promote] = field(default_factory=list)  # storage writes: before the status
+    control: list[ControlWrite] = field(default_factory=list)
     delete: list[DeletePod] = field(default_factory=list)
     events: list[Note] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
@@ -151,6 +192,15 @@ def member_of(pod: Mapping[str, Any]) -> int:
         return int(((pod.get("metadata") or {}).get("labels") or {}).get(C.LABEL_MEMBER, 0))
     except ValueError:
         return 0
+
+
+def is_standby_pod(pod: Mapping[str, Any]) -> bool:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(C.LABEL_STANDBY) == "true"
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or ())
 
 
 def pods_by_phase(pods: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, list[Mapping[str, Any]]]]:
@@ -180,6 +230,7 @@ class _Ctx:
     foreign: Mapping[str, str] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
     stranded: list[str] = field(default_factory=list)
+    active_nodes: dict[str, str] = field(default_factory=dict)  # phase -> its active pod's node
 
     def note(self, type_: str, reason: str, message: str) -> None:
         self.plan.events.append(Note(type_, reason, message))
@@ -229,7 +280,7 @@ def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
 def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
                   statuses: Mapping[str, PhaseStatus]) -> PhaseStatus:
     if is_terminal(st.state):
-        return st
+        return _drop_standby(ctx, st, pods, "the phase is over")
     # Pods on a lost node look live until pod GC removes them (tens of seconds); nothing runs
     # them any more, so delete them now, without grace, whatever the phase's state.
     for pod in (p for members in pods.values() for p in members):
@@ -241,7 +292,8 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
     # status does not know yet (a status write lost after a pod was created). Bounded: each
     # round either changes the state or stops.
     for _ in range(2 * len(pods) + 2):
-        newer = [a for a in pods if a > st.attempts]
+        # (A standby's pods are newer too, but the status always knew them: never adopted.)
+        newer = [a for a in pods if a > st.attempts and not is_standby_pod(pods[a][0])]
         if st.state == S.RUNNING:
             members = pods.get(st.attempts, ())
             if len(members) < phase.replicas and st.pod_uid is None:
@@ -273,22 +325,30 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
             continue
         break
     if is_terminal(st.state):
-        return st
+        return _drop_standby(ctx, st, pods, "the phase is over")
 
     if ctx.spec.suspend:
-        return _suspend(ctx, phase, st, pods)
+        return _suspend(ctx, phase, _drop_standby(ctx, st, pods, "the job is suspended"), pods)
     if st.state == S.SUSPENDED:
         st = _unsuspend(ctx, phase, st, pods)
     if st.state == S.RECOVERING:
         if st.next_attempt_at is not None and ctx.now < st.next_attempt_at:
             ctx.plan.requeue((st.next_attempt_at - ctx.now).total_seconds())
             return st
-        old_live = [p for members in pods.values() for p in members if ctx.outcome(p).live]
+        standby = _live_standby(ctx, st, pods)
+        if standby is not None:
+            return _promote(ctx, phase, st, standby)
+        if st.standby is not None:
+            st = replace(st, standby=None)  # it ended too; a new attempt is created below
+        old_live = [p for a, members in pods.items() if a <= st.attempts for p in members
+                    if ctx.outcome(p).live]
         if old_live:
             if phase.replicas > 1:  # a gang's peers, should a delete have been lost
                 _delete_live(ctx, old_live, "the gang's attempt is over")
             return st  # never two live trainer pods: wait for the old ones to be gone
         return _start_attempt(ctx, phase, st, Event.REPLACE)
+    if st.state == S.RUNNING and phase.replicas == 1:
+        return _standby_and_notice(ctx, phase, st, pods)
     if st.state == S.PENDING:
         deps = [statuses[d] for d in phase.depends_on if d in statuses]
         if phase.independent:
@@ -529,13 +589,23 @@ def _unsuspend(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> Phas
     return replace(st, state=transition(st.state, Event.RESUME), next_attempt_at=None)
 
 
-def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -> PhaseStatus:
-    """Create the next attempt's pod, resuming from the newest checkpoint verified valid."""
+@dataclass(frozen=True)
+class _ResumePoint:
+    """Where the next attempt starts: ``st`` updated with the fallback bookkeeping."""
+
+    st: PhaseStatus
+    chosen: Checkpoint | None
+    init: Checkpoint | None
+
+
+def _resume_point(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus) -> _ResumePoint | None:
+    """The newest checkpoint verified valid (falling back past one that keeps failing) and
+    the previous phase's weights; None if the listings are missing (asked for) or failed."""
     wanted = [phase.name] + ([phase.depends_on[0]] if phase.depends_on else [])
     missing = [p for p in wanted if p not in ctx.checkpoints]
     if missing:
         ctx.plan.needs_checkpoints.update(missing)
-        return st
+        return None
     listing = ctx.checkpoints[phase.name]
     dep_listing = ctx.checkpoints[phase.depends_on[0]] if phase.depends_on else None
     for lst, whose in ((listing, phase.name), (dep_listing, phase.depends_on[:1])):
@@ -544,7 +614,7 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
                      f"phase {phase.name}: cannot list checkpoints of {whose}: {lst.error}; "
                      f"retrying in {STORAGE_RETRY_SECONDS:g}s")
             ctx.plan.requeue(STORAGE_RETRY_SECONDS)
-            return st
+            return None
 
     skipped = tuple(st.skipped_steps)
     consecutive = st.consecutive_failures_at_checkpoint
@@ -561,12 +631,29 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
         ctx.note("Warning", C.EV_CHECKPOINT_SKIPPED,
                  f"phase {phase.name}: skipping checkpoint step {bad.step} ({bad.uri}): "
                  f"{bad.reason or 'invalid'}")
-    resume = chosen.uri if chosen else None
-    if resume != st.resume_from:
+    if (chosen.uri if chosen else None) != st.resume_from:
         consecutive = 0
     init = dep_listing.newest_valid() if dep_listing is not None else None
+    last = st.last_checkpoint
+    if chosen and (last is None or chosen.step >= last.step):
+        last = CheckpointRef(uri=chosen.uri, step=chosen.step, epoch=chosen.epoch,
+                             time=chosen.time or (last.time if last and last.uri == chosen.uri
+                                                  else None))
+    if chosen and chosen.resume_exact is not None:
+        st = replace(st, resume_exact=chosen.resume_exact, resume_exact_reason=chosen.resume_exact_reason)
+    st = replace(st, consecutive_failures_at_checkpoint=consecutive, skipped_steps=skipped,
+                 last_checkpoint=last)
+    return _ResumePoint(st, chosen, init)
 
-    attempt = st.attempts if event == Event.RECREATE else st.attempts + 1
+
+def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -> PhaseStatus:
+    """Create the next attempt's pod, resuming from the newest checkpoint verified valid."""
+    point = _resume_point(ctx, phase, st)
+    if point is None:
+        return st
+    st, chosen, init = point.st, point.chosen, point.init
+    resume = chosen.uri if chosen else None
+    attempt = st.attempts if event == Event.RECREATE else st.next_attempt_number
     previous = st.last_failure if event == Event.REPLACE else None
     members: list[int | None] = list(range(phase.replicas)) if phase.replicas > 1 else [None]
     if phase.replicas > 1:
@@ -591,18 +678,184 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
         event, C.EV_RESUMING)
     what = f"pod {name}" if len(names) == 1 else f"gang of {len(names)} pods {names[0]}..{names[-1].rsplit('.', 1)[-1]}"
     ctx.note("Normal", reason, f"phase {phase.name}: created {what} (attempt {attempt}), {where}")
-    last = st.last_checkpoint
-    if chosen and (last is None or chosen.step >= last.step):
-        last = CheckpointRef(uri=chosen.uri, step=chosen.step, epoch=chosen.epoch,
-                             time=chosen.time or (last.time if last and last.uri == chosen.uri
-                                                  else None))
-    if chosen and chosen.resume_exact is not None:
-        st = replace(st, resume_exact=chosen.resume_exact, resume_exact_reason=chosen.resume_exact_reason)
     return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
                    pod_uid=None, resume_from=resume, next_attempt_at=None,
-                   started_at=st.started_at or ctx.now,
-                   consecutive_failures_at_checkpoint=consecutive, skipped_steps=skipped,
-                   last_checkpoint=last)
+                   started_at=st.started_at or ctx.now, last_attempt=max(st.last_attempt, attempt))
+
+
+# --- standbys and notices --------------------------------------------------------------
+
+def _standby_members(st: PhaseStatus, pods: Pods) -> list[Mapping[str, Any]]:
+    """Pods of attempts newer than the active one: standbys (the current one, or ones being
+    removed). They never wrote: the fence never named them."""
+    return [p for a, members in pods.items() if a > st.attempts for p in members]
+
+
+def _drop_standby(ctx: _Ctx, st: PhaseStatus, pods: Pods, why: str) -> PhaseStatus:
+    """Delete every live standby pod of the phase and forget the standby."""
+    live = [p for p in _standby_members(st, pods) if ctx.outcome(p).live]
+    _delete_live(ctx, live, f"standby no longer needed: {why}")
+    return replace(st, standby=None) if st.standby is not None else st
+
+
+def _live_standby(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> StandbyRef | None:
+    """The recorded standby if its pod is live, or not created yet (intent written)."""
+    sb = st.standby
+    if sb is None:
+        return None
+    members = pods.get(sb.attempt, ())
+    if not members:
+        return sb if sb.pod_uid is None else None
+    pod = members[0]
+    if not ctx.outcome(pod).live or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    return replace(sb, pod_uid=pod["metadata"].get("uid") or sb.pod_uid)
+
+
+def _promote(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, sb: StandbyRef) -> PhaseStatus:
+    """The active attempt is over: the standby takes over (the fence moves to it)."""
+    point = _resume_point(ctx, phase, st)
+    if point is None:
+        return st
+    st, chosen = point.st, point.chosen
+    resume = chosen.uri if chosen else None
+    previous = st.last_failure
+    ctx.plan.promote.append(Promote(
+        phase=phase.name, attempt=sb.attempt, pod=sb.pod, resume_from=resume,
+        previous_end=previous.time if previous else None,
+        previous_cause=previous.cause if previous else None))
+    where = f"resuming from step {chosen.step} ({resume})" if chosen else "starting fresh"
+    ctx.note("Normal", C.EV_PROMOTED,
+             f"phase {phase.name}: standby pod {sb.pod} (attempt {sb.attempt}, "
+             f"{'ready' if sb.ready else 'not ready yet'}) takes over, {where}")
+    return replace(st, state=transition(st.state, Event.REPLACE), attempts=sb.attempt,
+                   pod=sb.pod, pod_uid=sb.pod_uid, resume_from=resume, next_attempt_at=None,
+                   standby=None, promotions=st.promotions + 1,
+                   last_attempt=max(st.last_attempt, sb.attempt))
+
+
+def _sync_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
+    """Bring ``status.standby`` up to date with its pod: created, scheduled, ready, lost."""
+    sb = st.standby
+    if sb is None:
+        return st
+    members = pods.get(sb.attempt, ())
+    if not members:
+        if sb.pod_uid is None:  # intent written, pod not created (operator restarted)
+            _create_standby(ctx, phase, st, sb.attempt, sb.reason)
+            return st
+        ctx.note("Normal", C.EV_STANDBY_LOST, f"phase {phase.name}: standby pod {sb.pod} is gone")
+        return replace(st, standby=None)
+    pod = members[0]
+    outcome = ctx.outcome(pod)
+    node = (pod.get("spec") or {}).get("nodeName")
+    if not outcome.live:
+        ctx.note("Warning" if outcome.cause == Cause.FAILURE else "Normal", C.EV_STANDBY_LOST,
+                 f"phase {phase.name}: standby pod {sb.pod} ended before it was needed: "
+                 f"{_describe(outcome)}")
+        return replace(st, standby=None)
+    health = ctx.nodes.get(node) if node else None
+    if health is not None and health.notice:
+        ctx.note("Normal", C.EV_STANDBY_LOST,
+                 f"phase {phase.name}: standby pod {sb.pod}'s node {node} announced its reclaim"
+                 f" ({health.notice}); replacing the standby")
+        _delete_live(ctx, [pod], f"standby's node {node} announced its reclaim")
+        return replace(st, standby=None)
+    ready = pod_ready(pod)
+    if ready and not sb.ready:
+        ctx.note("Normal", C.EV_STANDBY_READY,
+                 f"phase {phase.name}: standby pod {sb.pod} on {node} is ready (model built,"
+                 f" newest checkpoint loaded) {_seconds(ctx.now, sb.since)} after it was started")
+    return replace(st, standby=replace(sb, pod_uid=pod["metadata"].get("uid"), node=node,
+                                       ready=ready))
+
+
+def _seconds(now: datetime, since: datetime) -> str:
+    return f"{max(0.0, (now - since).total_seconds()):.0f}s"
+
+
+def _create_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
+                    reason: str) -> str:
+    avoid = [n for n, h in ctx.nodes.items() if h.notice]
+    active_node = ctx.active_nodes.get(phase.name)
+    if active_node:
+        avoid.append(active_node)
+    dep = ctx.checkpoints.get(phase.depends_on[0]) if phase.depends_on else None
+    init = dep.newest_valid() if dep is not None else None
+    manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
+                         attempt=attempt, resume_from=None, resume_step=None,
+                         init_from=init.uri if init else None, standby=True, avoid=avoid)
+    name = manifest["metadata"]["name"]
+    ctx.plan.create.append(CreatePod(name=name, phase=phase.name, attempt=attempt,
+                                     manifest=manifest, resume_from=None, previous_end=None,
+                                     previous_cause=None, standby=True))
+    return name
+
+
+def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
+    """A running single-pod phase: keep its standby current, act on its node's notice."""
+    active = (pods.get(st.attempts) or [None])[0]
+    node = (active.get("spec") or {}).get("nodeName") if active is not None else None
+    if node:
+        ctx.active_nodes[phase.name] = node
+    st = _sync_standby(ctx, phase, st, pods)
+    rec = ctx.spec.recovery
+    health = ctx.nodes.get(node) if node else None
+    notice = health.notice if health is not None and rec.on_notice != C.ON_NOTICE_IGNORE else None
+    if notice and (st.last_notice is None or st.last_notice.attempt != st.attempts):
+        st = replace(st, notices=st.notices + 1,
+                     last_notice=Notice(node=node, signal=notice, time=ctx.now, attempt=st.attempts))
+        plan = {C.ON_NOTICE_HANDOFF: "checkpoint now, and hand off to a standby on another node",
+                C.ON_NOTICE_CHECKPOINT: "checkpoint now"}[rec.on_notice]
+        ctx.note("Warning", C.EV_NOTICE,
+                 f"phase {phase.name}: node {node} of pod {st.pod} announced its reclaim "
+                 f"({notice}); asking the trainer to {plan}")
+        ctx.plan.control.append(ControlWrite(phase.name, _control(st)))
+    noticed = notice is not None and st.last_notice is not None
+    if st.standby is None and node and active is not None and ctx.outcome(active).live and (
+            rec.standby or (noticed and rec.on_notice == C.ON_NOTICE_HANDOFF)):
+        if not _standby_failed_recently(ctx, st, pods):
+            attempt = st.next_attempt_number
+            name = _create_standby(ctx, phase, st, attempt, "notice" if noticed else "standby")
+            st = replace(st, standby=StandbyRef(pod=name, attempt=attempt,
+                                                reason="notice" if noticed else "standby",
+                                                since=ctx.now),
+                         last_attempt=max(st.last_attempt, attempt))
+            ctx.note("Normal", C.EV_STANDBY_STARTED,
+                     f"phase {phase.name}: started standby pod {name} (attempt {attempt}) off"
+                     f" node {node}" + (f", for the notice on {node}" if noticed else ""))
+    sb, last = st.standby, st.last_notice
+    if (noticed and rec.on_notice == C.ON_NOTICE_HANDOFF and sb is not None and sb.ready
+            and last is not None and last.handoff_to is None):
+        st = replace(st, last_notice=replace(last, handoff_to=sb.attempt))
+        ctx.note("Normal", C.EV_HANDOFF,
+                 f"phase {phase.name}: standby pod {sb.pod} is ready; asking pod {st.pod} to "
+                 f"checkpoint at its next step and hand off to it")
+        ctx.plan.control = [c for c in ctx.plan.control if c.phase != phase.name]
+        ctx.plan.control.append(ControlWrite(phase.name, _control(st)))
+    return st
+
+
+def _control(st: PhaseStatus) -> Control:
+    """The control document for the phase's active attempt, from its status (idempotent:
+    the same status gives the same document, so a lost write is simply made again)."""
+    n = st.last_notice
+    assert n is not None
+    request = f"{n.signal} on {n.node} at {ts(n.time)}"
+    pod = st.standby.pod if st.standby is not None and n.handoff_to == st.standby.attempt else ""
+    return Control(attempt=st.attempts, checkpoint_now=request, handoff_to=n.handoff_to,
+                   handoff_pod=pod, time=ts(n.time) or "")
+
+
+def _standby_failed_recently(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> bool:
+    for pod in _standby_members(st, pods):
+        outcome = ctx.outcome(pod)
+        if outcome.cause == Cause.FAILURE and outcome.finished_at is not None:
+            left = STANDBY_RETRY_SECONDS - (ctx.now - outcome.finished_at).total_seconds()
+            if left > 0:
+                ctx.plan.requeue(left)
+                return True
+    return False
 
 
 # --- status ----------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """Gather checkpoint facts for ``decide``: list and verify checkpoints in storage; and the
-one write the operator makes there, the fence that supersedes older attempts.
+two writes the operator makes there: the fence that supersedes older attempts (and promotes
+a standby), and the control document with its requests to the running attempt.
 
 Blocking (S3 / filesystem); run in a thread. The operator trusts only what it verified
 here: a checkpoint is offered for resume iff its manifest validates (and, with deep
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 import time
 from typing import Iterable
 from urllib.parse import unquote, urlparse
 
-from phoenix_trainer.layout import FENCE_NAME, Fence, checkpoint_steps
+from phoenix_trainer.layout import CONTROL_NAME, FENCE_NAME, Control, Fence, checkpoint_steps
 from phoenix_trainer.storage import open_storage, verify_checkpoint
 
 from .decide import Checkpoint, Listing
@@ -24,12 +26,26 @@ log = logging.getLogger("phoenix.facts")
 VALID_WANTED = 2  # the newest valid one plus one to fall back to
 
 
-@functools.lru_cache(maxsize=32)
+_bucket_lock = threading.Lock()
+
+
 def _bucket(bucket: str, endpoint: str | None, access_key: str | None, secret_key: str | None,
             region: str | None):
     """One storage handle (one boto3 client) per bucket and credentials, shared by every job
     and phase: a client costs ~150 ms of CPU to create and ~10 MB to keep, and boto3
-    clients are thread-safe."""
+    clients are thread-safe.
+
+    Under a lock: ``lru_cache`` does not stop concurrent misses from each building the value,
+    and the API worker threads all ask at once when many jobs start together - 16 threads
+    built 16 clients, 270 MB of RSS the allocator kept after 15 of them were dropped
+    (benchmarks/bench_scale.py)."""
+    with _bucket_lock:
+        return _new_bucket(bucket, endpoint, access_key, secret_key, region)
+
+
+@functools.lru_cache(maxsize=32)
+def _new_bucket(bucket: str, endpoint: str | None, access_key: str | None,
+                secret_key: str | None, region: str | None):
     return open_storage(f"s3://{bucket}", endpoint_url=endpoint, access_key=access_key,
                         secret_key=secret_key, region=region)
 
@@ -77,14 +93,24 @@ def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str |
 
 
 def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,
-                access_key: str | None, secret_key: str | None, endpoint: str | None) -> str:
+                access_key: str | None, secret_key: str | None, endpoint: str | None,
+                resume_from: str | None = None) -> str:
     """Write ``<phase prefix>/fence.json`` naming ``attempt``: from now on every older
-    attempt's commit and retention are refused (``phoenix_trainer.writer.check_fence``).
-    Returns where it was written."""
+    attempt's commit and retention are refused (``phoenix_trainer.writer.check_fence``); a
+    standby of that attempt starts, from ``resume_from``. Returns where it was written."""
     uri = spec.checkpoint.phase_uri(phase)
     storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
-    storage.put_bytes(FENCE_NAME, Fence(attempt, pod, when).to_json().encode())
+    storage.put_bytes(FENCE_NAME, Fence(attempt, pod, when, resume_from or "").to_json().encode())
     return storage.uri_for(FENCE_NAME)
+
+
+def write_control(spec: JobSpec, phase: str, control: Control, *, access_key: str | None,
+                  secret_key: str | None, endpoint: str | None) -> str:
+    """Write ``<phase prefix>/control.json``: requests to the phase's running attempt."""
+    uri = spec.checkpoint.phase_uri(phase)
+    storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
+    storage.put_bytes(CONTROL_NAME, control.to_json().encode())
+    return storage.uri_for(CONTROL_NAME)
 
 
 def _time(value: str | None):

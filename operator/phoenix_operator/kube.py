@@ -75,11 +75,19 @@ def describe_owner(pod: dict) -> str:
     return f"owned by {ref.get('kind')} {ref.get('name')} (uid {ref.get('uid')})"
 
 
-def load_config() -> None:
+def load_config(pool_size: int | None = None) -> None:
+    """In-cluster config, else the kubeconfig. ``pool_size``: HTTP connections kept per host,
+    at least one per API worker thread (the client's default, 5 per CPU, is fewer than the
+    16 workers on a 2-CPU node: busy passes then open a new TLS connection per call and throw
+    it away, "Connection pool is full, discarding connection")."""
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
+    if pool_size:
+        c = client.Configuration.get_default_copy()
+        c.connection_pool_maxsize = max(c.connection_pool_maxsize or 0, pool_size)
+        client.Configuration.set_default(c)
 
 
 class Kube:

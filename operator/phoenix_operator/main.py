@@ -17,6 +17,7 @@ import kopf
 
 from . import constants as C
 from . import metrics
+from .classify import node_health
 from .config import OperatorConfig
 from .kube import Kube, load_config
 from .reconcile import Reconciler
@@ -41,7 +42,7 @@ def configure(settings: kopf.OperatorSettings) -> None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     config = OperatorConfig.from_env()
     configure(settings)
-    load_config()
+    load_config(pool_size=config.api_workers)
     reconciler = Reconciler(Kube(), config)
     memo.reconciler = reconciler
     if config.watch_nodes:
@@ -68,11 +69,12 @@ async def job_event(type: str, name: str, namespace: str, memo: kopf.Memo, **_) 
         memo.reconciler.poke((namespace, name))
 
 
-async def node_event(type: str, name: str, status: dict, memo: kopf.Memo, **_) -> None:
-    """A deleted or not-Ready node may strand trainer pods: look at their jobs now."""
-    ready = any(c.get("type") == "Ready" and c.get("status") == "True"
-                for c in (status or {}).get("conditions") or ())
-    if type == "DELETED" or not ready:
+async def node_event(type: str, name: str, body: kopf.Body, memo: kopf.Memo, **_) -> None:
+    """A deleted, not-Ready or reclaim-announcing node concerns the jobs with pods on it:
+    look at them now."""
+    health = node_health(None if type == "DELETED" else body, memo.reconciler.config.notice_taints,
+                         memo.reconciler.config.notice_conditions)
+    if not health.healthy or health.notice:
         memo.reconciler.poke_node(name)
 
 

@@ -62,6 +62,8 @@ class RecoverySpec:
     backoff_max: float = 300.0
     grace_seconds: int = 30
     gang_schedule_timeout: float = 300.0  # a gang not all scheduled by then is released
+    standby: bool = False  # keep a warm standby pod per running phase (single-pod phases)
+    on_notice: str = "Handoff"  # Handoff | Checkpoint | Ignore: what a node's notice starts
 
     def backoff(self, failures: int) -> float:
         """Delay before the replacement after the ``failures``-th failure (1-based)."""
@@ -120,6 +122,8 @@ class JobSpec:
                 backoff_max=float(bo.get("maxSeconds", 300)),
                 grace_seconds=int(rec.get("terminationGracePeriodSeconds", 30)),
                 gang_schedule_timeout=float(rec.get("gangScheduleTimeoutSeconds", 300)),
+                standby=bool(rec.get("standby", False)),
+                on_notice=str(rec.get("onNotice") or "Handoff"),
             ),
             suspend=bool(spec.get("suspend", False)),
         )
@@ -182,6 +186,63 @@ class CheckpointRef:
 
 
 @dataclass(frozen=True)
+class StandbyRef:
+    """``status.phases[].standby``: the pod started ahead of need to take over the phase."""
+
+    pod: str
+    attempt: int
+    reason: str  # "standby" (recovery.standby) | "notice" (started for a node's notice)
+    since: datetime
+    pod_uid: str | None = None
+    node: str | None = None
+    ready: bool = False
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"pod": self.pod, "attempt": self.attempt, "reason": self.reason,
+                             "since": ts(self.since), "ready": self.ready}
+        if self.pod_uid:
+            d["podUID"] = self.pod_uid
+        if self.node:
+            d["node"] = self.node
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "StandbyRef | None":
+        if not d or "pod" not in d:
+            return None
+        return cls(pod=d["pod"], attempt=int(d.get("attempt", 0)), reason=d.get("reason", ""),
+                   since=_ts(d.get("since")) or datetime.fromtimestamp(0, timezone.utc),
+                   pod_uid=d.get("podUID"), node=d.get("node"), ready=bool(d.get("ready")))
+
+
+@dataclass(frozen=True)
+class Notice:
+    """``status.phases[].lastNotice``: a node's announcement that it will be reclaimed."""
+
+    node: str
+    signal: str  # e.g. "taint karpenter.sh/disrupted"
+    time: datetime
+    attempt: int  # the attempt whose node it was
+    handoff_to: int | None = None  # the standby attempt asked to take over, once asked
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"node": self.node, "signal": self.signal, "time": ts(self.time),
+                             "attempt": self.attempt}
+        if self.handoff_to is not None:
+            d["handoffTo"] = self.handoff_to
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Notice | None":
+        if not d or "node" not in d:
+            return None
+        to = d.get("handoffTo")
+        return cls(node=d["node"], signal=d.get("signal", ""),
+                   time=_ts(d.get("time")) or datetime.fromtimestamp(0, timezone.utc),
+                   attempt=int(d.get("attempt", 0)), handoff_to=int(to) if to is not None else None)
+
+
+@dataclass(frozen=True)
 class PhaseStatus:
     """``status.phases[]``: everything the operator must remember about one phase.
 
@@ -207,6 +268,11 @@ class PhaseStatus:
     # What the trainer last said about exact resume (None: it has not said yet).
     resume_exact: bool | None = None
     resume_exact_reason: str = ""
+    standby: StandbyRef | None = None
+    notices: int = 0
+    last_notice: Notice | None = None
+    promotions: int = 0  # standbys that took over
+    last_attempt: int = 0  # the highest attempt number given out (standbys included)
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -229,6 +295,16 @@ class PhaseStatus:
         if self.resume_exact is not None:
             d["resumeExact"] = self.resume_exact
             d["resumeExactReason"] = self.resume_exact_reason
+        if self.standby is not None:
+            d["standby"] = self.standby.to_dict()
+        if self.notices or self.last_notice is not None:
+            d["notices"] = self.notices
+        if self.last_notice is not None:
+            d["lastNotice"] = self.last_notice.to_dict()
+        if self.promotions:
+            d["promotions"] = self.promotions
+        if self.last_attempt > self.attempts:
+            d["lastAttempt"] = self.last_attempt
         return d
 
     @classmethod
@@ -249,7 +325,17 @@ class PhaseStatus:
             last_checkpoint=CheckpointRef.from_dict(d.get("lastCheckpoint")),
             resume_exact=bool(d["resumeExact"]) if d.get("resumeExact") is not None else None,
             resume_exact_reason=str(d.get("resumeExactReason") or ""),
+            standby=StandbyRef.from_dict(d.get("standby")),
+            notices=int(d.get("notices", 0)),
+            last_notice=Notice.from_dict(d.get("lastNotice")),
+            promotions=int(d.get("promotions", 0)),
+            last_attempt=int(d.get("lastAttempt", 0)),
         )
+
+    @property
+    def next_attempt_number(self) -> int:
+        return max(self.attempts, self.last_attempt,
+                   self.standby.attempt if self.standby else 0) + 1
 
 
 def phase_statuses(spec: JobSpec, status: Mapping[str, Any] | None) -> dict[str, PhaseStatus]:
@@ -261,5 +347,5 @@ def phase_statuses(spec: JobSpec, status: Mapping[str, Any] | None) -> dict[str,
 
 __all__ = [
     "JobSpec", "PhaseSpec", "CheckpointSpec", "RecoverySpec", "PhaseStatus", "Failure",
-    "CheckpointRef", "phase_statuses", "ts", "parse_ts",
+    "CheckpointRef", "StandbyRef", "Notice", "phase_statuses", "ts", "parse_ts",
 ]

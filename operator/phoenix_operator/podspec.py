@@ -8,12 +8,18 @@ A gang phase (``replicas`` > 1) gets one pod per member, each a torchrun node: a
 hostname ``<phase>-<member>`` under a headless Service (``gang_service``), and the PET_*
 environment torchrun reads (node count, node rank, master address and port, processes per
 node), so the trainer's command is plain ``torchrun train.py``.
+
+A standby pod (``standby=True``) is the same trainer started ahead of need: ``PHOENIX_ROLE``
+tells it to wait until the fence names its attempt; it serves its readiness on
+``STATUS_PORT`` (a readiness probe is added unless the template has one); it never lands on
+the nodes it is meant to replace (``avoid_nodes``, a required node affinity on
+``metadata.name``); and it carries no resume target: the fence names one at promotion.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from phoenix_trainer import contract as env
 
@@ -86,12 +92,30 @@ def pod_hostname(name: str) -> str:
     return name.replace(".", "-")[:63].rstrip("-")
 
 
-def pod_labels(job: str, phase: str, attempt: int, member: int | None = None) -> dict[str, str]:
+def pod_labels(job: str, phase: str, attempt: int, member: int | None = None,
+               standby: bool = False) -> dict[str, str]:
     labels = {C.LABEL_JOB: job, C.LABEL_PHASE: phase, C.LABEL_ATTEMPT: str(attempt),
               C.LABEL_ROLE: C.ROLE_TRAINER, C.LABEL_MANAGED_BY: C.MANAGED_BY}
     if member is not None:
         labels[C.LABEL_MEMBER] = str(member)
+    if standby:
+        labels[C.LABEL_STANDBY] = "true"
     return labels
+
+
+def avoid_nodes(pod_spec: dict[str, Any], nodes: Sequence[str]) -> None:
+    """Add "not on these nodes" to every required node selector term (terms are ORed, the
+    expressions of a term ANDed), keeping whatever the template asks for."""
+    if not nodes:
+        return
+    rule = {"key": "metadata.name", "operator": "NotIn", "values": sorted(set(nodes))}
+    affinity = pod_spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
+    required = affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+    terms = required.setdefault("nodeSelectorTerms", [])
+    if not terms:
+        terms.append({})
+    for term in terms:
+        term.setdefault("matchFields", []).append(dict(rule))
 
 
 def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
@@ -132,17 +156,21 @@ def _merge_env(*layers: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
               resume_from: str | None, resume_step: int | None,
-              init_from: str | None, member: int | None = None) -> dict[str, Any]:
-    """One trainer pod; ``member``: its index in a gang phase (None for a single pod)."""
+              init_from: str | None, member: int | None = None, standby: bool = False,
+              avoid: Sequence[str] = ()) -> dict[str, Any]:
+    """One trainer pod; ``member``: its index in a gang phase (None for a single pod);
+    ``standby``: started ahead of need, kept off the nodes in ``avoid`` (module docstring)."""
     template = copy.deepcopy(dict(spec.template))
     meta = template.get("metadata") or {}
     pod_spec = template.get("spec") or {}
-    labels = {**(meta.get("labels") or {}), **pod_labels(job, phase.name, attempt, member)}
+    labels = {**(meta.get("labels") or {}),
+              **pod_labels(job, phase.name, attempt, member, standby)}
     annotations = dict(meta.get("annotations") or {})
     if resume_from:
         annotations[C.ANNOTATION_RESUME_FROM] = resume_from
         annotations[C.ANNOTATION_RESUME_STEP] = str(resume_step)
     name = pod_name(job, phase.name, attempt, member)
+    avoid_nodes(pod_spec, avoid)
     pod_spec["restartPolicy"] = "Never"
     pod_spec["terminationGracePeriodSeconds"] = spec.recovery.grace_seconds
     if member is None:
@@ -161,8 +189,16 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
             container["args"] = list(phase.args)
         gang = [] if member is None else gang_env(job=job, namespace=namespace, phase=phase,
                                                   member=member, container=container)
-        container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours, gang)
+        role = [{"name": env.ENV_ROLE, "value": env.ROLE_STANDBY},
+                {"name": env.ENV_STATUS_PORT, "value": str(C.STATUS_PORT)}] if standby else []
+        container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours, gang,
+                                      role)
         container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+        if standby:
+            container.setdefault("readinessProbe", {
+                "httpGet": {"path": "/ready", "port": C.STATUS_PORT},
+                "periodSeconds": 1, "failureThreshold": 1, "successThreshold": 1,
+                "timeoutSeconds": 1})
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": namespace, "labels": labels,

@@ -5,8 +5,9 @@ resync) into at most one queued pass per job, serialised by a per-job lock, so a
 pod events costs one pass. Everything it knows comes from the API on each pass (job by GET,
 pods by label LIST): nothing in memory is needed to be correct after a restart.
 
-Order when applying: intent status (if creating), force-delete pods of lost nodes, create
-pods, delete pods, write status, post events. If creating a pod fails the status is not
+Order when applying: storage writes (a standby's promotion: the fence; requests to running
+trainers: control.json), intent status (if creating), force-delete pods of lost nodes,
+create pods, delete pods, write status, post events. If creating a pod fails the status is not
 written, so status never names a pod that was not created; if writing status fails after a
 pod was created, the next pass adopts the pod (see decide).
 
@@ -32,7 +33,7 @@ from .backoff import Backoff
 from .config import OperatorConfig
 from . import constants as C
 from .decide import CreatePod, Listing, Plan, decide
-from .facts import scan, write_fence
+from .facts import scan, write_control, write_fence
 from .kube import ForeignPod, Kube, describe_owner
 from .model import JobSpec, parse_ts, phase_statuses, ts
 
@@ -80,6 +81,7 @@ class Reconciler:
         self.tombstones: dict[Key, dict[str, dict]] = {}
         self._node_read_warned = False
         self.fence_writer = write_fence  # replaceable in tests
+        self.control_writer = write_control
         self.backoff = Backoff(initial=1.0, maximum=300.0)
 
     async def _call(self, fn, *args, **kwargs):
@@ -207,7 +209,8 @@ class Reconciler:
         out: dict[str, NodeHealth] = {}
         for name in names:
             try:
-                out[name] = node_health(await self._call(self.kube.get_node, name))
+                out[name] = node_health(await self._call(self.kube.get_node, name),
+                                        self.config.notice_taints, self.config.notice_conditions)
             except ApiException as e:
                 # Not knowing is not "lost": leave the pod to pod GC, as without this check.
                 if not self._node_read_warned:
@@ -271,6 +274,33 @@ class Reconciler:
             return f"{type(e).__name__}: {e}"[:300]
         return None
 
+    async def _storage_writes(self, job: dict, plan: Plan, tag: str) -> None:
+        """Promotions (the fence) and trainer requests (control.json), before the status
+        that records them: a lost status write only makes the same write again."""
+        spec = JobSpec.parse(job["spec"])
+        writes = [(f"promote attempt {p.attempt} of phase {p.phase}", lambda a, p=p: self.fence_writer(
+                      spec, p.phase, p.attempt, p.pod, ts(self.clock()), resume_from=p.resume_from, **a))
+                  for p in plan.promote]
+        writes += [(f"write control.json of phase {c.phase}", lambda a, c=c: self.control_writer(
+                       spec, c.phase, c.control, **a)) for c in plan.control]
+        if not writes:
+            return
+        what = "read the storage credentials"
+        try:
+            access = await self._storage_access(job)
+            for what, write in writes:
+                await self._call(write, access)
+                log.info("%s %s", tag, what)
+        except Exception as e:  # noqa: BLE001 - any storage trouble: retry, say why
+            msg = f"cannot {what}: {type(e).__name__}: {e}"[:400]
+            log.warning("%s %s", tag, msg)
+            await self._call(self.kube.post_event, job, "Warning", C.EV_STORAGE_ERROR, msg)
+            raise RetryLater(msg) from e
+        for p in plan.promote:
+            if p.previous_end is not None:
+                metrics.REPLACEMENT_SECONDS.labels(p.previous_cause or "unknown").observe(
+                    max(0.0, (self.clock() - p.previous_end).total_seconds()))
+
     async def apply(self, job: dict, plan: Plan) -> float | None:
         meta = job["metadata"]
         ns, name = meta["namespace"], meta["name"]
@@ -278,6 +308,7 @@ class Reconciler:
         status_written = False
         written = job
         uids: dict[str, str] = {}
+        await self._storage_writes(job, plan, tag)
         if plan.create:
             # Intent first: if our view of the job is stale, this write fails (409) and we
             # create nothing; see decide's module docstring.
@@ -293,8 +324,9 @@ class Reconciler:
             await self._call(self.kube.ensure_service, ns, service)
         fenced: set[tuple[str, int]] = set()
         for create in plan.create:
-            # One fence per attempt (a gang's members share it).
-            why = None if (create.phase, create.attempt) in fenced else await self._fence(job, create)
+            # One fence per attempt (a gang's members share it); a standby waits unfenced.
+            skip = create.standby or (create.phase, create.attempt) in fenced
+            why = None if skip else await self._fence(job, create)
             fenced.add((create.phase, create.attempt))
             if why is not None:
                 msg = (f"phase {create.phase}: cannot write the storage fence for attempt "
@@ -333,6 +365,9 @@ class Reconciler:
             for phase in plan.status.get("phases") or ():
                 if phase.get("pod") in uids:
                     phase["podUID"] = uids[phase["pod"]]
+                standby = phase.get("standby") or {}
+                if standby.get("pod") in uids:
+                    standby["podUID"] = uids[standby["pod"]]
             try:
                 await self._call(self.kube.patch_status, written, plan.status)
             except ApiException as e:

@@ -9,7 +9,12 @@ a valid manifest. Per-attempt metrics live in ``<prefix>/metrics/attempt-<n>.jso
 ``<prefix>/fence.json`` names the newest attempt the operator started for the phase (it is
 written before that attempt's pod is created). An attempt older than the fence is superseded:
 it must not publish (manifest) or delete (retention) checkpoints, so a trainer left running
-on a partitioned node cannot overwrite or prune what its successor relies on.
+on a partitioned node cannot overwrite or prune what its successor relies on. A standby
+attempt (started ahead of need) is newer than the fence until it is promoted: the fence
+moving to it is its signal to start.
+
+``<prefix>/control.json`` carries the operator's requests to the running attempt
+(checkpoint now, hand off to the standby); see ``Control``.
 
 This module must never import torch (the operator image does not ship it) and never perform
 writes: it only reads storage through the small ``Storage`` protocol from ``storage.py``.
@@ -36,6 +41,7 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 METRICS_DIR = "metrics"
 FENCE_NAME = "fence.json"
+CONTROL_NAME = "control.json"
 STEP_DIR_RE = re.compile(r"^step-(\d{10})$")
 
 
@@ -155,24 +161,77 @@ def _file_json(f: FileEntry) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Fence:
-    """``<prefix>/fence.json``: the newest attempt started for a phase."""
+    """``<prefix>/fence.json``: the attempt that may write the phase's checkpoints.
+
+    ``resume_from`` is set when a waiting standby is promoted: the checkpoint it must resume
+    from (the operator's verified choice, or the final checkpoint of the attempt that handed
+    off to it)."""
 
     attempt: int
     pod: str = ""
     time: str = ""
+    resume_from: str = ""
 
     def to_json(self) -> str:
-        return json.dumps({"attempt": self.attempt, "pod": self.pod, "time": self.time},
-                          sort_keys=True)
+        d: dict[str, Any] = {"attempt": self.attempt, "pod": self.pod, "time": self.time}
+        if self.resume_from:
+            d["resumeFrom"] = self.resume_from
+        return json.dumps(d, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Fence":
         try:
             data = json.loads(text)
             return cls(attempt=int(data["attempt"]), pod=str(data.get("pod", "")),
-                       time=str(data.get("time", "")))
+                       time=str(data.get("time", "")),
+                       resume_from=str(data.get("resumeFrom") or ""))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptCheckpointError(f"{FENCE_NAME} is unreadable ({e!r})") from e
+
+
+@dataclass(frozen=True)
+class Control:
+    """``<prefix>/control.json``: the operator's requests to one running attempt.
+
+    ``checkpoint_now``: an id; each new id asks for one checkpoint at the next step boundary
+    (a preemption notice came). ``handoff_to``: stop at the next step boundary with a final
+    checkpoint, then fence the phase for that (standby) attempt, naming the checkpoint, and
+    exit as preempted; the standby resumes from it."""
+
+    attempt: int
+    checkpoint_now: str = ""
+    handoff_to: int | None = None
+    handoff_pod: str = ""
+    time: str = ""
+
+    def to_json(self) -> str:
+        d: dict[str, Any] = {"attempt": self.attempt, "time": self.time}
+        if self.checkpoint_now:
+            d["checkpointNow"] = self.checkpoint_now
+        if self.handoff_to is not None:
+            d["handoffTo"] = self.handoff_to
+            d["handoffPod"] = self.handoff_pod
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Control":
+        try:
+            data = json.loads(text)
+            to = data.get("handoffTo")
+            return cls(attempt=int(data["attempt"]),
+                       checkpoint_now=str(data.get("checkpointNow") or ""),
+                       handoff_to=int(to) if to is not None else None,
+                       handoff_pod=str(data.get("handoffPod") or ""),
+                       time=str(data.get("time") or ""))
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CorruptCheckpointError(f"{CONTROL_NAME} is unreadable ({e!r})") from e
+
+
+def read_control(storage: "Storage") -> Control | None:
+    try:
+        return Control.from_json(storage.get_bytes(CONTROL_NAME))
+    except FileNotFoundError:
+        return None
 
 
 def read_fence(storage: "Storage") -> Fence | None:

@@ -24,6 +24,14 @@ State is a flat dict of shard name -> object: names ending in ``.json`` are JSON
 everything else is written with ``torch.save`` (tensors, state dicts, RNG states).
 ``trainer.json`` (step, epoch, run id, attempt, config fingerprint, plus ``progress``) is
 added by the session. Never does real work in the signal handler; never logs credentials.
+
+The operator's requests (``control.py``) arrive as flags the same calls answer: a preemption
+notice makes ``should_checkpoint`` true at the next step boundary; a handoff makes
+``stop_requested`` true, and ``finish("preempted")`` then saves the final checkpoint and
+fences the phase for the standby that takes over from it. Started as a standby
+(``PHOENIX_ROLE=standby``), ``restore()`` returns only once the operator promotes this attempt
+(the fence names it), having kept the newest committed checkpoint loaded meanwhile, so the
+code before it (imports, model build) and the download are done ahead of need.
 """
 from __future__ import annotations
 
@@ -42,8 +50,11 @@ from .contract import (
     EXIT_COMPLETED, EXIT_FAILED, EXIT_PREEMPTED, REASON_COMPLETED, REASON_FAILED,
     REASON_PREEMPTED, TerminationMessage, TrainerEnv,
 )
+from .control import ControlPoller, start_status_server
 from .errors import CheckpointError, ConfigMismatchError, CorruptCheckpointError
-from .layout import CheckpointInfo, config_fingerprint, split_checkpoint_uri
+from .layout import (
+    FENCE_NAME, CheckpointInfo, Fence, config_fingerprint, read_fence, split_checkpoint_uri,
+)
 from .metrics import MetricsLog, next_attempt
 from .state import EXACT, Exactness, tree_nbytes
 from .storage import Storage, latest_valid_checkpoint, open_storage, verify_checkpoint
@@ -54,6 +65,13 @@ log = logging.getLogger("phoenix.trainer")
 # Time kept back from the grace period for writing the termination message and exiting.
 EXIT_RESERVE_SECONDS = 1.0
 TRAINER_DOC = "trainer.json"
+# A waiting standby looks for a newer committed checkpoint to preload this often.
+STANDBY_PREFETCH_SECONDS = 2.0
+
+
+class StandbyEnded(SystemExit):
+    """A standby was stopped (SIGTERM) or superseded before it was promoted: nothing to save;
+    the termination message is written, the process exits as preempted."""
 
 
 @dataclass
@@ -151,7 +169,14 @@ class Session:
         self.metrics: MetricsLog | None = None
         self.after_commit: list[Callable[[CheckpointInfo], None]] = []
         self._stop_signal: int | None = None
+        self._stop_label = ""
         self._stop_time: float | None = None
+        self._checkpoint_now = ""  # a pending "checkpoint now" request id (a notice)
+        self._handoff: tuple[int, str] | None = None  # (standby attempt, its pod)
+        self._warm: Restored | None = None  # a standby's preloaded checkpoint
+        self._resume_target: str | None = self.env.resume_from
+        self.control: ControlPoller | None = None
+        self.status_server = start_status_server(self.env.status_port) if self._serves_status() else None
         self._last_ckpt_time = clock()
         self._last_metrics_upload = clock()
         self._previous_handler: Any = None
@@ -172,11 +197,42 @@ class Session:
 
         self._previous_handler = signal.signal(signal.SIGTERM, handler)
 
-    def request_stop(self, signum: int = signal.SIGTERM) -> None:
+    def request_stop(self, signum: int = signal.SIGTERM, label: str = "") -> None:
         """Ask the loop to stop at its next step boundary (what the SIGTERM handler does)."""
         if self._stop_signal is None:
             self._stop_time = self.clock()
+            self._stop_label = label or signal.Signals(signum).name
             self._stop_signal = signum
+
+    # ------------------------------------------------------------------ operator requests -
+    def _on_checkpoint_now(self, request: str) -> None:  # control thread: flags only
+        self._checkpoint_now = request
+        self.log.info("operator asks for a checkpoint now (%s)", request)
+
+    def _on_handoff(self, attempt: int, pod: str) -> None:  # control thread: flags only
+        self._handoff = (attempt, pod)
+        self.log.info("operator asks to hand off to standby attempt %d (pod %s) at the next"
+                      " step boundary", attempt, pod or "?")
+        self.request_stop(label=f"handoff to attempt {attempt}")
+
+    def _serves_status(self) -> bool:
+        """Whether this process answers the pod's readiness probe (one per pod)."""
+        return True
+
+    def _polls_control(self) -> bool:
+        """Whether this process reads control.json (a gang: rank 0; the flags are shared)."""
+        return True
+
+    def _start_control(self) -> None:
+        if self.storage is None or self.env.attempt is None or not self._polls_control():
+            return
+        self.control = ControlPoller(self.storage, self.attempt, self.env.control_poll_seconds,
+                                     on_checkpoint=self._on_checkpoint_now,
+                                     on_handoff=self._on_handoff).start()
+
+    def _mark_ready(self) -> None:
+        if self.status_server is not None:
+            self.status_server.ready.set()
 
     @property
     def stop_requested(self) -> bool:
@@ -203,6 +259,8 @@ class Session:
             self.attempt = self.env.attempt if self.env.attempt is not None else next_attempt(self.storage)
         else:
             self.attempt = self.env.attempt or 0
+        if self.env.standby:
+            self._resume_target = self._wait_as_standby()
         restored = self._find_own() if self.storage is not None else None
         if restored is None:
             restored = self._init_from()
@@ -219,17 +277,84 @@ class Session:
         self.metrics = MetricsLog(self.storage, self.attempt, {
             "runId": self.run_id, "attempt": self.attempt, "phase": self.env.phase})
         self._last_ckpt_time = self._last_metrics_upload = self.clock()
+        self._warm = None
+        self._start_control()
+        self._mark_ready()
         return restored
+
+    # ------------------------------------------------------------------ standby ----------
+    def _wait_as_standby(self) -> str | None:
+        """Wait until the fence names this attempt; meanwhile keep the newest committed
+        checkpoint loaded (``_warm``). Returns the checkpoint the fence says to resume from
+        (None: the newest valid one). SIGTERM or a newer fence ends the process."""
+        if self.storage is None:
+            raise CheckpointError("a standby needs checkpoint storage (PHOENIX_CHECKPOINT_URI)")
+        self.log.info("standby attempt %d: waiting for promotion (polling %s every %.2fs)",
+                      self.attempt, self.storage.uri, self.env.control_poll_seconds)
+        next_prefetch = 0.0
+        while True:
+            if self.stop_requested:
+                self._end_standby(f"standby attempt {self.attempt} stopped ({self._stop_label})"
+                                  " before it was promoted")
+            fence = self._read_fence()
+            if fence is not None and fence.attempt == self.attempt:
+                self.log.info("standby attempt %d promoted (resume from %s)", self.attempt,
+                              fence.resume_from or "the newest valid checkpoint")
+                return fence.resume_from or None
+            if fence is not None and fence.attempt > self.attempt:
+                self._end_standby(f"standby attempt {self.attempt} superseded by attempt"
+                                  f" {fence.attempt} before it was promoted")
+            if self.clock() >= next_prefetch:
+                self._prefetch()
+                self._mark_ready()
+                next_prefetch = self.clock() + STANDBY_PREFETCH_SECONDS
+            time.sleep(self.env.control_poll_seconds)
+
+    def _read_fence(self) -> Fence | None:
+        assert self.storage is not None
+        try:
+            return read_fence(self.storage)
+        except Exception as e:  # noqa: BLE001 - keep waiting; promotion is only ever by the fence
+            self.log.warning("standby: cannot read %s (%s: %s)", FENCE_NAME, type(e).__name__, e)
+            return None
+
+    def _prefetch(self) -> None:
+        """Load the newest valid checkpoint if it is newer than the one held."""
+        assert self.storage is not None
+        try:
+            info = latest_valid_checkpoint(self.storage, deep=False)
+            if info is None or (self._warm is not None and self._warm.info.uri == info.uri):
+                return
+            self._check_config(info)
+            t0 = time.perf_counter()
+            state = self._load(self.storage, info)
+        except ConfigMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a standby retries; the resume verifies again
+            self.log.warning("standby: preloading the newest checkpoint failed (%s: %s)",
+                             type(e).__name__, e)
+            return
+        self._warm = Restored("resume", info.step, info.manifest.epoch if info.manifest else 0,
+                              info, state)
+        self.log.info("standby: holding checkpoint step %d in memory (loaded in %.2fs)",
+                      info.step, time.perf_counter() - t0)
+
+    def _end_standby(self, why: str) -> None:
+        self.log.info("%s", why)
+        self._finished = RunResult(REASON_PREEMPTED, 0, 0, None, False, why, EXIT_PREEMPTED, 0.0,
+                                   self.exactness)
+        self._finished.termination_message().write(self.env.termination_log)
+        raise StandbyEnded(EXIT_PREEMPTED)
 
     def _find_own(self) -> Restored | None:
         assert self.storage is not None
         tried: set[int] = set()
         below: int | None = None
-        if self.env.resume_from:
-            prefix, step = split_checkpoint_uri(self.env.resume_from)
+        if self._resume_target:
+            prefix, step = split_checkpoint_uri(self._resume_target)
             if step is None:
                 raise CheckpointError(
-                    f"PHOENIX_RESUME_FROM={self.env.resume_from!r} does not name a step directory"
+                    f"PHOENIX_RESUME_FROM={self._resume_target!r} does not name a step directory"
                     f" (…/step-NNNNNNNNNN); fix the operator's resume target")
             same = prefix.rstrip("/") == self.storage.uri.rstrip("/")
             if not same:
@@ -261,6 +386,9 @@ class Session:
     def _try_load(self, storage: Storage, info: CheckpointInfo) -> Restored | None:
         assert info.manifest is not None
         self._check_config(info)
+        if self._warm is not None and self._warm.info.uri == info.uri:
+            self.log.info("resuming from the preloaded checkpoint step %d", info.step)
+            return self._warm
         try:
             state = self._load(storage, info)
         except CorruptCheckpointError as e:
@@ -322,7 +450,8 @@ class Session:
     def should_checkpoint(self, step: int) -> bool:
         """A periodic checkpoint is due at this step boundary (interval in steps or seconds)."""
         self.last_step = step
-        return bool((self.interval_steps and step % self.interval_steps == 0)
+        return bool(self._checkpoint_now
+                    or (self.interval_steps and step % self.interval_steps == 0)
                     or (self.interval_seconds and self.clock() - self._last_ckpt_time >= self.interval_seconds))
 
     def snapshot(self, step: int, epoch: int, state: Mapping[str, Any],
@@ -342,6 +471,10 @@ class Session:
         """Checkpoint ``state`` (or a snapshot already taken) as ``step-N``, in the background."""
         snap = state if isinstance(state, Snapshot) else self.snapshot(step, epoch, state, progress)
         self._last_ckpt_time = self.clock()
+        if self._checkpoint_now:
+            self.log.info("checkpoint of step %d taken at the operator's request (%s)", step,
+                          self._checkpoint_now)
+            self._checkpoint_now = ""
         self.last_step = step
         if self.checkpointer is None:
             return None
@@ -407,6 +540,8 @@ class Session:
             exit_code = EXIT_COMPLETED
         else:
             saved, message = self._emergency_save(step, epoch, state, progress)
+            if self._handoff is not None and saved:
+                message += self._hand_off()
             exit_code = EXIT_PREEMPTED
         latest = self.latest
         result = RunResult(reason, step, epoch, latest.uri if latest else None, saved, message,
@@ -416,7 +551,7 @@ class Session:
 
     def _emergency_save(self, step: int, epoch: int, state: Any,
                         progress: Mapping[str, Any] | None) -> tuple[bool, str]:
-        sig = signal.Signals(self._stop_signal).name if self._stop_signal else "stop"
+        sig = self._stop_label or "stop"
         start = self._stop_time if self._stop_time is not None else self.clock()
         grace = self.env.grace_seconds
 
@@ -466,6 +601,25 @@ class Session:
         return True, (f"{sig} at step {step}; emergency checkpoint saved in"
                       f" {time.perf_counter() - t0:.1f}s (estimated {need:.1f}s, 0 steps lost)")
 
+    def _hand_off(self) -> str:
+        """After the final checkpoint: fence the phase for the standby, naming that checkpoint,
+        so it starts at once (the operator would, too, once it sees this pod end)."""
+        assert self._handoff is not None and self.storage is not None and self.latest is not None
+        attempt, pod = self._handoff
+        try:
+            fence = read_fence(self.storage)
+            if fence is None or fence.attempt < attempt:
+                self.storage.put_bytes(FENCE_NAME, Fence(
+                    attempt, pod, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    resume_from=self.latest.uri).to_json().encode())
+        except Exception as e:  # noqa: BLE001 - the operator promotes the standby anyway
+            self.log.warning("handoff: cannot write %s (%s: %s); the operator will promote"
+                             " attempt %d when this pod ends", FENCE_NAME, type(e).__name__, e,
+                             attempt)
+            return f"; handoff fence not written ({type(e).__name__})"
+        self.log.info("handed off to attempt %d at %s", attempt, self.latest.uri)
+        return f"; handed off to attempt {attempt}"
+
     def fail(self, error: BaseException, step: int, *, epoch: int = 0,
              train_seconds: float = 0.0) -> RunResult:
         """End the run as failed (exit 1): finished uploads stay as fallbacks."""
@@ -506,6 +660,11 @@ class Session:
         if self._previous_handler is not None:
             signal.signal(signal.SIGTERM, self._previous_handler)
             self._previous_handler = None
+        if self.control is not None:
+            self.control.stop()
+        if self.status_server is not None:
+            self.status_server.close()
+            self.status_server = None
         if self.checkpointer is not None:
             # After a preemption we already spent what the grace period allowed.
             self.checkpointer.close(timeout=0 if self.stop_requested else None)

@@ -1,0 +1,260 @@
+"""Standbys and preemption notices, decided pass after pass on a small simulated world: the
+plan's status is written back, its pods created or deleted, its fence and control writes
+recorded. Injected clock; no cluster, no storage."""
+from __future__ import annotations
+
+import copy
+from datetime import timedelta
+
+import pytest
+
+from phoenix_operator import constants as C
+from phoenix_operator.classify import NodeHealth, classify
+from phoenix_operator.decide import decide
+from phoenix_operator.podspec import pod_name
+
+from opfacts import T0, at, job, listing, pod
+
+pytestmark = pytest.mark.unit
+
+NOTICE = NodeHealth(notice="taint karpenter.sh/disrupted")
+CK = {"train": listing(10, 20)}
+CK20 = "s3://bucket/run/train/step-00000020"
+
+
+class World:
+    """The job, its pods and what was written to storage, moved along by ``decide``."""
+
+    def __init__(self, **recovery):
+        self.body = job(recovery={"maxFailures": 2, **recovery})
+        self.pods: dict[str, dict] = {}
+        self.nodes: dict[str, NodeHealth] = {}
+        self.fences: list[tuple[int, str | None]] = []
+        self.controls: list = []
+        self.events: list[str] = []
+        self.now = T0
+        self.plan = None
+
+    def step(self, seconds: float = 1.0):
+        self.now += timedelta(seconds=seconds)
+        plan = decide(self.body, list(self.pods.values()), {}, self.now, self.nodes)
+        if plan.needs_checkpoints:
+            plan = decide(self.body, list(self.pods.values()), CK, self.now, self.nodes)
+        self.plan = plan
+        for p in plan.promote:
+            self.fences.append((p.attempt, p.resume_from))
+        self.controls += [c.control for c in plan.control]
+        for c in plan.create:
+            if not c.standby:
+                self.fences.append((c.attempt, c.resume_from))
+            m = copy.deepcopy(c.manifest)
+            m["metadata"]["uid"] = f"uid-{c.name}"
+            m["status"] = {"phase": "Pending", "conditions": []}
+            self.pods[c.name] = m
+        for d in plan.delete:
+            self.pods.pop(d.name, None)
+        self.body["status"] = plan.status
+        self.events += [e.reason for e in plan.events]
+        return plan
+
+    def run(self, name: str, node: str, ready: bool = False) -> None:
+        p = self.pods[name]
+        p["spec"]["nodeName"] = node
+        p["status"] = {"phase": "Running", "conditions": [
+            {"type": "Ready", "status": "True" if ready else "False"}],
+            "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}
+
+    def end(self, name: str, exit_code: int, term_reason: str | None = None, **kw) -> None:
+        attempt = int(self.pods[name]["metadata"]["labels"][C.LABEL_ATTEMPT])
+        ended = pod(attempt=attempt, pod_phase="Failed" if exit_code else "Succeeded",
+                    exit_code=exit_code, term_reason=term_reason, finished=self.now, **kw)
+        ended["metadata"]["labels"] = self.pods[name]["metadata"]["labels"]
+        ended["spec"] = self.pods[name]["spec"]
+        self.pods[name] = ended
+
+    @property
+    def phase(self) -> dict:
+        return self.body["status"]["phases"][0]
+
+
+def env(manifest) -> dict:
+    return {e["name"]: e.get("value") for e in manifest["spec"]["containers"][0]["env"]}
+
+
+def avoided(manifest) -> list[str]:
+    terms = manifest["spec"]["affinity"]["nodeAffinity"][
+        "requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
+    return [v for t in terms for f in t.get("matchFields", ()) for v in f["values"]]
+
+
+def started(w: World, node: str = "spot-1") -> str:
+    """Run the job's first attempt on ``node``."""
+    w.step()
+    active = pod_name("j", "train", 1)
+    w.run(active, node)
+    w.step()
+    return active
+
+
+def test_standby_is_started_off_the_active_node_and_waits_unfenced():
+    w = World(standby=True)
+    started(w)
+    sb = w.plan.create
+    assert [c.name for c in sb] == [pod_name("j", "train", 2)] and sb[0].standby
+    m = sb[0].manifest
+    assert env(m)["PHOENIX_ROLE"] == "standby" and "PHOENIX_RESUME_FROM" not in env(m)
+    assert m["metadata"]["labels"][C.LABEL_STANDBY] == "true"
+    assert m["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] == C.STATUS_PORT
+    assert avoided(m) == ["spot-1"]
+    assert w.fences == [(1, CK20)]  # the standby's creation moved nothing
+    assert w.phase["standby"]["attempt"] == 2 and w.phase["attempts"] == 1
+    assert C.EV_STANDBY_STARTED in w.events
+    w.run(sb[0].name, "spot-2", ready=True)
+    w.step()
+    assert w.phase["standby"]["ready"] is True and w.phase["standby"]["node"] == "spot-2"
+    assert w.events.count(C.EV_STANDBY_READY) == 1
+    quiet = w.step()  # a fixed point: nothing more to do
+    assert not quiet.create and not quiet.events and not quiet.promote
+
+
+@pytest.mark.parametrize("how", ["evicted", "sigkill-node-lost", "deleted"])
+def test_standby_takes_over_when_the_active_attempt_ends(how):
+    w = World(standby=True)
+    active = started(w)
+    standby = w.plan.create[0].name
+    w.run(standby, "spot-2", ready=True)
+    w.step()
+    if how == "evicted":
+        w.end(active, 143, term_reason="preempted", disruption="EvictionByEvictionAPI")
+    elif how == "sigkill-node-lost":
+        w.end(active, 137)
+        w.nodes["spot-1"] = NodeHealth(missing=True)
+    else:
+        del w.pods[active]
+    plan = w.step()
+    assert [(p.attempt, p.pod, p.resume_from) for p in plan.promote] == \
+        [(2, standby, CK20)]
+    assert w.fences[-1] == (2, CK20)
+    assert not [c for c in plan.create if not c.standby]  # no new pod: the standby is it
+    st = w.phase
+    assert (st["state"], st["attempts"], st["pod"], st["preemptions"], st["promotions"]) == \
+        ("Running", 2, standby, 1, 1)
+    assert "standby" not in st and C.EV_PROMOTED in w.events
+    plan = w.step()  # a new standby, off the new active's node
+    assert [c.name for c in plan.create] == [pod_name("j", "train", 3)]
+    assert avoided(plan.create[0].manifest) == ["spot-2"]
+
+
+def test_notice_checkpoints_now_starts_a_standby_and_hands_off_once_it_is_ready():
+    w = World()  # onNotice defaults to Handoff; no standby kept otherwise
+    active = started(w)
+    assert not w.plan.create
+    w.nodes["spot-1"] = NOTICE
+    plan = w.step()
+    assert [e for e in w.events if e in (C.EV_NOTICE, C.EV_STANDBY_STARTED)] == \
+        [C.EV_NOTICE, C.EV_STANDBY_STARTED]
+    (ctl,) = w.controls
+    assert (ctl.attempt, ctl.handoff_to) == (1, None) and "karpenter.sh/disrupted" in ctl.checkpoint_now
+    (sb,) = plan.create
+    assert sb.standby and avoided(sb.manifest) == ["spot-1"]
+    assert w.phase["notices"] == 1 and w.phase["lastNotice"]["node"] == "spot-1"
+    assert w.phase["standby"]["reason"] == "notice"
+    w.step()
+    assert len(w.controls) == 1  # the same notice is not acted on twice
+    w.run(sb.name, "spot-2", ready=True)
+    w.step()
+    ctl = w.controls[-1]
+    assert (ctl.attempt, ctl.handoff_to, ctl.handoff_pod) == (1, 2, sb.name)
+    assert ctl.checkpoint_now == w.controls[0].checkpoint_now  # no second checkpoint asked
+    assert w.phase["lastNotice"]["handoffTo"] == 2 and C.EV_HANDOFF in w.events
+    w.step()
+    assert len(w.controls) == 2 and w.fences == [(1, CK20)]  # nothing moves until it ends
+    # The trainer checkpoints, fences for attempt 2 itself and exits as preempted.
+    w.end(active, 143, term_reason="preempted")
+    plan = w.step()
+    assert [p.attempt for p in plan.promote] == [2]
+    assert (w.phase["attempts"], w.phase["preemptions"], w.phase["promotions"]) == (2, 1, 1)
+    plan = w.step()
+    assert not plan.create  # no recovery.standby: no new standby after a notice's handoff
+
+
+def test_notice_with_onNotice_Checkpoint_only_asks_for_a_checkpoint():
+    w = World(onNotice="Checkpoint")
+    started(w)
+    w.nodes["spot-1"] = NOTICE
+    plan = w.step()
+    assert len(w.controls) == 1 and w.controls[0].handoff_to is None
+    assert not plan.create and "standby" not in w.phase
+
+
+def test_notice_is_ignored_with_onNotice_Ignore():
+    w = World(onNotice="Ignore")
+    started(w)
+    w.nodes["spot-1"] = NOTICE
+    plan = w.step()
+    assert not w.controls and not plan.create and "notices" not in w.phase
+
+
+def test_a_standby_whose_node_announces_reclaim_is_replaced():
+    w = World(standby=True)
+    started(w)
+    first = w.plan.create[0].name
+    w.run(first, "spot-2", ready=True)
+    w.step()
+    w.nodes["spot-2"] = NOTICE
+    plan = w.step()
+    assert [d.name for d in plan.delete] == [first] and C.EV_STANDBY_LOST in w.events
+    (again,) = plan.create  # in the same pass
+    assert again.name == pod_name("j", "train", 3)
+    assert sorted(avoided(again.manifest)) == ["spot-1", "spot-2"]
+
+
+def test_a_failed_standby_is_retried_after_a_pause_and_never_adopted():
+    w = World(standby=True)
+    started(w)
+    first = w.plan.create[0].name
+    w.run(first, "spot-2")
+    w.step()
+    w.end(first, 1, term_reason="failed")
+    plan = w.step()
+    assert C.EV_STANDBY_LOST in w.events and "standby" not in w.phase and not plan.create
+    assert plan.requeue_after is not None and plan.requeue_after <= 30
+    assert w.phase["attempts"] == 1 and w.phase["state"] == "Running"  # not adopted
+    plan = w.step(31)
+    assert [c.name for c in plan.create] == [pod_name("j", "train", 3)]
+
+
+@pytest.mark.parametrize("end", ["completed", "suspended"])
+def test_standby_is_removed_when_the_phase_ends_or_the_job_is_suspended(end):
+    w = World(standby=True)
+    active = started(w)
+    standby = w.plan.create[0].name
+    w.run(standby, "spot-2", ready=True)
+    w.step()
+    if end == "completed":
+        w.end(active, 0)
+    else:
+        w.body["spec"]["suspend"] = True
+    plan = w.step()
+    assert standby in [d.name for d in plan.delete]
+    assert "standby" not in w.phase
+
+
+def test_recovering_without_a_standby_skips_the_numbers_standbys_used():
+    w = World(standby=True)
+    active = started(w)
+    standby = w.plan.create[0].name
+    w.run(standby, "spot-2")
+    w.step()
+    w.end(standby, 1, term_reason="failed")  # the standby fails ...
+    w.step()
+    w.end(active, 143, term_reason="preempted")  # ... then the active is preempted
+    plan = w.step()
+    (new,) = [c for c in plan.create if not c.standby]
+    assert new.attempt == 3 and w.fences[-1] == (3, CK20)
+
+
+def test_a_kill_on_a_node_that_announced_its_reclaim_is_a_preemption():
+    p = pod(pod_phase="Failed", exit_code=137, node="spot-1")
+    assert classify(p, {"spot-1": NOTICE}, at(1)).cause.value == "preemption"
+    assert classify(p, {"spot-1": NodeHealth()}, at(1)).cause.value == "failure"
