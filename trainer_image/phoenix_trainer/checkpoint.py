@@ -3,13 +3,17 @@
 The training loop only waits for the CPU copy (``to_cpu``) and, if more than
 ``max_in_flight`` saves are still uploading, for the oldest one to finish. Serialization,
 sha256, multipart upload, the manifest (written last) and retention run on one background
-thread. A save that fails after its retries is logged and dropped: the previous checkpoint
+thread. Shards are serialized straight into storage (``writer.StreamedShard``): nothing is
+staged on local disk, so a checkpoint bigger than the pod's ephemeral storage cannot get the
+pod evicted. Only files a caller already wrote (DCP's, in a gang) use the local spool, and
+``check_spool_room`` refuses those before writing when they would not fit. A save that fails after its retries is logged and dropped: the previous checkpoint
 stays the latest valid one, so nothing half-written ever looks valid.
 
 Must never be called from a signal handler, and never log credentials.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,12 +29,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .contract import ENV_SPOOL_DIR
-from .errors import CheckpointError, CorruptCheckpointError
+from .contract import ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB
+from .errors import CheckpointError, CorruptCheckpointError, SpoolFullError
 from .layout import CheckpointInfo, FileEntry, step_dir_name
 from .state import to_cpu, tree_nbytes
 from .storage import Storage
-from .writer import RetryPolicy, apply_retention, commit_checkpoint
+from .writer import RetryPolicy, Source, StreamedShard, apply_retention, commit_checkpoint
 
 log = logging.getLogger("phoenix.checkpoint")
 
@@ -70,6 +74,8 @@ class SaveStats:
     failures: int = 0
     bytes: int = 0
     snapshot_seconds: list[float] = field(default_factory=list)
+    # Staging before the first byte goes out: ~0 now that shards stream (serialization
+    # overlaps the upload and is counted in upload_seconds).
     serialize_seconds: list[float] = field(default_factory=list)
     upload_seconds: list[float] = field(default_factory=list)
     total_seconds: list[float] = field(default_factory=list)  # serialize + upload + manifest
@@ -98,6 +104,55 @@ def _hashing_save(obj: Any, path: str) -> FileEntry:
         torch.save(obj, buf)
         buf.flush()
     return FileEntry(size=tee.n, sha256=tee.h.hexdigest())
+
+
+def _torch_save_to(obj: Any, f: Any) -> None:
+    torch.save(obj, f)
+
+
+def spool_limit_bytes(environ: Any = None) -> int | None:
+    """``PHOENIX_SPOOL_LIMIT_MB`` in bytes, or None when unset (then free space is the limit)."""
+    raw = (os.environ if environ is None else environ).get(ENV_SPOOL_LIMIT_MB, "").strip()
+    if not raw:
+        return None
+    try:
+        mb = float(raw)
+    except ValueError:
+        raise CheckpointError(f"{ENV_SPOOL_LIMIT_MB}={raw!r} is not a number of MB") from None
+    if mb < 0:
+        raise CheckpointError(f"{ENV_SPOOL_LIMIT_MB}={raw!r} must be >= 0")
+    return int(mb * 1e6)
+
+
+def spool_usage(spool: str) -> int:
+    total = 0
+    for root, _, names in os.walk(spool):
+        for n in names:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(root, n)).st_size
+    return total
+
+
+def check_spool_room(spool: str, nbytes: int, what: str, *, limit: int | None = None,
+                     free: int | None = None) -> None:
+    """Refuse (``SpoolFullError``) to stage ``nbytes`` more under ``spool`` when that would
+    pass ``PHOENIX_SPOOL_LIMIT_MB`` (or ``limit``) counting what is already there, or the
+    file system's free space: better a failed checkpoint with a reason than a pod evicted for
+    its ephemeral storage, which would look like a preemption and repeat."""
+    limit = spool_limit_bytes() if limit is None else limit
+    used = spool_usage(spool)
+    if limit is not None and used + nbytes > limit:
+        raise SpoolFullError(
+            f"{what} needs ~{nbytes / 1e6:.1f} MB of local spool under {spool}"
+            f" ({used / 1e6:.1f} MB already in use), over {ENV_SPOOL_LIMIT_MB}={limit / 1e6:g};"
+            f" raise {ENV_SPOOL_LIMIT_MB} together with the pod's ephemeral-storage limit (or the"
+            " emptyDir's sizeLimit), or use fewer, larger ranks")
+    if free is None:
+        free = shutil.disk_usage(spool).free
+    if nbytes > free:
+        raise SpoolFullError(
+            f"{what} needs ~{nbytes / 1e6:.1f} MB of local spool under {spool}, only"
+            f" {free / 1e6:.1f} MB are free there; point {ENV_SPOOL_DIR} at a bigger volume")
 
 
 def make_spool(spool_dir: str | None = None) -> str:
@@ -228,38 +283,32 @@ class AsyncCheckpointer:
                 self._in_flight.remove(fut)
 
     def _write(self, snap: Snapshot) -> CheckpointInfo:
-        d = os.path.join(self.spool, step_dir_name(snap.step))
-        os.makedirs(d, exist_ok=True)
         t0 = time.perf_counter()
         try:
-            files, digests = {}, {}
+            files: dict[str, Source] = {}
             for name, obj in snap.tensors.items():
-                path = os.path.join(d, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)  # "rank-1/rng.pt" in a gang
-                digests[name] = _hashing_save(obj, path)
-                files[name] = path
+                files[name] = StreamedShard(lambda f, obj=obj: _torch_save_to(obj, f),
+                                            size_hint=tree_nbytes(obj))
             for name, doc in snap.documents.items():
-                path = os.path.join(d, name)
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                with open(path, "wb") as f:
-                    f.write(json.dumps(doc, sort_keys=True, indent=1).encode())
-                files[name] = path
+                body = json.dumps(doc, sort_keys=True, indent=1).encode()
+                files[name] = StreamedShard(lambda f, body=body: f.write(body), len(body))
             files.update(snap.files)
             t1 = time.perf_counter()
             info = self.commit(
                 self.storage, snap.step, files, epoch=snap.epoch, phase=self.phase,
                 config_fingerprint=self.config_fingerprint, run_id=self.run_id,
-                attempt=self.attempt, digests=digests, retry=self.retry, extra=snap.extra)
+                attempt=self.attempt, retry=self.retry, extra=snap.extra)
             t2 = time.perf_counter()
-            size = sum(os.path.getsize(p) for p in files.values())
+            assert info.manifest is not None
+            size = sum(info.manifest.files[n].size for n in files)
             self.stats.saves += 1
             self.stats.bytes += size
             self.stats.serialize_seconds.append(t1 - t0)
             self.stats.upload_seconds.append(t2 - t1)
             self.stats.total_seconds.append(t2 - t0)
             self.stats.upload_bytes_per_second.append(size / max(1e-9, t2 - t1))
-            log.info("saved checkpoint %s: %.1f MB, snapshot %.3fs (blocking), serialize %.2fs,"
-                     " upload %.2fs (%.0f MB/s)", info.uri, size / 1e6, snap.seconds, t1 - t0,
+            log.info("saved checkpoint %s: %.1f MB, snapshot %.3fs (blocking), serialize +"
+                     " upload %.2fs (%.0f MB/s)", info.uri, size / 1e6, snap.seconds,
                      t2 - t1, size / 1e6 / max(1e-9, t2 - t1))
             if self.latest is None or info.step >= self.latest.step:
                 self.latest = info
@@ -285,7 +334,7 @@ class AsyncCheckpointer:
         finally:
             with self._lock:
                 self._pending_steps.discard(snap.step)
-            shutil.rmtree(d, ignore_errors=True)
+            shutil.rmtree(os.path.join(self.spool, step_dir_name(snap.step)), ignore_errors=True)
 
 
 def load_checkpoint(storage: Storage, info: CheckpointInfo) -> dict[str, Any]:

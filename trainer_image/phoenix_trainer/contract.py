@@ -26,8 +26,11 @@ ENV_GRACE_SECONDS = "PHOENIX_GRACE_SECONDS"
 ENV_TERMINATION_LOG = "PHOENIX_TERMINATION_LOG"
 ENV_FORCE_RESUME = "PHOENIX_FORCE_RESUME"
 
-# Set by the trainer image, not the operator: where checkpoint files are staged before upload.
+# Set by the trainer image, not the operator: where checkpoint files are staged before upload
+# (only DCP's sharded files now; other shards stream to storage), and how much of it they may
+# take (MB; unset = the file system's free space) before a save is refused with a reason.
 ENV_SPOOL_DIR = "PHOENIX_SPOOL_DIR"
+ENV_SPOOL_LIMIT_MB = "PHOENIX_SPOOL_LIMIT_MB"
 
 # S3: boto3 reads these natively; listed so the operator sets exactly these.
 ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"

@@ -13,7 +13,10 @@ on GPUs; torchrun's environment). What changes against one process:
 - **Sharded checkpoints.** The state entry ``"sharded"`` (e.g. ``{"model": msd, "optim":
   osd}`` from ``torch.distributed.checkpoint.state_dict.get_state_dict``, for DDP or FSDP2)
   is written with ``torch.distributed.checkpoint``: each rank writes its own shard file to a
-  local spool (the blocking part), then uploads it in the background.
+  local spool (the blocking part), then uploads it in the background. DCP writes files, so
+  this is the one part of a checkpoint that still touches local disk: ``check_spool_room``
+  refuses it on every rank together, before writing, when it would not fit
+  (``PHOENIX_SPOOL_LIMIT_MB`` or the free space). The per-rank state streams to storage.
   Everything else in the state is per rank, as ``step-N/rank<r>-<name>`` (RNG states, data
   position, trainer.json); DCP's files are ``step-N/dcp-<name>`` (checkpoint file names are
   flat). The upload threads then exchange their files' sizes and sha256;
@@ -42,8 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from .checkpoint import Snapshot
-from .errors import CheckpointError, CorruptCheckpointError
+from .checkpoint import Snapshot, check_spool_room
+from .errors import CheckpointError, CorruptCheckpointError, SpoolFullError
 from .layout import CheckpointInfo, Manifest, step_dir_name
 from .session import Restored, Session, _Ctx
 from .storage import Storage, latest_valid_checkpoint, split_checkpoint_uri, verify_checkpoint
@@ -106,6 +109,22 @@ def exact_allreduce_hook(process_group, bucket):  # unannotated: DDP checks the 
         return grads
 
     return future.then(average)
+
+
+def local_nbytes(obj: Any) -> int:
+    """Bytes this rank holds of a (possibly sharded) state tree: a DTensor counts its local
+    shard, not the global tensor it stands for."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(obj, DTensor):
+        obj = obj.to_local()
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(local_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(local_nbytes(v) for v in obj)
+    return 0
 
 
 def is_distributed() -> bool:
@@ -182,6 +201,7 @@ class DistributedSession(Session):
             spool = self.checkpointer.spool if self.checkpointer else tempfile.mkdtemp(prefix="phoenix-dcp-")
             d = os.path.join(spool, step_dir_name(step), "dcp")
             shutil.rmtree(d, ignore_errors=True)
+            self._check_spool(spool, step, sharded)
             t0 = time.perf_counter()
             dcp.save(sharded, storage_writer=dcp.FileSystemWriter(d), process_group=self.ctl_group)
             for name in sorted(os.listdir(d)):
@@ -190,6 +210,20 @@ class DistributedSession(Session):
                 snap.nbytes += os.path.getsize(path)
             snap.seconds += time.perf_counter() - t0
         return snap
+
+    def _check_spool(self, spool: str, step: int, sharded: Any) -> None:
+        """Every rank or none writes its DCP files (dcp.save is collective): one rank short of
+        spool fails the checkpoint on all of them, with its reason."""
+        problem = None
+        try:
+            check_spool_room(spool, local_nbytes(sharded),
+                             f"checkpoint step {step} (rank {self.rank}'s sharded state)")
+        except SpoolFullError as e:
+            problem = str(e)
+        reasons: list[Any] = [None] * self.world_size
+        dist.all_gather_object(reasons, problem, group=self.ctl_group)
+        if any(reasons):
+            raise SpoolFullError("; ".join(r for r in reasons if r))
 
     def restore(self) -> Restored | None:
         restored = super().restore()

@@ -19,6 +19,11 @@ class CheckpointError(PhoenixTrainerError):
     """A checkpoint cannot be written, found or used."""
 
 
+class SpoolFullError(CheckpointError):
+    """A checkpoint's files would not fit in the local spool (``PHOENIX_SPOOL_LIMIT_MB`` or
+    the free space); refused before writing instead of getting the pod evicted."""
+
+
 class CorruptCheckpointError(CheckpointError):
     """A checkpoint exists but fails validation (missing/corrupt manifest, size, sha256)."""
 

@@ -5,33 +5,62 @@ write visible only when complete (S3 PUT/CompleteMultipartUpload are atomic; the
 backend writes a temp file and renames), which is what lets the manifest-last rule work.
 
 This module must never import torch (the operator imports it) and never log credentials.
-Retries with backoff for whole-shard uploads live in ``checkpoint.py``; here botocore's own
+Retries with backoff for whole-shard uploads live in ``writer.py``; here botocore's own
 retry handles single requests.
+
+``open_write`` streams an object in (a checkpoint shard serialized straight from memory):
+no local copy, bounded memory, and nothing visible or left behind unless ``commit`` is
+reached (S3: a multipart upload aborted on any error; local: a temp file removed).
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import logging
 import os
 import shutil
 import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Iterator, Protocol, runtime_checkable
+from typing import IO, Any, Iterator, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from .errors import StorageError
 from .layout import (  # re-exported: the operator imports everything from here
-    MANIFEST_NAME, CheckpointInfo, Manifest, latest_valid_checkpoint, list_checkpoints,
+    MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, latest_valid_checkpoint, list_checkpoints,
     split_checkpoint_uri, step_dir_name, verify_checkpoint,
 )
 
 __all__ = [
     "MANIFEST_NAME", "CheckpointInfo", "Manifest", "Storage", "LocalStorage", "S3Storage",
     "open_storage", "list_checkpoints", "verify_checkpoint", "latest_valid_checkpoint",
-    "step_dir_name", "split_checkpoint_uri", "default_transfer_config",
+    "step_dir_name", "split_checkpoint_uri", "default_transfer_config", "ObjectWriter",
 ]
 
 log = logging.getLogger("phoenix.storage")
+
+
+class ObjectWriter(Protocol):
+    """An object being streamed into storage (``Storage.open_write``): ``write`` as often as
+    needed, then exactly one of ``commit`` (the object appears, whole) or ``abort``."""
+
+    def write(self, data: Any) -> int: ...  # bytes-like; copied before it returns
+    def flush(self) -> None: ...
+    # size and sha256 of everything written, plus the checksum the store recorded (if any)
+    def commit(self) -> FileEntry: ...
+    def abort(self) -> None: ...  # idempotent; leaves nothing behind, never raises
+
+
+class _Digest:
+    """Size and sha256 of a stream, as it goes by."""
+
+    def __init__(self) -> None:
+        self.h, self.n = hashlib.sha256(), 0
+
+    def update(self, mv: memoryview) -> None:
+        self.h.update(mv)
+        self.n += len(mv)
 
 
 @runtime_checkable
@@ -44,6 +73,8 @@ class Storage(Protocol):
     def child(self, sub: str) -> "Storage": ...
     def put_bytes(self, key: str, data: bytes) -> None: ...
     def put_file(self, key: str, path: str | os.PathLike) -> None: ...
+    # Stream an object in; ``size_hint`` (expected bytes, may be off) lets S3 pick part sizes.
+    def open_write(self, key: str, size_hint: int | None = None) -> ObjectWriter: ...
     def get_bytes(self, key: str) -> bytes: ...  # FileNotFoundError if absent
     def get_file(self, key: str, path: str | os.PathLike) -> None: ...
     def open_read(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
@@ -102,6 +133,9 @@ class LocalStorage:
                 shutil.copyfileobj(src, f, 8 << 20)
         self._atomic_write(key, copy)
 
+    def open_write(self, key: str, size_hint: int | None = None) -> "_LocalWriter":
+        return _LocalWriter(self._path(key))
+
     def get_bytes(self, key: str) -> bytes:
         p = self._path(key)
         if not p.is_file():
@@ -159,6 +193,42 @@ class LocalStorage:
         return f"LocalStorage({self.uri!r})"
 
 
+class _LocalWriter:
+    """Straight into a temp file next to the destination, renamed on commit (atomic)."""
+
+    def __init__(self, dest: Path) -> None:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        self.f = os.fdopen(fd, "wb")
+        self.dest, self.digest = dest, _Digest()
+
+    def write(self, data: Any) -> int:
+        mv = memoryview(data).cast("B")
+        self.digest.update(mv)
+        self.f.write(mv)
+        return len(mv)
+
+    def flush(self) -> None:
+        pass  # commit makes it durable
+
+    def commit(self) -> FileEntry:
+        try:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.dest)
+        except BaseException:
+            self.abort()
+            raise
+        return FileEntry(size=self.digest.n, sha256=self.digest.h.hexdigest())
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self.f.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+
 # Every object is uploaded with an S3 SHA256 checksum: the server checks each part against it
 # on the way in and keeps it, so a reader can later ask "is this the object that was
 # uploaded?" with a HEAD instead of downloading it (layout.verify_checkpoint).
@@ -178,6 +248,159 @@ def default_transfer_config():
     threads = int(os.environ.get("PHOENIX_S3_CONCURRENCY", "8"))
     return TransferConfig(multipart_threshold=part, multipart_chunksize=part,
                           max_concurrency=threads, use_threads=True, io_chunksize=1 << 20)
+
+
+S3_MIN_PART = 5 * 1024 * 1024  # every part but the last must be at least this big
+S3_MAX_PARTS = 10_000
+
+
+def stream_part_size(part_size: int, size_hint: int | None) -> int:
+    """The part size for a streamed object: the configured one, raised (in whole MiB) so an
+    object of about ``size_hint`` bytes fits in 9,000 parts (S3 allows 10,000; the hint is
+    an estimate)."""
+    part = max(S3_MIN_PART, part_size)
+    if size_hint:
+        need = -(-size_hint // 9_000)
+        part = max(part, -(-need // (1 << 20)) * (1 << 20))
+    return part
+
+
+def composite_sha256(part_digests: list[bytes]) -> str:
+    """The checksum S3 records for a multipart upload with SHA256 (COMPOSITE): the sha256 of
+    the parts' raw sha256 digests, base64, then ``-<parts>``."""
+    whole = hashlib.sha256(b"".join(part_digests)).digest()
+    return f"{base64.b64encode(whole).decode()}-{len(part_digests)}"
+
+
+class _S3StreamWriter:
+    """Streams one object into S3 from a bounded buffer.
+
+    Bytes are hashed (sha256 of the whole object) and collected into parts of ``part_size``;
+    each full part is uploaded with its own SHA256 checksum (the server checks it) by a pool
+    of ``in_flight`` threads. ``write`` blocks while ``in_flight`` parts are uploading, so
+    memory is at most (``in_flight`` + 1) x ``part_size`` whatever the object's size, and no
+    byte touches local disk. An object smaller than one part is one PutObject (its stored
+    checksum is then the plain sha256). ``commit`` completes the upload and returns the
+    checksum S3 records for it, computed here from the parts (``composite_sha256``), so the
+    caller can check the store recorded exactly what was hashed. Any failure aborts the
+    multipart upload: no object and no orphaned parts are left.
+    """
+
+    def __init__(self, storage: "S3Storage", key: str, part_size: int, in_flight: int) -> None:
+        self.s, self.key, self.full_key = storage, key, storage._key(key)
+        self.part_size, self.in_flight = part_size, max(1, in_flight)
+        self.digest = _Digest()
+        self.buf = bytearray()
+        self.upload_id: str | None = None
+        self.pending: list[Future] = []  # oldest first
+        self.parts: list[tuple[dict, bytes]] = []  # (part for CompleteMultipartUpload, raw sha256)
+        self.pool: ThreadPoolExecutor | None = None
+        self.done = False
+
+    # -- the writing thread -----------------------------------------------------------------
+    def write(self, data: Any) -> int:
+        if self.done:
+            raise ValueError(f"write to {self.s.uri_for(self.key)} after commit or abort")
+        mv = memoryview(data).cast("B")
+        self.digest.update(mv)
+        off = 0
+        while off < len(mv):
+            take = min(self.part_size - len(self.buf), len(mv) - off)
+            self.buf += mv[off:off + take]
+            off += take
+            if len(self.buf) == self.part_size:
+                self._ship()
+        return len(mv)
+
+    def flush(self) -> None:
+        pass  # parts go out when full; the rest on commit
+
+    def _ship(self) -> None:
+        if len(self.parts) + len(self.pending) >= S3_MAX_PARTS:
+            raise StorageError(
+                f"{self.s.uri_for(self.key)} needs more than {S3_MAX_PARTS} parts of"
+                f" {self.part_size >> 20} MiB; raise PHOENIX_S3_PART_MB")
+        if self.upload_id is None:
+            with self.s._errors("create multipart upload", self.key):
+                self.upload_id = self.s.client.create_multipart_upload(
+                    Bucket=self.s.bucket, Key=self.full_key,
+                    ChecksumAlgorithm=CHECKSUM_ALGORITHM)["UploadId"]
+            self.pool = ThreadPoolExecutor(self.in_flight, thread_name_prefix="phoenix-part")
+        # Finished parts are collected as soon as they are done (a failure stops the stream
+        # at the next part, not at the end); then wait for a free slot.
+        while self.pending and (self.pending[0].done() or len(self.pending) >= self.in_flight):
+            self._collect_oldest()
+        body, self.buf = self.buf, bytearray()
+        number = len(self.parts) + len(self.pending) + 1
+        self.pending.append(self.pool.submit(self._upload_part, number, body))
+
+    def _collect_oldest(self) -> None:
+        fut = self.pending.pop(0)
+        with self.s._errors("upload part of", self.key):
+            self.parts.append(fut.result())
+
+    # -- part threads ---------------------------------------------------------------------
+    def _upload_part(self, number: int, body: bytearray) -> tuple[dict, bytes]:
+        raw = hashlib.sha256(body).digest()
+        b64 = base64.b64encode(raw).decode()
+        resp = self.s.client.upload_part(
+            Bucket=self.s.bucket, Key=self.full_key, UploadId=self.upload_id,
+            PartNumber=number, Body=body, ChecksumSHA256=b64)
+        return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": b64}, raw
+
+    # -- the end --------------------------------------------------------------------------
+    def commit(self) -> FileEntry:
+        if self.done:
+            raise ValueError(f"{self.s.uri_for(self.key)} was already committed or aborted")
+        try:
+            entry = self._complete()
+        except BaseException:
+            self.abort()
+            raise
+        self.done = True
+        return entry
+
+    def _complete(self) -> FileEntry:
+        sha = self.digest.h.hexdigest()
+        if self.upload_id is None:  # smaller than one part: a single PUT, full-object checksum
+            b64 = base64.b64encode(bytes.fromhex(sha)).decode()
+            with self.s._errors("put", self.key):
+                self.s.client.put_object(Bucket=self.s.bucket, Key=self.full_key,
+                                         Body=bytes(self.buf), ChecksumSHA256=b64)
+            self.buf = bytearray()
+            return FileEntry(size=self.digest.n, sha256=sha, stored_checksum=b64)
+        if self.buf:
+            self._ship()
+        while self.pending:
+            self._collect_oldest()
+        self.pool.shutdown()
+        with self.s._errors("complete multipart upload", self.key):
+            self.s.client.complete_multipart_upload(
+                Bucket=self.s.bucket, Key=self.full_key, UploadId=self.upload_id,
+                MultipartUpload={"Parts": [p for p, _ in self.parts]})
+        return FileEntry(size=self.digest.n, sha256=sha,
+                         stored_checksum=composite_sha256([d for _, d in self.parts]))
+
+    def abort(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.buf = bytearray()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
+        if self.upload_id is None:
+            return
+        try:
+            with self.s._errors("abort multipart upload", self.key):
+                self.s.client.abort_multipart_upload(Bucket=self.s.bucket, Key=self.full_key,
+                                                     UploadId=self.upload_id)
+        except Exception as e:  # noqa: BLE001 - the original error matters more
+            # Parts of an upload nobody completes are invisible to readers but cost storage
+            # until a bucket lifecycle rule (AbortIncompleteMultipartUpload) removes them.
+            log.warning("could not abort the multipart upload %s of %s (%s); its parts stay"
+                        " until the bucket's AbortIncompleteMultipartUpload rule removes them",
+                        self.upload_id, self.s.uri_for(self.key), e)
 
 
 class S3Storage:
@@ -252,6 +475,11 @@ class S3Storage:
                                         ExtraArgs={"ChecksumAlgorithm": CHECKSUM_ALGORITHM})
             except S3UploadFailedError as e:
                 raise StorageError(f"S3 upload {self.uri_for(key)} failed: {e}") from e
+
+    def open_write(self, key: str, size_hint: int | None = None) -> _S3StreamWriter:
+        cfg = self.transfer_config
+        return _S3StreamWriter(self, key, stream_part_size(cfg.multipart_chunksize, size_hint),
+                               cfg.max_concurrency)
 
     def get_bytes(self, key: str) -> bytes:
         with self._errors("get", key):

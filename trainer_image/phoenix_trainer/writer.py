@@ -1,7 +1,8 @@
 """Committing a checkpoint directory: shards first, manifest last, then retention.
 
 Torch-free so it can be unit-tested (and reused by tools) without a model: callers hand in
-files that are already serialized. Everything here runs on the checkpoint upload thread,
+files that are already serialized, or ``StreamedShard``s that serialize themselves straight
+into storage (no local copy; see ``Storage.open_write``). Everything here runs on the checkpoint upload thread,
 never on the training step path. It must never make a checkpoint look valid before every
 shard is stored: the manifest is the commit record and goes up last.
 """
@@ -15,7 +16,7 @@ import random
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
-from typing import Callable, Iterable, TypeVar
+from typing import IO, Callable, Iterable, TypeVar, Union
 
 from .errors import CheckpointError, StorageError, SupersededError
 from .layout import (MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, list_checkpoints,
@@ -24,6 +25,32 @@ from .storage import Storage
 
 log = logging.getLogger("phoenix.checkpoint")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class StreamedShard:
+    """A shard written straight into storage: ``produce(f)`` writes its bytes to ``f``.
+
+    It may be called more than once (a retry writes the whole shard again), so it must
+    produce the same bytes each time, e.g. ``torch.save`` of an immutable snapshot."""
+
+    produce: Callable[[IO[bytes]], object]
+    size_hint: int | None = None  # expected bytes (S3 part sizing); may be off
+
+
+Source = Union[str, os.PathLike, StreamedShard]  # a file already on disk, or a stream
+
+
+def stream_object(storage: Storage, key: str, shard: StreamedShard) -> FileEntry:
+    """Write ``shard`` to ``key`` through ``storage.open_write``: size and sha256 computed on
+    the way, the object visible only if everything got there, nothing left if not."""
+    w = storage.open_write(key, size_hint=shard.size_hint)
+    try:
+        shard.produce(w)
+        return w.commit()
+    except BaseException:
+        w.abort()
+        raise
 
 
 @dataclass
@@ -82,7 +109,7 @@ def check_fence(storage: Storage, attempt: int | None, what: str) -> None:
             f" started {fence.time or '?'}): refusing to {what} under {storage.uri}")
 
 
-def commit_checkpoint(storage: Storage, step: int, files: dict[str, str | os.PathLike], *,
+def commit_checkpoint(storage: Storage, step: int, files: dict[str, Source], *,
                       epoch: int, phase: str, config_fingerprint: str, run_id: str = "",
                       attempt: int | None = None, extra: dict | None = None,
                       digests: dict[str, FileEntry] | None = None,
@@ -102,7 +129,7 @@ def _fence(storage: Storage, attempt: int | None, step: int, what: str, retry: R
               lambda: check_fence(storage, attempt, f"{what} checkpoint step {step}"))
 
 
-def upload_shards(storage: Storage, step: int, files: dict[str, str | os.PathLike], *,
+def upload_shards(storage: Storage, step: int, files: dict[str, Source], *,
                   attempt: int | None = None, digests: dict[str, FileEntry] | None = None,
                   retry: RetryPolicy | None = None) -> dict[str, FileEntry]:
     """The first half of a commit: upload ``files`` into ``step-N/`` (no manifest yet) and
@@ -111,23 +138,32 @@ def upload_shards(storage: Storage, step: int, files: dict[str, str | os.PathLik
     d = step_dir_name(step)
     _fence(storage, attempt, step, "write", retry)
     digests = dict(digests or {})
-    for name, path in files.items():
-        if name not in digests:
-            digests[name] = file_digest(path)
+    for name, src in files.items():
+        if name not in digests and not isinstance(src, StreamedShard):
+            digests[name] = file_digest(src)
     # A manifest left from an earlier attempt at this step must not vouch for shards we are
     # about to overwrite: remove it first, so the directory is invalid until we finish.
     retry.run(f"clear old manifest of {storage.uri_for(d)}",
               lambda: storage.delete(f"{d}/{MANIFEST_NAME}"))
-    for name, path in files.items():
-        retry.run(f"upload {storage.uri_for(f'{d}/{name}')}",
-                  lambda name=name, path=path: storage.put_file(f"{d}/{name}", path))
+    for name, src in files.items():
+        key, uri = f"{d}/{name}", storage.uri_for(f"{d}/{name}")
+        if isinstance(src, StreamedShard):
+            # Serialized again from memory on a retry: a stream cannot be rewound.
+            digests[name] = retry.run(f"stream {uri}",
+                                      lambda key=key, src=src: stream_object(storage, key, src))
+        else:
+            retry.run(f"upload {uri}", lambda key=key, src=src: storage.put_file(key, src))
         # What the store recorded (it checked the upload against the checksums sent with
         # it): the manifest keeps it so readers can verify with a HEAD, no download.
-        size, stored = retry.run(f"stat {storage.uri_for(f'{d}/{name}')}",
-                                 lambda name=name: storage.stat(f"{d}/{name}"))
+        size, stored = retry.run(f"stat {uri}", lambda key=key: storage.stat(key))
         if size != digests[name].size:
-            raise StorageError(f"{storage.uri_for(f'{d}/{name}')} has {size} bytes after upload,"
-                               f" {digests[name].size} were sent")
+            raise StorageError(f"{uri} has {size} bytes after upload, {digests[name].size} were sent")
+        expected = digests[name].stored_checksum
+        if stored and expected and stored != expected:
+            # A streamed shard's writer computed the checksum the store should record from
+            # the very bytes it hashed; anything else is not what we sent.
+            raise StorageError(f"{uri}: the store recorded checksum {stored}, the bytes sent"
+                               f" give {expected}")
         if stored:
             digests[name] = replace(digests[name], stored_checksum=stored)
     return {name: digests[name] for name in files}

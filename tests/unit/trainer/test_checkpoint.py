@@ -22,7 +22,7 @@ class FlakyStorage(LocalStorage):
         super().__init__(root)
         self.failures, self.delay, self.gate, self.puts = failures, delay, gate, 0
 
-    def put_file(self, key, path):
+    def _upload(self, key):
         if self.gate is not None:
             self.gate.wait(10)
         time.sleep(self.delay)
@@ -30,7 +30,14 @@ class FlakyStorage(LocalStorage):
         if self.failures:
             self.failures -= 1
             raise StorageError(f"could not connect to the endpoint URL for {key}")
+
+    def put_file(self, key, path):
+        self._upload(key)
         super().put_file(key, path)
+
+    def open_write(self, key, size_hint=None):  # shards stream from the snapshot
+        self._upload(key)
+        return super().open_write(key, size_hint)
 
 
 def snap(step, value=1.0):

@@ -1,0 +1,136 @@
+"""A checkpoint streams from the in-memory snapshot into S3 (versitygw): no spool file, the
+stored checksums still let the operator verify it with HEADs only, it loads back bit-exact,
+and an upload that fails midway leaves no manifest and no incomplete multipart upload."""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+
+import pytest
+import torch
+
+from phoenix_trainer.checkpoint import AsyncCheckpointer, Snapshot, load_checkpoint
+from phoenix_trainer.errors import StorageError
+from phoenix_trainer.layout import MANIFEST_NAME, step_dir_name, verify_checkpoint
+from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
+from phoenix_trainer.writer import RetryPolicy
+
+pytestmark = pytest.mark.storage
+MiB = 1 << 20
+
+
+@pytest.fixture
+def storage(s3_bucket, monkeypatch):
+    monkeypatch.setenv("PHOENIX_S3_PART_MB", "5")  # the smallest S3 allows: many parts
+    monkeypatch.setenv("PHOENIX_S3_CONCURRENCY", "2")
+    ep = s3_bucket.endpoint
+    return open_storage(f"{s3_bucket.uri}/job/train", endpoint_url=ep.url,
+                        access_key=ep.access_key, secret_key=ep.secret_key)
+
+
+@pytest.fixture
+def empty_dirs(tmp_path, monkeypatch):
+    """The spool and the process's temp dir, both empty, watched while the save runs."""
+    spool, tmp = tmp_path / "spool", tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    return spool, tmp
+
+
+class DiskWatch:
+    """Largest number of bytes seen in files under ``dirs`` while running."""
+
+    def __init__(self, *dirs) -> None:
+        self.dirs, self.peak, self.stop = dirs, 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            total = 0
+            for d in self.dirs:
+                for root, _, names in os.walk(d):
+                    for n in names:
+                        try:
+                            total += os.path.getsize(os.path.join(root, n))
+                        except OSError:
+                            pass
+            self.peak = max(self.peak, total)
+            self.stop.wait(0.005)
+
+    def __enter__(self) -> "DiskWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def state(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return {"model.pt": {"w": torch.randn(3 * MiB, generator=g),  # 12 MiB
+                         "b": torch.randn(1000, generator=g, dtype=torch.float64)},
+            "optimizer.pt": {"m": torch.randn(2 * MiB, generator=g)}}  # 8 MiB
+
+
+def uploads_left(storage) -> list:
+    return storage.client.list_multipart_uploads(Bucket=storage.bucket).get("Uploads", [])
+
+
+def test_a_streamed_checkpoint_spools_nothing_verifies_by_head_and_loads_bit_exact(storage, empty_dirs):
+    spool, tmp = empty_dirs
+    ck = AsyncCheckpointer(storage, phase="train", config_fingerprint="fp", spool_dir=str(spool))
+    tensors = state(1)
+    with DiskWatch(spool, tmp) as watch:
+        ck.save(Snapshot.take(10, 0, tensors, {"trainer.json": {"step": 10}})).result()
+    assert watch.peak == 0 and os.listdir(tmp) == [] and os.listdir(ck.spool) == []
+
+    info = verify_checkpoint(storage, 10, deep=False)
+    files = info.manifest.files
+    assert files["model.pt"].size > 2 * 5 * MiB and files["model.pt"].stored_checksum.endswith("-3")
+    assert files["optimizer.pt"].stored_checksum.endswith("-2")
+    assert "-" not in files["trainer.json"].stored_checksum  # one PUT: plain sha256
+
+    ops: list[str] = []
+    storage.client.meta.events.register("before-call.s3", lambda model, **kw: ops.append(model.name))
+    assert verify_checkpoint(storage, 10, deep=True).valid
+    assert ops.count("GetObject") == 1 and ops.count("HeadObject") == 3  # the manifest; no shard
+
+    loaded = load_checkpoint(storage, latest_valid_checkpoint(storage, deep=True))
+    for name, shard in tensors.items():
+        for k, t in shard.items():
+            assert torch.equal(loaded[name][k], t) and loaded[name][k].dtype == t.dtype
+    assert uploads_left(storage) == []
+    ck.close()
+
+
+def test_an_upload_failing_midway_leaves_no_manifest_and_no_incomplete_upload(storage, empty_dirs):
+    spool, _ = empty_dirs
+    sleeps: list[float] = []
+    ck = AsyncCheckpointer(storage, phase="train", config_fingerprint="fp", spool_dir=str(spool),
+                           retry=RetryPolicy(attempts=2, sleep=sleeps.append))
+    ck.save(Snapshot.take(10, 0, state(1), {"trainer.json": {"step": 10}})).result()
+
+    real = storage.client.upload_part
+    parts = {"n": 0}
+
+    def flaky_upload_part(**kw):
+        parts["n"] += 1
+        if parts["n"] > 2:  # model.pt has 3 parts: it fails midway, for good
+            from botocore.exceptions import EndpointConnectionError
+            raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+        return real(**kw)
+
+    storage.client.upload_part = flaky_upload_part
+    with pytest.raises(StorageError, match="upload part of .*model.pt"):
+        ck.save(Snapshot.take(20, 0, state(2), {"trainer.json": {"step": 20}})).result()
+    storage.client.upload_part = real
+
+    assert len(sleeps) == 1  # the shard was streamed again once, from the snapshot
+    d = step_dir_name(20)
+    assert storage.size(f"{d}/{MANIFEST_NAME}") is None and storage.size(f"{d}/model.pt") is None
+    assert uploads_left(storage) == []  # every attempt's parts were aborted
+    assert latest_valid_checkpoint(storage, deep=True).step == 10
+    assert os.listdir(ck.spool) == []
+    ck.close()
