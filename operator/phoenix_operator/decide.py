@@ -776,15 +776,15 @@ def _seconds(now: datetime, since: datetime) -> str:
 
 def _create_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
                     reason: str) -> str:
-    avoid = [n for n, h in ctx.nodes.items() if h.notice]
+    noticed = [n for n, h in ctx.nodes.items() if h.notice]
     active_node = ctx.active_nodes.get(phase.name)
-    if active_node:
-        avoid.append(active_node)
+    avoid = [active_node] if active_node else []
     dep = ctx.checkpoints.get(phase.depends_on[0]) if phase.depends_on else None
     init = dep.newest_valid() if dep is not None else None
     manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
                          attempt=attempt, resume_from=None, resume_step=None,
-                         init_from=init.uri if init else None, standby=True, avoid=avoid)
+                         init_from=init.uri if init else None, standby=True, avoid=avoid,
+                         prefer_not=noticed)
     name = manifest["metadata"]["name"]
     ctx.plan.create.append(CreatePod(name=name, phase=phase.name, attempt=attempt,
                                      manifest=manifest, resume_from=None, previous_end=None,

@@ -12,8 +12,9 @@ node), so the trainer's command is plain ``torchrun train.py``.
 A standby pod (``standby=True``) is the same trainer started ahead of need: ``PHOENIX_ROLE``
 tells it to wait until the fence names its attempt; it serves its readiness on
 ``STATUS_PORT`` (a readiness probe is added unless the template has one); it never lands on
-the nodes it is meant to replace (``avoid_nodes``, a required node affinity on
-``metadata.name``); and it carries no resume target: the fence names one at promotion.
+the node of the pod it is meant to replace (``avoid_nodes``, a required node affinity on
+``metadata.name``) and prefers nodes that did not announce a reclaim; and it carries no
+resume target: the fence names one at promotion.
 """
 from __future__ import annotations
 
@@ -103,19 +104,28 @@ def pod_labels(job: str, phase: str, attempt: int, member: int | None = None,
     return labels
 
 
-def avoid_nodes(pod_spec: dict[str, Any], nodes: Sequence[str]) -> None:
-    """Add "not on these nodes" to every required node selector term (terms are ORed, the
-    expressions of a term ANDed), keeping whatever the template asks for."""
-    if not nodes:
+def avoid_nodes(pod_spec: dict[str, Any], nodes: Sequence[str],
+                prefer_not: Sequence[str] = ()) -> None:
+    """Add "not on ``nodes``" to every required node selector term (terms are ORed, the
+    expressions of a term ANDed), keeping whatever the template asks for; and a preference
+    against ``prefer_not`` (nodes that announced their reclaim: their NoSchedule taint keeps
+    pods off while it lasts, and a fresh node may come back under the same name)."""
+    def rule(names: Sequence[str]) -> dict[str, Any]:
+        return {"key": "metadata.name", "operator": "NotIn", "values": sorted(set(names))}
+
+    if not nodes and not prefer_not:
         return
-    rule = {"key": "metadata.name", "operator": "NotIn", "values": sorted(set(nodes))}
     affinity = pod_spec.setdefault("affinity", {}).setdefault("nodeAffinity", {})
-    required = affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
-    terms = required.setdefault("nodeSelectorTerms", [])
-    if not terms:
-        terms.append({})
-    for term in terms:
-        term.setdefault("matchFields", []).append(dict(rule))
+    if nodes:
+        required = affinity.setdefault("requiredDuringSchedulingIgnoredDuringExecution", {})
+        terms = required.setdefault("nodeSelectorTerms", [])
+        if not terms:
+            terms.append({})
+        for term in terms:
+            term.setdefault("matchFields", []).append(rule(nodes))
+    if prefer_not:
+        affinity.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(
+            {"weight": 100, "preference": {"matchFields": [rule(prefer_not)]}})
 
 
 def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
@@ -157,9 +167,10 @@ def _merge_env(*layers: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
               resume_from: str | None, resume_step: int | None,
               init_from: str | None, member: int | None = None, standby: bool = False,
-              avoid: Sequence[str] = ()) -> dict[str, Any]:
+              avoid: Sequence[str] = (), prefer_not: Sequence[str] = ()) -> dict[str, Any]:
     """One trainer pod; ``member``: its index in a gang phase (None for a single pod);
-    ``standby``: started ahead of need, kept off the nodes in ``avoid`` (module docstring)."""
+    ``standby``: started ahead of need, kept off the nodes in ``avoid`` and, if it can be,
+    ``prefer_not`` (module docstring)."""
     template = copy.deepcopy(dict(spec.template))
     meta = template.get("metadata") or {}
     pod_spec = template.get("spec") or {}
@@ -170,7 +181,7 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
         annotations[C.ANNOTATION_RESUME_FROM] = resume_from
         annotations[C.ANNOTATION_RESUME_STEP] = str(resume_step)
     name = pod_name(job, phase.name, attempt, member)
-    avoid_nodes(pod_spec, avoid)
+    avoid_nodes(pod_spec, avoid, prefer_not)
     pod_spec["restartPolicy"] = "Never"
     pod_spec["terminationGracePeriodSeconds"] = spec.recovery.grace_seconds
     if member is None:

@@ -25,6 +25,11 @@ ENV_CHECKPOINT_INTERVAL_SECONDS = "PHOENIX_CHECKPOINT_INTERVAL_SECONDS"
 ENV_GRACE_SECONDS = "PHOENIX_GRACE_SECONDS"
 ENV_TERMINATION_LOG = "PHOENIX_TERMINATION_LOG"
 ENV_FORCE_RESUME = "PHOENIX_FORCE_RESUME"
+ENV_ROLE = "PHOENIX_ROLE"  # "active" (default) or "standby": wait, warm, until the fence names us
+ENV_CONTROL_POLL_SECONDS = "PHOENIX_CONTROL_POLL_SECONDS"  # how often control/fence are read
+ENV_STATUS_PORT = "PHOENIX_STATUS_PORT"  # serve GET /ready here (the pod's readiness probe)
+ROLE_ACTIVE, ROLE_STANDBY = "active", "standby"
+DEFAULT_CONTROL_POLL_SECONDS = 0.25
 
 # Set by the trainer image, not the operator: where checkpoint files are staged before upload
 # (only DCP's sharded files now; other shards stream to storage), and how much of it they may
@@ -42,6 +47,7 @@ ALL_ENV = (
     ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_PHASE, ENV_ATTEMPT, ENV_CHECKPOINT_URI,
     ENV_RESUME_FROM, ENV_INIT_FROM, ENV_CHECKPOINT_KEEP, ENV_CHECKPOINT_INTERVAL_STEPS,
     ENV_CHECKPOINT_INTERVAL_SECONDS, ENV_GRACE_SECONDS, ENV_TERMINATION_LOG, ENV_FORCE_RESUME,
+    ENV_ROLE, ENV_CONTROL_POLL_SECONDS, ENV_STATUS_PORT,
 )
 
 # --- defaults ----------------------------------------------------------------------------
@@ -157,6 +163,13 @@ def _bool(environ: Mapping[str, str], name: str) -> bool:
     return environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
+def _role(environ: Mapping[str, str]) -> str:
+    role = (environ.get(ENV_ROLE) or ROLE_ACTIVE).strip().lower()
+    if role not in (ROLE_ACTIVE, ROLE_STANDBY):
+        raise ValueError(f"{ENV_ROLE}={role!r}: expected {ROLE_ACTIVE!r} or {ROLE_STANDBY!r}")
+    return role
+
+
 @dataclass(frozen=True)
 class TrainerEnv:
     """The contract parsed and validated once, at the edge."""
@@ -174,6 +187,9 @@ class TrainerEnv:
     grace_seconds: float = DEFAULT_GRACE_SECONDS
     termination_log: str = DEFAULT_TERMINATION_LOG
     force_resume: bool = False
+    role: str = ROLE_ACTIVE
+    control_poll_seconds: float = DEFAULT_CONTROL_POLL_SECONDS
+    status_port: int | None = None
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -204,7 +220,15 @@ class TrainerEnv:
             grace_seconds=_float(environ, ENV_GRACE_SECONDS, DEFAULT_GRACE_SECONDS),
             termination_log=termination_log_path(environ),
             force_resume=_bool(environ, ENV_FORCE_RESUME),
+            role=_role(environ),
+            control_poll_seconds=max(0.05, _float(environ, ENV_CONTROL_POLL_SECONDS,
+                                                  DEFAULT_CONTROL_POLL_SECONDS)),
+            status_port=_int(environ, ENV_STATUS_PORT, None),
         )
+
+    @property
+    def standby(self) -> bool:
+        return self.role == ROLE_STANDBY
 
     @property
     def log_context(self) -> str:

@@ -7,7 +7,7 @@ objects next to the checkpoints, where the trainer already reads and writes:
 - ``<phase prefix>/control.json`` (``layout.Control``): requests to the running attempt —
   "checkpoint now" when its node got a preemption notice, "hand off to attempt N" when a
   ready standby is waiting. ``ControlPoller`` reads it every ``PHOENIX_CONTROL_POLL_SECONDS``
-  (default 0.5 s) on a daemon thread and turns it into flags the loop checks at step
+  (default 0.25 s) on a daemon thread and turns it into flags the loop checks at step
   boundaries; nothing is done in the thread itself.
 - ``<phase prefix>/fence.json`` (``layout.Fence``): which attempt may write. A standby waits
   until it names the standby's own attempt (``Session.restore`` does the waiting).

@@ -225,7 +225,16 @@ class DistributedSession(Session):
         if any(reasons):
             raise SpoolFullError("; ".join(r for r in reasons if r))
 
+    def _serves_status(self) -> bool:
+        return int(os.environ.get("LOCAL_RANK", "0")) == 0
+
+    def _polls_control(self) -> bool:
+        return self.rank == 0  # _agree shares its flags with every rank
+
     def restore(self) -> Restored | None:
+        if self.env.standby:
+            raise CheckpointError("PHOENIX_ROLE=standby is not supported for a gang's ranks yet;"
+                                  " drop recovery.standby for phases with replicas > 1")
         restored = super().restore()
         if self.checkpointer is not None:
             self.checkpointer.commit = self._commit
