@@ -10,6 +10,9 @@ the same thing everywhere. `plan()` is pure (a seeded schedule); `Injector` acts
 | sigkill        | the container is SIGKILLed through containerd (exit 137)  | nothing           | failure (*)   |
 | node-loss      | kubelet, containerd and containers die silently, the Node | nothing           | preemption    |
 |                | object is deleted and a replacement spot node registers   |                   |               |
+| notice         | the pod's node is tainted karpenter.sh/disrupted (a spot  | a checkpoint      | preemption    |
+|                | reclaim notice); after `notice_seconds` whatever still    | request, then a   |               |
+|                | runs there is evicted without grace and the taint lifted  | handoff (standby) |               |
 | operator-kill  | the operator pod's container is SIGKILLed mid-recovery    | nothing           | nothing       |
 | s3-outage      | the S3 server is stopped for a while, then restarted      | upload retries    | nothing       |
 
@@ -32,6 +35,8 @@ from typing import Callable
 
 TRAINER_DISRUPTIONS = ("evict", "sigterm-short", "sigkill", "node-loss")
 ALL_DISRUPTIONS = TRAINER_DISRUPTIONS + ("operator-kill", "s3-outage")
+NOTICE = "notice"  # not in the chaos suite's schedule: it needs a job that acts on notices
+NOTICE_TAINT = "karpenter.sh/disrupted"
 
 
 def is_preemption(kind: str) -> bool:
@@ -72,6 +77,7 @@ class Injector:
     namespace: str
     operator_kill: Callable[[], str] | None = None
     s3_outage_seconds: float = 30.0
+    notice_seconds: float = 10.0
     log: list[Injected] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     _threads: list[threading.Thread] = field(default_factory=list)
@@ -91,6 +97,10 @@ class Injector:
             self._background(lambda: lab.wait_nodes_ready([replacement], timeout=180),
                              f"node-ready-{replacement}")
             detail = f"node {node}, replacement {replacement}"
+        elif kind == NOTICE:
+            lab.kubectl("taint", "nodes", node, f"{NOTICE_TAINT}:NoSchedule", "--overwrite")
+            self._background(lambda: self._reclaim(node), f"reclaim-{node}")
+            detail = f"node {node} tainted {NOTICE_TAINT}, reclaimed in {self.notice_seconds:.0f}s"
         elif kind == "operator-kill":
             if self.operator_kill is None:
                 raise ValueError("operator-kill needs an operator_kill callback")
@@ -115,6 +125,22 @@ class Injector:
         t.start()
         self._threads.append(t)
         return t
+
+    def _reclaim(self, node: str) -> None:
+        """The end of a notice: the node goes (its pods of this namespace evicted without
+        grace) and a fresh one takes its place (the taint lifted)."""
+        from kubernetes import client
+
+        time.sleep(self.notice_seconds)
+        try:
+            with self.lab.api_client() as api:
+                pods = client.CoreV1Api(api).list_namespaced_pod(
+                    self.namespace, field_selector=f"spec.nodeName={node}").items
+            for p in pods:
+                if p.status.phase in ("Pending", "Running") and not p.metadata.deletion_timestamp:
+                    self.lab.evict(self.namespace, p.metadata.name, grace_seconds=0)
+        finally:
+            self.lab.kubectl("taint", "nodes", node, f"{NOTICE_TAINT}:NoSchedule-", check=False)
 
     def _restore_s3(self) -> None:
         time.sleep(self.s3_outage_seconds)

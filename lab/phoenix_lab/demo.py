@@ -4,15 +4,19 @@
    kubelet + containerd nodes running the repository's images, an S3 server);
 2. installs Phoenix with its Helm chart (the operator pod runs the operator image as the
    chart's ServiceAccount, under restricted Pod Security);
-3. applies a two-phase PhoenixJob (train in the trainer image on a spot GPU node, then an
-   independent eval) and, alongside it, the uninterrupted reference run of the same config
-   on the on-demand node, never disrupted;
-4. while the job trains, injects one disruption of every kind: eviction, SIGTERM with a
-   1 s grace and loss of the node (preemptions), and a SIGKILL of the container (a failure:
-   nothing says it came from outside), showing live progress like
-   `kubectl get pxj` plus step and loss (read from the trainer's `kubectl logs`);
-5. ends with a summary: disruptions survived, steps lost per disruption, goodput, and
-   whether the final weights equal the uninterrupted run's, tensor for tensor.
+3. applies a two-phase PhoenixJob (train in the trainer image on a spot GPU node with a warm
+   standby on the other spot node, then an independent eval) and, alongside it, the
+   uninterrupted reference run of the same config on the on-demand node, never disrupted;
+4. while the job trains, injects one disruption of every kind, each once the standby is
+   ready: a spot reclaim notice (the node tainted karpenter.sh/disrupted, reclaimed 10 s
+   later: the trainer checkpoints and hands off to the standby at a step boundary), eviction,
+   SIGTERM with a 1 s grace and loss of the node (preemptions), and a SIGKILL of the
+   container (a failure: nothing says it came from outside), showing live progress like
+   `kubectl get pxj` plus step and loss (read from the trainer's `kubectl logs`) and the
+   standby's state;
+5. ends with a summary: disruptions survived, standby promotions, steps lost and time to
+   resume per disruption, goodput, and whether the final weights equal the uninterrupted
+   run's, tensor for tensor.
 
 The lab keeps running afterwards so you can look around (`eval "$(phoenix-lab env)"`,
 `kubectl describe pxj -n demo`); `phoenix-lab down` stops it.
@@ -27,7 +31,7 @@ import uuid
 from pathlib import Path
 
 from . import samples
-from .chaos import TRAINER_DISRUPTIONS, Injector
+from .chaos import NOTICE, TRAINER_DISRUPTIONS, Injector
 from .cluster import Lab
 from .install import install_phoenix
 
@@ -62,9 +66,12 @@ class Watcher:
             NAMESPACE, label_selector=f"phoenix.dev/job={JOB},phoenix.dev/phase={phase}").items
         return sorted(pods, key=lambda p: int(p.metadata.labels.get("phoenix.dev/attempt", 0)))
 
-    def running_pod(self):
-        for pod in reversed(self.trainer_pods()):
-            if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
+    def running_pod(self, job: dict):
+        """The active trainer pod (the status names it; a standby runs beside it), running."""
+        active = samples.job_phase(job).get("pod")
+        for pod in self.trainer_pods():
+            if pod.metadata.name == active and pod.status.phase == "Running" \
+                    and not pod.metadata.deletion_timestamp:
                 return pod
         return None
 
@@ -82,15 +89,21 @@ def status_line(t0: float, job: dict, progress: tuple[int, float] | None, cfg: s
 
         ts = datetime.fromisoformat(st["lastCheckpointTime"].replace("Z", "+00:00"))
         age = f"{(datetime.now(timezone.utc) - ts).total_seconds():.0f}s"
+    train = samples.job_phase(job)
+    sb = train.get("standby")
+    standby = (f"{sb['pod'].rsplit('.', 1)[-1]} {'ready' if sb.get('ready') else 'starting'}"
+               if sb else "-")
     return (f"{time.time() - t0:6.0f}s  {st.get('phase', '-'):<10} {st.get('currentPhase', '-'):<6} "
             f"step {step:>4}/{cfg.steps}  loss {loss if loss is not None else '-':<7} "
             f"preemptions {st.get('preemptions', 0):<2} failures {st.get('failures', 0):<2} "
-            f"checkpoint-age {age or '-'}")
+            f"checkpoint-age {age or '-':<4} standby {standby:<16} "
+            f"notices {train.get('notices', 0)} promotions {train.get('promotions', 0)}")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=samples.TrainConfig.steps)
+    ap.add_argument("--steps", type=int, default=1500,
+                    help="training steps (enough for five disruptions, each once the standby is ready)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--state-dir", type=Path, default=None)
     ap.add_argument("--timeout", type=float, default=900, help="give up after this many seconds")
@@ -111,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     watcher = Watcher(lab)
     manifest = samples.phoenixjob(JOB, NAMESPACE, cfg, f"s3://{BUCKET}/{prefix}", lab.s3.url,
                                   image=lab.trainer_image, with_eval=True)
+    manifest["spec"]["recovery"]["standby"] = True  # a warm standby on the other spot node
     say(f"applying PhoenixJob {NAMESPACE}/{JOB} (train -> eval, {cfg.steps} steps, image "
         f"{lab.trainer_image}); checkpoints in s3://{BUCKET}/{prefix}")
     lab.kubectl("apply", "-f", "-", input=json.dumps(manifest))
@@ -121,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         "never disrupted, for comparison")
 
     injector = Injector(lab, NAMESPACE)
-    pending = list(TRAINER_DISRUPTIONS)
+    pending = [NOTICE, *TRAINER_DISRUPTIONS]
     injected: list[dict] = []
     disrupted: set[str] = set()
     attempt_start_step: dict[str, int] = {}
@@ -133,11 +147,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         job = watcher.job()
         st = job.get("status") or {}
-        pod = watcher.running_pod() if st.get("currentPhase", "train") == "train" else None
+        pod = watcher.running_pod(job) if st.get("currentPhase", "train") == "train" else None
+        standby_ready = bool((samples.job_phase(job).get("standby") or {}).get("ready"))
         progress = watcher.progress(pod.metadata.name) if pod else None
         if pod and progress and pod.metadata.name not in attempt_start_step:
             attempt_start_step[pod.metadata.name] = progress[0]
-        if (pending and pod and progress and pod.metadata.name not in disrupted
+        if (pending and pod and progress and pod.metadata.name not in disrupted and standby_ready
                 and progress[0] - attempt_start_step[pod.metadata.name] >= STEPS_BETWEEN_DISRUPTIONS
                 and progress[0] < cfg.steps - 20):
             kind = pending.pop(0)
@@ -178,7 +193,9 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
           f"{'steps lost':>11} {'back after':>11}")
     lost_total, downtime = 0, []
     for d in injected:
-        nxt = began.get(int(d["pod"].rsplit("-", 1)[-1]) + 1)
+        attempt = int(d["pod"].rsplit("-", 1)[-1])
+        later = [a for a in began if a > attempt]  # a standby's number may skip some
+        nxt = began.get(min(later)) if later else None
         lost = max(0, d["step"] - nxt[0]) if nxt else None
         lost_total += lost or 0
         back = f"{nxt[1] - d['time']:.1f}s" if nxt else "-"
@@ -196,12 +213,16 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
     print()
     say("summary")
     print(f"   disruptions survived:       {len(injected)} ({', '.join(d['kind'] for d in injected)})")
+    train = samples.job_phase(job)
     print(f"   preemptions / failures:     {st.get('preemptions', 0)} / {st.get('failures', 0)} (status)")
+    print(f"   notices / promotions:       {train.get('notices', 0)} / {train.get('promotions', 0)} "
+          "(the notice was handed off at a step boundary; every attempt after the first was a "
+          "warm standby taking over)")
     print(f"   steps lost in total:        {lost_total} (checkpoint every {cfg.checkpoint_every} steps; "
           "an eviction's emergency checkpoint loses none)")
     if downtime:
         print(f"   time to resume training:    {sum(downtime) / len(downtime):.1f}s per disruption on average "
-              "(detection, new pod, python+torch start-up, checkpoint load)")
+              "(from the disruption to the standby training: detection, promotion, checkpoint load)")
     print(f"   train phase wall time:      {train_wall:.1f}s (uninterrupted training: {reference_seconds:.1f}s)")
     print(f"   goodput:                    {goodput:.2f} (useful training time / wall time, "
           "pod restarts included)")

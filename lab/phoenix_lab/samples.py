@@ -224,6 +224,14 @@ def attempt_ends(storage) -> dict[int, int]:
     return reached
 
 
+def attempt_end_times(storage) -> dict[int, float]:
+    """attempt -> unix time of its end record (the trainer stopped training)."""
+    from phoenix_trainer.metrics import read_metrics
+
+    return {r["attempt"]: _unix(r["time"]) for r in read_metrics(storage)
+            if r.get("event") == "end"}
+
+
 def _unix(ts: str) -> float:
     return datetime.fromisoformat(ts.replace("Z", "+00:00")).timestamp()
 

@@ -349,6 +349,8 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
         return _start_attempt(ctx, phase, st, Event.REPLACE)
     if st.state == S.RUNNING and phase.replicas == 1:
         return _standby_and_notice(ctx, phase, st, pods)
+    if st.state == S.RUNNING:
+        return _gang_notice(ctx, phase, st, pods)
     if st.state == S.PENDING:
         deps = [statuses[d] for d in phase.depends_on if d in statuses]
         if phase.independent:
@@ -792,6 +794,36 @@ def _create_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
     return name
 
 
+def _notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pod: Mapping[str, Any] | None,
+            handoff: bool) -> tuple[PhaseStatus, str | None]:
+    """The notice on ``pod``'s node, if any and not ignored: recorded and the trainer asked
+    to checkpoint now, once per attempt. Returns the status and the notice (or None)."""
+    node = (pod.get("spec") or {}).get("nodeName") if pod is not None else None
+    health = ctx.nodes.get(node) if node else None
+    if health is None or not health.notice or ctx.spec.recovery.on_notice == C.ON_NOTICE_IGNORE:
+        return st, None
+    if st.last_notice is None or st.last_notice.attempt != st.attempts:
+        st = replace(st, notices=st.notices + 1, last_notice=Notice(
+            node=node, signal=health.notice, time=ctx.now, attempt=st.attempts))
+        plan = ("checkpoint now, and hand off to a standby on another node" if handoff
+                else "checkpoint now")
+        ctx.note("Warning", C.EV_NOTICE,
+                 f"phase {phase.name}: node {node} of pod {pod['metadata']['name']} announced its"
+                 f" reclaim ({health.notice}); asking the trainer to {plan}")
+        ctx.plan.control.append(ControlWrite(phase.name, _control(st)))
+    return st, health.notice
+
+
+def _gang_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
+    """A gang: a notice on any member's node asks for a checkpoint now (every rank saves at
+    the same step; no standby gang, so no handoff)."""
+    for pod in pods.get(st.attempts, ()):
+        st, notice = _notice(ctx, phase, st, pod, handoff=False)
+        if notice:
+            break
+    return st
+
+
 def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
     """A running single-pod phase: keep its standby current, act on its node's notice."""
     active = (pods.get(st.attempts) or [None])[0]
@@ -800,17 +832,7 @@ def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods
         ctx.active_nodes[phase.name] = node
     st = _sync_standby(ctx, phase, st, pods)
     rec = ctx.spec.recovery
-    health = ctx.nodes.get(node) if node else None
-    notice = health.notice if health is not None and rec.on_notice != C.ON_NOTICE_IGNORE else None
-    if notice and (st.last_notice is None or st.last_notice.attempt != st.attempts):
-        st = replace(st, notices=st.notices + 1,
-                     last_notice=Notice(node=node, signal=notice, time=ctx.now, attempt=st.attempts))
-        plan = {C.ON_NOTICE_HANDOFF: "checkpoint now, and hand off to a standby on another node",
-                C.ON_NOTICE_CHECKPOINT: "checkpoint now"}[rec.on_notice]
-        ctx.note("Warning", C.EV_NOTICE,
-                 f"phase {phase.name}: node {node} of pod {st.pod} announced its reclaim "
-                 f"({notice}); asking the trainer to {plan}")
-        ctx.plan.control.append(ControlWrite(phase.name, _control(st)))
+    st, notice = _notice(ctx, phase, st, active, rec.on_notice == C.ON_NOTICE_HANDOFF)
     noticed = notice is not None and st.last_notice is not None
     if st.standby is None and node and active is not None and ctx.outcome(active).live and (
             rec.standby or (noticed and rec.on_notice == C.ON_NOTICE_HANDOFF)):

@@ -266,3 +266,18 @@ def test_a_kill_on_a_node_that_announced_its_reclaim_is_a_preemption():
     p = pod(pod_phase="Failed", exit_code=137, node="spot-1")
     assert classify(p, {"spot-1": NOTICE}, at(1)).cause.value == "preemption"
     assert classify(p, {"spot-1": NodeHealth()}, at(1)).cause.value == "failure"
+
+
+def test_a_gang_member_s_notice_asks_the_whole_gang_for_a_checkpoint_only():
+    w = World()
+    w.body["spec"]["phases"] = [{"name": "train", "replicas": 2}]
+    w.step()
+    for i in range(2):
+        w.run(pod_name("j", "train", 1, i), f"spot-{i + 1}")
+    w.step()
+    w.nodes["spot-2"] = NOTICE
+    plan = w.step()
+    assert [(c.attempt, c.handoff_to) for c in w.controls] == [(1, None)]
+    assert not plan.create and w.phase["lastNotice"]["node"] == "spot-2"
+    w.step()
+    assert len(w.controls) == 1
