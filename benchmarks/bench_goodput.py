@@ -1,17 +1,31 @@
-"""Goodput under a spot-preemption trace: Phoenix vs a Kubernetes Job vs Phoenix without
-the emergency checkpoint, side by side on the same lab, at the same time.
+"""Goodput under a spot-preemption trace: Phoenix (with and without acting on the notice,
+with a warm standby) vs a Kubernetes Job vs Phoenix without the emergency checkpoint, side by
+side on the same lab, at the same time.
 
-The trace: every T seconds the running trainer pod of each variant gets a preemption notice
-of g seconds (an Eviction with a g-second grace, which is what a spot reclaim becomes on
-Kubernetes). The variants train the same model (examples/train_mlp.py) for the same steps:
+The trace: every T seconds the node of each variant's running trainer pod announces its
+reclaim, and g seconds later the node is gone. Each variant gets the notice the way it can
+use it. For the first three (as before), the notice is a drain: an Eviction with a g-second
+grace at the notice (SIGTERM now, gone by the reclaim). For the notice-aware two, it is the
+node taint a termination handler sets (``karpenter.sh/disrupted``) at the notice, and at
+the reclaim whatever of the variant still runs on that node is evicted with no grace (and the
+taint lifted: a fresh node). Notices of different variants are staggered so that only one
+node is tainted at a time, and the two notice-aware variants run on node pools of their own
+(the lab starts four spot nodes), so a notice meant for one never reaches the other. The
+variants train the same model (examples/train_mlp.py) for the same steps:
 
 - phoenix:               a PhoenixJob; the operator resumes from the newest verified
                          checkpoint and the trainer saves an emergency checkpoint on SIGTERM.
+                         Notices ignored (recovery.onNotice Ignore): today's behaviour.
 - phoenix-no-emergency:  the same without the emergency checkpoint (--no-emergency-checkpoint):
                          every preemption loses the steps since the last periodic checkpoint.
 - job-podfailurepolicy:  a batch/v1 Job with podFailurePolicy (DisruptionTarget -> Ignore)
                          and backoffLimit; the same trainer finds its newest checkpoint by
                          itself when the Job controller restarts the pod.
+- phoenix-notice-aware:  onNotice Handoff: on the taint the trainer checkpoints, a
+                         replacement starts on another node and gets ready while the old pod
+                         trains, then the old pod hands off at a step boundary (0 steps lost).
+- phoenix-standby:       recovery.standby: a warm standby is always there; the handoff
+                         happens as soon as the notice is seen.
 
 goodput = useful training time / wall time, where useful training time is what the same
 training takes uninterrupted and wall time runs from the job's creation to its completion
@@ -28,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import threading
@@ -36,7 +51,7 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kubernetes import client
+from kubernetes import client, watch
 
 from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
@@ -46,12 +61,22 @@ NAMESPACE = "goodput"
 BUCKET = "goodput"
 
 
+NOTICE_TAINT = "karpenter.sh/disrupted"
+POOL_LABEL = "goodput/pool"
+STAGGER_SECONDS = 22.0  # between variants' notices: one tainted node at a time
+
+
 @dataclass
 class Variant:
     name: str
     kind: str  # "phoenix" | "job"
     prefix: str
     extra_args: list[str] = field(default_factory=list)
+    recovery: dict = field(default_factory=dict)  # merged into the PhoenixJob's recovery
+    notice: str = "drain"  # "drain": eviction with grace g; "taint": taint now, gone at +g
+    pool: str | None = None  # node pool (POOL_LABEL value) of its own
+    offset: float = 0.0  # its notices come this much after the trace's period
+    first_pod: str | None = None  # a Job's first pod (generated name), once seen
     created: float = 0.0
     finished: float | None = None
     preemptions: list[dict] = field(default_factory=list)
@@ -89,6 +114,40 @@ def job_manifest(v: Variant, cfg: samples.TrainConfig, s3_url: str, grace: int, 
     }
 
 
+class PodTimeline(threading.Thread):
+    """When each pod of the namespace was first seen created, bound to a node and running
+    (wall clock, from a watch): where a first start's seconds go."""
+
+    def __init__(self, api) -> None:
+        super().__init__(daemon=True, name="pod-timeline")
+        self.core = client.CoreV1Api(api)
+        self.seen: dict[str, dict[str, float]] = {}
+        self._watch = watch.Watch()
+
+    def run(self) -> None:
+        while True:
+            try:
+                for ev in self._watch.stream(self.core.list_namespaced_pod, NAMESPACE,
+                                             timeout_seconds=300):
+                    pod, now = ev["object"], time.time()
+                    marks = self.seen.setdefault(pod.metadata.name, {})
+                    marks.setdefault("created", now)
+                    if pod.spec.node_name:
+                        marks.setdefault("scheduled", now)
+                    if pod.status.phase == "Running":
+                        marks.setdefault("running", now)
+            except Exception:  # noqa: BLE001 - a dropped watch: start another
+                time.sleep(0.5)
+
+    def first_start(self, pod: str, created: float, training: float) -> dict[str, float]:
+        """Seconds from the job's creation to each mark of its first pod, and to training."""
+        marks = self.seen.get(pod, {})
+        out = {k: round(marks[k] - created, 2) for k in ("created", "scheduled", "running")
+               if k in marks}
+        out["training"] = round(training - created, 2)
+        return out
+
+
 class Bench:
     def __init__(self, lab: Lab, cfg: samples.TrainConfig, period: float, notice: int) -> None:
         self.lab, self.cfg, self.period, self.notice = lab, cfg, period, notice
@@ -102,8 +161,15 @@ class Bench:
                 else f"goodput/variant={v.name}")
 
     def running_pod(self, v: Variant):
+        """The variant's active trainer pod, running (never a standby)."""
+        active = None
+        if v.kind == "phoenix":
+            job = self.custom.get_namespaced_custom_object("phoenix.dev", "v1alpha1", NAMESPACE,
+                                                           "phoenixjobs", v.name)
+            active = samples.job_phase(job).get("pod")
         for pod in self.core.list_namespaced_pod(NAMESPACE, label_selector=self.selector(v)).items:
-            if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
+            if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp and \
+                    (active is None or pod.metadata.name == active):
                 return pod
         return None
 
@@ -127,6 +193,9 @@ class Bench:
             body = samples.phoenixjob(v.name, NAMESPACE, cfg, f"s3://{BUCKET}/{v.prefix}",
                                       self.lab.s3.url, image=self.lab.trainer_image,
                                       grace_seconds=self.notice)
+            body["spec"]["recovery"].update(v.recovery)
+            if v.pool:
+                body["spec"]["template"]["spec"]["nodeSelector"][POOL_LABEL] = v.pool
             self.custom.create_namespaced_custom_object("phoenix.dev", "v1alpha1", NAMESPACE,
                                                         "phoenixjobs", body)
         else:
@@ -137,21 +206,50 @@ class Bench:
     def drive(self, v: Variant, deadline: float, errors: list) -> None:
         """Follow the trace for one variant: a notice every `period` seconds until done."""
         try:
-            next_notice = v.created + self.period
+            next_notice = v.created + self.period + v.offset
             while time.time() < deadline:
                 if self.done(v):
                     v.finished = time.time()
                     return
+                if v.first_pod is None and v.kind == "job":
+                    pod = self.running_pod(v)
+                    v.first_pod = pod.metadata.name if pod is not None else None
                 if time.time() >= next_notice:
                     pod = self.running_pod(v)
                     if pod is not None:
-                        self.lab.evict(NAMESPACE, pod.metadata.name, grace_seconds=self.notice)
-                        v.preemptions.append({"pod": pod.metadata.name, "time": time.time()})
+                        self.notify(v, pod)
                         next_notice += self.period
-                time.sleep(0.25)
+                time.sleep(0.1)
             raise TimeoutError(f"{v.name} did not finish in time")
         except Exception as e:  # reported by the main thread
             errors.append(f"{v.name}: {e}")
+
+    def notify(self, v: Variant, pod) -> None:
+        """One notice of the trace to ``pod``'s node, and the reclaim g seconds later."""
+        now, node = time.time(), pod.spec.node_name
+        v.preemptions.append({"pod": pod.metadata.name, "node": node, "time": now})
+        if v.notice == "drain":
+            self.lab.evict(NAMESPACE, pod.metadata.name, grace_seconds=self.notice)
+            return
+        self.lab.kubectl("taint", "nodes", node, f"{NOTICE_TAINT}:NoSchedule")
+        try:
+            time.sleep(max(0.0, now + self.notice - time.time()))
+            for p in self.core.list_namespaced_pod(NAMESPACE, label_selector=self.selector(v),
+                                                   field_selector=f"spec.nodeName={node}").items:
+                if p.status.phase in ("Pending", "Running") and not p.metadata.deletion_timestamp:
+                    self.lab.evict(NAMESPACE, p.metadata.name, grace_seconds=0)
+                    v.preemptions[-1].setdefault("reclaimed", []).append(p.metadata.name)
+        finally:
+            self.lab.kubectl("taint", "nodes", node, f"{NOTICE_TAINT}:NoSchedule-", check=False)
+
+
+def first_pod(v: Variant) -> str:
+    """The name of a variant's first trainer pod (a Job's pods have generated names)."""
+    if v.kind == "phoenix":
+        from phoenix_operator.podspec import pod_name
+
+        return pod_name(v.name, "train", 1)
+    return v.first_pod or ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,20 +266,33 @@ def main(argv: list[str] | None = None) -> int:
                               checkpoint_every=args.checkpoint_every)
 
     state = Path(tempfile.mkdtemp(prefix="phoenix-goodput-"))
-    lab = Lab(state / "lab", ports=LabPorts.ephemeral())
+    lab = Lab(state / "lab", ports=LabPorts.ephemeral(), spot_nodes=4)
     try:
         lab.up()
         install_phoenix(lab)
+        spot = sorted(n for n in lab.node_names if "spot" in n)
+        for node, pool in zip(spot, ("a", "a", "b", "b")):
+            lab.kubectl("label", "nodes", node, f"{POOL_LABEL}={pool}", "--overwrite")
         lab.kubectl("create", "namespace", NAMESPACE)
         lab.kubectl("apply", "-f", "-", input=json.dumps(samples.credentials_secret(NAMESPACE, lab.s3)))
         lab.s3_server.ensure_bucket(BUCKET)
         run = uuid.uuid4().hex[:6]
+        ignore = {"onNotice": "Ignore"}
         variants = [
-            Variant("phoenix", "phoenix", f"{run}/phoenix"),
-            Variant("phoenix-no-emergency", "phoenix", f"{run}/no-emergency", ["--no-emergency-checkpoint"]),
+            Variant("phoenix", "phoenix", f"{run}/phoenix", recovery=ignore),
+            Variant("phoenix-no-emergency", "phoenix", f"{run}/no-emergency",
+                    ["--no-emergency-checkpoint"], recovery=ignore),
             Variant("job-podfailurepolicy", "job", f"{run}/job"),
+            Variant("phoenix-notice-aware", "phoenix", f"{run}/notice-aware",
+                    recovery={"onNotice": "Handoff"}, notice="taint", pool="a"),
+            Variant("phoenix-standby", "phoenix", f"{run}/standby",
+                    recovery={"onNotice": "Handoff", "standby": True}, notice="taint", pool="b"),
         ]
+        for i, v in enumerate(variants):
+            v.offset = i * STAGGER_SECONDS
         bench = Bench(lab, cfg, args.period, args.notice)
+        timeline = PodTimeline(bench.api)
+        timeline.start()
         reference_run = samples.ReferenceRun(lab, NAMESPACE, "phoenix-uninterrupted", cfg,
                                              f"s3://{BUCKET}/{run}/uninterrupted")
         reference: dict = {}
@@ -226,19 +337,30 @@ def main(argv: list[str] | None = None) -> int:
             same, _ = samples.final_weights_equal(storage, reference_storage)
             wall = v.finished - v.created
             # Seconds from each notice until the next attempt was training again (its
-            # start/resume record): detection, new pod, start-up, checkpoint load.
+            # start/resume record): detection, new pod, start-up, checkpoint load. For the
+            # notice-aware variants the old attempt trains on for part of it; the pause is
+            # what training actually lost: old attempt's end record -> new one's start.
             resume = [round(starts[b][1] - p["time"], 2) for p, b in zip(v.preemptions, order[1:])]
+            ended = samples.attempt_end_times(storage)
+            pause = [round(starts[b][1] - ended[a], 2) for a, b in zip(order, order[1:]) if a in ended]
             results.append({"variant": v.name, "wallSeconds": round(wall, 2),
                             "preemptions": len(v.preemptions), "attempts": len(order),
                             "stepsLost": lost, "goodput": round(reference["seconds"] / wall, 4),
                             "firstStartSeconds": round(starts[order[0]][1] - v.created, 2),
+                            "firstStart": timeline.first_start(first_pod(v), v.created,
+                                                               starts[order[0]][1]),
                             "resumeSeconds": resume,
+                            "resumeSecondsP50": round(statistics.median(resume), 2) if resume else None,
+                            "pauseSeconds": pause,
                             "finalWeightsEqualReference": same})
         control = reference["finished"] - reference["created"]
         for r in results:
             # The same ratio with the control job as "useful": what the trace alone cost.
             r["goodputVsUninterruptedJob"] = round(control / r["wallSeconds"], 4)
         phoenix = results[0]["goodput"]
+        by = {r["variant"]: r for r in results}
+        baselines = ("phoenix-no-emergency", "job-podfailurepolicy")
+        best = max(r["goodput"] for r in results if r["variant"] not in baselines)
         report = {
             "benchmark": "goodput under a spot preemption trace",
             "trace": {"periodSeconds": args.period, "noticeSeconds": args.notice},
@@ -248,7 +370,17 @@ def main(argv: list[str] | None = None) -> int:
                          "uninterruptedWallSeconds": round(control, 2)},
             "results": results,
             "goals": {"phoenixGoodputAtLeast0.95": phoenix >= 0.95,
-                      "phoenixAheadOfBoth": all(phoenix > r["goodput"] for r in results[1:])},
+                      "phoenixAheadOfBoth": all(phoenix > by[b]["goodput"] for b in baselines),
+                      "standbyAtLeast0.995OfControl":
+                          by["phoenix-standby"]["goodputVsUninterruptedJob"] >= 0.995,
+                      "standbyNoticeToTrainingP50AtMost1s":
+                          (by["phoenix-standby"]["resumeSecondsP50"] or 99) <= 1.0,
+                      "noticeAwareAtLeast0.985OfControl":
+                          by["phoenix-notice-aware"]["goodputVsUninterruptedJob"] >= 0.985,
+                      "everyPhoenixAheadOfEveryBaseline": all(
+                          r["goodput"] > max(by[b]["goodput"] for b in baselines)
+                          for r in results if r["variant"] not in baselines),
+                      "bestPhoenixGoodput": best},
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

@@ -120,15 +120,17 @@ def reap_stale_labs(progress: Progress = _print_progress) -> None:
             lab.down()
 
 
-def initial_nodes() -> list[NodeSpec]:
+def initial_nodes(spot_nodes: int = SPOT_NODES) -> list[NodeSpec]:
     return [NodeSpec("lab-ondemand-0", 0, spot=False, gpus=0)] + [
         NodeSpec(f"lab-spot-{i}", i, spot=True, gpus=GPUS_PER_SPOT_NODE)
-        for i in range(1, SPOT_NODES + 1)]
+        for i in range(1, spot_nodes + 1)]
 
 
 class Lab:
     def __init__(self, state_dir: Path | None = None, ports: LabPorts | None = None,
-                 progress: Progress = _print_progress) -> None:
+                 progress: Progress = _print_progress, spot_nodes: int = SPOT_NODES) -> None:
+        """``spot_nodes``: how many spot nodes a new lab starts with (a saved lab keeps its
+        own; benchmarks that keep node pools apart ask for more)."""
         self.state_dir = Path(state_dir or paths.default_state_dir()).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.progress = progress
@@ -145,7 +147,7 @@ class Lab:
             if ports is not None:
                 reap_stale_labs(self.progress)
             self.net = LabNetwork(0 if ports is None else claim_net_index(self.state_dir))
-            self.node_specs = initial_nodes()
+            self.node_specs = initial_nodes(spot_nodes)
             self.node_image_stamp = None
             self._save()
         self.pki = PKI(self.state_dir / "pki")
@@ -353,6 +355,40 @@ class Lab:
             [self.images["pause"], self.images["operator"], self.images["trainer"]],
             images.stamp(self.images), lambda ref: images.save_image(ref, self.progress),
             self.progress)
+        self._start_control_plane()
+        stamp = self.node_image_stamp = node_image.parent.name
+        self._save()
+        for node in self.nodes():
+            if node.running() and node.booted_from() == stamp:
+                self.progress(f"node {node.name}: already running")
+                continue
+            if node.running():
+                self.progress(f"node {node.name}: the images changed; rebooting it")
+                node.stop()
+            self.progress(f"starting node {node.name} (containerd + kubelet, {node.ip})")
+            self._node_credentials(node)
+            node.start(node_image, self.progress)
+        self.wait_nodes_ready()
+        self._start_s3()
+        self.progress(f"lab ready in {time.monotonic() - t0:.1f}s; "
+                      f"export KUBECONFIG={self.kubeconfig}")
+        return self
+
+    def up_control_plane(self) -> "Lab":
+        """The control plane (etcd, apiserver, controller-manager, scheduler, CoreDNS) and S3
+        only: no images, no nodes. For harnesses that register simulated nodes themselves
+        (benchmarks/bench_scale.py); ``down`` tears it down as usual."""
+        t0 = time.monotonic()
+        for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
+                     "coredns", "versitygw"):
+            paths.binary(name)
+        self._start_control_plane()
+        self._start_s3()
+        self.progress(f"control plane ready in {time.monotonic() - t0:.1f}s (no nodes); "
+                      f"export KUBECONFIG={self.kubeconfig}")
+        return self
+
+    def _start_control_plane(self) -> None:
         self.net.up()
         self._write_configs()
         port_owner = {
@@ -372,25 +408,11 @@ class Lab:
                 self.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(_COREDNS_RBAC))
             self.progress(f"starting {service.name}")
             service.start(timeout=120)
-        stamp = self.node_image_stamp = node_image.parent.name
-        self._save()
-        for node in self.nodes():
-            if node.running() and node.booted_from() == stamp:
-                self.progress(f"node {node.name}: already running")
-                continue
-            if node.running():
-                self.progress(f"node {node.name}: the images changed; rebooting it")
-                node.stop()
-            self.progress(f"starting node {node.name} (containerd + kubelet, {node.ip})")
-            self._node_credentials(node)
-            node.start(node_image, self.progress)
-        self.wait_nodes_ready()
+
+    def _start_s3(self) -> None:
         if not self.s3_server.running():
             self.progress("starting S3 server (versitygw)")
         self.s3_server.start()
-        self.progress(f"lab ready in {time.monotonic() - t0:.1f}s; "
-                      f"export KUBECONFIG={self.kubeconfig}")
-        return self
 
     def wait_nodes_ready(self, names: list[str] | None = None, timeout: float = 120) -> None:
         """Wait until the nodes registered and are Ready; advertise spot nodes' GPUs."""

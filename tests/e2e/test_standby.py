@@ -52,13 +52,17 @@ class PodLog(threading.Thread):
         self._watch = watch.Watch()
 
     def run(self) -> None:
-        for ev in self._watch.stream(self.kube.core.list_namespaced_pod, self.namespace,
-                                     label_selector=f"{C.LABEL_JOB}={self.job}", timeout_seconds=600):
-            pod = ev["object"]
-            ready = any(c.type == "Ready" and c.status == "True"
-                        for c in pod.status.conditions or ())
-            self.seen.append((time.monotonic(), pod.metadata.name, pod.status.phase or "", ready,
-                              pod.metadata.deletion_timestamp is not None))
+        try:
+            for ev in self._watch.stream(self.kube.core.list_namespaced_pod, self.namespace,
+                                         label_selector=f"{C.LABEL_JOB}={self.job}",
+                                         timeout_seconds=600):
+                pod = ev["object"]
+                ready = any(c.type == "Ready" and c.status == "True"
+                            for c in pod.status.conditions or ())
+                self.seen.append((time.monotonic(), pod.metadata.name, pod.status.phase or "",
+                                  ready, pod.metadata.deletion_timestamp is not None))
+        except Exception:  # noqa: BLE001 - the stream closed under us (stop, or lab teardown)
+            pass
 
     def stop(self) -> None:
         self._watch.stop()

@@ -102,6 +102,16 @@ def started(w: World, node: str = "spot-1") -> str:
     return active
 
 
+def with_ready_standby() -> tuple[World, str, str]:
+    """A job with recovery.standby: attempt 1 running on spot-1, its standby ready on spot-2."""
+    w = World(standby=True)
+    active = started(w)
+    standby = w.plan.create[0].name
+    w.run(standby, "spot-2", ready=True)
+    w.step()
+    return w, active, standby
+
+
 def test_standby_is_started_off_the_active_node_and_waits_unfenced():
     w = World(standby=True)
     started(w)
@@ -125,11 +135,7 @@ def test_standby_is_started_off_the_active_node_and_waits_unfenced():
 
 @pytest.mark.parametrize("how", ["evicted", "sigkill-node-lost", "deleted"])
 def test_standby_takes_over_when_the_active_attempt_ends(how):
-    w = World(standby=True)
-    active = started(w)
-    standby = w.plan.create[0].name
-    w.run(standby, "spot-2", ready=True)
-    w.step()
+    w, active, standby = with_ready_standby()
     if how == "evicted":
         w.end(active, 143, term_reason="preempted", disruption="EvictionByEvictionAPI")
     elif how == "sigkill-node-lost":
@@ -234,11 +240,7 @@ def test_a_failed_standby_is_retried_after_a_pause_and_never_adopted():
 
 @pytest.mark.parametrize("end", ["completed", "suspended"])
 def test_standby_is_removed_when_the_phase_ends_or_the_job_is_suspended(end):
-    w = World(standby=True)
-    active = started(w)
-    standby = w.plan.create[0].name
-    w.run(standby, "spot-2", ready=True)
-    w.step()
+    w, active, standby = with_ready_standby()
     if end == "completed":
         w.end(active, 0)
     else:
