@@ -47,7 +47,7 @@ from typing import Any, Mapping, Sequence
 from . import constants as C
 from .classify import LIVE, NodeHealth, Outcome, classify, gone, node_grace_left, stranded
 from .constants import Cause, JobPhase, PhaseState
-from phoenix_trainer.layout import Control
+from phoenix_trainer.layout import Control, split_checkpoint_uri
 
 from .model import (
     CheckpointRef, Failure, JobSpec, Notice, PhaseSpec, PhaseStatus, StandbyRef, parse_ts,
@@ -455,8 +455,14 @@ def _gang_scheduled_in_time(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
 def _checkpoint_from(outcome: Outcome, st: PhaseStatus, when: datetime) -> CheckpointRef | None:
     tm = outcome.termination
     if tm and tm.checkpoint and tm.step is not None:
-        if st.last_checkpoint is None or tm.step >= st.last_checkpoint.step:
-            return CheckpointRef(uri=tm.checkpoint, step=tm.step, time=when)
+        if st.last_checkpoint is not None and tm.checkpoint == st.last_checkpoint.uri:
+            return st.last_checkpoint  # nothing newer (e.g. no emergency save)
+        # The message's step is where the trainer stopped; its checkpoint may be older (no
+        # emergency save): record the checkpoint's own step, from its directory name.
+        _, step = split_checkpoint_uri(tm.checkpoint)
+        step = tm.step if step is None else step
+        if st.last_checkpoint is None or step >= st.last_checkpoint.step:
+            return CheckpointRef(uri=tm.checkpoint, step=step, time=when)
     return st.last_checkpoint
 
 

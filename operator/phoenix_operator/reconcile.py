@@ -71,6 +71,12 @@ class Reconciler:
         self.executor = ThreadPoolExecutor(config.api_workers, thread_name_prefix="phoenix-api")
         self.known: dict[Key, str] = {}  # key -> last seen status.phase (metrics, resync)
         self._locks: dict[Key, asyncio.Lock] = {}
+        # At most this many passes gather facts at once (controller-runtime's
+        # MaxConcurrentReconciles): the API threads are the bottleneck anyway, and without a
+        # bound every poked job (500 at a resync) holds its job and pods as JSON while it
+        # waits for a thread - a peak the allocator keeps as RSS (+110 MB with 500 jobs,
+        # benchmarks/bench_scale.py).
+        self._slots = asyncio.Semaphore(2 * config.api_workers)
         self._queued: set[Key] = set()
         self._timers: dict[Key, asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task] = set()
@@ -147,8 +153,8 @@ class Reconciler:
 
     async def _run(self, key: Key) -> None:
         lock = self._locks.setdefault(key, asyncio.Lock())
-        async with lock:
-            self._queued.discard(key)
+        async with lock, self._slots:
+            self._queued.discard(key)  # after the wait: pokes until now are this pass's
             started = time.monotonic()
             try:
                 requeue = await self.reconcile(*key)

@@ -4,9 +4,11 @@ It reads the Phoenix env (via phoenix_trainer.contract), resumes from PHOENIX_RE
 writes real checkpoints with the trainer's manifest-last writer, stops at a step boundary
 on SIGTERM with an emergency checkpoint and a "preempted" termination message, and can be
 told to crash. Behaviour knobs (env): FAKE_STEPS, FAKE_STEP_SECONDS, FAKE_CKPT_EVERY,
-FAKE_CKPT_UNTIL (no checkpoints after this step), FAKE_FAIL_ATTEMPTS ("2,3": exit 1 in
-those attempts after FAKE_FAIL_AFTER steps), FAKE_RECORD ("host:port" of a test's beacon;
-one JSON message per start).
+FAKE_CKPT_UNTIL (no checkpoints after this step), FAKE_EMERGENCY_SAVE ("0": no emergency
+checkpoint on SIGTERM, as a trainer whose save does not fit the grace period; a benchmark
+uses it to keep the checkpoints it placed the newest), FAKE_FAIL_ATTEMPTS ("2,3": exit 1
+in those attempts after FAKE_FAIL_AFTER steps), FAKE_RECORD ("host:port" of a test's
+beacon; one JSON message per start).
 
 It runs in the trainer image, mounted from a ConfigMap (tests/cluster/conftest.py).
 """
@@ -42,6 +44,7 @@ def main() -> int:
     until = int(os.environ.get("FAKE_CKPT_UNTIL", str(10**9)))
     fail_attempts = {int(a) for a in os.environ.get("FAKE_FAIL_ATTEMPTS", "").split(",") if a}
     fail_after = int(os.environ.get("FAKE_FAIL_AFTER", "1"))
+    emergency = os.environ.get("FAKE_EMERGENCY_SAVE", "1") != "0"
     storage = open_storage(env.checkpoint_uri)
     start = 0
     if env.resume_from:
@@ -71,9 +74,10 @@ def main() -> int:
     step = start
     while step < steps:
         if stop:
-            uri = save(step) if step > start else last_ckpt
+            saved = emergency and step > start
+            uri = save(step) if saved else last_ckpt
             TerminationMessage("preempted", step=step, checkpoint=uri,
-                               emergencySaveCompleted=step > start,
+                               emergencySaveCompleted=saved,
                                message=f"SIGTERM at step {step}").write()
             return 143
         time.sleep(step_seconds)

@@ -1,0 +1,40 @@
+"""facts: one storage client per bucket and credentials, however many threads ask at once."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from phoenix_operator import facts
+
+pytestmark = pytest.mark.unit
+
+
+def test_concurrent_first_use_builds_one_client(monkeypatch):
+    built = []
+    gate = threading.Barrier(8)
+
+    class FakeRoot:
+        def child(self, prefix):
+            return (self, prefix)
+
+    def slow_open(uri, **kwargs):
+        built.append(uri)
+        time.sleep(0.05)  # as building a boto3 client takes a while, so misses overlap
+        return FakeRoot()
+
+    monkeypatch.setattr(facts, "open_storage", slow_open)
+    facts._new_bucket.cache_clear()
+
+    def use(i):
+        gate.wait()
+        return facts._storage(f"s3://bkt/job-{i}", "http://s3", "ak", "sk", None)
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            handles = list(pool.map(use, range(8)))
+        assert built == ["s3://bkt"]
+        assert len({id(root) for root, _ in handles}) == 1
+        assert sorted(prefix for _, prefix in handles) == [f"job-{i}" for i in range(8)]
+    finally:
+        facts._new_bucket.cache_clear()
