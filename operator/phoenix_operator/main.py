@@ -10,7 +10,6 @@ annotations: ``on.event`` handlers keep nothing on the objects.
 from __future__ import annotations
 
 import asyncio
-import copy
 import logging
 
 import kopf
@@ -20,7 +19,7 @@ from . import metrics
 from .classify import node_health
 from .config import OperatorConfig
 from .kube import Kube, load_config
-from .reconcile import Reconciler
+from .reconcile import Reconciler, tombstone
 
 log = logging.getLogger("phoenix.operator")
 
@@ -82,5 +81,5 @@ async def node_event(type: str, name: str, body: kopf.Body, memo: kopf.Memo, **_
 async def pod_event(body: kopf.Body, labels: dict, namespace: str, memo: kopf.Memo,
                     **_) -> None:
     key = (namespace, labels[C.LABEL_JOB])
-    memo.reconciler.remember(key, copy.deepcopy(dict(body)))
+    memo.reconciler.remember(key, tombstone(body))
     memo.reconciler.poke(key)

@@ -18,11 +18,12 @@ happen promptly (``poke_node``).
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import kopf
 from kubernetes.client.rest import ApiException
@@ -40,6 +41,25 @@ from .model import JobSpec, parse_ts, phase_statuses, ts
 log = logging.getLogger("phoenix.reconcile")
 
 Key = tuple[str, str]  # (namespace, name)
+
+
+TOMBSTONE_METADATA = ("name", "namespace", "uid", "labels", "annotations", "ownerReferences",
+                      "creationTimestamp", "deletionTimestamp", "deletionGracePeriodSeconds")
+
+
+def tombstone(pod: Mapping[str, Any]) -> dict[str, Any]:
+    """What the operator keeps of a pod's last watched state: what ``decide`` and
+    ``classify`` read of a pod that has since vanished (identity, node, container names,
+    status), a copy. Not the rest: a pod's managedFields and full spec are most of its size,
+    and one is kept per trainer pod (500 jobs: tens of MB)."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    slim = {"metadata": {k: meta[k] for k in TOMBSTONE_METADATA if k in meta},
+            "spec": {"containers": [{"name": c.get("name")} for c in spec.get("containers") or ()]},
+            "status": pod.get("status") or {}}
+    if spec.get("nodeName"):
+        slim["spec"]["nodeName"] = spec["nodeName"]
+    return copy.deepcopy(slim)
 
 
 def utcnow() -> datetime:
