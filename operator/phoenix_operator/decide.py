@@ -26,9 +26,11 @@ preemption or failure is counted, naming that member. A gang not fully scheduled
 ``recovery.gangScheduleTimeoutSeconds`` is released (its pods deleted, no budget charged) and
 tried again after the same time.
 
-Standbys and notices (single-pod phases). A standby is the phase's next attempt started
-ahead of need: its pod is created (status first, as always) but the storage fence is not
-moved, so it waits (see ``phoenix_trainer.control``). When the active attempt ends, the
+Standbys and notices. A standby is the phase's next attempt started ahead of need: its pod
+(a gang's: all its members, a *standby gang*) is created (status first, as always) but the
+storage fence is not moved, so it waits (see ``phoenix_trainer.control``). A standby gang is
+one unit like an active gang: ready when every member is, lost when any member ends, released
+when not all scheduled in time, promoted with one fence write. When the active attempt ends, the
 standby is *promoted* instead of a pod being created: the fence moves to it, naming the
 checkpoint to resume from, and that is its signal to start. ``recovery.standby`` keeps one
 standby per running phase (off the active pod's node). A *notice* is a taint or condition on
@@ -230,7 +232,6 @@ class _Ctx:
     foreign: Mapping[str, str] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
     stranded: list[str] = field(default_factory=list)
-    active_nodes: dict[str, str] = field(default_factory=dict)  # phase -> its active pod's node
 
     def note(self, type_: str, reason: str, message: str) -> None:
         self.plan.events.append(Note(type_, reason, message))
@@ -301,8 +302,12 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
                     _conflict(ctx, phase, st.pod, ctx.foreign[st.pod])
                     break
                 # Status was written (intent) but the pods never all got created: the
-                # operator stopped in between. Create them now, same attempt, same names.
-                if not ctx.spec.suspend:
+                # operator stopped in between. Create them now, same attempt, same names
+                # (a promoted standby gang's as standbys: their hostnames, and the fence
+                # already names them).
+                if any(is_standby_pod(p) for p in members):
+                    _create_standby(ctx, phase, st, st.attempts, pods)
+                elif not ctx.spec.suspend:
                     st = _start_attempt(ctx, phase, st, Event.RECREATE)
                 break
             outcome, culprit, live = _attempt_outcome(ctx, phase, st, members)
@@ -335,7 +340,7 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
         if st.next_attempt_at is not None and ctx.now < st.next_attempt_at:
             ctx.plan.requeue((st.next_attempt_at - ctx.now).total_seconds())
             return st
-        standby = _live_standby(ctx, st, pods)
+        standby = _live_standby(ctx, phase, st, pods)
         if standby is not None:
             return _promote(ctx, phase, st, standby)
         if st.standby is not None:
@@ -347,10 +352,8 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
                 _delete_live(ctx, old_live, "the gang's attempt is over")
             return st  # never two live trainer pods: wait for the old ones to be gone
         return _start_attempt(ctx, phase, st, Event.REPLACE)
-    if st.state == S.RUNNING and phase.replicas == 1:
-        return _standby_and_notice(ctx, phase, st, pods)
     if st.state == S.RUNNING:
-        return _gang_notice(ctx, phase, st, pods)
+        return _standby_and_notice(ctx, phase, st, pods)
     if st.state == S.PENDING:
         deps = [statuses[d] for d in phase.depends_on if d in statuses]
         if phase.independent:
@@ -706,22 +709,26 @@ def _drop_standby(ctx: _Ctx, st: PhaseStatus, pods: Pods, why: str) -> PhaseStat
     return replace(st, standby=None) if st.standby is not None else st
 
 
-def _live_standby(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> StandbyRef | None:
-    """The recorded standby if its pod is live, or not created yet (intent written)."""
+def _live_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> StandbyRef | None:
+    """The recorded standby if its pods are live (a gang: every member), or not all created
+    yet (intent written: the missing members are created once it is promoted)."""
     sb = st.standby
     if sb is None:
         return None
     members = pods.get(sb.attempt, ())
-    if not members:
-        return sb if sb.pod_uid is None else None
-    pod = members[0]
-    if not ctx.outcome(pod).live or (pod.get("metadata") or {}).get("deletionTimestamp"):
-        return None
-    return replace(sb, pod_uid=pod["metadata"].get("uid") or sb.pod_uid)
+    if len(members) < phase.replicas and sb.pod_uid is not None:
+        return None  # a member it had is gone
+    for pod in members:
+        if not ctx.outcome(pod).live or (pod.get("metadata") or {}).get("deletionTimestamp"):
+            return None
+    first = members[0] if members and member_of(members[0]) == 0 else None
+    uid = first["metadata"].get("uid") if first is not None else None
+    return replace(sb, pod_uid=sb.pod_uid or (uid if len(members) >= phase.replicas else None))
 
 
 def _promote(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, sb: StandbyRef) -> PhaseStatus:
-    """The active attempt is over: the standby takes over (the fence moves to it)."""
+    """The active attempt is over: the standby takes over (the fence moves to it). A gang is
+    promoted as a unit: one fence write names its attempt, and every member reads it."""
     point = _resume_point(ctx, phase, st)
     if point is None:
         return st
@@ -733,8 +740,10 @@ def _promote(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, sb: StandbyRef) -> Ph
         previous_end=previous.time if previous else None,
         previous_cause=previous.cause if previous else None))
     where = f"resuming from step {chosen.step} ({resume})" if chosen else "starting fresh"
+    what = f"standby pod {sb.pod}" if phase.replicas == 1 else \
+        f"standby gang of {phase.replicas} pods {sb.pod}..{phase.replicas - 1}"
     ctx.note("Normal", C.EV_PROMOTED,
-             f"phase {phase.name}: standby pod {sb.pod} (attempt {sb.attempt}, "
+             f"phase {phase.name}: {what} (attempt {sb.attempt}, "
              f"{'ready' if sb.ready else 'not ready yet'}) takes over, {where}")
     return replace(st, state=transition(st.state, Event.REPLACE), attempts=sb.attempt,
                    pod=sb.pod, pod_uid=sb.pod_uid, resume_from=resume, next_attempt_at=None,
@@ -743,61 +752,124 @@ def _promote(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, sb: StandbyRef) -> Ph
 
 
 def _sync_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
-    """Bring ``status.standby`` up to date with its pod: created, scheduled, ready, lost."""
+    """Bring ``status.standby`` up to date with its pods: created, scheduled, ready, lost.
+    A standby gang is one unit: lost when any member ends (the rest are deleted), released
+    when not all scheduled within gangScheduleTimeoutSeconds, ready when every member is."""
     sb = st.standby
     if sb is None:
         return st
+    what = f"standby pod {sb.pod}" if phase.replicas == 1 else f"standby gang {sb.pod}.."
     members = pods.get(sb.attempt, ())
-    if not members:
-        if sb.pod_uid is None:  # intent written, pod not created (operator restarted)
-            _create_standby(ctx, phase, st, sb.attempt, sb.reason)
+    if len(members) < phase.replicas:
+        if sb.pod_uid is None:  # intent written, pods not (all) created (operator restarted)
+            _create_standby(ctx, phase, st, sb.attempt, pods)
             return st
-        ctx.note("Normal", C.EV_STANDBY_LOST, f"phase {phase.name}: standby pod {sb.pod} is gone")
+        ctx.note("Normal", C.EV_STANDBY_LOST, f"phase {phase.name}: {what} lost a pod: "
+                 f"{phase.replicas - len(members)} of {phase.replicas} gone" if members else
+                 f"phase {phase.name}: {what} is gone")
+        _delete_live(ctx, [p for p in members if ctx.outcome(p).live], "the standby gang is lost")
         return replace(st, standby=None)
-    pod = members[0]
-    outcome = ctx.outcome(pod)
-    node = (pod.get("spec") or {}).get("nodeName")
-    if not outcome.live:
-        ctx.note("Warning" if outcome.cause == Cause.FAILURE else "Normal", C.EV_STANDBY_LOST,
-                 f"phase {phase.name}: standby pod {sb.pod} ended before it was needed: "
-                 f"{_describe(outcome)}")
-        return replace(st, standby=None)
-    health = ctx.nodes.get(node) if node else None
-    if health is not None and health.notice:
-        ctx.note("Normal", C.EV_STANDBY_LOST,
-                 f"phase {phase.name}: standby pod {sb.pod}'s node {node} announced its reclaim"
-                 f" ({health.notice}); replacing the standby")
-        _delete_live(ctx, [pod], f"standby's node {node} announced its reclaim")
-        return replace(st, standby=None)
-    ready = pod_ready(pod)
+    for pod in members:
+        outcome = ctx.outcome(pod)
+        if not outcome.live:
+            ctx.note("Warning" if outcome.cause == Cause.FAILURE else "Normal", C.EV_STANDBY_LOST,
+                     f"phase {phase.name}: {what} ended before it was needed: pod "
+                     f"{pod['metadata']['name']} {_describe(outcome)}")
+            _delete_live(ctx, [p for p in members if ctx.outcome(p).live],
+                         "the standby gang is lost")
+            return replace(st, standby=None)
+    for pod in members:
+        node = (pod.get("spec") or {}).get("nodeName")
+        health = ctx.nodes.get(node) if node else None
+        if health is not None and health.notice:
+            ctx.note("Normal", C.EV_STANDBY_LOST,
+                     f"phase {phase.name}: {what}'s node {node} announced its reclaim"
+                     f" ({health.notice}); replacing the standby")
+            _delete_live(ctx, members, f"standby's node {node} announced its reclaim")
+            return replace(st, standby=None)
+    if phase.replicas > 1:
+        released = _standby_gang_scheduled_in_time(ctx, phase, st, members)
+        if released is not None:
+            return released
+    node = (members[0].get("spec") or {}).get("nodeName")
+    ready_members = sum(1 for p in members if pod_ready(p))
+    ready = ready_members == len(members)
     if ready and not sb.ready:
         ctx.note("Normal", C.EV_STANDBY_READY,
-                 f"phase {phase.name}: standby pod {sb.pod} on {node} is ready (model built,"
+                 f"phase {phase.name}: {what} on {node} is ready (model built,"
                  f" newest checkpoint loaded) {_seconds(ctx.now, sb.since)} after it was started")
-    return replace(st, standby=replace(sb, pod_uid=pod["metadata"].get("uid"), node=node,
-                                       ready=ready))
+    return replace(st, standby=replace(sb, pod_uid=members[0]["metadata"].get("uid"), node=node,
+                                       ready=ready, members=phase.replicas,
+                                       ready_members=ready_members))
+
+
+def _standby_gang_scheduled_in_time(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
+                                    members: Sequence[Mapping[str, Any]]) -> PhaseStatus | None:
+    """As for an active gang (``_gang_scheduled_in_time``): a standby gang not all bound
+    within the timeout releases its pods; the next one is started after the same time.
+    Returns the status after a release, None while it may still be scheduled."""
+    waiting = [p["metadata"]["name"] for p in members if not (p.get("spec") or {}).get("nodeName")]
+    if not waiting:
+        return None
+    created = [t for p in members if (t := parse_ts((p.get("metadata") or {}).get("creationTimestamp")))]
+    timeout = ctx.spec.recovery.gang_schedule_timeout
+    left = timeout - (ctx.now - (min(created) if created else st.standby.since)).total_seconds()
+    if left > 0:
+        ctx.plan.requeue(left)
+        return None
+    ctx.note("Warning", C.EV_STANDBY_LOST,
+             f"phase {phase.name}: standby gang: {len(waiting)} of {phase.replicas} pods "
+             f"({', '.join(waiting)}) not scheduled within gangScheduleTimeoutSeconds="
+             f"{timeout:g}; released its pods, starting another in {timeout:g}s")
+    _delete_live(ctx, members, "standby gang not schedulable in time")
+    ctx.plan.requeue(timeout)
+    return replace(st, standby=None, standby_retry_at=ctx.now + timedelta(seconds=timeout))
 
 
 def _seconds(now: datetime, since: datetime) -> str:
     return f"{max(0.0, (now - since).total_seconds()):.0f}s"
 
 
+def _node(pod: Mapping[str, Any]) -> str | None:
+    return (pod.get("spec") or {}).get("nodeName")
+
+
 def _create_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
-                    reason: str) -> str:
-    noticed = [n for n, h in ctx.nodes.items() if h.notice]
-    active_node = ctx.active_nodes.get(phase.name)
-    avoid = [active_node] if active_node else []
+                    pods: Pods) -> str:
+    """Plan the standby's pods (a gang: every member not there yet); returns member 0's name.
+
+    Where: a single standby is required off the active pod's node (it is there to survive
+    that node) and preferably off nodes that announced a reclaim (a hard rule would strand it
+    once a reclaimed node returns under the same name). A standby gang is required off only
+    the active members' nodes that announced a reclaim, and preferably off the others and
+    every noticed node: requiring it off every node of the active gang would leave a small
+    cluster (two spot nodes, a gang of two) no room for it at all; a member that does share a
+    node with the active gang is lost with it, and replaced."""
+    noticed = sorted(n for n, h in ctx.nodes.items() if h.notice)
+    active = [n for p in pods.get(st.attempts, ()) if (n := _node(p))]
+    if phase.replicas == 1:
+        avoid, prefer_not = active[:1], noticed
+    else:
+        avoid = sorted({n for n in active if n in noticed})
+        prefer_not = sorted(set(active) | set(noticed))
     dep = ctx.checkpoints.get(phase.depends_on[0]) if phase.depends_on else None
     init = dep.newest_valid() if dep is not None else None
-    manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
-                         attempt=attempt, resume_from=None, resume_step=None,
-                         init_from=init.uri if init else None, standby=True, avoid=avoid,
-                         prefer_not=noticed)
-    name = manifest["metadata"]["name"]
-    ctx.plan.create.append(CreatePod(name=name, phase=phase.name, attempt=attempt,
-                                     manifest=manifest, resume_from=None, previous_end=None,
-                                     previous_cause=None, standby=True))
-    return name
+    have = {member_of(p) for p in pods.get(attempt, ())}
+    members: list[int | None] = list(range(phase.replicas)) if phase.replicas > 1 else [None]
+    if phase.replicas > 1:
+        ctx.plan.services.append(build_service(job=ctx.job, namespace=ctx.namespace,
+                                               phase=phase.name))
+    for member in members:
+        if (member or 0) in have:
+            continue
+        manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
+                             attempt=attempt, resume_from=None, resume_step=None,
+                             init_from=init.uri if init else None, member=member, standby=True,
+                             avoid=avoid, prefer_not=prefer_not)
+        ctx.plan.create.append(CreatePod(name=manifest["metadata"]["name"], phase=phase.name,
+                                         attempt=attempt, manifest=manifest, resume_from=None,
+                                         previous_end=None, previous_cause=None, standby=True))
+    return pod_name(ctx.job, phase.name, attempt, members[0])
 
 
 def _notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pod: Mapping[str, Any] | None,
@@ -820,44 +892,42 @@ def _notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pod: Mapping[str, Any]
     return st, health.notice
 
 
-def _gang_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
-    """A gang: a notice on any member's node asks for a checkpoint now (every rank saves at
-    the same step; no standby gang, so no handoff)."""
-    for pod in pods.get(st.attempts, ()):
-        st, notice = _notice(ctx, phase, st, pod, handoff=False)
-        if notice:
-            break
-    return st
-
-
 def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
-    """A running single-pod phase: keep its standby current, act on its node's notice."""
-    active = (pods.get(st.attempts) or [None])[0]
-    node = (active.get("spec") or {}).get("nodeName") if active is not None else None
-    if node:
-        ctx.active_nodes[phase.name] = node
+    """A running phase: keep its standby (a gang's: a standby gang) current, act on a notice
+    on its node (a gang: on any member's node; every rank checkpoints at the same step)."""
+    active = list(pods.get(st.attempts, ()))
     st = _sync_standby(ctx, phase, st, pods)
     rec = ctx.spec.recovery
-    st, notice = _notice(ctx, phase, st, active, rec.on_notice == C.ON_NOTICE_HANDOFF)
+    handoff = rec.on_notice == C.ON_NOTICE_HANDOFF
+    notice = None
+    for pod in active:
+        st, notice = _notice(ctx, phase, st, pod, handoff)
+        if notice:
+            break
     noticed = notice is not None and st.last_notice is not None
-    if st.standby is None and node and active is not None and ctx.outcome(active).live and (
-            rec.standby or (noticed and rec.on_notice == C.ON_NOTICE_HANDOFF)):
+    bound = len(active) >= phase.replicas and all(_node(p) for p in active)
+    if st.standby is None and bound and all(ctx.outcome(p).live for p in active) and (
+            rec.standby or (noticed and handoff)):
         if not _standby_failed_recently(ctx, st, pods):
             attempt = st.next_attempt_number
-            name = _create_standby(ctx, phase, st, attempt, "notice" if noticed else "standby")
-            st = replace(st, standby=StandbyRef(pod=name, attempt=attempt,
-                                                reason="notice" if noticed else "standby",
-                                                since=ctx.now),
-                         last_attempt=max(st.last_attempt, attempt))
-            ctx.note("Normal", C.EV_STANDBY_STARTED,
-                     f"phase {phase.name}: started standby pod {name} (attempt {attempt}) off"
-                     f" node {node}" + (f", for the notice on {node}" if noticed else ""))
+            reason = "notice" if noticed else "standby"
+            name = _create_standby(ctx, phase, st, attempt, pods)
+            st = replace(st, standby=StandbyRef(pod=name, attempt=attempt, reason=reason,
+                                                since=ctx.now, members=phase.replicas),
+                         last_attempt=max(st.last_attempt, attempt), standby_retry_at=None)
+            nodes = ", ".join(sorted({n for p in active if (n := _node(p))}))
+            what = (f"standby pod {name} (attempt {attempt}) off node {nodes}"
+                    if phase.replicas == 1 else
+                    f"standby gang of {phase.replicas} pods {name}..{phase.replicas - 1} "
+                    f"(attempt {attempt}) beside the active gang on {nodes}")
+            ctx.note("Normal", C.EV_STANDBY_STARTED, f"phase {phase.name}: started {what}"
+                     + (f", for the notice on {st.last_notice.node}" if noticed else ""))
     sb, last = st.standby, st.last_notice
-    if (noticed and rec.on_notice == C.ON_NOTICE_HANDOFF and sb is not None and sb.ready
+    if (noticed and handoff and sb is not None and sb.ready
             and last is not None and last.handoff_to is None):
         st = replace(st, last_notice=replace(last, handoff_to=sb.attempt))
         ctx.note("Normal", C.EV_HANDOFF,
-                 f"phase {phase.name}: standby pod {sb.pod} is ready; asking pod {st.pod} to "
+                 f"phase {phase.name}: standby {sb.pod} is ready; asking pod {st.pod} to "
                  f"checkpoint at its next step and hand off to it")
         ctx.plan.control = [c for c in ctx.plan.control if c.phase != phase.name]
         ctx.plan.control.append(ControlWrite(phase.name, _control(st)))
@@ -876,6 +946,11 @@ def _control(st: PhaseStatus) -> Control:
 
 
 def _standby_failed_recently(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> bool:
+    """A standby failed less than STANDBY_RETRY_SECONDS ago, or a standby gang was released
+    (not schedulable) less than gangScheduleTimeoutSeconds ago: no new one yet."""
+    if st.standby_retry_at is not None and ctx.now < st.standby_retry_at:
+        ctx.plan.requeue((st.standby_retry_at - ctx.now).total_seconds())
+        return True
     for pod in _standby_members(st, pods):
         outcome = ctx.outcome(pod)
         if outcome.cause == Cause.FAILURE and outcome.finished_at is not None:

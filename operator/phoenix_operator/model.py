@@ -187,15 +187,18 @@ class CheckpointRef:
 
 @dataclass(frozen=True)
 class StandbyRef:
-    """``status.phases[].standby``: the pod started ahead of need to take over the phase."""
+    """``status.phases[].standby``: the pod started ahead of need to take over the phase; for
+    a gang, the standby gang, named by its member 0 (``pod``, ``podUID``, ``node``)."""
 
     pod: str
     attempt: int
     reason: str  # "standby" (recovery.standby) | "notice" (started for a node's notice)
     since: datetime
-    pod_uid: str | None = None
+    pod_uid: str | None = None  # member 0's, once every member is seen
     node: str | None = None
-    ready: bool = False
+    ready: bool = False  # a gang: every member Ready
+    members: int = 1
+    ready_members: int = 0
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {"pod": self.pod, "attempt": self.attempt, "reason": self.reason,
@@ -204,6 +207,9 @@ class StandbyRef:
             d["podUID"] = self.pod_uid
         if self.node:
             d["node"] = self.node
+        if self.members > 1:
+            d["members"] = self.members
+            d["readyMembers"] = self.ready_members
         return d
 
     @classmethod
@@ -212,7 +218,8 @@ class StandbyRef:
             return None
         return cls(pod=d["pod"], attempt=int(d.get("attempt", 0)), reason=d.get("reason", ""),
                    since=_ts(d.get("since")) or datetime.fromtimestamp(0, timezone.utc),
-                   pod_uid=d.get("podUID"), node=d.get("node"), ready=bool(d.get("ready")))
+                   pod_uid=d.get("podUID"), node=d.get("node"), ready=bool(d.get("ready")),
+                   members=int(d.get("members", 1)), ready_members=int(d.get("readyMembers", 0)))
 
 
 @dataclass(frozen=True)
@@ -273,6 +280,7 @@ class PhaseStatus:
     last_notice: Notice | None = None
     promotions: int = 0  # standbys that took over
     last_attempt: int = 0  # the highest attempt number given out (standbys included)
+    standby_retry_at: datetime | None = None  # a standby gang released: no new one before
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -285,7 +293,8 @@ class PhaseStatus:
                            ("resumeFrom", self.resume_from),
                            ("nextAttemptAt", ts(self.next_attempt_at)),
                            ("startedAt", ts(self.started_at)),
-                           ("completedAt", ts(self.completed_at))):
+                           ("completedAt", ts(self.completed_at)),
+                           ("standbyRetryAt", ts(self.standby_retry_at))):
             if value is not None:
                 d[key] = value
         if self.last_failure:
@@ -330,6 +339,7 @@ class PhaseStatus:
             last_notice=Notice.from_dict(d.get("lastNotice")),
             promotions=int(d.get("promotions", 0)),
             last_attempt=int(d.get("lastAttempt", 0)),
+            standby_retry_at=_ts(d.get("standbyRetryAt")),
         )
 
     @property

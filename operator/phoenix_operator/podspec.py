@@ -7,14 +7,17 @@ reach the trainer through ``secretKeyRef``.
 A gang phase (``replicas`` > 1) gets one pod per member, each a torchrun node: a stable
 hostname ``<phase>-<member>`` under a headless Service (``gang_service``), and the PET_*
 environment torchrun reads (node count, node rank, master address and port, processes per
-node), so the trainer's command is plain ``torchrun train.py``.
+node), so the trainer's command is plain ``torchrun train.py``. A standby gang runs beside
+the active one under the same Service, so its members are named ``<phase>-<attempt>-<member>``
+instead: two pods with the same hostname and subdomain resolve to both addresses, and
+torchrun's rendezvous would reach the wrong gang's master.
 
 A standby pod (``standby=True``) is the same trainer started ahead of need: ``PHOENIX_ROLE``
 tells it to wait until the fence names its attempt; it serves its readiness on
-``STATUS_PORT`` (a readiness probe is added unless the template has one); it never lands on
-the node of the pod it is meant to replace (``avoid_nodes``, a required node affinity on
-``metadata.name``) and prefers nodes that did not announce a reclaim; and it carries no
-resume target: the fence names one at promotion.
+``STATUS_PORT`` (a readiness probe is added unless the template has one); it is kept off the
+nodes the caller names (``avoid_nodes``, a required node affinity on ``metadata.name``) and
+prefers others (``prefer_not``); and it carries no resume target: the fence names one at
+promotion. (Which nodes: ``decide._create_standby``.)
 """
 from __future__ import annotations
 
@@ -51,8 +54,12 @@ def gang_service(job: str, phase: str) -> str:
     return f"{'' if raw[:1].isalpha() else 'g-'}{raw[:52].rstrip('-')}-{digest}"
 
 
-def member_hostname(phase: str, member: int) -> str:
-    return f"{phase}-{member}"[:63]
+def member_hostname(phase: str, member: int, attempt: int | None = None) -> str:
+    """``<phase>-<member>``; ``<phase>-<attempt>-<member>`` for a standby gang's members
+    (``attempt`` given), which share the Service with the active gang's. The phase is cut,
+    never the numbers, to fit a DNS label."""
+    suffix = f"-{member}" if attempt is None else f"-{attempt}-{member}"
+    return f"{phase[:63 - len(suffix)]}{suffix}"
 
 
 def build_service(*, job: str, namespace: str, phase: str) -> dict[str, Any]:
@@ -78,9 +85,11 @@ def _gpus(container: Mapping[str, Any]) -> int | None:
 
 
 def gang_env(*, job: str, namespace: str, phase: PhaseSpec, member: int,
-             container: Mapping[str, Any]) -> list[dict[str, Any]]:
+             container: Mapping[str, Any], attempt: int | None = None) -> list[dict[str, Any]]:
+    """``attempt``: a standby gang's (its hostnames carry it; ``member_hostname``)."""
     nproc = phase.nproc_per_node or _gpus(container) or 1
-    master = f"{member_hostname(phase.name, 0)}.{gang_service(job, phase.name)}.{namespace}.svc"
+    master = (f"{member_hostname(phase.name, 0, attempt)}.{gang_service(job, phase.name)}"
+              f".{namespace}.svc")
     return [{"name": k, "value": v} for k, v in (
         ("PET_NNODES", str(phase.replicas)), ("PET_NODE_RANK", str(member)),
         ("PET_MASTER_ADDR", master), ("PET_MASTER_PORT", str(C.RENDEZVOUS_PORT)),
@@ -110,8 +119,11 @@ def avoid_nodes(pod_spec: dict[str, Any], nodes: Sequence[str],
     expressions of a term ANDed), keeping whatever the template asks for; and a preference
     against ``prefer_not`` (nodes that announced their reclaim: their NoSchedule taint keeps
     pods off while it lasts, and a fresh node may come back under the same name)."""
-    def rule(names: Sequence[str]) -> dict[str, Any]:
-        return {"key": "metadata.name", "operator": "NotIn", "values": sorted(set(names))}
+    def rule(names: Sequence[str]) -> list[dict[str, Any]]:
+        # One expression per node: the API server allows a single value in a matchFields
+        # requirement on metadata.name; the expressions of a term are ANDed.
+        return [{"key": "metadata.name", "operator": "NotIn", "values": [n]}
+                for n in sorted(set(names))]
 
     if not nodes and not prefer_not:
         return
@@ -122,10 +134,10 @@ def avoid_nodes(pod_spec: dict[str, Any], nodes: Sequence[str],
         if not terms:
             terms.append({})
         for term in terms:
-            term.setdefault("matchFields", []).append(rule(nodes))
+            term.setdefault("matchFields", []).extend(rule(nodes))
     if prefer_not:
         affinity.setdefault("preferredDuringSchedulingIgnoredDuringExecution", []).append(
-            {"weight": 100, "preference": {"matchFields": [rule(prefer_not)]}})
+            {"weight": 100, "preference": {"matchFields": rule(prefer_not)}})
 
 
 def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
@@ -186,8 +198,8 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
     pod_spec["terminationGracePeriodSeconds"] = spec.recovery.grace_seconds
     if member is None:
         pod_spec.setdefault("hostname", pod_hostname(name))
-    else:  # stable across attempts: the master address never changes
-        pod_spec["hostname"] = member_hostname(phase.name, member)
+    else:  # stable across attempts, except a standby gang's (beside the active gang)
+        pod_spec["hostname"] = member_hostname(phase.name, member, attempt if standby else None)
         pod_spec["subdomain"] = gang_service(job, phase.name)
     probe = {"metadata": {"annotations": annotations}, "spec": pod_spec}
     trainer = trainer_container_name(probe)
@@ -199,7 +211,8 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
         if phase.args is not None:
             container["args"] = list(phase.args)
         gang = [] if member is None else gang_env(job=job, namespace=namespace, phase=phase,
-                                                  member=member, container=container)
+                                                  member=member, container=container,
+                                                  attempt=attempt if standby else None)
         role = [{"name": env.ENV_ROLE, "value": env.ROLE_STANDBY},
                 {"name": env.ENV_STATUS_PORT, "value": str(C.STATUS_PORT)}] if standby else []
         container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours, gang,

@@ -125,3 +125,50 @@ def test_fsdp_checkpoint_of_4_ranks_resumes_on_2(s3_server, s3_env, s3_bucket, t
           f" ({abs(g - w) / w:.2%} apart); at step 20: {want[20]:.5f}")
     assert abs(g - w) / w < 0.05, (want, got)
     assert g < want[20]  # training went on from where the 4 ranks left it
+
+
+def test_standby_gang_promoted_by_the_fence_resumes_bit_exact(s3_server, s3_env, s3_bucket, tmp_path):
+    """A standby gang (2 ranks, PHOENIX_ROLE=standby) waits beside the active gang, each rank
+    preloading its own part of the newest checkpoint with no collective; the active gang is
+    preempted at step 17 (emergency checkpoint); one fence write promotes the standby gang,
+    whose ranks resume from memory and finish with the weights of an undisturbed gang. A
+    second standby gang SIGTERMed while waiting ends as preempted, having written nothing."""
+    from phoenix_trainer.contract import TerminationMessage
+    from phoenix_trainer.layout import FENCE_NAME, Fence
+
+    args = [*ARGS, "--mode", "ddp", "--step-delay", "0.02"]
+    ref, run = f"{s3_bucket.uri}/sb-ref/train", f"{s3_bucket.uri}/sb/train"
+    (tmp_path / "ref").mkdir()
+    waiting = {"PHOENIX_ROLE": "standby", "PHOENIX_CONTROL_POLL_SECONDS": "0.1"}
+    undisturbed = Proc(env_for(s3_server, ref, 0, tmp_path / "ref", **ENV), SCRIPT, args, nproc=2)
+    active = Proc(env_for(s3_server, run, 0, tmp_path, **ENV), SCRIPT,
+                  [*args, "--preempt-at", "17"], nproc=2)
+    standby = Proc(env_for(s3_server, run, 1, tmp_path, **ENV, **waiting), SCRIPT, args, nproc=2)
+    stopped = Proc(env_for(s3_server, run, 2, tmp_path, **ENV, **waiting), SCRIPT, args, nproc=2)
+    assert active.finish(timeout=300) == 1, "".join(active.lines[-20:])
+    held = "holding checkpoint step 17 (this rank's part)"
+    deadline = time.monotonic() + 60
+    while sum(held in line for line in standby.lines) < 2:  # both ranks, each its own part
+        assert standby.p.poll() is None, "".join(standby.lines[-30:])
+        assert time.monotonic() < deadline, "".join(standby.lines[-30:])
+        time.sleep(0.1)
+    assert standby.start_step is None  # still waiting: the fence names attempt 0
+    storage = open_storage(run)
+    storage.put_bytes(FENCE_NAME, Fence(1, "standby", "now",
+                                        resume_from=f"{run}/{step_dir_name(17)}").to_json().encode())
+    assert standby.finish(timeout=300) == 0, "".join(standby.lines[-30:])
+    assert standby.start_step == 17
+    assert sum("resuming from the preloaded checkpoint step 17" in line
+               for line in standby.lines) == 2, "".join(standby.lines[-30:])
+    assert undisturbed.finish(timeout=300) == 0, "".join(undisturbed.lines[-20:])
+    assert tensors_equal(gang_state(run, tmp_path, STEPS), gang_state(ref, tmp_path, STEPS))
+
+    assert stopped.p.poll() is None, "".join(stopped.lines[-30:])  # attempt 2 still waits
+    os.kill(stopped.p.pid, signal.SIGTERM)
+    assert stopped.finish(timeout=120) != 0
+    assert sum("before it was promoted" in line for line in stopped.lines) >= 2  # every rank
+    msg = TerminationMessage.from_json((tmp_path / "termination-2").read_text())
+    assert msg.reason == "preempted" and "before it was promoted" in msg.message, msg
+    writers = {json.loads(storage.get_bytes(f"{step_dir_name(c.step)}/manifest.json")).get("attempt")
+               for c in list_checkpoints(storage)}
+    assert 2 not in writers, writers

@@ -46,9 +46,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .checkpoint import Snapshot, check_spool_room
-from .errors import CheckpointError, CorruptCheckpointError, SpoolFullError
+from .contract import EXIT_PREEMPTED, REASON_PREEMPTED
+from .errors import CheckpointError, ConfigMismatchError, CorruptCheckpointError, SpoolFullError
 from .layout import CheckpointInfo, Manifest, step_dir_name
-from .session import Restored, Session, _Ctx
+from .session import Restored, RunResult, Session, StandbyEnded, _Ctx
 from .storage import Storage, latest_valid_checkpoint, split_checkpoint_uri, verify_checkpoint
 from .writer import file_digest, publish_manifest, upload_shards
 
@@ -232,9 +233,6 @@ class DistributedSession(Session):
         return self.rank == 0  # _agree shares its flags with every rank
 
     def restore(self) -> Restored | None:
-        if self.env.standby:
-            raise CheckpointError("PHOENIX_ROLE=standby is not supported for a gang's ranks yet;"
-                                  " drop recovery.standby for phases with replicas > 1")
         restored = super().restore()
         if self.checkpointer is not None:
             self.checkpointer.commit = self._commit
@@ -286,12 +284,54 @@ class DistributedSession(Session):
         manifest = Manifest.from_json(manifest_json)
         return CheckpointInfo(step, storage.uri_for(step_dir_name(step)), manifest, True, "ok")
 
+    # ------------------------------------------------------------------ standby ----------
+    # A standby gang: every rank waits for the fence on its own, with no collective while it
+    # waits (one would time out after PHOENIX_COLLECTIVE_TIMEOUT_SECONDS), and preloads its
+    # own part of the newest checkpoint; once promoted, the ranks meet at a barrier and
+    # restore together as usual (rank 0's fence read names the checkpoint for all).
+    def _wait_as_standby(self) -> str | None:
+        target = super()._wait_as_standby()
+        dist.barrier(group=self.ctl_group)
+        return target
+
+    def _prefetch(self) -> None:
+        """This rank's files and the DCP files of the newest valid checkpoint, if newer than
+        the ones held (``_try_load``; no collectives)."""
+        assert self.storage is not None
+        try:
+            info = latest_valid_checkpoint(self.storage, deep=False)
+            if info is None or (self._warm is not None and self._warm.info.uri == info.uri):
+                return
+            t0 = time.perf_counter()
+            self._warm = None  # _try_load reuses its download folder
+            warm = self._try_load(self.storage, info)
+        except ConfigMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a standby retries; the resume verifies again
+            self.log.warning("standby: preloading the newest checkpoint failed (%s: %s)",
+                             type(e).__name__, e)
+            return
+        if warm is not None:
+            self._warm = warm
+            self.log.info("standby: holding checkpoint step %d (this rank's part) in memory"
+                          " (loaded in %.2fs)", info.step, time.perf_counter() - t0)
+
+    def _end_standby(self, why: str) -> None:
+        # Every rank ends; one termination message per pod (its local rank 0 writes it).
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            super()._end_standby(why)
+        self.log.info("%s", why)
+        self._finished = RunResult(REASON_PREEMPTED, 0, 0, None, False, why, EXIT_PREEMPTED,
+                                   0.0, self.exactness)
+        raise StandbyEnded(EXIT_PREEMPTED)
+
     # ------------------------------------------------------------------ restore ----------
     def _find_own(self) -> Restored | None:
         assert self.storage is not None
         tried: set[int] = set()
         below: int | None = None
-        first = split_checkpoint_uri(self.env.resume_from)[1] if self.env.resume_from else None
+        target = self._resume_target  # PHOENIX_RESUME_FROM, or the fence's for a standby
+        first = split_checkpoint_uri(target)[1] if target else None
         while True:
             pick: list[Any] = [None]
             if self.rank == 0:
@@ -325,6 +365,9 @@ class DistributedSession(Session):
         assert info.manifest is not None
         files = info.manifest.files
         self._check_config(info)
+        if self._warm is not None and self._warm.info.uri == info.uri:
+            self.log.info("resuming from the preloaded checkpoint step %d", info.step)
+            return self._warm
         own = rank_prefix(self.rank) if any(n.startswith(rank_prefix(self.rank)) for n in files) else rank_prefix(0)
         if self._download_dir:
             shutil.rmtree(self._download_dir, ignore_errors=True)

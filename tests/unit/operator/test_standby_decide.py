@@ -270,16 +270,171 @@ def test_a_kill_on_a_node_that_announced_its_reclaim_is_a_preemption():
     assert classify(p, {"spot-1": NodeHealth()}, at(1)).cause.value == "failure"
 
 
-def test_a_gang_member_s_notice_asks_the_whole_gang_for_a_checkpoint_only():
-    w = World()
+# --- standby gangs ---------------------------------------------------------------------
+
+def gang_world(**recovery) -> World:
+    w = World(**recovery)
     w.body["spec"]["phases"] = [{"name": "train", "replicas": 2}]
+    return w
+
+
+def gang_started(w: World, nodes=("spot-1", "spot-2")) -> list[str]:
     w.step()
-    for i in range(2):
-        w.run(pod_name("j", "train", 1, i), f"spot-{i + 1}")
+    active = [pod_name("j", "train", 1, i) for i in range(2)]
+    for name, node in zip(active, nodes):
+        w.run(name, node)
     w.step()
+    return active
+
+
+def gang_with_ready_standby() -> tuple[World, list[str], list[str]]:
+    w = gang_world(standby=True)
+    active = gang_started(w)
+    standby = [c.name for c in w.plan.create]
+    for name, node in zip(standby, ("spot-3", "spot-4")):
+        w.run(name, node, ready=True)
+    w.step()
+    return w, active, standby
+
+
+def test_a_standby_gang_is_created_together_with_hostnames_of_its_own():
+    w = gang_world(standby=True)
+    active = gang_started(w)
+    sb = w.plan.create
+    assert [c.name for c in sb] == [pod_name("j", "train", 2, i) for i in range(2)]
+    assert all(c.standby for c in sb) and set(w.fences) == {(1, CK20)}  # nothing fenced for it
+    hosts = [w.pods[n]["spec"]["hostname"] for n in active]
+    assert hosts == ["train-0", "train-1"]
+    assert [c.manifest["spec"]["hostname"] for c in sb] == ["train-2-0", "train-2-1"]
+    assert len({c.manifest["spec"]["subdomain"] for c in sb} |
+               {w.pods[n]["spec"]["subdomain"] for n in active}) == 1  # one Service
+    for i, c in enumerate(sb):
+        e = env(c.manifest)
+        assert e["PHOENIX_ROLE"] == "standby" and "PHOENIX_RESUME_FROM" not in e
+        assert e["PET_NODE_RANK"] == str(i) and e["PET_NNODES"] == "2"
+        assert e["PET_MASTER_ADDR"].startswith("train-2-0.")
+        assert e["PHOENIX_ATTEMPT"] == "2"
+        assert c.manifest["metadata"]["labels"][C.LABEL_STANDBY] == "true"
+        assert c.manifest["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] == \
+            C.STATUS_PORT
+        # No notice: nothing required, the active gang's nodes only disfavoured.
+        assert "requiredDuringSchedulingIgnoredDuringExecution" not in \
+            c.manifest["spec"]["affinity"]["nodeAffinity"]
+        assert disfavoured(c.manifest) == ["spot-1", "spot-2"]
+        # The API server takes one value per matchFields requirement on metadata.name.
+        prefs = c.manifest["spec"]["affinity"]["nodeAffinity"][
+            "preferredDuringSchedulingIgnoredDuringExecution"]
+        assert all(len(f["values"]) == 1 for p in prefs for f in p["preference"]["matchFields"])
+    assert env(w.pods[active[0]])["PET_MASTER_ADDR"].startswith("train-0.")
+    assert w.plan.services  # the Service is ensured with the standby gang
+    st = w.phase["standby"]
+    assert (st["pod"], st["attempt"], st["members"], st["readyMembers"], st["ready"]) == \
+        (sb[0].name, 2, 2, 0, False)
+
+
+def test_a_standby_gang_is_ready_only_when_every_member_is():
+    w = gang_world(standby=True)
+    gang_started(w)
+    sb = [c.name for c in w.plan.create]
+    w.run(sb[0], "spot-3", ready=True)
+    w.run(sb[1], "spot-4", ready=False)
+    w.step()
+    assert (w.phase["standby"]["ready"], w.phase["standby"]["readyMembers"]) == (False, 1)
+    assert C.EV_STANDBY_READY not in w.events
+    w.run(sb[1], "spot-4", ready=True)
+    w.step()
+    assert (w.phase["standby"]["ready"], w.phase["standby"]["readyMembers"]) == (True, 2)
+    assert w.events.count(C.EV_STANDBY_READY) == 1
+    quiet = w.step()
+    assert not quiet.create and not quiet.events and not quiet.promote and not quiet.delete
+
+
+def test_a_standby_gang_takes_over_as_a_unit_when_an_active_member_is_evicted():
+    w, active, standby = gang_with_ready_standby()
+    w.end(active[1], 143, term_reason="preempted", disruption="EvictionByEvictionAPI")
+    plan = w.step()
+    assert [(p.attempt, p.pod, p.resume_from) for p in plan.promote] == [(2, standby[0], CK20)]
+    assert active[0] in [d.name for d in plan.delete]  # the rest of the old gang goes
+    assert not [c for c in plan.create if not c.standby]
+    st = w.phase
+    assert (st["state"], st["attempts"], st["pod"], st["preemptions"], st["promotions"]) == \
+        ("Running", 2, standby[0], 1, 1)
+    w.pods.pop(active[0], None)
+    plan = w.step()  # a new standby gang, numbered past the promoted one
+    assert [c.name for c in plan.create] == [pod_name("j", "train", 3, i) for i in range(2)]
+    assert [c.manifest["spec"]["hostname"] for c in plan.create] == ["train-3-0", "train-3-1"]
+    assert disfavoured(plan.create[0].manifest) == ["spot-3", "spot-4"]
+    assert [f for f in w.fences if f[0] == 2] == [(2, CK20)]  # one write for the whole gang
+
+
+def test_a_standby_gang_that_loses_a_member_is_deleted_and_replaced_after_the_pause():
+    w, active, standby = gang_with_ready_standby()
+    w.end(standby[1], 1, term_reason="failed")
+    plan = w.step()
+    assert [d.name for d in plan.delete] == [standby[0]] and C.EV_STANDBY_LOST in w.events
+    assert "standby" not in w.phase and not plan.create and w.phase["attempts"] == 1
+    w.pods.pop(standby[0], None)
+    plan = w.step(31)
+    assert [c.name for c in plan.create] == [pod_name("j", "train", 3, i) for i in range(2)]
+
+
+def test_a_standby_gang_not_all_scheduled_in_time_is_released_then_tried_again():
+    w = gang_world(standby=True, gangScheduleTimeoutSeconds=60)
+    gang_started(w)
+    sb = [c.name for c in w.plan.create]
+    for name in sb:
+        w.pods[name]["metadata"]["creationTimestamp"] = w.now.strftime("%Y-%m-%dT%H:%M:%SZ")
+    w.run(sb[0], "spot-3")
+    w.step(30)
+    assert not w.plan.delete and w.phase["standby"]["attempt"] == 2
+    plan = w.step(31)
+    assert sorted(d.name for d in plan.delete) == sorted(sb)
+    assert "standby" not in w.phase and w.phase["standbyRetryAt"]
+    for name in sb:
+        w.pods.pop(name, None)
+    assert not w.step(30).create
+    plan = w.step(31)
+    assert [c.attempt for c in plan.create] == [3, 3] and "standbyRetryAt" not in w.phase
+
+
+def test_a_gang_member_s_notice_checkpoints_and_hands_off_to_a_standby_gang():
+    w = gang_world()  # onNotice Handoff, no standby kept otherwise
+    active = gang_started(w)
+    assert not w.plan.create
     w.nodes["spot-2"] = NOTICE
     plan = w.step()
     assert [(c.attempt, c.handoff_to) for c in w.controls] == [(1, None)]
-    assert not plan.create and w.phase["lastNotice"]["node"] == "spot-2"
+    assert w.phase["lastNotice"]["node"] == "spot-2"
+    sb = [c.name for c in plan.create]
+    assert sb == [pod_name("j", "train", 2, i) for i in range(2)]
+    for c in plan.create:  # off the noticed node for sure, off the other by preference
+        assert avoided(c.manifest) == ["spot-2"]
+        assert disfavoured(c.manifest) == ["spot-1", "spot-2"]
+    w.run(sb[0], "spot-3", ready=True)
+    w.run(sb[1], "spot-4", ready=False)
     w.step()
-    assert len(w.controls) == 1
+    assert len(w.controls) == 1  # not all ready: no handoff yet
+    w.run(sb[1], "spot-4", ready=True)
+    w.step()
+    ctl = w.controls[-1]
+    assert (ctl.attempt, ctl.handoff_to, ctl.handoff_pod) == (1, 2, sb[0])
+    # Every rank saved at the same step; rank 0 fenced for attempt 2; all exit preempted.
+    for name in active:
+        w.end(name, 143, term_reason="preempted")
+    plan = w.step()
+    assert [p.attempt for p in plan.promote] == [2] and w.phase["attempts"] == 2
+
+
+def test_a_promoted_standby_gang_s_missing_member_is_created_as_a_standby():
+    """Operator stopped after the standby gang's status, before all its pods: promoted
+    anyway, the missing member is created with the standby gang's hostnames."""
+    w, active, standby = gang_with_ready_standby()
+    del w.pods[standby[1]]
+    w.phase["standby"].pop("podUID")
+    w.end(active[0], 143, term_reason="preempted")
+    plan = w.step()
+    assert [p.attempt for p in plan.promote] == [2]
+    w.pods.pop(active[1], None)
+    plan = w.step()
+    (again,) = [c for c in plan.create if c.attempt == 2]
+    assert again.name == standby[1] and again.manifest["spec"]["hostname"] == "train-2-1"
