@@ -157,9 +157,10 @@ def main(argv: list[str] | None = None) -> int:
                 and progress[0] < cfg.steps - 20):
             kind = pending.pop(0)
             disrupted.add(pod.metadata.name)  # it may look Running for a moment longer
+            began = time.time()  # a node loss takes a while to inject; the standby does not wait
             injector.inject(kind, pod.metadata.name, node=pod.spec.node_name)
             injected.append({"kind": kind, "pod": pod.metadata.name, "step": progress[0],
-                             "time": time.time()})
+                             "time": began})
             print(f"   !! injected {kind} into {pod.metadata.name} at step {progress[0]}", flush=True)
         if time.time() - last_print >= 2:
             print("   " + status_line(t0, job, progress, cfg), flush=True)
