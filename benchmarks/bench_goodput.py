@@ -77,6 +77,7 @@ class Variant:
     pool: str | None = None  # node pool (POOL_LABEL value) of its own
     offset: float = 0.0  # its notices come this much after the trace's period
     first_pod: str | None = None  # a Job's first pod (generated name), once seen
+    missed: int = 0  # notices that found no running pod (it was still recovering)
     created: float = 0.0
     finished: float | None = None
     preemptions: list[dict] = field(default_factory=list)
@@ -215,10 +216,16 @@ class Bench:
                     pod = self.running_pod(v)
                     v.first_pod = pod.metadata.name if pod is not None else None
                 if time.time() >= next_notice:
+                    # A reclaim hits whatever runs then; nothing running (still recovering
+                    # from the last one): nothing to hit. Waiting for the next pod instead
+                    # would evict it the moment it starts, over and over (the Job's pods,
+                    # whose backoff grows with every restart, never trained again).
                     pod = self.running_pod(v)
                     if pod is not None:
                         self.notify(v, pod)
-                        next_notice += self.period
+                    else:
+                        v.missed += 1
+                    next_notice += self.period
                 time.sleep(0.1)
             raise TimeoutError(f"{v.name} did not finish in time")
         except Exception as e:  # reported by the main thread
@@ -344,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
             ended = samples.attempt_end_times(storage)
             pause = [round(starts[b][1] - ended[a], 2) for a, b in zip(order, order[1:]) if a in ended]
             results.append({"variant": v.name, "wallSeconds": round(wall, 2),
-                            "preemptions": len(v.preemptions), "attempts": len(order),
+                            "preemptions": len(v.preemptions), "noticesMissed": v.missed,
+                            "attempts": len(order),
                             "stepsLost": lost, "goodput": round(reference["seconds"] / wall, 4),
                             "firstStartSeconds": round(starts[order[0]][1] - v.created, 2),
                             "firstStart": timeline.first_start(first_pod(v), v.created,
