@@ -146,7 +146,7 @@ def test_standby_gang_promoted_by_the_fence_resumes_bit_exact(s3_server, s3_env,
     standby = Proc(env_for(s3_server, run, 1, tmp_path, **ENV, **waiting), SCRIPT, args, nproc=2)
     stopped = Proc(env_for(s3_server, run, 2, tmp_path, **ENV, **waiting), SCRIPT, args, nproc=2)
     assert active.finish(timeout=300) == 1, "".join(active.lines[-20:])
-    held = "holding checkpoint step 17 (this rank's part)"
+    held = "holding checkpoint step 17 in memory"  # each rank: its own part
     deadline = time.monotonic() + 60
     while sum(held in line for line in standby.lines) < 2:  # both ranks, each its own part
         assert standby.p.poll() is None, "".join(standby.lines[-30:])

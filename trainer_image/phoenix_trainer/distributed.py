@@ -294,28 +294,6 @@ class DistributedSession(Session):
         dist.barrier(group=self.ctl_group)
         return target
 
-    def _prefetch(self) -> None:
-        """This rank's files and the DCP files of the newest valid checkpoint, if newer than
-        the ones held (``_try_load``; no collectives)."""
-        assert self.storage is not None
-        try:
-            info = latest_valid_checkpoint(self.storage, deep=False)
-            if info is None or (self._warm is not None and self._warm.info.uri == info.uri):
-                return
-            t0 = time.perf_counter()
-            self._warm = None  # _try_load reuses its download folder
-            warm = self._try_load(self.storage, info)
-        except ConfigMismatchError:
-            raise
-        except Exception as e:  # noqa: BLE001 - a standby retries; the resume verifies again
-            self.log.warning("standby: preloading the newest checkpoint failed (%s: %s)",
-                             type(e).__name__, e)
-            return
-        if warm is not None:
-            self._warm = warm
-            self.log.info("standby: holding checkpoint step %d (this rank's part) in memory"
-                          " (loaded in %.2fs)", info.step, time.perf_counter() - t0)
-
     def _end_standby(self, why: str) -> None:
         # Every rank ends; one termination message per pod (its local rank 0 writes it).
         if int(os.environ.get("LOCAL_RANK", "0")) == 0:

@@ -319,25 +319,26 @@ class Session:
             return None
 
     def _prefetch(self) -> None:
-        """Load the newest valid checkpoint if it is newer than the one held."""
+        """Load (this process's part of) the newest valid checkpoint if it is newer than the
+        one held. No collectives: every process of a gang does this on its own."""
         assert self.storage is not None
         try:
             info = latest_valid_checkpoint(self.storage, deep=False)
             if info is None or (self._warm is not None and self._warm.info.uri == info.uri):
                 return
-            self._check_config(info)
             t0 = time.perf_counter()
-            state = self._load(self.storage, info)
+            self._warm = None  # so _try_load loads it (and may reuse its download folder)
+            warm = self._try_load(self.storage, info)
         except ConfigMismatchError:
             raise
         except Exception as e:  # noqa: BLE001 - a standby retries; the resume verifies again
             self.log.warning("standby: preloading the newest checkpoint failed (%s: %s)",
                              type(e).__name__, e)
             return
-        self._warm = Restored("resume", info.step, info.manifest.epoch if info.manifest else 0,
-                              info, state)
-        self.log.info("standby: holding checkpoint step %d in memory (loaded in %.2fs)",
-                      info.step, time.perf_counter() - t0)
+        if warm is not None:
+            self._warm = warm
+            self.log.info("standby: holding checkpoint step %d in memory (loaded in %.2fs)",
+                          info.step, time.perf_counter() - t0)
 
     def _end_standby(self, why: str) -> None:
         self.log.info("%s", why)
