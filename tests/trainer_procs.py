@@ -1,8 +1,10 @@
 """A training script as a subprocess, followed through its log (tests that kill trainers)."""
 from __future__ import annotations
 
+import atexit
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -31,8 +33,12 @@ class Proc:
         launcher = [] if nproc is None else [
             "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
             f"--master-port={free_port()}"]
+        # A process group of its own: a test that fails half-way must not leave torchrun's
+        # ranks running (and polling S3) after it; ``kill_group`` at exit sees to that.
         self.p = subprocess.Popen([sys.executable, *launcher, str(script), *args], env=env,
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                  start_new_session=True)
+        atexit.register(self.kill_group)
         self.step = -1
         self.start_step: int | None = None
         self.pids: dict[int, int] = {}  # rank -> pid, from the ranks' start lines
@@ -57,6 +63,13 @@ class Proc:
             assert self.p.poll() is None, "trainer exited early:\n" + "".join(self.lines[-30:])
             assert time.monotonic() < deadline, f"trainer never reached step {step}"
             time.sleep(0.005)
+
+    def kill_group(self) -> None:
+        if self.p.poll() is None:
+            try:
+                os.killpg(self.p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def finish(self, timeout: float = 120) -> int:
         rc = self.p.wait(timeout)
@@ -91,8 +104,6 @@ def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], ru
     Under torchrun (``nproc``): ``target(proc, attempt)`` picks the pid to signal (default:
     the launcher), ``expect_rc`` maps signal -> the launcher's exit code, and
     ``between(proc, attempt)`` runs after each killed attempt (checks, damage)."""
-    import signal
-
     from phoenix_trainer.contract import TerminationMessage
 
     expect_rc = expect_rc or {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143}
