@@ -429,20 +429,31 @@ def _delete_live(ctx: _Ctx, pods: Sequence[Mapping[str, Any]], reason: str,
                                              reason))
 
 
+def _unscheduled_past_timeout(ctx: _Ctx, members: Sequence[Mapping[str, Any]],
+                              since: datetime) -> list[str]:
+    """A gang's members not bound to a node, once gangScheduleTimeoutSeconds have passed
+    since the first was created (``since`` when none says); else [] (and a requeue for when
+    the time is up)."""
+    waiting = [p["metadata"]["name"] for p in members if not (p.get("spec") or {}).get("nodeName")]
+    if not waiting:
+        return []
+    created = [t for p in members if (t := parse_ts((p.get("metadata") or {}).get("creationTimestamp")))]
+    left = ctx.spec.recovery.gang_schedule_timeout - (
+        ctx.now - (min(created) if created else since)).total_seconds()
+    if left > 0:
+        ctx.plan.requeue(left)
+        return []
+    return waiting
+
+
 def _gang_scheduled_in_time(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
                             members: Sequence[Mapping[str, Any]]) -> PhaseStatus:
     """All-or-nothing: a gang whose members are not all bound to nodes within the timeout
     releases what it holds (deletes its pods; no budget charged) and tries again later."""
-    waiting = [p["metadata"]["name"] for p in members if not (p.get("spec") or {}).get("nodeName")]
+    waiting = _unscheduled_past_timeout(ctx, members, ctx.now)
     if not waiting:
         return st
-    created = [t for p in members if (t := parse_ts((p.get("metadata") or {}).get("creationTimestamp")))]
     timeout = ctx.spec.recovery.gang_schedule_timeout
-    since = min(created) if created else ctx.now
-    left = timeout - (ctx.now - since).total_seconds()
-    if left > 0:
-        ctx.plan.requeue(left)
-        return st
     why = (f"{len(waiting)} of {phase.replicas} pods ({', '.join(waiting)}) not scheduled within"
            f" gangScheduleTimeoutSeconds={timeout:g}; released the gang's pods, trying again in"
            f" {timeout:g}s")
@@ -808,15 +819,11 @@ def _standby_gang_scheduled_in_time(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus
     """As for an active gang (``_gang_scheduled_in_time``): a standby gang not all bound
     within the timeout releases its pods; the next one is started after the same time.
     Returns the status after a release, None while it may still be scheduled."""
-    waiting = [p["metadata"]["name"] for p in members if not (p.get("spec") or {}).get("nodeName")]
+    assert st.standby is not None
+    waiting = _unscheduled_past_timeout(ctx, members, st.standby.since)
     if not waiting:
         return None
-    created = [t for p in members if (t := parse_ts((p.get("metadata") or {}).get("creationTimestamp")))]
     timeout = ctx.spec.recovery.gang_schedule_timeout
-    left = timeout - (ctx.now - (min(created) if created else st.standby.since)).total_seconds()
-    if left > 0:
-        ctx.plan.requeue(left)
-        return None
     ctx.note("Warning", C.EV_STANDBY_LOST,
              f"phase {phase.name}: standby gang: {len(waiting)} of {phase.replicas} pods "
              f"({', '.join(waiting)}) not scheduled within gangScheduleTimeoutSeconds="
