@@ -51,11 +51,13 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from kubernetes import client, watch
+from kubernetes import client
 
 from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_lab.install import install_phoenix
+
+from benchlab import PodTimeline, trainer_job
 
 NAMESPACE = "goodput"
 BUCKET = "goodput"
@@ -90,63 +92,9 @@ class Variant:
 
 def job_manifest(v: Variant, cfg: samples.TrainConfig, s3_url: str, grace: int, image: str) -> dict:
     """A batch/v1 Job whose trainer resumes from its own newest checkpoint."""
-    env = [{"name": "PHOENIX_CHECKPOINT_URI", "value": f"s3://{BUCKET}/{v.prefix}/train"},
-           {"name": "PHOENIX_CHECKPOINT_INTERVAL_STEPS", "value": str(cfg.checkpoint_every)},
-           {"name": "PHOENIX_GRACE_SECONDS", "value": str(grace)},
-           {"name": "PHOENIX_PHASE", "value": "train"},
-           {"name": "AWS_ENDPOINT_URL", "value": s3_url}] + [
-        {"name": k, "valueFrom": {"secretKeyRef": {"name": samples.CREDENTIALS_SECRET, "key": k}}}
-        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
-    return {
-        "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": {"name": v.name, "namespace": NAMESPACE},
-        "spec": {
-            "backoffLimit": 3,
-            "podFailurePolicy": {"rules": [
-                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
-                {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
-                                                      "values": [1]}},
-            ]},
-            "template": {"metadata": {"labels": {"goodput/variant": v.name}},
-                         "spec": {**samples.trainer_pod_spec(image, cfg.args() + v.extra_args, env),
-                                  "restartPolicy": "Never",
-                                  "terminationGracePeriodSeconds": grace}},
-        },
-    }
-
-
-class PodTimeline(threading.Thread):
-    """When each pod of the namespace was first seen created, bound to a node and running
-    (wall clock, from a watch): where a first start's seconds go."""
-
-    def __init__(self, api) -> None:
-        super().__init__(daemon=True, name="pod-timeline")
-        self.core = client.CoreV1Api(api)
-        self.seen: dict[str, dict[str, float]] = {}
-        self._watch = watch.Watch()
-
-    def run(self) -> None:
-        while True:
-            try:
-                for ev in self._watch.stream(self.core.list_namespaced_pod, NAMESPACE,
-                                             timeout_seconds=300):
-                    pod, now = ev["object"], time.time()
-                    marks = self.seen.setdefault(pod.metadata.name, {})
-                    marks.setdefault("created", now)
-                    if pod.spec.node_name:
-                        marks.setdefault("scheduled", now)
-                    if pod.status.phase == "Running":
-                        marks.setdefault("running", now)
-            except Exception:  # noqa: BLE001 - a dropped watch: start another
-                time.sleep(0.5)
-
-    def first_start(self, pod: str, created: float, training: float) -> dict[str, float]:
-        """Seconds from the job's creation to each mark of its first pod, and to training."""
-        marks = self.seen.get(pod, {})
-        out = {k: round(marks[k] - created, 2) for k in ("created", "scheduled", "running")
-               if k in marks}
-        out["training"] = round(training - created, 2)
-        return out
+    return trainer_job(v.name, NAMESPACE, cfg.args() + v.extra_args, f"s3://{BUCKET}/{v.prefix}/train",
+                       s3_url, image, grace=grace, checkpoint_every=cfg.checkpoint_every,
+                       labels={"goodput/variant": v.name})
 
 
 class Bench:
@@ -304,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         for i, v in enumerate(variants):
             v.offset = i * STAGGER_SECONDS
         bench = Bench(lab, cfg, args.period, args.notice, args.max_notices)
-        timeline = PodTimeline(bench.api)
+        timeline = PodTimeline(bench.api, NAMESPACE)
         timeline.start()
         reference_run = samples.ReferenceRun(lab, NAMESPACE, "phoenix-uninterrupted", cfg,
                                              f"s3://{BUCKET}/{run}/uninterrupted")

@@ -1,16 +1,20 @@
 """What the lab benchmarks share: the operator as a host process authenticated as the chart's
-ServiceAccount (so its RSS can be read from /proc), its metrics, and reading /proc."""
+ServiceAccount (so its RSS can be read from /proc), its metrics, reading /proc, a watch that
+times each pod's creation, binding and start, and the batch/v1 Job baseline."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
 
 import yaml
+from kubernetes import client, watch
 
+from phoenix_lab import samples
 from phoenix_lab.cluster import Lab
 from phoenix_lab.procs import free_port
 
@@ -106,3 +110,68 @@ def counter(text: str, name: str) -> float:
         if line.startswith(name) and not line.startswith("#"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+class PodTimeline(threading.Thread):
+    """When each pod of a namespace was first seen created, bound to a node and running
+    (wall clock, from a watch): where a start's seconds go."""
+
+    def __init__(self, api, namespace: str) -> None:
+        super().__init__(daemon=True, name="pod-timeline")
+        self.core = client.CoreV1Api(api)
+        self.namespace = namespace
+        self.seen: dict[str, dict[str, float]] = {}
+        self._watch = watch.Watch()
+
+    def run(self) -> None:
+        while True:
+            try:
+                for ev in self._watch.stream(self.core.list_namespaced_pod, self.namespace,
+                                             timeout_seconds=300):
+                    pod, now = ev["object"], time.time()
+                    marks = self.seen.setdefault(pod.metadata.name, {})
+                    marks.setdefault("created", now)
+                    if pod.spec.node_name:
+                        marks.setdefault("scheduled", now)
+                    if pod.status.phase == "Running":
+                        marks.setdefault("running", now)
+            except Exception:  # noqa: BLE001 - a dropped watch: start another
+                time.sleep(0.5)
+
+    def first_start(self, pod: str, created: float, training: float) -> dict[str, float]:
+        """Seconds from the job's creation to each mark of its first pod, and to training."""
+        marks = self.seen.get(pod, {})
+        out = {k: round(marks[k] - created, 2) for k in ("created", "scheduled", "running")
+               if k in marks}
+        out["training"] = round(training - created, 2)
+        return out
+
+
+def trainer_job(name: str, namespace: str, args: list[str], checkpoint_uri: str, s3_url: str,
+                image: str, *, grace: int, checkpoint_every: int, labels: dict[str, str]) -> dict:
+    """A batch/v1 Job running the trainer image with ``args``: the trainer finds its newest
+    checkpoint under ``checkpoint_uri`` by itself whenever the Job controller restarts the
+    pod (the baseline Phoenix is measured against)."""
+    env = [{"name": "PHOENIX_CHECKPOINT_URI", "value": checkpoint_uri},
+           {"name": "PHOENIX_CHECKPOINT_INTERVAL_STEPS", "value": str(checkpoint_every)},
+           {"name": "PHOENIX_GRACE_SECONDS", "value": str(grace)},
+           {"name": "PHOENIX_PHASE", "value": "train"},
+           {"name": "AWS_ENDPOINT_URL", "value": s3_url}] + [
+        {"name": k, "valueFrom": {"secretKeyRef": {"name": samples.CREDENTIALS_SECRET, "key": k}}}
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")]
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "backoffLimit": 3,
+            "podFailurePolicy": {"rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+                {"action": "FailJob", "onExitCodes": {"containerName": "trainer", "operator": "In",
+                                                      "values": [1]}},
+            ]},
+            "template": {"metadata": {"labels": labels},
+                         "spec": {**samples.trainer_pod_spec(image, args, env),
+                                  "restartPolicy": "Never",
+                                  "terminationGracePeriodSeconds": grace}},
+        },
+    }

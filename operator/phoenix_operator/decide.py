@@ -913,8 +913,11 @@ def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods
             break
     noticed = notice is not None and st.last_notice is not None
     bound = len(active) >= phase.replicas and all(_node(p) for p in active)
+    # A kept standby waits until the active attempt trains (its pods Ready: restored), so it
+    # never competes with that attempt's start; a notice does not wait.
+    started = all(pod_ready(p) for p in active)
     if st.standby is None and bound and all(ctx.outcome(p).live for p in active) and (
-            rec.standby or (noticed and handoff)):
+            (rec.standby and (started or noticed)) or (noticed and handoff)):
         if not _standby_failed_recently(ctx, st, pods):
             attempt = st.next_attempt_number
             reason = "notice" if noticed else "standby"

@@ -17,7 +17,15 @@ tells it to wait until the fence names its attempt; it serves its readiness on
 ``STATUS_PORT`` (a readiness probe is added unless the template has one); it is kept off the
 nodes the caller names (``avoid_nodes``, a required node affinity on ``metadata.name``) and
 prefers others (``prefer_not``); and it carries no resume target: the fence names one at
-promotion. (Which nodes: ``decide._create_standby``.)
+promotion. (Which nodes: ``decide._create_standby``.) In a phase that keeps a standby
+(``recovery.standby``) the active pods serve and probe their readiness the same way: Ready once
+the trainer has restored and trains, which is when the operator starts the standby (it never
+competes with the attempt's own start for the CPU, the network or the checkpoint's bytes).
+
+Trainer pods get no ServiceAccount token unless the template asks for one
+(``automountServiceAccountToken``): the trainer never talks to the API server, and a token
+is one more secret in a pod running user code (and one less request before the container
+starts).
 """
 from __future__ import annotations
 
@@ -196,6 +204,7 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
     avoid_nodes(pod_spec, avoid, prefer_not)
     pod_spec["restartPolicy"] = "Never"
     pod_spec["terminationGracePeriodSeconds"] = spec.recovery.grace_seconds
+    pod_spec.setdefault("automountServiceAccountToken", False)
     if member is None:
         pod_spec.setdefault("hostname", pod_hostname(name))
     else:  # stable across attempts, except a standby gang's (beside the active gang)
@@ -213,12 +222,14 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
         gang = [] if member is None else gang_env(job=job, namespace=namespace, phase=phase,
                                                   member=member, container=container,
                                                   attempt=attempt if standby else None)
-        role = [{"name": env.ENV_ROLE, "value": env.ROLE_STANDBY},
-                {"name": env.ENV_STATUS_PORT, "value": str(C.STATUS_PORT)}] if standby else []
+        probed = standby or spec.recovery.standby
+        role = [{"name": env.ENV_ROLE, "value": env.ROLE_STANDBY}] if standby else []
+        if probed:
+            role.append({"name": env.ENV_STATUS_PORT, "value": str(C.STATUS_PORT)})
         container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours, gang,
                                       role)
         container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
-        if standby:
+        if probed:
             container.setdefault("readinessProbe", {
                 "httpGet": {"path": "/ready", "port": C.STATUS_PORT},
                 "periodSeconds": 1, "failureThreshold": 1, "successThreshold": 1,

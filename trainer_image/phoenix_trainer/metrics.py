@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import threading
+import time
 from typing import Any
 
 from .layout import METRICS_DIR, metrics_key
@@ -20,6 +22,22 @@ from .writer import utcnow_iso
 
 log = logging.getLogger("phoenix.metrics")
 _ATTEMPT_RE = re.compile(r"attempt-(\d+)\.jsonl$")
+
+
+def process_start_time() -> float | None:
+    """Unix time this process started, from the kernel (Linux ``/proc``); None elsewhere.
+
+    A container's PID 1 started when its container did, so in a pod this is where the
+    trainer's own start-up begins: everything before it is the kubelet's."""
+    try:
+        with open("/proc/self/stat") as f:
+            # Fields after the command name (which may hold spaces and parentheses):
+            # state is field 3, starttime (clock ticks after boot) field 22.
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        age = time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, AttributeError):
+        return None
+    return time.time() - max(0.0, age)
 
 
 def next_attempt(storage: Storage) -> int:

@@ -372,6 +372,15 @@ def test_pod_env_contract_never_holds_secret_values():
     assert labels["phoenix.dev/attempt"] == "1" and labels["phoenix.dev/phase"] == "train"
 
 
+def test_trainer_pods_get_no_service_account_token_unless_the_template_asks():
+    plan = decide(job(), [], CK_10_20, at(0))
+    assert plan.create[0].manifest["spec"]["automountServiceAccountToken"] is False
+    body = job()
+    body["spec"]["template"]["spec"]["automountServiceAccountToken"] = True
+    plan = decide(body, [], CK_10_20, at(0))
+    assert plan.create[0].manifest["spec"]["automountServiceAccountToken"] is True
+
+
 def test_phase_args_and_env_override_template():
     body = job()
     body["spec"]["phases"][0].update(args=["--lr", "1"], env=[{"name": "X", "value": "2"}])

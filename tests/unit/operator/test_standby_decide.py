@@ -13,6 +13,8 @@ from phoenix_operator.classify import NodeHealth, classify
 from phoenix_operator.decide import decide
 from phoenix_operator.podspec import pod_name
 
+from phoenix_trainer.contract import ENV_STATUS_PORT as C_ENV_STATUS_PORT
+
 from opfacts import T0, at, job, listing, pod
 
 pytestmark = pytest.mark.unit
@@ -93,11 +95,11 @@ def disfavoured(manifest) -> list[str]:
     return [v for p in prefs for f in p["preference"]["matchFields"] for v in f["values"]]
 
 
-def started(w: World, node: str = "spot-1") -> str:
-    """Run the job's first attempt on ``node``."""
+def started(w: World, node: str = "spot-1", ready: bool = True) -> str:
+    """Run the job's first attempt on ``node`` (``ready``: restored, training)."""
     w.step()
     active = pod_name("j", "train", 1)
-    w.run(active, node)
+    w.run(active, node, ready=ready)
     w.step()
     return active
 
@@ -110,6 +112,35 @@ def with_ready_standby() -> tuple[World, str, str]:
     w.run(standby, "spot-2", ready=True)
     w.step()
     return w, active, standby
+
+
+def test_a_kept_standby_waits_until_the_active_attempt_trains_and_probes_it():
+    w = World(standby=True)
+    active = started(w, ready=False)  # running, still importing / restoring
+    assert w.plan.create == [] and w.phase.get("standby") is None
+    probe = w.pods[active]["spec"]["containers"][0]["readinessProbe"]
+    assert probe["httpGet"] == {"path": "/ready", "port": C.STATUS_PORT}
+    assert env(w.pods[active])[C_ENV_STATUS_PORT] == str(C.STATUS_PORT)
+    w.run(active, "spot-1", ready=True)
+    w.step()
+    assert [c.name for c in w.plan.create] == [pod_name("j", "train", 2)]
+
+
+def test_a_notice_does_not_wait_for_the_active_attempt_to_be_ready():
+    w = World(standby=True)
+    active = started(w, ready=False)
+    w.nodes["spot-1"] = NOTICE
+    w.step()
+    assert [c.name for c in w.plan.create] == [pod_name("j", "train", 2)]
+    assert w.phase["standby"]["reason"] == "notice"
+    assert active in w.pods
+
+
+def test_without_a_kept_standby_the_active_pod_has_no_probe():
+    w = World()
+    active = started(w)
+    container = w.pods[active]["spec"]["containers"][0]
+    assert "readinessProbe" not in container and C_ENV_STATUS_PORT not in env(w.pods[active])
 
 
 def test_standby_is_started_off_the_active_node_and_waits_unfenced():
@@ -278,13 +309,22 @@ def gang_world(**recovery) -> World:
     return w
 
 
-def gang_started(w: World, nodes=("spot-1", "spot-2")) -> list[str]:
+def gang_started(w: World, nodes=("spot-1", "spot-2"), ready=(True, True)) -> list[str]:
     w.step()
     active = [pod_name("j", "train", 1, i) for i in range(2)]
-    for name, node in zip(active, nodes):
-        w.run(name, node)
+    for name, node, r in zip(active, nodes, ready):
+        w.run(name, node, ready=r)
     w.step()
     return active
+
+
+def test_a_standby_gang_waits_until_every_active_member_trains():
+    w = gang_world(standby=True)
+    active = gang_started(w, ready=(True, False))
+    assert w.plan.create == []
+    w.run(active[1], "spot-2", ready=True)
+    w.step()
+    assert [c.name for c in w.plan.create] == [pod_name("j", "train", 2, i) for i in range(2)]
 
 
 def gang_with_ready_standby() -> tuple[World, list[str], list[str]]:

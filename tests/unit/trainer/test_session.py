@@ -116,3 +116,26 @@ def test_a_later_phase_is_initialised_from_the_previous_one(tmp_path, ref_model)
         restored = s.restore()
     assert restored.kind == "init" and restored.step == 0 and s.resumed_from is None
     assert state_dicts_equal(restored["model.pt"], ref_model)
+
+
+def test_start_record_says_where_the_start_up_went(tmp_path, caplog):
+    """The start record splits the process's start-up: the script's part before the session,
+    the restore, the total from the kernel's start time of the process."""
+    import time as _time
+    from datetime import datetime
+
+    from phoenix_trainer.metrics import process_start_time
+
+    began = process_start_time()
+    assert began is not None and began <= _time.time()
+    with caplog.at_level("INFO", logger="phoenix"):
+        with session(tmp_path) as s:
+            loop(s, stop_at=None)
+            records = s.metrics.records
+    start = next(r for r in records if r["event"] == "start")["startup"]
+    assert set(start) == {"processStart", "beforeSession", "restore", "total"}
+    assert 0 < start["beforeSession"] <= start["total"] and 0 <= start["restore"] <= start["total"]
+    when = datetime.fromisoformat(start["processStart"].replace("Z", "+00:00")).timestamp()
+    assert abs(when - began) < 0.05
+    assert any(", up " in m and "before the session" in m and "restore" in m
+               for m in caplog.messages)

@@ -1,0 +1,210 @@
+"""First start: from creating the job until its trainer trains, for a PhoenixJob and, as the
+baseline, a batch/v1 Job running the same trainer image with the same arguments; one job at a
+time on an otherwise idle lab, the two kinds alternating; where the seconds go.
+
+Each job trains a few steps and is deleted (its pods gone) before the next is created, so no
+start competes with another for the CPU (bench_goodput starts six trainers at once: its
+first starts measure the contention as much as the start). Marks, in seconds from the create
+call: the pod object created (for a PhoenixJob: the operator's first pass), bound to a node,
+the trainer process started (the kernel's start time, from the trainer's start record), the
+trainer training (its start record); and when the kubelet reported the pod Running (after
+the process started). The trainer's own
+part is split into ``beforeSession`` (interpreter, imports, model build: the script) and
+``restore`` (the runtime: finding and loading the checkpoint, starting its threads).
+
+    .venv/bin/python benchmarks/bench_first_start.py --rounds 5 --out benchmarks/results/first-start.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from datetime import datetime
+from pathlib import Path
+
+from kubernetes import client
+
+from phoenix_lab import samples
+from phoenix_lab.cluster import Lab, LabPorts
+from phoenix_lab.install import install_phoenix
+
+from benchlab import PodTimeline, trainer_job
+
+NAMESPACE = "first-start"
+BUCKET = "first-start"
+# In the order they happen; "running" (the kubelet's report that the pod runs) comes after
+# the process started, so it is kept beside them, not between.
+MARKS = ("created", "scheduled", "process", "training")
+
+
+def _unix(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+class Bench:
+    def __init__(self, lab: Lab, cfg: samples.TrainConfig, run: str) -> None:
+        self.lab, self.cfg, self.run = lab, cfg, run
+        self.api = lab.api_client()
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.timeline = PodTimeline(self.api, NAMESPACE)
+        self.timeline.start()
+
+    def prefix(self, name: str) -> str:
+        return f"s3://{BUCKET}/{self.run}/{name}"
+
+    def create(self, kind: str, name: str) -> float:
+        """Create the job; the time just before the create call (a user's `kubectl apply`)."""
+        if kind == "phoenix":
+            body = samples.phoenixjob(name, NAMESPACE, self.cfg, self.prefix(name), self.lab.s3.url,
+                                      image=self.lab.trainer_image)
+            t0 = time.time()
+            self.custom.create_namespaced_custom_object("phoenix.dev", "v1alpha1", NAMESPACE,
+                                                        "phoenixjobs", body)
+        else:
+            body = trainer_job(name, NAMESPACE, self.cfg.args(), f"{self.prefix(name)}/train",
+                               self.lab.s3.url, self.lab.trainer_image, grace=10,
+                               checkpoint_every=self.cfg.checkpoint_every,
+                               labels={"first-start/job": name})
+            t0 = time.time()
+            self.batch.create_namespaced_job(NAMESPACE, body)
+        return t0
+
+    def done(self, kind: str, name: str) -> bool:
+        if kind == "phoenix":
+            job = self.custom.get_namespaced_custom_object("phoenix.dev", "v1alpha1", NAMESPACE,
+                                                           "phoenixjobs", name)
+            phase = (job.get("status") or {}).get("phase")
+            if phase == "Failed":
+                raise RuntimeError(f"{name} failed: {json.dumps(job['status'])[:2000]}")
+            return phase == "Succeeded"
+        conds = {c.type: c.status for c in self.batch.read_namespaced_job(name, NAMESPACE).status.conditions or []}
+        if conds.get("Failed") == "True":
+            raise RuntimeError(f"{name} failed")
+        return conds.get("Complete") == "True"
+
+    def pods(self, kind: str, name: str) -> list:
+        selector = f"phoenix.dev/job={name}" if kind == "phoenix" else f"first-start/job={name}"
+        return self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
+
+    def delete(self, kind: str, name: str, timeout: float = 120) -> None:
+        """Delete the job and wait until its pods are gone: the next start finds an idle lab."""
+        body = client.V1DeleteOptions(propagation_policy="Foreground")
+        if kind == "phoenix":
+            self.custom.delete_namespaced_custom_object("phoenix.dev", "v1alpha1", NAMESPACE,
+                                                        "phoenixjobs", name, body=body)
+        else:
+            self.batch.delete_namespaced_job(name, NAMESPACE, body=body)
+        deadline = time.monotonic() + timeout
+        while self.pods(kind, name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the pods of {name} were not gone after {timeout:.0f}s")
+            time.sleep(0.5)
+
+    def one(self, kind: str, name: str, timeout: float = 300) -> dict:
+        """One job from creation to completion; its marks."""
+        t0 = self.create(kind, name)
+        deadline = time.monotonic() + timeout
+        while not self.done(kind, name):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{name} did not complete in {timeout:.0f}s")
+            time.sleep(0.25)
+        pods = self.pods(kind, name)
+        if len(pods) != 1:
+            raise RuntimeError(f"{name}: expected one pod (an undisturbed first start), found "
+                               f"{[p.metadata.name for p in pods]}")
+        storage = samples.open_phase_storage(f"{self.prefix(name)}/train", self.lab.s3)
+        from phoenix_trainer.metrics import read_metrics
+
+        start = next(r for r in read_metrics(storage) if r.get("event") == "start")
+        startup = start.get("startup") or {}
+        marks = self.timeline.seen.get(pods[0].metadata.name, {})
+        out = {k: round(marks[k] - t0, 3) for k in ("created", "scheduled", "running") if k in marks}
+        if "processStart" in startup:
+            out["process"] = round(_unix(startup["processStart"]) - t0, 3)
+        out["training"] = round(_unix(start["time"]) - t0, 3)
+        return {"kind": kind, "job": name, "pod": pods[0].metadata.name,
+                "node": pods[0].spec.node_name, "marks": out,
+                "trainer": {k: startup[k] for k in ("beforeSession", "restore") if k in startup}}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians of each mark and of each step between marks."""
+    out: dict = {}
+    for kind in sorted({r["kind"] for r in runs}):
+        mine = [r for r in runs if r["kind"] == kind]
+        marks = {m: round(statistics.median(r["marks"][m] for r in mine), 3)
+                 for m in (*MARKS, "running") if all(m in r["marks"] for r in mine)}
+        steps, prev = {}, None
+        for m in MARKS:
+            if m in marks:
+                steps[f"{prev or 'create'}->{m}"] = round(
+                    statistics.median(r["marks"][m] - (r["marks"][prev] if prev else 0) for r in mine), 3)
+                prev = m
+        trainer = {k: round(statistics.median(r["trainer"][k] for r in mine), 3)
+                   for k in ("beforeSession", "restore") if all(k in r["trainer"] for r in mine)}
+        out[kind] = {"runs": len(mine), "medianSeconds": marks, "medianStepSeconds": steps,
+                     "trainerMedianSeconds": trainer,
+                     "trainingSeconds": sorted(r["marks"]["training"] for r in mine)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5, help="measured jobs of each kind")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="jobs of each kind run first and not counted (cold page cache)")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/first-start.json"))
+    args = ap.parse_args(argv)
+    cfg = samples.TrainConfig(steps=args.steps, step_delay=0.0, checkpoint_every=10)
+
+    state = Path(tempfile.mkdtemp(prefix="phoenix-first-start-"))
+    lab = Lab(state / "lab", ports=LabPorts.ephemeral())
+    try:
+        lab.up()
+        install_phoenix(lab)
+        lab.kubectl("create", "namespace", NAMESPACE)
+        lab.kubectl("apply", "-f", "-", input=json.dumps(samples.credentials_secret(NAMESPACE, lab.s3)))
+        lab.s3_server.ensure_bucket(BUCKET)
+        bench = Bench(lab, cfg, uuid.uuid4().hex[:6])
+        runs: list[dict] = []
+        total = args.warmup + args.rounds
+        for i in range(total):
+            # Alternate which kind goes first, so neither always follows the other's teardown.
+            for kind in (("phoenix", "job") if i % 2 == 0 else ("job", "phoenix")):
+                name = f"{kind}-{i}"
+                r = bench.one(kind, name)
+                bench.delete(kind, name)
+                counted = i >= args.warmup
+                print(f"[first-start] {'round ' + str(i - args.warmup + 1) if counted else 'warm-up'}"
+                      f" {kind}: training {r['marks']['training']:.2f}s after creation "
+                      f"({', '.join(f'{k} {v:.2f}' for k, v in r['marks'].items())}; trainer "
+                      f"{', '.join(f'{k} {v:.2f}' for k, v in r['trainer'].items())})", flush=True)
+                if counted:
+                    runs.append(r)
+        summary = summarize(runs)
+        phoenix, job = (summary[k]["medianSeconds"]["training"] for k in ("phoenix", "job"))
+        report = {
+            "benchmark": "first start: creation -> training, one job at a time on an idle lab",
+            "training": {"steps": cfg.steps, "args": cfg.args()},
+            "rounds": args.rounds, "warmup": args.warmup,
+            "summary": summary,
+            "phoenixOverJobTrainingP50": round(phoenix / job, 3),
+            "runs": runs,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
+        return 0
+    finally:
+        lab.down()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
