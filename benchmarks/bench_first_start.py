@@ -1,6 +1,15 @@
 """First start: from creating the job until its trainer trains, for a PhoenixJob and, as the
 baseline, a batch/v1 Job running the same trainer image with the same arguments; one job at a
-time on an otherwise idle lab, the two kinds alternating; where the seconds go.
+time on an otherwise idle lab, the kinds alternating; where the seconds go.
+
+Two modes. By default each job starts from nothing (a new run: the goodput benchmark's first
+start). With ``--resume-hidden H`` each job starts where a checkpoint of examples/train_mlp.py
+with ``--hidden H`` already waits in its prefix (about 12·H² bytes: 8192 gives 0.8 GB; a
+re-created job, or any replacement pod without a standby), and a third kind joins: the
+PhoenixJob with the start-up prefetch turned off (``PHOENIX_PREFETCH=0``), so the prefetch
+is measured against the same start without it. The checkpoint is written once by a seed
+job; every measured job gets the same files as hard links in the S3 server's posix backend
+(the store reports the same sizes and checksums for them) and resumes from it.
 
 Each job trains a few steps and is deleted (its pods gone) before the next is created, so no
 start competes with another for the CPU (bench_goodput starts six trainers at once: its
@@ -13,11 +22,14 @@ part is split into ``beforeSession`` (interpreter, imports, model build: the scr
 ``restore`` (the runtime: finding and loading the checkpoint, starting its threads).
 
     .venv/bin/python benchmarks/bench_first_start.py --rounds 5 --out benchmarks/results/first-start.json
+    .venv/bin/python benchmarks/bench_first_start.py --rounds 4 --resume-hidden 8192 \
+        --out benchmarks/results/first-start-resume.json
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -31,6 +43,7 @@ from kubernetes import client
 from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_lab.install import install_phoenix
+from phoenix_trainer.layout import step_dir_name
 
 from benchlab import PodTimeline, trainer_job
 
@@ -54,15 +67,18 @@ class Bench:
         self.custom = client.CustomObjectsApi(self.api)
         self.timeline = PodTimeline(self.api, NAMESPACE)
         self.timeline.start()
+        self.seed_step: int | None = None  # resume mode: the seed's checkpoint every job gets
 
     def prefix(self, name: str) -> str:
         return f"s3://{BUCKET}/{self.run}/{name}"
 
     def create(self, kind: str, name: str) -> float:
         """Create the job; the time just before the create call (a user's `kubectl apply`)."""
-        if kind == "phoenix":
+        if kind.startswith("phoenix"):
             body = samples.phoenixjob(name, NAMESPACE, self.cfg, self.prefix(name), self.lab.s3.url,
                                       image=self.lab.trainer_image)
+            if kind == "phoenix-no-prefetch":
+                body["spec"]["phases"][0]["env"] = [{"name": "PHOENIX_PREFETCH", "value": "0"}]
             t0 = time.time()
             self.custom.create_namespaced_custom_object("phoenix.dev", "v1alpha1", NAMESPACE,
                                                         "phoenixjobs", body)
@@ -75,8 +91,40 @@ class Bench:
             self.batch.create_namespaced_job(NAMESPACE, body)
         return t0
 
+    def seed(self, timeout: float = 900) -> int:
+        """Run the seed job once; the step of the (non-final) checkpoint jobs resume from."""
+        self.one("phoenix", "seed", timeout=timeout)
+        self.delete("phoenix", "seed")
+        storage = samples.open_phase_storage(f"{self.prefix('seed')}/train", self.lab.s3)
+        from phoenix_trainer.layout import checkpoint_steps
+
+        steps = [s for s in checkpoint_steps(storage) if s < self.cfg.steps]
+        if not steps:
+            raise RuntimeError(f"the seed left no checkpoint before its last step: {checkpoint_steps(storage)}")
+        self.seed_step = steps[-1]
+        return self.seed_step
+
+    def place(self, name: str) -> None:
+        """The seed's checkpoint, under ``name``'s prefix, as hard links (no bytes copied)."""
+        assert self.seed_step is not None
+        d = step_dir_name(self.seed_step)
+        data = self.lab.s3_server.data_dir / BUCKET / self.run
+        source, target = data / "seed" / "train" / d, data / name / "train" / d
+        target.mkdir(parents=True)
+        for f in source.iterdir():
+            os.link(f, target / f.name)
+
+    def remove(self, name: str) -> None:
+        """Every object under ``name``'s prefix (a resumed job writes a full checkpoint)."""
+        s3 = self.lab.s3.client()
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=BUCKET,
+                                                                  Prefix=f"{self.run}/{name}/"):
+            keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if keys:
+                s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
+
     def done(self, kind: str, name: str) -> bool:
-        if kind == "phoenix":
+        if kind.startswith("phoenix"):
             job = self.custom.get_namespaced_custom_object("phoenix.dev", "v1alpha1", NAMESPACE,
                                                            "phoenixjobs", name)
             phase = (job.get("status") or {}).get("phase")
@@ -89,13 +137,13 @@ class Bench:
         return conds.get("Complete") == "True"
 
     def pods(self, kind: str, name: str) -> list:
-        selector = f"phoenix.dev/job={name}" if kind == "phoenix" else f"first-start/job={name}"
+        selector = f"phoenix.dev/job={name}" if kind.startswith("phoenix") else f"first-start/job={name}"
         return self.core.list_namespaced_pod(NAMESPACE, label_selector=selector).items
 
     def delete(self, kind: str, name: str, timeout: float = 120) -> None:
         """Delete the job and wait until its pods are gone: the next start finds an idle lab."""
         body = client.V1DeleteOptions(propagation_policy="Foreground")
-        if kind == "phoenix":
+        if kind.startswith("phoenix"):
             self.custom.delete_namespaced_custom_object("phoenix.dev", "v1alpha1", NAMESPACE,
                                                         "phoenixjobs", name, body=body)
         else:
@@ -121,7 +169,9 @@ class Bench:
         storage = samples.open_phase_storage(f"{self.prefix(name)}/train", self.lab.s3)
         from phoenix_trainer.metrics import read_metrics
 
-        start = next(r for r in read_metrics(storage) if r.get("event") == "start")
+        start = next(r for r in read_metrics(storage) if r.get("event") in ("start", "resume"))
+        if (start["event"] == "resume") != (self.seed_step is not None):
+            raise RuntimeError(f"{name}: a {start['event']} record; expected the other")
         startup = start.get("startup") or {}
         marks = self.timeline.seen.get(pods[0].metadata.name, {})
         out = {k: round(marks[k] - t0, 3) for k in ("created", "scheduled", "running") if k in marks}
@@ -130,7 +180,8 @@ class Bench:
         out["training"] = round(_unix(start["time"]) - t0, 3)
         return {"kind": kind, "job": name, "pod": pods[0].metadata.name,
                 "node": pods[0].spec.node_name, "marks": out,
-                "trainer": {k: startup[k] for k in ("beforeSession", "restore") if k in startup}}
+                "trainer": {k: startup[k] for k in ("beforeSession", "restore") if k in startup},
+                "prefetch": startup.get("prefetch")}
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -160,9 +211,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=1,
                     help="jobs of each kind run first and not counted (cold page cache)")
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--resume-hidden", type=int, default=0,
+                    help="resume from a checkpoint of train_mlp.py --hidden H (0: start from nothing)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/first-start.json"))
     args = ap.parse_args(argv)
-    cfg = samples.TrainConfig(steps=args.steps, step_delay=0.0, checkpoint_every=10)
+    resume = args.resume_hidden > 0
+    if resume:  # the seed checkpoints at half way; jobs resume there and train the rest
+        steps = max(2, min(args.steps, 4))
+        cfg = samples.TrainConfig(steps=steps, step_delay=0.0, checkpoint_every=steps // 2,
+                                  extra_args=["--hidden", str(args.resume_hidden)])
+        kinds = ("phoenix", "phoenix-no-prefetch", "job")
+    else:
+        cfg = samples.TrainConfig(steps=args.steps, step_delay=0.0, checkpoint_every=10)
+        kinds = ("phoenix", "job")
 
     state = Path(tempfile.mkdtemp(prefix="phoenix-first-start-"))
     lab = Lab(state / "lab", ports=LabPorts.ephemeral())
@@ -173,31 +234,44 @@ def main(argv: list[str] | None = None) -> int:
         lab.kubectl("apply", "-f", "-", input=json.dumps(samples.credentials_secret(NAMESPACE, lab.s3)))
         lab.s3_server.ensure_bucket(BUCKET)
         bench = Bench(lab, cfg, uuid.uuid4().hex[:6])
+        if resume:
+            step = bench.seed()
+            print(f"[first-start] seed checkpoint at step {step} (--hidden {args.resume_hidden});"
+                  f" every job resumes from it", flush=True)
         runs: list[dict] = []
-        total = args.warmup + args.rounds
-        for i in range(total):
-            # Alternate which kind goes first, so neither always follows the other's teardown.
-            for kind in (("phoenix", "job") if i % 2 == 0 else ("job", "phoenix")):
+        for i in range(args.warmup + args.rounds):
+            # Rotate which kind goes first, so none always follows another's teardown.
+            for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
                 name = f"{kind}-{i}"
+                if resume:
+                    bench.place(name)
                 r = bench.one(kind, name)
                 bench.delete(kind, name)
+                bench.remove(name)
                 counted = i >= args.warmup
+                pre = r["prefetch"] or {}
                 print(f"[first-start] {'round ' + str(i - args.warmup + 1) if counted else 'warm-up'}"
                       f" {kind}: training {r['marks']['training']:.2f}s after creation "
                       f"({', '.join(f'{k} {v:.2f}' for k, v in r['marks'].items())}; trainer "
-                      f"{', '.join(f'{k} {v:.2f}' for k, v in r['trainer'].items())})", flush=True)
+                      f"{', '.join(f'{k} {v:.2f}' for k, v in r['trainer'].items())}"
+                      + (f"; prefetched {pre.get('bytes', 0) / 1e6:.0f} MB in {pre.get('seconds', 0):.2f}s,"
+                         f" restore waited {pre.get('waited', 0):.2f}s" if pre else "") + ")", flush=True)
                 if counted:
                     runs.append(r)
         summary = summarize(runs)
-        phoenix, job = (summary[k]["medianSeconds"]["training"] for k in ("phoenix", "job"))
+        p50 = {k: summary[k]["medianSeconds"]["training"] for k in kinds}
         report = {
             "benchmark": "first start: creation -> training, one job at a time on an idle lab",
+            "mode": f"resume from a train_mlp --hidden {args.resume_hidden} checkpoint" if resume
+                    else "a new run (no checkpoint)",
             "training": {"steps": cfg.steps, "args": cfg.args()},
             "rounds": args.rounds, "warmup": args.warmup,
             "summary": summary,
-            "phoenixOverJobTrainingP50": round(phoenix / job, 3),
+            "phoenixOverJobTrainingP50": round(p50["phoenix"] / p50["job"], 3),
             "runs": runs,
         }
+        if resume:
+            report["phoenixOverNoPrefetchTrainingP50"] = round(p50["phoenix"] / p50["phoenix-no-prefetch"], 3)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))
         print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))

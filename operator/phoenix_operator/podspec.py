@@ -230,9 +230,14 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
                                       role)
         container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
         if probed:
+            # Ready within a second of restoring; NotReady only after three probes in a row
+            # fail (about 3 s): the answering thread needs the GIL, which a standby loading a
+            # large checkpoint (or a step in Python) can hold for longer than one probe's
+            # timeout, and a flicker would hold back a handoff. A pod that ends is seen by
+            # its end, not by its probe.
             container.setdefault("readinessProbe", {
                 "httpGet": {"path": "/ready", "port": C.STATUS_PORT},
-                "periodSeconds": 1, "failureThreshold": 1, "successThreshold": 1,
+                "periodSeconds": 1, "failureThreshold": 3, "successThreshold": 1,
                 "timeoutSeconds": 1})
     return {
         "apiVersion": "v1", "kind": "Pod",

@@ -3,6 +3,8 @@ Pod Security and stays Ready, and a real training job (the example MLP in the tr
 preempted mid-run resumes from its checkpoint and succeeds."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kube_helpers import wait_for
@@ -63,6 +65,14 @@ def test_preempted_training_job_resumes_from_checkpoint_and_succeeds(e2e, kube, 
     env = {e.name: e.value for e in second.spec.containers[0].env or [] if e.value}
     assert env.get("PHOENIX_RESUME_FROM", "").startswith(f"s3://{e2e_bucket}/{name}/")
     assert _manifests(e2e, e2e_bucket, f"{name}/")
+    # ...downloaded while the script imported torch (the image's start-up prefetch), and
+    # says where its start-up went
+    body = e2e.s3.client().get_object(Bucket=e2e_bucket, Key=f"{name}/train/metrics/attempt-2.jsonl")
+    resumed = next(r for r in map(json.loads, body["Body"].read().decode().splitlines())
+                   if r["event"] == "resume")
+    startup = resumed["startup"]
+    assert startup["prefetch"]["bytes"] > 0 and "error" not in startup["prefetch"], startup
+    assert startup["total"] >= startup["beforeSession"] + startup["restore"], startup
     # what a user sees: `kubectl get pxj` with the printer columns
     header, row = e2e.kubectl("get", "pxj", name, "-n", e2e.namespace).stdout.splitlines()[:2]
     for column in ("STATUS", "PREEMPTIONS", "FAILURES"):

@@ -337,8 +337,10 @@ class AsyncCheckpointer:
             shutil.rmtree(os.path.join(self.spool, step_dir_name(snap.step)), ignore_errors=True)
 
 
-def load_checkpoint(storage: Storage, info: CheckpointInfo) -> dict[str, Any]:
+def load_checkpoint(storage: Storage, info: CheckpointInfo,
+                    fetched: Callable[[str], bytes | None] | None = None) -> dict[str, Any]:
     """Download every shard of ``info``, check size and sha256, and deserialize it.
+    ``fetched``: a shard's bytes already downloaded (``prefetch``), or None to download it.
 
     Raises CorruptCheckpointError naming the shard if anything does not match the manifest.
     """
@@ -349,16 +351,24 @@ def load_checkpoint(storage: Storage, info: CheckpointInfo) -> dict[str, Any]:
     t0 = time.perf_counter()
     total = 0
     for name, entry in sorted(info.manifest.files.items()):
-        try:
-            data = storage.get_bytes(f"{d}/{name}")
-        except FileNotFoundError as e:
-            raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
+        data = fetched(name) if fetched is not None else None
+        if data is not None and (len(data) != entry.size
+                                 or hashlib.sha256(data).hexdigest() != entry.sha256):
+            # Judged by what the store holds, never by a copy fetched earlier.
+            log.warning("checkpoint %s: the prefetched shard %s does not match the manifest;"
+                        " downloading it again", info.uri, name)
+            data = None
+        if data is None:
+            try:
+                data = storage.get_bytes(f"{d}/{name}")
+            except FileNotFoundError as e:
+                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
+            if len(data) != entry.size:
+                raise CorruptCheckpointError(
+                    f"checkpoint {info.uri}: shard {name} has {len(data)} bytes, manifest says {entry.size}")
+            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} sha256 mismatch")
         total += len(data)
-        if len(data) != entry.size:
-            raise CorruptCheckpointError(
-                f"checkpoint {info.uri}: shard {name} has {len(data)} bytes, manifest says {entry.size}")
-        if hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} sha256 mismatch")
         try:
             if name.endswith(".json"):
                 out[name] = json.loads(data)

@@ -51,6 +51,7 @@ from .contract import (
     EXIT_COMPLETED, EXIT_FAILED, EXIT_PREEMPTED, REASON_COMPLETED, REASON_FAILED,
     REASON_PREEMPTED, TerminationMessage, TrainerEnv,
 )
+from . import prefetch
 from .control import ControlPoller, start_status_server
 from .errors import CheckpointError, ConfigMismatchError, CorruptCheckpointError
 from .layout import (
@@ -149,6 +150,7 @@ class Session:
         # start, this session's creation (the script's imports and model build come before
         # it), a standby's wait, the restore.
         self._startup: dict[str, float] = {"session": time.time()}
+        self._prefetched: dict[str, Any] | None = None
         self.config = dict(config or {})
         self.fingerprint = config_fingerprint(self.config)
         self.env = env or TrainerEnv.from_env()
@@ -289,7 +291,22 @@ class Session:
         self._start_control()
         self._mark_ready()
         self._startup["restore"] = time.time() - began
+        self._end_prefetch()
         return restored
+
+    def _end_prefetch(self) -> None:
+        """Drop what the start-up prefetch holds; say what it did."""
+        pre = prefetch.release()
+        if pre is None:
+            return
+        self._prefetched = pre.summary()
+        if pre.error:
+            self.log.warning("prefetching %s during start-up did not work (%s); the restore"
+                             " downloaded it", pre.uri, pre.error)
+        elif self.resumed_from is not None and self.resumed_from.uri.rstrip("/") == pre.uri:
+            self.log.info("checkpoint %s was downloaded during start-up (%.1f MB in %.2fs; the"
+                          " restore waited %.2fs for it)", pre.uri, pre.nbytes / 1e6,
+                          pre.seconds, pre.waited)
 
     # ------------------------------------------------------------------ standby ----------
     def _wait_as_standby(self) -> str | None:
@@ -422,8 +439,11 @@ class Session:
                              self.fingerprint)
 
     def _load(self, storage: Storage, info: CheckpointInfo) -> dict[str, Any]:
-        """Download, verify (size, sha256) and deserialize this process's part of ``info``."""
-        return load_checkpoint(storage, info)
+        """Download, verify (size, sha256) and deserialize this process's part of ``info``
+        (the shards a ``prefetch`` already holds are not downloaded again)."""
+        pre = prefetch.current()
+        return load_checkpoint(storage, info, None if pre is None else (
+            lambda name: pre.take(info.uri, name)))
 
     def _init_from(self) -> Restored | None:
         uri = self.env.init_from
@@ -445,7 +465,8 @@ class Session:
         """Seconds of this process's start-up so far: ``beforeSession`` (interpreter, imports,
         model build: the script's part), ``standbyWait`` (a standby's wait for promotion),
         ``restore`` (finding, downloading and loading the checkpoint), ``total`` (from the
-        process's start until now); ``processStart`` is when the kernel started it."""
+        process's start until now); ``processStart`` is when the kernel started it;
+        ``prefetch`` what the start-up prefetch downloaded (``prefetch.Prefetch.summary``)."""
         now, began = time.time(), process_start_time()
         out: dict[str, Any] = {}
         if began is not None:
@@ -457,6 +478,8 @@ class Session:
             out["standbyWait"] = round(self._startup["standby"], 3)
         if "restore" in self._startup:
             out["restore"] = round(self._startup["restore"], 3)
+        if self._prefetched is not None:
+            out["prefetch"] = self._prefetched
         return out
 
     def started(self, step: int, epoch: int = 0, **fields: Any) -> None:

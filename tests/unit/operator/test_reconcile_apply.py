@@ -177,7 +177,7 @@ class FakeCore:
     def __init__(self, existing):
         self.existing = existing
 
-    def create_namespaced_pod(self, namespace, manifest):
+    def create_namespaced_pod(self, namespace, manifest, _preload_content=True):
         raise ApiException(status=409, reason="AlreadyExists")
 
     def read_namespaced_pod(self, name, namespace, _preload_content=True):
