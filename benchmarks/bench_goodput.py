@@ -57,7 +57,7 @@ from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_lab.install import install_phoenix
 
-from benchlab import PodTimeline, trainer_job
+from benchlab import PodTimeline, dump_diagnostics, trainer_job
 
 NAMESPACE = "goodput"
 BUCKET = "goodput"
@@ -350,6 +350,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     finally:
+        try:
+            where = dump_diagnostics(lab, NAMESPACE, state / "diagnostics")
+            print(f"[goodput] operator log, events, pods, jobs: {where}", flush=True)
+        except Exception as e:  # noqa: BLE001 - the lab may be half up; never hide the result
+            print(f"[goodput] no diagnostics: {e}", file=sys.stderr)
         lab.down()
 
 

@@ -175,3 +175,23 @@ def trainer_job(name: str, namespace: str, args: list[str], checkpoint_uri: str,
                                   "terminationGracePeriodSeconds": grace}},
         },
     }
+
+
+def dump_diagnostics(lab: Lab, namespace: str, out: Path) -> Path:
+    """What explains a surprising figure after the lab is gone: the installed operator's log,
+    the namespace's events, pods (with nodes) and PhoenixJobs, and the nodes; one file each."""
+    out.mkdir(parents=True, exist_ok=True)
+    deployments = lab.kubectl("-n", "phoenix-system", "get", "deployments", "-o", "name",
+                              check=False).stdout.split()
+    dumps = {f"operator-{d.rsplit('/', 1)[-1]}.log": ("-n", "phoenix-system", "logs", d, "--tail=-1")
+             for d in deployments}
+    dumps.update({
+        "events.txt": ("-n", namespace, "get", "events", "-o", "wide", "--sort-by=.lastTimestamp"),
+        "pods.txt": ("-n", namespace, "get", "pods", "-o", "wide"),
+        "phoenixjobs.yaml": ("-n", namespace, "get", "phoenixjobs", "-o", "yaml"),
+        "nodes.txt": ("get", "nodes", "-o", "wide", "--show-labels"),
+    })
+    for name, args in dumps.items():
+        r = lab.kubectl(*args, check=False)
+        (out / name).write_text(r.stdout + r.stderr)
+    return out

@@ -15,8 +15,11 @@ restore downloads as it would have, and says why in the log.
 When (``PHOENIX_PREFETCH``): ``1`` always, ``0`` never; unset, only in the container's main
 process (PID 1: the trainer; never its children or ``python -c``) running a script, never
 for a standby (it preloads by itself), a gang (its shards are read by
-torch.distributed.checkpoint, rank by rank) or a torchrun agent, and only for a checkpoint
-that fits in half the memory left (the cgroup's limit and MemAvailable).
+torch.distributed.checkpoint, rank by rank) or a torchrun agent, only with at least
+``MIN_CPUS`` CPUs to run on (a download is not free: receiving, copying and hashing take
+CPU, which on two cores is taken from the imports it was meant to overlap - measured in
+benchmarks/bench_first_start.py), and only for a checkpoint that fits in half the memory
+left (the cgroup's limit and MemAvailable).
 
 Standard library and the storage module only: never torch.
 """
@@ -35,6 +38,7 @@ from .contract import ENV_RESUME_FROM, ENV_ROLE, ROLE_STANDBY
 log = logging.getLogger("phoenix.prefetch")
 
 ENV_PREFETCH = "PHOENIX_PREFETCH"  # "1": always, "0": never, unset: auto (module docstring)
+MIN_CPUS = 4  # auto: fewer, and the download competes with the imports for the CPU
 
 _current: "Prefetch | None" = None
 
@@ -130,8 +134,10 @@ class Prefetch:
         return out
 
 
-def wanted(environ: Mapping[str, str], argv: Sequence[str], pid: int) -> str | None:
-    """The checkpoint to prefetch in this process, or None (module docstring: when)."""
+def wanted(environ: Mapping[str, str], argv: Sequence[str], pid: int,
+           cpus: float | None = None) -> str | None:
+    """The checkpoint to prefetch in this process, or None (module docstring: when).
+    ``cpus``: how many this process may use (default: ``usable_cpus()``)."""
     uri = environ.get(ENV_RESUME_FROM)
     switch = environ.get(ENV_PREFETCH, "").strip().lower()
     if not uri or switch in ("0", "false", "no", "off"):
@@ -142,7 +148,22 @@ def wanted(environ: Mapping[str, str], argv: Sequence[str], pid: int) -> str | N
     script = bool(argv) and argv[0].endswith(".py")
     if pid != 1 or not script or gang or environ.get(ENV_ROLE) == ROLE_STANDBY:
         return None
-    return uri
+    return uri if (usable_cpus() if cpus is None else cpus) >= MIN_CPUS else None
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
+    """CPUs this process may run on: its affinity, capped by the cgroup's (v2) CPU quota."""
+    try:
+        cpus: float = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, int(quota) / int(period))
+    except (OSError, ValueError):
+        pass
+    return cpus
 
 
 def memory_budget(cgroup: Path = Path("/sys/fs/cgroup"), meminfo: Path = Path("/proc/meminfo")) -> int | None:

@@ -32,7 +32,21 @@ URI = "s3://b/run/train/step-0000000005"
     ({ENV_RESUME_FROM: URI, "PHOENIX_PREFETCH": "1"}, ["-c"], 7, URI),  # forced
 ])
 def test_only_the_trainer_process_prefetches(environ, argv, pid, expected):
-    assert prefetch.wanted(environ, argv, pid) == expected
+    assert prefetch.wanted(environ, argv, pid, cpus=8) == expected
+
+
+def test_auto_needs_cpus_to_spare_forced_does_not():
+    trainer = {ENV_RESUME_FROM: URI}
+    assert prefetch.wanted(trainer, ["/app/train.py"], 1, cpus=2) is None
+    assert prefetch.wanted(trainer, ["/app/train.py"], 1, cpus=4) == URI
+    assert prefetch.wanted({**trainer, "PHOENIX_PREFETCH": "1"}, ["/app/train.py"], 1, cpus=1) == URI
+
+
+def test_usable_cpus_honours_the_cgroup_quota(tmp_path):
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert prefetch.usable_cpus(tmp_path) >= 1
+    (tmp_path / "cpu.max").write_text("150000 100000\n")
+    assert prefetch.usable_cpus(tmp_path) == min(1.5, prefetch.usable_cpus(tmp_path / "none"))
 
 
 def test_memory_budget_is_half_of_what_is_left(tmp_path):
