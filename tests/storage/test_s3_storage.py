@@ -1,6 +1,8 @@
 """The S3 backend against the real local S3 server (versitygw)."""
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from phoenix_trainer.errors import StorageError
@@ -36,6 +38,11 @@ def test_s3_round_trip_multipart_and_listing(s3_bucket, tmp_path):
     assert st.size("step-0000000010/nope") is None
     with pytest.raises(FileNotFoundError):
         st.get_bytes("step-0000000010/nope")
+    # Read and hashed chunk by chunk (20 MiB: three chunks): the same bytes, their sha256.
+    data, digest = st.get_bytes_sha256("step-0000000010/model.pt")
+    assert data == big.read_bytes() and digest == hashlib.sha256(data).hexdigest()
+    with pytest.raises(FileNotFoundError):
+        st.get_bytes_sha256("step-0000000010/nope")
 
 
 def test_s3_corruption_detected_and_fallback(s3_bucket, tmp_path):

@@ -338,9 +338,10 @@ class AsyncCheckpointer:
 
 
 def load_checkpoint(storage: Storage, info: CheckpointInfo,
-                    fetched: Callable[[str], bytes | None] | None = None) -> dict[str, Any]:
+                    fetched: Callable[[str], tuple[bytes, str] | None] | None = None) -> dict[str, Any]:
     """Download every shard of ``info``, check size and sha256, and deserialize it.
-    ``fetched``: a shard's bytes already downloaded (``prefetch``), or None to download it.
+    ``fetched``: a shard's bytes already downloaded and their sha256 (``prefetch``), or None
+    to download it.
 
     Raises CorruptCheckpointError naming the shard if anything does not match the manifest.
     """
@@ -351,23 +352,23 @@ def load_checkpoint(storage: Storage, info: CheckpointInfo,
     t0 = time.perf_counter()
     total = 0
     for name, entry in sorted(info.manifest.files.items()):
-        data = fetched(name) if fetched is not None else None
-        if data is not None and (len(data) != entry.size
-                                 or hashlib.sha256(data).hexdigest() != entry.sha256):
+        got = fetched(name) if fetched is not None else None
+        if got is not None and (len(got[0]) != entry.size or got[1] != entry.sha256):
             # Judged by what the store holds, never by a copy fetched earlier.
             log.warning("checkpoint %s: the prefetched shard %s does not match the manifest;"
                         " downloading it again", info.uri, name)
-            data = None
-        if data is None:
+            got = None
+        if got is None:
             try:
-                data = storage.get_bytes(f"{d}/{name}")
+                got = storage.get_bytes_sha256(f"{d}/{name}")
             except FileNotFoundError as e:
                 raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
-            if len(data) != entry.size:
+            if len(got[0]) != entry.size:
                 raise CorruptCheckpointError(
-                    f"checkpoint {info.uri}: shard {name} has {len(data)} bytes, manifest says {entry.size}")
-            if hashlib.sha256(data).hexdigest() != entry.sha256:
+                    f"checkpoint {info.uri}: shard {name} has {len(got[0])} bytes, manifest says {entry.size}")
+            if got[1] != entry.sha256:
                 raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} sha256 mismatch")
+        data = got[0]
         total += len(data)
         try:
             if name.endswith(".json"):

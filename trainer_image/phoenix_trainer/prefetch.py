@@ -54,7 +54,7 @@ class Prefetch:
         self.seconds = 0.0  # the download, once done
         self.waited = 0.0  # how long restore waited for shards still in flight
         self._cond = threading.Condition()
-        self._shards: dict[str, bytes] = {}
+        self._shards: dict[str, tuple[bytes, str]] = {}  # name -> (bytes, their sha256)
         self._pending: set[str] | None = None  # still to come; None: manifest not read yet
         self._done = False
         self._closed = False
@@ -91,11 +91,11 @@ class Prefetch:
             for name in names:
                 if self._closed:
                     break
-                data = storage.get_bytes(f"{d}/{name}")
+                got = storage.get_bytes_sha256(f"{d}/{name}")  # hashed here, off the restore's path
                 with self._cond:
                     if not self._closed:
-                        self._shards[name] = data
-                        self.nbytes += len(data)
+                        self._shards[name] = got
+                        self.nbytes += len(got[0])
                     self._pending.discard(name)
                     self._cond.notify_all()
         except Exception as e:  # noqa: BLE001 - no prefetch; the restore downloads as before
@@ -107,9 +107,9 @@ class Prefetch:
                 self._pending = set()
                 self._cond.notify_all()
 
-    def take(self, uri: str, name: str) -> bytes | None:
-        """Shard ``name`` of checkpoint ``uri`` if this prefetch holds it (waiting while it is
-        in flight), handed over once; None: download it yourself."""
+    def take(self, uri: str, name: str) -> tuple[bytes, str] | None:
+        """Shard ``name`` of checkpoint ``uri`` and its sha256 if this prefetch holds it
+        (waiting while it is in flight), handed over once; None: download it yourself."""
         if uri.rstrip("/") != self.uri:
             return None
         t0 = time.perf_counter()

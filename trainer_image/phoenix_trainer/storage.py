@@ -76,6 +76,8 @@ class Storage(Protocol):
     # Stream an object in; ``size_hint`` (expected bytes, may be off) lets S3 pick part sizes.
     def open_write(self, key: str, size_hint: int | None = None) -> ObjectWriter: ...
     def get_bytes(self, key: str) -> bytes: ...  # FileNotFoundError if absent
+    # The object and the sha256 hex digest of its bytes (S3: hashed as it arrives)
+    def get_bytes_sha256(self, key: str) -> tuple[bytes, str]: ...
     def get_file(self, key: str, path: str | os.PathLike) -> None: ...
     def open_read(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def size(self, key: str) -> int | None: ...  # None if absent
@@ -141,6 +143,10 @@ class LocalStorage:
         if not p.is_file():
             raise FileNotFoundError(self.uri_for(key))
         return p.read_bytes()
+
+    def get_bytes_sha256(self, key: str) -> tuple[bytes, str]:
+        data = self.get_bytes(key)
+        return data, hashlib.sha256(data).hexdigest()
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         p = self._path(key)
@@ -233,6 +239,7 @@ class _LocalWriter:
 # on the way in and keeps it, so a reader can later ask "is this the object that was
 # uploaded?" with a HEAD instead of downloading it (layout.verify_checkpoint).
 CHECKSUM_ALGORITHM = "SHA256"
+GET_CHUNK_BYTES = 8 << 20  # a download is read (and hashed) this much at a time
 
 
 def default_transfer_config():
@@ -485,6 +492,18 @@ class S3Storage:
         with self._errors("get", key):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
             return resp["Body"].read()
+
+    def get_bytes_sha256(self, key: str) -> tuple[bytes, str]:
+        """Hashed chunk by chunk as the body arrives: while a chunk is hashed (without the
+        GIL) the next one keeps arriving, so a download and its verification take about as
+        long as the download alone, instead of one after the other."""
+        digest, chunks = hashlib.sha256(), []
+        with self._errors("get", key):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            while chunk := body.read(GET_CHUNK_BYTES):
+                digest.update(chunk)
+                chunks.append(chunk)
+        return b"".join(chunks), digest.hexdigest()
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         with self._errors("download", key):

@@ -3,6 +3,7 @@ take, and a resume that takes the prefetched shards - verified as ever, download
 on local-file storage, in-process."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 
@@ -119,7 +120,9 @@ def test_a_prefetched_copy_that_does_not_match_is_downloaded_again(
         tmp_path, preempted, ref_model, caplog):
     pre = prefetch.start_from_env({ENV_RESUME_FROM: preempted, "PHOENIX_PREFETCH": "1"})
     pre._thread.join(10)
-    pre._shards["model.pt"] = b"\0" * len(pre._shards["model.pt"])  # damaged in memory
+    # A copy that is not the stored shard (the prefetch's own hash of it says so).
+    zeros = b"\0" * len(pre._shards["model.pt"][0])
+    pre._shards["model.pt"] = (zeros, hashlib.sha256(zeros).hexdigest())
     with caplog.at_level(logging.WARNING, logger="phoenix"):
         result, model, startup = resume(tmp_path, preempted)
     # Resumed from step 5 all the same (never judged by the copy), bit-exact.
