@@ -3,132 +3,133 @@ torch and builds the model.
 
 The operator names that checkpoint when it creates the pod (``PHOENIX_RESUME_FROM``), so
 nothing is left to decide: at interpreter start (the image's ``.pth`` file, right after
-``preflight``) a daemon thread reads the checkpoint's manifest and downloads its shards into
-memory, one after another, while the main thread imports torch, builds the model and
-initialises CUDA. ``Session`` restores exactly as before - it verifies the checkpoint and
-checks every shard's size and sha256 against the manifest - but takes each shard's bytes
-from here instead of downloading them, waiting for a shard still in flight. Bytes are
-handed over once and dropped; whatever was not taken is dropped when the restore ends.
-Any trouble (no manifest, a network error, not enough memory) only means no prefetch: the
-restore downloads as it would have, and says why in the log.
+``preflight``) the trainer starts a child process that reads the checkpoint's manifest and
+downloads its shards, one after another, into files in the spool directory, hashing each as
+it arrives, while the trainer imports torch, builds the model and initialises CUDA. A child
+process, not a thread: a thread's download needs the GIL back after every ``recv``, and
+while the main thread imports, each handoff waits out the interpreter's switch interval -
+measured, a thread fetched 0.8 GB at a third of the link's speed and slowed the imports
+(benchmarks/bench_first_start.py). ``Session`` restores exactly as before - it verifies the
+checkpoint, checks every shard's size and sha256 against the manifest - but takes each
+shard (and the sha256 the child computed of those very bytes) from here instead of
+downloading it, waiting for a shard still in flight. Files are read once and deleted; the
+rest (and the child) go when the restore ends. Any trouble (no manifest, a network error,
+no room) only means no prefetch: the restore downloads as it would have, and says why.
 
 When (``PHOENIX_PREFETCH``): ``1`` always, ``0`` never; unset, only in the container's main
 process (PID 1: the trainer; never its children or ``python -c``) running a script, never
 for a standby (it preloads by itself), a gang (its shards are read by
 torch.distributed.checkpoint, rank by rank) or a torchrun agent, only with at least
-``MIN_CPUS`` CPUs to run on (a download is not free: receiving, copying and hashing take
-CPU, which on two cores is taken from the imports it was meant to overlap - measured in
-benchmarks/bench_first_start.py), and only for a checkpoint that fits in half the memory
-left (the cgroup's limit and MemAvailable).
+``MIN_CPUS`` CPUs to run on (the child's download takes CPU too - receiving, hashing,
+writing - which on two cores comes out of the imports it was meant to overlap), and only
+for a checkpoint that fits in half the spool's free space.
 
-Standard library and the storage module only: never torch.
+Standard library only on the trainer's side (the child imports the storage module): this
+runs before the script's first import.
 """
 from __future__ import annotations
 
-import importlib
-import logging
+import json
 import os
-import threading
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import IO, Any, Mapping, Sequence
 
-from .contract import ENV_RESUME_FROM, ENV_ROLE, ROLE_STANDBY
-
-log = logging.getLogger("phoenix.prefetch")
+from .contract import ENV_RESUME_FROM, ENV_ROLE, ENV_SPOOL_DIR, ROLE_STANDBY
 
 ENV_PREFETCH = "PHOENIX_PREFETCH"  # "1": always, "0": never, unset: auto (module docstring)
 MIN_CPUS = 4  # auto: fewer, and the download competes with the imports for the CPU
+CHUNK = 8 << 20
 
 _current: "Prefetch | None" = None
 
 
 class Prefetch:
-    """Shards of one checkpoint (``uri``: its step directory), downloaded on a daemon thread."""
+    """Shards of one checkpoint (``uri``: its step directory), downloaded into ``folder`` by
+    a child process that reports each finished shard as a JSON line on its stdout."""
 
-    def __init__(self, uri: str, *, memory_budget: int | None = None) -> None:
+    def __init__(self, uri: str, folder: Path) -> None:
         self.uri = uri.rstrip("/")
-        self.memory_budget = memory_budget
+        self.folder = folder
         self.error: str | None = None
-        self.nbytes = 0  # downloaded so far
-        self.seconds = 0.0  # the download, once done
+        self.nbytes = 0  # handed over
+        self.seconds: float | None = None  # the child's download, up to its last shard
         self.waited = 0.0  # how long restore waited for shards still in flight
-        self._cond = threading.Condition()
-        self._shards: dict[str, tuple[bytes, str]] = {}  # name -> (bytes, their sha256)
-        self._pending: set[str] | None = None  # still to come; None: manifest not read yet
-        self._done = False
-        self._closed = False
-        self._thread = threading.Thread(target=self._run, name="phoenix-prefetch", daemon=True)
+        self._ready: dict[str, str] = {}  # shard -> sha256, finished and not yet taken
+        self._done = False  # nothing more to read
+        self._finished = False  # the child said it fetched every shard
+        self._proc: Any = None  # the child (subprocess.Popen)
 
     def start(self) -> "Prefetch":
-        self._thread.start()
+        import subprocess  # here: the .pth file imports this module in every interpreter
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", __name__, self.uri, str(self.folder)],
+            env={**os.environ, ENV_PREFETCH: "0"},  # the child never prefetches for itself
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
         return self
 
-    @property
-    def done(self) -> bool:
-        return self._done
-
-    def _run(self) -> None:
-        from .layout import MANIFEST_NAME, Manifest, split_checkpoint_uri, step_dir_name
-        from .storage import open_storage
-
-        t0 = time.perf_counter()
-        try:
-            prefix, step = split_checkpoint_uri(self.uri)
-            if step is None:
-                raise ValueError(f"{self.uri} names no step directory")
-            storage = open_storage(prefix)
-            d = step_dir_name(step)
-            # Only the manifest, for the shard list: the restore verifies it all again.
-            manifest = Manifest.from_json(storage.get_bytes(f"{d}/{MANIFEST_NAME}"))
-            size = sum(f.size for f in manifest.files.values())
-            if self.memory_budget is not None and size > self.memory_budget:
-                raise MemoryError(f"{size / 1e6:.0f} MB would not fit in half the memory left"
-                                  f" ({self.memory_budget * 2 / 1e6:.0f} MB)")
-            names = sorted(manifest.files)
-            with self._cond:
-                self._pending = set(names)
-            for name in names:
-                if self._closed:
-                    break
-                got = storage.get_bytes_sha256(f"{d}/{name}")  # hashed here, off the restore's path
-                with self._cond:
-                    if not self._closed:
-                        self._shards[name] = got
-                        self.nbytes += len(got[0])
-                    self._pending.discard(name)
-                    self._cond.notify_all()
-        except Exception as e:  # noqa: BLE001 - no prefetch; the restore downloads as before
-            self.error = f"{type(e).__name__}: {e}"[:300]
-        finally:
-            with self._cond:
-                self.seconds = time.perf_counter() - t0
-                self._done = True
-                self._pending = set()
-                self._cond.notify_all()
+    def _read_line(self) -> bool:
+        """One report from the child; False once it has no more to say."""
+        assert self._proc is not None and self._proc.stdout is not None
+        line = self._proc.stdout.readline()
+        if not line:
+            self._done = True
+            if self.error is None and not self._finished:
+                self.error = f"the prefetch process ended (exit {self._proc.wait()})"
+            return False
+        report = json.loads(line)
+        if "shard" in report:
+            self._ready[report["shard"]] = report["sha256"]
+            self.seconds = report["seconds"]  # since the child started, at this shard
+        elif "error" in report:
+            self.error = report["error"]
+        elif report.get("done"):
+            self._finished = True
+        return True
 
     def take(self, uri: str, name: str) -> tuple[bytes, str] | None:
-        """Shard ``name`` of checkpoint ``uri`` and its sha256 if this prefetch holds it
+        """Shard ``name`` of checkpoint ``uri`` and its sha256 if the child fetched it
         (waiting while it is in flight), handed over once; None: download it yourself."""
-        if uri.rstrip("/") != self.uri:
+        if uri.rstrip("/") != self.uri or self._proc is None:
             return None
         t0 = time.perf_counter()
-        with self._cond:
-            while not self._done and (self._pending is None or name in self._pending):
-                self._cond.wait()
-            self.waited += time.perf_counter() - t0
-            return self._shards.pop(name, None)
+        while name not in self._ready and not self._done and self._read_line():
+            pass
+        self.waited += time.perf_counter() - t0
+        digest = self._ready.pop(name, None)
+        if digest is None:
+            return None
+        path = self.folder / name
+        try:
+            data = path.read_bytes()
+            path.unlink()
+        except OSError:
+            return None
+        self.nbytes += len(data)
+        return data, digest
 
     def close(self) -> None:
-        """Drop what was not taken; stop downloading more."""
-        with self._cond:
-            self._closed = True
-            self._shards.clear()
+        """Stop the child if it still runs; delete what was not taken."""
+        import shutil
 
-    def summary(self) -> dict[str, float | str]:
-        out: dict[str, float | str] = {"bytes": self.nbytes,
-                                       "seconds": round(self.seconds, 3),
-                                       "waited": round(self.waited, 3)}
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        elif self._proc is not None:  # it finished: its last words (the seconds) are there
+            while not self._done and self._read_line():
+                pass
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"bytes": self.nbytes, "waited": round(self.waited, 3)}
+        if self.seconds is not None:
+            out["seconds"] = round(self.seconds, 3)
         if self.error:
             out["error"] = self.error
         return out
@@ -166,44 +167,18 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
     return cpus
 
 
-def memory_budget(cgroup: Path = Path("/sys/fs/cgroup"), meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """Half the memory this container has left: the least of MemAvailable and the cgroup
-    (v2) limit minus its usage; None if neither can be read."""
-    left: list[int] = []
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                left.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        limit = (cgroup / "memory.max").read_text().strip()
-        if limit != "max":
-            left.append(int(limit) - int((cgroup / "memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return max(0, min(left)) // 2 if left else None
-
-
 def start_from_env(environ: Mapping[str, str] = os.environ, argv: Sequence[str] | None = None,
                    pid: int | None = None) -> Prefetch | None:
     """Start prefetching if this process should (``wanted``); the prefetch, or None."""
     global _current
-    import sys
-
     uri = wanted(environ, sys.argv if argv is None else argv, os.getpid() if pid is None else pid)
     if uri is None:
         return None
+    spool = Path(environ.get(ENV_SPOOL_DIR) or tempfile.gettempdir())
     try:
-        # Imported here, on the main thread: the download thread then imports nothing while
-        # the script imports torch beside it.
-        for module in (f"{__package__}.layout", f"{__package__}.storage",
-                       *(("boto3",) if uri.startswith("s3://") else ())):
-            importlib.import_module(module)
-
-        _current = Prefetch(uri, memory_budget=memory_budget()).start()
+        _current = Prefetch(uri, spool / f"prefetch-{os.getpid()}").start()
     except Exception as e:  # noqa: BLE001 - from a .pth file: never stop the interpreter
-        log.warning("cannot prefetch %s: %s: %s", uri, type(e).__name__, e)
+        print(f"phoenix-trainer: cannot prefetch {uri}: {type(e).__name__}: {e}", file=sys.stderr)
         return None
     return _current
 
@@ -227,3 +202,49 @@ def _int(value: str | None) -> int:
         return int(value or 0)
     except ValueError:
         return 0
+
+
+def _download(uri: str, folder: Path, out: IO[str]) -> None:
+    """The child: every shard of ``uri`` into ``folder`` (``<name>.part``, renamed when
+    complete), one JSON line per finished shard on ``out`` (its sha256, the seconds since the
+    child started), then ``done`` - or an ``error``."""
+    import hashlib
+    import shutil
+
+    from .layout import MANIFEST_NAME, Manifest, split_checkpoint_uri, step_dir_name
+    from .storage import open_storage
+
+    t0 = time.perf_counter()
+
+    def report(**fields: Any) -> None:
+        out.write(json.dumps(fields) + "\n")
+        out.flush()
+
+    try:
+        prefix, step = split_checkpoint_uri(uri)
+        if step is None:
+            raise ValueError(f"{uri} names no step directory")
+        storage = open_storage(prefix)
+        d = step_dir_name(step)
+        # Only the manifest, for the shard list: the restore verifies it all again.
+        manifest = Manifest.from_json(storage.get_bytes(f"{d}/{MANIFEST_NAME}"))
+        size = sum(f.size for f in manifest.files.values())
+        room = shutil.disk_usage(folder).free // 2
+        if size > room:
+            raise OSError(f"{size / 1e6:.0f} MB would not fit in half the spool's free space"
+                          f" ({room * 2 / 1e6:.0f} MB free in {folder})")
+        for name in sorted(manifest.files):
+            part, digest = folder / f"{name}.part", hashlib.sha256()
+            with storage.open_read(f"{d}/{name}") as src, open(part, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    digest.update(chunk)
+                    dst.write(chunk)
+            part.rename(folder / name)
+            report(shard=name, sha256=digest.hexdigest(), seconds=time.perf_counter() - t0)
+        report(done=True)
+    except Exception as e:  # noqa: BLE001 - reported; the restore downloads by itself
+        report(error=f"{type(e).__name__}: {e}"[:300])
+
+
+if __name__ == "__main__":
+    _download(sys.argv[1], Path(sys.argv[2]), sys.stdout)

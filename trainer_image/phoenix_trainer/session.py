@@ -304,9 +304,8 @@ class Session:
             self.log.warning("prefetching %s during start-up did not work (%s); the restore"
                              " downloaded it", pre.uri, pre.error)
         elif self.resumed_from is not None and self.resumed_from.uri.rstrip("/") == pre.uri:
-            self.log.info("checkpoint %s was downloaded during start-up (%.1f MB in %.2fs; the"
-                          " restore waited %.2fs for it)", pre.uri, pre.nbytes / 1e6,
-                          pre.seconds, pre.waited)
+            self.log.info("checkpoint %s was downloaded during start-up (%.1f MB; the restore"
+                          " waited %.2fs for it)", pre.uri, pre.nbytes / 1e6, pre.waited)
 
     # ------------------------------------------------------------------ standby ----------
     def _wait_as_standby(self) -> str | None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import threading
 
 import pytest
 
@@ -50,18 +49,6 @@ def test_usable_cpus_honours_the_cgroup_quota(tmp_path):
     assert prefetch.usable_cpus(tmp_path) == min(1.5, prefetch.usable_cpus(tmp_path / "none"))
 
 
-def test_memory_budget_is_half_of_what_is_left(tmp_path):
-    (tmp_path / "meminfo").write_text("MemTotal: 100 kB\nMemAvailable:    8000 kB\n")
-    cgroup = tmp_path / "cg"
-    cgroup.mkdir()
-    (cgroup / "memory.max").write_text("max\n")
-    assert prefetch.memory_budget(cgroup, tmp_path / "meminfo") == 8000 * 1024 // 2
-    (cgroup / "memory.max").write_text(str(3_000_000))
-    (cgroup / "memory.current").write_text(str(1_000_000))
-    assert prefetch.memory_budget(cgroup, tmp_path / "meminfo") == 1_000_000
-    assert prefetch.memory_budget(tmp_path / "none", tmp_path / "none") is None
-
-
 @pytest.fixture
 def preempted(tmp_path):
     """A run stopped at step 5 (its emergency checkpoint); the checkpoint's URI."""
@@ -73,7 +60,7 @@ def preempted(tmp_path):
 
 
 def counting_gets(monkeypatch) -> list[str]:
-    """Record every shard read from local storage (manifests aside), from any thread."""
+    """Record every shard this process reads from local storage (manifests aside)."""
     gets: list[str] = []
     real = LocalStorage.get_bytes
 
@@ -93,36 +80,34 @@ def resume(tmp_path, uri):
     return result, model, start["startup"]
 
 
-def test_a_resume_takes_the_prefetched_shards_and_downloads_each_once(
+def start(tmp_path, uri):
+    return prefetch.start_from_env({ENV_RESUME_FROM: uri, "PHOENIX_PREFETCH": "1",
+                                    "PHOENIX_SPOOL_DIR": str(tmp_path / "spool")})
+
+
+def test_a_resume_takes_the_shards_the_child_fetched_and_reads_none_itself(
         tmp_path, preempted, ref_model, monkeypatch):
     gets = counting_gets(monkeypatch)
-    release = threading.Event()
-    real = LocalStorage.get_bytes
-
-    def slow_first_shard(self, key):  # arrives only once the restore waits: take() must wait
-        if key.endswith("/data.json"):
-            release.wait(10)
-        return real(self, key)
-
-    monkeypatch.setattr(LocalStorage, "get_bytes", slow_first_shard)
-    pre = prefetch.start_from_env({ENV_RESUME_FROM: preempted, "PHOENIX_PREFETCH": "1"})
+    pre = start(tmp_path, preempted)
     assert pre is not None and prefetch.current() is pre
-    threading.Timer(0.3, release.set).start()
     result, model, startup = resume(tmp_path, preempted)
     assert result.reason == "completed" and state_dicts_equal(model.state_dict(), ref_model)
-    shards = [k for k in gets if "step-0000000005/" in k]
-    assert sorted(shards) == sorted(set(shards)) and len(shards) >= 3  # each once: the prefetch's
-    assert startup["prefetch"]["bytes"] > 0 and startup["prefetch"]["waited"] > 0.1
+    assert not [k for k in gets if "step-0000000005/" in k]  # all from the child's files
+    assert startup["prefetch"]["bytes"] > 0 and startup["prefetch"]["seconds"] > 0
     assert "error" not in startup["prefetch"] and prefetch.current() is None
+    assert not pre.folder.exists() and pre._proc.poll() is not None  # cleaned up
 
 
 def test_a_prefetched_copy_that_does_not_match_is_downloaded_again(
         tmp_path, preempted, ref_model, caplog):
-    pre = prefetch.start_from_env({ENV_RESUME_FROM: preempted, "PHOENIX_PREFETCH": "1"})
-    pre._thread.join(10)
-    # A copy that is not the stored shard (the prefetch's own hash of it says so).
-    zeros = b"\0" * len(pre._shards["model.pt"][0])
-    pre._shards["model.pt"] = (zeros, hashlib.sha256(zeros).hexdigest())
+    pre = start(tmp_path, preempted)
+    assert pre.take(preempted, "data.json") is not None  # the child is running and reporting
+    while pre._read_line():  # let it finish
+        pass
+    # A shard file that is not the stored shard (the child's own hash of it says so).
+    zeros = b"\0" * (pre.folder / "model.pt").stat().st_size
+    (pre.folder / "model.pt").write_bytes(zeros)
+    pre._ready["model.pt"] = hashlib.sha256(zeros).hexdigest()
     with caplog.at_level(logging.WARNING, logger="phoenix"):
         result, model, startup = resume(tmp_path, preempted)
     # Resumed from step 5 all the same (never judged by the copy), bit-exact.
@@ -130,17 +115,24 @@ def test_a_prefetched_copy_that_does_not_match_is_downloaded_again(
     assert any("prefetched shard model.pt does not match" in m for m in caplog.messages)
 
 
-@pytest.mark.parametrize("how", ["missing", "too big"])
-def test_no_prefetch_means_the_restore_downloads_as_before(tmp_path, preempted, ref_model, how):
+@pytest.mark.parametrize("how", ["missing", "no room"])
+def test_no_prefetch_means_the_restore_downloads_as_before(tmp_path, preempted, ref_model, how,
+                                                          monkeypatch):
     if how == "missing":
-        pre = prefetch.start_from_env({ENV_RESUME_FROM: preempted.replace("-0000000005", "-0000000099"),
-                                       "PHOENIX_PREFETCH": "1"})
-    else:
-        pre = prefetch.start_from_env({ENV_RESUME_FROM: preempted, "PHOENIX_PREFETCH": "1"})
-        pre._thread.join(10)
-        pre = prefetch._current = prefetch.Prefetch(preempted, memory_budget=100).start()
-    pre._thread.join(10)
-    assert pre.error and not pre._shards
+        pre = start(tmp_path, preempted.replace("-0000000005", "-0000000099"))
+    else:  # the child sees a full disk (the same module, run by hand in this process)
+        import io
+        import shutil
+
+        monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10, 10, 1))
+        out = io.StringIO()
+        (tmp_path / "f").mkdir()
+        prefetch._download(preempted, tmp_path / "f", out)
+        assert "would not fit" in out.getvalue() and not list((tmp_path / "f").iterdir())
+        return
+    while pre._read_line():
+        pass
+    assert pre.error and not pre._ready
     result, model, startup = resume(tmp_path, preempted)
     assert result.reason == "completed" and state_dicts_equal(model.state_dict(), ref_model)
     assert startup["prefetch"]["error"] == pre.error
