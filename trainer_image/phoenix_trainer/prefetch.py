@@ -169,11 +169,20 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> float:
 
 def start_from_env(environ: Mapping[str, str] = os.environ, argv: Sequence[str] | None = None,
                    pid: int | None = None) -> Prefetch | None:
-    """Start prefetching if this process should (``wanted``); the prefetch, or None."""
+    """Start prefetching if this process should (``wanted``); the prefetch, or None.
+
+    Once per process: site processes a venv's ``.pth`` files twice when the venv is reached
+    by two paths (``lib`` and its ``lib64`` link), and two children writing the same folder
+    broke each other's files (seen in the image). The trainer's own children never
+    prefetch (a forced ``PHOENIX_PREFETCH=1`` is not inherited)."""
     global _current
+    if _current is not None:
+        return _current
     uri = wanted(environ, sys.argv if argv is None else argv, os.getpid() if pid is None else pid)
     if uri is None:
         return None
+    if environ is os.environ:
+        os.environ[ENV_PREFETCH] = "0"
     spool = Path(environ.get(ENV_SPOOL_DIR) or tempfile.gettempdir())
     try:
         _current = Prefetch(uri, spool / f"prefetch-{os.getpid()}").start()

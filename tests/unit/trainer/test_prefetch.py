@@ -98,6 +98,12 @@ def test_a_resume_takes_the_shards_the_child_fetched_and_reads_none_itself(
     assert not pre.folder.exists() and pre._proc.poll() is not None  # cleaned up
 
 
+def test_started_once_per_process(tmp_path, preempted):
+    """The .pth file may run twice in one interpreter: still one child, one folder."""
+    first = start(tmp_path, preempted)
+    assert start(tmp_path, preempted) is first and prefetch.current() is first
+
+
 def test_a_prefetched_copy_that_does_not_match_is_downloaded_again(
         tmp_path, preempted, ref_model, caplog):
     pre = start(tmp_path, preempted)
