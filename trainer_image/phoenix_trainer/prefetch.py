@@ -171,9 +171,9 @@ def start_from_env(environ: Mapping[str, str] = os.environ, argv: Sequence[str] 
                    pid: int | None = None) -> Prefetch | None:
     """Start prefetching if this process should (``wanted``); the prefetch, or None.
 
-    Once per process: site processes a venv's ``.pth`` files twice when the venv is reached
-    by two paths (``lib`` and its ``lib64`` link), and two children writing the same folder
-    broke each other's files (seen in the image). The trainer's own children never
+    Once per process: Python 3.11's ``site`` runs a venv's ``.pth`` files twice at start-up
+    (from ``venv()`` and again from ``main()``; the image's venv and this repository's both
+    do), and two children writing the same folder broke each other's files. The trainer's own children never
     prefetch (a forced ``PHOENIX_PREFETCH=1`` is not inherited)."""
     global _current
     if _current is not None:
