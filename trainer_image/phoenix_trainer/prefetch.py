@@ -21,8 +21,9 @@ process (PID 1: the trainer; never its children or ``python -c``) running a scri
 for a standby (it preloads by itself), a gang (its shards are read by
 torch.distributed.checkpoint, rank by rank) or a torchrun agent, only with at least
 ``MIN_CPUS`` CPUs to run on (the child's download takes CPU too - receiving, hashing,
-writing - which on two cores comes out of the imports it was meant to overlap), and only
-for a checkpoint that fits in half the spool's free space.
+writing - and with one CPU that would come out of the imports it is meant to overlap; with
+two it won, capped or not: benchmarks/README.md), and only for a checkpoint that fits in
+half the spool's free space.
 
 Standard library only on the trainer's side (the child imports the storage module): this
 runs before the script's first import.
@@ -40,7 +41,7 @@ from typing import IO, Any, Mapping, Sequence
 from .contract import ENV_RESUME_FROM, ENV_ROLE, ENV_SPOOL_DIR, ROLE_STANDBY
 
 ENV_PREFETCH = "PHOENIX_PREFETCH"  # "1": always, "0": never, unset: auto (module docstring)
-MIN_CPUS = 4  # auto: fewer, and the download competes with the imports for the CPU
+MIN_CPUS = 2  # auto: fewer, and the download would compete with the imports for the CPU
 CHUNK = 8 << 20
 
 _current: "Prefetch | None" = None

@@ -37,8 +37,9 @@ def test_only_the_trainer_process_prefetches(environ, argv, pid, expected):
 
 def test_auto_needs_cpus_to_spare_forced_does_not():
     trainer = {ENV_RESUME_FROM: URI}
-    assert prefetch.wanted(trainer, ["/app/train.py"], 1, cpus=2) is None
-    assert prefetch.wanted(trainer, ["/app/train.py"], 1, cpus=4) == URI
+    assert prefetch.wanted(trainer, ["/app/train.py"], 1, cpus=1) is None
+    assert prefetch.wanted(trainer, ["/app/train.py"], 1, cpus=1.5) is None
+    assert prefetch.wanted(trainer, ["/app/train.py"], 1, cpus=2) == URI
     assert prefetch.wanted({**trainer, "PHOENIX_PREFETCH": "1"}, ["/app/train.py"], 1, cpus=1) == URI
 
 
