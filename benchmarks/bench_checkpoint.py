@@ -16,6 +16,7 @@ other work. Never run by the test suite.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -133,6 +135,20 @@ def upload_comparison(model, opt, sched, storage: S3Storage, workdir: Path, reps
     return nbytes, ours, plain, streamed
 
 
+@contextlib.contextmanager
+def local_s3(tmp: Path, bucket: str = "bench") -> Iterator[tuple[S3Server, S3Storage]]:
+    """A versitygw S3 server on loopback under ``tmp`` with one bucket, and that bucket as a
+    Storage; the server stops on exit."""
+    server = S3Server(tmp / "s3")
+    ep = server.start()
+    try:
+        server.ensure_bucket(bucket)
+        yield server, S3Storage(bucket, "", endpoint_url=ep.url, access_key=ep.access_key,
+                                secret_key=ep.secret_key, region=ep.region)
+    finally:
+        server.stop()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="benchmarks/results/checkpoint.json")
@@ -150,26 +166,19 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
 
-    with tempfile.TemporaryDirectory(prefix="phoenix-bench-") as tmp:
-        server = S3Server(Path(tmp) / "s3")
-        ep = server.start()
-        try:
-            server.ensure_bucket("bench")
-            storage = S3Storage("bench", "", endpoint_url=ep.url, access_key=ep.access_key,
-                                secret_key=ep.secret_key, region=ep.region)
-            plain, ckpt = [], []
-            warm = argparse.Namespace(**{**vars(args), "steps": args.warmup + 20})
-            train_once(warm, storage, None)  # first-touch allocations, lazy imports
-            for rep in range(args.reps):
-                plain.append(train_once(args, storage, None)[0])
-                r, model, opt, sched = train_once(args, storage, f"train-{rep}")
-                ckpt.append(r)
-            work = Path(tmp) / "work"
-            work.mkdir()
-            sync = [sync_baseline(model, opt, sched, storage, work, i) for i in range(3)]
-            nbytes, ours_up, plain_up, streamed_up = upload_comparison(model, opt, sched, storage, work, reps=3)
-        finally:
-            server.stop()
+    with tempfile.TemporaryDirectory(prefix="phoenix-bench-") as tmp, \
+            local_s3(Path(tmp)) as (_, storage):
+        plain, ckpt = [], []
+        warm = argparse.Namespace(**{**vars(args), "steps": args.warmup + 20})
+        train_once(warm, storage, None)  # first-touch allocations, lazy imports
+        for rep in range(args.reps):
+            plain.append(train_once(args, storage, None)[0])
+            r, model, opt, sched = train_once(args, storage, f"train-{rep}")
+            ckpt.append(r)
+        work = Path(tmp) / "work"
+        work.mkdir()
+        sync = [sync_baseline(model, opt, sched, storage, work, i) for i in range(3)]
+        nbytes, ours_up, plain_up, streamed_up = upload_comparison(model, opt, sched, storage, work, reps=3)
 
     params = sum(p.numel() for p in model.parameters())
     no_ckpt_sps = statistics.median(r["steps_per_second"] for r in plain)

@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_checkpoint import build  # noqa: E402
-from phoenix_lab.s3 import S3Server  # noqa: E402
+from bench_checkpoint import build, local_s3  # noqa: E402
 from phoenix_trainer.checkpoint import _hashing_save  # noqa: E402
 from phoenix_trainer.state import capture_rng, to_cpu, tree_nbytes  # noqa: E402
 from phoenix_trainer.storage import S3Storage  # noqa: E402
@@ -75,55 +74,48 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
     tick = os.sysconf("SC_CLK_TCK")
 
-    with tempfile.TemporaryDirectory(prefix="phoenix-bench-") as tmp:
-        server = S3Server(Path(tmp) / "s3")
-        ep = server.start()
-        try:
-            server.ensure_bucket("bench")
-            storage = S3Storage("bench", "", endpoint_url=ep.url, access_key=ep.access_key,
-                                secret_key=ep.secret_key, region=ep.region)
-            tensors = snapshot()
-            spool = Path(tmp) / "spool"
-            spool.mkdir()
-            saves = saver(storage, tensors, spool)
-            spid = server.service._proc.pid
+    with tempfile.TemporaryDirectory(prefix="phoenix-bench-") as tmp, \
+            local_s3(Path(tmp)) as (server, storage):
+        tensors = snapshot()
+        spool = Path(tmp) / "spool"
+        spool.mkdir()
+        saves = saver(storage, tensors, spool)
+        spid = server.service._proc.pid
 
-            def cpu() -> tuple[float, float]:
-                t = os.times()
-                f = Path(f"/proc/{spid}/stat").read_text().rsplit(")", 1)[1].split()
-                return t.user + t.system, (int(f[11]) + int(f[12])) / tick
+        def cpu() -> tuple[float, float]:
+            t = os.times()
+            f = Path(f"/proc/{spid}/stat").read_text().rsplit(")", 1)[1].split()
+            return t.user + t.system, (int(f[11]) + int(f[12])) / tick
 
-            def slice_() -> None:
-                s = 0
-                for i in range(2000):
-                    s += i
+        def slice_() -> None:
+            s = 0
+            for i in range(2000):
+                s += i
 
-            runs: dict[str, list[dict]] = {v: [] for v in saves}
-            for rep in range(-1, args.reps):  # rep -1 warms up connections and allocations
-                for variant, save in saves.items():
-                    c0, t0 = cpu(), time.perf_counter()
-                    save(f"{variant}/cpu-{rep}")
-                    wall, c1 = time.perf_counter() - t0, cpu()
-                    th = threading.Thread(target=save, args=(f"{variant}/gil-{rep}",))
-                    lats: list[float] = []
-                    t1 = time.perf_counter()
-                    th.start()
-                    while th.is_alive():
-                        s = time.perf_counter()
-                        slice_()
-                        lats.append(time.perf_counter() - s)
-                    th.join()
-                    if rep >= 0:
-                        typical = statistics.median(lats)
-                        runs[variant].append({
-                            "wall_seconds": round(wall, 3),
-                            "client_cpu_seconds": round(c1[0] - c0[0], 3),
-                            "server_cpu_seconds": round(c1[1] - c0[1], 3),
-                            "with_probe_wall_seconds": round(time.perf_counter() - t1, 3),
-                            "probe_stolen_seconds": round(sum(x - typical for x in lats if x > typical), 3),
-                        })
-        finally:
-            server.stop()
+        runs: dict[str, list[dict]] = {v: [] for v in saves}
+        for rep in range(-1, args.reps):  # rep -1 warms up connections and allocations
+            for variant, save in saves.items():
+                c0, t0 = cpu(), time.perf_counter()
+                save(f"{variant}/cpu-{rep}")
+                wall, c1 = time.perf_counter() - t0, cpu()
+                th = threading.Thread(target=save, args=(f"{variant}/gil-{rep}",))
+                lats: list[float] = []
+                t1 = time.perf_counter()
+                th.start()
+                while th.is_alive():
+                    s = time.perf_counter()
+                    slice_()
+                    lats.append(time.perf_counter() - s)
+                th.join()
+                if rep >= 0:
+                    typical = statistics.median(lats)
+                    runs[variant].append({
+                        "wall_seconds": round(wall, 3),
+                        "client_cpu_seconds": round(c1[0] - c0[0], 3),
+                        "server_cpu_seconds": round(c1[1] - c0[1], 3),
+                        "with_probe_wall_seconds": round(time.perf_counter() - t1, 3),
+                        "probe_stolen_seconds": round(sum(x - typical for x in lats if x > typical), 3),
+                    })
 
     result = {"benchmark": "stream_cost", "cpus": os.cpu_count(), "torch": torch.__version__,
               "checkpoint_bytes": sum(tree_nbytes(o) for o in tensors.values()),
