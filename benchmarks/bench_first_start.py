@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     finally:
         lab.down()
+        # The seed's checkpoints and every resumed job's (GBs with --resume-hidden): the
+        # figures are in the JSON; the lab's logs stay.
+        shutil.rmtree(lab.s3_server.data_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
