@@ -234,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = Path(tempfile.mkdtemp(prefix="phoenix-first-start-"))
     lab = Lab(state / "lab", ports=LabPorts.ephemeral())
+    bench = None
     try:
         lab.up()
         install_phoenix(lab)
@@ -290,6 +291,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2))
         return 0
     finally:
+        if bench is not None:
+            bench.timeline.stop()
         lab.down()
         # The seed's checkpoints and every resumed job's (GBs with --resume-hidden): the
         # figures are in the JSON; the lab's logs stay.

@@ -228,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
 
     state = Path(tempfile.mkdtemp(prefix="phoenix-goodput-"))
     lab = Lab(state / "lab", ports=LabPorts.ephemeral(), spot_nodes=4)
+    timeline = None
     try:
         lab.up()
         install_phoenix(lab)
@@ -350,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     finally:
+        if timeline is not None:
+            timeline.stop()
         try:
             where = dump_diagnostics(lab, NAMESPACE, state / "diagnostics")
             print(f"[goodput] operator log, events, pods, jobs: {where}", flush=True)

@@ -122,9 +122,10 @@ class PodTimeline(threading.Thread):
         self.namespace = namespace
         self.seen: dict[str, dict[str, float]] = {}
         self._watch = watch.Watch()
+        self._stopped = False
 
     def run(self) -> None:
-        while True:
+        while not self._stopped:
             try:
                 for ev in self._watch.stream(self.core.list_namespaced_pod, self.namespace,
                                              timeout_seconds=300):
@@ -137,6 +138,11 @@ class PodTimeline(threading.Thread):
                         marks.setdefault("running", now)
             except Exception:  # noqa: BLE001 - a dropped watch: start another
                 time.sleep(0.5)
+
+    def stop(self) -> None:
+        """End the watch (a daemon thread still streaming at interpreter exit can abort it)."""
+        self._stopped = True
+        self._watch.stop()
 
     def first_start(self, pod: str, created: float, training: float) -> dict[str, float]:
         """Seconds from the job's creation to each mark of its first pod, and to training."""
