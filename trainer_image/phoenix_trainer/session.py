@@ -46,12 +46,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
+from . import prefetch
 from .checkpoint import AsyncCheckpointer, Snapshot, load_checkpoint
 from .contract import (
     EXIT_COMPLETED, EXIT_FAILED, EXIT_PREEMPTED, REASON_COMPLETED, REASON_FAILED,
     REASON_PREEMPTED, TerminationMessage, TrainerEnv,
 )
-from . import prefetch
 from .control import ControlPoller, start_status_server
 from .errors import CheckpointError, ConfigMismatchError, CorruptCheckpointError
 from .layout import (
