@@ -42,7 +42,6 @@ from .contract import ENV_RESUME_FROM, ENV_ROLE, ENV_SPOOL_DIR, ROLE_STANDBY
 
 ENV_PREFETCH = "PHOENIX_PREFETCH"  # "1": always, "0": never, unset: auto (module docstring)
 MIN_CPUS = 2  # auto: fewer, and the download would compete with the imports for the CPU
-CHUNK = 8 << 20
 
 _current: "Prefetch | None" = None
 
@@ -222,7 +221,7 @@ def _download(uri: str, folder: Path, out: IO[str]) -> None:
     import shutil
 
     from .layout import MANIFEST_NAME, Manifest, split_checkpoint_uri, step_dir_name
-    from .storage import open_storage
+    from .storage import GET_CHUNK_BYTES, open_storage
 
     t0 = time.perf_counter()
 
@@ -246,7 +245,7 @@ def _download(uri: str, folder: Path, out: IO[str]) -> None:
         for name in sorted(manifest.files):
             part, digest = folder / f"{name}.part", hashlib.sha256()
             with storage.open_read(f"{d}/{name}") as src, open(part, "wb") as dst:
-                while chunk := src.read(CHUNK):
+                while chunk := src.read(GET_CHUNK_BYTES):
                     digest.update(chunk)
                     dst.write(chunk)
             part.rename(folder / name)
