@@ -17,6 +17,14 @@
 
 ARG PYTHON_IMAGE=python:3.12-slim-bookworm
 
+# --- the dependency list alone, from pyproject.toml (core + the `operator` extra + the build
+# backend): the install below is keyed on the list's bytes, not on the whole pyproject.toml
+FROM ${PYTHON_IMAGE} AS requirements
+COPY pyproject.toml /tmp/pyproject.toml
+RUN python -c "import tomllib; p = tomllib.load(open('/tmp/pyproject.toml', 'rb')); \
+print('\n'.join(p['build-system']['requires'] + p['project']['dependencies'] \
++ p['project']['optional-dependencies']['operator']))" > /tmp/requirements.txt
+
 # --- build: a virtualenv with the operator and its dependencies ---------------------------
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 \
@@ -29,13 +37,10 @@ RUN python -m venv /opt/venv \
  && useradd --uid 65532 --gid 65532 --no-create-home --home-dir /tmp \
       --shell /usr/sbin/nologin phoenix
 WORKDIR /src
-# Dependencies from pyproject.toml alone (core + the `operator` extra + the build backend),
-# so a code edit rebuilds only the small layer after this one.
+# Dependencies first, so a code edit rebuilds only the small layers after this one.
+COPY --from=requirements /tmp/requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt
 COPY pyproject.toml ./
-RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
-print('\n'.join(p['build-system']['requires'] + p['project']['dependencies'] \
-+ p['project']['optional-dependencies']['operator']))" > /tmp/requirements.txt \
- && pip install -r /tmp/requirements.txt
 COPY README.md ./
 COPY operator/phoenix_operator/ operator/phoenix_operator/
 COPY trainer_image/phoenix_trainer/ trainer_image/phoenix_trainer/

@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: setup demo test test-unit test-cluster test-e2e lab-up lab-down bench
+.PHONY: setup demo test test-soak test-unit test-cluster test-e2e lab-up lab-down bench
 
 setup:
 	bash lab/bootstrap.sh
@@ -10,10 +10,18 @@ setup:
 demo: setup
 	$(PY) -m phoenix_lab.demo
 
+# --durations: the slowest tests; tests/timing_report.py adds time by layer, by file and the
+# lab's build steps at the end of every run.
 test: setup
-	$(PYTEST) tests
+	$(PYTEST) --durations=15 tests
 
-test-unit: setup
+# Seeded random chaos schedules beyond the fixed one `make test` runs (one job through ten
+# disruptions each).
+test-soak: setup
+	PHOENIX_CHAOS_SEEDS=$${PHOENIX_CHAOS_SEEDS:-1,2,3} $(PYTEST) -m soak tests
+
+test-unit:
+	bash lab/bootstrap.sh --no-images
 	$(PYTEST) -m unit tests
 
 test-cluster: setup

@@ -7,12 +7,25 @@
 #   4. the lab binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
 #      CoreDNS, versitygw, kubectl, helm), built from the Go module proxy and cached under
 #      ~/.cache/phoenix.
-# The images themselves are built by `phoenix-lab up` (lab/phoenix_lab/images.py).
+#   5. meanwhile, in the background, the lab's images and node image (`phoenix-lab prepare`:
+#      Debian base, operator and trainer images, the containerd root nodes boot from): they
+#      wait on the network and the disk while the Go builds keep both cores busy, so a fresh
+#      machine gets both in about the time of the longer. `--no-images` skips them (unit
+#      tests need none; `phoenix-lab up` builds whatever is missing anyway).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 say() { printf '[bootstrap] %s\n' "$*" >&2; }
 
+images=1
+for arg in "$@"; do
+  case "$arg" in
+    --no-images) images=0 ;;
+    *) say "unknown option $arg (--no-images)"; exit 2 ;;
+  esac
+done
+
+export PATH="$HOME/.local/bin:$PATH"
 if ! command -v uv >/dev/null 2>&1; then
   say "installing uv"
   python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
@@ -51,6 +64,35 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+prepare_pid=""
+if [ "$images" = 1 ]; then
+  mkdir -p "${PHOENIX_CACHE:-$HOME/.cache/phoenix}"
+  prepare_log="${PHOENIX_CACHE:-$HOME/.cache/phoenix}/prepare.log"
+  say "building the lab's images and node image in the background (log: $prepare_log)"
+  .venv/bin/python -m phoenix_lab.cli prepare >"$prepare_log" 2>&1 &
+  prepare_pid=$!
+  # A failed binary build must not leave the image build running behind our exit.
+  trap '[ -z "$prepare_pid" ] || kill "$prepare_pid" 2>/dev/null || true' EXIT
+fi
+
 say "building/caching lab binaries"
+t0=$SECONDS
 bash lab/build-binaries.sh
+say "binaries ready ($((SECONDS - t0))s)"
+
+if [ -n "$prepare_pid" ]; then
+  waited=0
+  while kill -0 "$prepare_pid" 2>/dev/null; do
+    [ $((waited % 15)) -ne 0 ] || say "images: $(tail -n1 "$prepare_log" 2>/dev/null | cut -c1-110)"
+    sleep 1; waited=$((waited + 1))
+  done
+  rc=0; wait "$prepare_pid" || rc=$?
+  prepare_pid=""
+  if [ "$rc" -ne 0 ]; then
+    say "error: building the lab's images failed (exit $rc); the end of $prepare_log:"
+    tail -n 25 "$prepare_log" >&2
+    exit "$rc"
+  fi
+  say "images and node image ready ($((SECONDS - t0))s after the binaries started)"
+fi
 say "ready"

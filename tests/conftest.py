@@ -12,6 +12,27 @@ import pytest
 
 from phoenix_lab.s3 import S3Endpoint, S3Server
 
+import timing_report
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(timing_report.TimingReport(), "phoenix-timing-report")
+
+
+def pytest_report_header(config):
+    """One line when other labs run on this machine: they share its cores and slow this run
+    (the demo's lab, left running, made a 29-minute suite take 55)."""
+    try:
+        from phoenix_lab.network import labs_running, slice_owner
+        others = labs_running()
+    except Exception:  # noqa: BLE001 - no `ip`, no lab package: nothing to warn about
+        return None
+    if not others:
+        return None
+    where = ", ".join(str((slice_owner(i) or ("?",))[0]) for i in others)
+    return (f"warning: {len(others)} other lab(s) running on this machine ({where}): they share "
+            "its cores and slow this run; stop one with `.venv/bin/phoenix-lab --state-dir DIR down`")
+
 
 @dataclass(frozen=True)
 class Bucket:
@@ -59,6 +80,7 @@ def lab(tmp_path_factory):
     the_lab = Lab(tmp_path_factory.mktemp("lab"), ports=LabPorts.ephemeral())
     try:
         the_lab.up()
+        timing_report.note("lab up", the_lab.timings)
         yield the_lab
     finally:
         the_lab.down()

@@ -22,6 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     imgs = sub.add_parser("images", help="build the lab's images (base, pause, operator, trainer); "
                                          "see 'phoenix-lab images -h'")
     imgs.add_argument("rest", nargs=argparse.REMAINDER)
+    sub.add_parser("prepare", help="build the images and the node image that 'up' boots nodes "
+                                   "from, without starting anything")
     sub.add_parser("up", help="build the images if needed and start the lab (idempotent; "
                               "cleans up after a crash)")
     down = sub.add_parser("down", help="stop the lab")
@@ -39,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
             from . import images
 
             return images.main(args.rest)
+        if args.cmd == "prepare":
+            from .cluster import prepare
+
+            print(f"node image ready: {prepare()}")
+            return 0
         lab = Lab(args.state_dir)
         if args.cmd == "up":
             lab.up()

@@ -13,6 +13,7 @@ made. Addresses and the rules that keep traffic on this machine: `network.py`.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import signal as _signal
@@ -126,6 +127,35 @@ def initial_nodes(spot_nodes: int = SPOT_NODES) -> list[NodeSpec]:
         for i in range(1, spot_nodes + 1)]
 
 
+def prepare_node_image(refs: dict[str, str], progress: Progress) -> Path:
+    """The node image holding ``refs`` (``images.ensure_all``'s result), made if missing."""
+    return ensure_node_image([refs["pause"], refs["operator"], refs["trainer"]],
+                             images.stamp(refs), lambda ref: images.save_image(ref, progress),
+                             progress)
+
+
+def prepare(progress: Progress = _print_progress) -> Path:
+    """Everything ``Lab.up`` needs built before it starts a process: the images and the
+    node image. ``lab/bootstrap.sh`` runs it beside the Go builds, so a fresh machine's
+    first ``up`` starts the lab instead of building."""
+    return prepare_node_image(images.ensure_all(progress), progress)
+
+
+class _Steps:
+    """``with steps("name"):`` adds the block's seconds to ``timings["name"]``."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.monotonic()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.monotonic() - t0
+
+
 class Lab:
     def __init__(self, state_dir: Path | None = None, ports: LabPorts | None = None,
                  progress: Progress = _print_progress, spot_nodes: int = SPOT_NODES) -> None:
@@ -154,6 +184,9 @@ class Lab:
         self.s3_server = S3Server(self.state_dir / "s3", port=self.ports.s3,
                                   host=self.net.host_ip)
         self.images: dict[str, str] = {}
+        # Seconds each step of the last up() took (images, node image, control plane, ...):
+        # what a cold start spends where (tests/timing_report.py prints it).
+        self.timings: dict[str, float] = {}
 
     def _save(self) -> None:
         self._saved.write_text(json.dumps({
@@ -347,29 +380,34 @@ class Lab:
     # ---- lifecycle ---------------------------------------------------------------------
     def up(self) -> "Lab":
         t0 = time.monotonic()
+        self.timings = {}
+        step = _Steps(self.timings)
         for name in ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
                      "kubelet", "coredns", "versitygw"):
             paths.binary(name)  # fail early with a clear message if a binary is missing
-        self.images = images.ensure_all(self.progress)
-        node_image = ensure_node_image(
-            [self.images["pause"], self.images["operator"], self.images["trainer"]],
-            images.stamp(self.images), lambda ref: images.save_image(ref, self.progress),
-            self.progress)
-        self._start_control_plane()
+        with step("images"):
+            self.images = images.ensure_all(self.progress)
+        with step("node image"):
+            node_image = prepare_node_image(self.images, self.progress)
+        with step("control plane"):
+            self._start_control_plane()
         stamp = self.node_image_stamp = node_image.parent.name
         self._save()
-        for node in self.nodes():
-            if node.running() and node.booted_from() == stamp:
-                self.progress(f"node {node.name}: already running")
-                continue
-            if node.running():
-                self.progress(f"node {node.name}: the images changed; rebooting it")
-                node.stop()
-            self.progress(f"starting node {node.name} (containerd + kubelet, {node.ip})")
-            self._node_credentials(node)
-            node.start(node_image, self.progress)
-        self.wait_nodes_ready()
-        self._start_s3()
+        with step("nodes"):
+            for node in self.nodes():
+                if node.running() and node.booted_from() == stamp:
+                    self.progress(f"node {node.name}: already running")
+                    continue
+                if node.running():
+                    self.progress(f"node {node.name}: the images changed; rebooting it")
+                    node.stop()
+                self.progress(f"starting node {node.name} (containerd + kubelet, {node.ip})")
+                self._node_credentials(node)
+                node.start(node_image, self.progress)
+            self.wait_nodes_ready()
+        with step("s3"):
+            self._start_s3()
+        self.timings["total"] = time.monotonic() - t0
         self.progress(f"lab ready in {time.monotonic() - t0:.1f}s; "
                       f"export KUBECONFIG={self.kubeconfig}")
         return self
