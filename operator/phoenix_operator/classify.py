@@ -1,14 +1,18 @@
 """Tell how a trainer pod ended: completed, preempted or failed. Pure: reads a pod dict.
 
-A preemption is something that happened *to* the pod, shown by the cluster or by the
-trainer: a DisruptionTarget condition, an eviction, node loss, deletion by someone else, or
-the trainer's own "preempted" termination message. It costs the preemption budget (unlimited
-by default) and is replaced at once. Everything else is a failure (non-zero exit, OOMKilled,
-image or config errors, activeDeadlineSeconds); it costs the failure budget and is replaced
-after backoff. In particular an exit code of 137/143 alone proves nothing: a liveness probe,
-``activeDeadlineSeconds`` or a trainer that kills itself end the same way, and counting them
-as preemptions would retry them forever. Such an exit is a preemption only when something
-corroborates it (its node is gone or not Ready); otherwise it is a failure.
+A preemption is something that happened *to* the pod, shown by the cluster: a
+DisruptionTarget condition, an eviction, node loss, deletion by someone else, a reclaim
+notice on its node, or a kubelet that lost a race for capacity. It costs the preemption
+budget (unlimited by default) and is replaced at once. Everything else is a failure (non-zero
+exit, OOMKilled, image or config errors, activeDeadlineSeconds, a kubelet refusal that every
+node would repeat, a node-pressure eviction of a trainer using more than it requested); it
+costs the failure budget and is replaced after backoff. In particular an exit code of 137/143
+alone proves nothing, and neither does the trainer's own "preempted" message (it only says a
+SIGTERM arrived): a liveness probe, ``activeDeadlineSeconds`` or a trainer that kills itself
+end the same way, and counting them as preemptions would retry them forever. Such an end is
+a preemption only when something on the cluster corroborates it (its node is gone, not Ready
+or announced its reclaim); otherwise it is a failure. ``Outcome.started`` says whether the
+trainer ran at all, for the caller's bound on preemptions that never reach training.
 
 A pod can also be over while the API still shows it live: its Node object is gone, or carries
 the ``node.kubernetes.io/out-of-service`` taint (a person or the cloud says the machine is
@@ -24,7 +28,8 @@ Pods are dicts in the API's JSON shape (camelCase), as the API returns them.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Iterable, Mapping
 
@@ -61,6 +66,7 @@ class Outcome:
     termination: TerminationMessage | None = None
     delete: bool = False  # the pod is stuck (image/config error): delete it to replace it
     force: bool = False   # ... with grace 0: its node is gone, no process can still run
+    started: bool = True  # False: the trainer container never ran (refused, never scheduled)
 
     @property
     def live(self) -> bool:
@@ -234,7 +240,9 @@ def _classify_deleted(pod: Mapping[str, Any]) -> Outcome:
         return outcome
     disruption = _disruption(pod)
     meta = pod.get("metadata") or {}
-    return Outcome(cause=Cause.PREEMPTION,
+    cs = _container_status(pod)
+    ran = "running" in (cs.get("state") or {}) or _terminated(cs) is not None
+    return Outcome(cause=Cause.PREEMPTION, started=ran,
                    reason=(disruption or {}).get("reason") or C.R_POD_DELETED,
                    message=_shorten((disruption or {}).get("message") or
                                     f"pod {meta.get('name', '')} was deleted while running"),
@@ -244,6 +252,44 @@ def _classify_deleted(pod: Mapping[str, Any]) -> Outcome:
 def _own_limit(status: Mapping[str, Any]) -> bool:
     text = str(status.get("message") or "").lower()
     return status.get("reason") == "Evicted" and any(m in text for m in _OWN_LIMIT_MARKERS)
+
+
+# The kubelet's node-pressure eviction message names each container's usage and request.
+_USAGE = re.compile(r"Container (\S+) was using (\S+), request is (\S+)")
+_QUANTITY = re.compile(r"^([0-9.]+)([a-zA-Z]*)$")
+_SUFFIX = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+           "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40, "Pi": 2 ** 50,
+           "Ei": 2 ** 60, "m": 1e-3, "n": 1e-9, "u": 1e-6}
+
+
+def _quantity(text: str) -> float | None:
+    m = _QUANTITY.match(text.strip().rstrip(",."))
+    if m is None or m.group(2) not in _SUFFIX:
+        return None
+    return float(m.group(1)) * _SUFFIX[m.group(2)]
+
+
+def _over_request(pod: Mapping[str, Any], status: Mapping[str, Any]) -> str | None:
+    """The trainer's usage above its request, if a node-pressure eviction says so: evicting
+    the container that exceeds its request most is how the kubelet picks, so the same
+    template on any node under the same load is evicted again."""
+    if status.get("reason") != "Evicted":
+        return None
+    trainer = trainer_container_name(pod)
+    for name, using, request in _USAGE.findall(str(status.get("message") or "")):
+        used, asked = _quantity(using), _quantity(request)
+        if name == trainer and used is not None and asked is not None and used > asked:
+            return (f"container {name} was using {using}, above its request of {request}; "
+                    "raise the request (or lower the usage) in the pod template")
+    return None
+
+
+def _refused(pod_phase: str, status: Mapping[str, Any]) -> bool:
+    """The kubelet refused the pod at admission for a reason every node would repeat."""
+    reason = str(status.get("reason") or "")
+    return bool(reason) and not reason.startswith(C.CAPACITY_REFUSAL_PREFIXES) and \
+        reason not in C.PLACEMENT_REFUSALS and reason not in NODE_GONE_REASONS and \
+        reason != "Evicted" and pod_phase == "Failed"
 
 
 def _classify(pod: Mapping[str, Any], node: NodeHealth | None) -> Outcome:
@@ -276,6 +322,10 @@ def _classify(pod: Mapping[str, Any], node: NodeHealth | None) -> Outcome:
     # Failed or Unknown from here on: the attempt is over.
     if _own_limit(status):
         return out(Cause.FAILURE, C.R_OWN_LIMIT, status.get("message", ""))
+    over = _over_request(pod, status)
+    if over:
+        return out(Cause.FAILURE, C.R_OVER_REQUEST,
+                   f"evicted under node pressure: {over}; {status.get('message', '')}")
     if status.get("reason") in FAILURE_POD_REASONS:
         return out(Cause.FAILURE, status["reason"], status.get("message", ""))
     disruption = _disruption(pod)
@@ -288,26 +338,40 @@ def _classify(pod: Mapping[str, Any], node: NodeHealth | None) -> Outcome:
         return out(Cause.PREEMPTION, C.R_NODE_LOST, status.get("message", ""))
     if term and term.get("reason") == "OOMKilled":
         return out(Cause.FAILURE, C.R_OOM)
-    if tmsg and tmsg.reason == REASON_PREEMPTED:
-        return out(Cause.PREEMPTION, C.R_TRAINER_PREEMPTED)
     if meta.get("deletionTimestamp"):
         return out(Cause.PREEMPTION, C.R_DELETED_BY_OTHERS)
+    if tmsg and tmsg.reason == REASON_PREEMPTED:
+        # The trainer only knows a SIGTERM came; who sent it is the cluster's to say.
+        return _killed(out, exit_code if exit_code in KILL_REASONS else C.SIGTERM_EXIT, node,
+                       raw_msg, said_preempted=True)
     if exit_code in KILL_REASONS:
         return _killed(out, exit_code, node, raw_msg)
     if exit_code == 0 and (tmsg is None or tmsg.reason == REASON_COMPLETED):
         return out(Cause.COMPLETED, "Completed")
     if term is None:
-        # Failed without the trainer ever exiting: the node refused the pod (admission, e.g.
-        # OutOfnvidia.com/gpu) - not the trainer's fault - or we cannot tell.
-        if status.get("reason"):
-            return out(Cause.PREEMPTION, status["reason"], status.get("message", ""))
-        return out(Cause.FAILURE, C.R_UNKNOWN_EXIT, "pod failed without a container exit")
+        # Failed without the trainer ever running: the node refused the pod at admission.
+        # Lost a race for capacity (OutOfnvidia.com/gpu): another node will do, a preemption.
+        # Anything else (SysctlForbidden, AppArmor, ...) every node repeats: a failure.
+        reason = status.get("reason")
+        if reason and not _refused(pod_phase, status):
+            return replace(out(Cause.PREEMPTION, reason, status.get("message", "")),
+                           started=False)
+        if reason:
+            return replace(out(Cause.FAILURE, reason,
+                               f"the node's kubelet refused the pod ({reason}: "
+                               f"{status.get('message', '')}); every node would: fix the pod "
+                               "template (sysctls, AppArmor/seccomp profiles, device requests)"),
+                           started=False)
+        return replace(out(Cause.FAILURE, C.R_UNKNOWN_EXIT, "pod failed without a container exit"),
+                       started=False)
     return out(Cause.FAILURE, C.R_ERROR)
 
 
-def _killed(out, exit_code: int, node: NodeHealth | None, raw_msg: str) -> Outcome:
-    """137/143 with no DisruptionTarget, no deletion, no "preempted" message: a preemption
-    only if the node corroborates it."""
+def _killed(out, exit_code: int, node: NodeHealth | None, raw_msg: str,
+            said_preempted: bool = False) -> Outcome:
+    """137/143 with no DisruptionTarget and no deletion (``said_preempted``: the trainer
+    caught the SIGTERM and reported "preempted"): a preemption only if the node corroborates
+    it."""
     reason = KILL_REASONS[exit_code]
     if node is not None and not node.healthy:
         state = "gone" if node.missing else "not Ready"
@@ -317,8 +381,10 @@ def _killed(out, exit_code: int, node: NodeHealth | None, raw_msg: str) -> Outco
         return out(Cause.PREEMPTION, C.R_NOTICE,
                    f"exit code {exit_code} ({reason}) on a node that announced its reclaim"
                    f" ({node.notice})")
-    why = (f"exit code {exit_code} ({reason}) with no sign of a disruption (no DisruptionTarget "
-           "condition, not deleted, node healthy, no 'preempted' termination message): a "
+    said = (" (the trainer caught it, saved and reported 'preempted', but only the cluster can"
+            " say who sent it)" if said_preempted else "")
+    why = (f"exit code {exit_code} ({reason}){said} with no sign of a disruption (no "
+           "DisruptionTarget condition, not deleted, node healthy and no reclaim notice): a "
            "liveness probe, activeDeadlineSeconds or the trainer itself killed it")
     return out(Cause.FAILURE, reason, f"{why}; {raw_msg}" if raw_msg else why)
 

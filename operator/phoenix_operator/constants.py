@@ -139,6 +139,7 @@ R_DISRUPTION_PREFIX = "Disruption"  # + the DisruptionTarget condition's reason
 R_EVICTED = "Evicted"
 R_NODE_LOST = "NodeLost"
 R_NOTICE = "ReclaimNotice"  # killed on a node that announced its reclaim
+R_HANDOFF = "HandedOff"  # ended after handing off to a standby, as the operator asked
 R_POD_DELETED = "PodDeleted"
 R_DELETED_BY_OTHERS = "DeletedExternally"
 R_TRAINER_PREEMPTED = "TrainerPreempted"
@@ -146,11 +147,24 @@ R_SIGTERM = "SIGTERM"
 R_SIGKILL = "SIGKILL"
 R_OOM = "OOMKilled"
 R_OWN_LIMIT = "LimitExceeded"  # evicted for exceeding its own ephemeral-storage limits
+R_OVER_REQUEST = "OverRequest"  # node-pressure eviction of a trainer using more than it requested
+R_NEVER_STARTED = "NeverStarted"  # preempted before it ran, too many times in a row
 R_ERROR = "Error"
 R_CONFIG_ERROR = "ConfigError"
 R_UNKNOWN_EXIT = "UnknownExit"
 
 # Container waiting reasons that will not heal by waiting: charge the failure budget.
+# A kubelet that refuses a pod for these reasons lost a race for capacity or placement (the
+# scheduler saw room that was gone, a label changed): another node may take the pod, so it
+# is a preemption. Any other refusal (SysctlForbidden, AppArmor, UnexpectedAdmissionError,
+# ...) follows the pod template to every node: a failure.
+CAPACITY_REFUSAL_PREFIXES = ("OutOf",)
+PLACEMENT_REFUSALS = frozenset({"NodeAffinity", "NodePorts", "NodeName", "Taint",
+                                "PodTopologySpread"})
+# Preemptions in a row of attempts that never started their trainer before the phase stops
+# retrying them as preemptions (each one backs off like a failure before that).
+MAX_UNSTARTED_PREEMPTIONS = 5
+
 FATAL_WAITING_REASONS = frozenset({
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
     "CreateContainerError", "CrashLoopBackOff", "RunContainerError",

@@ -49,6 +49,7 @@ from typing import Any, Mapping, Sequence
 from . import constants as C
 from .classify import LIVE, NodeHealth, Outcome, classify, gone, node_grace_left, stranded
 from .constants import Cause, JobPhase, PhaseState
+from phoenix_trainer.contract import REASON_PREEMPTED
 from phoenix_trainer.layout import Control, split_checkpoint_uri
 
 from .model import (
@@ -501,6 +502,7 @@ def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
     """The recorded attempt ended: charge the right budget and move the state machine.
     ``member``: the pod that ended it (a gang's member that caused it)."""
     ended = outcome.finished_at or ctx.now
+    outcome = _handed_off(st, outcome)
     pod = member or st.pod or pod_name(ctx.job, phase.name, st.attempts)
     if phase.replicas > 1 and outcome.cause != Cause.COMPLETED:
         pod = f"{pod} (gang member {pod.rsplit('.', 1)[-1]} of {phase.replicas})"
@@ -514,6 +516,14 @@ def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
         return replace(st, state=transition(st.state, Event.SUCCEED), completed_at=ended,
                        next_attempt_at=None)
     rec = ctx.spec.recovery
+    unstarted = 0 if outcome.started else st.unstarted_preemptions + 1
+    st = replace(st, unstarted_preemptions=unstarted)
+    if outcome.cause == Cause.PREEMPTION and unstarted >= C.MAX_UNSTARTED_PREEMPTIONS:
+        outcome = replace(outcome, cause=Cause.FAILURE, reason=C.R_NEVER_STARTED, message=(
+            f"{unstarted} attempts in a row ended before the trainer started (last: "
+            f"{outcome.reason}: {outcome.message}); check that the node pool has the capacity "
+            "the pod template asks for and that its nodeSelector, tolerations and admission "
+            "rules fit a node"))
     failure = Failure(cause=outcome.cause.value, reason=outcome.reason,
                       exit_code=outcome.exit_code, message=outcome.message, time=ended,
                       attempt=st.attempts, pod=member)
@@ -526,11 +536,17 @@ def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
             return _exhaust(ctx, phase, st, ended,
                             f"{n} preemptions exceed maxPreemptions={rec.max_preemptions}; "
                             f"last: attempt {st.attempts} {what}")
+        # A preemption is not the job's fault and is replaced at once - unless attempts keep
+        # ending before the trainer runs: from the second in a row they back off.
+        delay = rec.backoff(unstarted - 1) if unstarted > 1 else 0.0
+        when = (f"retrying in {delay:g}s ({unstarted} in a row before the trainer started)"
+                if delay else "replacing now")
         ctx.note("Normal", C.EV_PREEMPTED,
                  f"phase {phase.name} pod {pod} (attempt {st.attempts}) preempted: {what}; "
-                 f"replacing now (preemption {n}"
+                 f"{when} (preemption {n}"
                  + (f" of {rec.max_preemptions})" if rec.max_preemptions is not None else ")"))
-        return replace(st, state=transition(st.state, Event.PREEMPT), next_attempt_at=None)
+        return replace(st, state=transition(st.state, Event.PREEMPT),
+                       next_attempt_at=ended + timedelta(seconds=delay) if delay else None)
     n = st.failures + 1
     st = replace(st, failures=n, last_failure=failure,
                  consecutive_failures_at_checkpoint=st.consecutive_failures_at_checkpoint + 1)
@@ -544,6 +560,20 @@ def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
              f"retrying in {delay:g}s (failure {n} of {rec.max_failures} allowed)")
     return replace(st, state=transition(st.state, Event.FAIL),
                    next_attempt_at=ended + timedelta(seconds=delay))
+
+
+def _handed_off(st: PhaseStatus, outcome: Outcome) -> Outcome:
+    """The trainer's "preempted" needs corroboration (classify): the operator's own handoff
+    request to this attempt is one, even if the node's notice was lifted meanwhile."""
+    n = st.last_notice
+    tm = outcome.termination
+    if (outcome.cause == Cause.FAILURE and outcome.reason == C.R_SIGTERM and tm is not None
+            and tm.reason == REASON_PREEMPTED and n is not None and n.attempt == st.attempts
+            and n.handoff_to is not None):
+        return replace(outcome, cause=Cause.PREEMPTION, reason=C.R_HANDOFF,
+                       message=f"handed off to attempt {n.handoff_to} as the operator asked "
+                               f"({n.signal} on node {n.node}); {tm.message}".strip("; "))
+    return outcome
 
 
 def _exhaust(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, ended: datetime,

@@ -281,6 +281,9 @@ class PhaseStatus:
     promotions: int = 0  # standbys that took over
     last_attempt: int = 0  # the highest attempt number given out (standbys included)
     standby_retry_at: datetime | None = None  # a standby gang released: no new one before
+    # Attempts in a row that ended before their trainer ran (refused, evicted while
+    # Pending): bounded by MAX_UNSTARTED_PREEMPTIONS, reset by an attempt that ran.
+    unstarted_preemptions: int = 0
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -314,6 +317,8 @@ class PhaseStatus:
             d["promotions"] = self.promotions
         if self.last_attempt > self.attempts:
             d["lastAttempt"] = self.last_attempt
+        if self.unstarted_preemptions:
+            d["unstartedPreemptions"] = self.unstarted_preemptions
         return d
 
     @classmethod
@@ -340,6 +345,7 @@ class PhaseStatus:
             promotions=int(d.get("promotions", 0)),
             last_attempt=int(d.get("lastAttempt", 0)),
             standby_retry_at=_ts(d.get("standbyRetryAt")),
+            unstarted_preemptions=int(d.get("unstartedPreemptions", 0)),
         )
 
     @property

@@ -29,8 +29,9 @@ CASES = [
      Cause.PREEMPTION, "NodeLost"),
     ("unknown-phase", pod(pod_phase="Unknown"), Cause.PREEMPTION, "NodeLost"),
     ("oom", pod(pod_phase="Failed", exit_code=137, reason="OOMKilled"), Cause.FAILURE, "OOMKilled"),
+    # The trainer's own word is not enough (issue 22): a probe's SIGTERM says the same.
     ("trainer-says-preempted", pod(pod_phase="Failed", exit_code=1, term_reason="preempted"),
-     Cause.PREEMPTION, "TrainerPreempted"),
+     Cause.FAILURE, "SIGTERM"),
     ("deleted-by-others-exit1", pod(pod_phase="Failed", exit_code=1, deletion=at(0)),
      Cause.PREEMPTION, "DeletedExternally"),
     # 137/143 alone is not a preemption (liveness probe, activeDeadlineSeconds, self-kill).
@@ -38,7 +39,11 @@ CASES = [
     ("bare-sigkill", pod(pod_phase="Failed", exit_code=137), Cause.FAILURE, "SIGKILL"),
     ("sigterm-trainer-says-preempted", pod(pod_phase="Failed", exit_code=143,
                                            term_reason="preempted"),
-     Cause.PREEMPTION, "TrainerPreempted"),
+     Cause.FAILURE, "SIGTERM"),
+    ("evicted-trainer-says-preempted", pod(pod_phase="Failed", exit_code=143,
+                                           term_reason="preempted",
+                                           disruption="EvictionByEvictionAPI"),
+     Cause.PREEMPTION, "EvictionByEvictionAPI"),
     ("sigkill-deleted-by-others", pod(pod_phase="Failed", exit_code=137, deletion=at(0)),
      Cause.PREEMPTION, "DeletedExternally"),
     ("sigkill-evicted", pod(pod_phase="Failed", exit_code=137, disruption="TerminationByKubelet"),
@@ -79,10 +84,10 @@ def test_fatal_waiting_asks_for_delete():
 
 def test_termination_message_is_parsed():
     outcome = classify(pod(pod_phase="Failed", exit_code=143, term_reason="preempted",
-                           message="SIGTERM at step 40"))
+                           message="SIGTERM at step 40", disruption="EvictionByEvictionAPI"))
     assert outcome.termination.step == 40
     assert outcome.termination.emergencySaveCompleted
-    assert outcome.message == "SIGTERM at step 40"
+    assert outcome.message == "evicted"  # the DisruptionTarget condition's message
     assert outcome.finished_at == at(0)
 
 
@@ -212,7 +217,7 @@ def test_bare_kill_is_judged_by_its_node(health, cause, reason):
 def test_bare_kill_asks_for_its_node_and_nothing_else_does():
     assert bare_kill(pod(node="n1", pod_phase="Failed", exit_code=137))
     assert bare_kill(pod(node="n1", pod_phase="Failed", exit_code=143))
-    assert not bare_kill(pod(node="n1", pod_phase="Failed", exit_code=143, term_reason="preempted"))
+    assert bare_kill(pod(node="n1", pod_phase="Failed", exit_code=143, term_reason="preempted"))
     assert not bare_kill(pod(node="n1", pod_phase="Failed", exit_code=1))
     assert not bare_kill(pod(node="n1", pod_phase="Failed", exit_code=137, reason="OOMKilled"))
     assert not bare_kill(pod(node="n1"))
@@ -234,3 +239,74 @@ def test_eviction_for_its_own_limits_is_a_failure(message, cause):
     assert out.cause == cause
     if cause == Cause.FAILURE:
         assert out.reason == "LimitExceeded" and "limit" in out.message
+
+
+# --- issue 22, item 3: what the trainer says alone is not a preemption ---------------------
+def test_trainer_says_preempted_without_corroboration_is_a_failure():
+    """A liveness probe kills the trainer: SIGTERM -> emergency save -> "preempted" -> exit
+    143. Counted as a preemption, it was replaced at once, forever."""
+    p = pod(node="n1", pod_phase="Failed", exit_code=143, term_reason="preempted")
+    out = classify(p, {"n1": NodeHealth()}, at(1))
+    assert (out.cause, out.reason) == (Cause.FAILURE, "SIGTERM")
+    assert "preempted" in out.message and "liveness probe" in out.message
+    assert bare_kill(p), "its node's health decides: the caller must gather it"
+
+
+@pytest.mark.parametrize("health,reason", [
+    (NodeHealth(missing=True), "NodeLost"),
+    (NodeHealth(not_ready_since=at(0)), "NodeLost"),
+    (NodeHealth(notice="taint karpenter.sh/disrupted"), "ReclaimNotice"),
+])
+def test_trainer_says_preempted_corroborated_by_its_node(health, reason):
+    p = pod(node="n1", pod_phase="Failed", exit_code=143, term_reason="preempted")
+    out = classify(p, {"n1": health}, at(1))
+    assert (out.cause, out.reason) == (Cause.PREEMPTION, reason)
+
+
+@pytest.mark.parametrize("status_reason,cause", [
+    ("OutOfnvidia.com/gpu", Cause.PREEMPTION),   # a capacity race: another node will do
+    ("OutOfcpu", Cause.PREEMPTION),
+    ("NodeAffinity", Cause.PREEMPTION),           # the node's labels changed under it
+    ("SysctlForbidden", Cause.FAILURE),           # the template asks what no node allows
+    ("AppArmor", Cause.FAILURE),
+    ("UnexpectedAdmissionError", Cause.FAILURE),
+])
+def test_kubelet_refusal_that_repeats_everywhere_is_a_failure(status_reason, cause):
+    """Five passes made five pods of a template the kubelet refuses deterministically."""
+    out = classify(pod(pod_phase="Failed", status_reason=status_reason))
+    assert (out.cause, out.reason) == (cause, status_reason)
+    assert out.started is False
+    if cause == Cause.FAILURE:
+        assert "pod template" in out.message
+
+
+@pytest.mark.parametrize("using,request_,cause", [
+    ("3Gi", "1Gi", Cause.FAILURE),       # the trainer used 3x what it asked for
+    ("500Mi", "1Gi", Cause.PREEMPTION),  # within its request: the node's pressure, not ours
+    ("1000Mi", "0", Cause.FAILURE),      # no request at all: any use is above it
+])
+def test_node_pressure_eviction_for_own_usage_above_requests(using, request_, cause):
+    p = pod(pod_phase="Failed", exit_code=137, status_reason="Evicted",
+            disruption="TerminationByKubelet")
+    p["status"]["message"] = (
+        "The node was low on resource: memory. Threshold quantity: 100Mi, available: 50Mi. "
+        f"Container trainer was using {using}, request is {request_}, has larger consumption "
+        "of memory. ")
+    out = classify(p)
+    assert out.cause == cause
+    if cause == Cause.FAILURE:
+        assert out.reason == "OverRequest" and "request" in out.message
+
+
+def test_started_tells_whether_the_trainer_ever_ran():
+    assert classify(pod(pod_phase="Failed", exit_code=143, disruption="X")).started
+    assert not classify(pod(pod_phase="Failed", status_reason="OutOfcpu")).started
+
+
+def test_a_pod_deleted_before_its_trainer_ran_did_not_start():
+    p = pod(pod_phase="Pending", waiting="ContainerCreating")
+    p[DELETED_KEY] = True
+    assert not classify(p).started
+    q = pod(pod_phase="Running")
+    q[DELETED_KEY] = True
+    assert classify(q).started

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -74,10 +75,10 @@ CASES = [
          and env_of(p)["PHOENIX_RESUME_FROM"]["value"] == "s3://bucket/run/train/step-00000020"
          and ps(p)["lastFailure"]["reason"] == "EvictionByEvictionAPI"),
     Case("preemption-waits-for-listing", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")], listings={},
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")], listings={},
          states={"train": "Recovering"}, needs={"train"}, job_phase="Recovering"),
     Case("corrupt-newest-skipped", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")], listings=CK_CORRUPT,
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")], listings=CK_CORRUPT,
          create=["j.train-2"], events=["Preempted", "CheckpointSkipped", "Resuming"],
          check=lambda p: env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("pod-deleted-is-preemption", with_status(job(), RUN1), pods=[], listings=NO_CK,
@@ -133,11 +134,11 @@ CASES = [
          and "loss is NaN" in _cond(p, "Failed")["message"]
          and _cond(p, "Failed")["status"] == "True"),
     Case("preemption-spares-failure-budget", with_status(job(), phase_status(
-        attempts=3, failures=2)), pods=[pod(attempt=3, pod_phase="Failed", exit_code=143, term_reason="preempted")],
+        attempts=3, failures=2)), pods=[pod(attempt=3, pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
         listings=NO_CK, create=["j.train-4"],
         check=lambda p: ps(p)["failures"] == 2 and ps(p)["preemptions"] == 1),
     Case("preemptions-exhausted", with_status(job(recovery={"maxPreemptions": 1}), phase_status(
-        attempts=2, preemptions=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=143, term_reason="preempted")],
+        attempts=2, preemptions=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
         listings=NO_CK, states={"train": "Failed"}, job_phase="Failed",
         check=lambda p: "maxPreemptions=1" in _cond(p, "Failed")["message"]),
     Case("oom-is-failure", with_status(job(), RUN1),
@@ -213,17 +214,17 @@ CASES = [
     Case("pod-uid-recorded-once-seen", with_status(job(), phase_status(podUID=None)),
          pods=[pod()], listings={}, check=lambda p: ps(p)["podUID"] == "uid-j.train-1"),
     Case("lost-status-write-adopts", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted"), pod(attempt=2)], listings={},
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI"), pod(attempt=2)], listings={},
          states={"train": "Running"}, events=["Preempted", "PodAdopted"],
          check=lambda p: ps(p)["attempts"] == 2 and ps(p)["preemptions"] == 1),
     Case("recovering-adopts-existing", with_status(job(), phase_status(state="Recovering")),
-         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted"), pod(attempt=2)], listings={},
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI"), pod(attempt=2)], listings={},
          states={"train": "Running"}, check=lambda p: ps(p)["attempts"] == 2),
     Case("pending-adopts-existing", job(), pods=[pod()], listings={},
          states={"train": "Running"}, events=["PodAdopted"]),
     Case("adopted-pod-already-ended", with_status(job(), RUN1),
-         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted"), pod(attempt=2, pod_phase="Failed",
-                                                            exit_code=143, term_reason="preempted")],
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI"), pod(attempt=2, pod_phase="Failed",
+                                                            exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
          listings=NO_CK, create=["j.train-3"],
          check=lambda p: ps(p)["preemptions"] == 2),
     # --- checkpoint fallback ----------------------------------------------------------
@@ -248,7 +249,7 @@ CASES = [
         check=lambda p: ps(p)["consecutiveFailuresAtCheckpoint"] == 0
         and env_of(p)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000020")),
     Case("storage-error-retries", with_status(job(), phase_status(state="Recovering")),
-         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
          listings={"train": Listing(error="connection refused")}, requeue=15.0,
          events=["StorageError"], states={"train": "Recovering"}),
     # --- phases -------------------------------------------------------------------------
@@ -284,7 +285,7 @@ CASES = [
          listings={}, delete=["j.train-1"], states={"train": "Suspended"},
          events=["Suspending"], job_phase="Suspended"),
     Case("suspend-pod-ended-not-charged", with_status(job(suspend=True), phase_status(
-        state="Suspended")), pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
+        state="Suspended")), pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
         listings={}, states={"train": "Suspended"},
         check=lambda p: ps(p)["preemptions"] == 0 and ps(p)["lastCheckpoint"]["step"] == 40),
     Case("suspend-terminating-not-deleted-twice", with_status(job(suspend=True), phase_status(
@@ -298,7 +299,7 @@ CASES = [
     Case("unsuspend-waits-for-old-pod", with_status(job(), phase_status(state="Suspended")),
          pods=[pod(deletion=at(0))], listings=NO_CK, states={"train": "Suspended"}),
     Case("unsuspend-replaces", with_status(job(), phase_status(state="Suspended")),
-         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted")], listings=CK_10_20,
+         pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")], listings=CK_10_20,
          create=["j.train-2"], events=["Unsuspended", "Resuming"],
          check=lambda p: ps(p)["preemptions"] == 0),
     Case("suspended-pod-completed", with_status(job(suspend=True), phase_status(
@@ -350,7 +351,7 @@ def test_steady_state_status_is_a_fixed_point():
 
 
 def test_replacement_records_time_of_previous_end():
-    plan = decide(with_status(job(), RUN1), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted",
+    plan = decide(with_status(job(), RUN1), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI",
                                                  finished=at(-3))], NO_CK, at(1))
     assert plan.create[0].previous_end == at(-3)
     assert plan.create[0].previous_cause == "preemption"
@@ -616,3 +617,53 @@ def test_a_gang_not_scheduled_in_time_is_released_without_charge():
     body["status"] = plan.status
     assert decide(body, [], NO_CK, at(100)).create == []  # waits the same time again
     assert len(decide(body, [], NO_CK, at(122)).create) == 2
+
+
+# --- issue 22, item 3: preemptions that never reach the trainer are bounded -----------------
+def _refused(attempt: int, when: float, reason: str = "OutOfnvidia.com/gpu"):
+    p = pod(attempt=attempt, pod_phase="Failed", status_reason=reason, finished=at(when))
+    p["status"]["containerStatuses"][0]["state"] = {"waiting": {"reason": "ContainerCreating"}}
+    p["metadata"]["creationTimestamp"] = ts(at(when))
+    return p
+
+
+def test_preemptions_before_training_ever_started_back_off_then_become_failures():
+    """A kubelet that keeps refusing the pod for capacity (or evictions before the trainer
+    ever runs) made a new pod every pass. The first is replaced at once, the next ones back
+    off like failures, and the MAX_UNSTARTED_PREEMPTIONS-th in a row is charged as a
+    NeverStarted failure whose message says what to fix."""
+    body = with_status(job(recovery={"maxFailures": 0, "backoff": {"initialSeconds": 10,
+                                                                    "maxSeconds": 60}}),
+                       phase_status())
+    now, delays = 0.0, []
+    for attempt in range(1, C.MAX_UNSTARTED_PREEMPTIONS + 1):
+        plan = decide(body, [_refused(attempt, now)], NO_CK, at(now))
+        st = ps(plan)
+        body = {**body, "status": plan.status}
+        if st["state"] == "Failed":
+            break
+        if plan.create:
+            delays.append(0.0)
+        else:
+            assert st["state"] == "Recovering" and "nextAttemptAt" in st, st
+            due = (datetime.fromisoformat(st["nextAttemptAt"].replace("Z", "+00:00"))
+                   - at(now)).total_seconds()
+            delays.append(due)
+            now += due
+            plan = decide(body, [_refused(attempt, now - due)], NO_CK, at(now))
+            body = {**body, "status": plan.status}
+            assert [c.name for c in plan.create] == [f"j.train-{attempt + 1}"], plan.status
+        now += 1.0
+    assert delays[0] == 0.0 and all(d > 0 for d in delays[1:]), delays
+    assert delays[1:] == sorted(delays[1:]), delays  # growing
+    assert st["state"] == "Failed", st
+    assert st["lastFailure"]["reason"] == C.R_NEVER_STARTED
+    assert "OutOfnvidia.com/gpu" in st["lastFailure"]["message"]
+    assert st["preemptions"] == C.MAX_UNSTARTED_PREEMPTIONS - 1 and st["failures"] == 1
+
+
+def test_an_attempt_that_started_resets_the_unstarted_count():
+    body = with_status(job(), phase_status(attempts=3, preemptions=2, unstartedPreemptions=2))
+    plan = decide(body, [pod(attempt=3, pod_phase="Failed", exit_code=143,
+                             disruption="EvictionByEvictionAPI")], NO_CK, at(1))
+    assert "unstartedPreemptions" not in ps(plan) and [c.name for c in plan.create] == ["j.train-4"]

@@ -63,7 +63,7 @@ def run(kube, body, pods, now=at(1), nodes=None, fence_error=None):
 
 def test_intent_then_pod_then_uid_then_events():
     kube = FakeKube()
-    run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")])
+    run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")])
     kinds = [c[0] for c in kube.calls]
     assert kinds[:4] == ["patch", "fence", "create", "patch"]
     assert kube.calls[0][1] == [(2, None)]          # intent: attempt 2, not yet created
@@ -87,7 +87,7 @@ def test_no_fence_no_pod():
     kube = FakeKube()
     with pytest.raises(RetryLater, match="no fence"):
         run(kube, with_status(job(), phase_status()),
-            [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")],
+            [pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
             fence_error=OSError("S3 unreachable"))
     assert [c[0] for c in kube.calls] == ["patch", "fence", "event"]
     assert kube.calls[-1] == ("event", "StorageError")
@@ -96,7 +96,7 @@ def test_no_fence_no_pod():
 def test_stale_view_creates_nothing():
     kube = FakeKube(patch_error=409)
     with pytest.raises(ApiException):
-        run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted")])
+        run(kube, with_status(job(), phase_status()), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")])
     assert [c[0] for c in kube.calls] == ["patch"]
 
 
@@ -146,9 +146,13 @@ def test_node_facts_only_for_live_bound_pods_one_read_per_node():
 def test_node_of_a_bare_kill_is_read_it_decides_preemption_or_failure():
     kube = NodeKube({})
     pods = [pod(node="n7", pod_phase="Failed", exit_code=137),
-            pod(attempt=2, node="n8", pod_phase="Failed", exit_code=143, term_reason="preempted")]
-    assert _gather(kube, pods) == {"n7": NodeHealth(missing=True)}
-    assert kube.calls == [("get_node", "n7")]
+            pod(attempt=2, node="n8", pod_phase="Failed", exit_code=143, term_reason="preempted"),
+            pod(attempt=3, node="n6", pod_phase="Failed", exit_code=143, term_reason="preempted",
+                disruption="EvictionByEvictionAPI")]
+    # The trainer's "preempted" alone is a SIGTERM too: its node decides (n8); an eviction
+    # says it all (n6).
+    assert _gather(kube, pods) == {"n7": NodeHealth(missing=True), "n8": NodeHealth(missing=True)}
+    assert kube.calls == [("get_node", "n7"), ("get_node", "n8")]
 
 
 def test_unreadable_node_is_not_lost_and_reading_can_be_switched_off():

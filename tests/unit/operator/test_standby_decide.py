@@ -212,13 +212,33 @@ def test_notice_checkpoints_now_starts_a_standby_and_hands_off_once_it_is_ready(
     assert w.phase["lastNotice"]["handoffTo"] == 2 and C.EV_HANDOFF in w.events
     w.step()
     assert len(w.controls) == 2 and w.fences == [(1, CK20)]  # nothing moves until it ends
-    # The trainer checkpoints, fences for attempt 2 itself and exits as preempted.
+    # The trainer checkpoints, fences for attempt 2 itself and exits as preempted (nothing
+    # but the node's notice and the operator's own request corroborate it).
     w.end(active, 143, term_reason="preempted")
     plan = w.step()
     assert [p.attempt for p in plan.promote] == [2]
     assert (w.phase["attempts"], w.phase["preemptions"], w.phase["promotions"]) == (2, 1, 1)
     plan = w.step()
     assert not plan.create  # no recovery.standby: no new standby after a notice's handoff
+
+
+def test_handoff_the_operator_asked_for_is_no_failure_when_the_notice_is_gone():
+    """The trainer's "preempted" alone is a failure (a probe's SIGTERM says the same), but an
+    exit after the operator's own handoff request is corroborated by that request, even when
+    the node's notice was lifted meanwhile."""
+    w = World()
+    active = started(w)
+    w.nodes["spot-1"] = NOTICE
+    (sb,) = w.step().create
+    w.run(sb.name, "spot-2", ready=True)
+    w.step()
+    assert w.controls[-1].handoff_to == 2
+    w.nodes["spot-1"] = NodeHealth()  # the taint is lifted before the trainer exits
+    w.end(active, 143, term_reason="preempted")
+    plan = w.step()
+    assert [p.attempt for p in plan.promote] == [2]
+    assert (w.phase["failures"], w.phase["preemptions"]) == (0, 1)
+    assert w.phase["lastFailure"]["reason"] == C.R_HANDOFF
 
 
 def test_notice_with_onNotice_Checkpoint_only_asks_for_a_checkpoint():
@@ -289,7 +309,7 @@ def test_recovering_without_a_standby_skips_the_numbers_standbys_used():
     w.step()
     w.end(standby, 1, term_reason="failed")  # the standby fails ...
     w.step()
-    w.end(active, 143, term_reason="preempted")  # ... then the active is preempted
+    w.end(active, 143, term_reason="preempted", disruption="EvictionByEvictionAPI")  # ... then the active is preempted
     plan = w.step()
     (new,) = [c for c in plan.create if not c.standby]
     assert new.attempt == 3 and w.fences[-1] == (3, CK20)
@@ -460,7 +480,7 @@ def test_a_gang_member_s_notice_checkpoints_and_hands_off_to_a_standby_gang():
     assert (ctl.attempt, ctl.handoff_to, ctl.handoff_pod) == (1, 2, sb[0])
     # Every rank saved at the same step; rank 0 fenced for attempt 2; all exit preempted.
     for name in active:
-        w.end(name, 143, term_reason="preempted")
+        w.end(name, 143, term_reason="preempted", disruption="EvictionByEvictionAPI")
     plan = w.step()
     assert [p.attempt for p in plan.promote] == [2] and w.phase["attempts"] == 2
 
@@ -471,7 +491,7 @@ def test_a_promoted_standby_gang_s_missing_member_is_created_as_a_standby():
     w, active, standby = gang_with_ready_standby()
     del w.pods[standby[1]]
     w.phase["standby"].pop("podUID")
-    w.end(active[0], 143, term_reason="preempted")
+    w.end(active[0], 143, term_reason="preempted", disruption="EvictionByEvictionAPI")
     plan = w.step()
     assert [p.attempt for p in plan.promote] == [2]
     w.pods.pop(active[1], None)

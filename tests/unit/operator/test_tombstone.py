@@ -15,7 +15,7 @@ pytestmark = pytest.mark.unit
 
 PODS = [
     pod(),
-    pod(pod_phase="Failed", exit_code=143, term_reason="preempted", node="spot-1"),
+    pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI", node="spot-1"),
     pod(pod_phase="Failed", exit_code=137, node="spot-1"),
     pod(pod_phase="Failed", exit_code=1, message="boom"),
     pod(pod_phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI", deletion=at(0)),
