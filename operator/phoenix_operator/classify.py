@@ -37,7 +37,7 @@ from phoenix_trainer.contract import REASON_COMPLETED, REASON_PREEMPTED, Termina
 
 from . import constants as C
 from .constants import Cause
-from .model import parse_ts
+from .model import bounded, parse_ts
 
 MAX_MESSAGE = 512
 NODE_GONE_REASONS = frozenset({"NodeLost", "Shutdown", "NodeShutdown", "Terminated"})
@@ -154,8 +154,7 @@ def _termination_message(term: Mapping[str, Any] | None) -> TerminationMessage |
 
 
 def _shorten(text: str) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= MAX_MESSAGE else text[: MAX_MESSAGE - 3] + "..."
+    return bounded(" ".join(str(text).split()), MAX_MESSAGE)
 
 
 def _disruption(pod: Mapping[str, Any]) -> Mapping[str, Any] | None:

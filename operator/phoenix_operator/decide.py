@@ -49,12 +49,12 @@ from typing import Any, Mapping, Sequence
 from . import constants as C
 from .classify import LIVE, NodeHealth, Outcome, classify, gone, node_grace_left, stranded
 from .constants import Cause, JobPhase, PhaseState
-from phoenix_trainer.contract import REASON_PREEMPTED
+from phoenix_trainer.contract import MAX_REASON_CHARS, REASON_PREEMPTED
 from phoenix_trainer.layout import Control, split_checkpoint_uri
 
 from .model import (
-    CheckpointRef, Failure, JobSpec, Notice, PhaseSpec, PhaseStatus, StandbyRef, parse_ts,
-    phase_statuses, ts,
+    CheckpointRef, Failure, JobSpec, Notice, PhaseSpec, PhaseStatus, StandbyRef, bounded,
+    parse_ts, phase_statuses, ts,
 )
 from .podspec import build_pod, build_service, pod_name
 from .states import Event, is_terminal, job_phase, transition
@@ -509,7 +509,7 @@ def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
     st = replace(st, last_checkpoint=_checkpoint_from(outcome, st, ended))
     tm = outcome.termination
     if tm and tm.resumeExact is not None:
-        st = replace(st, resume_exact=tm.resumeExact, resume_exact_reason=tm.resumeExactReason)
+        st = _exactness(st, tm.resumeExact, tm.resumeExactReason)
     if outcome.cause == Cause.COMPLETED:
         ctx.note("Normal", C.EV_PHASE_SUCCEEDED,
                  f"phase {phase.name} succeeded in pod {pod} (attempt {st.attempts})")
@@ -560,6 +560,12 @@ def _account(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
              f"retrying in {delay:g}s (failure {n} of {rec.max_failures} allowed)")
     return replace(st, state=transition(st.state, Event.FAIL),
                    next_attempt_at=ended + timedelta(seconds=delay))
+
+
+def _exactness(st: PhaseStatus, exact: bool, reason: str) -> PhaseStatus:
+    """The trainer's verdict, from a termination message or a manifest: text from outside,
+    bounded here (a status the CRD refuses for its length fails every patch, for ever)."""
+    return replace(st, resume_exact=exact, resume_exact_reason=bounded(reason, MAX_REASON_CHARS))
 
 
 def _handed_off(st: PhaseStatus, outcome: Outcome) -> Outcome:
@@ -692,7 +698,7 @@ def _resume_point(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus) -> _ResumePoint 
                              time=chosen.time or (last.time if last and last.uri == chosen.uri
                                                   else None))
     if chosen and chosen.resume_exact is not None:
-        st = replace(st, resume_exact=chosen.resume_exact, resume_exact_reason=chosen.resume_exact_reason)
+        st = _exactness(st, chosen.resume_exact, chosen.resume_exact_reason)
     st = replace(st, consecutive_failures_at_checkpoint=consecutive, skipped_steps=skipped,
                  last_checkpoint=last)
     return _ResumePoint(st, chosen, init)

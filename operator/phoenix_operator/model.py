@@ -28,6 +28,13 @@ def ts(value: datetime | None) -> str | None:
 parse_ts = _ts
 
 
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters ("..." marks the cut): for every string copied into
+    the status from outside (storage, a termination message), whose CRD field has a maxLength."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class PhaseSpec:
     name: str
@@ -364,4 +371,5 @@ def phase_statuses(spec: JobSpec, status: Mapping[str, Any] | None) -> dict[str,
 __all__ = [
     "JobSpec", "PhaseSpec", "CheckpointSpec", "RecoverySpec", "PhaseStatus", "Failure",
     "CheckpointRef", "StandbyRef", "Notice", "phase_statuses", "ts", "parse_ts",
+    "bounded",
 ]

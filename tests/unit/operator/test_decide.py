@@ -667,3 +667,34 @@ def test_an_attempt_that_started_resets_the_unstarted_count():
     plan = decide(body, [pod(attempt=3, pod_phase="Failed", exit_code=143,
                              disruption="EvictionByEvictionAPI")], NO_CK, at(1))
     assert "unstartedPreemptions" not in ps(plan) and [c.name for c in plan.create] == ["j.train-4"]
+
+
+# --- issue 22, item 7: what comes from storage or a pod is bounded where it is copied -------
+LONG = "why " * 2000  # 8,000 characters: the CRD allows 1,100 for resumeExactReason
+
+
+def _reason_fits(plan):
+    st = ps(plan)
+    assert len(st["resumeExactReason"]) <= 1100, len(st["resumeExactReason"])
+    cond = next(c for c in plan.status["conditions"] if c["type"] == "ResumeExact")
+    assert len(cond["message"]) <= 1100 + 100, len(cond["message"])
+
+
+def test_resume_exact_reason_from_a_manifest_is_bounded():
+    """A manifest's reason longer than the CRD allows made every status patch fail with 422,
+    retried with backoff for ever."""
+    ck = Checkpoint(step=20, uri="s3://bucket/run/train/step-00000020", valid=True,
+                    resume_exact=False, resume_exact_reason=LONG)
+    plan = decide(job(), [], {"train": Listing((ck,))}, at(0))
+    assert plan.create
+    _reason_fits(plan)
+
+
+def test_resume_exact_reason_from_a_termination_message_is_bounded():
+    p = pod(pod_phase="Failed", exit_code=143, term_reason="preempted",
+            disruption="EvictionByEvictionAPI")
+    term = p["status"]["containerStatuses"][0]["state"]["terminated"]
+    term["message"] = json.dumps({**json.loads(term["message"]), "resumeExact": False,
+                                  "resumeExactReason": LONG})
+    plan = decide(with_status(job(), RUN1), [p], NO_CK, at(1))
+    _reason_fits(plan)
