@@ -295,7 +295,8 @@ class Reconciler:
         try:
             access = await self._storage_access(job)
             await self._call(self.fence_writer, JobSpec.parse(job["spec"]), create.phase,
-                             create.attempt, create.name, ts(self.clock()), **access)
+                             create.attempt, create.name, ts(self.clock()),
+                             resume_from=create.resume_from, **access)
         except Exception as e:  # noqa: BLE001 - any storage trouble: do not start, say why
             return f"{type(e).__name__}: {e}"[:300]
         return None

@@ -187,9 +187,16 @@ def publish_manifest(storage: Storage, step: int, digests: dict[str, FileEntry],
     try:
         _fence(storage, attempt, step, "keep", retry)
     except SupersededError:
-        # The successor started while we wrote: take our manifest back (if still ours).
+        # The successor started while we wrote: take our manifest back (if still ours) -
+        # unless the fence that superseded us names this very checkpoint as the one to resume
+        # from (the operator listed and picked it in between): the successor reads it, and
+        # taking it back would send it to an older step.
         with contextlib.suppress(Exception):
-            if Manifest.from_json(storage.get_bytes(f"{d}/{MANIFEST_NAME}")).attempt == attempt:
+            fence = read_fence(storage)
+            named = fence is not None and fence.resume_from.rstrip("/") == \
+                storage.uri_for(d).rstrip("/")
+            if not named and Manifest.from_json(
+                    storage.get_bytes(f"{d}/{MANIFEST_NAME}")).attempt == attempt:
                 storage.delete(f"{d}/{MANIFEST_NAME}")
         raise
     return CheckpointInfo(step, storage.uri_for(d), manifest, True, "ok")

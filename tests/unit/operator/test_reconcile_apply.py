@@ -303,3 +303,21 @@ def test_failing_passes_back_off_and_a_good_one_resets():
             await reconciler._run(("ns", "j"))
     asyncio.run(main())
     assert delays == [1.0, 2.0, 4.0, 0.2, 1.0]
+
+
+def test_the_fence_of_a_new_attempt_names_the_checkpoint_it_resumes_from():
+    """Issue 22, item 2: the fence written before a replacement starts carries the step the
+    operator picked, so the superseded writer's take-back leaves exactly that step alone."""
+    from opfacts import listing
+
+    kube = FakeKube()
+    body = with_status(job(), phase_status())
+    body = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
+    ended = pod(pod_phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI")
+    plan = decide(body, [ended], {"train": listing(10, 20)}, at(1))
+    reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
+    written = []
+    reconciler.fence_writer = lambda spec, phase, attempt, pod, when, **kw: written.append(
+        (attempt, kw.get("resume_from")))
+    asyncio.run(reconciler.apply(body, plan))
+    assert written == [(2, "s3://bucket/run/train/step-00000020")]

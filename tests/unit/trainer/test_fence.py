@@ -106,3 +106,30 @@ def test_retention_stops_at_the_first_step_after_the_fence_moved(storage, tmp_pa
     with pytest.raises(SupersededError, match="delete checkpoint step 20"):
         apply_retention(FenceMovesOnDelete(storage, "never"), keep=2, attempt=2)
     assert checkpoint_steps(storage) == [20, 30, 40]
+
+
+# --- issue 22, item 2: the checkpoint the current fence names is never taken back ----------
+class OperatorPicksIt(FenceMovesOn):
+    """Between the old writer's manifest and its post-check, the operator lists, picks this
+    very step and writes the fence for attempt 3 naming it (``resumeFrom``)."""
+
+    def put_bytes(self, key, data):
+        self.inner.put_bytes(key, data)
+        if key.endswith(MANIFEST_NAME):
+            self.inner.put_bytes(FENCE_NAME, Fence(
+                3, "j.train-3", "t", resume_from=self.inner.uri_for(step_dir_name(10))
+            ).to_json().encode())
+
+
+def test_take_back_never_deletes_the_step_the_promotion_fence_names(storage, tmp_path):
+    """The old attempt still raises (it commits nothing more), but the manifest the new
+    attempt was told to resume from stays: deleting it made the new attempt fall back."""
+    with pytest.raises(SupersededError):
+        commit(OperatorPicksIt(storage, "never"), 10, 2, tmp_path)
+    assert [(c.step, c.valid) for c in list_checkpoints(storage)] == [(10, True)]
+
+
+def test_take_back_still_removes_a_step_the_fence_does_not_name(storage, tmp_path):
+    with pytest.raises(SupersededError):
+        commit(FenceMovesOn(storage, "manifest"), 10, 2, tmp_path)
+    assert [c.valid for c in list_checkpoints(storage)] == [False]
