@@ -100,8 +100,11 @@ COND_POD_CONFLICT = "PodConflict"
 # Whether a resume reproduces the uninterrupted run bit for bit, as the trainer reports it
 # (termination message, checkpoint manifest); absent until the trainer has said.
 COND_RESUME_EXACT = "ResumeExact"
+# The checkpoint prefix is held (fence.json) by another PhoenixJob that still exists: no pod
+# is started, so two jobs never write into and resume from each other's checkpoints.
+COND_PREFIX_CONFLICT = "PrefixConflict"
 CONDITION_TYPES = (COND_RUNNING, COND_RECOVERING, COND_SUSPENDED, COND_SUCCEEDED, COND_FAILED,
-                   COND_POD_CONFLICT, COND_RESUME_EXACT)
+                   COND_POD_CONFLICT, COND_RESUME_EXACT, COND_PREFIX_CONFLICT)
 
 # --- event reasons (CamelCase, as `kubectl describe` shows them) ----------------------
 EV_POD_CREATED = "PodCreated"
@@ -123,6 +126,8 @@ EV_JOB_FAILED = "JobFailed"
 EV_STORAGE_ERROR = "StorageError"
 EV_PHASE_RESET = "PhaseReset"  # posted by `phoenix reset`
 EV_POD_CONFLICT = "PodConflict"
+EV_PREFIX_CONFLICT = "PrefixConflict"  # another live job holds the checkpoint prefix
+EV_PREFIX_ADOPTED = "PrefixAdopted"  # a deleted job's prefix taken over, attempts above its fence
 EV_RESUME_NOT_EXACT = "ResumeNotExact"  # the trainer says a resume will not be bit-exact
 EV_GANG_UNSCHEDULABLE = "GangUnschedulable"  # a gang not all scheduled in time: released
 EV_NODE_NOT_READY = "NodeNotReady"  # a trainer pod's node NotReady past the grace: stranded

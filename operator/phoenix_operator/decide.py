@@ -50,7 +50,7 @@ from . import constants as C
 from .classify import LIVE, NodeHealth, Outcome, classify, gone, node_grace_left, stranded
 from .constants import Cause, JobPhase, PhaseState
 from phoenix_trainer.contract import MAX_REASON_CHARS, REASON_PREEMPTED
-from phoenix_trainer.layout import Control, split_checkpoint_uri
+from phoenix_trainer.layout import Control, Fence, split_checkpoint_uri
 
 from .model import (
     CheckpointRef, Failure, JobSpec, Notice, PhaseSpec, PhaseStatus, StandbyRef, bounded,
@@ -90,6 +90,10 @@ class Listing:
 
     checkpoints: tuple[Checkpoint, ...] = ()
     error: str | None = None
+    # The prefix's fence.json as found (None: none), and - when it names another job -
+    # whether that job still exists (None: could not tell).
+    fence: Fence | None = None
+    owner_live: bool | None = None
 
     def newest_valid(self, exclude: Sequence[int] = ()) -> Checkpoint | None:
         for c in sorted(self.checkpoints, key=lambda c: c.step, reverse=True):
@@ -225,6 +229,7 @@ def pods_by_phase(pods: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, list
 class _Ctx:
     job: str
     namespace: str
+    uid: str
     spec: JobSpec
     checkpoints: Mapping[str, Listing]
     now: datetime
@@ -232,6 +237,7 @@ class _Ctx:
     nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
     foreign: Mapping[str, str] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
+    prefix_conflicts: list[str] = field(default_factory=list)
     stranded: list[str] = field(default_factory=list)
 
     def note(self, type_: str, reason: str, message: str) -> None:
@@ -261,7 +267,8 @@ def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
     spec = JobSpec.parse(job.get("spec") or {})
     old = dict(job.get("status") or {})
     statuses = phase_statuses(spec, old)
-    ctx = _Ctx(job=meta["name"], namespace=meta.get("namespace") or "default", spec=spec,
+    ctx = _Ctx(job=meta["name"], namespace=meta.get("namespace") or "default",
+               uid=str(meta.get("uid") or ""), spec=spec,
                checkpoints=checkpoints, now=now, plan=Plan(status={}), nodes=nodes or {},
                foreign=foreign or {})
     grouped = pods_by_phase(pods)
@@ -710,8 +717,11 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
     if point is None:
         return st
     st, chosen, init = point.st, point.chosen, point.init
+    floor = _fence_floor(ctx, phase, st, ctx.checkpoints[phase.name])
+    if floor is None:
+        return st  # another live job holds the prefix
     resume = chosen.uri if chosen else None
-    attempt = st.attempts if event == Event.RECREATE else st.next_attempt_number
+    attempt = st.attempts if event == Event.RECREATE else max(st.next_attempt_number, floor + 1)
     previous = st.last_failure if event == Event.REPLACE else None
     members: list[int | None] = list(range(phase.replicas)) if phase.replicas > 1 else [None]
     if phase.replicas > 1:
@@ -721,7 +731,8 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
         manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
                              attempt=attempt, resume_from=resume,
                              resume_step=chosen.step if chosen else None,
-                             init_from=init.uri if init else None, member=member)
+                             init_from=init.uri if init else None, member=member,
+                             job_uid=ctx.uid)
         names.append(manifest["metadata"]["name"])
         first = member in (None, 0)  # time-to-replacement is observed once per attempt
         ctx.plan.create.append(CreatePod(
@@ -739,6 +750,32 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
     return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
                    pod_uid=None, resume_from=resume, next_attempt_at=None,
                    started_at=st.started_at or ctx.now, last_attempt=max(st.last_attempt, attempt))
+
+
+def _fence_floor(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, listing: Listing) -> int | None:
+    """The number the next attempt must exceed so that the prefix's fence only grows (a
+    re-created job, or a status cleared through /status, counts from 1 again), or None when
+    another job that still exists holds the prefix: refused, with a condition naming it."""
+    fence = listing.fence
+    if fence is None:
+        return 0
+    uri = ctx.spec.checkpoint.phase_uri(phase.name)
+    if fence.uid and fence.uid != ctx.uid:
+        owner = f"job {fence.job or '?'} (uid {fence.uid}, attempt {fence.attempt})"
+        if listing.owner_live is not False:
+            why = ("which still exists" if listing.owner_live else
+                   "and Phoenix cannot tell whether that job still exists")
+            ctx.prefix_conflicts.append(
+                f"phase {phase.name}: {uri} is held by {owner}, {why}; two jobs on one prefix "
+                "would write into and resume from each other's checkpoints. Give this job its "
+                f"own checkpoint.uri, or delete {fence.job or 'the other job'}; looking again "
+                f"every {CONFLICT_RETRY_SECONDS:g}s")
+            ctx.plan.requeue(CONFLICT_RETRY_SECONDS)
+            return None
+        ctx.note("Normal", C.EV_PREFIX_ADOPTED,
+                 f"phase {phase.name}: adopted {uri} from {owner}, which no longer exists; "
+                 f"attempts continue at {max(st.next_attempt_number, fence.attempt + 1)}")
+    return fence.attempt
 
 
 # --- standbys and notices --------------------------------------------------------------
@@ -908,7 +945,7 @@ def _create_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
         manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
                              attempt=attempt, resume_from=None, resume_step=None,
                              init_from=init.uri if init else None, member=member, standby=True,
-                             avoid=avoid, prefer_not=prefer_not)
+                             avoid=avoid, prefer_not=prefer_not, job_uid=ctx.uid)
         ctx.plan.create.append(CreatePod(name=manifest["metadata"]["name"], phase=phase.name,
                                          attempt=attempt, manifest=manifest, resume_from=None,
                                          previous_end=None, previous_cause=None, standby=True))
@@ -931,7 +968,7 @@ def _notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pod: Mapping[str, Any]
         ctx.note("Warning", C.EV_NOTICE,
                  f"phase {phase.name}: node {node} of pod {pod['metadata']['name']} announced its"
                  f" reclaim ({health.notice}); asking the trainer to {plan}")
-        ctx.plan.control.append(ControlWrite(phase.name, _control(st)))
+        ctx.plan.control.append(ControlWrite(phase.name, _control(st, ctx.uid)))
     return st, health.notice
 
 
@@ -976,11 +1013,11 @@ def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods
                  f"phase {phase.name}: standby {sb.pod} is ready; asking pod {st.pod} to "
                  f"checkpoint at its next step and hand off to it")
         ctx.plan.control = [c for c in ctx.plan.control if c.phase != phase.name]
-        ctx.plan.control.append(ControlWrite(phase.name, _control(st)))
+        ctx.plan.control.append(ControlWrite(phase.name, _control(st, ctx.uid)))
     return st
 
 
-def _control(st: PhaseStatus) -> Control:
+def _control(st: PhaseStatus, uid: str) -> Control:
     """The control document for the phase's active attempt, from its status (idempotent:
     the same status gives the same document, so a lost write is simply made again)."""
     n = st.last_notice
@@ -988,7 +1025,7 @@ def _control(st: PhaseStatus) -> Control:
     request = f"{n.signal} on {n.node} at {ts(n.time)}"
     pod = st.standby.pod if st.standby is not None and n.handoff_to == st.standby.attempt else ""
     return Control(attempt=st.attempts, checkpoint_now=request, handoff_to=n.handoff_to,
-                   handoff_pod=pod, time=ts(n.time) or "")
+                   handoff_pod=pod, time=ts(n.time) or "", uid=uid)
 
 
 def _standby_failed_recently(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> bool:
@@ -1094,6 +1131,9 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
     conflict_msg = "; ".join(ctx.conflicts)
     if ctx.conflicts and (old_conds.get(C.COND_POD_CONFLICT) or {}).get("status") != "True":
         ctx.note("Warning", C.EV_POD_CONFLICT, conflict_msg)
+    prefix_msg = "; ".join(ctx.prefix_conflicts)
+    if ctx.prefix_conflicts and (old_conds.get(C.COND_PREFIX_CONFLICT) or {}).get("status") != "True":
+        ctx.note("Warning", C.EV_PREFIX_CONFLICT, prefix_msg)
     conds = [
         _condition(old_conds, C.COND_RUNNING, phase == JobPhase.RUNNING, running_reason,
                    running_msg, ctx.now, generation),
@@ -1114,6 +1154,10 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
                    "ForeignPod" if ctx.conflicts else "NoConflict", conflict_msg, ctx.now,
                    generation),
     ]
+    if ctx.prefix_conflicts or C.COND_PREFIX_CONFLICT in old_conds:
+        conds.append(_condition(old_conds, C.COND_PREFIX_CONFLICT, bool(ctx.prefix_conflicts),
+                                "HeldByAnotherJob" if ctx.prefix_conflicts else "NoConflict",
+                                prefix_msg, ctx.now, generation))
     exact = _resume_exact_condition(ctx, cur, old_conds, generation)
     if exact is not None:
         conds.append(exact)

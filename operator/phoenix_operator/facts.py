@@ -15,7 +15,8 @@ import time
 from typing import Iterable
 from urllib.parse import unquote, urlparse
 
-from phoenix_trainer.layout import CONTROL_NAME, FENCE_NAME, Control, Fence, checkpoint_steps
+from phoenix_trainer.layout import (CONTROL_NAME, FENCE_NAME, Control, Fence, checkpoint_steps,
+                                    read_fence)
 from phoenix_trainer.storage import open_storage, verify_checkpoint
 
 from .decide import Checkpoint, Listing
@@ -67,6 +68,7 @@ def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str |
     started = time.monotonic()
     try:
         storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
+        fence = read_fence(storage)  # who holds the prefix (decide._fence_floor)
         skip = set(skipped)
         found: list[Checkpoint] = []
         usable = 0
@@ -89,18 +91,24 @@ def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str |
         return Listing(error=f"{type(e).__name__}: {e}"[:300])
     log.info("verified %d checkpoint(s) under %s in %.2fs", len(found), uri,
              time.monotonic() - started)
-    return Listing(tuple(found))
+    return Listing(tuple(found), fence=fence)
 
 
 def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,
                 access_key: str | None, secret_key: str | None, endpoint: str | None,
-                resume_from: str | None = None) -> str:
-    """Write ``<phase prefix>/fence.json`` naming ``attempt``: from now on every older
-    attempt's commit and retention are refused (``phoenix_trainer.writer.check_fence``); a
-    standby of that attempt starts, from ``resume_from``. Returns where it was written."""
+                resume_from: str | None = None, uid: str = "", job: str = "",
+                clear_control: bool = False) -> str:
+    """Write ``<phase prefix>/fence.json`` naming ``attempt`` of the job ``uid`` (``job``:
+    namespace/name): from now on every other attempt's commit and retention are refused
+    (``phoenix_trainer.writer.check_fence``); a standby of that attempt starts, from
+    ``resume_from``. ``clear_control``: a new attempt starts, so requests left for an older
+    one (or a deleted job's) go. Returns where it was written."""
     uri = spec.checkpoint.phase_uri(phase)
     storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
-    storage.put_bytes(FENCE_NAME, Fence(attempt, pod, when, resume_from or "").to_json().encode())
+    storage.put_bytes(FENCE_NAME, Fence(attempt, pod, when, resume_from or "", uid=uid,
+                                        job=job).to_json().encode())
+    if clear_control:
+        storage.delete(CONTROL_NAME)
     return storage.uri_for(FENCE_NAME)
 
 

@@ -149,10 +149,12 @@ def avoid_nodes(pod_spec: dict[str, Any], nodes: Sequence[str],
 
 
 def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
-                resume_from: str | None, init_from: str | None) -> list[dict[str, Any]]:
+                resume_from: str | None, init_from: str | None,
+                job_uid: str = "") -> list[dict[str, Any]]:
     ck, rec = spec.checkpoint, spec.recovery
     values: list[tuple[str, str | None]] = [
         (env.ENV_JOB_NAME, job), (env.ENV_JOB_NAMESPACE, namespace),
+        (env.ENV_JOB_UID, job_uid or None),
         (env.ENV_PHASE, phase.name), (env.ENV_ATTEMPT, str(attempt)),
         (env.ENV_CHECKPOINT_URI, ck.phase_uri(phase.name)),
         (env.ENV_RESUME_FROM, resume_from), (env.ENV_INIT_FROM, init_from),
@@ -187,7 +189,8 @@ def _merge_env(*layers: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
               resume_from: str | None, resume_step: int | None,
               init_from: str | None, member: int | None = None, standby: bool = False,
-              avoid: Sequence[str] = (), prefer_not: Sequence[str] = ()) -> dict[str, Any]:
+              avoid: Sequence[str] = (), prefer_not: Sequence[str] = (),
+              job_uid: str = "") -> dict[str, Any]:
     """One trainer pod; ``member``: its index in a gang phase (None for a single pod);
     ``standby``: started ahead of need, kept off the nodes in ``avoid`` and, if it can be,
     ``prefer_not`` (module docstring)."""
@@ -213,6 +216,7 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
     probe = {"metadata": {"annotations": annotations}, "spec": pod_spec}
     trainer = trainer_container_name(probe)
     ours = phoenix_env(job=job, namespace=namespace, spec=spec, phase=phase, attempt=attempt,
+                       job_uid=job_uid,
                        resume_from=resume_from, init_from=init_from)
     for container in pod_spec.get("containers") or []:
         if container.get("name") != trainer:

@@ -22,6 +22,7 @@ import copy
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
@@ -287,16 +288,37 @@ class Reconciler:
                        skipped=statuses[p].skipped_steps if p in statuses else (),
                        deep=self.config.deep_verify)
             for p in sorted(phases)))
-        return dict(zip(sorted(phases), results))
+        uid = job["metadata"].get("uid") or ""
+        return {p: await self._owner(listing, uid) for p, listing in zip(sorted(phases), results)}
+
+    async def _owner(self, listing: Listing, uid: str) -> Listing:
+        """A fence that names another job: whether that job (namespace/name, same uid) still
+        exists. Not knowing (no such name, no permission) is None, which refuses."""
+        fence = listing.fence
+        if fence is None or not fence.uid or fence.uid == uid:
+            return listing
+        namespace, _, name = fence.job.partition("/")
+        live: bool | None = None
+        if name:
+            try:
+                other = await self._call(self.kube.get_job, namespace, name)
+                live = other is not None and other["metadata"].get("uid") == fence.uid
+            except ApiException as e:
+                log.warning("cannot read PhoenixJob %s (%s %s), which holds a checkpoint prefix",
+                            fence.job, e.status, e.reason)
+        return replace(listing, owner_live=live)
 
     async def _fence(self, job: dict, create: CreatePod) -> str | None:
         """Fence the phase's storage for ``create``'s attempt before its pod exists; returns
         why it could not (then the pod must not be created), or None."""
         try:
             access = await self._storage_access(job)
+            meta = job["metadata"]
             await self._call(self.fence_writer, JobSpec.parse(job["spec"]), create.phase,
                              create.attempt, create.name, ts(self.clock()),
-                             resume_from=create.resume_from, **access)
+                             resume_from=create.resume_from, uid=meta.get("uid") or "",
+                             job=f"{meta.get('namespace')}/{meta['name']}", clear_control=True,
+                             **access)
         except Exception as e:  # noqa: BLE001 - any storage trouble: do not start, say why
             return f"{type(e).__name__}: {e}"[:300]
         return None
@@ -305,8 +327,11 @@ class Reconciler:
         """Promotions (the fence) and trainer requests (control.json), before the status
         that records them: a lost status write only makes the same write again."""
         spec = JobSpec.parse(job["spec"])
+        meta = job["metadata"]
+        owner = {"uid": meta.get("uid") or "", "job": f"{meta.get('namespace')}/{meta['name']}"}
         writes = [(f"promote attempt {p.attempt} of phase {p.phase}", lambda a, p=p: self.fence_writer(
-                      spec, p.phase, p.attempt, p.pod, ts(self.clock()), resume_from=p.resume_from, **a))
+                      spec, p.phase, p.attempt, p.pod, ts(self.clock()), resume_from=p.resume_from,
+                      clear_control=True, **owner, **a))
                   for p in plan.promote]
         writes += [(f"write control.json of phase {c.phase}", lambda a, c=c: self.control_writer(
                        spec, c.phase, c.control, **a)) for c in plan.control]

@@ -40,3 +40,42 @@ def test_operator_fence_stops_the_older_attempt(s3_bucket, tmp_path):
         apply_retention(trainer, keep=2, attempt=2)
     assert checkpoint_steps(trainer) == [10, 20, 30]
     assert commit(40, 3).valid and apply_retention(trainer, keep=2, attempt=3) == [10, 20]
+
+
+def test_re_created_job_on_the_same_prefix(s3_bucket, tmp_path):
+    """Issue 22, item 1, on the real S3 server: job A (attempt 5) is deleted while its trainer
+    still runs; job B is created with the same checkpoint.uri. The operator's listing shows
+    A's fence, B starts above it, and from B's fence on A's trainer commits and deletes
+    nothing, whatever its attempt number; A's stale handoff request is cleared."""
+    from phoenix_operator.facts import scan
+    from phoenix_trainer.layout import CONTROL_NAME, Control, read_control
+
+    ep = s3_bucket.endpoint
+    access = {"access_key": ep.access_key, "secret_key": ep.secret_key, "endpoint": ep.url}
+    spec = JobSpec.parse({"phases": [{"name": "train"}],
+                          "checkpoint": {"uri": f"{s3_bucket.uri}/run"}})
+    trainer = open_storage(f"{s3_bucket.uri}/run/train", endpoint_url=ep.url,
+                           access_key=ep.access_key, secret_key=ep.secret_key)
+    shard = tmp_path / "model.pt"
+    shard.write_bytes(b"w" * 1000)
+
+    def commit(step, attempt, uid):
+        return commit_checkpoint(trainer, step, {"model.pt": shard}, epoch=0, phase="train",
+                                 config_fingerprint="f", attempt=attempt, uid=uid,
+                                 retry=RetryPolicy(attempts=2, sleep=lambda s: None))
+
+    write_fence(spec, "train", 5, "a.train-5", "t0", uid="uid-a", job="ns/a", **access)
+    commit(10, 5, "uid-a")
+    trainer.put_bytes(CONTROL_NAME, Control(5, handoff_to=6, uid="uid-a").to_json().encode())
+    listing = scan(spec, "train", **access)
+    assert (listing.fence.uid, listing.fence.attempt, listing.fence.job) == ("uid-a", 5, "ns/a")
+    # B (decide puts its first attempt above A's fence: 6) fences the prefix.
+    write_fence(spec, "train", 6, "b.train-6", "t1", uid="uid-b", job="ns/b",
+                clear_control=True, **access)
+    assert read_control(trainer) is None
+    with pytest.raises(SupersededError, match="uid-b"):
+        commit(20, 7, "uid-a")  # even a higher number: A is not the fence's job
+    with pytest.raises(SupersededError):
+        apply_retention(trainer, keep=2, attempt=5, uid="uid-a")
+    assert commit(20, 6, "uid-b").valid
+    assert checkpoint_steps(trainer) == [10, 20]

@@ -183,7 +183,8 @@ class AsyncCheckpointer:
                  run_id: str = "", attempt: int | None = None, max_in_flight: int = 1,
                  retry: RetryPolicy | None = None, spool_dir: str | None = None,
                  protect: Iterable[int] = (),
-                 commit: Callable[..., CheckpointInfo] | None = None, retention: bool = True) -> None:
+                 commit: Callable[..., CheckpointInfo] | None = None, retention: bool = True,
+                 uid: str = "") -> None:
         if keep < 2:
             raise CheckpointError(f"keep={keep}: keep at least 2 checkpoints so there is a fallback")
         self.storage = storage
@@ -192,6 +193,7 @@ class AsyncCheckpointer:
         self.keep = keep
         self.run_id = run_id
         self.attempt = attempt
+        self.uid = uid  # the job's: another job's fence supersedes this writer
         self.max_in_flight = max(1, max_in_flight)
         self.retry = retry or RetryPolicy()
         self.protect = set(protect)
@@ -297,7 +299,7 @@ class AsyncCheckpointer:
             info = self.commit(
                 self.storage, snap.step, files, epoch=snap.epoch, phase=self.phase,
                 config_fingerprint=self.config_fingerprint, run_id=self.run_id,
-                attempt=self.attempt, retry=self.retry, extra=snap.extra)
+                attempt=self.attempt, retry=self.retry, extra=snap.extra, uid=self.uid)
             t2 = time.perf_counter()
             assert info.manifest is not None
             size = sum(info.manifest.files[n].size for n in files)
@@ -320,7 +322,7 @@ class AsyncCheckpointer:
             try:
                 if self.retention:
                     apply_retention(self.storage, self.keep, protect=self.protect | {info.step},
-                                    attempt=self.attempt)
+                                    attempt=self.attempt, uid=self.uid)
             except Exception as e:  # noqa: BLE001 - retention is best effort; retried next save
                 log.warning("retention under %s failed (%s); will retry after the next save",
                             self.storage.uri, e)

@@ -16,6 +16,7 @@ ENV_JOB_NAME = "PHOENIX_JOB_NAME"
 ENV_JOB_NAMESPACE = "PHOENIX_JOB_NAMESPACE"
 ENV_PHASE = "PHOENIX_PHASE"
 ENV_ATTEMPT = "PHOENIX_ATTEMPT"  # int, 0-based or 1-based as the operator counts; opaque here
+ENV_JOB_UID = "PHOENIX_JOB_UID"  # the PhoenixJob's metadata.uid: whose fence and control count
 ENV_CHECKPOINT_URI = "PHOENIX_CHECKPOINT_URI"  # this phase's prefix, s3://bucket/prefix/<phase>
 ENV_RESUME_FROM = "PHOENIX_RESUME_FROM"  # full step-dir URI the operator validated
 ENV_INIT_FROM = "PHOENIX_INIT_FROM"  # previous phase's final checkpoint (weights only)
@@ -44,7 +45,7 @@ ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
 
 ALL_ENV = (
-    ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_PHASE, ENV_ATTEMPT, ENV_CHECKPOINT_URI,
+    ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_PHASE, ENV_ATTEMPT, ENV_JOB_UID, ENV_CHECKPOINT_URI,
     ENV_RESUME_FROM, ENV_INIT_FROM, ENV_CHECKPOINT_KEEP, ENV_CHECKPOINT_INTERVAL_STEPS,
     ENV_CHECKPOINT_INTERVAL_SECONDS, ENV_GRACE_SECONDS, ENV_TERMINATION_LOG, ENV_FORCE_RESUME,
     ENV_ROLE, ENV_CONTROL_POLL_SECONDS, ENV_STATUS_PORT,
@@ -178,6 +179,7 @@ class TrainerEnv:
     job_namespace: str = ""
     phase: str = "train"
     attempt: int | None = None  # None: not run by the operator; the trainer picks the next free
+    job_uid: str = ""  # "": not run by the operator (or by one from before the uid)
     checkpoint_uri: str | None = None
     resume_from: str | None = None
     init_from: str | None = None
@@ -211,6 +213,7 @@ class TrainerEnv:
             job_namespace=environ.get(ENV_JOB_NAMESPACE, ""),
             phase=environ.get(ENV_PHASE) or "train",
             attempt=_int(environ, ENV_ATTEMPT, None),
+            job_uid=environ.get(ENV_JOB_UID, ""),
             checkpoint_uri=environ.get(ENV_CHECKPOINT_URI) or None,
             resume_from=environ.get(ENV_RESUME_FROM) or None,
             init_from=environ.get(ENV_INIT_FROM) or None,

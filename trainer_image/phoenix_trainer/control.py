@@ -41,8 +41,8 @@ class ControlPoller:
 
     def __init__(self, storage: Storage, attempt: int, poll_seconds: float, *,
                  on_checkpoint: Callable[[str], None],
-                 on_handoff: Callable[[int, str], None]) -> None:
-        self.storage, self.attempt, self.poll = storage, attempt, poll_seconds
+                 on_handoff: Callable[[int, str], None], uid: str = "") -> None:
+        self.storage, self.attempt, self.poll, self.uid = storage, attempt, poll_seconds, uid
         self.on_checkpoint, self.on_handoff = on_checkpoint, on_handoff
         self.seen_checkpoint = ""
         self.handed_off = False
@@ -68,8 +68,8 @@ class ControlPoller:
                 log.warning("cannot read %s/control.json (%s: %s); operator requests are not"
                             " heard until it can be read", self.storage.uri, type(e).__name__, e)
             return None
-        if doc is None or doc.attempt != self.attempt:
-            return doc
+        if doc is None or not doc.for_attempt(self.attempt, self.uid):
+            return doc  # another attempt's, or a deleted job's of the same prefix
         if doc.checkpoint_now and doc.checkpoint_now != self.seen_checkpoint:
             self.seen_checkpoint = doc.checkpoint_now
             self.on_checkpoint(doc.checkpoint_now)

@@ -251,12 +251,14 @@ class DistributedSession(Session):
 
     def _commit(self, storage: Storage, step: int, files: dict[str, str], *, epoch: int,
                 phase: str, config_fingerprint: str, run_id: str = "", attempt: int | None = None,
-                extra: dict | None = None, digests: dict | None = None, retry: Any = None) -> CheckpointInfo:
+                extra: dict | None = None, digests: dict | None = None, retry: Any = None,
+                uid: str = "") -> CheckpointInfo:
         """Upload thread, every rank in the same order: upload mine, exchange entries, rank 0
         publishes the manifest listing everyone's files and tells the others how it went."""
         error = None
         try:
-            mine = upload_shards(storage, step, files, attempt=attempt, digests=digests, retry=retry)
+            mine = upload_shards(storage, step, files, attempt=attempt, digests=digests, retry=retry,
+                                 uid=uid)
         except BaseException as e:  # noqa: BLE001 - reported to rank 0, which will not publish
             mine, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
         everyone: list[Any] = [None] * self.world_size
@@ -273,7 +275,7 @@ class DistributedSession(Session):
                 try:
                     info = publish_manifest(storage, step, merged, epoch=epoch, phase=phase,
                                             config_fingerprint=config_fingerprint, run_id=run_id,
-                                            attempt=attempt, extra=extra, retry=retry)
+                                            attempt=attempt, extra=extra, retry=retry, uid=uid)
                     outcome[0] = (info.manifest.to_json(), None)
                 except BaseException as e:  # noqa: BLE001 - every rank must hear about it
                     outcome[0] = (None, f"rank 0: {type(e).__name__}: {e}")

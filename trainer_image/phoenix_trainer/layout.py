@@ -171,12 +171,28 @@ class Fence:
     pod: str = ""
     time: str = ""
     resume_from: str = ""
+    # The job that holds the prefix: its UID (a re-created job of the same name has another)
+    # and "namespace/name". Empty in fences written before the UID was added.
+    uid: str = ""
+    job: str = ""
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"attempt": self.attempt, "pod": self.pod, "time": self.time}
         if self.resume_from:
             d["resumeFrom"] = self.resume_from
+        if self.uid:
+            d["uid"] = self.uid
+        if self.job:
+            d["job"] = self.job
         return json.dumps(d, sort_keys=True)
+
+    def holds(self, attempt: int, uid: str = "") -> bool:
+        """Whether ``attempt`` of the job ``uid`` may write: not when a newer attempt is
+        fenced, nor when another job is (whatever its number). No uid on either side: the
+        attempt number alone decides."""
+        if uid and self.uid and uid != self.uid:
+            return False
+        return self.attempt <= attempt
 
     @classmethod
     def from_json(cls, text: str | bytes) -> "Fence":
@@ -184,7 +200,8 @@ class Fence:
             data = json.loads(text)
             return cls(attempt=int(data["attempt"]), pod=str(data.get("pod", "")),
                        time=str(data.get("time", "")),
-                       resume_from=str(data.get("resumeFrom") or ""))
+                       resume_from=str(data.get("resumeFrom") or ""),
+                       uid=str(data.get("uid") or ""), job=str(data.get("job") or ""))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptCheckpointError(f"{FENCE_NAME} is unreadable ({e!r})") from e
 
@@ -203,9 +220,15 @@ class Control:
     handoff_to: int | None = None
     handoff_pod: str = ""
     time: str = ""
+    uid: str = ""  # the job the requests are for: another job's stale requests are ignored
+
+    def for_attempt(self, attempt: int, uid: str = "") -> bool:
+        return self.attempt == attempt and not (uid and self.uid and uid != self.uid)
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"attempt": self.attempt, "time": self.time}
+        if self.uid:
+            d["uid"] = self.uid
         if self.checkpoint_now:
             d["checkpointNow"] = self.checkpoint_now
         if self.handoff_to is not None:
@@ -222,7 +245,7 @@ class Control:
                        checkpoint_now=str(data.get("checkpointNow") or ""),
                        handoff_to=int(to) if to is not None else None,
                        handoff_pod=str(data.get("handoffPod") or ""),
-                       time=str(data.get("time") or ""))
+                       time=str(data.get("time") or ""), uid=str(data.get("uid") or ""))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptCheckpointError(f"{CONTROL_NAME} is unreadable ({e!r})") from e
 

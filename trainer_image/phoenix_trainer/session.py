@@ -235,7 +235,7 @@ class Session:
             return
         self.control = ControlPoller(self.storage, self.attempt, self.env.control_poll_seconds,
                                      on_checkpoint=self._on_checkpoint_now,
-                                     on_handoff=self._on_handoff).start()
+                                     on_handoff=self._on_handoff, uid=self.env.job_uid).start()
 
     def _mark_ready(self) -> None:
         if self.status_server is not None:
@@ -281,7 +281,7 @@ class Session:
             self.checkpointer = AsyncCheckpointer(
                 self.storage, phase=self.env.phase, config_fingerprint=self.fingerprint,
                 keep=self.env.checkpoint_keep, run_id=self.run_id, attempt=self.attempt,
-                max_in_flight=self.max_in_flight, retry=self.retry_policy,
+                uid=self.env.job_uid, max_in_flight=self.max_in_flight, retry=self.retry_policy,
                 protect=[self.resumed_from.step] if self.resumed_from else [])
             self.checkpointer.after_commit.append(self._on_commit)
         self.metrics = MetricsLog(self.storage, self.attempt, {
@@ -322,13 +322,15 @@ class Session:
                 self._end_standby(f"standby attempt {self.attempt} stopped ({self._stop_label})"
                                   " before it was promoted")
             fence = self._read_fence()
-            if fence is not None and fence.attempt == self.attempt:
+            uid = self.env.job_uid
+            if fence is not None and fence.attempt == self.attempt and fence.holds(self.attempt, uid):
                 self.log.info("standby attempt %d promoted (resume from %s)", self.attempt,
                               fence.resume_from or "the newest valid checkpoint")
                 return fence.resume_from or None
-            if fence is not None and fence.attempt > self.attempt:
+            if fence is not None and not fence.holds(self.attempt, uid):
                 self._end_standby(f"standby attempt {self.attempt} superseded by attempt"
-                                  f" {fence.attempt} before it was promoted")
+                                  f" {fence.attempt}{' of job ' + fence.job if fence.uid != uid else ''}"
+                                  " before it was promoted")
             if self.clock() >= next_prefetch:
                 self._prefetch()
                 self._mark_ready()
@@ -660,9 +662,12 @@ class Session:
         try:
             fence = read_fence(self.storage)
             if fence is None or fence.attempt < attempt:
+                env = self.env
                 self.storage.put_bytes(FENCE_NAME, Fence(
                     attempt, pod, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    resume_from=self.latest.uri).to_json().encode())
+                    resume_from=self.latest.uri, uid=env.job_uid,
+                    job=f"{env.job_namespace}/{env.job_name}" if env.job_name else ""
+                ).to_json().encode())
         except Exception as e:  # noqa: BLE001 - the operator promotes the standby anyway
             self.log.warning("handoff: cannot write %s (%s: %s); the operator will promote"
                              " attempt %d when this pod ends", FENCE_NAME, type(e).__name__, e,

@@ -96,47 +96,53 @@ def utcnow_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def check_fence(storage: Storage, attempt: int | None, what: str) -> None:
-    """Raise ``SupersededError`` if the operator has started an attempt newer than
-    ``attempt`` (its fence says so). No attempt (a run outside the operator) or no fence:
-    nothing to check."""
+def check_fence(storage: Storage, attempt: int | None, what: str, uid: str = "") -> None:
+    """Raise ``SupersededError`` unless ``attempt`` of the job ``uid`` holds the phase's fence
+    (``Fence.holds``): the operator started a newer attempt, or another job (a re-created
+    one) took the prefix. No attempt (a run outside the operator) or no fence: nothing to
+    check."""
     if attempt is None:
         return
     fence = read_fence(storage)
-    if fence is not None and fence.attempt > attempt:
+    if fence is not None and not fence.holds(attempt, uid):
+        whose = (f" of job {fence.job or '?'} (uid {fence.uid})"
+                 if uid and fence.uid and fence.uid != uid else "")
         raise SupersededError(
-            f"attempt {attempt} is superseded by attempt {fence.attempt} (pod {fence.pod or '?'},"
-            f" started {fence.time or '?'}): refusing to {what} under {storage.uri}")
+            f"attempt {attempt} is superseded by attempt {fence.attempt}{whose} (pod "
+            f"{fence.pod or '?'}, started {fence.time or '?'}): refusing to {what} under "
+            f"{storage.uri}")
 
 
 def commit_checkpoint(storage: Storage, step: int, files: dict[str, Source], *,
                       epoch: int, phase: str, config_fingerprint: str, run_id: str = "",
                       attempt: int | None = None, extra: dict | None = None,
                       digests: dict[str, FileEntry] | None = None,
-                      retry: RetryPolicy | None = None) -> CheckpointInfo:
+                      retry: RetryPolicy | None = None, uid: str = "") -> CheckpointInfo:
     """Upload ``files`` into ``step-N/`` and write the manifest last. Returns the new info.
 
     Fenced (``check_fence``): refused before the first byte, before the manifest, and undone
     if the fence moved while the manifest was being written."""
-    digests = upload_shards(storage, step, files, attempt=attempt, digests=digests, retry=retry)
+    digests = upload_shards(storage, step, files, attempt=attempt, digests=digests, retry=retry,
+                            uid=uid)
     return publish_manifest(storage, step, digests, epoch=epoch, phase=phase,
                             config_fingerprint=config_fingerprint, run_id=run_id,
-                            attempt=attempt, extra=extra, retry=retry)
+                            attempt=attempt, extra=extra, retry=retry, uid=uid)
 
 
-def _fence(storage: Storage, attempt: int | None, step: int, what: str, retry: RetryPolicy) -> None:
+def _fence(storage: Storage, attempt: int | None, step: int, what: str, retry: RetryPolicy,
+           uid: str = "") -> None:
     retry.run(f"read the fence of {storage.uri}",
-              lambda: check_fence(storage, attempt, f"{what} checkpoint step {step}"))
+              lambda: check_fence(storage, attempt, f"{what} checkpoint step {step}", uid))
 
 
 def upload_shards(storage: Storage, step: int, files: dict[str, Source], *,
                   attempt: int | None = None, digests: dict[str, FileEntry] | None = None,
-                  retry: RetryPolicy | None = None) -> dict[str, FileEntry]:
+                  retry: RetryPolicy | None = None, uid: str = "") -> dict[str, FileEntry]:
     """The first half of a commit: upload ``files`` into ``step-N/`` (no manifest yet) and
     return their entries for it. Every rank of a gang does this for its own files."""
     retry = retry or RetryPolicy()
     d = step_dir_name(step)
-    _fence(storage, attempt, step, "write", retry)
+    _fence(storage, attempt, step, "write", retry, uid)
     digests = dict(digests or {})
     for name, src in files.items():
         if name not in digests and not isinstance(src, StreamedShard):
@@ -172,7 +178,7 @@ def upload_shards(storage: Storage, step: int, files: dict[str, Source], *,
 def publish_manifest(storage: Storage, step: int, digests: dict[str, FileEntry], *, epoch: int,
                      phase: str, config_fingerprint: str, run_id: str = "",
                      attempt: int | None = None, extra: dict | None = None,
-                     retry: RetryPolicy | None = None) -> CheckpointInfo:
+                     retry: RetryPolicy | None = None, uid: str = "") -> CheckpointInfo:
     """The second half: write the manifest listing every uploaded file (all ranks' files,
     for a gang), fenced before and after."""
     retry = retry or RetryPolicy()
@@ -181,11 +187,11 @@ def publish_manifest(storage: Storage, step: int, digests: dict[str, FileEntry],
                         config_fingerprint=config_fingerprint, files=dict(digests), run_id=run_id,
                         attempt=attempt, extra=dict(extra or {}))
     body = manifest.to_json().encode()
-    _fence(storage, attempt, step, "publish", retry)
+    _fence(storage, attempt, step, "publish", retry, uid)
     retry.run(f"write manifest {storage.uri_for(d)}",
               lambda: storage.put_bytes(f"{d}/{MANIFEST_NAME}", body))
     try:
-        _fence(storage, attempt, step, "keep", retry)
+        _fence(storage, attempt, step, "keep", retry, uid)
     except SupersededError:
         # The successor started while we wrote: take our manifest back (if still ours) -
         # unless the fence that superseded us names this very checkpoint as the one to resume
@@ -203,7 +209,7 @@ def publish_manifest(storage: Storage, step: int, digests: dict[str, FileEntry],
 
 
 def apply_retention(storage: Storage, keep: int, protect: Iterable[int] = (),
-                    attempt: int | None = None) -> list[int]:
+                    attempt: int | None = None, uid: str = "") -> list[int]:
     """Keep the newest ``keep`` valid checkpoints; delete older ones and stale partial dirs.
 
     Never deletes a protected step (the one this attempt resumed from) and never touches a
@@ -212,7 +218,7 @@ def apply_retention(storage: Storage, keep: int, protect: Iterable[int] = (),
     """
     if keep < 2:
         raise CheckpointError(f"keep={keep} would leave nothing to fall back to; use keep >= 2")
-    check_fence(storage, attempt, "apply retention")
+    check_fence(storage, attempt, "apply retention", uid)
     protected = set(protect)
     infos = list_checkpoints(storage, deep=False)
     valid = [i for i in infos if i.valid]
@@ -226,7 +232,7 @@ def apply_retention(storage: Storage, keep: int, protect: Iterable[int] = (),
         if step in protected:
             continue
         d = step_dir_name(step)
-        check_fence(storage, attempt, f"delete checkpoint step {step}")
+        check_fence(storage, attempt, f"delete checkpoint step {step}", uid)
         # Manifest first: a crash half-way through leaves an invalid dir, never a "valid"
         # checkpoint with missing shards.
         storage.delete(f"{d}/{MANIFEST_NAME}")

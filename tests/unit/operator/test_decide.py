@@ -698,3 +698,44 @@ def test_resume_exact_reason_from_a_termination_message_is_bounded():
                                   "resumeExactReason": LONG})
     plan = decide(with_status(job(), RUN1), [p], NO_CK, at(1))
     _reason_fits(plan)
+
+
+# --- issue 22, item 1: one writer per prefix across re-created jobs ---------------------------
+def _held_by(uid: str, attempt: int, owner_live: bool | None):
+    from phoenix_trainer.layout import Fence
+
+    fence = Fence(attempt, f"old.train-{attempt}", "t", uid=uid, job="ns/old")
+    return {"train": Listing(listing(10, 20).checkpoints, fence=fence, owner_live=owner_live)}
+
+
+def test_a_re_created_job_adopts_the_prefix_above_the_old_fence():
+    """Job "old" (attempt 5) was deleted and a job re-created on its checkpoint.uri: its
+    first attempt is 6, above the old fence, and it says whose prefix it adopted."""
+    plan = decide(job(), [], _held_by("u-old", 5, owner_live=False), at(0))
+    assert [c.name for c in plan.create] == ["j.train-6"]
+    assert env_of(plan)["PHOENIX_JOB_UID"]["value"] == "u-1"
+    assert any(e.reason == C.EV_PREFIX_ADOPTED and "ns/old" in e.message for e in plan.events)
+
+
+def test_a_second_job_on_a_prefix_a_live_job_holds_is_refused():
+    plan = decide(job(), [], _held_by("u-other", 2, owner_live=True), at(0))
+    assert plan.create == []
+    cond = _cond(plan, C.COND_PREFIX_CONFLICT)
+    assert cond["status"] == "True" and "ns/old" in cond["message"] and "u-other" in cond["message"]
+    assert any(e.reason == C.EV_PREFIX_CONFLICT for e in plan.events)
+    assert plan.requeue_after is not None
+
+
+def test_a_cleared_status_continues_above_its_own_fence():
+    """Clearing the status through /status reset the attempt counter: attempt 1 was fenced
+    over attempt 5 of the same job, which was no longer superseded."""
+    plan = decide(job(), [], _held_by("u-1", 5, owner_live=None), at(0))
+    assert [c.name for c in plan.create] == ["j.train-6"]
+
+
+def test_controls_name_the_job():
+    from phoenix_operator.decide import _control
+    from phoenix_operator.model import Notice, PhaseStatus
+
+    st = PhaseStatus("train", attempts=3, last_notice=Notice("n", "taint x", at(0), 3))
+    assert _control(st, "u-1").uid == "u-1"

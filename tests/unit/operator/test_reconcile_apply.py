@@ -318,6 +318,33 @@ def test_the_fence_of_a_new_attempt_names_the_checkpoint_it_resumes_from():
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
     written = []
     reconciler.fence_writer = lambda spec, phase, attempt, pod, when, **kw: written.append(
-        (attempt, kw.get("resume_from")))
+        (attempt, kw.get("resume_from"), kw.get("uid"), kw.get("job"), kw.get("clear_control")))
     asyncio.run(reconciler.apply(body, plan))
-    assert written == [(2, "s3://bucket/run/train/step-00000020")]
+    # ... and names the job (issue 22, item 1); a new attempt clears older requests.
+    assert written == [(2, "s3://bucket/run/train/step-00000020", "u-1", "ns/j", True)]
+
+
+@pytest.mark.parametrize("other,live", [
+    ({"metadata": {"name": "old", "uid": "u-old"}}, True),    # still there: refused
+    ({"metadata": {"name": "old", "uid": "u-new"}}, False),   # re-created since: adoptable
+    (None, False),                                            # deleted: adoptable
+    (ApiException(status=403, reason="Forbidden"), None),     # cannot tell: refused
+])
+def test_whether_the_job_a_fence_names_still_exists(other, live):
+    from phoenix_operator.decide import Listing
+    from phoenix_trainer.layout import Fence
+
+    class Jobs(FakeKube):
+        def get_job(self, namespace, name):
+            self.calls.append(("get_job", namespace, name))
+            if isinstance(other, Exception):
+                raise other
+            return other
+
+    kube = Jobs()
+    reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
+    listing = Listing(fence=Fence(5, "old.train-5", "t", uid="u-old", job="team/old"))
+    got = asyncio.run(reconciler._owner(listing, "u-1"))
+    assert got.owner_live is live and kube.calls == [("get_job", "team", "old")]
+    own = Listing(fence=Fence(5, "j.train-5", "t", uid="u-1", job="ns/j"))
+    assert asyncio.run(reconciler._owner(own, "u-1")) is own

@@ -133,3 +133,53 @@ def test_take_back_still_removes_a_step_the_fence_does_not_name(storage, tmp_pat
     with pytest.raises(SupersededError):
         commit(FenceMovesOn(storage, "manifest"), 10, 2, tmp_path)
     assert [c.valid for c in list_checkpoints(storage)] == [False]
+
+
+# --- issue 22, item 1: the fence names the job, not only a number a re-created job resets ---
+def foreign_fence(storage, attempt: int, uid: str, job: str = "ns/b") -> None:
+    storage.put_bytes(FENCE_NAME, Fence(attempt, f"b.train-{attempt}", "t", uid=uid,
+                                        job=job).to_json().encode())
+
+
+def commit_as(storage, step: int, attempt: int, uid: str, tmp_path):
+    shard = tmp_path / f"model-{step}.pt"
+    shard.write_bytes(b"weights %d" % step)
+    return commit_checkpoint(storage, step, {"model.pt": shard}, epoch=0, phase="train",
+                             config_fingerprint="f", attempt=attempt, uid=uid, retry=NO_WAIT)
+
+
+def test_fence_names_the_job_uid_and_round_trips(storage):
+    foreign_fence(storage, 2, "uid-b")
+    assert read_fence(storage) == Fence(2, "b.train-2", "t", uid="uid-b", job="ns/b")
+
+
+def test_a_re_created_jobs_fence_supersedes_the_old_jobs_higher_attempt(storage, tmp_path):
+    """Job A (attempt 5, still in its grace period) was deleted; job B on the same prefix
+    fenced its attempt 1. Keyed by attempt numbers alone, A's attempt 5 went on committing."""
+    foreign_fence(storage, 1, "uid-b")
+    with pytest.raises(SupersededError, match="uid-b"):
+        commit_as(storage, 10, 5, "uid-a", tmp_path)
+    with pytest.raises(SupersededError):
+        apply_retention(storage, keep=2, attempt=5, uid="uid-a")
+    assert commit_as(storage, 10, 1, "uid-b", tmp_path).valid
+
+
+def test_a_fence_without_uid_is_judged_by_attempt_alone(storage, tmp_path):
+    fence(storage, 3)  # written by an operator from before the uid
+    assert commit_as(storage, 10, 3, "uid-a", tmp_path).valid
+
+
+def test_control_of_another_job_is_not_obeyed(storage):
+    from phoenix_trainer.control import ControlPoller
+    from phoenix_trainer.layout import CONTROL_NAME, Control
+
+    storage.put_bytes(CONTROL_NAME, Control(1, checkpoint_now="n1", handoff_to=2,
+                                            handoff_pod="a.train-2", uid="uid-a").to_json().encode())
+    heard = []
+    poller = ControlPoller(storage, 1, 1.0, uid="uid-b", on_checkpoint=heard.append,
+                           on_handoff=lambda a, p: heard.append((a, p)))
+    poller.poll_once()
+    assert heard == []  # job A's stale handoff request: job B's attempt 1 keeps training
+    storage.put_bytes(CONTROL_NAME, Control(1, checkpoint_now="n2", uid="uid-b").to_json().encode())
+    poller.poll_once()
+    assert heard == ["n2"]
