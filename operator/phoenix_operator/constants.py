@@ -103,8 +103,12 @@ COND_RESUME_EXACT = "ResumeExact"
 # The checkpoint prefix is held (fence.json) by another PhoenixJob that still exists: no pod
 # is started, so two jobs never write into and resume from each other's checkpoints.
 COND_PREFIX_CONFLICT = "PrefixConflict"
+# The status names a checkpoint that storage no longer lists: the phase is not started from
+# step 0 until it is listed again (or the job is created anew).
+COND_CHECKPOINT_MISSING = "CheckpointMissing"
 CONDITION_TYPES = (COND_RUNNING, COND_RECOVERING, COND_SUSPENDED, COND_SUCCEEDED, COND_FAILED,
-                   COND_POD_CONFLICT, COND_RESUME_EXACT, COND_PREFIX_CONFLICT)
+                   COND_POD_CONFLICT, COND_RESUME_EXACT, COND_PREFIX_CONFLICT,
+                   COND_CHECKPOINT_MISSING)
 
 # --- event reasons (CamelCase, as `kubectl describe` shows them) ----------------------
 EV_POD_CREATED = "PodCreated"
@@ -127,6 +131,7 @@ EV_STORAGE_ERROR = "StorageError"
 EV_PHASE_RESET = "PhaseReset"  # posted by `phoenix reset`
 EV_POD_CONFLICT = "PodConflict"
 EV_PREFIX_CONFLICT = "PrefixConflict"  # another live job holds the checkpoint prefix
+EV_CHECKPOINT_MISSING = "CheckpointMissing"  # status names a checkpoint storage does not list
 EV_PREFIX_ADOPTED = "PrefixAdopted"  # a deleted job's prefix taken over, attempts above its fence
 EV_RESUME_NOT_EXACT = "ResumeNotExact"  # the trainer says a resume will not be bit-exact
 EV_GANG_UNSCHEDULABLE = "GangUnschedulable"  # a gang not all scheduled in time: released

@@ -238,6 +238,7 @@ class _Ctx:
     foreign: Mapping[str, str] = field(default_factory=dict)
     conflicts: list[str] = field(default_factory=list)
     prefix_conflicts: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # checkpoints the status names, not listed
     stranded: list[str] = field(default_factory=list)
 
     def note(self, type_: str, reason: str, message: str) -> None:
@@ -692,6 +693,20 @@ def _resume_point(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus) -> _ResumePoint 
                      f"phase {phase.name}: {consecutive} failures in a row resuming from step "
                      f"{bad}; falling back to the checkpoint before it")
     chosen = listing.newest_valid(exclude=skipped)
+    known = st.last_checkpoint
+    if chosen is None and known is not None and known.step > 0 and \
+            not any(c.step == known.step for c in listing.checkpoints):
+        # Invariant 6: the status names a checkpoint that storage no longer lists at all
+        # (the endpoint, bucket or credentials changed, or the objects were deleted). A
+        # start from step 0 would throw the progress away without a word: say so instead.
+        ctx.missing.append(
+            f"phase {phase.name}: the status names checkpoint {known.uri} (step {known.step}), "
+            f"but {ctx.spec.checkpoint.phase_uri(phase.name)} lists no valid checkpoint; not "
+            "starting from step 0. Restore the checkpoints or the storage settings "
+            "(checkpoint.endpoint, region, credentialsSecret); to start over from step 0, "
+            f"create the PhoenixJob anew; looking again every {STORAGE_RETRY_SECONDS:g}s")
+        ctx.plan.requeue(STORAGE_RETRY_SECONDS)
+        return None
     for bad in listing.invalid_newer_than(chosen.step if chosen else None):
         ctx.note("Warning", C.EV_CHECKPOINT_SKIPPED,
                  f"phase {phase.name}: skipping checkpoint step {bad.step} ({bad.uri}): "
@@ -1131,9 +1146,6 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
     conflict_msg = "; ".join(ctx.conflicts)
     if ctx.conflicts and (old_conds.get(C.COND_POD_CONFLICT) or {}).get("status") != "True":
         ctx.note("Warning", C.EV_POD_CONFLICT, conflict_msg)
-    prefix_msg = "; ".join(ctx.prefix_conflicts)
-    if ctx.prefix_conflicts and (old_conds.get(C.COND_PREFIX_CONFLICT) or {}).get("status") != "True":
-        ctx.note("Warning", C.EV_PREFIX_CONFLICT, prefix_msg)
     conds = [
         _condition(old_conds, C.COND_RUNNING, phase == JobPhase.RUNNING, running_reason,
                    running_msg, ctx.now, generation),
@@ -1154,10 +1166,17 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
                    "ForeignPod" if ctx.conflicts else "NoConflict", conflict_msg, ctx.now,
                    generation),
     ]
-    if ctx.prefix_conflicts or C.COND_PREFIX_CONFLICT in old_conds:
-        conds.append(_condition(old_conds, C.COND_PREFIX_CONFLICT, bool(ctx.prefix_conflicts),
-                                "HeldByAnotherJob" if ctx.prefix_conflicts else "NoConflict",
-                                prefix_msg, ctx.now, generation))
+    for type_, found, reason, event in (
+            (C.COND_PREFIX_CONFLICT, ctx.prefix_conflicts, "HeldByAnotherJob", C.EV_PREFIX_CONFLICT),
+            (C.COND_CHECKPOINT_MISSING, ctx.missing, "NotListed", C.EV_CHECKPOINT_MISSING)):
+        # Present once it was True (False: resolved), absent for jobs it never concerned.
+        if not found and type_ not in old_conds:
+            continue
+        msg = "; ".join(found)
+        if found and (old_conds.get(type_) or {}).get("status") != "True":
+            ctx.note("Warning", event, msg)
+        conds.append(_condition(old_conds, type_, bool(found),
+                                reason if found else "Resolved", msg, ctx.now, generation))
     exact = _resume_exact_condition(ctx, cur, old_conds, generation)
     if exact is not None:
         conds.append(exact)

@@ -20,6 +20,7 @@ pytestmark = pytest.mark.unit
 
 NO_CK = {"train": listing()}
 CK_10_20 = {"train": listing(10, 20)}
+CK_40 = {"train": listing(40)}  # the step opfacts' termination messages name
 CK_CORRUPT = {"train": listing(10, 20, 30, invalid=(30,))}
 RUN1 = phase_status()  # train Running, attempt 1
 
@@ -135,7 +136,7 @@ CASES = [
          and _cond(p, "Failed")["status"] == "True"),
     Case("preemption-spares-failure-budget", with_status(job(), phase_status(
         attempts=3, failures=2)), pods=[pod(attempt=3, pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
-        listings=NO_CK, create=["j.train-4"],
+        listings=CK_40, create=["j.train-4"],
         check=lambda p: ps(p)["failures"] == 2 and ps(p)["preemptions"] == 1),
     Case("preemptions-exhausted", with_status(job(recovery={"maxPreemptions": 1}), phase_status(
         attempts=2, preemptions=1)), pods=[pod(attempt=2, pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
@@ -225,7 +226,7 @@ CASES = [
     Case("adopted-pod-already-ended", with_status(job(), RUN1),
          pods=[pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI"), pod(attempt=2, pod_phase="Failed",
                                                             exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI")],
-         listings=NO_CK, create=["j.train-3"],
+         listings=CK_40, create=["j.train-3"],
          check=lambda p: ps(p)["preemptions"] == 2),
     # --- checkpoint fallback ----------------------------------------------------------
     Case("repeated-crash-falls-back", with_status(job(), phase_status(
@@ -352,7 +353,7 @@ def test_steady_state_status_is_a_fixed_point():
 
 def test_replacement_records_time_of_previous_end():
     plan = decide(with_status(job(), RUN1), [pod(pod_phase="Failed", exit_code=143, term_reason="preempted", disruption="EvictionByEvictionAPI",
-                                                 finished=at(-3))], NO_CK, at(1))
+                                                 finished=at(-3))], CK_40, at(1))
     assert plan.create[0].previous_end == at(-3)
     assert plan.create[0].previous_cause == "preemption"
     assert [r.cause for r in plan.recoveries] == ["preemption"]
@@ -739,3 +740,25 @@ def test_controls_name_the_job():
 
     st = PhaseStatus("train", attempts=3, last_notice=Notice("n", "taint x", at(0), 3))
     assert _control(st, "u-1").uid == "u-1"
+
+
+# --- issue 22, item 9 / invariant 6: never step 0 while the status names a checkpoint -------
+def test_a_checkpoint_the_status_names_but_storage_no_longer_lists_stops_the_start():
+    """The endpoint or credentials changed under a running job (or the objects were
+    deleted): the next listing is empty and the replacement "started fresh" from step 0
+    although status.lastCheckpoint says step 40 exists. It must say so instead."""
+    body = with_status(job(), phase_status(lastCheckpoint={
+        "uri": "s3://bucket/run/train/step-00000040", "step": 40, "time": ts(at(0))}))
+    ended = pod(pod_phase="Failed", exit_code=143, disruption="EvictionByEvictionAPI")
+    plan = decide(body, [ended], NO_CK, at(1))
+    assert plan.create == []
+    cond = _cond(plan, C.COND_CHECKPOINT_MISSING)
+    assert cond["status"] == "True" and "step-00000040" in cond["message"]
+    assert any(e.reason == C.EV_CHECKPOINT_MISSING for e in plan.events)
+    assert plan.requeue_after is not None
+    # Once storage lists it again, the phase resumes from it and the condition clears.
+    again = decide({**body, "status": plan.status}, [ended],
+                   {"train": listing(20, 40)}, at(40))
+    assert [c.name for c in again.create] == ["j.train-2"]
+    assert env_of(again)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000040")
+    assert _cond(again, C.COND_CHECKPOINT_MISSING)["status"] == "False"

@@ -14,7 +14,7 @@ from phoenix_operator.decide import decide
 from phoenix_operator.kube import EventCache, ForeignPod, Kube
 from phoenix_operator.reconcile import Reconciler, RetryLater
 
-from opfacts import NO_CK_LISTING, at, job, phase_status, pod, with_status
+from opfacts import at, job, listing, phase_status, pod, with_status
 
 pytestmark = pytest.mark.unit
 
@@ -49,7 +49,8 @@ class FakeKube:
 
 def run(kube, body, pods, now=at(1), nodes=None, fence_error=None):
     body = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
-    plan = decide(body, pods, NO_CK_LISTING, now, nodes)
+    # step 40: the checkpoint opfacts' termination messages name (it must be listed)
+    plan = decide(body, pods, {"train": listing(40)}, now, nodes)
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
 
     def fence(spec, phase, attempt, pod, when, **access):
