@@ -351,7 +351,12 @@ def _decide_phase(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
             return st
         standby = _live_standby(ctx, phase, st, pods)
         if standby is not None:
-            return _promote(ctx, phase, st, standby)
+            why = _cannot_take_over(ctx, phase, st, pods)
+            if why is None:
+                return _promote(ctx, phase, st, standby)
+            ctx.note("Warning", C.EV_STANDBY_LOST, f"phase {phase.name}: standby {standby.pod} "
+                     f"cannot take over: {why}; starting a fresh attempt instead")
+            st = _drop_standby(ctx, st, pods, why)
         if st.standby is not None:
             st = replace(st, standby=None)  # it ended too; a new attempt is created below
         old_live = [p for a, members in pods.items() if a <= st.attempts for p in members
@@ -823,6 +828,25 @@ def _live_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> S
     first = members[0] if members and member_of(members[0]) == 0 else None
     uid = first["metadata"].get("uid") if first is not None else None
     return replace(sb, pod_uid=sb.pod_uid or (uid if len(members) >= phase.replicas else None))
+
+
+def _cannot_take_over(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> str | None:
+    """Why the live standby's pods could not train if promoted, or None: each must be bound
+    to a node that is Ready and announced no reclaim. A Pending standby (no capacity, still
+    kept off the old node) or one on a NotReady node would strand the phase there; a fresh
+    attempt may go anywhere."""
+    assert st.standby is not None
+    for pod in pods.get(st.standby.attempt, ()):
+        name = pod["metadata"]["name"]
+        node = (pod.get("spec") or {}).get("nodeName")
+        if not node:
+            return f"pod {name} is not scheduled"
+        health = ctx.nodes.get(node)
+        if health is not None and not health.healthy:
+            return f"pod {name}'s node {node} is not Ready"
+        if health is not None and health.notice:
+            return f"pod {name}'s node {node} announced its reclaim ({health.notice})"
+    return None
 
 
 def _promote(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, sb: StandbyRef) -> PhaseStatus:

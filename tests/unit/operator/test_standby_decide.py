@@ -498,3 +498,37 @@ def test_a_promoted_standby_gang_s_missing_member_is_created_as_a_standby():
     plan = w.step()
     (again,) = [c for c in plan.create if c.attempt == 2]
     assert again.name == standby[1] and again.manifest["spec"]["hostname"] == "train-2-1"
+
+
+# --- issue 22, item 5: only a standby that can run is promoted --------------------------------
+@pytest.mark.parametrize("where", ["pending", "node-not-ready", "node-noticed"])
+def test_a_standby_that_cannot_run_is_not_promoted_a_fresh_attempt_starts(where):
+    """A Pending standby (no capacity, still pinned off the old node) or one on a NotReady
+    node was promoted when the active pod ended, and the phase stranded there."""
+    w = World(standby=True)
+    active = started(w)
+    standby = w.plan.create[0].name
+    if where == "pending":
+        pass  # never scheduled
+    else:
+        w.run(standby, "spot-2", ready=True)
+        w.nodes["spot-2"] = NodeHealth(not_ready_since=w.now) if where == "node-not-ready" \
+            else NOTICE
+    w.step()
+    w.end(active, 143, disruption="EvictionByEvictionAPI")
+    plan = w.step()
+    assert plan.promote == [], plan.promote
+    assert standby in [d.name for d in plan.delete] or standby not in w.pods
+    fresh = [c for c in plan.create if not c.standby]
+    standbys = [int(p["metadata"]["labels"][C.LABEL_ATTEMPT]) for p in w.pods.values()
+                if p["metadata"]["labels"].get(C.LABEL_STANDBY)]
+    assert len(fresh) == 1 and fresh[0].attempt > max(standbys + [2]), plan.create
+    assert "affinity" not in fresh[0].manifest["spec"]  # not pinned off any node
+    assert C.EV_STANDBY_LOST in w.events
+
+
+def test_a_bound_standby_on_a_ready_node_is_promoted():
+    w, active, standby = with_ready_standby()
+    w.end(active, 143, disruption="EvictionByEvictionAPI")
+    plan = w.step()
+    assert [p.attempt for p in plan.promote] == [2]
