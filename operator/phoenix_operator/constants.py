@@ -106,9 +106,11 @@ COND_PREFIX_CONFLICT = "PrefixConflict"
 # The status names a checkpoint that storage no longer lists: the phase is not started from
 # step 0 until it is listed again (or the job is created anew).
 COND_CHECKPOINT_MISSING = "CheckpointMissing"
+# A phase's standbys failed MAX_STANDBY_FAILURES times in a row: it keeps none any more.
+COND_STANDBY_FAILING = "StandbyFailing"
 CONDITION_TYPES = (COND_RUNNING, COND_RECOVERING, COND_SUSPENDED, COND_SUCCEEDED, COND_FAILED,
                    COND_POD_CONFLICT, COND_RESUME_EXACT, COND_PREFIX_CONFLICT,
-                   COND_CHECKPOINT_MISSING)
+                   COND_CHECKPOINT_MISSING, COND_STANDBY_FAILING)
 
 # --- event reasons (CamelCase, as `kubectl describe` shows them) ----------------------
 EV_POD_CREATED = "PodCreated"
@@ -138,6 +140,7 @@ EV_GANG_UNSCHEDULABLE = "GangUnschedulable"  # a gang not all scheduled in time:
 EV_NODE_NOT_READY = "NodeNotReady"  # a trainer pod's node NotReady past the grace: stranded
 EV_NOTICE = "PreemptionNotice"  # a trainer pod's node announced its reclaim
 EV_STANDBY_STARTED = "StandbyStarted"
+EV_STANDBY_GIVEN_UP = "StandbyGivenUp"  # MAX_STANDBY_FAILURES in a row: no more standbys
 EV_STANDBY_READY = "StandbyReady"
 EV_STANDBY_LOST = "StandbyLost"  # a standby ended or was removed before it was needed
 EV_HANDOFF = "Handoff"  # the active trainer was asked to hand off to the ready standby
@@ -174,6 +177,13 @@ PLACEMENT_REFUSALS = frozenset({"NodeAffinity", "NodePorts", "NodeName", "Taint"
 # Preemptions in a row of attempts that never started their trainer before the phase stops
 # retrying them as preemptions (each one backs off like a failure before that).
 MAX_UNSTARTED_PREEMPTIONS = 5
+# A standby that fails is started again after STANDBY_RETRY_INITIAL_SECONDS, doubling up to
+# STANDBY_RETRY_MAX_SECONDS; after MAX_STANDBY_FAILURES in a row (none became ready in
+# between) the phase keeps no standby any more (condition StandbyFailing) until the spec
+# changes. Standbys cost a GPU each: a retry loop without a cap is paid for by the hour.
+STANDBY_RETRY_INITIAL_SECONDS = 30.0
+STANDBY_RETRY_MAX_SECONDS = 600.0
+MAX_STANDBY_FAILURES = 5
 
 FATAL_WAITING_REASONS = frozenset({
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",

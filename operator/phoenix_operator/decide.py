@@ -64,8 +64,6 @@ STORAGE_RETRY_SECONDS = 15.0
 # A foreign pod holds a name we need: look again this often (its deletion, if it carries our
 # job label, triggers a pass at once anyway).
 CONFLICT_RETRY_SECONDS = 30.0
-# A standby that failed (not preempted) is not started again before this.
-STANDBY_RETRY_SECONDS = 30.0
 
 
 # --- inputs ----------------------------------------------------------------------------
@@ -768,7 +766,7 @@ def _start_attempt(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -
     what = f"pod {name}" if len(names) == 1 else f"gang of {len(names)} pods {names[0]}..{names[-1].rsplit('.', 1)[-1]}"
     ctx.note("Normal", reason, f"phase {phase.name}: created {what} (attempt {attempt}), {where}")
     return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
-                   pod_uid=None, resume_from=resume, next_attempt_at=None,
+                   pod_uid=None, resume_from=resume, next_attempt_at=None, standby_failures=0,
                    started_at=st.started_at or ctx.now, last_attempt=max(st.last_attempt, attempt))
 
 
@@ -895,12 +893,14 @@ def _sync_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> P
     for pod in members:
         outcome = ctx.outcome(pod)
         if not outcome.live:
-            ctx.note("Warning" if outcome.cause == Cause.FAILURE else "Normal", C.EV_STANDBY_LOST,
-                     f"phase {phase.name}: {what} ended before it was needed: pod "
-                     f"{pod['metadata']['name']} {_describe(outcome)}")
             _delete_live(ctx, [p for p in members if ctx.outcome(p).live],
                          "the standby gang is lost")
-            return replace(st, standby=None)
+            lost = (f"phase {phase.name}: {what} ended before it was needed: pod "
+                    f"{pod['metadata']['name']} {_describe(outcome)}")
+            if outcome.cause != Cause.FAILURE:  # preempted: not its fault, replaced at once
+                ctx.note("Normal", C.EV_STANDBY_LOST, lost)
+                return replace(st, standby=None)
+            return _standby_failed(ctx, phase, replace(st, standby=None), lost)
     for pod in members:
         node = (pod.get("spec") or {}).get("nodeName")
         health = ctx.nodes.get(node) if node else None
@@ -917,6 +917,8 @@ def _sync_standby(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> P
     node = (members[0].get("spec") or {}).get("nodeName")
     ready_members = sum(1 for p in members if pod_ready(p))
     ready = ready_members == len(members)
+    if ready:
+        st = replace(st, standby_failures=0)  # it works: earlier failures were not the template
     if ready and not sb.ready:
         ctx.note("Normal", C.EV_STANDBY_READY,
                  f"phase {phase.name}: {what} on {node} is ready (model built,"
@@ -1016,6 +1018,7 @@ def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods
     on its node (a gang: on any member's node; every rank checkpoints at the same step)."""
     active = list(pods.get(st.attempts, ()))
     st = _sync_standby(ctx, phase, st, pods)
+    _collect_ended_standbys(ctx, st, pods)
     rec = ctx.spec.recovery
     handoff = rec.on_notice == C.ON_NOTICE_HANDOFF
     notice = None
@@ -1067,20 +1070,48 @@ def _control(st: PhaseStatus, uid: str) -> Control:
                    handoff_pod=pod, time=ts(n.time) or "", uid=uid)
 
 
+def _standby_failed(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, lost: str) -> PhaseStatus:
+    """A standby failed (its own fault, not a preemption): the next one waits, doubling from
+    STANDBY_RETRY_INITIAL_SECONDS; after MAX_STANDBY_FAILURES in a row none is kept for this
+    attempt (StandbyGivenUp event, StandbyFailing condition)."""
+    n = st.standby_failures + 1
+    if n >= C.MAX_STANDBY_FAILURES:
+        ctx.note("Warning", C.EV_STANDBY_GIVEN_UP,
+                 f"{lost}; {n} standbys in a row failed before one became ready: keeping none "
+                 "for this attempt (look at that pod's logs; the next attempt tries again)")
+        return replace(st, standby_failures=n, standby_retry_at=None)
+    delay = min(C.STANDBY_RETRY_INITIAL_SECONDS * 2 ** (n - 1), C.STANDBY_RETRY_MAX_SECONDS)
+    ctx.note("Warning", C.EV_STANDBY_LOST,
+             f"{lost}; a new standby in {delay:g}s (failure {n} of {C.MAX_STANDBY_FAILURES})")
+    ctx.plan.requeue(delay)
+    return replace(st, standby_failures=n, standby_retry_at=ctx.now + timedelta(seconds=delay))
+
+
 def _standby_failed_recently(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> bool:
-    """A standby failed less than STANDBY_RETRY_SECONDS ago, or a standby gang was released
-    (not schedulable) less than gangScheduleTimeoutSeconds ago: no new one yet."""
+    """No new standby yet: one failed and its backoff is not over, or a standby gang was
+    released (not schedulable) less than gangScheduleTimeoutSeconds ago, or this attempt's
+    standbys failed MAX_STANDBY_FAILURES times in a row."""
+    if st.standby_failures >= C.MAX_STANDBY_FAILURES:
+        return True
     if st.standby_retry_at is not None and ctx.now < st.standby_retry_at:
         ctx.plan.requeue((st.standby_retry_at - ctx.now).total_seconds())
         return True
-    for pod in _standby_members(st, pods):
-        outcome = ctx.outcome(pod)
-        if outcome.cause == Cause.FAILURE and outcome.finished_at is not None:
-            left = STANDBY_RETRY_SECONDS - (ctx.now - outcome.finished_at).total_seconds()
-            if left > 0:
-                ctx.plan.requeue(left)
-                return True
     return False
+
+
+def _collect_ended_standbys(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> None:
+    """Delete the pod objects of standbys that ended, but the newest one's (its logs say why
+    it failed): kept, every one of them was re-read on every pass."""
+    current = st.standby.attempt if st.standby is not None else None
+    ended = sorted(a for a, members in pods.items() if a > st.attempts and a != current
+                   and members and all(is_standby_pod(p) and not ctx.outcome(p).live
+                                       for p in members))
+    planned = {d.name for d in ctx.plan.delete}
+    for attempt in ended[:-1]:
+        for pod in pods[attempt]:
+            name = pod["metadata"]["name"]
+            if name not in planned and not (pod.get("metadata") or {}).get("deletionTimestamp"):
+                ctx.plan.delete.append(DeletePod(name, 0, "an ended standby's pod"))
 
 
 # --- status ----------------------------------------------------------------------------
@@ -1190,14 +1221,21 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
                    "ForeignPod" if ctx.conflicts else "NoConflict", conflict_msg, ctx.now,
                    generation),
     ]
+    standby_failing = [
+        f"phase {s.name}: {s.standby_failures} standbys in a row failed before one became ready;"
+        f" attempt {s.attempts} keeps none any more (the last standby pod's logs say why; the "
+        "next attempt tries again)"
+        for s in statuses.values()
+        if s.state == S.RUNNING and s.standby_failures >= C.MAX_STANDBY_FAILURES]
     for type_, found, reason, event in (
             (C.COND_PREFIX_CONFLICT, ctx.prefix_conflicts, "HeldByAnotherJob", C.EV_PREFIX_CONFLICT),
-            (C.COND_CHECKPOINT_MISSING, ctx.missing, "NotListed", C.EV_CHECKPOINT_MISSING)):
+            (C.COND_CHECKPOINT_MISSING, ctx.missing, "NotListed", C.EV_CHECKPOINT_MISSING),
+            (C.COND_STANDBY_FAILING, standby_failing, "TooManyFailures", None)):
         # Present once it was True (False: resolved), absent for jobs it never concerned.
         if not found and type_ not in old_conds:
             continue
         msg = "; ".join(found)
-        if found and (old_conds.get(type_) or {}).get("status") != "True":
+        if event and found and (old_conds.get(type_) or {}).get("status") != "True":
             ctx.note("Warning", event, msg)
         conds.append(_condition(old_conds, type_, bool(found),
                                 reason if found else "Resolved", msg, ctx.now, generation))

@@ -291,6 +291,9 @@ class PhaseStatus:
     # Attempts in a row that ended before their trainer ran (refused, evicted while
     # Pending): bounded by MAX_UNSTARTED_PREEMPTIONS, reset by an attempt that ran.
     unstarted_preemptions: int = 0
+    # Standbys of the current attempt that failed in a row (none became ready between):
+    # retried with backoff (standby_retry_at), none kept after MAX_STANDBY_FAILURES.
+    standby_failures: int = 0
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -326,6 +329,8 @@ class PhaseStatus:
             d["lastAttempt"] = self.last_attempt
         if self.unstarted_preemptions:
             d["unstartedPreemptions"] = self.unstarted_preemptions
+        if self.standby_failures:
+            d["standbyFailures"] = self.standby_failures
         return d
 
     @classmethod
@@ -353,6 +358,7 @@ class PhaseStatus:
             last_attempt=int(d.get("lastAttempt", 0)),
             standby_retry_at=_ts(d.get("standbyRetryAt")),
             unstarted_preemptions=int(d.get("unstartedPreemptions", 0)),
+            standby_failures=int(d.get("standbyFailures", 0)),
         )
 
     @property

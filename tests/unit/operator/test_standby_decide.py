@@ -532,3 +532,39 @@ def test_a_bound_standby_on_a_ready_node_is_promoted():
     w.end(active, 143, disruption="EvictionByEvictionAPI")
     plan = w.step()
     assert [p.attempt for p in plan.promote] == [2]
+
+
+# --- issue 22, item 4: a failing standby is retried with backoff, up to a cap ----------------
+def test_a_standby_that_keeps_failing_backs_off_then_stops_with_a_condition():
+    """A standby whose template fails (say, a bad arg only the standby path hits) was created
+    again every 30 s for ever: 40 GPU pods in 20 minutes, every one kept and re-read."""
+    from datetime import datetime
+
+    w = World(standby=True)
+    started(w)
+    delays = []
+    for _ in range(C.MAX_STANDBY_FAILURES):
+        sb = w.phase["standby"]["pod"]
+        w.run(sb, "spot-2")
+        w.step()
+        w.end(sb, 1, term_reason="failed")
+        w.step()
+        assert "standby" not in w.phase
+        retry = w.phase.get("standbyRetryAt")
+        if retry is None:
+            break
+        delays.append((datetime.fromisoformat(retry.replace("Z", "+00:00")) - w.now).total_seconds())
+        w.step(delays[-1] - 1)
+        assert not [c for c in w.plan.create if c.standby]  # not before the backoff is over
+        w.step(1)
+        assert [c for c in w.plan.create if c.standby]
+    assert len(delays) == C.MAX_STANDBY_FAILURES - 1 and delays == sorted(delays) \
+        and delays[-1] > delays[0], delays
+    w.step(3600)
+    assert not [c for c in w.plan.create if c.standby] and "standby" not in w.phase
+    cond = next(c for c in w.body["status"]["conditions"] if c["type"] == C.COND_STANDBY_FAILING)
+    assert cond["status"] == "True" and "train" in cond["message"]
+    assert C.EV_STANDBY_GIVEN_UP in w.events
+    # Ended standby pods are not kept piling up: the newest failed one stays, for its logs.
+    ended = [n for n, p in w.pods.items() if p["metadata"]["labels"].get(C.LABEL_STANDBY)]
+    assert len(ended) <= 1, ended
