@@ -209,6 +209,10 @@ DEFAULT_NOTICE_TAINTS = (
     "ToBeDeletedByClusterAutoscaler",                       # cluster-autoscaler scale-down
     "phoenix.dev/preemption-notice",                        # anything else: set it yourself
 )
+# Of those, the ones that are advice, not an announced reclaim (AWS: "a spot interruption
+# may come"): the trainer is asked to checkpoint now, but no standby is started and nothing
+# is handed off - each handoff costs a restart, and advice often comes to nothing.
+ADVISORY_NOTICE_TAINTS = frozenset({"aws-node-termination-handler/rebalance-recommendation"})
 # Node condition types that announce a reclaim when True (PHOENIX_NOTICE_CONDITIONS).
 DEFAULT_NOTICE_CONDITIONS: tuple[str, ...] = ()
 ON_NOTICE_HANDOFF, ON_NOTICE_CHECKPOINT, ON_NOTICE_IGNORE = "Handoff", "Checkpoint", "Ignore"

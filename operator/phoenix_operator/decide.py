@@ -1004,8 +1004,8 @@ def _notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pod: Mapping[str, Any]
     if st.last_notice is None or st.last_notice.attempt != st.attempts:
         st = replace(st, notices=st.notices + 1, last_notice=Notice(
             node=node, signal=health.notice, time=ctx.now, attempt=st.attempts))
-        plan = ("checkpoint now, and hand off to a standby on another node" if handoff
-                else "checkpoint now")
+        plan = ("checkpoint now, and hand off to a standby on another node"
+                if handoff and not _advice(health.notice) else "checkpoint now")
         ctx.note("Warning", C.EV_NOTICE,
                  f"phase {phase.name}: node {node} of pod {pod['metadata']['name']} announced its"
                  f" reclaim ({health.notice}); asking the trainer to {plan}")
@@ -1026,6 +1026,16 @@ def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods
         st, notice = _notice(ctx, phase, st, pod, handoff)
         if notice:
             break
+    if notice is not None and _advice(notice):
+        notice, handoff = None, False  # checkpointed (control written); nothing else
+    sb = st.standby
+    if (notice is None and sb is not None and sb.reason == "notice" and not rec.standby
+            and (st.last_notice is None or st.last_notice.handoff_to is None)):
+        # The notice was withdrawn before the handoff was asked: the standby only cost a GPU.
+        ctx.note("Normal", C.EV_STANDBY_LOST, f"phase {phase.name}: the notice on "
+                 f"{st.last_notice.node if st.last_notice else 'its node'} was withdrawn; "
+                 f"removing standby {sb.pod}")
+        st = _drop_standby(ctx, st, pods, "the notice was withdrawn")
     noticed = notice is not None and st.last_notice is not None
     bound = len(active) >= phase.replicas and all(_node(p) for p in active)
     # A kept standby waits until the active attempt trains (its pods Ready: restored), so it
@@ -1057,6 +1067,13 @@ def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods
         ctx.plan.control = [c for c in ctx.plan.control if c.phase != phase.name]
         ctx.plan.control.append(ControlWrite(phase.name, _control(st, ctx.uid)))
     return st
+
+
+def _advice(notice: str) -> bool:
+    """A notice that only advises (``ADVISORY_NOTICE_TAINTS``): "taint <key>" as NodeHealth
+    names it."""
+    kind, _, key = notice.partition(" ")
+    return kind == "taint" and key in C.ADVISORY_NOTICE_TAINTS
 
 
 def _control(st: PhaseStatus, uid: str) -> Control:

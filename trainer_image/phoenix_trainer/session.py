@@ -66,6 +66,10 @@ log = logging.getLogger("phoenix.trainer")
 
 # Time kept back from the grace period for writing the termination message and exiting.
 EXIT_RESERVE_SECONDS = 1.0
+# request_stop's "signal" for an operator-requested handoff (no real signal is 0), and how
+# long its final checkpoint may take: no SIGTERM grace applies, nothing is killing the pod.
+HANDOFF_SIGNAL = 0
+HANDOFF_SAVE_LIMIT_SECONDS = 3600.0
 TRAINER_DOC = "trainer.json"
 # A waiting standby looks for a newer committed checkpoint to preload this often.
 STANDBY_PREFETCH_SECONDS = 2.0
@@ -220,7 +224,7 @@ class Session:
         self._handoff = (attempt, pod)
         self.log.info("operator asks to hand off to standby attempt %d (pod %s) at the next"
                       " step boundary", attempt, pod or "?")
-        self.request_stop(label=f"handoff to attempt {attempt}")
+        self.request_stop(HANDOFF_SIGNAL, label=f"handoff to attempt {attempt}")
 
     def _serves_status(self) -> bool:
         """Whether this process answers the pod's readiness probe (one per pod)."""
@@ -607,6 +611,12 @@ class Session:
         sig = self._stop_label or "stop"
         start = self._stop_time if self._stop_time is not None else self.clock()
         grace = self.env.grace_seconds
+        if self._handoff is not None and self._stop_signal == HANDOFF_SIGNAL:
+            # The operator asked for a handoff; nothing is killing this pod: the final
+            # checkpoint is made whatever the SIGTERM grace would allow. (Should the reclaim
+            # come meanwhile, the kubelet's SIGKILL may cut the save short: a partial
+            # checkpoint has no manifest and is never resumed from.)
+            grace = HANDOFF_SAVE_LIMIT_SECONDS
 
         def remaining() -> float:
             return grace - (self.clock() - start) - EXIT_RESERVE_SECONDS

@@ -568,3 +568,32 @@ def test_a_standby_that_keeps_failing_backs_off_then_stops_with_a_condition():
     # Ended standby pods are not kept piling up: the newest failed one stays, for its logs.
     ended = [n for n, p in w.pods.items() if p["metadata"]["labels"].get(C.LABEL_STANDBY)]
     assert len(ended) <= 1, ended
+
+
+# --- issue 22, item 6: notices that are withdrawn, and notices that are only advice ----------
+def test_a_withdrawn_notice_takes_its_standby_away():
+    """Without recovery.standby, a notice's standby sat idle on a GPU for ever once the
+    notice was lifted (no handoff had been asked yet)."""
+    w = World()
+    started(w)
+    w.nodes["spot-1"] = NOTICE
+    (sb,) = w.step().create
+    w.run(sb.name, "spot-2")  # not ready yet: no handoff asked
+    w.step()
+    w.nodes["spot-1"] = NodeHealth()  # the notice is withdrawn
+    plan = w.step()
+    assert sb.name in [d.name for d in plan.delete] and "standby" not in w.phase
+    w.step()
+    assert not plan.create and not w.plan.create
+
+
+def test_a_rebalance_recommendation_asks_for_a_checkpoint_not_a_handoff():
+    """AWS's rebalance recommendation is advice that a reclaim may come: full handoffs on it
+    each counted against maxPreemptions."""
+    w = World()
+    started(w)
+    w.nodes["spot-1"] = NodeHealth(notice="taint aws-node-termination-handler/rebalance-recommendation")
+    plan = w.step()
+    assert not plan.create and "standby" not in w.phase
+    (ctl,) = w.controls
+    assert ctl.checkpoint_now and ctl.handoff_to is None

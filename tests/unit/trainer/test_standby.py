@@ -175,3 +175,22 @@ def test_readiness_follows_restore(tmp_path):
         assert _ready(port) == 200
     with pytest.raises(OSError):
         _ready(port)  # closed with the session
+
+
+def test_a_handoff_always_saves_first_whatever_the_grace(tmp_path):
+    """Issue 22, item 6: a handoff is the operator's request, not a SIGTERM: nothing is
+    killing the pod, so the final checkpoint is made even when the SIGTERM grace period
+    would be too short for it (here: none at all)."""
+    with session(tmp_path, env=env(1, grace_seconds=0.0)) as s:
+        original = s.should_checkpoint
+
+        def should_checkpoint(step):
+            if step == 6:
+                control(s.storage, attempt=1, handoff_to=2, handoff_pod="pod-2")
+                s.control.poll_once()
+            return original(step)
+
+        s.should_checkpoint = should_checkpoint
+        result, _ = loop(s)
+    assert result.emergency_save_completed, result.message
+    assert result.checkpoint.endswith("step-0000000007") and "handed off to attempt 2" in result.message
