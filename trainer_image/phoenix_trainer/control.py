@@ -19,6 +19,7 @@ loaded the newest checkpoint — and ``GET /healthz`` with 200 while the process
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import threading
 import time
@@ -83,14 +84,52 @@ class ControlPoller:
             self.poll_once()
 
 
+# The status port answers probes with a few bytes; it must never be held up by a client: each
+# connection gets this long to send its request, and at most this many are served at once
+# (more are closed at once; the probe retries within its failureThreshold).
+STATUS_CLIENT_TIMEOUT_SECONDS = 2.0
+STATUS_MAX_CLIENTS = 8
+
+
+class _BoundedServer(ThreadingHTTPServer):
+    """One thread per connection, at most ``STATUS_MAX_CLIENTS`` of them."""
+
+    daemon_threads = True
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(STATUS_MAX_CLIENTS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)  # full: drop it rather than queue behind the slow
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+
 class StatusServer:
-    """``GET /ready`` (200 once ``ready`` is set, else 503) and ``GET /healthz`` on a port."""
+    """``GET /ready`` (200 once ``ready`` is set, else 503) and ``GET /healthz`` on a port.
+    Unauthenticated by design (what it says is public: ready or not); bounded in time and
+    threads so that no client can make the pod NotReady; the chart's optional NetworkPolicy
+    keeps other pods off it."""
 
     def __init__(self, port: int, host: str = "") -> None:
         self.ready = threading.Event()
         ready = self.ready
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = STATUS_CLIENT_TIMEOUT_SECONDS  # the socket's: a silent client is dropped
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's name
                 if self.path.startswith("/healthz"):
                     code, body = 200, b"ok\n"
@@ -107,8 +146,7 @@ class StatusServer:
             def log_message(self, *args) -> None:  # probes every second: not worth a line
                 pass
 
-        self.server = ThreadingHTTPServer((host, port), Handler)
-        self.server.daemon_threads = True
+        self.server = _BoundedServer((host, port), Handler)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, name="phoenix-status",
                                         daemon=True)
@@ -117,6 +155,10 @@ class StatusServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+    def close_at_exit(self) -> None:
+        """Keep serving until the interpreter exits (the container's end), then close."""
+        atexit.register(self.close)
 
 
 def start_status_server(port: int | None) -> StatusServer | None:

@@ -209,3 +209,20 @@ def test_notes_tell_the_user_what_to_do_next():
     assert "rollout status deployment/phx-operator" in notes
     assert "create secret generic" in notes and "get pxj" in notes
     assert "docs/install.md" in notes
+
+
+def test_trainer_network_policy_is_optional_and_per_job_namespace():
+    """Issue 22, item 13: the trainer's status port is unauthenticated; an optional policy
+    keeps other pods off trainer pods, which still reach each other."""
+    assert by_kind(render(), "NetworkPolicy") == []
+    docs = render("--set", "trainerNetworkPolicy.enabled=true",
+                  "--set", "trainerNetworkPolicy.namespaces={team-a,team-b}")
+    policies = by_kind(docs, "NetworkPolicy")
+    assert [p["metadata"]["namespace"] for p in policies] == ["team-a", "team-b"]
+    spec = policies[0]["spec"]
+    trainers = {"matchExpressions": [{"key": "phoenix.dev/job", "operator": "Exists"}]}
+    assert spec["podSelector"] == trainers and spec["policyTypes"] == ["Ingress"]
+    assert spec["ingress"] == [{"from": [{"podSelector": trainers}]}]
+    failed = helm("template", "phx", str(CHART), "--set", "trainerNetworkPolicy.enabled=true",
+                  check=False)
+    assert failed.returncode != 0 and "trainerNetworkPolicy.namespaces" in failed.stderr

@@ -173,8 +173,13 @@ def test_readiness_follows_restore(tmp_path):
         assert _ready(port) == 503
         s.restore()
         assert _ready(port) == 200
+    # Issue 22, item 11: it keeps answering until the process exits. Closed with the session,
+    # every pod that ended cleanly got "Unhealthy" readiness warnings while its container
+    # wrote the termination message and exited.
+    assert _ready(port) == 200
+    s.status_server.close()  # what the interpreter's exit does
     with pytest.raises(OSError):
-        _ready(port)  # closed with the session
+        _ready(port)
 
 
 def test_a_handoff_always_saves_first_whatever_the_grace(tmp_path):
