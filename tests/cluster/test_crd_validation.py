@@ -36,12 +36,21 @@ def s(body):
 
 
 MALFORMED = [
+    # Issue 22, item 10: the list rules name the phase, not only spec.phases.
     ("duplicate-phase-names", lambda b: s(b)["phases"].append({"name": "train"}),
-     "phase names must be unique"),
+     'phase names must be unique: "train" appears more than once'),
     ("depends-on-later-phase", lambda b: s(b)["phases"][0].update(dependsOn=["eval"]),
-     "dependsOn"),
+     'phase "train" dependsOn a phase that is not before it'),
     ("depends-on-unknown-phase", lambda b: s(b)["phases"][1].update(dependsOn=["nope"]),
-     "dependsOn"),
+     'phase "eval" dependsOn a phase that is not before it'),
+    ("nproc-per-node-without-a-gang", lambda b: s(b)["phases"][0].update(nprocPerNode=2),
+     'spec.phases[0].nprocPerNode: Invalid value: phase "train": nprocPerNode applies to a gang'),
+    # Issue 22, item 8: a typo in the annotation silently disabled Phoenix.
+    ("trainer-container-typo", lambda b: s(b)["template"].update(metadata={"annotations": {
+        "phoenix.dev/trainer-container": "trainr"}}),
+     'spec.template.metadata.annotations: Invalid value: annotation '
+     'phoenix.dev/trainer-container names "trainr", which is not one of '
+     'spec.template.spec.containers'),
     ("keep-below-2", lambda b: s(b)["checkpoint"].update(keep=1), "keep"),
     ("negative-max-failures", lambda b: s(b).update(recovery={"maxFailures": -1}), "maxFailures"),
     ("negative-max-preemptions", lambda b: s(b).update(recovery={"maxPreemptions": -2}),
@@ -122,9 +131,16 @@ def test_printer_columns(lab, crd):
 
 # --- transition rules (oldSelf): what a running job may not change -------------------------
 STARTED = "spec.phases: Forbidden: spec.phases: a phase that has started"
+SHAPE = "spec.phases: Forbidden: spec.phases: replicas and nprocPerNode of a phase that has started"
+WHERE = "spec.checkpoint: Forbidden: spec.checkpoint.endpoint, region and credentialsSecret are immutable"
 IMMUTABLE = [
     ("checkpoint-uri", lambda b: s(b)["checkpoint"].update(uri="s3://bucket/elsewhere"),
      "spec.checkpoint.uri: Forbidden: spec.checkpoint.uri is immutable"),
+    # Issue 22, item 9: the shape of a started phase, and where its checkpoints are.
+    ("replicas-of-started-phase", lambda b: s(b)["phases"][0].update(replicas=2), SHAPE),
+    ("endpoint", lambda b: s(b)["checkpoint"].update(endpoint="http://elsewhere:9000"), WHERE),
+    ("region", lambda b: s(b)["checkpoint"].update(region="eu-west-1"), WHERE),
+    ("credentials-secret", lambda b: s(b)["checkpoint"].update(credentialsSecret="other"), WHERE),
     ("rename-started-phase", lambda b: s(b).update(
         phases=[{"name": "pretrain"}, {"name": "eval", "dependsOn": ["pretrain"]}]), STARTED),
     ("remove-started-phase", lambda b: s(b).update(phases=[{"name": "eval"}]), STARTED),
@@ -134,6 +150,10 @@ IMMUTABLE = [
 ]
 ALLOWED = [
     ("rename-unstarted-phase", lambda b: s(b)["phases"][1].update(name="evaluate")),
+    ("gang-shape-of-unstarted-phase", lambda b: s(b)["phases"][1].update(replicas=2,
+                                                                          nprocPerNode=2)),
+    ("trainer-container-named", lambda b: s(b)["template"].update(metadata={"annotations": {
+        "phoenix.dev/trainer-container": "t"}})),
     ("append-phase", lambda b: s(b)["phases"].append({"name": "export"})),
     ("other-fields", lambda b: s(b).update(recovery={"maxFailures": 7}, suspend=False)),
 ]
