@@ -40,6 +40,14 @@ class OperatorConfig:
     notice_conditions: tuple[str, ...] = C.DEFAULT_NOTICE_CONDITIONS
     """PHOENIX_NOTICE_CONDITIONS: comma-separated node condition types that announce a
     reclaim while True."""
+    own_identity_prefixes: tuple[str, ...] = ()
+    """PHOENIX_OWN_IDENTITY_PREFIXES: comma-separated checkpoint URI prefixes (s3://bucket/path/)
+    for which a job without credentialsSecret may be served with the operator's own cloud
+    identity (workload identity, the AWS default chain). Empty: never - every job brings its
+    own credentials, so creating a PhoenixJob cannot borrow the operator's access."""
+    allow_file_uris: bool = False
+    """PHOENIX_ALLOW_FILE_URIS: accept file:// checkpoint URIs (the operator then reads and
+    writes its own filesystem at that path: for single-node set-ups and tests only)."""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "OperatorConfig":
@@ -78,4 +86,12 @@ class OperatorConfig:
             watch_nodes=flag("PHOENIX_WATCH_NODES", "true"),
             notice_taints=names("PHOENIX_NOTICE_TAINTS", C.DEFAULT_NOTICE_TAINTS),
             notice_conditions=names("PHOENIX_NOTICE_CONDITIONS", C.DEFAULT_NOTICE_CONDITIONS),
+            own_identity_prefixes=names("PHOENIX_OWN_IDENTITY_PREFIXES", ()),
+            allow_file_uris=flag("PHOENIX_ALLOW_FILE_URIS", "false"),
         )
+
+    def may_use_own_identity(self, uri: str) -> bool:
+        """Whether the operator's own identity may serve ``uri`` (a job without a Secret).
+        A prefix matches at a path boundary only: s3://b/team does not allow s3://b/team2."""
+        return any(uri == p.rstrip("/") or uri.startswith(p.rstrip("/") + "/")
+                   for p in self.own_identity_prefixes)

@@ -108,9 +108,12 @@ COND_PREFIX_CONFLICT = "PrefixConflict"
 COND_CHECKPOINT_MISSING = "CheckpointMissing"
 # A phase's standbys failed MAX_STANDBY_FAILURES times in a row: it keeps none any more.
 COND_STANDBY_FAILING = "StandbyFailing"
+# The checkpoint storage cannot be listed (no credentials the operator may use, a Secret it
+# cannot read, the store down): nothing starts until it can; the message says why.
+COND_STORAGE_ERROR = "StorageError"
 CONDITION_TYPES = (COND_RUNNING, COND_RECOVERING, COND_SUSPENDED, COND_SUCCEEDED, COND_FAILED,
                    COND_POD_CONFLICT, COND_RESUME_EXACT, COND_PREFIX_CONFLICT,
-                   COND_CHECKPOINT_MISSING, COND_STANDBY_FAILING)
+                   COND_CHECKPOINT_MISSING, COND_STANDBY_FAILING, COND_STORAGE_ERROR)
 
 # --- event reasons (CamelCase, as `kubectl describe` shows them) ----------------------
 EV_POD_CREATED = "PodCreated"

@@ -237,6 +237,7 @@ class _Ctx:
     conflicts: list[str] = field(default_factory=list)
     prefix_conflicts: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)  # checkpoints the status names, not listed
+    storage_errors: list[str] = field(default_factory=list)  # listings that failed, and why
     stranded: list[str] = field(default_factory=list)
 
     def note(self, type_: str, reason: str, message: str) -> None:
@@ -679,9 +680,10 @@ def _resume_point(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus) -> _ResumePoint 
     dep_listing = ctx.checkpoints[phase.depends_on[0]] if phase.depends_on else None
     for lst, whose in ((listing, phase.name), (dep_listing, phase.depends_on[:1])):
         if lst is not None and lst.error:
+            why = f"phase {phase.name}: cannot list checkpoints of {whose}: {lst.error}"
             ctx.note("Warning", C.EV_STORAGE_ERROR,
-                     f"phase {phase.name}: cannot list checkpoints of {whose}: {lst.error}; "
-                     f"retrying in {STORAGE_RETRY_SECONDS:g}s")
+                     f"{why}; retrying in {STORAGE_RETRY_SECONDS:g}s")
+            ctx.storage_errors.append(why)
             ctx.plan.requeue(STORAGE_RETRY_SECONDS)
             return None
 
@@ -1247,7 +1249,8 @@ def _job_status(ctx: _Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str
     for type_, found, reason, event in (
             (C.COND_PREFIX_CONFLICT, ctx.prefix_conflicts, "HeldByAnotherJob", C.EV_PREFIX_CONFLICT),
             (C.COND_CHECKPOINT_MISSING, ctx.missing, "NotListed", C.EV_CHECKPOINT_MISSING),
-            (C.COND_STANDBY_FAILING, standby_failing, "TooManyFailures", None)):
+            (C.COND_STANDBY_FAILING, standby_failing, "TooManyFailures", None),
+            (C.COND_STORAGE_ERROR, ctx.storage_errors, "CannotAccess", None)):
         # Present once it was True (False: resolved), absent for jobs it never concerned.
         if not found and type_ not in old_conds:
             continue

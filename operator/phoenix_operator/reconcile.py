@@ -266,6 +266,21 @@ class Reconciler:
         ``facts.scan``/``facts.write_fence``). Raises StorageAccessError saying why not."""
         spec = JobSpec.parse(job["spec"])
         ns, name = job["metadata"]["namespace"], spec.checkpoint.credentials_secret
+        uri = spec.checkpoint.uri
+        if uri.startswith("file://") and not self.config.allow_file_uris:
+            raise StorageAccessError(
+                f"checkpoint.uri {uri} is a path on the operator's own filesystem; this "
+                "operator does not accept file:// URIs (PHOENIX_ALLOW_FILE_URIS, chart "
+                "storage.allowFileURIs): use s3://")
+        if not name and not uri.startswith("file://") and not self.config.may_use_own_identity(uri):
+            # Invariant 4: without the job's credentials, the operator's own identity (the
+            # chart invites workload identity) would list, read and write any prefix a
+            # tenant names - someone else's included.
+            raise StorageAccessError(
+                f"checkpoint.uri {uri} has no credentialsSecret, and the operator may use its "
+                "own identity only for the prefixes in PHOENIX_OWN_IDENTITY_PREFIXES (chart "
+                "storage.operatorIdentityPrefixes): give the job a credentialsSecret, or ask "
+                "the operator's admin to allow this prefix")
         access = secret = None
         if name:
             try:

@@ -226,3 +226,17 @@ def test_trainer_network_policy_is_optional_and_per_job_namespace():
     failed = helm("template", "phx", str(CHART), "--set", "trainerNetworkPolicy.enabled=true",
                   check=False)
     assert failed.returncode != 0 and "trainerNetworkPolicy.namespaces" in failed.stderr
+
+
+def test_operator_identity_prefixes_and_file_uris_reach_the_operator():
+    """Issue 22, item 12: the operator's own identity serves only the prefixes listed."""
+    env = {e["name"]: e.get("value") for e in operator_container(render())["env"]}
+    assert "PHOENIX_OWN_IDENTITY_PREFIXES" not in env and "PHOENIX_ALLOW_FILE_URIS" not in env
+    docs = render("--set", "storage.operatorIdentityPrefixes={s3://ml-ckpt/a/,s3://ml-ckpt/b/}",
+                  "--set", "storage.allowFileURIs=true")
+    env = {e["name"]: e.get("value") for e in operator_container(docs)["env"]}
+    assert env["PHOENIX_OWN_IDENTITY_PREFIXES"] == "s3://ml-ckpt/a/,s3://ml-ckpt/b/"
+    assert env["PHOENIX_ALLOW_FILE_URIS"] == "true"
+    bad = helm("template", "phx", str(CHART), "--set",
+               "storage.operatorIdentityPrefixes={gs://x}", check=False)
+    assert bad.returncode != 0

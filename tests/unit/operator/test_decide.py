@@ -762,3 +762,13 @@ def test_a_checkpoint_the_status_names_but_storage_no_longer_lists_stops_the_sta
     assert [c.name for c in again.create] == ["j.train-2"]
     assert env_of(again)["PHOENIX_RESUME_FROM"]["value"].endswith("step-00000040")
     assert _cond(again, C.COND_CHECKPOINT_MISSING)["status"] == "False"
+
+
+def test_storage_that_cannot_be_listed_is_a_condition_saying_why():
+    why = "StorageAccessError: checkpoint.uri s3://shared/teamY has no credentialsSecret"
+    plan = decide(job(), [], {"train": Listing(error=why)}, at(0))
+    assert plan.create == []
+    cond = _cond(plan, C.COND_STORAGE_ERROR)
+    assert cond["status"] == "True" and "no credentialsSecret" in cond["message"]
+    ok = decide({**job(), "status": plan.status}, [], NO_CK, at(20))
+    assert _cond(ok, C.COND_STORAGE_ERROR)["status"] == "False" and ok.create

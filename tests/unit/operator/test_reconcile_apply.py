@@ -349,3 +349,38 @@ def test_whether_the_job_a_fence_names_still_exists(other, live):
     assert got.owner_live is live and kube.calls == [("get_job", "team", "old")]
     own = Listing(fence=Fence(5, "j.train-5", "t", uid="u-1", job="ns/j"))
     assert asyncio.run(reconciler._owner(own, "u-1")) is own
+
+
+# --- issue 22, item 12: the operator's own identity only where it is allowed -----------------
+def _access(uri: str, secret: str | None, **config):
+    from phoenix_operator.reconcile import StorageAccessError
+
+    body = job()
+    body["spec"]["checkpoint"] = {"uri": uri, **({"credentialsSecret": secret} if secret else {})}
+    reconciler = Reconciler(FakeKube(), OperatorConfig(api_workers=1, **config))
+    try:
+        return asyncio.run(reconciler._storage_access(body))
+    except StorageAccessError as e:
+        return str(e)
+
+
+def test_without_a_secret_the_operator_does_not_lend_its_own_identity():
+    """Confused deputy: tenant X points a job at s3://shared/teamY/... without a Secret, and
+    the operator wrote a fence there with its own (workload) identity, stopping Y's trainer."""
+    why = _access("s3://shared/teamY/run", None)
+    assert isinstance(why, str) and "credentialsSecret" in why \
+        and "PHOENIX_OWN_IDENTITY_PREFIXES" in why
+    allowed = _access("s3://shared/teamX/run", None,
+                      own_identity_prefixes=("s3://shared/teamX/",))
+    assert allowed["access_key"] is None  # the default chain: allowed for this prefix only
+    assert isinstance(_access("s3://shared/teamX-other/run", None,
+                              own_identity_prefixes=("s3://shared/teamX/",)), str)
+    assert _access("s3://shared/teamY/run", "creds")["access_key"] == "key"
+
+
+def test_file_uris_only_where_the_operator_allows_them():
+    """A file:// URI made the operator read and write its own filesystem."""
+    why = _access("file:///etc/phoenix", None)
+    assert isinstance(why, str) and "PHOENIX_ALLOW_FILE_URIS" in why
+    assert isinstance(_access("file:///etc/phoenix", "creds"), str)
+    assert _access("file:///data/run", None, allow_file_uris=True)["access_key"] is None
