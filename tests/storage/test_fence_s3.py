@@ -2,6 +2,8 @@
 is what the trainer's writer checks. Attempt 2, superseded by 3, publishes and prunes nothing."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 
 from phoenix_operator.facts import write_fence
@@ -14,20 +16,38 @@ from phoenix_trainer.writer import RetryPolicy, apply_retention, commit_checkpoi
 pytestmark = pytest.mark.storage
 
 
-def test_operator_fence_stops_the_older_attempt(s3_bucket, tmp_path):
+@dataclass
+class Prefix:
+    """One phase prefix on the real S3 server, as the operator (``spec``, ``access``) and a
+    trainer (``trainer`` storage, ``commit``) each reach it."""
+
+    spec: JobSpec
+    access: dict
+    trainer: object
+    shard: object
+
+    def commit(self, step: int, attempt: int, uid: str = ""):
+        return commit_checkpoint(self.trainer, step, {"model.pt": self.shard}, epoch=0,
+                                 phase="train", config_fingerprint="f", attempt=attempt,
+                                 uid=uid, retry=RetryPolicy(attempts=2, sleep=lambda s: None))
+
+
+@pytest.fixture
+def prefix(s3_bucket, tmp_path) -> Prefix:
     ep = s3_bucket.endpoint
-    access = {"access_key": ep.access_key, "secret_key": ep.secret_key, "endpoint": ep.url}
-    spec = JobSpec.parse({"phases": [{"name": "train"}],
-                          "checkpoint": {"uri": f"{s3_bucket.uri}/run"}})
-    trainer = open_storage(f"{s3_bucket.uri}/run/train", endpoint_url=ep.url,
-                           access_key=ep.access_key, secret_key=ep.secret_key)
     shard = tmp_path / "model.pt"
     shard.write_bytes(b"w" * 1000)
+    return Prefix(
+        spec=JobSpec.parse({"phases": [{"name": "train"}],
+                            "checkpoint": {"uri": f"{s3_bucket.uri}/run"}}),
+        access={"access_key": ep.access_key, "secret_key": ep.secret_key, "endpoint": ep.url},
+        trainer=open_storage(f"{s3_bucket.uri}/run/train", endpoint_url=ep.url,
+                             access_key=ep.access_key, secret_key=ep.secret_key),
+        shard=shard)
 
-    def commit(step, attempt):
-        return commit_checkpoint(trainer, step, {"model.pt": shard}, epoch=0, phase="train",
-                                 config_fingerprint="f", attempt=attempt,
-                                 retry=RetryPolicy(attempts=2, sleep=lambda s: None))
+
+def test_operator_fence_stops_the_older_attempt(prefix, s3_bucket):
+    spec, access, trainer, commit = prefix.spec, prefix.access, prefix.trainer, prefix.commit
 
     assert write_fence(spec, "train", 2, "j.train-2", "t0", **access) == \
         f"{s3_bucket.uri}/run/train/fence.json"
@@ -42,7 +62,7 @@ def test_operator_fence_stops_the_older_attempt(s3_bucket, tmp_path):
     assert commit(40, 3).valid and apply_retention(trainer, keep=2, attempt=3) == [10, 20]
 
 
-def test_re_created_job_on_the_same_prefix(s3_bucket, tmp_path):
+def test_re_created_job_on_the_same_prefix(prefix):
     """Issue 22, item 1, on the real S3 server: job A (attempt 5) is deleted while its trainer
     still runs; job B is created with the same checkpoint.uri. The operator's listing shows
     A's fence, B starts above it, and from B's fence on A's trainer commits and deletes
@@ -50,20 +70,7 @@ def test_re_created_job_on_the_same_prefix(s3_bucket, tmp_path):
     from phoenix_operator.facts import scan
     from phoenix_trainer.layout import CONTROL_NAME, Control, read_control
 
-    ep = s3_bucket.endpoint
-    access = {"access_key": ep.access_key, "secret_key": ep.secret_key, "endpoint": ep.url}
-    spec = JobSpec.parse({"phases": [{"name": "train"}],
-                          "checkpoint": {"uri": f"{s3_bucket.uri}/run"}})
-    trainer = open_storage(f"{s3_bucket.uri}/run/train", endpoint_url=ep.url,
-                           access_key=ep.access_key, secret_key=ep.secret_key)
-    shard = tmp_path / "model.pt"
-    shard.write_bytes(b"w" * 1000)
-
-    def commit(step, attempt, uid):
-        return commit_checkpoint(trainer, step, {"model.pt": shard}, epoch=0, phase="train",
-                                 config_fingerprint="f", attempt=attempt, uid=uid,
-                                 retry=RetryPolicy(attempts=2, sleep=lambda s: None))
-
+    spec, access, trainer, commit = prefix.spec, prefix.access, prefix.trainer, prefix.commit
     write_fence(spec, "train", 5, "a.train-5", "t0", uid="uid-a", job="ns/a", **access)
     commit(10, 5, "uid-a")
     trainer.put_bytes(CONTROL_NAME, Control(5, handoff_to=6, uid="uid-a").to_json().encode())
