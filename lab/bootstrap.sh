@@ -28,7 +28,10 @@ done
 export PATH="$HOME/.local/bin:$PATH"
 if ! command -v uv >/dev/null 2>&1; then
   say "installing uv"
-  python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv
+  # A distribution's own python refuses user installs (PEP 668); uv is one static binary,
+  # so a user-site install of it is harmless there.
+  python3 -m pip install --quiet --user uv 2>/dev/null || python3 -m pip install --quiet uv \
+    2>/dev/null || python3 -m pip install --quiet --user --break-system-packages uv
   export PATH="$HOME/.local/bin:$PATH"
 fi
 
