@@ -112,6 +112,16 @@ def main(argv: list[str] | None = None) -> int:
 
     say("bringing up the lab")
     lab = Lab(args.state_dir).up()
+    try:
+        return run_demo(lab, cfg, args)
+    finally:
+        # Whatever happened: the lab keeps running (and using the cores) until stopped.
+        lab_cli = f".venv/bin/phoenix-lab --state-dir {lab.state_dir}"
+        print(f"\n   explore: eval \"$({lab_cli} env)\"; kubectl describe pxj -n {NAMESPACE} {JOB}")
+        print(f"   the lab keeps running (it shares this machine's cores); stop it with: {lab_cli} down")
+
+
+def run_demo(lab: Lab, cfg: samples.TrainConfig, args: argparse.Namespace) -> int:
     say("installing Phoenix with Helm")
     install_phoenix(lab)
     lab.kubectl("create", "namespace", NAMESPACE, check=False)
@@ -235,9 +245,6 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
     if evaluation:
         print(f"   eval phase:                 accuracy {evaluation['accuracy']:.3f}, "
               f"loss {evaluation['loss']:.4f}")
-    lab_cli = f".venv/bin/phoenix-lab --state-dir {lab.state_dir}"
-    print(f"\n   explore: eval \"$({lab_cli} env)\"; kubectl describe pxj -n {NAMESPACE} {JOB}")
-    print(f"   stop the lab: {lab_cli} down")
     ok = st.get("phase") == "Succeeded" and same and not aftermath
     return 0 if ok else 1
 
