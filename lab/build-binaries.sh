@@ -222,7 +222,9 @@ PY
 main() {
   local what=("$@")
   [ ${#what[@]} -gt 0 ] || what=(kubectl-helm versitygw etcd kubernetes coredns)
+  local timings=()
   for w in "${what[@]}"; do
+    local started=$SECONDS
     case "$w" in
       kubectl-helm) install_kubectl_helm ;;
       versitygw) build_versitygw ;;
@@ -231,8 +233,9 @@ main() {
       coredns) build_coredns ;;
       *) log "unknown component '$w' (kubectl-helm, versitygw, etcd, kubernetes, coredns)"; exit 2 ;;
     esac
+    timings+=("$w $((SECONDS - started))s")
   done
-  log "binaries ready in $BIN"
+  log "binaries ready in $BIN ($(IFS=,; echo "${timings[*]}" | sed 's/,/, /g'))"
 }
 
 main "$@"
