@@ -169,7 +169,6 @@ R_ERROR = "Error"
 R_CONFIG_ERROR = "ConfigError"
 R_UNKNOWN_EXIT = "UnknownExit"
 
-# Container waiting reasons that will not heal by waiting: charge the failure budget.
 # A kubelet that refuses a pod for these reasons lost a race for capacity or placement (the
 # scheduler saw room that was gone, a label changed): another node may take the pod, so it
 # is a preemption. Any other refusal (SysctlForbidden, AppArmor, UnexpectedAdmissionError,
@@ -182,12 +181,13 @@ PLACEMENT_REFUSALS = frozenset({"NodeAffinity", "NodePorts", "NodeName", "Taint"
 MAX_UNSTARTED_PREEMPTIONS = 5
 # A standby that fails is started again after STANDBY_RETRY_INITIAL_SECONDS, doubling up to
 # STANDBY_RETRY_MAX_SECONDS; after MAX_STANDBY_FAILURES in a row (none became ready in
-# between) the phase keeps no standby any more (condition StandbyFailing) until the spec
-# changes. Standbys cost a GPU each: a retry loop without a cap is paid for by the hour.
+# between) the attempt keeps no standby any more (condition StandbyFailing); the next
+# attempt tries again. Standbys cost a GPU each: a retry loop without a cap is paid by the hour.
 STANDBY_RETRY_INITIAL_SECONDS = 30.0
 STANDBY_RETRY_MAX_SECONDS = 600.0
 MAX_STANDBY_FAILURES = 5
 
+# Container waiting reasons that will not heal by waiting: charge the failure budget.
 FATAL_WAITING_REASONS = frozenset({
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",
     "CreateContainerError", "CrashLoopBackOff", "RunContainerError",
