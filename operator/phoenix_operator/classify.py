@@ -173,7 +173,7 @@ def classify(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth] | None = No
     if pod.get(DELETED_KEY):
         return _classify_deleted(pod)
     node = (nodes or {}).get((pod.get("spec") or {}).get("nodeName") or "")
-    outcome = _classify(pod, node)
+    outcome = _classify(pod, node, now)
     if outcome.live and nodes and now is not None:
         return _on_lost_node(pod, nodes, now) or outcome
     return outcome
@@ -291,7 +291,24 @@ def _refused(pod_phase: str, status: Mapping[str, Any]) -> bool:
         reason != "Evicted" and pod_phase == "Failed"
 
 
-def _classify(pod: Mapping[str, Any], node: NodeHealth | None) -> Outcome:
+def pull_grace_left(pod: Mapping[str, Any], now: datetime | None) -> float | None:
+    """Seconds until an image pull error of ``pod`` counts (None: not pulling, or no clock).
+    Counted from the pod's scheduling (its creation, if that is not recorded)."""
+    cs = _container_status(pod)
+    waiting = (cs.get("state") or {}).get("waiting") or {}
+    if now is None or waiting.get("reason") not in C.IMAGE_PULL_REASONS:
+        return None
+    status = pod.get("status") or {}
+    since = next((parse_ts(c.get("lastTransitionTime")) for c in status.get("conditions") or ()
+                  if c.get("type") == "PodScheduled" and c.get("status") == "True"), None)
+    since = since or parse_ts((pod.get("metadata") or {}).get("creationTimestamp"))
+    if since is None:
+        return None
+    return C.IMAGE_PULL_GRACE_SECONDS - (now - since).total_seconds()
+
+
+def _classify(pod: Mapping[str, Any], node: NodeHealth | None,
+              now: datetime | None = None) -> Outcome:
     status = pod.get("status") or {}
     meta = pod.get("metadata") or {}
     pod_phase = status.get("phase") or "Pending"
@@ -313,9 +330,18 @@ def _classify(pod: Mapping[str, Any], node: NodeHealth | None) -> Outcome:
     if pod_phase in ("Pending", "Running"):
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in C.FATAL_WAITING_REASONS and not meta.get("deletionTimestamp"):
-            return Outcome(cause=Cause.FAILURE, reason=C.R_CONFIG_ERROR,
-                           message=_shorten(f"{waiting['reason']}: {waiting.get('message', '')}"),
-                           delete=True)
+            what = f"{waiting['reason']}: {waiting.get('message', '')}"
+            if waiting["reason"] in C.IMAGE_PULL_REASONS:
+                left = pull_grace_left(pod, now)
+                if left is not None and left > 0:
+                    return LIVE  # a pull may heal (the caller looks again when the grace ends)
+                return Outcome(cause=Cause.FAILURE, reason=C.R_IMAGE_PULL, delete=True,
+                               started=False, message=_shorten(
+                                   f"{what} (still failing {C.IMAGE_PULL_GRACE_SECONDS:g}s after "
+                                   "the pod was scheduled: check the image name, the registry "
+                                   "and imagePullSecrets)"))
+            return Outcome(cause=Cause.FAILURE, reason=C.R_CONFIG_ERROR, message=_shorten(what),
+                           delete=True, started=False)
         return LIVE
 
     # Failed or Unknown from here on: the attempt is over.

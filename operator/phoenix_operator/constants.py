@@ -187,6 +187,12 @@ STANDBY_RETRY_INITIAL_SECONDS = 30.0
 STANDBY_RETRY_MAX_SECONDS = 600.0
 MAX_STANDBY_FAILURES = 5
 
+# Image pulls fail transiently (a registry's hiccup, a cold spot node pulling gigabytes):
+# these waiting reasons count only once they last this long after the pod was scheduled (the
+# kubelet's own pull back-off tops out at 300 s), then as a failure of their own reason.
+IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff"})
+IMAGE_PULL_GRACE_SECONDS = 300.0
+R_IMAGE_PULL = "ImagePullFailed"
 # Container waiting reasons that will not heal by waiting: charge the failure budget.
 FATAL_WAITING_REASONS = frozenset({
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",

@@ -47,7 +47,8 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping, Sequence
 
 from . import constants as C
-from .classify import LIVE, NodeHealth, Outcome, classify, gone, node_grace_left, stranded
+from .classify import (LIVE, NodeHealth, Outcome, classify, gone, node_grace_left,
+                       pull_grace_left, stranded)
 from .constants import Cause, JobPhase, PhaseState
 from phoenix_trainer.contract import MAX_REASON_CHARS, REASON_PREEMPTED
 from phoenix_trainer.layout import Control, Fence, split_checkpoint_uri
@@ -250,6 +251,9 @@ class _Ctx:
         left = node_grace_left(pod, self.nodes, self.now, grace)
         if left is not None:
             self.plan.requeue(left)  # look again when the NotReady grace runs out
+        pulling = pull_grace_left(pod, self.now)
+        if pulling is not None and pulling > 0:
+            self.plan.requeue(pulling)  # an image pull error counts once its grace is over
         why = stranded(pod, self.nodes, self.now, grace)
         if why and why not in self.stranded:
             self.stranded.append(why)

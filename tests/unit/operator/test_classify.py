@@ -2,7 +2,8 @@
 import pytest
 
 from phoenix_operator.classify import (DELETED_KEY, NodeHealth, bare_kill, classify, gone,
-                                       node_grace_left, node_health, stranded)
+                                       node_grace_left, node_health, pull_grace_left, stranded)
+from phoenix_operator import constants as C
 from phoenix_operator.constants import Cause
 
 from opfacts import at, pod
@@ -57,8 +58,9 @@ CASES = [
                                message="loss is NaN"), Cause.FAILURE, "Error"),
     ("exit0-but-trainer-failed", pod(pod_phase="Failed", exit_code=0, term_reason="failed"),
      Cause.FAILURE, "Error"),
+    # (no clock, no times: past any grace - test_an_image_pull_error_counts_only_after_the_grace)
     ("image-pull", pod(pod_phase="Pending", waiting="ImagePullBackOff"), Cause.FAILURE,
-     "ConfigError"),
+     "ImagePullFailed"),
     ("bad-config", pod(pod_phase="Pending", waiting="CreateContainerConfigError"), Cause.FAILURE,
      "ConfigError"),
     ("crashloop", pod(pod_phase="Running", waiting="CrashLoopBackOff"), Cause.FAILURE,
@@ -310,3 +312,31 @@ def test_a_pod_deleted_before_its_trainer_ran_did_not_start():
     q = pod(pod_phase="Running")
     q[DELETED_KEY] = True
     assert classify(q).started
+
+
+# --- issue 29, item 5: a pull that heals within the grace costs nothing --------------------
+def _pulling(reason: str):
+    from phoenix_operator.model import ts
+
+    p = pod(pod_phase="Pending", waiting=reason, node="spot-1")
+    p["metadata"]["creationTimestamp"] = ts(at(0))
+    p["status"]["conditions"].append({"type": "PodScheduled", "status": "True",
+                                      "lastTransitionTime": ts(at(5))})
+    return p
+
+
+@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff"])
+def test_an_image_pull_error_counts_only_after_the_grace(reason):
+    """A cold spot node pulling a 5.7 GiB image through a flaky registry: the first
+    ErrImagePull was a failure, and three of them (maxFailures 3) failed the phase."""
+    p = _pulling(reason)
+    assert classify(p, {}, at(5 + C.IMAGE_PULL_GRACE_SECONDS - 1)).live
+    assert pull_grace_left(p, at(65)) == C.IMAGE_PULL_GRACE_SECONDS - 60
+    out = classify(p, {}, at(5 + C.IMAGE_PULL_GRACE_SECONDS + 1))
+    assert (out.cause, out.reason) == (Cause.FAILURE, "ImagePullFailed")
+    assert out.delete and not out.started and reason in out.message
+
+
+def test_an_image_name_that_cannot_be_valid_fails_at_once():
+    out = classify(_pulling("InvalidImageName"), {}, at(6))
+    assert (out.cause, out.reason) == (Cause.FAILURE, "ConfigError")

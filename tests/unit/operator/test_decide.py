@@ -772,3 +772,15 @@ def test_storage_that_cannot_be_listed_is_a_condition_saying_why():
     assert cond["status"] == "True" and "no credentialsSecret" in cond["message"]
     ok = decide({**job(), "status": plan.status}, [], NO_CK, at(20))
     assert _cond(ok, C.COND_STORAGE_ERROR)["status"] == "False" and ok.create
+
+
+def test_an_image_pull_error_waits_out_its_grace_before_it_counts():
+    """Issue 29, item 5: a transient pull failure within the grace costs no budget."""
+    p = pod(pod_phase="Pending", waiting="ErrImagePull")
+    p["metadata"]["creationTimestamp"] = ts(at(0))
+    plan = decide(with_status(job(), RUN1), [p], NO_CK, at(60))
+    assert ps(plan)["failures"] == 0 and plan.delete == [] and plan.create == []
+    assert plan.requeue_after == C.IMAGE_PULL_GRACE_SECONDS - 60
+    late = decide(with_status(job(), RUN1), [p], NO_CK, at(C.IMAGE_PULL_GRACE_SECONDS + 1))
+    assert ps(late)["failures"] == 1 and ps(late)["lastFailure"]["reason"] == "ImagePullFailed"
+    assert [d.name for d in late.delete] == ["j.train-1"]
