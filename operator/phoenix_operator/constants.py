@@ -31,6 +31,9 @@ LABEL_MEMBER = f"{GROUP}/member"  # a gang member's index (node rank), on gang p
 LABEL_STANDBY = f"{GROUP}/standby"
 # The trainer's readiness endpoint (phoenix_trainer.control.StatusServer) on standby pods.
 STATUS_PORT = 8471
+# Seconds before the first readiness probe of a trainer: about the time a trainer takes to
+# import torch and build its Session (2-4 s on the lab's 2 CPUs; podspec).
+STATUS_PROBE_DELAY_SECONDS = 5
 RENDEZVOUS_PORT = 29500  # torchrun's PET_MASTER_PORT inside a gang
 ROLE_TRAINER = "trainer"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"

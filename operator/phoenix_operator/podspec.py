@@ -238,9 +238,13 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
             # fail (about 3 s): the answering thread needs the GIL, which a standby loading a
             # large checkpoint (or a step in Python) can hold for longer than one probe's
             # timeout, and a flicker would hold back a handoff. A pod that ends is seen by
-            # its end, not by its probe.
+            # its end, not by its probe. The first probe waits out the interpreter's start
+            # (importing torch: the runtime's server listens only once the script builds its
+            # Session): probed before that, every pod left "Unhealthy" warnings, and a script
+            # that ends within seconds (an evaluation) was never probed successfully at all.
             container.setdefault("readinessProbe", {
                 "httpGet": {"path": "/ready", "port": C.STATUS_PORT},
+                "initialDelaySeconds": C.STATUS_PROBE_DELAY_SECONDS,
                 "periodSeconds": 1, "failureThreshold": 3, "successThreshold": 1,
                 "timeoutSeconds": 1})
     return {
