@@ -161,7 +161,6 @@ R_NOTICE = "ReclaimNotice"  # killed on a node that announced its reclaim
 R_HANDOFF = "HandedOff"  # ended after handing off to a standby, as the operator asked
 R_POD_DELETED = "PodDeleted"
 R_DELETED_BY_OTHERS = "DeletedExternally"
-R_TRAINER_PREEMPTED = "TrainerPreempted"
 R_SIGTERM = "SIGTERM"
 R_SIGKILL = "SIGKILL"
 R_OOM = "OOMKilled"

@@ -332,9 +332,9 @@ class Session:
                               fence.resume_from or "the newest valid checkpoint")
                 return fence.resume_from or None
             if fence is not None and not fence.holds(self.attempt, uid):
+                other = f" of job {fence.job}" if uid and fence.uid and fence.uid != uid else ""
                 self._end_standby(f"standby attempt {self.attempt} superseded by attempt"
-                                  f" {fence.attempt}{' of job ' + fence.job if fence.uid != uid else ''}"
-                                  " before it was promoted")
+                                  f" {fence.attempt}{other} before it was promoted")
             if self.clock() >= next_prefetch:
                 self._prefetch()
                 self._mark_ready()
