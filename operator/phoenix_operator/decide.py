@@ -437,7 +437,8 @@ def _attempt_outcome(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus,
 
 def _delete_live(ctx: _Ctx, pods: Sequence[Mapping[str, Any]], reason: str,
                  grace: int | None = None) -> None:
-    """Delete live pods (with their grace) that are not being deleted yet."""
+    """Delete pods (live ones with their grace, or ended ones whose objects go) that are not
+    being deleted yet and not already planned."""
     planned = {d.name for d in ctx.plan.delete}
     for pod in pods:
         if not (pod.get("metadata") or {}).get("deletionTimestamp") and pod["metadata"]["name"] not in planned:
@@ -1049,7 +1050,7 @@ def _standby_and_notice(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods
     started = all(pod_ready(p) for p in active)
     if st.standby is None and bound and all(ctx.outcome(p).live for p in active) and (
             (rec.standby and (started or noticed)) or (noticed and handoff)):
-        if not _standby_failed_recently(ctx, st, pods):
+        if not _standby_failed_recently(ctx, st):
             attempt = st.next_attempt_number
             reason = "notice" if noticed else "standby"
             name = _create_standby(ctx, phase, st, attempt, pods)
@@ -1110,7 +1111,7 @@ def _standby_failed(ctx: _Ctx, phase: PhaseSpec, st: PhaseStatus, lost: str) -> 
     return replace(st, standby_failures=n, standby_retry_at=ctx.now + timedelta(seconds=delay))
 
 
-def _standby_failed_recently(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> bool:
+def _standby_failed_recently(ctx: _Ctx, st: PhaseStatus) -> bool:
     """No new standby yet: one failed and its backoff is not over, or a standby gang was
     released (not schedulable) less than gangScheduleTimeoutSeconds ago, or this attempt's
     standbys failed MAX_STANDBY_FAILURES times in a row."""
@@ -1129,12 +1130,7 @@ def _collect_ended_standbys(ctx: _Ctx, st: PhaseStatus, pods: Pods) -> None:
     ended = sorted(a for a, members in pods.items() if a > st.attempts and a != current
                    and members and all(is_standby_pod(p) and not ctx.outcome(p).live
                                        for p in members))
-    planned = {d.name for d in ctx.plan.delete}
-    for attempt in ended[:-1]:
-        for pod in pods[attempt]:
-            name = pod["metadata"]["name"]
-            if name not in planned and not (pod.get("metadata") or {}).get("deletionTimestamp"):
-                ctx.plan.delete.append(DeletePod(name, 0, "an ended standby's pod"))
+    _delete_live(ctx, [p for a in ended[:-1] for p in pods[a]], "an ended standby's pod", grace=0)
 
 
 # --- status ----------------------------------------------------------------------------
