@@ -120,6 +120,8 @@ def test_a_kept_standby_waits_until_the_active_attempt_trains_and_probes_it():
     assert w.plan.create == [] and w.phase.get("standby") is None
     probe = w.pods[active]["spec"]["containers"][0]["readinessProbe"]
     assert probe["httpGet"] == {"path": "/ready", "port": C.STATUS_PORT}
+    # not before the interpreter has imported torch: earlier, every start left "Unhealthy" events
+    assert probe["initialDelaySeconds"] == C.STATUS_PROBE_DELAY_SECONDS > 0
     assert env(w.pods[active])[C_ENV_STATUS_PORT] == str(C.STATUS_PORT)
     w.run(active, "spot-1", ready=True)
     w.step()
