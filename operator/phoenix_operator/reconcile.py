@@ -308,7 +308,8 @@ class Reconciler:
 
     async def _owner(self, listing: Listing, uid: str) -> Listing:
         """A fence that names another job: whether that job (namespace/name, same uid) still
-        exists. Not knowing (no such name, no permission) is None, which refuses."""
+        exists. Not knowing (the fence names no job, the read is refused) is None, which
+        refuses."""
         fence = listing.fence
         if fence is None or not fence.uid or fence.uid == uid:
             return listing
