@@ -37,6 +37,16 @@ def install_operator_identity(lab: Lab) -> str:
     return lab.serviceaccount_kubeconfig("phoenix-system", sa)
 
 
+def operator_env(env: dict[str, str]) -> dict[str, str]:
+    """The operator process's environment: with PHOENIX_BENCH_OPERATOR_TREE set (benchmarks/ab.py
+    --operator-only), its code comes from that tree of the repository instead of this one."""
+    tree = env.get("PHOENIX_BENCH_OPERATOR_TREE")
+    if tree:
+        env["PYTHONPATH"] = os.pathsep.join(
+            [os.path.join(tree, "operator"), os.path.join(tree, "trainer_image")])
+    return env
+
+
 class Operator:
     """``kopf run -m phoenix_operator.main --all-namespaces`` as a host process."""
 
@@ -47,8 +57,9 @@ class Operator:
             [sys.executable, "-m", "kopf", "run", "-m", "phoenix_operator.main", "--standalone",
              "--all-namespaces", "--quiet",
              f"--liveness=http://127.0.0.1:{self.health_port}/healthz"],
-            env=dict(os.environ, KUBECONFIG=kubeconfig, PHOENIX_METRICS_HOST="127.0.0.1",
-                     PHOENIX_METRICS_PORT=str(self.metrics_port), **(env or {})),
+            env=operator_env(dict(os.environ, KUBECONFIG=kubeconfig,
+                                  PHOENIX_METRICS_HOST="127.0.0.1",
+                                  PHOENIX_METRICS_PORT=str(self.metrics_port), **(env or {}))),
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
         while True:
