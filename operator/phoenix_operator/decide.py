@@ -47,13 +47,13 @@ from datetime import datetime, timedelta
 from typing import Any, Mapping, Sequence
 
 from . import constants as C
-from .classify import (LIVE, NodeHealth, Outcome, classify, gone, node_grace_left,
-                       pull_grace_left, stranded)
+from .node_health import NodeHealth, node_grace_left, stranded
+from .outcomes import LIVE, Outcome, classify, gone, pull_grace_left
 from .constants import Cause, JobPhase, PhaseState
 from phoenix_trainer.contract import MAX_REASON_CHARS, REASON_PREEMPTED
 from phoenix_trainer.layout import Control, Fence, split_checkpoint_uri
 
-from .model import (
+from .phoenixjob import (
     CheckpointRef, Failure, JobSpec, Notice, PhaseSpec, PhaseStatus, StandbyRef, bounded,
     parse_ts, phase_statuses, ts,
 )
@@ -586,7 +586,7 @@ def _exactness(st: PhaseStatus, exact: bool, reason: str) -> PhaseStatus:
 
 
 def _handed_off(st: PhaseStatus, outcome: Outcome) -> Outcome:
-    """The trainer's "preempted" needs corroboration (classify): the operator's own handoff
+    """The trainer's "preempted" needs corroboration (outcomes.classify): the operator's own handoff
     request to this attempt is one, even if the node's notice was lifted meanwhile."""
     n = st.last_notice
     tm = outcome.termination

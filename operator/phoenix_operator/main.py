@@ -15,8 +15,8 @@ import logging
 import kopf
 
 from . import constants as C
-from . import metrics
-from .classify import node_health
+from . import prometheus
+from .node_health import node_health
 from .config import OperatorConfig
 from .kube import Kube, load_config
 from .reconcile import Reconciler, tombstone
@@ -49,7 +49,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
         # means no watch at all; kopf starts watching only after startup handlers.
         kopf.on.event("", "v1", "nodes")(node_event)
     memo.resync = asyncio.get_running_loop().create_task(reconciler.resync_forever())
-    metrics.serve(config.metrics_port, config.metrics_host)
+    prometheus.serve(config.metrics_port, config.metrics_host)
     log.info("phoenix operator started: %s", config)
 
 

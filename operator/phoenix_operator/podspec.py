@@ -36,8 +36,8 @@ from typing import Any, Mapping, Sequence
 from phoenix_trainer import contract as env
 
 from . import constants as C
-from .classify import trainer_container_name
-from .model import JobSpec, PhaseSpec
+from .outcomes import trainer_container_name
+from .phoenixjob import JobSpec, PhaseSpec
 
 
 def pod_name(job: str, phase: str, attempt: int, member: int | None = None) -> str:

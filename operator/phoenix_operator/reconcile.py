@@ -29,15 +29,17 @@ from typing import Any, Callable, Mapping
 import kopf
 from kubernetes.client.rest import ApiException
 
-from . import metrics
-from .classify import DELETED_KEY, NodeHealth, bare_kill, node_health
+from . import prometheus
+from .constants import DELETED_KEY
+from .node_health import NodeHealth, node_health
+from .outcomes import bare_kill
 from .backoff import Backoff
 from .config import OperatorConfig
 from . import constants as C
 from .decide import CreatePod, Listing, Plan, decide
 from .facts import scan, write_control, write_fence
 from .kube import ForeignPod, Kube, describe_owner
-from .model import JobSpec, parse_ts, phase_statuses, ts
+from .phoenixjob import JobSpec, parse_ts, phase_statuses, ts
 
 log = logging.getLogger("phoenix.reconcile")
 
@@ -50,7 +52,7 @@ TOMBSTONE_METADATA = ("name", "namespace", "uid", "labels", "annotations", "owne
 
 def tombstone(pod: Mapping[str, Any]) -> dict[str, Any]:
     """What the operator keeps of a pod's last watched state: what ``decide`` and
-    ``classify`` read of a pod that has since vanished (identity, node, container names,
+    ``outcomes.classify`` read of a pod that has since vanished (identity, node, container names,
     status), a copy. Not the rest: a pod's managedFields and full spec are most of its size,
     and one is kept per trainer pod (500 jobs: tens of MB)."""
     meta = pod.get("metadata") or {}
@@ -159,7 +161,7 @@ class Reconciler:
         lock = self._locks.get(key)
         if lock is not None and not lock.locked():
             del self._locks[key]
-        metrics.forget_job(*key)
+        prometheus.forget_job(*key)
         self.backoff.success(key)
         timer = self._timers.pop(key, None)
         if timer:
@@ -180,24 +182,24 @@ class Reconciler:
             try:
                 requeue = await self.reconcile(*key)
                 self.backoff.success(key)
-                metrics.RECONCILES.labels("ok").inc()
+                prometheus.RECONCILES.labels("ok").inc()
             except RetryLater as e:  # already reported (event, log)
-                metrics.RECONCILES.labels("retry").inc()
+                prometheus.RECONCILES.labels("retry").inc()
                 requeue = self.backoff.failure(key)
                 log.info("[%s/%s] %s; retrying in %gs", *key, e, requeue)
             except ApiException as e:
-                metrics.RECONCILES.labels("conflict" if e.status == 409 else "api_error").inc()
+                prometheus.RECONCILES.labels("conflict" if e.status == 409 else "api_error").inc()
                 # A conflict is optimistic concurrency doing its job: decide again at once.
                 requeue = 0.2 if e.status == 409 else self.backoff.failure(key)
                 if e.status != 409:
                     log.warning("[%s/%s] API error %s %s; retrying in %gs", *key, e.status,
                                 e.reason, requeue)
             except Exception:  # noqa: BLE001 - one job's bug must not stop the others
-                metrics.RECONCILES.labels("error").inc()
+                prometheus.RECONCILES.labels("error").inc()
                 requeue = self.backoff.failure(key)
                 log.exception("[%s/%s] reconcile failed; retrying in %gs", *key, requeue)
             finally:
-                metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+                prometheus.RECONCILE_SECONDS.observe(time.monotonic() - started)
             if requeue is not None:
                 self.poke_later(key, requeue)
 
@@ -366,7 +368,7 @@ class Reconciler:
             raise RetryLater(msg) from e
         for p in plan.promote:
             if p.previous_end is not None:
-                metrics.REPLACEMENT_SECONDS.labels(p.previous_cause or "unknown").observe(
+                prometheus.REPLACEMENT_SECONDS.labels(p.previous_cause or "unknown").observe(
                     max(0.0, (self.clock() - p.previous_end).total_seconds()))
 
     async def apply(self, job: dict, plan: Plan) -> float | None:
@@ -421,9 +423,9 @@ class Reconciler:
                 raise RetryLater(f"pod {create.name} refused ({e.status})") from e
             if created:
                 uids[create.name] = created
-                metrics.PODS_CREATED.labels(ns).inc()
+                prometheus.PODS_CREATED.labels(ns).inc()
                 if create.previous_end is not None:
-                    metrics.REPLACEMENT_SECONDS.labels(create.previous_cause or "unknown").observe(
+                    prometheus.REPLACEMENT_SECONDS.labels(create.previous_cause or "unknown").observe(
                         max(0.0, (self.clock() - create.previous_end).total_seconds()))
             log.info("%s phase=%s %s pod %s (attempt %d) resume_from=%s", tag, create.phase,
                      "created" if created else "found existing", create.name, create.attempt,
@@ -451,7 +453,7 @@ class Reconciler:
             log.info("%s %s: %s", tag, note.reason, note.message)
             await self._call(self.kube.post_event, job, note.type, note.reason, note.message)
         for r in plan.recoveries:
-            metrics.count_recovery(ns, name, r.phase, r.cause, r.reason)
+            prometheus.count_recovery(ns, name, r.phase, r.cause, r.reason)
         self._observe(job, plan)
         return plan.requeue_after
 
@@ -461,7 +463,7 @@ class Reconciler:
         self.known[key] = plan.status.get("phase", "")
         self._update_job_gauge()
         t = parse_ts(plan.status.get("lastCheckpointTime"))
-        metrics.set_checkpoint_time(*key, plan.status.get("currentPhase"),
+        prometheus.set_checkpoint_time(*key, plan.status.get("currentPhase"),
                                     t.timestamp() if t else None)
 
     def _update_job_gauge(self) -> None:
@@ -469,7 +471,7 @@ class Reconciler:
         for phase in self.known.values():
             counts[phase] = counts.get(phase, 0) + 1
         for phase in ("Pending", "Running", "Recovering", "Succeeded", "Failed", "Suspended"):
-            metrics.JOBS.labels(phase).set(counts.get(phase, 0))
+            prometheus.JOBS.labels(phase).set(counts.get(phase, 0))
 
 
 def _api_message(e: ApiException) -> str:

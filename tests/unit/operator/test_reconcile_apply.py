@@ -8,7 +8,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from phoenix_operator.backoff import Backoff
-from phoenix_operator.classify import NodeHealth
+from phoenix_operator.node_health import NodeHealth
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.decide import decide
 from phoenix_operator.kube import EventCache, ForeignPod, Kube

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from phoenix_operator.classify import DELETED_KEY, NodeHealth, classify
+from phoenix_operator.node_health import NodeHealth
+from phoenix_operator.outcomes import DELETED_KEY, classify
 from phoenix_operator.reconcile import tombstone
 
 from opfacts import at, pod
