@@ -31,7 +31,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from phoenix_trainer.contract import REASON_COMPLETED, REASON_PREEMPTED, TerminationMessage
 
