@@ -4,7 +4,7 @@
         --liveness=http://0.0.0.0:8081/healthz
 
 Every handler just says "this job may need attention" to the Reconciler; what to do is
-decided in ``decide.py`` and done in ``reconcile.py``. No finalizers, no kopf progress
+decided in ``decide`` and done in ``reconcile`` (gather, decide, apply). No finalizers, no kopf progress
 annotations: ``on.event`` handlers keep nothing on the objects.
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ from . import prometheus
 from .node_health import node_health
 from .config import OperatorConfig
 from .kube import Kube, load_config
-from .reconcile import Reconciler, tombstone
+from .gather import tombstone
+from .reconcile import Reconciler
 
 log = logging.getLogger("phoenix.operator")
 
