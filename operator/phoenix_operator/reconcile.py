@@ -26,15 +26,12 @@ from . import prometheus
 from .apply import Applier, RetryLater
 from .config import OperatorConfig
 from .decide import Plan, decide
-from .gather import Gather, Key, StorageAccessError, Tombstones
+from .gather import Gather, Key, Tombstones
 from .kube import Kube
 from .phoenixjob import JobSpec
 from .workqueue import Backoff, WorkQueue
 
 log = logging.getLogger("phoenix.reconcile")
-
-__all__ = ["Reconciler", "RetryLater", "StorageAccessError", "utcnow"]
-
 
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
@@ -51,9 +48,7 @@ class Reconciler:
         self.tombstones = Tombstones()
         self.gather = Gather(kube, config, self._call, self.tombstones)
         self.applier = Applier(kube, self._call, lambda: self.clock(), self.gather,
-                               lambda job, plan: self.jobs.set(
-                                   (job["metadata"]["namespace"], job["metadata"]["name"]),
-                                   plan.status.get("phase", "")))
+                               self._applied)
         # At most this many passes gather facts at once (controller-runtime's
         # MaxConcurrentReconciles): the API threads are the bottleneck anyway, and without a
         # bound every poked job (500 at a resync) holds its job and pods as JSON while it
@@ -65,6 +60,10 @@ class Reconciler:
     async def _call(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
+
+    def _applied(self, job: dict, plan: Plan) -> None:
+        meta = job["metadata"]
+        self.jobs.set((meta["namespace"], meta["name"]), plan.status.get("phase", ""))
 
     # --- triggering (main's handlers) ------------------------------------------------------
     def poke(self, key: Key) -> None:

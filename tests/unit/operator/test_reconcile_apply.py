@@ -353,7 +353,7 @@ def test_whether_the_job_a_fence_names_still_exists(other, live):
 
 # --- issue 22, item 12: the operator's own identity only where it is allowed -----------------
 def _access(uri: str, secret: str | None, **config):
-    from phoenix_operator.reconcile import StorageAccessError
+    from phoenix_operator.gather import StorageAccessError
 
     body = job()
     body["spec"]["checkpoint"] = {"uri": uri, **({"credentialsSecret": secret} if secret else {})}
