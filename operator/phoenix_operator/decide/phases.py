@@ -198,7 +198,7 @@ HANDLERS: dict[PhaseState, Handler] = {
 assert set(HANDLERS) == set(PhaseState), "every phase state needs a handler"
 
 
-# --- suspension ---------------------------------------------------------------------------
+# --- a foreign pod; suspension ----------------------------------------------------------
 
 def _conflict(ctx: Ctx, phase: PhaseSpec, name: str, owner: str) -> None:
     """The name of this attempt's pod is taken by a pod we do not own: never adopt, delete
