@@ -29,6 +29,9 @@ LABEL_MEMBER = f"{GROUP}/member"  # a gang member's index (node rank), on gang p
 # "true" on a pod started as a standby (it keeps the label once promoted). Never adopted as
 # a lost attempt: the status names every standby before its pod is created.
 LABEL_STANDBY = f"{GROUP}/standby"
+# Set by the handler on the last known state of a pod that has been deleted (from the watch's
+# DELETED event), so the reason it ended is not lost when the kubelet removes it.
+DELETED_KEY = "phoenix.dev/deleted"
 # The trainer's readiness endpoint (phoenix_trainer.control.StatusServer) on standby pods.
 STATUS_PORT = 8471
 # Seconds before the first readiness probe of a trainer: about the time a trainer takes to

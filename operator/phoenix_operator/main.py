@@ -4,7 +4,7 @@
         --liveness=http://0.0.0.0:8081/healthz
 
 Every handler just says "this job may need attention" to the Reconciler; what to do is
-decided in ``decide.py`` and done in ``reconcile.py``. No finalizers, no kopf progress
+decided in ``decide`` and done in ``reconcile`` (gather, decide, apply). No finalizers, no kopf progress
 annotations: ``on.event`` handlers keep nothing on the objects.
 """
 from __future__ import annotations
@@ -15,11 +15,12 @@ import logging
 import kopf
 
 from . import constants as C
-from . import metrics
-from .classify import node_health
+from . import prometheus
+from .node_health import node_health
 from .config import OperatorConfig
 from .kube import Kube, load_config
-from .reconcile import Reconciler, tombstone
+from .gather import tombstone
+from .reconcile import Reconciler
 
 log = logging.getLogger("phoenix.operator")
 
@@ -49,7 +50,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
         # means no watch at all; kopf starts watching only after startup handlers.
         kopf.on.event("", "v1", "nodes")(node_event)
     memo.resync = asyncio.get_running_loop().create_task(reconciler.resync_forever())
-    metrics.serve(config.metrics_port, config.metrics_host)
+    prometheus.serve(config.metrics_port, config.metrics_host)
     log.info("phoenix operator started: %s", config)
 
 

@@ -17,7 +17,7 @@ tells it to wait until the fence names its attempt; it serves its readiness on
 ``STATUS_PORT`` (a readiness probe is added unless the template has one); it is kept off the
 nodes the caller names (``avoid_nodes``, a required node affinity on ``metadata.name``) and
 prefers others (``prefer_not``); and it carries no resume target: the fence names one at
-promotion. (Which nodes: ``decide._create_standby``.) In a phase that keeps a standby
+promotion. (Which nodes: ``decide.standby.create_standby``.) In a phase that keeps a standby
 (``recovery.standby``) the active pods serve and probe their readiness the same way: Ready once
 the trainer has restored and trains, which is when the operator starts the standby (it never
 competes with the attempt's own start for the CPU, the network or the checkpoint's bytes).
@@ -36,8 +36,8 @@ from typing import Any, Mapping, Sequence
 from phoenix_trainer import contract as env
 
 from . import constants as C
-from .classify import trainer_container_name
-from .model import JobSpec, PhaseSpec
+from .outcomes import trainer_container_name
+from .phoenixjob import JobSpec, PhaseSpec
 
 
 def pod_name(job: str, phase: str, attempt: int, member: int | None = None) -> str:
@@ -52,6 +52,14 @@ def pod_name(job: str, phase: str, attempt: int, member: int | None = None) -> s
     ``a`` phase ``b-c``.)"""
     base = f"{job}.{phase}-{attempt}"
     return base if member is None else f"{base}.{member}"
+
+
+def member_of(pod: Mapping[str, Any]) -> int:
+    """A gang member's index, from the label ``build_pod`` puts on it (0 when absent)."""
+    try:
+        return int(((pod.get("metadata") or {}).get("labels") or {}).get(C.LABEL_MEMBER, 0))
+    except ValueError:
+        return 0
 
 
 def gang_service(job: str, phase: str) -> str:

@@ -15,7 +15,7 @@ from dataclasses import replace
 from typing import Any, Mapping
 
 from .constants import PhaseState
-from .model import JobSpec, PhaseStatus, phase_statuses
+from .phoenixjob import JobSpec, PhaseStatus, phase_statuses
 from .states import Event, job_phase, transition
 
 S = PhaseState

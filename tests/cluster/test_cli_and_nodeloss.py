@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
 def phoenix_cli(lab, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "phoenix_operator.cli", *args],
+    out = subprocess.run([sys.executable, "-m", "phoenix_operator.kubectl_phoenix", *args],
                          env=dict(os.environ, KUBECONFIG=lab.kubeconfig), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
@@ -103,7 +103,8 @@ def test_reset_refuses_while_running(lab, operator, core, custom, ns, bucket):
     # train fails at once; the independent eval phase then runs (its attempt 1 is long)
     wait(lambda: (s := phase_status(get(custom, ns, "rr"), "eval")).get("state") == "Running"
          and s, 60, "eval running after train failed")
-    out = subprocess.run([sys.executable, "-m", "phoenix_operator.cli", "reset", "rr", "-n", ns],
+    out = subprocess.run([sys.executable, "-m", "phoenix_operator.kubectl_phoenix", "reset", "rr",
+                          "-n", ns],
                          env=dict(os.environ, KUBECONFIG=lab.kubeconfig), capture_output=True,
                          text=True, timeout=60)
     assert out.returncode != 0 and "--force" in out.stderr

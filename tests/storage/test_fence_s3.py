@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from phoenix_operator.facts import write_fence
-from phoenix_operator.model import JobSpec
+from phoenix_operator.phoenixjob import JobSpec
 from phoenix_trainer.errors import SupersededError
 from phoenix_trainer.layout import checkpoint_steps
 from phoenix_trainer.storage import open_storage

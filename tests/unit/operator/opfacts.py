@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 
 from phoenix_operator import constants as C
 from phoenix_operator.decide import Checkpoint, Listing
-from phoenix_operator.model import ts
+from phoenix_operator.phoenixjob import ts
 from phoenix_operator.podspec import pod_name
 
 T0 = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)

@@ -37,7 +37,7 @@ def test_every_status_field_the_operator_writes_is_in_the_schema():
     from datetime import datetime, timezone
 
     from phoenix_operator.constants import PhaseState
-    from phoenix_operator.model import CheckpointRef, Failure, PhaseStatus
+    from phoenix_operator.phoenixjob import CheckpointRef, Failure, PhaseStatus
 
     t = datetime(2026, 1, 1, tzinfo=timezone.utc)
     full = PhaseStatus(

@@ -1,8 +1,8 @@
 """Every way a trainer pod can end, and what it counts as."""
 import pytest
 
-from phoenix_operator.classify import (DELETED_KEY, NodeHealth, bare_kill, classify, gone,
-                                       node_grace_left, node_health, pull_grace_left, stranded)
+from phoenix_operator.node_health import NodeHealth, node_grace_left, node_health, stranded
+from phoenix_operator.outcomes import DELETED_KEY, bare_kill, classify, gone, pull_grace_left
 from phoenix_operator import constants as C
 from phoenix_operator.constants import Cause
 
@@ -316,7 +316,7 @@ def test_a_pod_deleted_before_its_trainer_ran_did_not_start():
 
 # --- issue 29, item 5: a pull that heals within the grace costs nothing --------------------
 def _pulling(reason: str):
-    from phoenix_operator.model import ts
+    from phoenix_operator.phoenixjob import ts
 
     p = pod(pod_phase="Pending", waiting=reason, node="spot-1")
     p["metadata"]["creationTimestamp"] = ts(at(0))

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from phoenix_operator import cli
+from phoenix_operator import kubectl_phoenix as cli
 from phoenix_trainer.layout import CheckpointInfo, FileEntry, Manifest
 
 from opfacts import job, phase_status, status
@@ -88,7 +88,7 @@ def test_unknown_output_format_is_a_usage_error(argv, capsys):
     (r"C:\bin\kubectl-phoenix.exe", "kubectl phoenix") if os.sep == "\\" else
     ("/bin/kubectl-phoenix.exe", "kubectl phoenix"),
     ("/usr/local/bin/phoenix", "phoenix"),
-    ("/repo/operator/phoenix_operator/cli.py", "phoenix"),  # python -m phoenix_operator.cli
+    ("/repo/operator/phoenix_operator/kubectl_phoenix.py", "phoenix"),  # python -m phoenix_operator.kubectl_phoenix
     ("/usr/local/bin/kubectl-phoenix-lab", "phoenix"),
 ])
 def test_program_name(argv0, prog):
@@ -116,7 +116,7 @@ def test_usage_errors_name_plain_phoenix(monkeypatch, capsys):
 
 def test_both_console_scripts_run_the_same_main():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["kubectl-phoenix"] == scripts["phoenix"] == "phoenix_operator.cli:main"
+    assert scripts["kubectl-phoenix"] == scripts["phoenix"] == "phoenix_operator.kubectl_phoenix:main"
 
 
 # --- namespace from the chosen context ---------------------------------------------------

@@ -8,9 +8,9 @@ from typing import Any, Callable
 
 import pytest
 
-from phoenix_operator.classify import NodeHealth
+from phoenix_operator.node_health import NodeHealth
 from phoenix_operator.decide import Checkpoint, Listing, decide
-from phoenix_operator.model import ts
+from phoenix_operator.phoenixjob import ts
 from phoenix_operator.podspec import pod_name
 
 from opfacts import at, job, listing, phase_status, pod, with_status
@@ -402,9 +402,9 @@ def test_recovering_condition_explains_backoff():
 
 def test_every_transition_in_the_table_is_exercised(monkeypatch):
     """The decision table above reaches every legal edge of the state machine."""
-    from phoenix_operator import decide as decide_module
+    from phoenix_operator.decide import attempts, gangs, phases, standby
     from phoenix_operator import reset as reset_module
-    from phoenix_operator.model import JobSpec
+    from phoenix_operator.phoenixjob import JobSpec
     from phoenix_operator.states import TRANSITIONS, transition
 
     seen = set()
@@ -413,7 +413,8 @@ def test_every_transition_in_the_table_is_exercised(monkeypatch):
         seen.add((state, event))
         return transition(state, event)
 
-    monkeypatch.setattr(decide_module, "transition", spy)
+    for module in (phases, attempts, gangs, standby):  # decide's modules that move states
+        monkeypatch.setattr(module, "transition", spy)
     monkeypatch.setattr(reset_module, "transition", spy)
     for case in CASES:
         decide(case.body, case.pods, case.listings or {}, case.now, case.nodes)
@@ -735,11 +736,11 @@ def test_a_cleared_status_continues_above_its_own_fence():
 
 
 def test_controls_name_the_job():
-    from phoenix_operator.decide import _control
-    from phoenix_operator.model import Notice, PhaseStatus
+    from phoenix_operator.decide.standby import control
+    from phoenix_operator.phoenixjob import Notice, PhaseStatus
 
     st = PhaseStatus("train", attempts=3, last_notice=Notice("n", "taint x", at(0), 3))
-    assert _control(st, "u-1").uid == "u-1"
+    assert control(st, "u-1").uid == "u-1"
 
 
 # --- issue 22, item 9 / invariant 6: never step 0 while the status names a checkpoint -------

@@ -2,7 +2,7 @@
 import pytest
 from prometheus_client import REGISTRY
 
-from phoenix_operator import metrics
+from phoenix_operator import prometheus as metrics
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.reconcile import Reconciler
 

@@ -7,8 +7,8 @@ import json
 import pytest
 from kubernetes.client.rest import ApiException
 
-from phoenix_operator.backoff import Backoff
-from phoenix_operator.classify import NodeHealth
+from phoenix_operator.workqueue import Backoff
+from phoenix_operator.node_health import NodeHealth
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.decide import decide
 from phoenix_operator.kube import EventCache, ForeignPod, Kube
@@ -58,7 +58,7 @@ def run(kube, body, pods, now=at(1), nodes=None, fence_error=None):
         assert access["access_key"] == "key" and access["endpoint"] == "http://127.0.0.1:9000"
         if fence_error:
             raise fence_error
-    reconciler.fence_writer = fence
+    reconciler.applier.fence_writer = fence
     return asyncio.run(reconciler.apply(body, plan))
 
 
@@ -131,7 +131,7 @@ class NodeKube(FakeKube):
 
 def _gather(kube, pods, **config):
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1, **config))
-    return asyncio.run(reconciler._nodes(pods))
+    return asyncio.run(reconciler.gather.nodes(pods))
 
 
 def test_node_facts_only_for_live_bound_pods_one_read_per_node():
@@ -227,10 +227,10 @@ def test_foreign_fact_is_gathered_only_for_a_named_pod_without_uid_missing_from_
                        phase_status(name="eval"))
     kube = PodKube({"j.train-2": {"metadata": {"uid": "x"}}})
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
-    assert asyncio.run(reconciler._foreign(body, set())) == {"j.train-2": "it has no owner"}
+    assert asyncio.run(reconciler.gather.foreign(body, set())) == {"j.train-2": "it has no owner"}
     assert kube.calls == [("get_pod", "j.train-2")]  # eval has its uid: not read
     kube.calls.clear()
-    assert asyncio.run(reconciler._foreign(body, {"j.train-2"})) == {} and kube.calls == []
+    assert asyncio.run(reconciler.gather.foreign(body, {"j.train-2"})) == {} and kube.calls == []
 
 
 # --- Events: a repeat is one Event with a count, not another object ------------------------
@@ -297,11 +297,11 @@ def test_failing_passes_back_off_and_a_good_one_resets():
         return None
 
     reconciler.reconcile = reconcile
-    reconciler.poke_later = lambda key, delay: delays.append(delay)
+    reconciler.queue.add_after = lambda key, delay: delays.append(delay)
 
     async def main():
         for _ in range(6):
-            await reconciler._run(("ns", "j"))
+            await reconciler.queue.process(("ns", "j"))
     asyncio.run(main())
     assert delays == [1.0, 2.0, 4.0, 0.2, 1.0]
 
@@ -318,7 +318,7 @@ def test_the_fence_of_a_new_attempt_names_the_checkpoint_it_resumes_from():
     plan = decide(body, [ended], {"train": listing(10, 20)}, at(1))
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
     written = []
-    reconciler.fence_writer = lambda spec, phase, attempt, pod, when, **kw: written.append(
+    reconciler.applier.fence_writer = lambda spec, phase, attempt, pod, when, **kw: written.append(
         (attempt, kw.get("resume_from"), kw.get("uid"), kw.get("job"), kw.get("clear_control")))
     asyncio.run(reconciler.apply(body, plan))
     # ... and names the job (issue 22, item 1); a new attempt clears older requests.
@@ -345,21 +345,21 @@ def test_whether_the_job_a_fence_names_still_exists(other, live):
     kube = Jobs()
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
     listing = Listing(fence=Fence(5, "old.train-5", "t", uid="u-old", job="team/old"))
-    got = asyncio.run(reconciler._owner(listing, "u-1"))
+    got = asyncio.run(reconciler.gather.owner(listing, "u-1"))
     assert got.owner_live is live and kube.calls == [("get_job", "team", "old")]
     own = Listing(fence=Fence(5, "j.train-5", "t", uid="u-1", job="ns/j"))
-    assert asyncio.run(reconciler._owner(own, "u-1")) is own
+    assert asyncio.run(reconciler.gather.owner(own, "u-1")) is own
 
 
 # --- issue 22, item 12: the operator's own identity only where it is allowed -----------------
 def _access(uri: str, secret: str | None, **config):
-    from phoenix_operator.reconcile import StorageAccessError
+    from phoenix_operator.gather import StorageAccessError
 
     body = job()
     body["spec"]["checkpoint"] = {"uri": uri, **({"credentialsSecret": secret} if secret else {})}
     reconciler = Reconciler(FakeKube(), OperatorConfig(api_workers=1, **config))
     try:
-        return asyncio.run(reconciler._storage_access(body))
+        return asyncio.run(reconciler.gather.storage_access(body))
     except StorageAccessError as e:
         return str(e)
 

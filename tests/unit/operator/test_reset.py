@@ -2,7 +2,7 @@
 import pytest
 
 from phoenix_operator.decide import decide
-from phoenix_operator.model import JobSpec, ts
+from phoenix_operator.phoenixjob import JobSpec, ts
 from phoenix_operator.reset import ResetRefused, reset_status
 
 from opfacts import at, job, listing, phase_status, status

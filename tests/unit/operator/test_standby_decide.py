@@ -9,7 +9,8 @@ from datetime import timedelta
 import pytest
 
 from phoenix_operator import constants as C
-from phoenix_operator.classify import NodeHealth, classify
+from phoenix_operator.node_health import NodeHealth
+from phoenix_operator.outcomes import classify
 from phoenix_operator.decide import decide
 from phoenix_operator.podspec import pod_name
 

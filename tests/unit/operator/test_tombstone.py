@@ -1,4 +1,4 @@
-"""What the operator keeps of a vanished pod (``reconcile.tombstone``) decides exactly what the
+"""What the operator keeps of a vanished pod (``gather.tombstone``) decides exactly what the
 full pod would, at a fraction of its size."""
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from phoenix_operator.classify import DELETED_KEY, NodeHealth, classify
-from phoenix_operator.reconcile import tombstone
+from phoenix_operator.node_health import NodeHealth
+from phoenix_operator.outcomes import DELETED_KEY, classify
+from phoenix_operator.gather import tombstone
 
 from opfacts import at, pod
 

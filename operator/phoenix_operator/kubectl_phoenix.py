@@ -31,9 +31,9 @@ from kubernetes.config.kube_config import KubeConfigMerger
 from urllib3.exceptions import HTTPError
 
 from . import constants as C
-from .decide import member_of
 from .kube import Kube
-from .model import JobSpec, phase_statuses
+from .phoenixjob import JobSpec, phase_statuses
+from .podspec import member_of
 from .reset import ResetRefused, reset_status
 
 RESET_ATTEMPTS = 5  # status writes lost to the operator's own writes (409) before giving up

@@ -69,6 +69,34 @@ def forget_job(namespace: str, job: str) -> None:
     set_checkpoint_time(namespace, job, None, None)
 
 
+class JobPhases:
+    """``phoenix_jobs``: the last ``status.phase`` applied for each job the operator knows
+    (also the keys a resync goes through)."""
+
+    PHASES = ("Pending", "Running", "Recovering", "Succeeded", "Failed", "Suspended")
+
+    def __init__(self) -> None:
+        self._phases: dict[tuple[str, str], str] = {}
+
+    def __iter__(self):
+        return iter(list(self._phases))
+
+    def set(self, key: tuple[str, str], phase: str) -> None:
+        self._phases[key] = phase
+        self._update()
+
+    def forget(self, key: tuple[str, str]) -> None:
+        self._phases.pop(key, None)
+        self._update()
+
+    def _update(self) -> None:
+        counts: dict[str, int] = {}
+        for phase in self._phases.values():
+            counts[phase] = counts.get(phase, 0) + 1
+        for phase in self.PHASES:
+            JOBS.labels(phase).set(counts.get(phase, 0))
+
+
 def serve(port: int, host: str) -> None:
     if port:
         start_http_server(port, addr=host)

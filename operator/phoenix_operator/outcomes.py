@@ -19,7 +19,7 @@ the ``node.kubernetes.io/out-of-service`` taint (a person or the cloud says the 
 shut down), so nothing runs it any more and nothing will report its end until pod GC removes
 it. ``classify`` takes the node's health as a fact gathered by the caller (``NodeHealth``) and
 calls such a pod a ``NodeLost`` preemption that must be force-deleted; it never reads a node
-or the clock itself. A node that is merely NotReady is *not* enough, whatever its duration:
+or the clock itself (what a node's state means: ``node_health``). A node that is merely NotReady is *not* enough, whatever its duration:
 a partitioned kubelet keeps running the trainer, and a replacement next to it would have two
 attempts writing one checkpoint prefix (what Kubernetes itself refuses to do for
 StatefulSets). Such a pod stays live; ``stranded`` tells the caller to say so.
@@ -31,13 +31,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
 from phoenix_trainer.contract import REASON_COMPLETED, REASON_PREEMPTED, TerminationMessage
 
 from . import constants as C
-from .constants import Cause
-from .model import bounded, parse_ts
+from .constants import DELETED_KEY, Cause
+from .node_health import NodeHealth
+from .phoenixjob import bounded, parse_ts
 
 MAX_MESSAGE = 512
 NODE_GONE_REASONS = frozenset({"NodeLost", "Shutdown", "NodeShutdown", "Terminated"})
@@ -49,9 +50,6 @@ FAILURE_POD_REASONS = frozenset({"DeadlineExceeded"})  # activeDeadlineSeconds r
 # message tells them apart. Retrying such a pod reproduces the eviction: a failure.
 _OWN_LIMIT_MARKERS = ("exceeds the total limit", "exceeded its local ephemeral storage limit",
                       "exceeds the limit")
-# Set by the handler on the last known state of a pod that has been deleted (from the watch's
-# DELETED event), so the reason it ended is not lost when the kubelet removes it.
-DELETED_KEY = "phoenix.dev/deleted"
 
 
 @dataclass(frozen=True)
@@ -74,48 +72,6 @@ class Outcome:
 
 
 LIVE = Outcome(cause=None)
-
-
-@dataclass(frozen=True)
-class NodeHealth:
-    """What the caller saw of the node a live pod is bound to: a fact for ``classify``."""
-
-    missing: bool = False                     # GET node answered 404
-    not_ready_since: datetime | None = None   # Ready condition False/Unknown since then
-    out_of_service: bool = False              # tainted node.kubernetes.io/out-of-service
-    notice: str | None = None                 # a reclaim announced: "taint <key>" / "condition <type>"
-
-    @property
-    def healthy(self) -> bool:
-        return not self.missing and self.not_ready_since is None and not self.out_of_service
-
-    @property
-    def dead(self) -> bool:
-        """Nothing can still run a pod there: safe to force-delete it and start another."""
-        return self.missing or self.out_of_service
-
-
-def node_health(node: Mapping[str, Any] | None,
-                notice_taints: Iterable[str] = C.DEFAULT_NOTICE_TAINTS,
-                notice_conditions: Iterable[str] = C.DEFAULT_NOTICE_CONDITIONS) -> NodeHealth:
-    """``node`` as the API returned it, or None for 404. A Ready condition that is not True
-    counts from its lastTransitionTime; without one we cannot tell, so: not NotReady.
-    ``notice``: the first of ``notice_taints`` on the node, else the first of
-    ``notice_conditions`` that is True."""
-    if node is None:
-        return NodeHealth(missing=True)
-    taints = (node.get("spec") or {}).get("taints") or ()
-    out = any(t.get("key") == C.TAINT_OUT_OF_SERVICE for t in taints)
-    conditions = (node.get("status") or {}).get("conditions") or ()
-    since = None
-    for cond in conditions:
-        if cond.get("type") == "Ready" and cond.get("status") != "True":
-            since = parse_ts(cond.get("lastTransitionTime"))
-    keys = {t.get("key") for t in taints}
-    true = {c.get("type") for c in conditions if c.get("status") == "True"}
-    notice = next((f"taint {k}" for k in notice_taints if k in keys), None) or next(
-        (f"condition {c}" for c in notice_conditions if c in true), None)
-    return NodeHealth(not_ready_since=since, out_of_service=out, notice=notice)
 
 
 def trainer_container_name(pod: Mapping[str, Any]) -> str | None:
@@ -186,38 +142,6 @@ def bare_kill(pod: Mapping[str, Any]) -> bool:
         return False
     outcome = _classify(pod, None)
     return outcome.reason in (C.R_SIGTERM, C.R_SIGKILL) and outcome.cause == Cause.FAILURE
-
-
-def _not_ready(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth]) -> tuple[str, NodeHealth] | None:
-    node = (pod.get("spec") or {}).get("nodeName") or ""
-    health = nodes.get(node)
-    if pod.get(DELETED_KEY) or health is None or health.dead or health.not_ready_since is None:
-        return None
-    return node, health
-
-
-def node_grace_left(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: datetime,
-                    node_grace: float) -> float | None:
-    """Seconds until a live pod on a NotReady node counts as stranded (None: not waiting)."""
-    found = _not_ready(pod, nodes)
-    if found is None:
-        return None
-    left = node_grace - (now - found[1].not_ready_since).total_seconds()
-    return left if left > 0 else None
-
-
-def stranded(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth], now: datetime,
-             node_grace: float) -> str | None:
-    """Why a live pod is neither running for sure nor replaceable: its node has been NotReady
-    longer than ``node_grace`` but is neither gone nor tainted out-of-service. None if not."""
-    found = _not_ready(pod, nodes)
-    if found is None or (now - found[1].not_ready_since).total_seconds() <= node_grace:
-        return None
-    node, health = found
-    return (f"pod {(pod.get('metadata') or {}).get('name', '')} is on node {node}, NotReady "
-            f"since {health.not_ready_since.strftime('%Y-%m-%dT%H:%M:%SZ')}: it is not replaced "
-            f"while its trainer may still run; delete the Node or taint it "
-            f"{C.TAINT_OUT_OF_SERVICE}=nodeshutdown:NoExecute once the machine is down")
 
 
 def _on_lost_node(pod: Mapping[str, Any], nodes: Mapping[str, NodeHealth],

@@ -1,0 +1,224 @@
+"""What ``decide`` reads and what it returns: the verified storage facts it is handed
+(``Checkpoint``, ``Listing``), the plan's items (``CreatePod``, ``Promote``, ``ControlWrite``,
+``DeletePod``, ``Note``, ``Recovery``, ``Plan``), views of the job's pods, and ``Ctx``, the
+state one decision shares between the phase modules (facts in, plan out).
+
+Pure data and pure reads: no API calls, no clock, no storage.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Mapping, Sequence
+
+from .. import constants as C
+from ..node_health import NodeHealth, node_grace_left, stranded
+from ..outcomes import Outcome, classify, pull_grace_left
+from ..phoenixjob import JobSpec
+from ..podspec import member_of
+from phoenix_trainer.layout import Control, Fence
+
+STORAGE_RETRY_SECONDS = 15.0
+# A foreign pod holds a name we need: look again this often (its deletion, if it carries our
+# job label, triggers a pass at once anyway).
+CONFLICT_RETRY_SECONDS = 30.0
+
+
+# --- inputs ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One ``step-N`` directory as the operator verified it."""
+
+    step: int
+    uri: str
+    valid: bool
+    reason: str = ""
+    epoch: int | None = None
+    time: datetime | None = None
+    resume_exact: bool | None = None  # from the manifest's extra, when the trainer wrote it
+    resume_exact_reason: str = ""
+
+
+@dataclass(frozen=True)
+class Listing:
+    """The checkpoints under one phase's prefix, or why they could not be listed."""
+
+    checkpoints: tuple[Checkpoint, ...] = ()
+    error: str | None = None
+    # The prefix's fence.json as found (None: none), and - when it names another job -
+    # whether that job still exists (None: could not tell).
+    fence: Fence | None = None
+    owner_live: bool | None = None
+
+    def newest_valid(self, exclude: Sequence[int] = ()) -> Checkpoint | None:
+        for c in sorted(self.checkpoints, key=lambda c: c.step, reverse=True):
+            if c.valid and c.step not in exclude:
+                return c
+        return None
+
+    def invalid_newer_than(self, step: int | None) -> list[Checkpoint]:
+        return sorted((c for c in self.checkpoints
+                       if not c.valid and (step is None or c.step > step)),
+                      key=lambda c: c.step, reverse=True)
+
+
+# --- outputs ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class CreatePod:
+    name: str
+    phase: str
+    attempt: int
+    manifest: dict[str, Any]
+    resume_from: str | None
+    previous_end: datetime | None  # when the attempt it replaces ended (time-to-replacement)
+    previous_cause: str | None
+    standby: bool = False  # a standby: the fence is not moved for it
+
+
+@dataclass(frozen=True)
+class Promote:
+    """Move the phase's fence to a waiting standby (its signal to start), naming the
+    checkpoint to resume from. Written before the status that records it."""
+
+    phase: str
+    attempt: int
+    pod: str
+    resume_from: str | None
+    previous_end: datetime | None
+    previous_cause: str | None
+
+
+@dataclass(frozen=True)
+class ControlWrite:
+    """Write ``control.json`` for a phase (requests to its running attempt)."""
+
+    phase: str
+    control: Control
+
+
+@dataclass(frozen=True)
+class DeletePod:
+    name: str
+    grace_seconds: int
+    reason: str
+    # Grace 0 because the pod's node is lost: applied before any create of the same plan, so
+    # the replacement never coexists with the old pod object.
+    force: bool = False
+
+
+@dataclass(frozen=True)
+class Note:
+    """A Kubernetes Event to post on the PhoenixJob."""
+
+    type: str  # Normal | Warning
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Recovery:
+    """An attempt that ended unsuccessfully (for metrics: recoveries by cause)."""
+
+    phase: str
+    cause: str
+    reason: str
+
+
+@dataclass
+class Plan:
+    status: dict[str, Any]
+    create: list[CreatePod] = field(default_factory=list)
+    services: list[dict[str, Any]] = field(default_factory=list)  # ensured before the pods
+    promote: list[Promote] = field(default_factory=list)  # storage writes: before the status
+    control: list[ControlWrite] = field(default_factory=list)
+    delete: list[DeletePod] = field(default_factory=list)
+    events: list[Note] = field(default_factory=list)
+    recoveries: list[Recovery] = field(default_factory=list)
+    needs_checkpoints: set[str] = field(default_factory=set)
+    requeue_after: float | None = None
+
+    def requeue(self, seconds: float) -> None:
+        seconds = max(0.0, seconds)
+        if self.requeue_after is None or seconds < self.requeue_after:
+            self.requeue_after = seconds
+
+
+# --- the job's pods, and one decision's state ---------------------------------------
+
+Pods = Mapping[int, Sequence[Mapping[str, Any]]]  # attempt -> its pods (a gang's members)
+
+
+def is_standby_pod(pod: Mapping[str, Any]) -> bool:
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(C.LABEL_STANDBY) == "true"
+
+
+def pod_ready(pod: Mapping[str, Any]) -> bool:
+    return any(c.get("type") == "Ready" and c.get("status") == "True"
+               for c in (pod.get("status") or {}).get("conditions") or ())
+
+
+def pods_by_phase(pods: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, list[Mapping[str, Any]]]]:
+    out: dict[str, dict[int, list[Mapping[str, Any]]]] = {}
+    for pod in pods:
+        labels = (pod.get("metadata") or {}).get("labels") or {}
+        try:
+            attempt = int(labels.get(C.LABEL_ATTEMPT, ""))
+        except ValueError:
+            continue
+        out.setdefault(labels.get(C.LABEL_PHASE, ""), {}).setdefault(attempt, []).append(pod)
+    for attempts in out.values():
+        for members in attempts.values():
+            members.sort(key=member_of)
+    return out
+
+
+@dataclass
+class Ctx:
+    """One decision's facts and the plan it builds (the phase modules' shared state)."""
+
+    job: str
+    namespace: str
+    uid: str
+    spec: JobSpec
+    checkpoints: Mapping[str, Listing]
+    now: datetime
+    plan: Plan
+    nodes: Mapping[str, NodeHealth] = field(default_factory=dict)
+    foreign: Mapping[str, str] = field(default_factory=dict)
+    conflicts: list[str] = field(default_factory=list)
+    prefix_conflicts: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  # checkpoints the status names, not listed
+    storage_errors: list[str] = field(default_factory=list)  # listings that failed, and why
+    stranded: list[str] = field(default_factory=list)
+
+    def note(self, type_: str, reason: str, message: str) -> None:
+        self.plan.events.append(Note(type_, reason, message))
+
+    def outcome(self, pod: Mapping[str, Any]) -> Outcome:
+        """``outcomes.classify`` with the node facts: a pod on a lost node is over; one on a node
+        NotReady past the grace is stranded (noted, not replaced)."""
+        grace = C.NODE_NOT_READY_GRACE_SECONDS
+        left = node_grace_left(pod, self.nodes, self.now, grace)
+        if left is not None:
+            self.plan.requeue(left)  # look again when the NotReady grace runs out
+        pulling = pull_grace_left(pod, self.now)
+        if pulling is not None and pulling > 0:
+            self.plan.requeue(pulling)  # an image pull error counts once its grace is over
+        why = stranded(pod, self.nodes, self.now, grace)
+        if why and why not in self.stranded:
+            self.stranded.append(why)
+        return classify(pod, self.nodes, self.now)
+
+    def delete_live(self, pods: Sequence[Mapping[str, Any]], reason: str,
+                    grace: int | None = None) -> None:
+        """Delete pods (live ones with their grace, or ended ones whose objects go) that are
+        not being deleted yet and not already planned."""
+        planned = {d.name for d in self.plan.delete}
+        for pod in pods:
+            if not (pod.get("metadata") or {}).get("deletionTimestamp") and pod["metadata"]["name"] not in planned:
+                self.plan.delete.append(DeletePod(pod["metadata"]["name"],
+                                                  self.spec.recovery.grace_seconds if grace is None else grace,
+                                                  reason))

@@ -1,0 +1,381 @@
+"""Typed views of a PhoenixJob: the spec (parsed once per reconcile) and the status.
+
+Pure data: no API calls, no clock. Defaults here mirror the CRD's, so a body that did not
+pass through the API server (unit tests, `phoenix status` on an old object) means the same.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping
+
+from .constants import PhaseState
+
+
+def _ts(value: str | None) -> datetime | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def ts(value: datetime | None) -> str | None:
+    """RFC 3339 in UTC, second precision, as Kubernetes writes it."""
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+parse_ts = _ts
+
+
+def bounded(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters ("..." marks the cut): for every string copied into
+    the status from outside (storage, a termination message), whose CRD field has a maxLength."""
+    text = str(text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    name: str
+    args: tuple[str, ...] | None = None
+    env: tuple[Mapping[str, Any], ...] = ()
+    depends_on: tuple[str, ...] = ()
+    independent: bool = False
+    replicas: int = 1  # pods in the gang (one torchrun node each)
+    nproc_per_node: int | None = None  # torchrun processes per pod; None: the pod's GPUs, else 1
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    uri: str
+    endpoint: str | None = None
+    region: str | None = None
+    credentials_secret: str | None = None
+    keep: int = 3
+    interval_steps: int | None = None
+    interval_seconds: int | None = None
+
+    def phase_uri(self, phase: str) -> str:
+        return f"{self.uri.rstrip('/')}/{phase}"
+
+
+@dataclass(frozen=True)
+class RecoverySpec:
+    max_preemptions: int | None = None  # None: unlimited
+    max_failures: int = 3
+    fallback_after: int = 2
+    backoff_initial: float = 10.0
+    backoff_max: float = 300.0
+    grace_seconds: int = 30
+    gang_schedule_timeout: float = 300.0  # a gang not all scheduled by then is released
+    standby: bool = False  # keep a warm standby pod per running phase (single-pod phases)
+    on_notice: str = "Handoff"  # Handoff | Checkpoint | Ignore: what a node's notice starts
+
+    def backoff(self, failures: int) -> float:
+        """Delay before the replacement after the ``failures``-th failure (1-based)."""
+        if failures <= 0:
+            return 0.0
+        return float(min(self.backoff_max, self.backoff_initial * (2 ** (failures - 1))))
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    template: Mapping[str, Any]
+    phases: tuple[PhaseSpec, ...]
+    checkpoint: CheckpointSpec
+    recovery: RecoverySpec = RecoverySpec()
+    suspend: bool = False
+
+    def phase(self, name: str) -> PhaseSpec:
+        for p in self.phases:
+            if p.name == name:
+                return p
+        raise KeyError(name)
+
+    @classmethod
+    def parse(cls, spec: Mapping[str, Any]) -> "JobSpec":
+        phases = []
+        for i, raw in enumerate(spec.get("phases") or []):
+            if "dependsOn" in raw and raw["dependsOn"] is not None:
+                deps = tuple(raw["dependsOn"])
+            else:
+                deps = (spec["phases"][i - 1]["name"],) if i > 0 else ()
+            args = raw.get("args")
+            phases.append(PhaseSpec(
+                name=raw["name"], args=tuple(args) if args is not None else None,
+                env=tuple(raw.get("env") or ()), depends_on=deps,
+                independent=bool(raw.get("independent", False)),
+                replicas=int(raw.get("replicas", 1)),
+                nproc_per_node=int(raw["nprocPerNode"]) if raw.get("nprocPerNode") else None,
+            ))
+        ck = spec.get("checkpoint") or {}
+        rec = spec.get("recovery") or {}
+        bo = rec.get("backoff") or {}
+        max_pre = rec.get("maxPreemptions")
+        return cls(
+            template=spec.get("template") or {},
+            phases=tuple(phases),
+            checkpoint=CheckpointSpec(
+                uri=ck.get("uri", ""), endpoint=ck.get("endpoint"), region=ck.get("region"),
+                credentials_secret=ck.get("credentialsSecret"), keep=int(ck.get("keep", 3)),
+                interval_steps=ck.get("intervalSteps"), interval_seconds=ck.get("intervalSeconds"),
+            ),
+            recovery=RecoverySpec(
+                max_preemptions=int(max_pre) if max_pre is not None else None,
+                max_failures=int(rec.get("maxFailures", 3)),
+                fallback_after=int(rec.get("fallbackAfter", 2)),
+                backoff_initial=float(bo.get("initialSeconds", 10)),
+                backoff_max=float(bo.get("maxSeconds", 300)),
+                grace_seconds=int(rec.get("terminationGracePeriodSeconds", 30)),
+                gang_schedule_timeout=float(rec.get("gangScheduleTimeoutSeconds", 300)),
+                standby=bool(rec.get("standby", False)),
+                on_notice=str(rec.get("onNotice") or "Handoff"),
+            ),
+            suspend=bool(spec.get("suspend", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How an unsuccessful attempt ended (``status.phases[].lastFailure``)."""
+
+    cause: str
+    reason: str
+    exit_code: int | None
+    message: str
+    time: datetime
+    attempt: int
+    pod: str | None = None  # the pod that ended the attempt (a gang: the member that caused it)
+
+    def to_dict(self) -> dict:
+        d = {"cause": self.cause, "reason": self.reason, "message": self.message,
+             "time": ts(self.time), "attempt": self.attempt}
+        if self.exit_code is not None:
+            d["exitCode"] = self.exit_code
+        if self.pod:
+            d["pod"] = self.pod
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Failure | None":
+        if not d:
+            return None
+        return cls(cause=d.get("cause", ""), reason=d.get("reason", ""),
+                   exit_code=d.get("exitCode"), message=d.get("message", ""),
+                   time=_ts(d.get("time")) or datetime.fromtimestamp(0, timezone.utc),
+                   attempt=int(d.get("attempt", 0)), pod=d.get("pod"))
+
+
+@dataclass(frozen=True)
+class CheckpointRef:
+    """A checkpoint the operator knows of (``status.phases[].lastCheckpoint``)."""
+
+    uri: str
+    step: int
+    epoch: int | None = None
+    time: datetime | None = None
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"uri": self.uri, "step": self.step}
+        if self.epoch is not None:
+            d["epoch"] = self.epoch
+        if self.time is not None:
+            d["time"] = ts(self.time)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "CheckpointRef | None":
+        if not d or "uri" not in d:
+            return None
+        return cls(uri=d["uri"], step=int(d.get("step", 0)), epoch=d.get("epoch"),
+                   time=_ts(d.get("time")))
+
+
+@dataclass(frozen=True)
+class StandbyRef:
+    """``status.phases[].standby``: the pod started ahead of need to take over the phase; for
+    a gang, the standby gang, named by its member 0 (``pod``, ``podUID``, ``node``)."""
+
+    pod: str
+    attempt: int
+    reason: str  # "standby" (recovery.standby) | "notice" (started for a node's notice)
+    since: datetime
+    pod_uid: str | None = None  # member 0's, once every member is seen
+    node: str | None = None
+    ready: bool = False  # a gang: every member Ready
+    members: int = 1
+    ready_members: int = 0
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"pod": self.pod, "attempt": self.attempt, "reason": self.reason,
+                             "since": ts(self.since), "ready": self.ready}
+        if self.pod_uid:
+            d["podUID"] = self.pod_uid
+        if self.node:
+            d["node"] = self.node
+        if self.members > 1:
+            d["members"] = self.members
+            d["readyMembers"] = self.ready_members
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "StandbyRef | None":
+        if not d or "pod" not in d:
+            return None
+        return cls(pod=d["pod"], attempt=int(d.get("attempt", 0)), reason=d.get("reason", ""),
+                   since=_ts(d.get("since")) or datetime.fromtimestamp(0, timezone.utc),
+                   pod_uid=d.get("podUID"), node=d.get("node"), ready=bool(d.get("ready")),
+                   members=int(d.get("members", 1)), ready_members=int(d.get("readyMembers", 0)))
+
+
+@dataclass(frozen=True)
+class Notice:
+    """``status.phases[].lastNotice``: a node's announcement that it will be reclaimed."""
+
+    node: str
+    signal: str  # e.g. "taint karpenter.sh/disrupted"
+    time: datetime
+    attempt: int  # the attempt whose node it was
+    handoff_to: int | None = None  # the standby attempt asked to take over, once asked
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"node": self.node, "signal": self.signal, "time": ts(self.time),
+                             "attempt": self.attempt}
+        if self.handoff_to is not None:
+            d["handoffTo"] = self.handoff_to
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Notice | None":
+        if not d or "node" not in d:
+            return None
+        to = d.get("handoffTo")
+        return cls(node=d["node"], signal=d.get("signal", ""),
+                   time=_ts(d.get("time")) or datetime.fromtimestamp(0, timezone.utc),
+                   attempt=int(d.get("attempt", 0)), handoff_to=int(to) if to is not None else None)
+
+
+@dataclass(frozen=True)
+class PhaseStatus:
+    """``status.phases[]``: everything the operator must remember about one phase.
+
+    Together with the list of pods (by label) this is the operator's whole state: after a
+    restart it is rebuilt from here, never from memory.
+    """
+
+    name: str
+    state: PhaseState = PhaseState.PENDING
+    attempts: int = 0
+    preemptions: int = 0
+    failures: int = 0
+    consecutive_failures_at_checkpoint: int = 0
+    skipped_steps: tuple[int, ...] = ()
+    pod: str | None = None
+    pod_uid: str | None = None  # set once the pod is seen: "created" vs "not created yet"
+    resume_from: str | None = None
+    next_attempt_at: datetime | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    last_failure: Failure | None = None
+    last_checkpoint: CheckpointRef | None = None
+    # What the trainer last said about exact resume (None: it has not said yet).
+    resume_exact: bool | None = None
+    resume_exact_reason: str = ""
+    standby: StandbyRef | None = None
+    notices: int = 0
+    last_notice: Notice | None = None
+    promotions: int = 0  # standbys that took over
+    last_attempt: int = 0  # the highest attempt number given out (standbys included)
+    standby_retry_at: datetime | None = None  # a standby gang released: no new one before
+    # Attempts in a row that ended before their trainer ran (refused, evicted while
+    # Pending): bounded by MAX_UNSTARTED_PREEMPTIONS, reset by an attempt that ran.
+    unstarted_preemptions: int = 0
+    # Standbys of the current attempt that failed in a row (none became ready between):
+    # retried with backoff (standby_retry_at), none kept after MAX_STANDBY_FAILURES.
+    standby_failures: int = 0
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {
+            "name": self.name, "state": self.state.value, "attempts": self.attempts,
+            "preemptions": self.preemptions, "failures": self.failures,
+            "consecutiveFailuresAtCheckpoint": self.consecutive_failures_at_checkpoint,
+            "skippedSteps": list(self.skipped_steps),
+        }
+        for key, value in (("pod", self.pod), ("podUID", self.pod_uid),
+                           ("resumeFrom", self.resume_from),
+                           ("nextAttemptAt", ts(self.next_attempt_at)),
+                           ("startedAt", ts(self.started_at)),
+                           ("completedAt", ts(self.completed_at)),
+                           ("standbyRetryAt", ts(self.standby_retry_at))):
+            if value is not None:
+                d[key] = value
+        if self.last_failure:
+            d["lastFailure"] = self.last_failure.to_dict()
+        if self.last_checkpoint:
+            d["lastCheckpoint"] = self.last_checkpoint.to_dict()
+        if self.resume_exact is not None:
+            d["resumeExact"] = self.resume_exact
+            d["resumeExactReason"] = self.resume_exact_reason
+        if self.standby is not None:
+            d["standby"] = self.standby.to_dict()
+        if self.notices or self.last_notice is not None:
+            d["notices"] = self.notices
+        if self.last_notice is not None:
+            d["lastNotice"] = self.last_notice.to_dict()
+        if self.promotions:
+            d["promotions"] = self.promotions
+        if self.last_attempt > self.attempts:
+            d["lastAttempt"] = self.last_attempt
+        if self.unstarted_preemptions:
+            d["unstartedPreemptions"] = self.unstarted_preemptions
+        if self.standby_failures:
+            d["standbyFailures"] = self.standby_failures
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PhaseStatus":
+        try:
+            state = PhaseState(d.get("state", PhaseState.PENDING.value))
+        except ValueError:
+            state = PhaseState.PENDING
+        return cls(
+            name=d["name"], state=state, attempts=int(d.get("attempts", 0)),
+            preemptions=int(d.get("preemptions", 0)), failures=int(d.get("failures", 0)),
+            consecutive_failures_at_checkpoint=int(d.get("consecutiveFailuresAtCheckpoint", 0)),
+            skipped_steps=tuple(int(s) for s in d.get("skippedSteps") or ()),
+            pod=d.get("pod"), pod_uid=d.get("podUID"), resume_from=d.get("resumeFrom"),
+            next_attempt_at=_ts(d.get("nextAttemptAt")), started_at=_ts(d.get("startedAt")),
+            completed_at=_ts(d.get("completedAt")),
+            last_failure=Failure.from_dict(d.get("lastFailure")),
+            last_checkpoint=CheckpointRef.from_dict(d.get("lastCheckpoint")),
+            resume_exact=bool(d["resumeExact"]) if d.get("resumeExact") is not None else None,
+            resume_exact_reason=str(d.get("resumeExactReason") or ""),
+            standby=StandbyRef.from_dict(d.get("standby")),
+            notices=int(d.get("notices", 0)),
+            last_notice=Notice.from_dict(d.get("lastNotice")),
+            promotions=int(d.get("promotions", 0)),
+            last_attempt=int(d.get("lastAttempt", 0)),
+            standby_retry_at=_ts(d.get("standbyRetryAt")),
+            unstarted_preemptions=int(d.get("unstartedPreemptions", 0)),
+            standby_failures=int(d.get("standbyFailures", 0)),
+        )
+
+    @property
+    def next_attempt_number(self) -> int:
+        return max(self.attempts, self.last_attempt,
+                   self.standby.attempt if self.standby else 0) + 1
+
+
+def phase_statuses(spec: JobSpec, status: Mapping[str, Any] | None) -> dict[str, PhaseStatus]:
+    """Status per spec phase, in spec order; phases new in the spec start Pending."""
+    known = {p.get("name"): p for p in (status or {}).get("phases") or () if p.get("name")}
+    return {p.name: PhaseStatus.from_dict(known[p.name]) if p.name in known
+            else PhaseStatus(name=p.name) for p in spec.phases}
+
+
+__all__ = [
+    "JobSpec", "PhaseSpec", "CheckpointSpec", "RecoverySpec", "PhaseStatus", "Failure",
+    "CheckpointRef", "StandbyRef", "Notice", "phase_statuses", "ts", "parse_ts",
+    "bounded",
+]
