@@ -50,8 +50,9 @@ from . import constants as C
 from .classify import (LIVE, NodeHealth, Outcome, classify, gone, node_grace_left,
                        pull_grace_left, stranded)
 from .constants import Cause, JobPhase, PhaseState
-from phoenix_trainer.contract import MAX_REASON_CHARS, REASON_PREEMPTED
-from phoenix_trainer.layout import Control, Fence, split_checkpoint_uri
+from phoenix_trainer.core.contract import MAX_REASON_CHARS, REASON_PREEMPTED
+from phoenix_trainer.core.handshake import Control, Fence
+from phoenix_trainer.core.layout import split_checkpoint_uri
 
 from .model import (
     CheckpointRef, Failure, JobSpec, Notice, PhaseSpec, PhaseStatus, StandbyRef, bounded,

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from phoenix_trainer.layout import step_dir_name
-from phoenix_trainer.storage import latest_valid_checkpoint, list_checkpoints, open_storage
+from phoenix_trainer.core.layout import latest_valid_checkpoint, list_checkpoints, step_dir_name
+from phoenix_trainer.core.storage import open_storage
 from trainer_procs import Proc, env_for, gang_state, kill_and_resume, tensors_equal
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
@@ -133,8 +133,8 @@ def test_standby_gang_promoted_by_the_fence_resumes_bit_exact(s3_server, s3_env,
     preempted at step 17 (emergency checkpoint); one fence write promotes the standby gang,
     whose ranks resume from memory and finish with the weights of an undisturbed gang. A
     second standby gang SIGTERMed while waiting ends as preempted, having written nothing."""
-    from phoenix_trainer.contract import TerminationMessage
-    from phoenix_trainer.layout import FENCE_NAME, Fence
+    from phoenix_trainer.core.contract import TerminationMessage
+    from phoenix_trainer.core.handshake import FENCE_NAME, Fence
 
     args = [*ARGS, "--mode", "ddp", "--step-delay", "0.02"]
     ref, run = f"{s3_bucket.uri}/sb-ref/train", f"{s3_bucket.uri}/sb/train"

@@ -8,10 +8,10 @@ import pytest
 
 from phoenix_operator.facts import write_fence
 from phoenix_operator.model import JobSpec
-from phoenix_trainer.errors import SupersededError
-from phoenix_trainer.layout import checkpoint_steps
-from phoenix_trainer.storage import open_storage
-from phoenix_trainer.writer import RetryPolicy, apply_retention, commit_checkpoint
+from phoenix_trainer.core.errors import SupersededError
+from phoenix_trainer.core.layout import checkpoint_steps
+from phoenix_trainer.core.storage import Credentials, open_storage
+from phoenix_trainer.core.writer import RetryPolicy, apply_retention, commit_checkpoint
 
 pytestmark = pytest.mark.storage
 
@@ -41,8 +41,8 @@ def prefix(s3_bucket, tmp_path) -> Prefix:
         spec=JobSpec.parse({"phases": [{"name": "train"}],
                             "checkpoint": {"uri": f"{s3_bucket.uri}/run"}}),
         access={"access_key": ep.access_key, "secret_key": ep.secret_key, "endpoint": ep.url},
-        trainer=open_storage(f"{s3_bucket.uri}/run/train", endpoint_url=ep.url,
-                             access_key=ep.access_key, secret_key=ep.secret_key),
+        trainer=open_storage(f"{s3_bucket.uri}/run/train", Credentials(
+            endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key)),
         shard=shard)
 
 
@@ -68,7 +68,7 @@ def test_re_created_job_on_the_same_prefix(prefix):
     A's fence, B starts above it, and from B's fence on A's trainer commits and deletes
     nothing, whatever its attempt number; A's stale handoff request is cleared."""
     from phoenix_operator.facts import scan
-    from phoenix_trainer.layout import CONTROL_NAME, Control, read_control
+    from phoenix_trainer.core.handshake import CONTROL_NAME, Control, read_control
 
     spec, access, trainer, commit = prefix.spec, prefix.access, prefix.trainer, prefix.commit
     write_fence(spec, "train", 5, "a.train-5", "t0", uid="uid-a", job="ns/a", **access)

@@ -23,7 +23,7 @@ def test_concurrent_first_use_builds_one_client(monkeypatch):
         time.sleep(0.05)  # as building a boto3 client takes a while, so misses overlap
         return FakeRoot()
 
-    monkeypatch.setattr(facts, "open_storage", slow_open)
+    monkeypatch.setattr(facts, "_open_bucket", slow_open)
     facts._new_bucket.cache_clear()
 
     def use(i):

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from phoenix_trainer.errors import CorruptCheckpointError, SupersededError
-from phoenix_trainer.layout import (FENCE_NAME, MANIFEST_NAME, Fence, checkpoint_steps,
-                                    read_fence, step_dir_name)
-from phoenix_trainer.storage import LocalStorage, list_checkpoints
-from phoenix_trainer.writer import RetryPolicy, apply_retention, commit_checkpoint
+from phoenix_trainer.core.errors import CorruptCheckpointError, SupersededError
+from phoenix_trainer.core.handshake import FENCE_NAME, Fence, read_fence
+from phoenix_trainer.core.layout import (
+    MANIFEST_NAME, checkpoint_steps, list_checkpoints, step_dir_name,
+)
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.core.writer import RetryPolicy, apply_retention, commit_checkpoint
 
 pytestmark = pytest.mark.unit
 NO_WAIT = RetryPolicy(attempts=2, sleep=lambda s: None)
@@ -171,7 +173,7 @@ def test_a_fence_without_uid_is_judged_by_attempt_alone(storage, tmp_path):
 
 def test_control_of_another_job_is_not_obeyed(storage):
     from phoenix_trainer.control import ControlPoller
-    from phoenix_trainer.layout import CONTROL_NAME, Control
+    from phoenix_trainer.core.handshake import CONTROL_NAME, Control
 
     storage.put_bytes(CONTROL_NAME, Control(1, checkpoint_now="n1", handoff_to=2,
                                             handoff_pod="a.train-2", uid="uid-a").to_json().encode())

@@ -10,10 +10,10 @@ import urllib.request
 import pytest
 
 from phoenix_trainer import session as session_mod
-from phoenix_trainer.contract import TerminationMessage
-from phoenix_trainer.layout import CONTROL_NAME, FENCE_NAME, Control, Fence, read_fence
+from phoenix_trainer.core.contract import TerminationMessage
+from phoenix_trainer.core.handshake import CONTROL_NAME, FENCE_NAME, Control, Fence, read_fence
+from phoenix_trainer.core.layout import list_checkpoints
 from phoenix_trainer.session import StandbyEnded
-from phoenix_trainer.storage import list_checkpoints
 from phoenix_trainer.testing import state_dicts_equal
 
 from test_session import STEPS, loop, ref_model, session  # noqa: F401 - fixture reused
