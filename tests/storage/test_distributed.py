@@ -134,7 +134,7 @@ def test_standby_gang_promoted_by_the_fence_resumes_bit_exact(s3_server, s3_env,
     whose ranks resume from memory and finish with the weights of an undisturbed gang. A
     second standby gang SIGTERMed while waiting ends as preempted, having written nothing."""
     from phoenix_trainer.core.contract import TerminationMessage
-    from phoenix_trainer.core.handshake import FENCE_NAME, Fence
+    from phoenix_trainer.core.handshake import Fence, write_fence
 
     args = [*ARGS, "--mode", "ddp", "--step-delay", "0.02"]
     ref, run = f"{s3_bucket.uri}/sb-ref/train", f"{s3_bucket.uri}/sb/train"
@@ -154,8 +154,7 @@ def test_standby_gang_promoted_by_the_fence_resumes_bit_exact(s3_server, s3_env,
         time.sleep(0.1)
     assert standby.start_step is None  # still waiting: the fence names attempt 0
     storage = open_storage(run)
-    storage.put_bytes(FENCE_NAME, Fence(1, "standby", "now",
-                                        resume_from=f"{run}/{step_dir_name(17)}").to_json().encode())
+    write_fence(storage, Fence(1, "standby", "now", resume_from=f"{run}/{step_dir_name(17)}"))
     assert standby.finish(timeout=300) == 0, "".join(standby.lines[-30:])
     assert standby.start_step == 17
     assert sum("resuming from the preloaded checkpoint step 17" in line

@@ -68,12 +68,13 @@ def test_re_created_job_on_the_same_prefix(prefix):
     A's fence, B starts above it, and from B's fence on A's trainer commits and deletes
     nothing, whatever its attempt number; A's stale handoff request is cleared."""
     from phoenix_operator.facts import scan
-    from phoenix_trainer.core.handshake import CONTROL_NAME, Control, read_control
+    from phoenix_trainer.core import handshake
+    from phoenix_trainer.core.handshake import Control, read_control
 
     spec, access, trainer, commit = prefix.spec, prefix.access, prefix.trainer, prefix.commit
     write_fence(spec, "train", 5, "a.train-5", "t0", uid="uid-a", job="ns/a", **access)
     commit(10, 5, "uid-a")
-    trainer.put_bytes(CONTROL_NAME, Control(5, handoff_to=6, uid="uid-a").to_json().encode())
+    handshake.write_control(trainer, Control(5, handoff_to=6, uid="uid-a"))
     listing = scan(spec, "train", **access)
     assert (listing.fence.uid, listing.fence.attempt, listing.fence.job) == ("uid-a", 5, "ns/a")
     # B (decide puts its first attempt above A's fence: 6) fences the prefix.
