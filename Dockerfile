@@ -1,7 +1,7 @@
 # Phoenix operator image: kopf, the Kubernetes client, prometheus-client and the torch-free
-# part of phoenix_trainer (contract, checkpoint layout, storage) the operator verifies
-# checkpoints with. Never torch: only the core dependencies and the `operator` extra,
-# checked in the build stage.
+# core of phoenix_trainer (phoenix_trainer/core/: contract, storage, layout, handshake) the
+# operator verifies checkpoints and writes fences with. Never torch: only the core
+# dependencies and the `operator` extra, checked in the build stage.
 #
 #   docker build -t phoenix-operator:dev .
 #   docker build --build-arg PYTHON_IMAGE=phoenix-python-base:bookworm -t phoenix-operator:dev .

@@ -34,11 +34,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from phoenix_lab.s3 import S3Server
 from phoenix_trainer.checkpoint import Snapshot, _hashing_save
-from phoenix_trainer.contract import TrainerEnv
-from phoenix_trainer.state import ResumableShuffleSampler, capture_rng
-from phoenix_trainer.storage import S3Storage
+from phoenix_trainer.core.contract import TrainerEnv
+from phoenix_trainer.core.storage.s3 import S3Storage
+from phoenix_trainer.core.writer import StreamedShard, commit_checkpoint
+from phoenix_trainer.determinism import capture_rng
+from phoenix_trainer.samplers import ResumableShuffleSampler
 from phoenix_trainer.trainer import Callback, Trainer
-from phoenix_trainer.writer import StreamedShard, commit_checkpoint
 
 
 def build(dim: int, hidden: int, layers: int, steps: int, batch: int, seed: int = 0):

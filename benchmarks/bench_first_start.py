@@ -47,7 +47,7 @@ from kubernetes import client
 from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_lab.install import install_phoenix
-from phoenix_trainer.layout import step_dir_name
+from phoenix_trainer.core.layout import step_dir_name
 
 from benchlab import PodTimeline, trainer_job
 
@@ -101,7 +101,7 @@ class Bench:
         self.one("phoenix", "seed", timeout=timeout)
         self.delete("phoenix", "seed")
         storage = samples.open_phase_storage(f"{self.prefix('seed')}/train", self.lab.s3)
-        from phoenix_trainer.layout import checkpoint_steps
+        from phoenix_trainer.core.layout import checkpoint_steps
 
         steps = [s for s in checkpoint_steps(storage) if s < self.cfg.steps]
         if not steps:
@@ -172,7 +172,7 @@ class Bench:
             raise RuntimeError(f"{name}: expected one pod (an undisturbed first start), found "
                                f"{[p.metadata.name for p in pods]}")
         storage = samples.open_phase_storage(f"{self.prefix(name)}/train", self.lab.s3)
-        from phoenix_trainer.metrics import read_metrics
+        from phoenix_trainer.attempt_log import read_metrics
 
         start = next(r for r in read_metrics(storage) if r.get("event") in ("start", "resume"))
         if (start["event"] == "resume") != (self.seed_step is not None):

@@ -50,9 +50,9 @@ from pathlib import Path
 from kubernetes import client, watch
 
 from phoenix_lab.cluster import Lab, LabPorts
-from phoenix_trainer.layout import step_dir_name, verify_checkpoint
-from phoenix_trainer.storage import S3Storage
-from phoenix_trainer.writer import publish_manifest, upload_shards
+from phoenix_trainer.core.layout import step_dir_name, verify_checkpoint
+from phoenix_trainer.core.storage.s3 import S3Storage
+from phoenix_trainer.core.writer import publish_manifest, upload_shards
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -51,7 +51,7 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_lab.samples import RESTRICTED_CONTAINER
-from phoenix_trainer.contract import TerminationMessage
+from phoenix_trainer.core.contract import TerminationMessage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO / "tests"),

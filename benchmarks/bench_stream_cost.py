@@ -32,9 +32,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_checkpoint import build, local_s3  # noqa: E402
 from phoenix_trainer.checkpoint import _hashing_save  # noqa: E402
-from phoenix_trainer.state import capture_rng, to_cpu, tree_nbytes  # noqa: E402
-from phoenix_trainer.storage import S3Storage  # noqa: E402
-from phoenix_trainer.writer import StreamedShard, stream_object  # noqa: E402
+from phoenix_trainer.core.storage.s3 import S3Storage  # noqa: E402
+from phoenix_trainer.core.writer import StreamedShard, stream_object  # noqa: E402
+from phoenix_trainer.determinism import capture_rng  # noqa: E402
+from phoenix_trainer.tensors import to_cpu, tree_nbytes  # noqa: E402
 
 
 def snapshot(steps: int = 5) -> dict:

@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 
 from phoenix_lab.s3 import S3Server
-from phoenix_trainer.layout import verify_checkpoint
-from phoenix_trainer.storage import S3Storage
-from phoenix_trainer.writer import commit_checkpoint
+from phoenix_trainer.core.layout import verify_checkpoint
+from phoenix_trainer.core.storage.s3 import S3Storage
+from phoenix_trainer.core.writer import commit_checkpoint
 
 MB = 1 << 20
 

@@ -15,9 +15,11 @@ import sys
 import torch
 
 from phoenix_trainer.checkpoint import load_checkpoint
-from phoenix_trainer.contract import TerminationMessage, TrainerEnv
-from phoenix_trainer.layout import latest_valid_checkpoint, split_checkpoint_uri, verify_checkpoint
-from phoenix_trainer.storage import open_storage
+from phoenix_trainer.core.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.layout import (
+    latest_valid_checkpoint, split_checkpoint_uri, verify_checkpoint,
+)
+from phoenix_trainer.core.storage import open_storage
 from train_mlp import build_model, make_data
 
 log = logging.getLogger("phoenix.eval")

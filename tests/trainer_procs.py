@@ -104,7 +104,7 @@ def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], ru
     Under torchrun (``nproc``): ``target(proc, attempt)`` picks the pid to signal (default:
     the launcher), ``expect_rc`` maps signal -> the launcher's exit code, and
     ``between(proc, attempt)`` runs after each killed attempt (checks, damage)."""
-    from phoenix_trainer.contract import TerminationMessage
+    from phoenix_trainer.core.contract import TerminationMessage
 
     expect_rc = expect_rc or {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143}
     (tmp_path / "ref").mkdir(exist_ok=True)
@@ -139,8 +139,8 @@ def gang_state(uri: str, tmp_path: Path, step: int) -> dict:
     import torch
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-    from phoenix_trainer.layout import step_dir_name
-    from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
+    from phoenix_trainer.core.layout import latest_valid_checkpoint, step_dir_name
+    from phoenix_trainer.core.storage import open_storage
 
     storage = open_storage(uri)
     info = latest_valid_checkpoint(storage)

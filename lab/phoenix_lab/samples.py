@@ -167,7 +167,7 @@ class ReferenceRun:
 
     def train_seconds(self) -> float:
         """Training time of the run, from its end record (excludes start-up)."""
-        from phoenix_trainer.metrics import read_metrics
+        from phoenix_trainer.attempt_log import read_metrics
 
         ends = [r for r in read_metrics(self.storage()) if r.get("event") == "end"]
         if not ends:
@@ -180,10 +180,10 @@ class ReferenceRun:
 
 
 def open_phase_storage(checkpoint_uri: str, s3: S3Endpoint):
-    from phoenix_trainer.storage import open_storage
+    from phoenix_trainer.core.storage import Credentials, open_storage
 
-    return open_storage(checkpoint_uri, endpoint_url=s3.url, access_key=s3.access_key,
-                        secret_key=s3.secret_key)
+    return open_storage(checkpoint_uri, Credentials(endpoint_url=s3.url, access_key=s3.access_key,
+                                                    secret_key=s3.secret_key))
 
 
 def final_weights_equal(storage, reference_storage) -> tuple[bool, str | None]:
@@ -192,7 +192,7 @@ def final_weights_equal(storage, reference_storage) -> tuple[bool, str | None]:
     import torch
 
     from phoenix_trainer.checkpoint import load_checkpoint
-    from phoenix_trainer.layout import latest_valid_checkpoint
+    from phoenix_trainer.core.layout import latest_valid_checkpoint
 
     final = latest_valid_checkpoint(storage)
     reference = latest_valid_checkpoint(reference_storage)
@@ -207,7 +207,7 @@ def final_weights_equal(storage, reference_storage) -> tuple[bool, str | None]:
 
 def attempt_starts(storage) -> dict[int, tuple[int, float]]:
     """attempt -> (step it started or resumed from, unix time), from the trainer's metrics."""
-    from phoenix_trainer.metrics import read_metrics
+    from phoenix_trainer.attempt_log import read_metrics
 
     return {r["attempt"]: (r["step"], _unix(r["time"])) for r in read_metrics(storage)
             if r.get("event") in ("start", "resume")}
@@ -215,7 +215,7 @@ def attempt_starts(storage) -> dict[int, tuple[int, float]]:
 
 def attempt_ends(storage) -> dict[int, int]:
     """attempt -> the last step it reports having reached (its end record or last step record)."""
-    from phoenix_trainer.metrics import read_metrics
+    from phoenix_trainer.attempt_log import read_metrics
 
     reached: dict[int, int] = {}
     for r in read_metrics(storage):
@@ -226,7 +226,7 @@ def attempt_ends(storage) -> dict[int, int]:
 
 def attempt_end_times(storage) -> dict[int, float]:
     """attempt -> unix time of its end record (the trainer stopped training)."""
-    from phoenix_trainer.metrics import read_metrics
+    from phoenix_trainer.attempt_log import read_metrics
 
     return {r["attempt"]: _unix(r["time"]) for r in read_metrics(storage)
             if r.get("event") == "end"}

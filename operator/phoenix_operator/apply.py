@@ -7,7 +7,7 @@
    creates nothing (see the ``decide`` package docstring).
 3. ``force_deletes``: pods of lost nodes, before their replacements: never two pod objects.
 4. ``services``: a gang's headless Service, through which its members resolve each other.
-5. ``fences_and_pods``: per created pod its attempt's fence (``facts.write_fence``, which
+5. ``fences_and_pods``: per created pod its attempt's fence (``phase_storage.write_fence``, which
    also clears control.json; once per attempt, none for a standby) then the pod. No fence,
    no pod; a refused pod stops the pass (the status says "not created yet": a later pass
    retries), so status never names a pod that was not created without saying so.
@@ -34,7 +34,7 @@ from kubernetes.client.rest import ApiException
 from . import constants as C
 from . import prometheus
 from .decide import CreatePod, Plan
-from .facts import write_control, write_fence
+from .phase_storage import write_control, write_fence
 from .gather import Call, Gather
 from .kube import ForeignPod, Kube
 from .phoenixjob import JobSpec, parse_ts, ts

@@ -2,14 +2,14 @@
 
 Group, version, labels, annotations, condition types, event reasons and state names live
 here and nowhere else. Environment variable names given to the trainer are not repeated
-here: they come from ``phoenix_trainer.contract`` (re-exported as ``contract``) so the two
+here: they come from ``phoenix_trainer.core.contract`` (re-exported as ``contract``) so the two
 sides of the contract cannot drift.
 """
 from __future__ import annotations
 
 from enum import Enum
 
-from phoenix_trainer import contract  # noqa: F401  (re-exported: the env var names)
+from phoenix_trainer.core import contract  # noqa: F401  (re-exported: the env var names)
 
 # --- the resource ------------------------------------------------------------------------
 GROUP = "phoenix.dev"

@@ -4,7 +4,7 @@ Everything comes from the API on each pass (the job by GET, its pods by label LI
 nodes of its live pods, foreign pods holding names its status wants) plus the tombstones of
 pods the watch saw deleted (``Tombstones``): nothing in memory is needed to be correct after
 a restart. The job's spec is parsed once here and handed on. Storage is read through one
-door: ``listings`` (``facts.scan``, in a thread), with the credentials ``storage_access``
+door: ``listings`` (``phase_storage.scan``, in a thread), with the credentials ``storage_access``
 finds (invariant 4: the job's own, or the operator's only where allowed). Never writes.
 
 Node facts: for every live pod bound to a node, the node is read (GET, one per node per
@@ -24,7 +24,7 @@ from kubernetes.client.rest import ApiException
 from .config import OperatorConfig
 from .constants import DELETED_KEY
 from .decide import Listing
-from .facts import scan
+from .phase_storage import scan
 from .kube import Kube, describe_owner
 from .node_health import NodeHealth, node_health
 from .outcomes import bare_kill
@@ -175,7 +175,7 @@ class Gather:
 
     async def storage_access(self, job: dict, spec: JobSpec | None = None) -> dict:
         """Credentials and endpoint for the job's checkpoint storage (keyword arguments of
-        ``facts.scan``/``facts.write_fence``). Raises StorageAccessError saying why not.
+        ``phase_storage.scan``/``phase_storage.write_fence``). Raises StorageAccessError saying why not.
         ``spec``: ``job["spec"]`` already parsed (parsed here if not given)."""
         spec = spec if spec is not None else JobSpec.parse(job["spec"])
         ns, name = job["metadata"]["namespace"], spec.checkpoint.credentials_secret
@@ -205,8 +205,8 @@ class Gather:
                 "endpoint": self.config.s3_endpoint_override or spec.checkpoint.endpoint}
 
     async def listings(self, facts: Facts, phases: set[str]) -> Facts:
-        """``facts`` with the checkpoint listings of ``phases`` added (the one door to
-        storage reads: ``facts.scan``, verified; a listing that failed says why)."""
+        """``phase_storage`` with the checkpoint listings of ``phases`` added (the one door to
+        storage reads: ``phase_storage.scan``, verified; a listing that failed says why)."""
         job, spec = facts.job, facts.spec
         listings = dict(facts.listings)
         try:

@@ -17,7 +17,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from phoenix_trainer import contract
+from phoenix_trainer.core import contract
 
 from . import constants as C
 

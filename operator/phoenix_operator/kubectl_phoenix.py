@@ -354,8 +354,8 @@ class _PhaseScan:
 
 
 def _scan(kube: Kube, job: dict, args) -> Iterator[_PhaseScan]:
-    from phoenix_trainer.layout import checkpoint_steps
-    from phoenix_trainer.storage import open_storage, verify_checkpoint
+    from phoenix_trainer.core.layout import checkpoint_steps, verify_checkpoint
+    from phoenix_trainer.core.storage import Credentials, open_storage
 
     spec = JobSpec.parse(job["spec"])
     ns = job["metadata"]["namespace"]
@@ -371,8 +371,9 @@ def _scan(kube: Kube, job: dict, args) -> Iterator[_PhaseScan]:
         uri = spec.checkpoint.phase_uri(name)
         skipped = statuses[name].skipped_steps if name in statuses else ()
         try:
-            storage = open_storage(uri, endpoint_url=endpoint, access_key=access,
-                                   secret_key=secret, region=spec.checkpoint.region)
+            storage = open_storage(uri, Credentials(endpoint_url=endpoint, access_key=access,
+                                                    secret_key=secret,
+                                                    region=spec.checkpoint.region))
             steps = list(reversed(checkpoint_steps(storage)))
         except Exception as e:  # noqa: BLE001 - report and go on with the next phase
             yield _PhaseScan(name, uri, f"{type(e).__name__}: {e}", [], None)

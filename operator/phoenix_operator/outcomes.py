@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Mapping
 
-from phoenix_trainer.contract import REASON_COMPLETED, REASON_PREEMPTED, TerminationMessage
+from phoenix_trainer.core.contract import REASON_COMPLETED, REASON_PREEMPTED, TerminationMessage
 
 from . import constants as C
 from .constants import DELETED_KEY, Cause

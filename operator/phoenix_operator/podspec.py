@@ -33,7 +33,7 @@ import copy
 import hashlib
 from typing import Any, Mapping, Sequence
 
-from phoenix_trainer import contract as env
+from phoenix_trainer.core import contract as env
 
 from . import constants as C
 from .outcomes import trainer_container_name

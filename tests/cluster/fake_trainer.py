@@ -1,6 +1,6 @@
 """A tiny stand-in for the trainer that honours the whole operator contract, fast.
 
-It reads the Phoenix env (via phoenix_trainer.contract), resumes from PHOENIX_RESUME_FROM,
+It reads the Phoenix env (via phoenix_trainer.core.contract), resumes from PHOENIX_RESUME_FROM,
 writes real checkpoints with the trainer's manifest-last writer, stops at a step boundary
 on SIGTERM with an emergency checkpoint and a "preempted" termination message, and can be
 told to crash. Behaviour knobs (env): FAKE_STEPS, FAKE_STEP_SECONDS, FAKE_CKPT_EVERY,
@@ -22,10 +22,10 @@ import sys
 import tempfile
 import time
 
-from phoenix_trainer.contract import TerminationMessage, TrainerEnv
-from phoenix_trainer.layout import split_checkpoint_uri
-from phoenix_trainer.storage import open_storage
-from phoenix_trainer.writer import apply_retention, commit_checkpoint
+from phoenix_trainer.core.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.layout import split_checkpoint_uri
+from phoenix_trainer.core.storage import open_storage
+from phoenix_trainer.core.writer import apply_retention, commit_checkpoint
 
 stop = False
 

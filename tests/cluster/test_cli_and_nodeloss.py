@@ -10,7 +10,7 @@ import time
 import pytest
 
 from phoenix_operator.podspec import pod_name
-from phoenix_trainer.layout import step_dir_name
+from phoenix_trainer.core.layout import step_dir_name
 
 from pxj_helpers import (create, env_of, events, get, patch_spec, phase_status, phoenixjob,
                          pod_or_none, wait)

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from phoenix_operator.podspec import pod_name
-from phoenix_trainer.layout import step_dir_name
-from phoenix_trainer.storage import open_storage
+from phoenix_trainer.core.layout import step_dir_name
+from phoenix_trainer.core.storage import Credentials, open_storage
 
 from kube_helpers import python_pod
 from operator_process import OperatorProcess
@@ -23,8 +23,8 @@ LONG = {"FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
 
 
 def storage_for(lab, bucket, phase="train"):
-    return open_storage(f"s3://{bucket}/run/{phase}", endpoint_url=lab.s3.url,
-                        access_key=lab.s3.access_key, secret_key=lab.s3.secret_key)
+    return open_storage(f"s3://{bucket}/run/{phase}", Credentials(
+        endpoint_url=lab.s3.url, access_key=lab.s3.access_key, secret_key=lab.s3.secret_key))
 
 
 def running(core, ns, name):
@@ -34,7 +34,7 @@ def running(core, ns, name):
 
 def has_checkpoints(lab, bucket, n, phase="train"):
     storage = storage_for(lab, bucket, phase)
-    from phoenix_trainer.layout import checkpoint_steps
+    from phoenix_trainer.core.layout import checkpoint_steps
     return len(checkpoint_steps(storage)) >= n
 
 
@@ -71,7 +71,7 @@ def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, co
     assert env["PHOENIX_ATTEMPT"] == "2"
     # Attempt 1 saved an emergency checkpoint on SIGTERM; it is the newest valid one and the
     # operator verified and chose it.
-    from phoenix_trainer.layout import list_checkpoints
+    from phoenix_trainer.core.layout import list_checkpoints
     by_attempt1 = [c for c in list_checkpoints(storage_for(lab, bucket), deep=True)
                    if c.valid and c.manifest.attempt == 1]
     assert env["PHOENIX_RESUME_FROM"] == max(by_attempt1, key=lambda c: c.step).uri

@@ -16,8 +16,8 @@ from kube_helpers import wait_for
 from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, sample_job, unique
 from phoenix_operator import constants as C
 from phoenix_operator.podspec import pod_name
-from phoenix_trainer.layout import checkpoint_steps
-from phoenix_trainer.storage import open_storage
+from phoenix_trainer.core.layout import checkpoint_steps
+from phoenix_trainer.core.storage import open_storage
 from trainer_procs import gang_state, tensors_equal
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]

@@ -24,8 +24,8 @@ from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, sample_job, unique
 from phoenix_lab import samples
 from phoenix_operator import constants as C
 from phoenix_operator.podspec import pod_name
-from phoenix_trainer.layout import read_fence
-from phoenix_trainer.storage import list_checkpoints
+from phoenix_trainer.core.handshake import read_fence
+from phoenix_trainer.core.layout import list_checkpoints
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 NOTICE_TAINT = "karpenter.sh/disrupted"
@@ -132,7 +132,7 @@ def test_notice_hands_off_to_a_ready_replacement_with_no_step_lost(e2e, kube, e2
         log.first(first, lambda phase, ready, deleting: deleting) > old_end
     # Checkpoint now: attempt 1 saved off its 50-step interval for the notice, then its final.
     ends, starts = samples.attempt_ends(storage), samples.attempt_starts(storage)
-    from phoenix_trainer.metrics import read_metrics
+    from phoenix_trainer.attempt_log import read_metrics
 
     extra = [r["step"] for r in read_metrics(storage)
              if r.get("event") == "checkpoint" and r["attempt"] == 1 and r["step"] % 50]

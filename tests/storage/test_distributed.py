@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from phoenix_trainer.layout import step_dir_name
-from phoenix_trainer.storage import latest_valid_checkpoint, list_checkpoints, open_storage
+from phoenix_trainer.core.layout import latest_valid_checkpoint, list_checkpoints, step_dir_name
+from phoenix_trainer.core.storage import open_storage
 from trainer_procs import Proc, env_for, gang_state, kill_and_resume, tensors_equal
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
@@ -133,8 +133,8 @@ def test_standby_gang_promoted_by_the_fence_resumes_bit_exact(s3_server, s3_env,
     preempted at step 17 (emergency checkpoint); one fence write promotes the standby gang,
     whose ranks resume from memory and finish with the weights of an undisturbed gang. A
     second standby gang SIGTERMed while waiting ends as preempted, having written nothing."""
-    from phoenix_trainer.contract import TerminationMessage
-    from phoenix_trainer.layout import FENCE_NAME, Fence
+    from phoenix_trainer.core.contract import TerminationMessage
+    from phoenix_trainer.core.handshake import Fence, write_fence
 
     args = [*ARGS, "--mode", "ddp", "--step-delay", "0.02"]
     ref, run = f"{s3_bucket.uri}/sb-ref/train", f"{s3_bucket.uri}/sb/train"
@@ -154,8 +154,7 @@ def test_standby_gang_promoted_by_the_fence_resumes_bit_exact(s3_server, s3_env,
         time.sleep(0.1)
     assert standby.start_step is None  # still waiting: the fence names attempt 0
     storage = open_storage(run)
-    storage.put_bytes(FENCE_NAME, Fence(1, "standby", "now",
-                                        resume_from=f"{run}/{step_dir_name(17)}").to_json().encode())
+    write_fence(storage, Fence(1, "standby", "now", resume_from=f"{run}/{step_dir_name(17)}"))
     assert standby.finish(timeout=300) == 0, "".join(standby.lines[-30:])
     assert standby.start_step == 17
     assert sum("resuming from the preloaded checkpoint step 17" in line

@@ -1,4 +1,4 @@
-"""The fence end to end on the real S3 server: what the operator writes (facts.write_fence)
+"""The fence end to end on the real S3 server: what the operator writes (phase_storage.write_fence)
 is what the trainer's writer checks. Attempt 2, superseded by 3, publishes and prunes nothing."""
 from __future__ import annotations
 
@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from phoenix_operator.facts import write_fence
+from phoenix_operator.phase_storage import write_fence
 from phoenix_operator.phoenixjob import JobSpec
-from phoenix_trainer.errors import SupersededError
-from phoenix_trainer.layout import checkpoint_steps
-from phoenix_trainer.storage import open_storage
-from phoenix_trainer.writer import RetryPolicy, apply_retention, commit_checkpoint
+from phoenix_trainer.core.errors import SupersededError
+from phoenix_trainer.core.layout import checkpoint_steps
+from phoenix_trainer.core.storage import Credentials, open_storage
+from phoenix_trainer.core.writer import RetryPolicy, apply_retention, commit_checkpoint
 
 pytestmark = pytest.mark.storage
 
@@ -41,8 +41,8 @@ def prefix(s3_bucket, tmp_path) -> Prefix:
         spec=JobSpec.parse({"phases": [{"name": "train"}],
                             "checkpoint": {"uri": f"{s3_bucket.uri}/run"}}),
         access={"access_key": ep.access_key, "secret_key": ep.secret_key, "endpoint": ep.url},
-        trainer=open_storage(f"{s3_bucket.uri}/run/train", endpoint_url=ep.url,
-                             access_key=ep.access_key, secret_key=ep.secret_key),
+        trainer=open_storage(f"{s3_bucket.uri}/run/train", Credentials(
+            endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key)),
         shard=shard)
 
 
@@ -67,13 +67,14 @@ def test_re_created_job_on_the_same_prefix(prefix):
     still runs; job B is created with the same checkpoint.uri. The operator's listing shows
     A's fence, B starts above it, and from B's fence on A's trainer commits and deletes
     nothing, whatever its attempt number; A's stale handoff request is cleared."""
-    from phoenix_operator.facts import scan
-    from phoenix_trainer.layout import CONTROL_NAME, Control, read_control
+    from phoenix_operator.phase_storage import scan
+    from phoenix_trainer.core import handshake
+    from phoenix_trainer.core.handshake import Control, read_control
 
     spec, access, trainer, commit = prefix.spec, prefix.access, prefix.trainer, prefix.commit
     write_fence(spec, "train", 5, "a.train-5", "t0", uid="uid-a", job="ns/a", **access)
     commit(10, 5, "uid-a")
-    trainer.put_bytes(CONTROL_NAME, Control(5, handoff_to=6, uid="uid-a").to_json().encode())
+    handshake.write_control(trainer, Control(5, handoff_to=6, uid="uid-a"))
     listing = scan(spec, "train", **access)
     assert (listing.fence.uid, listing.fence.attempt, listing.fence.job) == ("uid-a", 5, "ns/a")
     # B (decide puts its first attempt above A's fence: 6) fences the prefix.

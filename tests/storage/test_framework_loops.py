@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from phoenix_trainer.checkpoint import load_checkpoint
-from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
+from phoenix_trainer.core.layout import latest_valid_checkpoint
+from phoenix_trainer.core.storage import open_storage
 from phoenix_trainer.testing import state_dicts_equal
 from trainer_procs import kill_and_resume
 

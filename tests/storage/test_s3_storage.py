@@ -5,18 +5,21 @@ import hashlib
 
 import pytest
 
-from phoenix_trainer.errors import StorageError
-from phoenix_trainer.layout import MANIFEST_NAME
-from phoenix_trainer.storage import S3Storage, latest_valid_checkpoint, list_checkpoints, open_storage, verify_checkpoint
-from phoenix_trainer.writer import RetryPolicy, apply_retention, commit_checkpoint
+from phoenix_trainer.core.errors import StorageError
+from phoenix_trainer.core.layout import (
+    MANIFEST_NAME, latest_valid_checkpoint, list_checkpoints, verify_checkpoint,
+)
+from phoenix_trainer.core.storage import Credentials, open_storage
+from phoenix_trainer.core.storage.s3 import S3Storage
+from phoenix_trainer.core.writer import RetryPolicy, apply_retention, commit_checkpoint
 
 pytestmark = pytest.mark.storage
 
 
 def storage_for(bucket, prefix="job/train"):
     ep = bucket.endpoint
-    return open_storage(f"{bucket.uri}/{prefix}", endpoint_url=ep.url, access_key=ep.access_key,
-                        secret_key=ep.secret_key)
+    return open_storage(f"{bucket.uri}/{prefix}", Credentials(
+        endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))
 
 
 def test_s3_round_trip_multipart_and_listing(s3_bucket, tmp_path):
@@ -67,8 +70,8 @@ def test_s3_corruption_detected_and_fallback(s3_bucket, tmp_path):
 
 
 def test_s3_unreachable_is_a_storage_error(tmp_path):
-    st = open_storage("s3://nobucket/x", endpoint_url="http://127.0.0.1:9", access_key="a",
-                      secret_key="b")
+    st = open_storage("s3://nobucket/x", Credentials(endpoint_url="http://127.0.0.1:9",
+                                                     access_key="a", secret_key="b"))
     f = tmp_path / "f"
     f.write_bytes(b"1")
     sleeps = []

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from phoenix_trainer.checkpoint import AsyncCheckpointer, Snapshot, load_checkpoint
-from phoenix_trainer.errors import StorageError
-from phoenix_trainer.layout import MANIFEST_NAME, step_dir_name, verify_checkpoint
-from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
-from phoenix_trainer.writer import RetryPolicy
+from phoenix_trainer.core.errors import StorageError
+from phoenix_trainer.core.layout import (
+    MANIFEST_NAME, latest_valid_checkpoint, step_dir_name, verify_checkpoint,
+)
+from phoenix_trainer.core.storage import Credentials, open_storage
+from phoenix_trainer.core.writer import RetryPolicy
 
 pytestmark = pytest.mark.storage
 MiB = 1 << 20
@@ -25,8 +27,8 @@ def storage(s3_bucket, monkeypatch):
     monkeypatch.setenv("PHOENIX_S3_PART_MB", "5")  # the smallest S3 allows: many parts
     monkeypatch.setenv("PHOENIX_S3_CONCURRENCY", "2")
     ep = s3_bucket.endpoint
-    return open_storage(f"{s3_bucket.uri}/job/train", endpoint_url=ep.url,
-                        access_key=ep.access_key, secret_key=ep.secret_key)
+    return open_storage(f"{s3_bucket.uri}/job/train", Credentials(
+        endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))
 
 
 @pytest.fixture

@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from phoenix_trainer.contract import TrainerEnv
-from phoenix_trainer.storage import LocalStorage, S3Storage
+from phoenix_trainer.core.contract import TrainerEnv
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.core.storage.s3 import S3Storage
 from phoenix_trainer.testing import tiny_setup
 from phoenix_trainer.trainer import Callback, Trainer
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from phoenix_trainer.attempt_log import read_metrics
 from phoenix_trainer.checkpoint import load_checkpoint
-from phoenix_trainer.contract import TerminationMessage, TrainerEnv
-from phoenix_trainer.layout import MANIFEST_NAME
-from phoenix_trainer.metrics import read_metrics
-from phoenix_trainer.storage import latest_valid_checkpoint, open_storage
+from phoenix_trainer.core.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.layout import MANIFEST_NAME, latest_valid_checkpoint
+from phoenix_trainer.core.storage import open_storage
 from phoenix_trainer.testing import StopAt, state_dicts_equal, tiny_setup
 from phoenix_trainer.trainer import Callback, Trainer
 from trainer_procs import Proc, env_for

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
-from phoenix_trainer.layout import Manifest, step_dir_name, verify_checkpoint
-from phoenix_trainer.storage import open_storage
-from phoenix_trainer.writer import commit_checkpoint
+from phoenix_trainer.core.layout import Manifest, step_dir_name, verify_checkpoint
+from phoenix_trainer.core.storage import Credentials, open_storage
+from phoenix_trainer.core.writer import commit_checkpoint
 
 pytestmark = pytest.mark.storage
 MB = 1 << 20
@@ -15,8 +15,8 @@ MB = 1 << 20
 
 def storage_for(bucket):
     ep = bucket.endpoint
-    return open_storage(f"{bucket.uri}/job/train", endpoint_url=ep.url,
-                        access_key=ep.access_key, secret_key=ep.secret_key)
+    return open_storage(f"{bucket.uri}/job/train", Credentials(
+        endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))
 
 
 class Calls:

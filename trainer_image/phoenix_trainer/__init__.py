@@ -1,7 +1,7 @@
 """Phoenix trainer runtime: staged modules, S3 checkpoints, bit-exact resume, SIGTERM handshake.
 
-Kept free of torch imports so the operator can import ``phoenix_trainer.contract``,
-``.layout`` and ``.storage`` without shipping torch. Heavy pieces load lazily:
+Kept free of torch imports so the operator can import ``phoenix_trainer.core`` (contract,
+storage, layout, handshake) without shipping torch. Heavy pieces load lazily:
 
     from phoenix_trainer import Trainer, Stage, StagedModule, ResumableShuffleSampler
     from phoenix_trainer import Session      # any other loop: restore / save / stop / finish
@@ -19,9 +19,10 @@ __all__ = [
 _LAZY = {
     "Stage": "stages", "StagedModule": "stages", "Trainer": "trainer", "Callback": "trainer",
     "RunResult": "session", "Session": "session", "Restored": "session",
-    "capture_rng": "state", "restore_rng": "state", "adapt_loader": "loaders", "ResumableShuffleSampler": "state", "AsyncCheckpointer": "checkpoint",
-    "load_checkpoint": "checkpoint", "TrainerEnv": "contract", "TerminationMessage": "contract",
-    "open_storage": "storage",
+    "capture_rng": "determinism", "restore_rng": "determinism", "adapt_loader": "loaders",
+    "ResumableShuffleSampler": "samplers", "AsyncCheckpointer": "checkpoint",
+    "load_checkpoint": "checkpoint", "TrainerEnv": "core.contract",
+    "TerminationMessage": "core.contract", "open_storage": "core.storage",
 }
 
 

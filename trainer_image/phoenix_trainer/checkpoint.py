@@ -29,12 +29,12 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from .contract import ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB
-from .errors import CheckpointError, CorruptCheckpointError, SpoolFullError
-from .layout import CheckpointInfo, FileEntry, step_dir_name
-from .state import to_cpu, tree_nbytes
-from .storage import Storage
-from .writer import RetryPolicy, Source, StreamedShard, apply_retention, commit_checkpoint
+from .core.contract import ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB
+from .core.errors import CheckpointError, CorruptCheckpointError, SpoolFullError
+from .core.layout import CheckpointInfo, step_dir_name
+from .core.storage import FileEntry, Storage
+from .core.writer import RetryPolicy, Source, StreamedShard, apply_retention, commit_checkpoint
+from .tensors import to_cpu, tree_nbytes
 
 log = logging.getLogger("phoenix.checkpoint")
 

@@ -26,8 +26,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
-from .layout import Control, read_control
-from .storage import Storage
+from .core.handshake import Control, read_control
+from .core.storage import Storage
 
 log = logging.getLogger("phoenix.control")
 

@@ -46,12 +46,17 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .checkpoint import Snapshot, check_spool_room
-from .contract import EXIT_PREEMPTED, REASON_PREEMPTED
-from .errors import CheckpointError, ConfigMismatchError, CorruptCheckpointError, SpoolFullError
-from .layout import CheckpointInfo, Manifest, step_dir_name
+from .core.contract import EXIT_PREEMPTED, REASON_PREEMPTED
+from .core.errors import (
+    CheckpointError, ConfigMismatchError, CorruptCheckpointError, SpoolFullError,
+)
+from .core.layout import (
+    CheckpointInfo, Manifest, latest_valid_checkpoint, split_checkpoint_uri, step_dir_name,
+    verify_checkpoint,
+)
+from .core.storage import Storage
+from .core.writer import file_digest, publish_manifest, upload_shards
 from .session import Restored, RunResult, Session, StandbyEnded, _Ctx
-from .storage import Storage, latest_valid_checkpoint, split_checkpoint_uri, verify_checkpoint
-from .writer import file_digest, publish_manifest, upload_shards
 
 log = logging.getLogger("phoenix.trainer")
 

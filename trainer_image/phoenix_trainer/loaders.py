@@ -47,7 +47,7 @@ from torch.utils.data import (
     BatchSampler, DataLoader, Dataset, IterableDataset, SequentialSampler, get_worker_info,
 )
 
-from .state import EXACT, Exactness
+from .determinism import EXACT, Exactness
 
 
 def derive_seed(*parts: int) -> int:

@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 from typing import IO, Any, Mapping, Sequence
 
-from .contract import ENV_RESUME_FROM, ENV_ROLE, ENV_SPOOL_DIR, ROLE_STANDBY
+from .core.contract import ENV_RESUME_FROM, ENV_ROLE, ENV_SPOOL_DIR, ROLE_STANDBY
 
 ENV_PREFETCH = "PHOENIX_PREFETCH"  # "1": always, "0": never, unset: auto (module docstring)
 MIN_CPUS = 2  # auto: fewer, and the download would compete with the imports for the CPU
@@ -220,8 +220,9 @@ def _download(uri: str, folder: Path, out: IO[str]) -> None:
     import hashlib
     import shutil
 
-    from .layout import MANIFEST_NAME, Manifest, split_checkpoint_uri, step_dir_name
-    from .storage import GET_CHUNK_BYTES, open_storage
+    from .core.layout import MANIFEST_NAME, Manifest, split_checkpoint_uri, step_dir_name
+    from .core.storage import open_storage
+    from .core.storage.s3 import GET_CHUNK_BYTES
 
     t0 = time.perf_counter()
 

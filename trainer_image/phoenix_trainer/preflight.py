@@ -13,7 +13,7 @@ import sys
 import tempfile
 from typing import Mapping
 
-from .contract import ENV_SPOOL_DIR, REASON_FAILED, TerminationMessage
+from .core.contract import ENV_SPOOL_DIR, REASON_FAILED, TerminationMessage
 
 FIX = ("mount a writable volume there (an emptyDir at /tmp: the container's root filesystem "
        "is read-only)")

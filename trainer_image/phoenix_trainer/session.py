@@ -47,20 +47,23 @@ from datetime import datetime, timezone
 from typing import Any, Callable, Mapping
 
 from . import prefetch
+from .attempt_log import MetricsLog, next_attempt, process_start_time
 from .checkpoint import AsyncCheckpointer, Snapshot, load_checkpoint
-from .contract import (
-    EXIT_COMPLETED, EXIT_FAILED, EXIT_PREEMPTED, REASON_COMPLETED, REASON_FAILED,
-    REASON_PREEMPTED, TerminationMessage, TrainerEnv,
-)
 from .control import ControlPoller, start_status_server
-from .errors import CheckpointError, ConfigMismatchError, CorruptCheckpointError
-from .layout import (
-    FENCE_NAME, CheckpointInfo, Fence, config_fingerprint, read_fence, split_checkpoint_uri,
+from .core.contract import (
+    EXIT_COMPLETED, EXIT_FAILED, EXIT_PREEMPTED, REASON_COMPLETED, REASON_FAILED, REASON_PREEMPTED,
+    TerminationMessage, TrainerEnv,
 )
-from .metrics import MetricsLog, next_attempt, process_start_time
-from .state import EXACT, Exactness, tree_nbytes
-from .storage import Storage, latest_valid_checkpoint, open_storage, verify_checkpoint
-from .writer import RetryPolicy
+from .core.errors import CheckpointError, ConfigMismatchError, CorruptCheckpointError
+from .core.handshake import FENCE_NAME, Fence, advance_fence, read_fence
+from .core.layout import (
+    CheckpointInfo, config_fingerprint, latest_valid_checkpoint, split_checkpoint_uri,
+    verify_checkpoint,
+)
+from .core.storage import Storage, open_storage
+from .core.writer import RetryPolicy
+from .determinism import EXACT, Exactness
+from .tensors import tree_nbytes
 
 log = logging.getLogger("phoenix.trainer")
 
@@ -670,14 +673,11 @@ class Session:
         assert self._handoff is not None and self.storage is not None and self.latest is not None
         attempt, pod = self._handoff
         try:
-            fence = read_fence(self.storage)
-            if fence is None or fence.attempt < attempt:
-                env = self.env
-                self.storage.put_bytes(FENCE_NAME, Fence(
-                    attempt, pod, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                    resume_from=self.latest.uri, uid=env.job_uid,
-                    job=f"{env.job_namespace}/{env.job_name}" if env.job_name else ""
-                ).to_json().encode())
+            env = self.env
+            advance_fence(self.storage, Fence(
+                attempt, pod, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                resume_from=self.latest.uri, uid=env.job_uid,
+                job=f"{env.job_namespace}/{env.job_name}" if env.job_name else ""))
         except Exception as e:  # noqa: BLE001 - the operator promotes the standby anyway
             self.log.warning("handoff: cannot write %s (%s: %s); the operator will promote"
                              " attempt %d when this pod ends", FENCE_NAME, type(e).__name__, e,

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from .errors import StageError
+from .core.errors import StageError
 
 log = logging.getLogger("phoenix.stages")
 

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from .errors import TransientError
+from .core.errors import TransientError
+from .samplers import ResumableShuffleSampler
 from .stages import Stage, StagedModule
-from .state import ResumableShuffleSampler
 from .trainer import Callback
 
 

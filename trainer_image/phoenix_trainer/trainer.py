@@ -37,15 +37,16 @@ import torch
 from torch import nn
 
 from .checkpoint import Snapshot
-from .contract import REASON_COMPLETED, REASON_PREEMPTED, TrainerEnv
-from .errors import CheckpointError, RecoveryExhaustedError, StageError, TransientError
-from .layout import CheckpointInfo
+from .core.contract import REASON_COMPLETED, REASON_PREEMPTED, TrainerEnv
+from .core.errors import CheckpointError, RecoveryExhaustedError, StageError, TransientError
+from .core.layout import CheckpointInfo
+from .core.storage import Storage
+from .core.writer import RetryPolicy
+from .determinism import Exactness, capture_rng, kernel_exactness, restore_rng
 from .loaders import adapt_loader
 from .session import RunResult, Session
 from .stages import RESTART_METHODS, StagedModule
-from .state import Exactness, capture_rng, clone_tree, kernel_exactness, restore_rng
-from .storage import Storage
-from .writer import RetryPolicy
+from .tensors import clone_tree
 
 __all__ = ["Trainer", "Callback", "RunResult"]
 

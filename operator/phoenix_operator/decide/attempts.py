@@ -13,8 +13,8 @@ from typing import Any, Mapping, Sequence
 from .. import constants as C
 from ..constants import Cause, PhaseState
 from ..outcomes import Outcome, gone
-from phoenix_trainer.contract import MAX_REASON_CHARS, REASON_PREEMPTED
-from phoenix_trainer.layout import split_checkpoint_uri
+from phoenix_trainer.core.contract import MAX_REASON_CHARS, REASON_PREEMPTED
+from phoenix_trainer.core.layout import split_checkpoint_uri
 from ..phoenixjob import CheckpointRef, Failure, PhaseSpec, PhaseStatus, bounded
 from ..podspec import build_pod, build_service, pod_name
 from ..states import Event, transition

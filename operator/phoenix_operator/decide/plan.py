@@ -16,7 +16,7 @@ from ..node_health import NodeHealth, node_grace_left, stranded
 from ..outcomes import Outcome, classify, pull_grace_left
 from ..phoenixjob import JobSpec
 from ..podspec import member_of
-from phoenix_trainer.layout import Control, Fence
+from phoenix_trainer.core.handshake import Control, Fence
 
 STORAGE_RETRY_SECONDS = 15.0
 # A foreign pod holds a name we need: look again this often (its deletion, if it carries our

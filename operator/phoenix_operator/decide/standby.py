@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from .. import constants as C
 from ..constants import Cause
-from phoenix_trainer.layout import Control
+from phoenix_trainer.core.handshake import Control
 from ..phoenixjob import Notice, PhaseSpec, PhaseStatus, StandbyRef, ts
 from ..podspec import build_pod, build_service, member_of, pod_name
 from ..states import Event, transition

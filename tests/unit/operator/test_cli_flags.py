@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from phoenix_operator import kubectl_phoenix as cli
-from phoenix_trainer.layout import CheckpointInfo, FileEntry, Manifest
+from phoenix_trainer.core.layout import CheckpointInfo, Manifest
+from phoenix_trainer.core.storage import FileEntry
 
 from opfacts import job, phase_status, status
 
@@ -303,7 +304,7 @@ def test_unknown_context_is_a_clear_error(kcfg, fake, capsys):
 def test_checkpoints_yaml_end_to_end_on_local_storage(tmp_path, kcfg, monkeypatch, capsys):
     import hashlib
 
-    from phoenix_trainer.layout import MANIFEST_NAME, step_dir_name
+    from phoenix_trainer.core.layout import MANIFEST_NAME, step_dir_name
 
     body = job(("train",), name="mlp", status=status(phase_status(skippedSteps=[7])))
     body["spec"]["checkpoint"] = {"uri": f"file://{tmp_path}/run"}

@@ -704,7 +704,7 @@ def test_resume_exact_reason_from_a_termination_message_is_bounded():
 
 # --- issue 22, item 1: one writer per prefix across re-created jobs ---------------------------
 def _held_by(uid: str, attempt: int, owner_live: bool | None):
-    from phoenix_trainer.layout import Fence
+    from phoenix_trainer.core.handshake import Fence
 
     fence = Fence(attempt, f"old.train-{attempt}", "t", uid=uid, job="ns/old")
     return {"train": Listing(listing(10, 20).checkpoints, fence=fence, owner_live=owner_live)}

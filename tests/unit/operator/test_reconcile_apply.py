@@ -333,7 +333,7 @@ def test_the_fence_of_a_new_attempt_names_the_checkpoint_it_resumes_from():
 ])
 def test_whether_the_job_a_fence_names_still_exists(other, live):
     from phoenix_operator.decide import Listing
-    from phoenix_trainer.layout import Fence
+    from phoenix_trainer.core.handshake import Fence
 
     class Jobs(FakeKube):
         def get_job(self, namespace, name):

@@ -14,7 +14,7 @@ from phoenix_operator.outcomes import classify
 from phoenix_operator.decide import decide
 from phoenix_operator.podspec import pod_name
 
-from phoenix_trainer.contract import ENV_STATUS_PORT as C_ENV_STATUS_PORT
+from phoenix_trainer.core.contract import ENV_STATUS_PORT as C_ENV_STATUS_PORT
 
 from opfacts import T0, at, job, listing, pod
 

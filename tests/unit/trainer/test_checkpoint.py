@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from phoenix_trainer.checkpoint import AsyncCheckpointer, Snapshot, load_checkpoint
-from phoenix_trainer.errors import StorageError
-from phoenix_trainer.storage import LocalStorage, latest_valid_checkpoint, list_checkpoints
-from phoenix_trainer.writer import RetryPolicy
+from phoenix_trainer.core.errors import StorageError
+from phoenix_trainer.core.layout import latest_valid_checkpoint, list_checkpoints
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.core.writer import RetryPolicy
 
 pytestmark = pytest.mark.unit
 

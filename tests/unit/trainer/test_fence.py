@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import pytest
 
-from phoenix_trainer.errors import CorruptCheckpointError, SupersededError
-from phoenix_trainer.layout import (FENCE_NAME, MANIFEST_NAME, Fence, checkpoint_steps,
-                                    read_fence, step_dir_name)
-from phoenix_trainer.storage import LocalStorage, list_checkpoints
-from phoenix_trainer.writer import RetryPolicy, apply_retention, commit_checkpoint
+from phoenix_trainer.core.errors import CorruptCheckpointError, SupersededError
+from phoenix_trainer.core.handshake import FENCE_NAME, Fence, read_fence, write_control, write_fence
+from phoenix_trainer.core.layout import (
+    MANIFEST_NAME, checkpoint_steps, list_checkpoints, step_dir_name,
+)
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.core.writer import RetryPolicy, apply_retention, commit_checkpoint
 
 pytestmark = pytest.mark.unit
 NO_WAIT = RetryPolicy(attempts=2, sleep=lambda s: None)
 
 
 def fence(storage, attempt: int) -> None:
-    storage.put_bytes(FENCE_NAME, Fence(attempt, f"j.train-{attempt}", "t").to_json().encode())
+    write_fence(storage, Fence(attempt, f"j.train-{attempt}", "t"))
 
 
 def commit(storage, step: int, attempt: int | None, tmp_path):
@@ -116,9 +118,8 @@ class OperatorPicksIt(FenceMovesOn):
     def put_bytes(self, key, data):
         self.inner.put_bytes(key, data)
         if key.endswith(MANIFEST_NAME):
-            self.inner.put_bytes(FENCE_NAME, Fence(
-                3, "j.train-3", "t", resume_from=self.inner.uri_for(step_dir_name(10))
-            ).to_json().encode())
+            write_fence(self.inner, Fence(
+                3, "j.train-3", "t", resume_from=self.inner.uri_for(step_dir_name(10))))
 
 
 def test_take_back_never_deletes_the_step_the_promotion_fence_names(storage, tmp_path):
@@ -137,8 +138,7 @@ def test_take_back_still_removes_a_step_the_fence_does_not_name(storage, tmp_pat
 
 # --- issue 22, item 1: the fence names the job, not only a number a re-created job resets ---
 def foreign_fence(storage, attempt: int, uid: str, job: str = "ns/b") -> None:
-    storage.put_bytes(FENCE_NAME, Fence(attempt, f"b.train-{attempt}", "t", uid=uid,
-                                        job=job).to_json().encode())
+    write_fence(storage, Fence(attempt, f"b.train-{attempt}", "t", uid=uid, job=job))
 
 
 def commit_as(storage, step: int, attempt: int, uid: str, tmp_path):
@@ -171,15 +171,15 @@ def test_a_fence_without_uid_is_judged_by_attempt_alone(storage, tmp_path):
 
 def test_control_of_another_job_is_not_obeyed(storage):
     from phoenix_trainer.control import ControlPoller
-    from phoenix_trainer.layout import CONTROL_NAME, Control
+    from phoenix_trainer.core.handshake import Control
 
-    storage.put_bytes(CONTROL_NAME, Control(1, checkpoint_now="n1", handoff_to=2,
-                                            handoff_pod="a.train-2", uid="uid-a").to_json().encode())
+    write_control(storage, Control(1, checkpoint_now="n1", handoff_to=2, handoff_pod="a.train-2",
+                                   uid="uid-a"))
     heard = []
     poller = ControlPoller(storage, 1, 1.0, uid="uid-b", on_checkpoint=heard.append,
                            on_handoff=lambda a, p: heard.append((a, p)))
     poller.poll_once()
     assert heard == []  # job A's stale handoff request: job B's attempt 1 keeps training
-    storage.put_bytes(CONTROL_NAME, Control(1, checkpoint_now="n2", uid="uid-b").to_json().encode())
+    write_control(storage, Control(1, checkpoint_now="n2", uid="uid-b"))
     poller.poll_once()
     assert heard == ["n2"]

@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from phoenix_trainer.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.layout import list_checkpoints
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.determinism import capture_rng, restore_rng
 from phoenix_trainer.session import Session
-from phoenix_trainer.state import capture_rng, restore_rng
-from phoenix_trainer.storage import LocalStorage, list_checkpoints
 
 pytestmark = pytest.mark.unit
 

@@ -8,15 +8,15 @@ import sys
 
 import pytest
 
-from phoenix_trainer import contract
-from phoenix_trainer.layout import (
-    MANIFEST_NAME, Manifest, parse_step_dir, split_checkpoint_uri, step_dir_name,
+from phoenix_trainer.core import contract
+from phoenix_trainer.core.errors import CorruptCheckpointError
+from phoenix_trainer.core.layout import (
+    MANIFEST_NAME, Manifest, latest_valid_checkpoint, list_checkpoints, parse_step_dir,
+    split_checkpoint_uri, step_dir_name, verify_checkpoint,
 )
-from phoenix_trainer.storage import (
-    LocalStorage, latest_valid_checkpoint, list_checkpoints, open_storage, verify_checkpoint,
-)
-from phoenix_trainer.errors import CorruptCheckpointError
-from phoenix_trainer.writer import RetryPolicy, apply_retention, commit_checkpoint
+from phoenix_trainer.core.storage import open_storage
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.core.writer import RetryPolicy, apply_retention, commit_checkpoint
 
 pytestmark = pytest.mark.unit
 
@@ -48,10 +48,33 @@ def test_open_storage_schemes(tmp_path):
 
 
 def test_layout_and_storage_do_not_import_torch():
-    code = ("import sys; import phoenix_trainer, phoenix_trainer.storage, phoenix_trainer.layout,"
-            " phoenix_trainer.contract, phoenix_trainer.writer,"
-            " phoenix_trainer.metrics, phoenix_trainer.errors; assert 'torch' not in sys.modules")
+    code = ("import sys; import phoenix_trainer, phoenix_trainer.core.storage, phoenix_trainer.core.layout,"
+            " phoenix_trainer.core.contract, phoenix_trainer.core.writer,"
+            " phoenix_trainer.attempt_log, phoenix_trainer.core.errors; assert 'torch' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_core_module_imports_without_torch_and_nothing_outside_core():
+    """``phoenix_trainer.core`` is what the operator image ships: each of its modules, imported
+    alone, must load with torch unavailable and pull in no phoenix_trainer module outside
+    ``core`` (the package's own lazy ``__init__`` aside)."""
+    import pathlib
+
+    import phoenix_trainer.core as core
+
+    root = pathlib.Path(core.__file__).parent
+    modules = []
+    for path in sorted(root.rglob("*.py")):
+        parts = path.relative_to(root).with_suffix("").parts
+        modules.append(".".join(("phoenix_trainer.core",) + parts[:-1 if parts[-1] == "__init__" else None]))
+    assert {"phoenix_trainer.core.handshake", "phoenix_trainer.core.storage.s3"} <= set(modules)
+    for module in modules:
+        code = ("import sys; sys.modules['torch'] = None; import importlib;"
+                f" importlib.import_module({module!r});"
+                " outside = sorted(m for m in sys.modules if m.startswith('phoenix_trainer.')"
+                " and not m.startswith('phoenix_trainer.core'));"
+                " assert not outside, outside; assert sys.modules['torch'] is None")
+        subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_manifest_written_last_and_valid(tmp_path):
@@ -97,7 +120,7 @@ def test_damage_is_detected_and_latest_falls_back(tmp_path, damage, reason, capl
 
 
 def test_manifest_rejects_unknown_version_and_bad_names():
-    good = Manifest(1, 0, "train", "t", "fp", {"a.pt": __import__("phoenix_trainer.layout").layout.FileEntry(1, "0" * 64)})
+    good = Manifest(1, 0, "train", "t", "fp", {"a.pt": __import__("phoenix_trainer.core.storage").core.storage.FileEntry(1, "0" * 64)})
     data = json.loads(good.to_json())
     Manifest.from_json(json.dumps(data))
     with pytest.raises(CorruptCheckpointError, match="formatVersion"):
@@ -120,7 +143,7 @@ def test_retention_keeps_k_and_protected(tmp_path):
 
 
 def test_retry_policy_backs_off_with_jitter():
-    from phoenix_trainer.errors import StorageError
+    from phoenix_trainer.core.errors import StorageError
     sleeps = []
     policy = RetryPolicy(attempts=4, initial_seconds=1, max_seconds=3, sleep=sleeps.append,
                          rng=random.Random(0))

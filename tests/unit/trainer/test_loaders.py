@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, IterableDataset, Sampler, TensorDataset
 
-from phoenix_trainer.contract import TerminationMessage, TrainerEnv
-from phoenix_trainer.errors import CheckpointError
+from phoenix_trainer.core.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.errors import CheckpointError
+from phoenix_trainer.core.layout import latest_valid_checkpoint
+from phoenix_trainer.core.storage.file import LocalStorage
 from phoenix_trainer.loaders import (
     ReplayLoader, ResumableLoader, StatefulLoader, adapt_loader,
 )
-from phoenix_trainer.storage import LocalStorage, latest_valid_checkpoint
 from phoenix_trainer.testing import StopAt, NoisyDataset, make_loader, state_dicts_equal, tiny_setup
 from phoenix_trainer.trainer import Trainer
 

@@ -9,8 +9,8 @@ import logging
 import pytest
 
 from phoenix_trainer import prefetch
-from phoenix_trainer.contract import ENV_RESUME_FROM, ENV_ROLE
-from phoenix_trainer.storage import LocalStorage
+from phoenix_trainer.core.contract import ENV_RESUME_FROM, ENV_ROLE
+from phoenix_trainer.core.storage.file import LocalStorage
 from phoenix_trainer.testing import state_dicts_equal
 
 from test_session import loop, ref_model, session  # noqa: F401 - fixture reused

@@ -7,10 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from phoenix_trainer.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.layout import list_checkpoints
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.determinism import Exactness, capture_rng, restore_rng
 from phoenix_trainer.session import Session
-from phoenix_trainer.state import Exactness, capture_rng, restore_rng
-from phoenix_trainer.storage import LocalStorage, list_checkpoints
 from phoenix_trainer.testing import state_dicts_equal
 
 pytestmark = pytest.mark.unit
@@ -124,7 +125,7 @@ def test_start_record_says_where_the_start_up_went(tmp_path, caplog):
     import time as _time
     from datetime import datetime
 
-    from phoenix_trainer.metrics import process_start_time
+    from phoenix_trainer.attempt_log import process_start_time
 
     began = process_start_time()
     assert began is not None and began <= _time.time()

@@ -8,9 +8,9 @@ import os
 import pytest
 
 from phoenix_trainer.checkpoint import AsyncCheckpointer, make_spool
-from phoenix_trainer.contract import ENV_SPOOL_DIR
-from phoenix_trainer.errors import CheckpointError
-from phoenix_trainer.storage import LocalStorage
+from phoenix_trainer.core.contract import ENV_SPOOL_DIR
+from phoenix_trainer.core.errors import CheckpointError
+from phoenix_trainer.core.storage.file import LocalStorage
 
 pytestmark = pytest.mark.unit
 

@@ -10,10 +10,10 @@ import urllib.request
 import pytest
 
 from phoenix_trainer import session as session_mod
-from phoenix_trainer.contract import TerminationMessage
-from phoenix_trainer.layout import CONTROL_NAME, FENCE_NAME, Control, Fence, read_fence
+from phoenix_trainer.core.contract import TerminationMessage
+from phoenix_trainer.core.handshake import Control, Fence, read_fence, write_control, write_fence
+from phoenix_trainer.core.layout import list_checkpoints
 from phoenix_trainer.session import StandbyEnded
-from phoenix_trainer.storage import list_checkpoints
 from phoenix_trainer.testing import state_dicts_equal
 
 from test_session import STEPS, loop, ref_model, session  # noqa: F401 - fixture reused
@@ -23,11 +23,11 @@ POLL = 0.02
 
 
 def control(storage, **kw) -> None:
-    storage.put_bytes(CONTROL_NAME, Control(**kw).to_json().encode())
+    write_control(storage, Control(**kw))
 
 
 def fence(storage, attempt: int, resume_from: str = "") -> None:
-    storage.put_bytes(FENCE_NAME, Fence(attempt, f"pod-{attempt}", "t", resume_from).to_json().encode())
+    write_fence(storage, Fence(attempt, f"pod-{attempt}", "t", resume_from))
 
 
 def env(attempt: int, role: str = "active", **kw) -> dict:

@@ -16,11 +16,13 @@ from botocore.exceptions import ClientError
 
 from phoenix_trainer.checkpoint import (AsyncCheckpointer, Snapshot, check_spool_room,
                                         load_checkpoint, spool_limit_bytes)
-from phoenix_trainer.contract import ENV_SPOOL_LIMIT_MB
-from phoenix_trainer.errors import CheckpointError, SpoolFullError, StorageError
-from phoenix_trainer.storage import (S3_MIN_PART, LocalStorage, S3Storage, composite_sha256,
-                                     stream_part_size)
-from phoenix_trainer.writer import RetryPolicy, StreamedShard, stream_object
+from phoenix_trainer.core.contract import ENV_SPOOL_LIMIT_MB
+from phoenix_trainer.core.errors import CheckpointError, SpoolFullError, StorageError
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.core.storage.s3 import (
+    S3_MIN_PART, S3Storage, composite_sha256, stream_part_size,
+)
+from phoenix_trainer.core.writer import RetryPolicy, StreamedShard, stream_object
 
 pytestmark = pytest.mark.unit
 MiB = 1 << 20

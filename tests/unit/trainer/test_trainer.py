@@ -9,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from phoenix_trainer.contract import TerminationMessage, TrainerEnv
-from phoenix_trainer.errors import ConfigMismatchError, RecoveryExhaustedError, StageError
-from phoenix_trainer.metrics import read_metrics
-from phoenix_trainer.state import ResumableShuffleSampler, capture_rng, restore_rng
-from phoenix_trainer.storage import LocalStorage, latest_valid_checkpoint, list_checkpoints
+from phoenix_trainer.attempt_log import read_metrics
+from phoenix_trainer.core.contract import TerminationMessage, TrainerEnv
+from phoenix_trainer.core.errors import ConfigMismatchError, RecoveryExhaustedError, StageError
+from phoenix_trainer.core.layout import latest_valid_checkpoint, list_checkpoints
+from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.determinism import capture_rng, restore_rng
+from phoenix_trainer.samplers import ResumableShuffleSampler
 from phoenix_trainer.testing import StopAt, state_dicts_equal, tiny_setup
 from phoenix_trainer.trainer import Callback, Trainer
 

@@ -46,10 +46,10 @@ import lightning.pytorch as pl
 from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.utilities.data import extract_batch_size
 
-from ..contract import REASON_COMPLETED, REASON_PREEMPTED
+from ..core.contract import REASON_COMPLETED, REASON_PREEMPTED
+from ..determinism import Exactness, capture_rng, kernel_exactness, restore_rng
 from ..loaders import adapt_loader
 from ..session import Session
-from ..state import Exactness, capture_rng, kernel_exactness, restore_rng
 from ._session_hook import SessionHook
 
 log = logging.getLogger("phoenix.trainer")

@@ -49,9 +49,9 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from transformers.utils import WEIGHTS_NAME
 
-from ..contract import REASON_COMPLETED, REASON_PREEMPTED
+from ..core.contract import REASON_COMPLETED, REASON_PREEMPTED
+from ..determinism import Exactness, capture_rng, kernel_exactness, restore_rng
 from ..session import Session
-from ..state import Exactness, capture_rng, kernel_exactness, restore_rng
 from ._session_hook import SessionHook
 
 log = logging.getLogger("phoenix.trainer")

@@ -1,5 +1,6 @@
-"""Gather checkpoint facts for ``decide``: list and verify checkpoints in storage; and the
-two writes the operator makes there: the fence that supersedes older attempts (and promotes
+"""The operator's door to a phase's checkpoint prefix: list and verify checkpoints (for the
+gather step), read the fence; and the two writes the operator makes there, through
+``phoenix_trainer.core.handshake`` (their one writer): the fence that supersedes older attempts (and promotes
 a standby), and the control document with its requests to the running attempt.
 
 Blocking (S3 / filesystem); run in a thread. The operator trusts only what it verified
@@ -13,16 +14,16 @@ import logging
 import threading
 import time
 from typing import Iterable
-from urllib.parse import unquote, urlparse
 
-from phoenix_trainer.layout import (CONTROL_NAME, FENCE_NAME, Control, Fence, checkpoint_steps,
-                                    read_fence)
-from phoenix_trainer.storage import open_storage, verify_checkpoint
+from phoenix_trainer.core import handshake
+from phoenix_trainer.core.handshake import Control, Fence, read_fence
+from phoenix_trainer.core.layout import checkpoint_steps, verify_checkpoint
+from phoenix_trainer.core.storage import Credentials, open_storage
 
 from .decide import Checkpoint, Listing
-from .model import JobSpec, parse_ts
+from .phoenixjob import JobSpec, parse_ts
 
-log = logging.getLogger("phoenix.facts")
+log = logging.getLogger("phoenix.storage")
 
 VALID_WANTED = 2  # the newest valid one plus one to fall back to
 
@@ -30,8 +31,7 @@ VALID_WANTED = 2  # the newest valid one plus one to fall back to
 _bucket_lock = threading.Lock()
 
 
-def _bucket(bucket: str, endpoint: str | None, access_key: str | None, secret_key: str | None,
-            region: str | None):
+def _bucket(root_uri: str, credentials: Credentials | None):
     """One storage handle (one boto3 client) per bucket and credentials, shared by every job
     and phase: a client costs ~150 ms of CPU to create and ~10 MB to keep, and boto3
     clients are thread-safe.
@@ -41,24 +41,23 @@ def _bucket(bucket: str, endpoint: str | None, access_key: str | None, secret_ke
     built 16 clients, 270 MB of RSS the allocator kept after 15 of them were dropped
     (benchmarks/bench_scale.py)."""
     with _bucket_lock:
-        return _new_bucket(bucket, endpoint, access_key, secret_key, region)
+        return _new_bucket(root_uri, credentials)
 
 
 @functools.lru_cache(maxsize=32)
-def _new_bucket(bucket: str, endpoint: str | None, access_key: str | None,
-                secret_key: str | None, region: str | None):
-    return open_storage(f"s3://{bucket}", endpoint_url=endpoint, access_key=access_key,
-                        secret_key=secret_key, region=region)
+def _new_bucket(root_uri: str, credentials: Credentials | None):
+    return _open_bucket(root_uri, credentials=credentials)
+
+
+def _open_bucket(root_uri: str, *, credentials: Credentials | None):
+    return open_storage(root_uri, credentials)
 
 
 def _storage(uri: str, endpoint: str | None, access_key: str | None, secret_key: str | None,
              region: str | None):
-    parsed = urlparse(uri)
-    if parsed.scheme != "s3":
-        return open_storage(uri)
-    root = _bucket(parsed.netloc, endpoint, access_key, secret_key, region)
-    prefix = unquote(parsed.path).strip("/")
-    return root.child(prefix) if prefix else root
+    credentials = Credentials(endpoint_url=endpoint, access_key=access_key,
+                              secret_key=secret_key, region=region)
+    return open_storage(uri, credentials, bucket_root=_bucket)
 
 
 def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str | None,
@@ -68,7 +67,7 @@ def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str |
     started = time.monotonic()
     try:
         storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
-        fence = read_fence(storage)  # who holds the prefix (decide._fence_floor)
+        fence = read_fence(storage)  # who holds the prefix (decide.attempts.fence_floor)
         skip = set(skipped)
         found: list[Checkpoint] = []
         usable = 0
@@ -100,25 +99,21 @@ def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,
                 clear_control: bool = False) -> str:
     """Write ``<phase prefix>/fence.json`` naming ``attempt`` of the job ``uid`` (``job``:
     namespace/name): from now on every other attempt's commit and retention are refused
-    (``phoenix_trainer.writer.check_fence``); a standby of that attempt starts, from
+    (``phoenix_trainer.core.handshake.check_fence``); a standby of that attempt starts, from
     ``resume_from``. ``clear_control``: a new attempt starts, so requests left for an older
     one (or a deleted job's) go. Returns where it was written."""
-    uri = spec.checkpoint.phase_uri(phase)
-    storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
-    storage.put_bytes(FENCE_NAME, Fence(attempt, pod, when, resume_from or "", uid=uid,
-                                        job=job).to_json().encode())
-    if clear_control:
-        storage.delete(CONTROL_NAME)
-    return storage.uri_for(FENCE_NAME)
+    storage = _storage(spec.checkpoint.phase_uri(phase), endpoint, access_key, secret_key,
+                       spec.checkpoint.region)
+    return handshake.write_fence(storage, Fence(attempt, pod, when, resume_from or "", uid=uid,
+                                                job=job), clear_control=clear_control)
 
 
 def write_control(spec: JobSpec, phase: str, control: Control, *, access_key: str | None,
                   secret_key: str | None, endpoint: str | None) -> str:
     """Write ``<phase prefix>/control.json``: requests to the phase's running attempt."""
-    uri = spec.checkpoint.phase_uri(phase)
-    storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
-    storage.put_bytes(CONTROL_NAME, control.to_json().encode())
-    return storage.uri_for(CONTROL_NAME)
+    storage = _storage(spec.checkpoint.phase_uri(phase), endpoint, access_key, secret_key,
+                       spec.checkpoint.region)
+    return handshake.write_control(storage, control)
 
 
 def _time(value: str | None):

@@ -1,16 +1,10 @@
-"""Checkpoint storage behind a small Protocol: S3 (boto3) and local files.
+"""``s3://bucket/prefix``: checkpoint storage in S3 through boto3 (``S3Storage``), and the
+stream writer that uploads a shard from memory as a multipart upload.
 
-Keys are '/'-separated paths relative to the storage's root prefix. Both backends make a
-write visible only when complete (S3 PUT/CompleteMultipartUpload are atomic; the local
-backend writes a temp file and renames), which is what lets the manifest-last rule work.
-
-This module must never import torch (the operator imports it) and never log credentials.
-Retries with backoff for whole-shard uploads live in ``writer.py``; here botocore's own
-retry handles single requests.
-
-``open_write`` streams an object in (a checkpoint shard serialized straight from memory):
-no local copy, bounded memory, and nothing visible or left behind unless ``commit`` is
-reached (S3: a multipart upload aborted on any error; local: a temp file removed).
+S3 PUT/CompleteMultipartUpload are atomic, so an object is visible only when complete (what
+the manifest-last rule needs). boto3 is imported lazily; never torch. Never log
+credentials. Retries with backoff for whole-shard uploads live in ``core/writer.py``; here
+botocore's own retry handles single requests.
 """
 from __future__ import annotations
 
@@ -19,220 +13,13 @@ import contextlib
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import IO, Any, Iterator, Protocol, runtime_checkable
-from urllib.parse import unquote, urlparse
+from typing import IO, Any, Iterator
 
-from .errors import StorageError
-from .layout import (  # re-exported: the operator imports everything from here
-    MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, latest_valid_checkpoint, list_checkpoints,
-    split_checkpoint_uri, step_dir_name, verify_checkpoint,
-)
-
-__all__ = [
-    "MANIFEST_NAME", "CheckpointInfo", "Manifest", "Storage", "LocalStorage", "S3Storage",
-    "open_storage", "list_checkpoints", "verify_checkpoint", "latest_valid_checkpoint",
-    "step_dir_name", "split_checkpoint_uri", "default_transfer_config", "ObjectWriter",
-]
+from ..errors import StorageError
+from .entry import Digest, FileEntry, join_key
 
 log = logging.getLogger("phoenix.storage")
-
-
-class ObjectWriter(Protocol):
-    """An object being streamed into storage (``Storage.open_write``): ``write`` as often as
-    needed, then exactly one of ``commit`` (the object appears, whole) or ``abort``."""
-
-    def write(self, data: Any) -> int: ...  # bytes-like; copied before it returns
-    def flush(self) -> None: ...
-    # size and sha256 of everything written, plus the checksum the store recorded (if any)
-    def commit(self) -> FileEntry: ...
-    def abort(self) -> None: ...  # idempotent; leaves nothing behind, never raises
-
-
-class _Digest:
-    """Size and sha256 of a stream, as it goes by."""
-
-    def __init__(self) -> None:
-        self.h, self.n = hashlib.sha256(), 0
-
-    def update(self, mv: memoryview) -> None:
-        self.h.update(mv)
-        self.n += len(mv)
-
-
-@runtime_checkable
-class Storage(Protocol):
-    """What checkpointing needs from a place to keep bytes."""
-
-    uri: str  # the root, e.g. s3://bucket/prefix/train or file:///ckpt/train
-
-    def uri_for(self, key: str) -> str: ...
-    def child(self, sub: str) -> "Storage": ...
-    def put_bytes(self, key: str, data: bytes) -> None: ...
-    def put_file(self, key: str, path: str | os.PathLike) -> None: ...
-    # Stream an object in; ``size_hint`` (expected bytes, may be off) lets S3 pick part sizes.
-    def open_write(self, key: str, size_hint: int | None = None) -> ObjectWriter: ...
-    def get_bytes(self, key: str) -> bytes: ...  # FileNotFoundError if absent
-    # The object and the sha256 hex digest of its bytes (S3: hashed as it arrives)
-    def get_bytes_sha256(self, key: str) -> tuple[bytes, str]: ...
-    def get_file(self, key: str, path: str | os.PathLike) -> None: ...
-    def open_read(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
-    def size(self, key: str) -> int | None: ...  # None if absent
-    # (size, checksum the store recorded at upload); (None, None) if absent, checksum None
-    # where the store keeps none. One metadata request, never a download.
-    def stat(self, key: str) -> tuple[int | None, str | None]: ...
-    def list_dirs(self, prefix: str) -> list[str]: ...  # immediate child "directories"
-    def list_keys(self, prefix: str) -> list[str]: ...  # every key below prefix
-    def delete_prefix(self, prefix: str) -> None: ...
-    def delete(self, key: str) -> None: ...
-
-
-def _join(*parts: str) -> str:
-    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-
-
-class LocalStorage:
-    """``file:///abs/path``: a directory tree. Writes are temp-file + rename, so atomic."""
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root).absolute()
-        self.uri = "file://" + str(self.root)
-
-    def _path(self, key: str) -> Path:
-        p = (self.root / key.strip("/")) if key.strip("/") else self.root
-        return p
-
-    def uri_for(self, key: str) -> str:
-        return "file://" + str(self._path(key))
-
-    def child(self, sub: str) -> "LocalStorage":
-        return LocalStorage(self._path(sub))
-
-    def _atomic_write(self, key: str, writer) -> None:
-        dest = self._path(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                writer(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-
-    def put_bytes(self, key: str, data: bytes) -> None:
-        self._atomic_write(key, lambda f: f.write(data))
-
-    def put_file(self, key: str, path: str | os.PathLike) -> None:
-        def copy(f):
-            with open(path, "rb") as src:
-                shutil.copyfileobj(src, f, 8 << 20)
-        self._atomic_write(key, copy)
-
-    def open_write(self, key: str, size_hint: int | None = None) -> "_LocalWriter":
-        return _LocalWriter(self._path(key))
-
-    def get_bytes(self, key: str) -> bytes:
-        p = self._path(key)
-        if not p.is_file():
-            raise FileNotFoundError(self.uri_for(key))
-        return p.read_bytes()
-
-    def get_bytes_sha256(self, key: str) -> tuple[bytes, str]:
-        data = self.get_bytes(key)
-        return data, hashlib.sha256(data).hexdigest()
-
-    def get_file(self, key: str, path: str | os.PathLike) -> None:
-        p = self._path(key)
-        if not p.is_file():
-            raise FileNotFoundError(self.uri_for(key))
-        shutil.copyfile(p, path)
-
-    @contextlib.contextmanager
-    def open_read(self, key: str) -> Iterator[IO[bytes]]:
-        p = self._path(key)
-        if not p.is_file():
-            raise FileNotFoundError(self.uri_for(key))
-        with open(p, "rb") as f:
-            yield f
-
-    def size(self, key: str) -> int | None:
-        try:
-            st = self._path(key).stat()
-        except FileNotFoundError:
-            return None
-        return st.st_size if not Path(self._path(key)).is_dir() else None
-
-    def stat(self, key: str) -> tuple[int | None, str | None]:
-        return self.size(key), None  # a file system keeps no checksum
-
-    def list_dirs(self, prefix: str) -> list[str]:
-        p = self._path(prefix)
-        if not p.is_dir():
-            return []
-        return sorted(c.name for c in p.iterdir() if c.is_dir())
-
-    def list_keys(self, prefix: str) -> list[str]:
-        p = self._path(prefix)
-        if not p.is_dir():
-            return []
-        return sorted(str(f.relative_to(self.root)) for f in p.rglob("*")
-                      if f.is_file() and not f.name.endswith(".tmp"))
-
-    def delete_prefix(self, prefix: str) -> None:
-        p = self._path(prefix)
-        if p == self.root:
-            raise StorageError(f"refusing to delete the whole storage root {self.uri}")
-        shutil.rmtree(p, ignore_errors=True)
-
-    def delete(self, key: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self._path(key).unlink()
-
-    def __repr__(self) -> str:
-        return f"LocalStorage({self.uri!r})"
-
-
-class _LocalWriter:
-    """Straight into a temp file next to the destination, renamed on commit (atomic)."""
-
-    def __init__(self, dest: Path) -> None:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
-        self.f = os.fdopen(fd, "wb")
-        self.dest, self.digest = dest, _Digest()
-
-    def write(self, data: Any) -> int:
-        mv = memoryview(data).cast("B")
-        self.digest.update(mv)
-        self.f.write(mv)
-        return len(mv)
-
-    def flush(self) -> None:
-        pass  # commit makes it durable
-
-    def commit(self) -> FileEntry:
-        try:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
-            os.replace(self.tmp, self.dest)
-        except BaseException:
-            self.abort()
-            raise
-        return FileEntry(size=self.digest.n, sha256=self.digest.h.hexdigest())
-
-    def abort(self) -> None:
-        with contextlib.suppress(OSError):
-            self.f.close()
-        with contextlib.suppress(OSError):
-            os.unlink(self.tmp)
 
 
 # Every object is uploaded with an S3 SHA256 checksum: the server checks each part against it
@@ -296,7 +83,7 @@ class _S3StreamWriter:
     def __init__(self, storage: "S3Storage", key: str, part_size: int, in_flight: int) -> None:
         self.s, self.key, self.full_key = storage, key, storage._key(key)
         self.part_size, self.in_flight = part_size, max(1, in_flight)
-        self.digest = _Digest()
+        self.digest = Digest()
         self.buf = bytearray()
         self.upload_id: str | None = None
         self.pending: list[Future] = []  # oldest first
@@ -441,11 +228,11 @@ class S3Storage:
         self.client = client
 
     def _key(self, key: str) -> str:
-        return _join(self.prefix, key)
+        return join_key(self.prefix, key)
 
     def child(self, sub: str) -> "S3Storage":
         """The same bucket and client, rooted at ``<prefix>/<sub>``."""
-        return S3Storage(self.bucket, _join(self.prefix, sub), client=self.client,
+        return S3Storage(self.bucket, join_key(self.prefix, sub), client=self.client,
                          transfer_config=self.transfer_config)
 
     def uri_for(self, key: str) -> str:
@@ -533,7 +320,7 @@ class S3Storage:
         return int(resp["ContentLength"]), resp.get("ChecksumSHA256")
 
     def list_dirs(self, prefix: str) -> list[str]:
-        full = _join(self.prefix, prefix)
+        full = join_key(self.prefix, prefix)
         full = full + "/" if full else ""
         out: list[str] = []
         with self._errors("list", prefix):
@@ -544,7 +331,7 @@ class S3Storage:
         return sorted(out)
 
     def list_keys(self, prefix: str) -> list[str]:
-        full = _join(self.prefix, prefix)
+        full = join_key(self.prefix, prefix)
         base = self.prefix + "/" if self.prefix else ""
         out: list[str] = []
         with self._errors("list", prefix):
@@ -563,26 +350,8 @@ class S3Storage:
         keys = self.list_keys(prefix)
         with self._errors("delete", prefix):
             for i in range(0, len(keys), 1000):
-                batch = [{"Key": _join(self.prefix, k)} for k in keys[i:i + 1000]]
+                batch = [{"Key": join_key(self.prefix, k)} for k in keys[i:i + 1000]]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r})"
-
-
-def open_storage(uri: str, *, endpoint_url: str | None = None, access_key: str | None = None,
-                 secret_key: str | None = None, region: str | None = None) -> Storage:
-    """Open ``s3://bucket/prefix`` or ``file:///abs/path`` (a bare absolute path also works)."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        if not parsed.netloc:
-            raise ValueError(f"checkpoint URI {uri!r} has no bucket; use s3://bucket/prefix")
-        return S3Storage(parsed.netloc, unquote(parsed.path), endpoint_url=endpoint_url,
-                         access_key=access_key, secret_key=secret_key, region=region)
-    if parsed.scheme == "file":
-        if parsed.netloc not in ("", "localhost"):
-            raise ValueError(f"file URI {uri!r} must be file:///absolute/path")
-        return LocalStorage(unquote(parsed.path))
-    if parsed.scheme == "" and uri.startswith("/"):
-        return LocalStorage(uri)
-    raise ValueError(f"unsupported checkpoint URI {uri!r}; use s3://bucket/prefix or file:///abs/path")

@@ -19,9 +19,9 @@ from datetime import datetime, timezone
 from typing import IO, Callable, Iterable, TypeVar, Union
 
 from .errors import CheckpointError, StorageError, SupersededError
-from .layout import (MANIFEST_NAME, CheckpointInfo, FileEntry, Manifest, list_checkpoints,
-                     read_fence, step_dir_name)
-from .storage import Storage
+from .handshake import check_fence, read_fence
+from .layout import MANIFEST_NAME, CheckpointInfo, Manifest, list_checkpoints, step_dir_name
+from .storage import FileEntry, Storage
 
 log = logging.getLogger("phoenix.checkpoint")
 T = TypeVar("T")
@@ -94,23 +94,6 @@ def file_digest(path: str | os.PathLike) -> FileEntry:
 
 def utcnow_iso() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def check_fence(storage: Storage, attempt: int | None, what: str, uid: str = "") -> None:
-    """Raise ``SupersededError`` unless ``attempt`` of the job ``uid`` holds the phase's fence
-    (``Fence.holds``): the operator started a newer attempt, or another job (a re-created
-    one) took the prefix. No attempt (a run outside the operator) or no fence: nothing to
-    check."""
-    if attempt is None:
-        return
-    fence = read_fence(storage)
-    if fence is not None and not fence.holds(attempt, uid):
-        whose = (f" of job {fence.job or '?'} (uid {fence.uid})"
-                 if uid and fence.uid and fence.uid != uid else "")
-        raise SupersededError(
-            f"attempt {attempt} is superseded by attempt {fence.attempt}{whose} (pod "
-            f"{fence.pod or '?'}, started {fence.time or '?'}): refusing to {what} under "
-            f"{storage.uri}")
 
 
 def commit_checkpoint(storage: Storage, step: int, files: dict[str, Source], *,

@@ -1,6 +1,6 @@
 """Runnable demo: a flaky stage fails sporadically and the StagedModule recovers in-process.
 
-    python -m phoenix_trainer.demo [--restart-method reload|reinit_epoch] [--flaky-rate 0.05]
+    python -m phoenix_trainer.demo_job [--restart-method reload|reinit_epoch] [--flaky-rate 0.05]
 
 Trains a tiny model twice (with and without the flaky stage) and shows the recovered run
 ends with exactly the same weights. Writes nothing outside a temp dir.
@@ -12,8 +12,8 @@ import logging
 import sys
 import tempfile
 
-from .contract import TrainerEnv
-from .storage import open_storage
+from .core.contract import TrainerEnv
+from .core.storage import open_storage
 from .testing import state_dicts_equal, tiny_setup
 from .trainer import Trainer
 

@@ -16,9 +16,9 @@ import threading
 import time
 from typing import Any
 
-from .layout import METRICS_DIR, metrics_key
-from .storage import Storage
-from .writer import utcnow_iso
+from .core.layout import METRICS_DIR, metrics_key
+from .core.storage import Storage
+from .core.writer import utcnow_iso
 
 log = logging.getLogger("phoenix.metrics")
 _ATTEMPT_RE = re.compile(r"attempt-(\d+)\.jsonl$")

@@ -1,11 +1,11 @@
-"""facts: one storage client per bucket and credentials, however many threads ask at once."""
+"""phase_storage: one storage client per bucket and credentials, however many threads ask at once."""
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from phoenix_operator import facts
+from phoenix_operator import phase_storage
 
 pytestmark = pytest.mark.unit
 
@@ -23,12 +23,12 @@ def test_concurrent_first_use_builds_one_client(monkeypatch):
         time.sleep(0.05)  # as building a boto3 client takes a while, so misses overlap
         return FakeRoot()
 
-    monkeypatch.setattr(facts, "open_storage", slow_open)
-    facts._new_bucket.cache_clear()
+    monkeypatch.setattr(phase_storage, "_open_bucket", slow_open)
+    phase_storage._new_bucket.cache_clear()
 
     def use(i):
         gate.wait()
-        return facts._storage(f"s3://bkt/job-{i}", "http://s3", "ak", "sk", None)
+        return phase_storage._storage(f"s3://bkt/job-{i}", "http://s3", "ak", "sk", None)
 
     try:
         with ThreadPoolExecutor(8) as pool:
@@ -37,4 +37,4 @@ def test_concurrent_first_use_builds_one_client(monkeypatch):
         assert len({id(root) for root, _ in handles}) == 1
         assert sorted(prefix for _, prefix in handles) == [f"job-{i}" for i in range(8)]
     finally:
-        facts._new_bucket.cache_clear()
+        phase_storage._new_bucket.cache_clear()

@@ -4,20 +4,11 @@
 
 ``manifest.json`` is written LAST and lists every file's size and sha256. A checkpoint
 exists iff its manifest exists and validates; the latest checkpoint is the highest step with
-a valid manifest. Per-attempt metrics live in ``<prefix>/metrics/attempt-<n>.jsonl``.
-
-``<prefix>/fence.json`` names the newest attempt the operator started for the phase (it is
-written before that attempt's pod is created). An attempt older than the fence is superseded:
-it must not publish (manifest) or delete (retention) checkpoints, so a trainer left running
-on a partitioned node cannot overwrite or prune what its successor relies on. A standby
-attempt (started ahead of need) is newer than the fence until it is promoted: the fence
-moving to it is its signal to start.
-
-``<prefix>/control.json`` carries the operator's requests to the running attempt
-(checkpoint now, hand off to the standby); see ``Control``.
+a valid manifest. Per-attempt metrics live in ``<prefix>/metrics/attempt-<n>.jsonl``. The
+prefix's ``fence.json`` and ``control.json`` belong to ``handshake.py``.
 
 This module must never import torch (the operator image does not ship it) and never perform
-writes: it only reads storage through the small ``Storage`` protocol from ``storage.py``.
+writes: it only reads storage through the small ``Storage`` protocol from ``storage``.
 """
 from __future__ import annotations
 
@@ -26,12 +17,10 @@ import json
 import logging
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import Any, Iterable
 
 from .errors import CorruptCheckpointError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .storage import Storage
+from .storage import FileEntry, Storage
 
 log = logging.getLogger("phoenix.layout")
 
@@ -40,8 +29,6 @@ FORMAT_NAME = "phoenix-checkpoint"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 METRICS_DIR = "metrics"
-FENCE_NAME = "fence.json"
-CONTROL_NAME = "control.json"
 STEP_DIR_RE = re.compile(r"^step-(\d{10})$")
 
 
@@ -72,16 +59,6 @@ def split_checkpoint_uri(uri: str) -> tuple[str, int | None]:
     if step is None or not head:
         return trimmed, None
     return head, step
-
-
-@dataclass
-class FileEntry:
-    size: int
-    sha256: str  # hex, of the whole file
-    # What the object store itself recorded for the object at upload (S3 ChecksumSHA256:
-    # base64, "-<parts>" for a multipart upload's composite), if it records one. Lets a
-    # reader check the stored object is the one uploaded with one HEAD, no download.
-    stored_checksum: str | None = None
 
 
 @dataclass
@@ -159,112 +136,6 @@ def _file_json(f: FileEntry) -> dict[str, Any]:
     return d
 
 
-@dataclass(frozen=True)
-class Fence:
-    """``<prefix>/fence.json``: the attempt that may write the phase's checkpoints.
-
-    ``resume_from`` is set when a waiting standby is promoted: the checkpoint it must resume
-    from (the operator's verified choice, or the final checkpoint of the attempt that handed
-    off to it)."""
-
-    attempt: int
-    pod: str = ""
-    time: str = ""
-    resume_from: str = ""
-    # The job that holds the prefix: its UID (a re-created job of the same name has another)
-    # and "namespace/name". Empty in fences written before the UID was added.
-    uid: str = ""
-    job: str = ""
-
-    def to_json(self) -> str:
-        d: dict[str, Any] = {"attempt": self.attempt, "pod": self.pod, "time": self.time}
-        if self.resume_from:
-            d["resumeFrom"] = self.resume_from
-        if self.uid:
-            d["uid"] = self.uid
-        if self.job:
-            d["job"] = self.job
-        return json.dumps(d, sort_keys=True)
-
-    def holds(self, attempt: int, uid: str = "") -> bool:
-        """Whether ``attempt`` of the job ``uid`` may write: not when a newer attempt is
-        fenced, nor when another job is (whatever its number). No uid on either side: the
-        attempt number alone decides."""
-        if uid and self.uid and uid != self.uid:
-            return False
-        return self.attempt <= attempt
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "Fence":
-        try:
-            data = json.loads(text)
-            return cls(attempt=int(data["attempt"]), pod=str(data.get("pod", "")),
-                       time=str(data.get("time", "")),
-                       resume_from=str(data.get("resumeFrom") or ""),
-                       uid=str(data.get("uid") or ""), job=str(data.get("job") or ""))
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CorruptCheckpointError(f"{FENCE_NAME} is unreadable ({e!r})") from e
-
-
-@dataclass(frozen=True)
-class Control:
-    """``<prefix>/control.json``: the operator's requests to one running attempt.
-
-    ``checkpoint_now``: an id; each new id asks for one checkpoint at the next step boundary
-    (a preemption notice came). ``handoff_to``: stop at the next step boundary with a final
-    checkpoint, then fence the phase for that (standby) attempt, naming the checkpoint, and
-    exit as preempted; the standby resumes from it."""
-
-    attempt: int
-    checkpoint_now: str = ""
-    handoff_to: int | None = None
-    handoff_pod: str = ""
-    time: str = ""
-    uid: str = ""  # the job the requests are for: another job's stale requests are ignored
-
-    def for_attempt(self, attempt: int, uid: str = "") -> bool:
-        return self.attempt == attempt and not (uid and self.uid and uid != self.uid)
-
-    def to_json(self) -> str:
-        d: dict[str, Any] = {"attempt": self.attempt, "time": self.time}
-        if self.uid:
-            d["uid"] = self.uid
-        if self.checkpoint_now:
-            d["checkpointNow"] = self.checkpoint_now
-        if self.handoff_to is not None:
-            d["handoffTo"] = self.handoff_to
-            d["handoffPod"] = self.handoff_pod
-        return json.dumps(d, sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> "Control":
-        try:
-            data = json.loads(text)
-            to = data.get("handoffTo")
-            return cls(attempt=int(data["attempt"]),
-                       checkpoint_now=str(data.get("checkpointNow") or ""),
-                       handoff_to=int(to) if to is not None else None,
-                       handoff_pod=str(data.get("handoffPod") or ""),
-                       time=str(data.get("time") or ""), uid=str(data.get("uid") or ""))
-        except (ValueError, TypeError, KeyError, AttributeError) as e:
-            raise CorruptCheckpointError(f"{CONTROL_NAME} is unreadable ({e!r})") from e
-
-
-def read_control(storage: "Storage") -> Control | None:
-    try:
-        return Control.from_json(storage.get_bytes(CONTROL_NAME))
-    except FileNotFoundError:
-        return None
-
-
-def read_fence(storage: "Storage") -> Fence | None:
-    """The phase's fence, or None if no operator ever wrote one (a run outside Phoenix)."""
-    try:
-        return Fence.from_json(storage.get_bytes(FENCE_NAME))
-    except FileNotFoundError:
-        return None
-
-
 @dataclass
 class CheckpointInfo:
     step: int
@@ -290,7 +161,7 @@ def sha256_stream(reader, chunk: int = 8 << 20) -> tuple[int, str]:
     return n, h.hexdigest()
 
 
-def verify_checkpoint(storage: "Storage", step: int, deep: bool = True) -> CheckpointInfo:
+def verify_checkpoint(storage: Storage, step: int, deep: bool = True) -> CheckpointInfo:
     """Validate one step directory. deep=False: manifest + sizes; deep=True: also content.
 
     Content without a download where the store keeps checksums: a shard whose manifest entry
@@ -338,17 +209,17 @@ def verify_checkpoint(storage: "Storage", step: int, deep: bool = True) -> Check
     return CheckpointInfo(step, uri, manifest, True, "ok")
 
 
-def checkpoint_steps(storage: "Storage") -> list[int]:
+def checkpoint_steps(storage: Storage) -> list[int]:
     steps = {parse_step_dir(name) for name in storage.list_dirs("")}
     return sorted(s for s in steps if s is not None)
 
 
-def list_checkpoints(storage: "Storage", deep: bool = False) -> list[CheckpointInfo]:
+def list_checkpoints(storage: Storage, deep: bool = False) -> list[CheckpointInfo]:
     """Every step directory under the prefix, validated, sorted by step ascending."""
     return [verify_checkpoint(storage, step, deep=deep) for step in checkpoint_steps(storage)]
 
 
-def latest_valid_checkpoint(storage: "Storage", deep: bool = True,
+def latest_valid_checkpoint(storage: Storage, deep: bool = True,
                             exclude_steps: Iterable[int] = (),
                             below_step: int | None = None) -> CheckpointInfo | None:
     """The highest step whose manifest validates; newer invalid ones are logged and skipped."""
