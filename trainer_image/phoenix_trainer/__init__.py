@@ -5,6 +5,7 @@ Kept free of torch imports so the operator can import ``phoenix_trainer.contract
 
     from phoenix_trainer import Trainer, Stage, StagedModule, ResumableShuffleSampler
     from phoenix_trainer import Session      # any other loop: restore / save / stop / finish
+    from phoenix_trainer import CheckpointPolicy, RecoveryPolicy, DataPolicy, ReportingPolicy
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ __all__ = [
     "Stage", "StagedModule", "Trainer", "Callback", "RunResult", "ResumableShuffleSampler",
     "AsyncCheckpointer", "load_checkpoint", "TrainerEnv", "TerminationMessage", "open_storage",
     "Session", "Restored", "capture_rng", "restore_rng", "adapt_loader",
+    "CheckpointPolicy", "RecoveryPolicy", "DataPolicy", "ReportingPolicy",
 ]
 
 _LAZY = {
@@ -21,7 +23,8 @@ _LAZY = {
     "RunResult": "session", "Session": "session", "Restored": "session",
     "capture_rng": "state", "restore_rng": "state", "adapt_loader": "loaders", "ResumableShuffleSampler": "state", "AsyncCheckpointer": "checkpoint",
     "load_checkpoint": "checkpoint", "TrainerEnv": "contract", "TerminationMessage": "contract",
-    "open_storage": "storage",
+    "open_storage": "storage", "CheckpointPolicy": "policies", "RecoveryPolicy": "policies",
+    "DataPolicy": "policies", "ReportingPolicy": "policies",
 }
 
 
