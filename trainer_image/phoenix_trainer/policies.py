@@ -77,20 +77,22 @@ LEGACY_KEYWORDS: Mapping[str, tuple[str, type, str]] = {
 def take_legacy_keywords(owner: str, legacy: Mapping[str, Any],
                          policies: Mapping[str, Any]) -> dict[str, Any]:
     """``policies`` (argument name -> policy or None) with the old keywords in ``legacy``
-    applied to them, each with a DeprecationWarning; a policy left None becomes its default.
-    An unknown keyword is a TypeError, as it was."""
+    applied, each with a DeprecationWarning; a policy left None becomes its default. A policy
+    given explicitly wins over old keywords for it (``StagedModule.fit`` passes its own
+    ``restart_method`` and ``max_retries`` as defaults). An unknown keyword is a TypeError."""
     out = dict(policies)
     changes: dict[str, dict[str, Any]] = {}
     for key, value in legacy.items():
         if key not in LEGACY_KEYWORDS or LEGACY_KEYWORDS[key][0] not in policies:
             raise TypeError(f"{owner}() got an unexpected keyword argument {key!r}")
         arg, cls, name = LEGACY_KEYWORDS[key]
+        ignored = f"; ignored, {arg}= was given" if policies[arg] is not None else ""
         warnings.warn(f"{owner}({key}=...) is deprecated and will be removed in the next release;"
-                      f" use {owner}({arg}={cls.__name__}({name}=...))",
+                      f" use {owner}({arg}={cls.__name__}({name}=...)){ignored}",
                       DeprecationWarning, stacklevel=3)
         changes.setdefault(arg, {})[name] = value
     for arg in policies:
-        cls = next(c for a, c, _ in LEGACY_KEYWORDS.values() if a == arg)
-        base = out[arg] if out[arg] is not None else cls()
-        out[arg] = dataclasses.replace(base, **changes.get(arg, {}))
+        if out[arg] is None:
+            cls = next(c for a, c, _ in LEGACY_KEYWORDS.values() if a == arg)
+            out[arg] = cls(**changes.get(arg, {}))
     return out

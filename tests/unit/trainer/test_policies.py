@@ -79,11 +79,13 @@ def test_the_policies_configure_what_the_keywords_did_without_warnings(tmp_path)
         assert landed(tr) == value, key
 
 
-def test_an_old_keyword_overrides_only_its_field_of_a_policy_given_too(tmp_path):
-    with pytest.warns(DeprecationWarning):
-        tr = trainer(tmp_path, checkpoint=CheckpointPolicy(interval_steps=7, max_in_flight=2),
-                     max_in_flight=4)
-    assert (tr.session.interval_steps, tr.session.checkpointing.policy.max_in_flight) == (7, 4)
+def test_a_policy_given_wins_over_old_keywords_for_it(tmp_path):
+    """``StagedModule.fit`` passes the module's restart_method / max_retries as old keywords:
+    a RecoveryPolicy given with them must not be overridden."""
+    with pytest.warns(DeprecationWarning, match="ignored, recovery= was given"):
+        tr = trainer(tmp_path, recovery=RecoveryPolicy(max_retries=5), max_retries=3,
+                     checkpoint_interval_steps=4)
+    assert (tr.max_retries, tr.session.interval_steps) == (5, 4)
 
 
 def test_an_unknown_keyword_is_still_a_type_error(tmp_path):
