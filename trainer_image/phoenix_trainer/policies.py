@@ -10,7 +10,6 @@ Plain data only: no torch import, no I/O, no clock reads; nothing here decides a
 """
 from __future__ import annotations
 
-import dataclasses
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
