@@ -1,7 +1,10 @@
 """Phoenix under torchrun: one checkpoint for all ranks, one stop for all ranks.
 
 ``DistributedSession`` is a ``Session`` for a process group of any size (gloo on CPU, NCCL
-on GPUs; torchrun's environment). What changes against one process:
+on GPUs; torchrun's environment), built with the group's parts instead of one process's:
+``GroupPeers`` (the collective decisions), ``ShardedSnapshots`` (per-rank names, DCP),
+``GangCommit`` (one manifest for every rank's files) and ``RankLoader`` (a rank's part of a
+checkpoint); it overrides none of the session's methods. What changes against one process:
 
 - **Agreement.** At each step boundary the ranks agree, in one tiny all-reduce, whether to
   stop (SIGTERM reached any rank) and whether to checkpoint (the interval is due on any
