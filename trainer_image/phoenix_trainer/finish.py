@@ -80,6 +80,7 @@ class Finisher:
         self.env, self.storage, self.run, self.checkpointing = env, storage, run, checkpointing
         self.stop, self.peers, self.emergency, self.clock, self.log = stop, peers, emergency, clock, log
         self.result: RunResult | None = None
+        self._since: float | None = None  # when the grace period began (_emergency_save)
 
     def finish(self, reason: str, step: int, *, epoch: int = 0, state: Any = None,
                progress: Mapping[str, Any] | None = None, train_seconds: float = 0.0) -> RunResult:
@@ -111,56 +112,20 @@ class Finisher:
 
     def _emergency_save(self, step: int, epoch: int, state: Any,
                         progress: Mapping[str, Any] | None) -> tuple[bool, str]:
-        ckpt, stop = self.checkpointing, self.stop
-        sig = stop.label or "stop"
-        start = stop.since if stop.since is not None else self.clock()
-        grace = self.env.grace_seconds
-        if stop.is_handoff:
-            # The operator asked for a handoff; nothing is killing this pod: the final
-            # checkpoint is made whatever the SIGTERM grace would allow. (Should the reclaim
-            # come meanwhile, the kubelet's SIGKILL may cut the save short: a partial
-            # checkpoint has no manifest and is never resumed from.)
-            grace = HANDOFF_SAVE_LIMIT_SECONDS
-
-        def remaining() -> float:
-            return grace - (self.clock() - start) - EXIT_RESERVE_SECONDS
-
-        def resume_point() -> tuple[str, int]:
-            latest = ckpt.latest
-            return (latest.uri if latest else "scratch"), step - (latest.step if latest else 0)
-
+        ckpt, sig = self.checkpointing, self.stop.label or "stop"
+        # The grace period counts from the stop request (or from now, if there was none).
+        self._since = self.stop.since if self.stop.since is not None else self.clock()
         checkpointer = ckpt.checkpointer
         if checkpointer is None:
             return False, f"{sig} at step {step}; no checkpoint storage configured, progress is lost"
         if step in checkpointer.pending_steps() or ckpt.has_checkpoint_at(step):
-            checkpointer.wait(timeout=max(0.0, remaining()))
+            checkpointer.wait(timeout=max(0.0, self._remaining()))
             if ckpt.has_checkpoint_at(step):
                 return True, f"{sig} at step {step}; a checkpoint of this step already existed (0 steps lost)"
-        verdict: str | None = None  # why this process cannot save now (None: it can)
-        if not self.emergency or state is None:
-            checkpointer.wait(timeout=max(0.0, remaining()))  # periodic saves still finish
-            why = "emergency checkpoints are disabled" if not self.emergency else "no state given"
-            verdict = f"{sig} at step {step}; {why}, resuming from {resume_point()[0]}"
-            need = 0.0
-        else:
-            state = _resolve(state)
-            nbytes = state.nbytes if isinstance(state, Snapshot) else tree_nbytes(split_state(state)[0])
-            need = checkpointer.estimate_save_seconds(nbytes)
-            # Earlier uploads go first (one upload thread); let them use what time there is.
-            flushed = checkpointer.wait(timeout=max(0.0, remaining()))
-            left = remaining()
-            last, lost = resume_point()
-            if need > left:
-                verdict = (f"{sig} at step {step}; grace period too short for an emergency"
-                           f" checkpoint (need ~{need:.1f}s, {max(0.0, left):.1f}s left of {grace:.0f}s);"
-                           f" resuming from {last} loses {lost} steps")
-            elif not flushed:
-                verdict = (f"{sig} at step {step}; earlier uploads did not finish within the"
-                           f" {grace:.0f}s grace period, no emergency checkpoint; resuming from"
-                           f" {last} loses {lost} steps")
+        verdict, need, state = self._verdict(sig, step, state)
         if not self.peers.all(verdict is None):  # a gang saves together or not at all
             return False, verdict or (f"{sig} at step {step}; a peer rank could not save within"
-                                      f" its grace period; resuming from {resume_point()[0]}")
+                                      f" its grace period; resuming from {self._resume_point(step)[0]}")
         t0 = time.perf_counter()
         try:
             ckpt.save(step, state, epoch=epoch, progress=progress, blocking=True)
@@ -168,6 +133,51 @@ class Finisher:
             return False, f"{sig} at step {step}; emergency checkpoint failed: {e}"
         return True, (f"{sig} at step {step}; emergency checkpoint saved in"
                       f" {time.perf_counter() - t0:.1f}s (estimated {need:.1f}s, 0 steps lost)")
+
+    def _verdict(self, sig: str, step: int, state: Any) -> tuple[str | None, float, Any]:
+        """Why this process cannot save now (None: it can), the seconds a save would need,
+        and the state (built now if it was a callable)."""
+        checkpointer = self.checkpointing.checkpointer
+        assert checkpointer is not None
+        if not self.emergency or state is None:
+            checkpointer.wait(timeout=max(0.0, self._remaining()))  # periodic saves still finish
+            why = "emergency checkpoints are disabled" if not self.emergency else "no state given"
+            return f"{sig} at step {step}; {why}, resuming from {self._resume_point(step)[0]}", 0.0, state
+        state = _resolve(state)
+        nbytes = state.nbytes if isinstance(state, Snapshot) else tree_nbytes(split_state(state)[0])
+        need = checkpointer.estimate_save_seconds(nbytes)
+        # Earlier uploads go first (one upload thread); let them use what time there is.
+        flushed = checkpointer.wait(timeout=max(0.0, self._remaining()))
+        left, grace = self._remaining(), self._grace()
+        last, lost = self._resume_point(step)
+        if need > left:
+            return (f"{sig} at step {step}; grace period too short for an emergency"
+                    f" checkpoint (need ~{need:.1f}s, {max(0.0, left):.1f}s left of {grace:.0f}s);"
+                    f" resuming from {last} loses {lost} steps"), need, state
+        if not flushed:
+            return (f"{sig} at step {step}; earlier uploads did not finish within the"
+                    f" {grace:.0f}s grace period, no emergency checkpoint; resuming from"
+                    f" {last} loses {lost} steps"), need, state
+        return None, need, state
+
+    def _grace(self) -> float:
+        if self.stop.is_handoff:
+            # The operator asked for a handoff; nothing is killing this pod: the final
+            # checkpoint is made whatever the SIGTERM grace would allow. (Should the reclaim
+            # come meanwhile, the kubelet's SIGKILL may cut the save short: a partial
+            # checkpoint has no manifest and is never resumed from.)
+            return HANDOFF_SAVE_LIMIT_SECONDS
+        return self.env.grace_seconds
+
+    def _remaining(self) -> float:
+        """Seconds left of the grace period (from the stop request), less the exit reserve."""
+        assert self._since is not None
+        return self._grace() - (self.clock() - self._since) - EXIT_RESERVE_SECONDS
+
+    def _resume_point(self, step: int) -> tuple[str, int]:
+        """Where the next attempt resumes and how many steps that loses."""
+        latest = self.checkpointing.latest
+        return (latest.uri if latest else "scratch"), step - (latest.step if latest else 0)
 
     def _hand_off(self) -> str:
         """After the final checkpoint: fence the phase for the standby, naming that checkpoint,
