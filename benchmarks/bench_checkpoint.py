@@ -38,6 +38,7 @@ from phoenix_trainer.core.contract import TrainerEnv
 from phoenix_trainer.core.storage.s3 import S3Storage
 from phoenix_trainer.core.writer import StreamedShard, commit_checkpoint
 from phoenix_trainer.determinism import capture_rng
+from phoenix_trainer.policies import CheckpointPolicy, RecoveryPolicy, ReportingPolicy
 from phoenix_trainer.samplers import ResumableShuffleSampler
 from phoenix_trainer.trainer import Callback, Trainer
 
@@ -76,8 +77,9 @@ def train_once(args, storage, prefix: str | None):
     env = TrainerEnv(phase="bench", termination_log=os.devnull, checkpoint_keep=2)
     tr = Trainer(model, opt, loader, loss_fn, scheduler=sched, grad_clip_norm=1.0, max_steps=args.steps,
                  config={"bench": 1}, env=env, storage=st,
-                 checkpoint_interval_steps=args.interval if prefix else None,
-                 snapshot_interval_steps=10**9, install_signal_handlers=False, log_every=10**9,
+                 checkpoint=CheckpointPolicy(interval_steps=args.interval if prefix else None),
+                 recovery=RecoveryPolicy(snapshot_interval_steps=10**9),
+                 reporting=ReportingPolicy(log_every=10**9), install_signal_handlers=False,
                  callbacks=[timer])
     tr.fit()
     steps = args.steps - args.warmup

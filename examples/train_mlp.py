@@ -21,7 +21,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from phoenix_trainer import ResumableShuffleSampler, Stage, StagedModule, Trainer
+from phoenix_trainer import (
+    CheckpointPolicy, ReportingPolicy, ResumableShuffleSampler, Stage, StagedModule, Trainer,
+)
 
 
 class Sleep(nn.Module):
@@ -111,9 +113,10 @@ def main(argv: list[str] | None = None) -> int:
               if k not in ("step_delay", "out", "log_every", "no_emergency_checkpoint")}
     trainer = Trainer(model, optimizer, loader, step_loss, scheduler=scheduler, scaler=scaler,
                       grad_clip_norm=args.clip, epochs=args.epochs, max_steps=args.steps,
-                      config=config, checkpoint_interval_steps=args.checkpoint_every,
-                      log_every=args.log_every,
-                      emergency_checkpoint=not args.no_emergency_checkpoint)
+                      config=config,
+                      checkpoint=CheckpointPolicy(interval_steps=args.checkpoint_every,
+                                                  emergency=not args.no_emergency_checkpoint),
+                      reporting=ReportingPolicy(log_every=args.log_every))
     result = trainer.fit()
     if args.out and result.reason == "completed":
         torch.save(model.state_dict(), args.out)

@@ -24,7 +24,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from phoenix_trainer import ResumableShuffleSampler, Trainer
+from phoenix_trainer import (
+    CheckpointPolicy, DataPolicy, ReportingPolicy, ResumableShuffleSampler, Trainer,
+)
 
 
 class TokenSequences(Dataset):
@@ -153,8 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     config = {k: v for k, v in vars(args).items() if k not in ("step_delay", "log_every", "workers")}
     trainer = Trainer(model, optimizer, loader, step_loss, scheduler=scheduler, grad_clip_norm=args.clip,
                       epochs=args.epochs, max_steps=args.steps, config=config,
-                      accumulate_grad_batches=args.accumulate,
-                      checkpoint_interval_steps=args.checkpoint_every, log_every=args.log_every)
+                      data=DataPolicy(accumulate_grad_batches=args.accumulate),
+                      checkpoint=CheckpointPolicy(interval_steps=args.checkpoint_every),
+                      reporting=ReportingPolicy(log_every=args.log_every))
     return trainer.fit().exit_code
 
 

@@ -5,6 +5,7 @@ storage, layout, handshake) without shipping torch. Heavy pieces load lazily:
 
     from phoenix_trainer import Trainer, Stage, StagedModule, ResumableShuffleSampler
     from phoenix_trainer import Session      # any other loop: restore / save / stop / finish
+    from phoenix_trainer import CheckpointPolicy, RecoveryPolicy, DataPolicy, ReportingPolicy
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ __all__ = [
     "Stage", "StagedModule", "Trainer", "Callback", "RunResult", "ResumableShuffleSampler",
     "AsyncCheckpointer", "load_checkpoint", "TrainerEnv", "TerminationMessage", "open_storage",
     "Session", "Restored", "capture_rng", "restore_rng", "adapt_loader",
+    "CheckpointPolicy", "RecoveryPolicy", "DataPolicy", "ReportingPolicy",
 ]
 
 _LAZY = {
@@ -23,6 +25,8 @@ _LAZY = {
     "ResumableShuffleSampler": "samplers", "AsyncCheckpointer": "checkpoint",
     "load_checkpoint": "checkpoint", "TrainerEnv": "core.contract",
     "TerminationMessage": "core.contract", "open_storage": "core.storage",
+    "CheckpointPolicy": "policies", "RecoveryPolicy": "policies", "DataPolicy": "policies",
+    "ReportingPolicy": "policies",
 }
 
 

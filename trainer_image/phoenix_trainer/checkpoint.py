@@ -25,7 +25,7 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
@@ -41,6 +41,15 @@ log = logging.getLogger("phoenix.checkpoint")
 # Conservative guesses used before this process has measured a save of its own.
 _DEFAULT_BYTES_PER_SECOND = 50e6
 _DEFAULT_FIXED_SECONDS = 2.0
+# The document every checkpoint carries about the run (step, epoch, run id, progress, ...).
+TRAINER_DOC = "trainer.json"
+
+
+def split_state(state: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors for torch.save, JSON documents) by shard name."""
+    tensors = {k: v for k, v in state.items() if not k.endswith(".json")}
+    docs = {k: v for k, v in state.items() if k.endswith(".json")}
+    return tensors, docs
 
 
 @dataclass

@@ -14,6 +14,7 @@ import tempfile
 
 from .core.contract import TrainerEnv
 from .core.storage import open_storage
+from .policies import CheckpointPolicy, RecoveryPolicy, ReportingPolicy
 from .testing import state_dicts_equal, tiny_setup
 from .trainer import Trainer
 
@@ -24,9 +25,10 @@ def run(flaky_rate: float, restart_method: str, steps: int, ckpt_dir: str, max_r
     trainer = Trainer(t.model, t.optimizer, t.loader, t.loss_fn, scheduler=t.scheduler,
                       grad_clip_norm=1.0, max_steps=steps, config=t.config,
                       env=TrainerEnv(phase="demo", termination_log=f"{ckpt_dir}/termination-log"),
-                      storage=open_storage(f"file://{ckpt_dir}"), checkpoint_interval_steps=10,
-                      restart_method=restart_method, max_retries=max_retries, log_every=20,
-                      install_signal_handlers=False)
+                      storage=open_storage(f"file://{ckpt_dir}"),
+                      checkpoint=CheckpointPolicy(interval_steps=10),
+                      recovery=RecoveryPolicy(restart_method=restart_method, max_retries=max_retries),
+                      reporting=ReportingPolicy(log_every=20), install_signal_handlers=False)
     result = trainer.fit()
     return t, result
 

@@ -1,7 +1,10 @@
 """Phoenix under torchrun: one checkpoint for all ranks, one stop for all ranks.
 
 ``DistributedSession`` is a ``Session`` for a process group of any size (gloo on CPU, NCCL
-on GPUs; torchrun's environment). What changes against one process:
+on GPUs; torchrun's environment), built with the group's parts instead of one process's:
+``GroupPeers`` (the collective decisions), ``ShardedSnapshots`` (per-rank names, DCP),
+``GangCommit`` (one manifest for every rank's files) and ``RankLoader`` (a rank's part of a
+checkpoint); it overrides none of the session's methods. What changes against one process:
 
 - **Agreement.** At each step boundary the ranks agree, in one tiny all-reduce, whether to
   stop (SIGTERM reached any rank) and whether to checkpoint (the interval is due on any
@@ -33,32 +36,27 @@ on GPUs; torchrun's environment). What changes against one process:
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import tempfile
 import time
 from datetime import timedelta
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from .checkpoint import Snapshot, check_spool_room
-from .core.contract import EXIT_PREEMPTED, REASON_PREEMPTED
-from .core.errors import (
-    CheckpointError, ConfigMismatchError, CorruptCheckpointError, SpoolFullError,
-)
-from .core.layout import (
-    CheckpointInfo, Manifest, latest_valid_checkpoint, split_checkpoint_uri, step_dir_name,
-    verify_checkpoint,
-)
+from .checkpointing import LocalSnapshots
+from .core.errors import CheckpointError, CorruptCheckpointError, SpoolFullError
+from .core.layout import CheckpointInfo, Manifest, step_dir_name
 from .core.storage import Storage
 from .core.writer import file_digest, publish_manifest, upload_shards
-from .session import Restored, RunResult, Session, StandbyEnded, _Ctx
+from .restore import Restored
+from .session import Session
 
-log = logging.getLogger("phoenix.trainer")
+T = TypeVar("T")
 
 ENV_COLLECTIVE_TIMEOUT = "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS"
 DEFAULT_COLLECTIVE_TIMEOUT = 60.0
@@ -150,66 +148,75 @@ class ShardedRestored(Restored):
                  process_group=process_group)
 
 
-class DistributedSession(Session):
-    """A ``Session`` shared by every rank of a process group; see the module docstring."""
+class GroupPeers:
+    """A process group's answers to a session's collective questions (peers.py), on gloo
+    groups of their own (never the model's, possibly NCCL, group) with a bounded timeout."""
 
-    def __init__(self, *, collective_timeout_seconds: float | None = None, **kwargs: Any) -> None:
-        if not (dist.is_available() and dist.is_initialized()):
-            raise RuntimeError("DistributedSession needs torch.distributed initialised"
-                               " (call phoenix_trainer.distributed.init_from_env() under torchrun)")
-        super().__init__(**kwargs)
+    def __init__(self, timeout_seconds: float | None = None) -> None:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        timeout = timedelta(seconds=collective_timeout(collective_timeout_seconds))
+        self.leads = self.rank == 0
+        self.leads_pod = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        timeout = timedelta(seconds=collective_timeout(timeout_seconds))
         # Training thread: agreement, DCP planning, restore. Upload thread: commit handshake.
         self.ctl_group = dist.new_group(backend="gloo", timeout=timeout)
         self.io_group = dist.new_group(backend="gloo", timeout=timeout)
-        self.log = _Ctx(log, {"ctx": f"{self.env.log_context} rank {self.rank}/{self.world_size}"})
-        self._agreed: tuple[int, bool, bool] | None = None
-        self._download_dir: str | None = None
+        self._agreed: tuple[int, tuple[bool, ...]] | None = None
 
-    # ------------------------------------------------------------------ agreement --------
-    def _agree(self, step: int) -> tuple[int, bool, bool]:
+    def describe(self, context: str) -> str:
+        return f"{context} rank {self.rank}/{self.world_size}"
+
+    def agree(self, step: int, flags: Callable[[], Sequence[bool]]) -> tuple[bool, ...]:
+        """One tiny all-reduce per step boundary (asked again at the same step: the answer
+        already agreed), so every rank stops or saves at the same step."""
         if self._agreed is not None and self._agreed[0] == step:
-            return self._agreed
-        due = Session.should_checkpoint(self, step)
-        flags = torch.tensor([int(self.stop_requested), int(due)], dtype=torch.int32)
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ctl_group)
-        stop, ckpt = bool(flags[0]), bool(flags[1])
-        if stop and not self.stop_requested:
-            self.log.info("a peer rank was asked to stop; stopping at step %d with it", step)
-            self.request_stop()
-        self._agreed = (step, stop, ckpt)
-        return self._agreed
+            return self._agreed[1]
+        mine = torch.tensor([int(f) for f in flags()], dtype=torch.int32)
+        dist.all_reduce(mine, op=dist.ReduceOp.MAX, group=self.ctl_group)
+        self._agreed = (step, tuple(bool(f) for f in mine))
+        return self._agreed[1]
 
-    def should_stop(self, step: int) -> bool:
-        self.last_step = step
-        return self._agree(step)[1]
-
-    def should_checkpoint(self, step: int) -> bool:
-        self.last_step = step
-        return self._agree(step)[2]
-
-    def _all_agree(self, ok: bool) -> bool:
+    def all(self, ok: bool) -> bool:
         flag = torch.tensor([int(ok)], dtype=torch.int32)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.ctl_group)
         return bool(flag[0])
 
-    # ------------------------------------------------------------------ saving -----------
-    def snapshot(self, step: int, epoch: int, state: Mapping[str, Any],
-                 progress: Mapping[str, Any] | None = None) -> Snapshot:
+    def pick(self, choose: Callable[[], T]) -> T:
+        picked: list[Any] = [choose() if self.rank == 0 else None]
+        dist.broadcast_object_list(picked, src=0, group=self.ctl_group)
+        return picked[0]
+
+    def gather(self, value: Any) -> list[Any]:
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, value, group=self.ctl_group)
+        return out
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.ctl_group)
+
+
+class ShardedSnapshots:
+    """A rank's state -> a ``Snapshot``: its own entries as ``rank<r>-<name>``, the
+    ``"sharded"`` entry written with DCP into the spool (every rank or none)."""
+
+    def __init__(self, peers: GroupPeers) -> None:
+        self.peers = peers
+        self.local = LocalSnapshots()
+
+    def take(self, step: int, epoch: int, state: Mapping[str, Any], trainer_doc: dict[str, Any],
+             extra: dict[str, Any], spool: str | None) -> Snapshot:
         state = dict(state)
         sharded = state.pop(SHARDED, None)
-        snap = super().snapshot(step, epoch, state, progress)
-        prefix = rank_prefix(self.rank)
+        snap = self.local.take(step, epoch, state, trainer_doc, extra, spool)
+        prefix = rank_prefix(self.peers.rank)
         snap.tensors = {prefix + k: v for k, v in snap.tensors.items()}
         snap.documents = {prefix + k: v for k, v in snap.documents.items()}
         if sharded is not None:
-            spool = self.checkpointer.spool if self.checkpointer else tempfile.mkdtemp(prefix="phoenix-dcp-")
+            spool = spool or tempfile.mkdtemp(prefix="phoenix-dcp-")
             d = os.path.join(spool, step_dir_name(step), "dcp")
             shutil.rmtree(d, ignore_errors=True)
             self._check_spool(spool, step, sharded)
             t0 = time.perf_counter()
-            dcp.save(sharded, storage_writer=dcp.FileSystemWriter(d), process_group=self.ctl_group)
+            dcp.save(sharded, storage_writer=dcp.FileSystemWriter(d), process_group=self.peers.ctl_group)
             for name in sorted(os.listdir(d)):
                 path = os.path.join(d, name)
                 snap.files[DCP_PREFIX + name] = path
@@ -223,43 +230,26 @@ class DistributedSession(Session):
         problem = None
         try:
             check_spool_room(spool, local_nbytes(sharded),
-                             f"checkpoint step {step} (rank {self.rank}'s sharded state)")
+                             f"checkpoint step {step} (rank {self.peers.rank}'s sharded state)")
         except SpoolFullError as e:
             problem = str(e)
-        reasons: list[Any] = [None] * self.world_size
-        dist.all_gather_object(reasons, problem, group=self.ctl_group)
+        reasons = self.peers.gather(problem)
         if any(reasons):
             raise SpoolFullError("; ".join(r for r in reasons if r))
 
-    def _serves_status(self) -> bool:
-        return int(os.environ.get("LOCAL_RANK", "0")) == 0
 
-    def _polls_control(self) -> bool:
-        return self.rank == 0  # _agree shares its flags with every rank
+class GangCommit:
+    """``AsyncCheckpointer``'s commit for a gang (upload thread, every rank in the same order):
+    upload mine, exchange entries, rank 0 publishes the manifest listing everyone's files and
+    tells the others how it went."""
 
-    def restore(self) -> Restored | None:
-        restored = super().restore()
-        if self.checkpointer is not None:
-            self.checkpointer.commit = self._commit
-            self.checkpointer.retention = self.rank == 0
-        if self.rank != 0:
-            self.metrics = None  # one metrics file per attempt: rank 0 writes it
-        return restored
+    def __init__(self, peers: GroupPeers) -> None:
+        self.rank, self.world_size, self.group = peers.rank, peers.world_size, peers.io_group
 
-    def _end(self, result: Any) -> None:
-        # One termination message per pod (its local rank 0; torchrun's ranks share the file).
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            super()._end(result)
-        else:
-            self._finished = result
-            self.log.info("%s at step %d: %s", result.reason, result.step, result.message)
-
-    def _commit(self, storage: Storage, step: int, files: dict[str, str], *, epoch: int,
-                phase: str, config_fingerprint: str, run_id: str = "", attempt: int | None = None,
-                extra: dict | None = None, digests: dict | None = None, retry: Any = None,
-                uid: str = "") -> CheckpointInfo:
-        """Upload thread, every rank in the same order: upload mine, exchange entries, rank 0
-        publishes the manifest listing everyone's files and tells the others how it went."""
+    def __call__(self, storage: Storage, step: int, files: dict[str, str], *, epoch: int,
+                 phase: str, config_fingerprint: str, run_id: str = "", attempt: int | None = None,
+                 extra: dict | None = None, digests: dict | None = None, retry: Any = None,
+                 uid: str = "") -> CheckpointInfo:
         error = None
         try:
             mine = upload_shards(storage, step, files, attempt=attempt, digests=digests, retry=retry,
@@ -267,7 +257,7 @@ class DistributedSession(Session):
         except BaseException as e:  # noqa: BLE001 - reported to rank 0, which will not publish
             mine, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
         everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, (mine, error), group=self.io_group)
+        dist.all_gather_object(everyone, (mine, error), group=self.group)
         outcome: list[Any] = [None]
         if self.rank == 0:
             errors = [e for _, e in everyone if e]
@@ -284,110 +274,68 @@ class DistributedSession(Session):
                     outcome[0] = (info.manifest.to_json(), None)
                 except BaseException as e:  # noqa: BLE001 - every rank must hear about it
                     outcome[0] = (None, f"rank 0: {type(e).__name__}: {e}")
-        dist.broadcast_object_list(outcome, src=0, group=self.io_group)
+        dist.broadcast_object_list(outcome, src=0, group=self.group)
         manifest_json, why = outcome[0]
         if why is not None:
             raise CheckpointError(f"checkpoint step {step} of the gang was not committed: {why}")
         manifest = Manifest.from_json(manifest_json)
         return CheckpointInfo(step, storage.uri_for(step_dir_name(step)), manifest, True, "ok")
 
-    # ------------------------------------------------------------------ standby ----------
-    # A standby gang: every rank waits for the fence on its own, with no collective while it
-    # waits (one would time out after PHOENIX_COLLECTIVE_TIMEOUT_SECONDS), and preloads its
-    # own part of the newest checkpoint; once promoted, the ranks meet at a barrier and
-    # restore together as usual (rank 0's fence read names the checkpoint for all).
-    def _wait_as_standby(self) -> str | None:
-        target = super()._wait_as_standby()
-        dist.barrier(group=self.ctl_group)
-        return target
 
-    def _end_standby(self, why: str) -> None:
-        # Every rank ends; one termination message per pod (its local rank 0 writes it).
-        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
-            super()._end_standby(why)
-        self.log.info("%s", why)
-        self._finished = RunResult(REASON_PREEMPTED, 0, 0, None, False, why, EXIT_PREEMPTED,
-                                   0.0, self.exactness)
-        raise StandbyEnded(EXIT_PREEMPTED)
+class RankLoader:
+    """A rank's part of a gang checkpoint: its own ``rank<r>-`` files (rank 0's for a rank
+    that did not exist at save time) and the DCP files, downloaded to a local folder and
+    checked against the manifest."""
 
-    # ------------------------------------------------------------------ restore ----------
-    def _find_own(self) -> Restored | None:
-        assert self.storage is not None
-        tried: set[int] = set()
-        below: int | None = None
-        target = self._resume_target  # PHOENIX_RESUME_FROM, or the fence's for a standby
-        first = split_checkpoint_uri(target)[1] if target else None
-        while True:
-            pick: list[Any] = [None]
-            if self.rank == 0:
-                if first is not None and first not in tried:
-                    pick[0] = first
-                else:
-                    info = latest_valid_checkpoint(self.storage, deep=False, exclude_steps=tried,
-                                                   below_step=below)
-                    pick[0] = info.step if info else None
-            dist.broadcast_object_list(pick, src=0, group=self.ctl_group)
-            step = pick[0]
-            if step is None:
-                if tried:
-                    self.log.warning("no usable checkpoint under %s; starting from scratch", self.storage.uri)
-                return None
-            info = verify_checkpoint(self.storage, step, deep=False)
-            loaded = self._try_load(self.storage, info) if info.valid else None
-            if not info.valid:
-                self.log.warning("checkpoint %s is not valid (%s); falling back", info.uri, info.reason)
-            oks: list[Any] = [None] * self.world_size
-            dist.all_gather_object(oks, loaded is not None, group=self.ctl_group)
-            if all(oks):
-                return loaded
-            if loaded is not None:
-                self.log.warning("a peer rank could not load %s; falling back with it", info.uri)
-            tried.add(step)
-            if step == first:
-                below = step
+    def __init__(self, rank: int) -> None:
+        self.rank = rank
+        self.folder: str | None = None
 
-    def _try_load(self, storage: Storage, info: CheckpointInfo) -> Restored | None:
+    def load(self, storage: Storage, info: CheckpointInfo, prefetch: Any = None) -> Restored:
         assert info.manifest is not None
         files = info.manifest.files
-        self._check_config(info)
-        if self._warm is not None and self._warm.info.uri == info.uri:
-            self.log.info("resuming from the preloaded checkpoint step %d", info.step)
-            return self._warm
         own = rank_prefix(self.rank) if any(n.startswith(rank_prefix(self.rank)) for n in files) else rank_prefix(0)
-        if self._download_dir:
-            shutil.rmtree(self._download_dir, ignore_errors=True)
-        self._download_dir = tempfile.mkdtemp(prefix="phoenix-restore-")
-        wanted = [n for n in files if n.startswith((own, DCP_PREFIX))]
+        self.close()
+        self.folder = tempfile.mkdtemp(prefix="phoenix-restore-")
         state: dict[str, Any] = {}
-        try:
-            os.makedirs(os.path.join(self._download_dir, "dcp"))
-            for name in sorted(wanted):
-                local = ("dcp/" + name[len(DCP_PREFIX):]) if name.startswith(DCP_PREFIX) else name
-                path = os.path.join(self._download_dir, local)
-                try:
-                    storage.get_file(f"{step_dir_name(info.step)}/{name}", path)
-                except FileNotFoundError as e:
-                    raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
-                got = file_digest(path)
-                if (got.size, got.sha256) != (files[name].size, files[name].sha256):
-                    raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} does not match"
-                                                 " its manifest entry (size or sha256)")
-                if name.startswith(own):
-                    key = name[len(own):]
-                    state[key] = _decode(path, key, info)
-        except CorruptCheckpointError as e:
-            self.log.warning("checkpoint %s is unusable (%s); falling back to the previous valid"
-                             " checkpoint", info.uri, e)
-            return None
+        os.makedirs(os.path.join(self.folder, "dcp"))
+        for name in sorted(n for n in files if n.startswith((own, DCP_PREFIX))):
+            local = ("dcp/" + name[len(DCP_PREFIX):]) if name.startswith(DCP_PREFIX) else name
+            path = os.path.join(self.folder, local)
+            try:
+                storage.get_file(f"{step_dir_name(info.step)}/{name}", path)
+            except FileNotFoundError as e:
+                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
+            got = file_digest(path)
+            if (got.size, got.sha256) != (files[name].size, files[name].sha256):
+                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} does not match"
+                                             " its manifest entry (size or sha256)")
+            if name.startswith(own):
+                key = name[len(own):]
+                state[key] = _decode(path, key, info)
         restored = ShardedRestored("resume", info.step, info.manifest.epoch, info, state)
         if any(n.startswith(DCP_PREFIX) for n in files):
-            restored.sharded_dir = os.path.join(self._download_dir, "dcp")
+            restored.sharded_dir = os.path.join(self.folder, "dcp")
         return restored
 
     def close(self) -> None:
-        super().close()
-        if self._download_dir:
-            shutil.rmtree(self._download_dir, ignore_errors=True)
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class DistributedSession(Session):
+    """A ``Session`` shared by every rank of a process group; see the module docstring. It
+    only supplies the group's parts: peers, snapshots, commit and loader."""
+
+    def __init__(self, *, collective_timeout_seconds: float | None = None, **kwargs: Any) -> None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("DistributedSession needs torch.distributed initialised"
+                               " (call phoenix_trainer.distributed.init_from_env() under torchrun)")
+        peers = GroupPeers(collective_timeout_seconds)
+        super().__init__(peers=peers, snapshots=ShardedSnapshots(peers), commit=GangCommit(peers),
+                         loader=RankLoader(peers.rank), prefetch=None, **kwargs)
+        self.rank, self.world_size = peers.rank, peers.world_size
+        self.ctl_group, self.io_group = peers.ctl_group, peers.io_group
 
 
 def _decode(path: str, name: str, info: CheckpointInfo) -> Any:

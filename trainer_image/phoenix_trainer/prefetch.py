@@ -197,6 +197,14 @@ def current() -> Prefetch | None:
     return _current
 
 
+def adopt() -> Prefetch | None:
+    """Hand the prefetch this process started to its owner (a session's restore, which closes
+    it), forgetting it here; None if there is none."""
+    global _current
+    pre, _current = _current, None
+    return pre
+
+
 def release() -> Prefetch | None:
     """Stop and forget the prefetch (after the restore); it, for its summary."""
     global _current

@@ -17,10 +17,10 @@ from typing import Any, Iterable
 from torch import nn
 
 from .core.errors import StageError
+from .policies import LEGACY_KEYWORDS, RecoveryPolicy, check_restart_method
+from .trainer import Trainer
 
 log = logging.getLogger("phoenix.stages")
-
-RESTART_METHODS = ("reload", "reinit_epoch")
 
 
 class Stage(nn.Module):
@@ -68,8 +68,7 @@ class StagedModule(nn.Module):
         names = [s.name for s in stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names must be unique, got {names}")
-        if restart_method not in RESTART_METHODS:
-            raise ValueError(f"restart_method={restart_method!r}; use one of {RESTART_METHODS}")
+        check_restart_method(restart_method)
         if max_retries < 0:
             raise ValueError("max_retries must be >= 0")
         self.stages = nn.ModuleList(stages)
@@ -100,9 +99,13 @@ class StagedModule(nn.Module):
             s.reset_timings()
 
     def fit(self, optimizer, train_loader, loss_fn, **trainer_kwargs):
-        """Train with the epoch/step loop; see ``Trainer`` for the keyword arguments."""
-        from .trainer import Trainer
-
-        trainer_kwargs.setdefault("restart_method", self.restart_method)
-        trainer_kwargs.setdefault("max_retries", self.max_retries)
+        """Train with the epoch/step loop; see ``Trainer`` for the keyword arguments. This
+        module's recovery settings apply unless the caller gives a ``RecoveryPolicy`` (or the
+        deprecated keywords for one)."""
+        if not any(LEGACY_KEYWORDS.get(k, ("",))[0] == "recovery" for k in trainer_kwargs):
+            trainer_kwargs.setdefault("recovery", RecoveryPolicy(
+                restart_method=self.restart_method, max_retries=self.max_retries))
+        else:  # the old keywords, as before: this module's values fill the ones not given
+            trainer_kwargs.setdefault("restart_method", self.restart_method)
+            trainer_kwargs.setdefault("max_retries", self.max_retries)
         return Trainer(self, optimizer, train_loader, loss_fn, **trainer_kwargs).fit()

@@ -38,17 +38,23 @@ from torch import nn
 
 from .checkpoint import Snapshot
 from .core.contract import REASON_COMPLETED, REASON_PREEMPTED, TrainerEnv
-from .core.errors import CheckpointError, RecoveryExhaustedError, StageError, TransientError
+from .core.errors import CheckpointError, RecoveryExhaustedError, StageError
 from .core.layout import CheckpointInfo
 from .core.storage import Storage
-from .core.writer import RetryPolicy
 from .determinism import Exactness, capture_rng, kernel_exactness, restore_rng
 from .loaders import adapt_loader
+from .policies import (
+    CheckpointPolicy,
+    DataPolicy,
+    RecoveryPolicy,
+    ReportingPolicy,
+    take_legacy_keywords,
+)
 from .session import RunResult, Session
-from .stages import RESTART_METHODS, StagedModule
 from .tensors import clone_tree
 
-__all__ = ["Trainer", "Callback", "RunResult"]
+__all__ = ["Trainer", "Callback", "RunResult", "CheckpointPolicy", "RecoveryPolicy", "DataPolicy",
+           "ReportingPolicy"]
 
 log = logging.getLogger("phoenix.trainer")
 
@@ -72,43 +78,37 @@ class Trainer:
         scheduler: Any = None, scaler: Any = None, grad_clip_norm: float | None = None,
         epochs: int | None = None, max_steps: int | None = None, config: dict | None = None,
         env: TrainerEnv | None = None, storage: Storage | None = None,
-        checkpoint_interval_steps: int | None = None,
-        checkpoint_interval_seconds: float | None = None,
-        restart_method: str = "reload", max_retries: int = 3,
-        retry_on: Sequence[type[BaseException]] = (TransientError,),
-        snapshot_interval_steps: int | None = None, callbacks: Sequence[Callback] = (),
-        log_every: int = 50, metrics_interval_seconds: float = 30.0, max_in_flight: int = 1,
-        retry_policy: RetryPolicy | None = None, install_signal_handlers: bool = True,
-        clock: Callable[[], float] = time.monotonic, init_strict: bool = True,
-        emergency_checkpoint: bool = True, accumulate_grad_batches: int = 1,
+        callbacks: Sequence[Callback] = (), checkpoint: CheckpointPolicy | None = None,
+        recovery: RecoveryPolicy | None = None, data: DataPolicy | None = None,
+        reporting: ReportingPolicy | None = None, install_signal_handlers: bool = True,
+        clock: Callable[[], float] = time.monotonic, **legacy: Any,
     ) -> None:
+        p = take_legacy_keywords("Trainer", legacy, {"checkpoint": checkpoint, "recovery": recovery,
+                                                     "data": data, "reporting": reporting})
+        recovery, accumulate = p["recovery"], p["data"].accumulate_grad_batches
         if epochs is None and max_steps is None:
             raise ValueError("give epochs= or max_steps= (or both); otherwise training never ends")
-        if restart_method not in RESTART_METHODS:
-            raise ValueError(f"restart_method={restart_method!r}; use one of {RESTART_METHODS}")
-        if accumulate_grad_batches < 1:
-            raise ValueError(f"accumulate_grad_batches={accumulate_grad_batches}; use 1 or more")
+        if accumulate < 1:
+            raise ValueError(f"accumulate_grad_batches={accumulate}; use 1 or more")
         self.model, self.optimizer, self.loader, self.loss_fn = model, optimizer, train_loader, loss_fn
         self.scheduler, self.scaler, self.grad_clip_norm = scheduler, scaler, grad_clip_norm
         self.epochs, self.max_steps = epochs, max_steps
-        self.accumulate = int(accumulate_grad_batches)
+        self.accumulate = int(accumulate)
         self.data = adapt_loader(train_loader)
         self.batch_size = self.data.batch_size
         self.batches_per_epoch = self.data.batches_per_epoch  # micro-batches
         self.steps_per_epoch: int | None = (
             -(-self.batches_per_epoch // self.accumulate) if self.batches_per_epoch is not None else None)
         self.session = Session(
-            config=config, env=env, storage=storage, checkpoint_interval_steps=checkpoint_interval_steps,
-            checkpoint_interval_seconds=checkpoint_interval_seconds, max_in_flight=max_in_flight,
-            retry_policy=retry_policy, install_signal_handlers=False, clock=clock,
-            emergency_checkpoint=emergency_checkpoint, exactness=self.data.exactness,
-            metrics_interval_seconds=metrics_interval_seconds)
-        self.restart_method, self.max_retries = restart_method, max_retries
-        self.retry_on = tuple(retry_on)
-        self.snapshot_interval = snapshot_interval_steps or self.session.interval_steps or 50
+            config=config, env=env, storage=storage, checkpoint=p["checkpoint"], reporting=p["reporting"],
+            install_signal_handlers=False, clock=clock, exactness=self.data.exactness)
+        self.restart_method, self.max_retries = recovery.restart_method, recovery.max_retries
+        self.retry_on = tuple(recovery.retry_on)
+        self.snapshot_interval = recovery.snapshot_interval_steps or self.session.interval_steps or 50
         self.callbacks = list(callbacks)
-        self.log_every = max(1, log_every)
-        self.install_signal_handlers, self.clock, self.init_strict = install_signal_handlers, clock, init_strict
+        self.log_every = max(1, p["reporting"].log_every)
+        self.install_signal_handlers, self.clock = install_signal_handlers, clock
+        self.init_strict = p["checkpoint"].init_strict
         self.log = self.session.log
 
         # Position and bookkeeping (data.json and the session's trainer.json).
@@ -377,8 +377,11 @@ class Trainer:
             cb.on_step_end(self, loss)
 
     def _after_epoch(self, epoch: int) -> None:
-        if isinstance(self.model, StagedModule):
-            self.model.log_timings(prefix=f"[{self.env.log_context}] epoch {epoch}: ")
+        # A StagedModule (stages.py) logs its per-stage forward times; looked up by name, so
+        # the loop does not import the module that builds on it.
+        log_timings = getattr(self.model, "log_timings", None)
+        if callable(log_timings):
+            log_timings(prefix=f"[{self.env.log_context}] epoch {epoch}: ")
         for cb in self.callbacks:
             cb.on_epoch_end(self, epoch)
 

@@ -9,7 +9,8 @@ import urllib.request
 
 import pytest
 
-from phoenix_trainer import session as session_mod
+from phoenix_trainer import restore as restore_mod
+from phoenix_trainer import standby as standby_mod
 from phoenix_trainer.core.contract import TerminationMessage
 from phoenix_trainer.core.handshake import Control, Fence, read_fence, write_control, write_fence
 from phoenix_trainer.core.layout import list_checkpoints
@@ -48,7 +49,7 @@ class Standby(threading.Thread):
         the standby builds its model."""
         super().start()
         for _ in range(3000):
-            if self.session._restored or not self.is_alive():
+            if self.session.restore_started or not self.is_alive():
                 return
             threading.Event().wait(0.01)
         raise AssertionError("the standby never reached restore()")
@@ -63,7 +64,7 @@ class Standby(threading.Thread):
 
 @pytest.fixture(autouse=True)
 def fast_prefetch(monkeypatch):
-    monkeypatch.setattr(session_mod, "STANDBY_PREFETCH_SECONDS", 0.0)
+    monkeypatch.setattr(standby_mod, "STANDBY_PREFETCH_SECONDS", 0.0)
 
 
 def test_handoff_to_a_waiting_standby_is_bit_exact(tmp_path, ref_model):
@@ -100,16 +101,16 @@ def test_promotion_uses_the_preloaded_checkpoint(tmp_path, ref_model, monkeypatc
         result, _ = loop(s, stop_at=5)  # an emergency checkpoint at 5, then the pod is gone
     assert result.checkpoint.endswith("step-0000000005")
     loads = []
-    real_load = session_mod.Session._load
-    monkeypatch.setattr(session_mod.Session, "_load",
-                        lambda self, st, info: loads.append(info.step) or real_load(self, st, info))
+    real_load = restore_mod.LocalLoader.load
+    monkeypatch.setattr(restore_mod.LocalLoader, "load", lambda self, st, info, pre:
+                        loads.append(info.step) or real_load(self, st, info, pre))
     standby = Standby(tmp_path, attempt=2)
     standby.start()
     for _ in range(500):
-        if standby.session._warm is not None:
+        if standby.session.restorer.warm is not None:
             break
         threading.Event().wait(0.01)
-    assert standby.session._warm.step == 5
+    assert standby.session.restorer.warm.step == 5
     fence(standby.session.storage, 2, result.checkpoint)  # the operator promotes it
     standby.join(timeout=60)
     assert standby.error is None and standby.result.reason == "completed"
