@@ -55,6 +55,7 @@ from .core.storage import Storage
 from .core.writer import file_digest, publish_manifest, upload_shards
 from .restore import Restored
 from .session import Session
+from .tensors import tree_nbytes
 
 T = TypeVar("T")
 
@@ -120,15 +121,7 @@ def local_nbytes(obj: Any) -> int:
     shard, not the global tensor it stands for."""
     from torch.distributed.tensor import DTensor
 
-    if isinstance(obj, DTensor):
-        obj = obj.to_local()
-    if isinstance(obj, torch.Tensor):
-        return obj.numel() * obj.element_size()
-    if isinstance(obj, dict):
-        return sum(local_nbytes(v) for v in obj.values())
-    if isinstance(obj, (list, tuple)):
-        return sum(local_nbytes(v) for v in obj)
-    return 0
+    return tree_nbytes(obj, lambda x: x.to_local() if isinstance(x, DTensor) else x)
 
 
 def is_distributed() -> bool:

@@ -49,11 +49,15 @@ def clone_tree(obj: Any) -> Any:
     return map_tensors(obj, torch.Tensor.clone)
 
 
-def tree_nbytes(obj: Any) -> int:
+def tree_nbytes(obj: Any, local: Callable[[Any], Any] | None = None) -> int:
+    """Bytes of the tensors in a state tree; ``local`` first maps each node to what this
+    process holds of it (a DTensor's shard: ``distributed.local_nbytes``)."""
+    if local is not None:
+        obj = local(obj)
     if isinstance(obj, torch.Tensor):
         return obj.numel() * obj.element_size()
     if isinstance(obj, dict):
-        return sum(tree_nbytes(v) for v in obj.values())
+        return sum(tree_nbytes(v, local) for v in obj.values())
     if isinstance(obj, (list, tuple)):
-        return sum(tree_nbytes(v) for v in obj)
+        return sum(tree_nbytes(v, local) for v in obj)
     return 0
