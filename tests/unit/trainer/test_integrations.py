@@ -182,6 +182,55 @@ def test_transformers_collator_verdicts():
     assert not unknown.exact and "my_collate" in unknown.reason and "not one Phoenix knows" in unknown.reason
 
 
+def test_transformers_trainer_without_get_resumed_dataloader_keeps_its_loader_and_says_so(tmp_path):
+    """Older Trainers skip a resumed epoch's batches inline: Phoenix leaves their loader alone."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from phoenix_trainer.integrations.transformers import PhoenixCallback
+
+    class OldTrainer:
+        def __init__(self) -> None:
+            self.callback_handler = SimpleNamespace(callbacks=[])
+
+        def add_callback(self, callback) -> None:
+            self.callback_handler.callbacks.append(callback)
+
+        def get_train_dataloader(self):
+            raise AssertionError("not called here")
+
+    old = OldTrainer()
+    own = old.get_train_dataloader
+    with session(tmp_path, install_signal_handlers=False) as s:
+        cb = PhoenixCallback(s)
+        assert cb.restore(old) is None
+        assert old.callback_handler.callbacks == [cb] and old.get_train_dataloader == own
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+        cb.on_train_begin(args, TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
+        assert not s.exactness.exact and "upgrade transformers" in s.exactness.reason
+
+
+def test_transformers_extra_state_may_not_replace_the_callbacks_entries(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import TrainerState, TrainingArguments
+
+    from phoenix_trainer.integrations.transformers import PhoenixCallback
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = dict(model=model, optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.StepLR(opt, 1))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    with session(tmp_path, install_signal_handlers=False) as s:
+        ok = PhoenixCallback(s, extra_state=lambda: {"ema.pt": {"w": torch.ones(2)}, "stage.json": {"n": 1}})
+        state = ok._state(args, TrainerState(), **parts)
+        assert torch.equal(state["ema.pt"]["w"], torch.ones(2)) and state["stage.json"] == {"n": 1}
+        clash = PhoenixCallback(s, extra_state=lambda: {"model.pt": {}})
+        with pytest.raises(ValueError, match="model.pt"):
+            clash._state(args, TrainerState(), **parts)
+
+
 def _tokenizer():
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast

@@ -181,6 +181,13 @@ class PhoenixCallback(SessionHook, TrainerCallback):
     def _attach(self, trainer: Any) -> None:
         if self not in trainer.callback_handler.callbacks:
             trainer.add_callback(self)
+        if not hasattr(trainer, "get_resumed_dataloader"):
+            # Older Trainers skip a resumed epoch's batches with accelerate's
+            # skip_first_batches inline: no place to hand it Phoenix's position.
+            self.data_exactness = Exactness(False, (
+                "this transformers version's Trainer has no get_resumed_dataloader(), so Phoenix"
+                " cannot give it a loader of its own (upgrade transformers); " + NOT_ADAPTED.reason))
+            return
         own_loader, own_resumed = trainer.get_train_dataloader, trainer.get_resumed_dataloader
 
         def get_train_dataloader() -> Any:
