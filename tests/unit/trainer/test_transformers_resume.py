@@ -30,7 +30,7 @@ from phoenix_trainer.testing import state_dicts_equal
 transformers = pytest.importorskip("transformers")
 pytestmark = [pytest.mark.unit, pytest.mark.slow]
 
-STEPS, INTERVAL = 20, 3  # 48 samples, batches of 4, accumulation 2: 6 optimizer steps per epoch
+STEPS, INTERVAL = 24, 3  # 48 samples, batches of 4, accumulation 2: 6 optimizer steps per epoch
 VOCAB = ["[PAD]", "[UNK]", "[MASK]"] + [f"t{i}" for i in range(29)]
 
 
@@ -53,6 +53,10 @@ def tokenizer():
         tokenizer_object=Tokenizer(word_level), pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
 
 
+class Crash(BaseException):
+    """Not an Exception: nothing on its way out of the Trainer catches it."""
+
+
 class Interrupt(transformers.TrainerCallback):
     """SIGTERM to this process, or a crash, after optimizer step ``at``."""
 
@@ -64,7 +68,7 @@ class Interrupt(transformers.TrainerCallback):
             if self.how == "sigterm":
                 os.kill(os.getpid(), signal.SIGTERM)
             else:
-                raise KeyboardInterrupt("crash")  # not an Exception: nothing on the way catches it
+                raise Crash()
 
 
 def run(root: Path, attempt: int, interrupt: tuple[int, str] | None = None, *, seed: int = 0,
@@ -89,7 +93,7 @@ def run(root: Path, attempt: int, interrupt: tuple[int, str] | None = None, *, s
                                        callbacks=[*([Interrupt(*interrupt)] if interrupt else []), phoenix])
         try:
             trainer.train(resume_from_checkpoint=phoenix.restore(trainer))
-        except KeyboardInterrupt:
+        except Crash:
             pass  # the with-block's end lets uploads already under way land, as a kill would not
     return model.state_dict(), session
 
@@ -97,8 +101,8 @@ def run(root: Path, attempt: int, interrupt: tuple[int, str] | None = None, *, s
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_masked_lm_with_workers_and_accumulation_resumes_exactly(tmp_path, seed):
     rng = random.Random(seed)
-    term_at = rng.randint(2, 8)
-    crash_at = rng.randint(term_at + INTERVAL + 1, STEPS - 2)
+    term_at = rng.randint(2, 11)  # seeds 1, 2, 3: SIGTERM at 4, 2, 5; crash at 10, 8, 18
+    crash_at = rng.randint(term_at + INTERVAL + 1, STEPS - 1)  # resumed at 9, 6 (an epoch end), 15
     reference, ref_session = run(tmp_path / "ref", 0, seed=seed)
     assert ref_session.exactness.exact, ref_session.exactness.reason
     _, first = run(tmp_path / "run", 0, (term_at, "sigterm"), seed=seed)
