@@ -92,7 +92,9 @@ def final_state(root: Path) -> dict:
     return load_checkpoint(storage, info)
 
 
-@pytest.mark.parametrize("path", SNIPPETS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", [
+    pytest.param(p, marks=[pytest.mark.slow] if "lightning" in p.name or "transformers" in p.name else [])
+    for p in SNIPPETS], ids=lambda p: p.name)
 def test_snippet_runs_stops_on_sigterm_and_resumes_exactly(path, tmp_path, monkeypatch):
     from phoenix_trainer.core.contract import TerminationMessage
     from trainer_procs import tensors_equal
