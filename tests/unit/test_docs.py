@@ -8,7 +8,9 @@
   PhoenixJob also starts its first phase (as tests/unit/operator/test_examples.py does for
   examples/). JSON: the termination message parses.
 - Shell: the commands need a machine set up or a cluster (make, kubectl, helm, the lab) and
-  are not run; the repository paths and make targets they name must exist.
+  are not run; the repository paths and make targets they name must exist, and every
+  ``phoenix`` CLI command shown parses with the CLI's own parser. (``text`` blocks are
+  synopses and layouts: not checked.)
 """
 from __future__ import annotations
 
@@ -191,3 +193,17 @@ def test_shell_blocks_name_paths_and_make_targets_that_exist():
             assert (REPO / p).exists(), f"{where}: {p} does not exist"
         for target in re.findall(r"^\s*make ([\w-]+)", body, re.M):
             assert target in targets, f"{where}: no make target {target}"
+
+
+def test_phoenix_cli_commands_in_the_docs_parse():
+    import shlex
+
+    from phoenix_operator.kubectl_phoenix import build_parser
+
+    commands = [line.split("#")[0] for lang in ("bash", "console") for _, _, body in blocks(lang)
+                for line in body.splitlines()
+                if re.match(r"^(\$ )?(kubectl )?phoenix \w", line)]
+    assert len(commands) >= 3
+    for line in commands:
+        words = shlex.split(line.removeprefix("$ ").removeprefix("kubectl "))[1:]
+        build_parser().parse_args(words)  # SystemExit(2) names what is wrong
