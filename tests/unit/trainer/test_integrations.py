@@ -175,6 +175,11 @@ def test_transformers_collator_verdicts():
     seeded = collator_exactness(RemoveColumnsCollator(DataCollatorForLanguageModeling(tok, seed=3), []))
     assert not seeded.exact and "DataCollatorForLanguageModeling(seed=...)" in seeded.reason
 
+    class MyMasking(DataCollatorForLanguageModeling):  # may draw from a generator of its own
+        pass
+
+    assert not collator_exactness(MyMasking(tok)).exact
+
     def my_collate(features):
         return features
 

@@ -104,7 +104,9 @@ def collator_exactness(collator: Any) -> Exactness:
         return EXACT
     if type(inner) in _DETERMINISTIC_COLLATORS:
         return EXACT
-    if isinstance(inner, _GLOBAL_RNG_COLLATORS):
+    # transformers' own subclasses (whole-word masking) draw the same way; a subclass of the
+    # script's own may draw from anything, so it is not one Phoenix knows.
+    if isinstance(inner, _GLOBAL_RNG_COLLATORS) and type(inner).__module__.startswith("transformers."):
         if getattr(inner, "seed", None) is not None:
             return Exactness(False, (
                 f"{name}(seed=...) keeps a generator of its own in each worker process, which a"
