@@ -2,12 +2,12 @@
 (``phoenix[transformers]``).
 
 A tiny GPT-2 built from its config (nothing is downloaded) learns the synthetic token
-sequences of ``train_transformer.py`` (fixed, pre-tokenized samples, as a tokenized
-dataset is) with the Trainer's shuffling, dropout, AdamW, warmup + cosine, clipping and
-gradient accumulation 2. The lines marked ``# phoenix`` resume it exactly from the newest
-valid checkpoint in S3, checkpoint it asynchronously on the job's interval, and on SIGTERM
-save an emergency checkpoint, write the termination message and exit 143
-(docs/integrations.md).
+sequences of ``train_transformer.py`` (random crops and token dropout drawn in two worker
+processes) with the Trainer's shuffling, dropout, AdamW, warmup + cosine, clipping and
+gradient accumulation 2. The lines marked ``# phoenix`` resume it bit-exactly from the newest
+valid checkpoint in S3 (the Trainer iterates Phoenix's loader, which seeds every batch's
+fetch), checkpoint it asynchronously on the job's interval, and on SIGTERM save an emergency
+checkpoint, write the termination message and exit 143 (docs/integrations.md).
 
     PHOENIX_CHECKPOINT_URI=file:///tmp/ckpt python examples/train_transformers.py --steps 40
 """
@@ -29,11 +29,11 @@ from train_transformer import TokenSequences, model_arguments, start
 log = logging.getLogger("phoenix.example")
 
 
-class FixedSequences(TokenSequences):
-    """The same sequences, each always the same crop: a tokenized dataset draws nothing."""
+class CroppedSequences(TokenSequences):
+    """The sequences as the Trainer wants them: a random crop with random token dropout."""
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        seq = self.data[i, : self.seq_len]
+        seq = super().__getitem__(i)[: self.seq_len]
         return {"input_ids": seq, "labels": seq}
 
 
@@ -60,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=40, help="optimizer steps to train")
     model_arguments(p)
+    p.add_argument("--token-drop", type=float, default=0.1, help="random token dropout in the dataset")
     args = p.parse_args(argv)
     start(args)
 
-    data = FixedSequences(args.samples, args.seq_len, args.vocab, args.seed, drop=0.0)
+    data = CroppedSequences(args.samples, args.seq_len, args.vocab, args.seed, args.token_drop)
     config = GPT2Config(vocab_size=args.vocab, n_positions=args.seq_len, n_embd=args.dim,
                         n_layer=args.layers, n_head=args.heads, resid_pdrop=args.dropout,
                         embd_pdrop=args.dropout, attn_pdrop=args.dropout, bos_token_id=0, eos_token_id=0)
@@ -78,13 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     run_config = {k: v for k, v in vars(args).items() if k not in ("step_delay", "log_every", "workers")}
 
     with Session(config=run_config) as session:  # phoenix: the env contract, SIGTERM handler
-        phoenix = PhoenixCallback(session, deterministic_data=True)  # phoenix: FixedSequences draws nothing
+        phoenix = PhoenixCallback(session)  # phoenix
         callbacks = [phoenix, StepLog(args.log_every)]
         if args.step_delay:
             callbacks.append(Delay(args.step_delay))
         torch.manual_seed(args.seed)
         trainer = Trainer(GPT2LMHeadModel(config), training, train_dataset=data, callbacks=callbacks)
-        trainer.train(resume_from_checkpoint=phoenix.restore())  # phoenix
+        # phoenix: the checkpoint to resume (None: start); with the trainer, Phoenix's loader
+        trainer.train(resume_from_checkpoint=phoenix.restore(trainer))
     return phoenix.exit_code  # phoenix: 0, or 143 after a SIGTERM
 
 

@@ -3,12 +3,11 @@ killed with SIGKILL and SIGTERM at seeded steps (mid-epoch and across epoch boun
 resumed through the operator's env contract against the local S3 server, and must end with
 the uninterrupted run's weights, tensor for tensor, having seen exactly as many samples.
 
-Both frameworks are deterministic here, so the weights are compared: Lightning resumes with
-Phoenix's loader position and RNG states (random crops and token dropout drawn in two
-workers); the Hugging Face Trainer restores its own RNG states and skips consumed batches
-by its shuffling sampler's (seed, epoch) order, which is exact for a dataset that draws no
-random numbers, as the example's pre-tokenized one (what it cannot restore is reported in
-the ResumeExact verdict, checked by tests/unit/trainer/test_integrations.py)."""
+Both draw random crops and token dropout in two worker processes, and both resume with
+Phoenix's loader (Lightning's PhoenixLoader; the Hugging Face Trainer iterates it after
+``phoenix.restore(trainer)``), which seeds every batch's fetch from (seed, epoch, batch) and
+skips consumed batches by index, so the weights are compared (what cannot be restored is
+reported in the ResumeExact verdict, checked by tests/unit/trainer/test_integrations.py)."""
 from __future__ import annotations
 
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from phoenix_trainer.checkpoint import load_checkpoint
+from phoenix_trainer.core.contract import TerminationMessage
 from phoenix_trainer.core.layout import latest_valid_checkpoint
 from phoenix_trainer.core.storage import open_storage
 from phoenix_trainer.testing import state_dicts_equal
@@ -53,6 +53,8 @@ def test_framework_killed_and_resumed_equals_uninterrupted(script, s3_server, s3
                              PHOENIX_CHECKPOINT_INTERVAL_STEPS="5")
     print(f"{script}: killed at {[at for _, at in plan]}, resumed at steps {starts}")
     assert all(s > 0 for s in starts)
+    done = TerminationMessage.from_json((tmp_path / f"termination-{len(plan)}").read_text())
+    assert done.resumeExact is True, done.resumeExactReason
     run, ref = final_checkpoint(run_uri), final_checkpoint(ref_uri)
     assert state_dicts_equal(run["model.pt"], ref["model.pt"]), \
         f"{script}: weights differ after resumes at {starts} (seed {seed})"

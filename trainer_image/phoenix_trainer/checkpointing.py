@@ -21,10 +21,12 @@ from typing import Any, Callable, Mapping, Protocol
 from .attempt_log import MetricsLog
 from .checkpoint import TRAINER_DOC, AsyncCheckpointer, Snapshot, split_state
 from .core.contract import TrainerEnv
+from .core.errors import CheckpointError
 from .core.layout import CheckpointInfo
 from .core.storage import Storage
 from .determinism import EXACT, Exactness
 from .policies import CheckpointPolicy
+from .tensors import unloadable_globals
 
 
 @dataclass
@@ -47,11 +49,27 @@ class Snapshots(Protocol):
 
 class LocalSnapshots:
     """One process's state -> a ``Snapshot``: tensors for torch.save, JSON documents, and
-    ``trainer.json`` merged with what the caller put there."""
+    ``trainer.json`` merged with what the caller put there.
+
+    An entry a restore could not load (``torch.load(weights_only=True)`` refuses a numpy
+    array or a class of the script's own) is refused here, at its first save, rather than
+    saved into checkpoints that every restore would then skip."""
+
+    def __init__(self) -> None:
+        self.checked: set[str] = set()  # entry names whose structure passed (first save only)
 
     def take(self, step: int, epoch: int, state: Mapping[str, Any], trainer_doc: dict[str, Any],
              extra: dict[str, Any], spool: str | None) -> Snapshot:
         tensors, docs = split_state(state)
+        for name in sorted(set(tensors) - self.checked):
+            refused = unloadable_globals(tensors[name])
+            if refused:
+                raise CheckpointError(
+                    f"checkpoint entry {name!r} holds {', '.join(refused)}, which a restore"
+                    " (torch.load(weights_only=True)) refuses: store tensors, numbers, strings and"
+                    " dicts/lists/tuples of them (torch.from_numpy for a numpy array), or make it a"
+                    " JSON entry (a name ending in .json)")
+            self.checked.add(name)
         docs[TRAINER_DOC] = {**docs.get(TRAINER_DOC, {}), **trainer_doc}
         return Snapshot.take(step, epoch, tensors, docs, extra=extra)
 

@@ -14,11 +14,12 @@ The trainer never iterates the user's loader directly; ``adapt_loader`` wraps it
   2. *Position*: a resume rebuilds the epoch's index stream from the recorded state and
      skips the consumed batches as lists of indices: nothing is read, decoded or sent to a
      worker for them.
-  3. *Worker randomness*: every batch is fetched with the global RNGs (torch, ``random``,
-     numpy) seeded from (root seed, epoch, batch index), in whichever worker fetches it
-     (in the main process the caller's RNG state is put back afterwards). A random
-     transform in ``__getitem__`` therefore sees the same numbers whether the batch is
-     fetched in an uninterrupted run, after a resume, or by a different worker.
+  3. *Worker randomness*: every batch is fetched and collated with the global RNGs
+     (torch, ``random``, numpy) seeded from (root seed, epoch, batch index), in whichever
+     worker fetches it (in the main process the caller's RNG state is put back afterwards,
+     after the collate function). A random transform in ``__getitem__`` or a random
+     collate function (masked-LM masking) therefore sees the same numbers whether the batch
+     is fetched in an uninterrupted run, after a resume, or by a different worker.
   What this cannot restore: per-worker RNGs a dataset creates itself (e.g. in
   ``worker_init_fn``); draw from the global RNGs inside ``__getitem__`` instead.
 - ``StatefulLoader`` for a loader with its own ``state_dict``/``load_state_dict`` (e.g.
@@ -70,11 +71,19 @@ class _SeededBatch(list):
     seed: int | None = None
 
 
-class _SeededDataset(Dataset):
-    """Fetches each tagged batch with the global RNGs seeded from the batch's own seed."""
+def _collated(batch: list) -> Any:
+    """The DataLoader's collate function: ``_SeededDataset`` has collated already."""
+    return batch[0]
 
-    def __init__(self, inner: Dataset) -> None:
-        self.inner = inner
+
+class _SeededDataset(Dataset):
+    """Fetches and collates each tagged batch with the global RNGs seeded from the batch's
+    own seed. It returns ``[collated batch]``, which ``_collated`` unwraps: the collate
+    function runs inside the seeded region, also in the main process (``num_workers=0``),
+    where it would otherwise draw from the training step's RNG state."""
+
+    def __init__(self, inner: Dataset, collate_fn: Any) -> None:
+        self.inner, self.collate_fn = inner, collate_fn
 
     def __len__(self) -> int:
         return len(self.inner)  # type: ignore[arg-type]
@@ -102,9 +111,8 @@ class _SeededDataset(Dataset):
 
     def _fetch(self, indices: list) -> list:
         getitems = getattr(self.inner, "__getitems__", None)
-        if getitems is not None:
-            return getitems(list(indices))
-        return [self.inner[i] for i in indices]
+        samples = getitems(list(indices)) if getitems is not None else [self.inner[i] for i in indices]
+        return [self.collate_fn(samples)]
 
 
 class _PositionedBatches:
@@ -174,7 +182,7 @@ class ResumableLoader(AdaptedLoader):
         self._base_gen = torch.Generator()  # worker base seeds, reseeded per epoch
         kwargs: dict[str, Any] = dict(
             batch_sampler=_PositionedBatches(self), num_workers=loader.num_workers,
-            collate_fn=loader.collate_fn, pin_memory=loader.pin_memory, timeout=loader.timeout,
+            collate_fn=_collated, pin_memory=loader.pin_memory, timeout=loader.timeout,
             worker_init_fn=loader.worker_init_fn, generator=self._base_gen,
             persistent_workers=loader.persistent_workers,
             pin_memory_device=getattr(loader, "pin_memory_device", ""),
@@ -184,7 +192,7 @@ class ResumableLoader(AdaptedLoader):
             kwargs["prefetch_factor"] = loader.prefetch_factor
         if hasattr(loader, "in_order"):
             kwargs["in_order"] = loader.in_order
-        self.loader = DataLoader(_SeededDataset(loader.dataset), **kwargs)
+        self.loader = DataLoader(_SeededDataset(loader.dataset, loader.collate_fn), **kwargs)
 
     def _own(self, batch_sampler: Any) -> tuple[Any, str | None]:
         """A copy of the batch sampler whose order depends only on (root seed, epoch).

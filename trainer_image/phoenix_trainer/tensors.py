@@ -4,6 +4,7 @@ Imports torch; never imported by the operator. Nothing here touches storage.
 """
 from __future__ import annotations
 
+import io
 from typing import Any, Callable
 
 import torch
@@ -61,3 +62,13 @@ def tree_nbytes(obj: Any, local: Callable[[Any], Any] | None = None) -> int:
     if isinstance(obj, (list, tuple)):
         return sum(tree_nbytes(v, local) for v in obj)
     return 0
+
+
+def unloadable_globals(obj: Any) -> list[str]:
+    """The classes and functions in ``obj`` that ``torch.load(weights_only=True)`` (how a
+    restore loads) refuses, e.g. ``numpy.ndarray`` or a class of the script's own. Pickles
+    the structure with every tensor replaced by an empty one: costs the tree, not the bytes."""
+    buf = io.BytesIO()
+    torch.save(map_tensors(obj, lambda t: torch.empty(0)), buf)
+    buf.seek(0)
+    return torch.serialization.get_unsafe_globals_in_checkpoint(buf)

@@ -135,21 +135,114 @@ def test_transformers_rng_file_restores_what_phoenix_captured(tmp_path):
     restore_rng(current)
 
 
-@pytest.mark.parametrize("deterministic", [False, True])
-def test_transformers_verdict_names_what_the_trainer_cannot_restore(tmp_path, deterministic):
+@pytest.mark.parametrize("deterministic", [None, False, True])
+def test_transformers_verdict_without_phoenix_loader_is_not_exact_whatever_the_flag(tmp_path, deterministic):
+    """restore() without the trainer leaves the Trainer its own loader: not exact, and a
+    script's deterministic_data=True no longer changes that (it only warns)."""
     pytest.importorskip("transformers")
     from transformers import TrainerControl, TrainerState, TrainingArguments
 
     from phoenix_trainer.integrations.transformers import PhoenixCallback
 
     with session(tmp_path, install_signal_handlers=False) as s:
-        cb = PhoenixCallback(s, deterministic_data=deterministic)
+        if deterministic is None:
+            cb = PhoenixCallback(s)
+        else:
+            with pytest.warns(DeprecationWarning, match="deterministic_data"):
+                cb = PhoenixCallback(s, deterministic_data=deterministic)
         assert cb.restore() is None
         args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
         cb.on_train_begin(args, TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
-        assert s.exactness.exact is deterministic
-        if not deterministic:
-            assert "worker seeds" in s.exactness.reason and "deterministic_data=True" in s.exactness.reason
+        assert s.exactness.exact is False
+        assert "phoenix.restore(trainer)" in s.exactness.reason and "worker seeds" in s.exactness.reason
+
+
+def test_transformers_collator_verdicts():
+    """Collators whose randomness Phoenix seeds per batch are exact; a masked-LM collator
+    with a generator of its own, or one Phoenix does not know, is reported with the reason."""
+    pytest.importorskip("transformers")
+    from transformers import (DataCollatorForLanguageModeling, DataCollatorWithPadding,
+                              DefaultDataCollator, default_data_collator)
+    from transformers.trainer_utils import RemoveColumnsCollator
+
+    from phoenix_trainer.integrations.transformers import collator_exactness
+
+    tok = _tokenizer()
+    exact = [default_data_collator, DefaultDataCollator(), DataCollatorWithPadding(tok),
+             DataCollatorForLanguageModeling(tok, mlm=True),
+             RemoveColumnsCollator(DataCollatorForLanguageModeling(tok, mlm=True), ["input_ids"])]
+    assert [collator_exactness(c).exact for c in exact] == [True] * len(exact)
+    seeded = collator_exactness(RemoveColumnsCollator(DataCollatorForLanguageModeling(tok, seed=3), []))
+    assert not seeded.exact and "DataCollatorForLanguageModeling(seed=...)" in seeded.reason
+
+    class MyMasking(DataCollatorForLanguageModeling):  # may draw from a generator of its own
+        pass
+
+    assert not collator_exactness(MyMasking(tok)).exact
+
+    def my_collate(features):
+        return features
+
+    unknown = collator_exactness(my_collate)
+    assert not unknown.exact and "my_collate" in unknown.reason and "not one Phoenix knows" in unknown.reason
+
+
+def test_transformers_trainer_without_get_resumed_dataloader_keeps_its_loader_and_says_so(tmp_path):
+    """Older Trainers skip a resumed epoch's batches inline: Phoenix leaves their loader alone."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from phoenix_trainer.integrations.transformers import PhoenixCallback
+
+    class OldTrainer:
+        def __init__(self) -> None:
+            self.callback_handler = SimpleNamespace(callbacks=[])
+
+        def add_callback(self, callback) -> None:
+            self.callback_handler.callbacks.append(callback)
+
+        def get_train_dataloader(self):
+            raise AssertionError("not called here")
+
+    old = OldTrainer()
+    own = old.get_train_dataloader
+    with session(tmp_path, install_signal_handlers=False) as s:
+        cb = PhoenixCallback(s)
+        assert cb.restore(old) is None
+        assert old.callback_handler.callbacks == [cb] and old.get_train_dataloader == own
+        args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+        cb.on_train_begin(args, TrainerState(), TrainerControl(), model=torch.nn.Linear(2, 2))
+        assert not s.exactness.exact and "upgrade transformers" in s.exactness.reason
+
+
+def test_transformers_extra_state_may_not_replace_the_callbacks_entries(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import TrainerState, TrainingArguments
+
+    from phoenix_trainer.integrations.transformers import PhoenixCallback
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    parts = dict(model=model, optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.StepLR(opt, 1))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), use_cpu=True, report_to="none")
+    with session(tmp_path, install_signal_handlers=False) as s:
+        ok = PhoenixCallback(s, extra_state=lambda: {"ema.pt": {"w": torch.ones(2)}, "stage.json": {"n": 1}})
+        state = ok._state(args, TrainerState(), **parts)
+        assert torch.equal(state["ema.pt"]["w"], torch.ones(2)) and state["stage.json"] == {"n": 1}
+        clash = PhoenixCallback(s, extra_state=lambda: {"model.pt": {}})
+        with pytest.raises(ValueError, match="model.pt"):
+            clash._state(args, TrainerState(), **parts)
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[PAD]", "[UNK]", "[MASK]", "a", "b"])}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")),
+                                   pad_token="[PAD]", unk_token="[UNK]", mask_token="[MASK]")
 
 
 # ------------------------------------------------------------------ PHOENIX_INIT_FROM ----

@@ -79,6 +79,33 @@ def test_loading_batches_leaves_the_training_rng_alone():
     assert torch.equal(want[0], got[0]) and want[1:] == got[1:]
 
 
+def random_mask_collate(samples):
+    """A collate function that draws (a masked-LM collator's shape): from the global RNGs."""
+    x, y = torch.utils.data.default_collate(samples)
+    return x * (torch.rand(x.shape) < 0.5), y
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_random_collate_function_repeats_after_a_resume_and_leaves_the_training_rng_alone(workers):
+    """The collate function runs inside the batch's seeded region, also in the main process."""
+    def loader():
+        return adapt_loader(DataLoader(noisy_data(), batch_size=4, shuffle=True, num_workers=workers,
+                                       collate_fn=random_mask_collate, generator=torch.Generator().manual_seed(3)))
+
+    full = run(loader())
+    assert same(run(loader(), (1, 4)), full[11 + 4:])
+    torch.manual_seed(0)
+    want = torch.rand(3)
+    torch.manual_seed(0)
+    for _ in loader().epoch_iterator(0, 0):
+        pass
+    assert torch.equal(torch.rand(3), want)
+    if workers == 2:  # and the batches are the same however many processes fetch them
+        zero = adapt_loader(DataLoader(noisy_data(), batch_size=4, shuffle=True, num_workers=0,
+                                       collate_fn=random_mask_collate, generator=torch.Generator().manual_seed(3)))
+        assert same(run(zero), full)
+
+
 def test_the_users_loader_and_generator_are_not_touched():
     g = torch.Generator().manual_seed(7)
     before = g.get_state().clone()

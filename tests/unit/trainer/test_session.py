@@ -140,3 +140,22 @@ def test_start_record_says_where_the_start_up_went(tmp_path, caplog):
     assert abs(when - began) < 0.05
     assert any(", up " in m and "before the session" in m and "restore" in m
                for m in caplog.messages)
+
+
+def test_an_entry_a_restore_could_not_load_is_refused_at_its_first_save(tmp_path):
+    """torch.load(weights_only=True) refuses numpy arrays and classes of the script's own:
+    saved, they would make every checkpoint one that restores skip."""
+    import numpy as np
+
+    from phoenix_trainer.core.errors import CheckpointError
+
+    with session(tmp_path) as s:
+        s.restore()
+        s.save(1, {"ema.pt": {"w": torch.ones(2), "n": 3, "names": ("a", "b")}, "pos.json": {"b": 1}},
+               blocking=True)
+        with pytest.raises(CheckpointError, match=r"'buffer.pt' holds .*numpy.*torch.from_numpy"):
+            s.save(2, {"ema.pt": {"w": torch.ones(2)}, "buffer.pt": {"x": np.ones(3)}}, blocking=True)
+        assert [c.step for c in list_checkpoints(s.storage)] == [1]
+        s.save(3, {"buffer.pt": {"x": torch.from_numpy(np.ones(3))}}, blocking=True)
+        restored = s.restorer.find_own(None)
+    assert torch.equal(restored["buffer.pt"]["x"], torch.ones(3, dtype=torch.float64))
