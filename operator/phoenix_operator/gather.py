@@ -20,14 +20,15 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 from kubernetes.client.rest import ApiException
+from phoenix_trainer.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
 
 from .config import OperatorConfig
 from .constants import DELETED_KEY
 from .decide import Listing
-from .phase_storage import scan
 from .kube import Kube, describe_owner
 from .node_health import NodeHealth, node_health
 from .outcomes import bare_kill
+from .phase_storage import scan
 from .phoenixjob import JobSpec, phase_statuses
 
 log = logging.getLogger("phoenix.reconcile")
@@ -201,6 +202,15 @@ class Gather:
             except ApiException as e:
                 raise StorageAccessError(
                     f"cannot read Secret {ns}/{name}: {e.status} {e.reason}") from e
+            # Invariant 4 again: a Secret without keys gives boto3 none, and boto3 then
+            # takes the operator's own identity from its default chain.
+            missing = [key for key, value in ((ENV_AWS_ACCESS_KEY_ID, access),
+                                              (ENV_AWS_SECRET_ACCESS_KEY, secret)) if not value]
+            if missing:
+                raise StorageAccessError(
+                    f"credentialsSecret {ns}/{name} has no {', '.join(missing)}: put the job's "
+                    "access key pair in it (the operator uses the job's credentials, never its own,"
+                    " for a job that names a Secret)")
         return {"access_key": access, "secret_key": secret,
                 "endpoint": self.config.s3_endpoint_override or spec.checkpoint.endpoint}
 

@@ -352,12 +352,14 @@ def test_whether_the_job_a_fence_names_still_exists(other, live):
 
 
 # --- issue 22, item 12: the operator's own identity only where it is allowed -----------------
-def _access(uri: str, secret: str | None, **config):
+def _access(uri: str, secret: str | None, keys=("key", "secret"), **config):
     from phoenix_operator.gather import StorageAccessError
 
     body = job()
     body["spec"]["checkpoint"] = {"uri": uri, **({"credentialsSecret": secret} if secret else {})}
-    reconciler = Reconciler(FakeKube(), OperatorConfig(api_workers=1, **config))
+    kube = FakeKube()
+    kube.s3_credentials = lambda namespace, name: keys
+    reconciler = Reconciler(kube, OperatorConfig(api_workers=1, **config))
     try:
         return asyncio.run(reconciler.gather.storage_access(body))
     except StorageAccessError as e:
@@ -376,6 +378,19 @@ def test_without_a_secret_the_operator_does_not_lend_its_own_identity():
     assert isinstance(_access("s3://shared/teamX-other/run", None,
                               own_identity_prefixes=("s3://shared/teamX/",)), str)
     assert _access("s3://shared/teamY/run", "creds")["access_key"] == "key"
+
+
+def test_a_secret_without_keys_does_not_lend_the_operators_own_identity():
+    """A credentialsSecret that exists but holds neither key gave boto3 no keys, and boto3
+    fell back to the operator's own (default chain) identity, for any prefix."""
+    for keys, missing in (((None, None), "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY"),
+                          (("key", None), "AWS_SECRET_ACCESS_KEY"),
+                          ((None, "secret"), "AWS_ACCESS_KEY_ID")):
+        why = _access("s3://shared/teamY/run", "creds", keys=keys)
+        assert isinstance(why, str) and f"has no {missing}" in why and "creds" in why, why
+        # not even under a prefix the operator's own identity may use: the job named a Secret
+        assert isinstance(_access("s3://shared/teamX/run", "creds", keys=keys,
+                                  own_identity_prefixes=("s3://shared/teamX/",)), str)
 
 
 def test_file_uris_only_where_the_operator_allows_them():
