@@ -27,6 +27,7 @@ from .core.layout import (
     verify_checkpoint,
 )
 from .core.storage import Storage, open_storage
+from .core.writer import RetryPolicy
 from .peers import Peers
 from .prefetch import Prefetch
 
@@ -81,9 +82,13 @@ class Restorer:
     """The checkpoint a session starts from; see the module docstring."""
 
     def __init__(self, *, env: TrainerEnv, storage: Storage | None, run: RunIdentity, peers: Peers,
-                 loader: Loader, prefetch: Prefetch | None, log: logging.LoggerAdapter) -> None:
+                 loader: Loader, prefetch: Prefetch | None, log: logging.LoggerAdapter,
+                 retry: RetryPolicy | None = None) -> None:
         self.env, self.storage, self.run, self.peers, self.log = env, storage, run, peers, log
         self.loader = loader
+        # Listing and reading manifests retry a storage blip the way uploads do: a replacement
+        # pod whose first requests time out would otherwise fail its attempt.
+        self.retry = retry or RetryPolicy()
         self.prefetch = prefetch  # the start-up download (prefetch.py), until the restore ends
         self.prefetched: dict[str, Any] | None = None  # its summary, afterwards
         self.warm: Restored | None = None  # a standby's preloaded checkpoint
@@ -96,12 +101,15 @@ class Restorer:
         tried: set[int] = set()
         below: int | None = None
 
-        def candidate() -> tuple[bool, CheckpointInfo] | None:
+        def find() -> tuple[bool, CheckpointInfo] | None:
             if first is not None and first not in tried:
                 return True, verify_checkpoint(store, first, deep=False)
             info = latest_valid_checkpoint(self.storage, deep=False, exclude_steps=tried,
                                            below_step=below)
             return (False, info) if info is not None else None
+
+        def candidate() -> tuple[bool, CheckpointInfo] | None:
+            return self.retry.run("finding the checkpoint to resume", find)
 
         while True:
             picked = self.peers.pick(candidate)

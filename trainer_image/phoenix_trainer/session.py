@@ -126,7 +126,7 @@ class Session:
             log=self.log, snapshots=snapshots, commit=commit, leads=self.peers.leads)
         self.restorer = Restorer(
             env=self.env, storage=self.storage, run=self.run, peers=self.peers,
-            loader=loader or LocalLoader(), log=self.log,
+            loader=loader or LocalLoader(), log=self.log, retry=policies["checkpoint"].retry,
             prefetch=prefetch_mod.adopt() if prefetch is PROCESS_PREFETCH else prefetch)
         self.finisher = Finisher(
             env=self.env, storage=self.storage, run=self.run, checkpointing=self.checkpointing,

@@ -159,3 +159,33 @@ def test_an_entry_a_restore_could_not_load_is_refused_at_its_first_save(tmp_path
         s.save(3, {"buffer.pt": {"x": torch.from_numpy(np.ones(3))}}, blocking=True)
         restored = s.restorer.find_own(None)
     assert torch.equal(restored["buffer.pt"]["x"], torch.ones(3, dtype=torch.float64))
+
+
+def test_a_storage_blip_while_finding_the_checkpoint_to_resume_is_retried(tmp_path):
+    """A replacement pod whose first S3 requests timed out (a connect timeout on the manifest
+    GET) failed its attempt at restore, charging the failure budget for a network blip that
+    the uploads of the same runtime retry through (an e2e run saw it)."""
+    from phoenix_trainer.core.errors import StorageError
+    from phoenix_trainer.core.writer import RetryPolicy
+    from phoenix_trainer.policies import CheckpointPolicy
+
+    first, _ = loop(session(tmp_path), stop_at=6)
+    assert first.checkpoint is not None
+    storage = LocalStorage(tmp_path / "train")
+    blips, slept = [2], []
+    real_list_dirs = storage.list_dirs
+
+    def flaky_list_dirs(prefix):
+        if blips[0]:
+            blips[0] -= 1
+            raise StorageError("S3 list failed: Connect timeout on endpoint URL")
+        return real_list_dirs(prefix)
+
+    storage.list_dirs = flaky_list_dirs
+    env = TrainerEnv(phase="train", termination_log=str(tmp_path / "term-2"))
+    s = Session(config={"lr": 0.1}, env=env, storage=storage, install_signal_handlers=False,
+                checkpoint=CheckpointPolicy(interval_steps=4,
+                                            retry=RetryPolicy(sleep=slept.append)))
+    with s:
+        restored = s.restore()
+    assert restored is not None and restored.step == 6 and blips == [0] and len(slept) == 2
