@@ -19,12 +19,17 @@
 
 A step returns ``Stop`` to end the pass early with a requeue time, or raises ``RetryLater``
 (already reported) to back off.
+
+Every write goes through ``Applier.write``, the leadership gate (``leader``): a replica that
+does not hold the Lease (any more) raises ``NotLeader`` at its next write and the pass ends
+there, and the storage writes carry the leader's term (``phoenix_trainer.core.handshake``
+refuses them over a newer leader's with ``StaleLeaderError``). Reads go through ``call``.
 """
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Awaitable, Callable, NamedTuple
 
@@ -33,10 +38,13 @@ from kubernetes.client.rest import ApiException
 
 from . import constants as C
 from . import prometheus
+from phoenix_trainer.core.errors import StaleLeaderError
+
 from .decide import CreatePod, Plan
 from .phase_storage import write_control, write_fence
 from .gather import Call, Gather
 from .kube import ForeignPod, Kube
+from .leader import Leadership, NotLeader
 from .phoenixjob import JobSpec, parse_ts, ts
 
 log = logging.getLogger("phoenix.reconcile")
@@ -77,17 +85,27 @@ class Applying:
         return f"[{self.namespace}/{self.name}]"
 
 
+# A write refused because this replica does not lead (any more): the pass ends, unreported.
+LOST_LEADERSHIP = (NotLeader, StaleLeaderError)
+
+
 class Applier:
     """Runs ``STEPS`` for a plan. ``fence_writer`` and ``control_writer`` are the storage
     writes (replaceable in tests); ``on_applied(job, plan)`` is told of every plan applied in
-    full (job gauges)."""
+    full (job gauges); ``leadership()`` is the current gate (see the module docstring)."""
 
     def __init__(self, kube: Kube, call: Call, clock: Callable[[], datetime], gather: Gather,
-                 on_applied: Callable[[dict, Plan], None]) -> None:
+                 on_applied: Callable[[dict, Plan], None],
+                 leadership: Callable[[], Leadership] = Leadership) -> None:
         self.kube, self.call, self.clock, self.gather = kube, call, clock, gather
         self.on_applied = on_applied
+        self.leadership = leadership
         self.fence_writer = write_fence
         self.control_writer = write_control
+
+    async def write(self, fn, *args, **kwargs):
+        """``call`` for a write: only while this replica leads (else ``NotLeader``)."""
+        return await self.leadership().write(self.call, fn, *args, **kwargs)
 
     async def apply(self, job: dict, spec: JobSpec, plan: Plan) -> float | None:
         applying = Applying(job=job, spec=spec, plan=plan, written=job)
@@ -104,7 +122,7 @@ class Applier:
 
     async def warn(self, a: Applying, reason: str, msg: str) -> None:
         log.warning("%s %s", a.tag, msg)
-        await self.call(self.kube.post_event, a.job, "Warning", reason, msg)
+        await self.write(self.kube.post_event, a.job, "Warning", reason, msg)
 
     async def fence(self, a: Applying, create: CreatePod) -> str | None:
         """Fence the phase's storage for ``create``'s attempt before its pod exists; returns
@@ -112,11 +130,13 @@ class Applier:
         try:
             access = await self.gather.storage_access(a.job, a.spec)
             meta = a.job["metadata"]
-            await self.call(self.fence_writer, a.spec, create.phase, create.attempt, create.name,
-                            ts(self.clock()), resume_from=create.resume_from,
-                            uid=meta.get("uid") or "",
-                            job=f"{meta.get('namespace')}/{meta['name']}", clear_control=True,
-                            **access)
+            await self.write(self.fence_writer, a.spec, create.phase, create.attempt, create.name,
+                             ts(self.clock()), resume_from=create.resume_from,
+                             uid=meta.get("uid") or "",
+                             job=f"{meta.get('namespace')}/{meta['name']}", clear_control=True,
+                             writer=self.leadership().term, **access)
+        except LOST_LEADERSHIP:
+            raise
         except Exception as e:  # noqa: BLE001 - any storage trouble: do not start, say why
             return f"{type(e).__name__}: {e}"[:300]
         return None
@@ -129,21 +149,26 @@ async def storage_writes(ap: Applier, a: Applying) -> None:
     """Promotions (the fence) and trainer requests (control.json), before the status that
     records them: a lost status write only makes the same write again."""
     spec, plan, meta = a.spec, a.plan, a.job["metadata"]
-    owner = {"uid": meta.get("uid") or "", "job": f"{meta.get('namespace')}/{meta['name']}"}
+    term = ap.leadership().term
+    owner = {"uid": meta.get("uid") or "", "job": f"{meta.get('namespace')}/{meta['name']}",
+             "writer": term}
     writes = [(f"promote attempt {p.attempt} of phase {p.phase}", lambda acc, p=p: ap.fence_writer(
                   spec, p.phase, p.attempt, p.pod, ts(ap.clock()), resume_from=p.resume_from,
                   clear_control=True, **owner, **acc))
               for p in plan.promote]
     writes += [(f"write control.json of phase {c.phase}", lambda acc, c=c: ap.control_writer(
-                   spec, c.phase, c.control, **acc)) for c in plan.control]
+                   spec, c.phase, replace(c.control, writer=term), **acc))
+               for c in plan.control]
     if not writes:
         return
     what = "read the storage credentials"
     try:
         access = await ap.gather.storage_access(a.job, spec)
         for what, write in writes:
-            await ap.call(write, access)
+            await ap.write(write, access)
             log.info("%s %s", a.tag, what)
+    except LOST_LEADERSHIP:
+        raise
     except Exception as e:  # noqa: BLE001 - any storage trouble: retry, say why
         msg = f"cannot {what}: {type(e).__name__}: {e}"[:400]
         await ap.warn(a, C.EV_STORAGE_ERROR, msg)
@@ -156,7 +181,7 @@ async def intent_status(ap: Applier, a: Applying) -> None:
     """Intent first: if our view of the job is stale, this write fails (409) and we create
     nothing; see the decide package's docstring."""
     if a.plan.create:
-        a.written = await ap.call(ap.kube.patch_status, a.job, a.plan.status)
+        a.written = await ap.write(ap.kube.patch_status, a.job, a.plan.status)
         a.status_written = True
 
 
@@ -165,13 +190,13 @@ async def force_deletes(ap: Applier, a: Applying) -> None:
     for delete in (d for d in a.plan.delete if d.force):
         log.info("%s force-deleting pod %s (%s: its node is lost)", a.tag, delete.name,
                  delete.reason)
-        await ap.call(ap.kube.delete_pod, a.namespace, delete.name, 0)
+        await ap.write(ap.kube.delete_pod, a.namespace, delete.name, 0)
 
 
 async def services(ap: Applier, a: Applying) -> None:
     for service in a.plan.services:  # a gang's members resolve each other through it
         kopf.adopt(service, owner=a.job)
-        await ap.call(ap.kube.ensure_service, a.namespace, service)
+        await ap.write(ap.kube.ensure_service, a.namespace, service)
 
 
 async def fences_and_pods(ap: Applier, a: Applying) -> Stop | None:
@@ -190,7 +215,7 @@ async def fences_and_pods(ap: Applier, a: Applying) -> Stop | None:
         manifest = create.manifest
         kopf.adopt(manifest, owner=a.job)
         try:
-            created = await ap.call(ap.kube.create_pod, a.namespace, manifest)
+            created = await ap.write(ap.kube.create_pod, a.namespace, manifest)
         except ForeignPod as e:
             # The status names the pod (intent) without a uid: the next pass finds the
             # foreign pod, and decide reports it as a condition instead of retrying.
@@ -223,7 +248,7 @@ async def pod_uids(ap: Applier, a: Applying) -> None:
         if standby.get("pod") in a.uids:
             standby["podUID"] = a.uids[standby["pod"]]
     try:
-        await ap.call(ap.kube.patch_status, a.written, a.plan.status)
+        await ap.write(ap.kube.patch_status, a.written, a.plan.status)
     except ApiException as e:
         if e.status != 409:
             raise
@@ -233,18 +258,18 @@ async def pod_uids(ap: Applier, a: Applying) -> None:
 async def deletions(ap: Applier, a: Applying) -> None:
     for delete in (d for d in a.plan.delete if not d.force):
         log.info("%s deleting pod %s (%s)", a.tag, delete.name, delete.reason)
-        await ap.call(ap.kube.delete_pod, a.namespace, delete.name, delete.grace_seconds)
+        await ap.write(ap.kube.delete_pod, a.namespace, delete.name, delete.grace_seconds)
 
 
 async def status(ap: Applier, a: Applying) -> None:
     if not a.status_written and a.plan.status != (a.job.get("status") or {}):
-        await ap.call(ap.kube.patch_status, a.job, a.plan.status)
+        await ap.write(ap.kube.patch_status, a.job, a.plan.status)
 
 
 async def events(ap: Applier, a: Applying) -> None:
     for note in a.plan.events:
         log.info("%s %s: %s", a.tag, note.reason, note.message)
-        await ap.call(ap.kube.post_event, a.job, note.type, note.reason, note.message)
+        await ap.write(ap.kube.post_event, a.job, note.type, note.reason, note.message)
 
 
 async def metrics(ap: Applier, a: Applying) -> None:

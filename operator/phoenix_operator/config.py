@@ -5,6 +5,7 @@ Nothing else in the operator reads ``os.environ``.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -45,6 +46,22 @@ class OperatorConfig:
     for which a job without credentialsSecret may be served with the operator's own cloud
     identity (workload identity, the AWS default chain). Empty: never - every job brings its
     own credentials, so creating a PhoenixJob cannot borrow the operator's access."""
+    leader_election: bool = False
+    """PHOENIX_LEADER_ELECTION: run as one of several replicas, writing only while holding the
+    Lease ``lease_namespace/lease_name`` (false: a standalone operator, the only one)."""
+    lease_name: str = "phoenix-operator"
+    """PHOENIX_LEASE_NAME: the leader-election Lease (the operator creates it)."""
+    lease_namespace: str = ""
+    """PHOENIX_LEASE_NAMESPACE: its namespace (required with leader election)."""
+    identity: str = ""
+    """PHOENIX_POD_NAME: this replica's name in the Lease (default: the host name)."""
+    lease_duration: float = 15.0
+    """PHOENIX_LEASE_DURATION_SECONDS: a standby takes over a lease not renewed this long."""
+    renew_deadline: float = 10.0
+    """PHOENIX_RENEW_DEADLINE_SECONDS: the leader stops writing when it could not renew for
+    this long (less than the lease duration: it stops before anyone else may start)."""
+    retry_period: float = 2.0
+    """PHOENIX_RETRY_PERIOD_SECONDS: how often the leader renews and a standby tries."""
     allow_file_uris: bool = False
     """PHOENIX_ALLOW_FILE_URIS: accept file:// checkpoint URIs (the operator then reads and
     writes its own filesystem at that path: for single-node set-ups and tests only)."""
@@ -76,6 +93,24 @@ class OperatorConfig:
                 raise ConfigError(f"{name}={raw!r}: use true or false")
             return raw in ("true", "1", "yes")
 
+        election = dict(
+            leader_election=flag("PHOENIX_LEADER_ELECTION", "false"),
+            lease_name=env.get("PHOENIX_LEASE_NAME") or "phoenix-operator",
+            lease_namespace=env.get("PHOENIX_LEASE_NAMESPACE", ""),
+            identity=env.get("PHOENIX_POD_NAME") or socket.gethostname(),
+            lease_duration=number("PHOENIX_LEASE_DURATION_SECONDS", 15.0, float, 1),
+            renew_deadline=number("PHOENIX_RENEW_DEADLINE_SECONDS", 10.0, float, 0.1),
+            retry_period=number("PHOENIX_RETRY_PERIOD_SECONDS", 2.0, float, 0.05))
+        if election["leader_election"]:
+            if not election["lease_namespace"]:
+                raise ConfigError("PHOENIX_LEADER_ELECTION=true needs PHOENIX_LEASE_NAMESPACE")
+            if not (election["retry_period"] < election["renew_deadline"]
+                    < election["lease_duration"]):
+                raise ConfigError(
+                    "leader election needs PHOENIX_RETRY_PERIOD_SECONDS < "
+                    "PHOENIX_RENEW_DEADLINE_SECONDS < PHOENIX_LEASE_DURATION_SECONDS, got "
+                    f"{election['retry_period']}, {election['renew_deadline']}, "
+                    f"{election['lease_duration']}")
         return cls(
             metrics_port=int(number("PHOENIX_METRICS_PORT", 8080, int)),
             metrics_host=env.get("PHOENIX_METRICS_HOST", "0.0.0.0") or "0.0.0.0",
@@ -88,6 +123,7 @@ class OperatorConfig:
             notice_conditions=names("PHOENIX_NOTICE_CONDITIONS", C.DEFAULT_NOTICE_CONDITIONS),
             own_identity_prefixes=names("PHOENIX_OWN_IDENTITY_PREFIXES", ()),
             allow_file_uris=flag("PHOENIX_ALLOW_FILE_URIS", "false"),
+            **election,
         )
 
     def may_use_own_identity(self, uri: str) -> bool:

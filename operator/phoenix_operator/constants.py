@@ -41,6 +41,8 @@ RENDEZVOUS_PORT = 29500  # torchrun's PET_MASTER_PORT inside a gang
 ROLE_TRAINER = "trainer"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "phoenix-operator"
+# On the operator's leader-election Lease (which it creates): how `phoenix status` finds it.
+LABEL_OPERATOR_LEASE = f"{GROUP}/operator-lease"
 # The operator's pod watch: server-side, only pods that carry the job label.
 POD_WATCH_SELECTOR = LABEL_JOB
 

@@ -6,6 +6,11 @@
 Every handler just says "this job may need attention" to the Reconciler; what to do is
 decided in ``decide`` and done in ``reconcile`` (gather, decide, apply). No finalizers, no kopf progress
 annotations: ``on.event`` handlers keep nothing on the objects.
+
+With ``PHOENIX_LEADER_ELECTION=true`` (the chart's default, 2 replicas) kopf still runs
+``--standalone`` (its own peering pauses replicas by priority, without a lease) and the
+operator elects its leader itself (``leader``): every replica watches, only the leader writes.
+On shutdown (SIGTERM: a drain, a rolling update) the leader releases the Lease at once.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from . import prometheus
 from .node_health import node_health
 from .config import OperatorConfig
 from .kube import Kube, load_config
+from .leader import LeaseApi, LeaseElector
 from .gather import tombstone
 from .reconcile import Reconciler
 
@@ -49,16 +55,29 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
         # Registered here, not at import, so PHOENIX_WATCH_NODES=false (no RBAC on nodes)
         # means no watch at all; kopf starts watching only after startup handlers.
         kopf.on.event("", "v1", "nodes")(node_event)
-    memo.resync = asyncio.get_running_loop().create_task(reconciler.resync_forever())
+    loop = asyncio.get_running_loop()
+    if config.leader_election:
+        elector = LeaseElector(
+            LeaseApi(), reconciler._call, namespace=config.lease_namespace,
+            name=config.lease_name, identity=config.identity, duration=config.lease_duration,
+            renew_deadline=config.renew_deadline, retry=config.retry_period,
+            on_lead=reconciler.lead)
+        reconciler.leadership = elector
+        memo.election = loop.create_task(elector.run())
+    memo.resync = loop.create_task(reconciler.resync_forever())
     prometheus.serve(config.metrics_port, config.metrics_host)
     log.info("phoenix operator started: %s", config)
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_) -> None:
-    task = memo.get("resync")
-    if task is not None:
-        task.cancel()
+    reconciler = memo.get("reconciler")
+    if reconciler is not None and isinstance(reconciler.leadership, LeaseElector):
+        await reconciler.leadership.release()  # a standby takes over now, not in 15 s
+    for name in ("resync", "election"):
+        task = memo.get(name)
+        if task is not None:
+            task.cancel()
 
 
 @kopf.on.event(C.GROUP, C.VERSION, C.PLURAL)

@@ -16,7 +16,7 @@ import time
 from typing import Iterable
 
 from phoenix_trainer.core import handshake
-from phoenix_trainer.core.handshake import Control, Fence, read_fence
+from phoenix_trainer.core.handshake import Control, Fence, LeaderTerm, read_fence
 from phoenix_trainer.core.layout import checkpoint_steps, verify_checkpoint
 from phoenix_trainer.core.storage import Credentials, open_storage
 
@@ -96,16 +96,18 @@ def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str |
 def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,
                 access_key: str | None, secret_key: str | None, endpoint: str | None,
                 resume_from: str | None = None, uid: str = "", job: str = "",
-                clear_control: bool = False) -> str:
+                clear_control: bool = False, writer: LeaderTerm = LeaderTerm()) -> str:
     """Write ``<phase prefix>/fence.json`` naming ``attempt`` of the job ``uid`` (``job``:
     namespace/name): from now on every other attempt's commit and retention are refused
     (``phoenix_trainer.core.handshake.check_fence``); a standby of that attempt starts, from
     ``resume_from``. ``clear_control``: a new attempt starts, so requests left for an older
-    one (or a deleted job's) go. Returns where it was written."""
+    one (or a deleted job's) go. ``writer``: the leader's term (refused over a newer one's,
+    ``StaleLeaderError``). Returns where it was written."""
     storage = _storage(spec.checkpoint.phase_uri(phase), endpoint, access_key, secret_key,
                        spec.checkpoint.region)
     return handshake.write_fence(storage, Fence(attempt, pod, when, resume_from or "", uid=uid,
-                                                job=job), clear_control=clear_control)
+                                                job=job, writer=writer),
+                                 clear_control=clear_control)
 
 
 def write_control(spec: JobSpec, phase: str, control: Control, *, access_key: str | None,

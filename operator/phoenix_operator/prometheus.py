@@ -22,6 +22,14 @@ RECONCILE_SECONDS = Histogram(
     "phoenix_reconcile_duration_seconds", "Wall time of one reconcile pass.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
 JOBS = Gauge("phoenix_jobs", "PhoenixJobs known to the operator, by status.phase.", ["phase"])
+LEADER = Gauge("phoenix_operator_leader",
+               "1 while this operator replica holds the leader Lease (writes), else 0.")
+LEADER_TERM = Gauge("phoenix_operator_leader_term",
+                    "The leader's term: the Lease's transition count at its acquisition.")
+LEADER_TRANSITION = Gauge("phoenix_operator_leader_transition_timestamp_seconds",
+                          "Unix time of this replica's last leadership change (0: none yet).")
+LEADER_INFO = Gauge("phoenix_operator_leader_info",
+                    "1 for the replica this one sees holding the Lease.", ["holder"])
 
 
 class _CheckpointAge:
@@ -95,6 +103,17 @@ class JobPhases:
             counts[phase] = counts.get(phase, 0) + 1
         for phase in self.PHASES:
             JOBS.labels(phase).set(counts.get(phase, 0))
+
+
+def set_leader(leading: bool, holder: str, term: int, transition: float | None) -> None:
+    """This replica's view of the election (``leader``); ``transition``: when it changed."""
+    LEADER.set(1 if leading else 0)
+    LEADER_TERM.set(term)
+    if transition is not None:
+        LEADER_TRANSITION.set(transition)
+    LEADER_INFO.clear()
+    if holder:
+        LEADER_INFO.labels(holder).set(1)
 
 
 def serve(port: int, host: str) -> None:

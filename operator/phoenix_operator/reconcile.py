@@ -7,6 +7,11 @@ together, turns a pass's end into the next one's time (backoff on failure, at on
 conflict) and counts passes; ``main``'s handlers call ``poke``, ``poke_node``, ``remember``
 and ``forget``.
 
+With several replicas (``leader``) every replica's handlers keep calling these - so a
+standby knows every job and its pods' tombstones - but only the leader's passes run: a
+standby's pass returns at once, and when it becomes the leader it queues every job it knows
+(``lead``), acting within one pass instead of one resync.
+
 decide runs twice when it must: first without storage listings; if the plan asks for them
 (``needs_checkpoints``) they are gathered and it runs again with them (why: the ``decide``
 package docstring).
@@ -23,11 +28,12 @@ from typing import Callable
 from kubernetes.client.rest import ApiException
 
 from . import prometheus
-from .apply import Applier, RetryLater
+from .apply import LOST_LEADERSHIP, Applier, RetryLater
 from .config import OperatorConfig
 from .decide import Plan, decide
 from .gather import Gather, Key, Tombstones
 from .kube import Kube
+from .leader import Leadership
 from .phoenixjob import JobSpec
 from .workqueue import Backoff, WorkQueue
 
@@ -39,16 +45,19 @@ def utcnow() -> datetime:
 
 class Reconciler:
     def __init__(self, kube: Kube, config: OperatorConfig,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow,
+                 leadership: Leadership | None = None) -> None:
         self.kube = kube
         self.config = config
         self.clock = clock
+        self.leadership = leadership or Leadership()  # main swaps in the LeaseElector
+        self.known: set[Key] = set()  # every job a handler named: queued when we lead
         self.executor = ThreadPoolExecutor(config.api_workers, thread_name_prefix="phoenix-api")
         self.jobs = prometheus.JobPhases()  # last seen status.phase (metrics, resync)
         self.tombstones = Tombstones()
         self.gather = Gather(kube, config, self._call, self.tombstones)
         self.applier = Applier(kube, self._call, lambda: self.clock(), self.gather,
-                               self._applied)
+                               self._applied, lambda: self.leadership)
         # At most this many passes gather facts at once (controller-runtime's
         # MaxConcurrentReconciles): the API threads are the bottleneck anyway, and without a
         # bound every poked job (500 at a resync) holds its job and pods as JSON while it
@@ -68,7 +77,13 @@ class Reconciler:
     # --- triggering (main's handlers) ------------------------------------------------------
     def poke(self, key: Key) -> None:
         """Ask for a pass; a no-op if one is already queued for this job."""
+        self.known.add(key)
         self.queue.add(key)
+
+    def lead(self) -> None:
+        """This replica has just become the leader: a pass for every job it knows."""
+        for key in list(self.known | set(self.jobs)):
+            self.queue.add(key)
 
     def remember(self, key: Key, pod: dict) -> None:
         self.tombstones.remember(key, pod)
@@ -79,6 +94,7 @@ class Reconciler:
             self.poke(key)
 
     def forget(self, key: Key) -> None:
+        self.known.discard(key)
         self.tombstones.forget(key)
         self.queue.forget(key)
         prometheus.forget_job(*key)
@@ -91,11 +107,17 @@ class Reconciler:
     async def _pass(self, key: Key) -> float | None:
         """The queue's ``reconcile``: one pass, its result counted, and when to come back."""
         backoff = self.queue.backoff
+        if not self.leadership.holds():
+            return None  # a standby: the leader acts; ``lead`` queues it if we take over
         started = time.monotonic()
         try:
             requeue = await self.reconcile(*key)
             backoff.success(key)
             prometheus.RECONCILES.labels("ok").inc()
+        except LOST_LEADERSHIP as e:  # the lease moved mid-pass: the new leader acts
+            prometheus.RECONCILES.labels("not_leader").inc()
+            log.info("[%s/%s] pass stopped, not the leader any more: %s", *key, e)
+            requeue = None
         except RetryLater as e:  # already reported (event, log)
             prometheus.RECONCILES.labels("retry").inc()
             requeue = backoff.failure(key)

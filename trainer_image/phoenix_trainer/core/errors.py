@@ -41,6 +41,11 @@ class SupersededError(CheckpointError):
     attempt must not publish or delete checkpoints any more."""
 
 
+class StaleLeaderError(PhoenixTrainerError):
+    """An operator replica that no longer leads tried to write the fence or control document
+    over one a newer leader wrote (``core.handshake.LeaderTerm``): refused."""
+
+
 class TransientError(PhoenixTrainerError):
     """Raise (or subclass) this for failures that a retry from the last good state can fix."""
 

@@ -14,20 +14,56 @@ an attempt or promotes a standby) and a trainer handing off to its standby
 ``<prefix>/control.json`` carries the operator's requests to the running attempt
 (checkpoint now, hand off to the standby); see ``Control``. Writer: the operator only.
 
+With several operator replicas, the operator's writes of both files carry the writer's
+``LeaderTerm`` (which Lease, which term, which replica) and are refused
+(``StaleLeaderError``) where either file already carries a newer term of the same Lease: a
+leader partitioned away that comes back cannot overwrite its successor's fence or requests,
+whatever the timing. A trainer's handoff keeps the term it found.
+
 Nobody else reads or writes these names. No torch import; nothing from ``phoenix_trainer``
 outside ``core``.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from .errors import CorruptCheckpointError, SupersededError
+from .errors import CorruptCheckpointError, StaleLeaderError, SupersededError
 from .storage import Storage
 
 FENCE_NAME = "fence.json"
 CONTROL_NAME = "control.json"
+
+
+@dataclass(frozen=True)
+class LeaderTerm:
+    """Which operator leader wrote a file: the Lease (its uid), its term there (the Lease's
+    transition count at that leader's acquisition) and the replica. Empty (no ``leader``): a
+    standalone operator or a trainer, whose writes are not ordered by term."""
+
+    term: int = 0
+    leader: str = ""
+    lease_uid: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.leader)
+
+    def superseded_by(self, other: "LeaderTerm") -> bool:
+        """Whether ``other`` was written by a newer leader of the same Lease. Terms of
+        different Leases (one deleted and created again) are not comparable: not superseded."""
+        return bool(self and other and self.lease_uid == other.lease_uid
+                    and other.term > self.term)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"term": self.term, "leader": self.leader, "lease": self.lease_uid}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "LeaderTerm":
+        if not isinstance(data, dict):
+            return cls()
+        return cls(term=int(data.get("term") or 0), leader=str(data.get("leader") or ""),
+                   lease_uid=str(data.get("lease") or ""))
 
 
 @dataclass(frozen=True)
@@ -46,6 +82,7 @@ class Fence:
     # and "namespace/name". Empty in fences written before the UID was added.
     uid: str = ""
     job: str = ""
+    writer: LeaderTerm = field(default_factory=LeaderTerm)  # the operator leader that wrote it
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"attempt": self.attempt, "pod": self.pod, "time": self.time}
@@ -55,6 +92,8 @@ class Fence:
             d["uid"] = self.uid
         if self.job:
             d["job"] = self.job
+        if self.writer:
+            d["leader"] = self.writer.to_dict()
         return json.dumps(d, sort_keys=True)
 
     def holds(self, attempt: int, uid: str = "") -> bool:
@@ -72,7 +111,8 @@ class Fence:
             return cls(attempt=int(data["attempt"]), pod=str(data.get("pod", "")),
                        time=str(data.get("time", "")),
                        resume_from=str(data.get("resumeFrom") or ""),
-                       uid=str(data.get("uid") or ""), job=str(data.get("job") or ""))
+                       uid=str(data.get("uid") or ""), job=str(data.get("job") or ""),
+                       writer=LeaderTerm.from_dict(data.get("leader")))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptCheckpointError(f"{FENCE_NAME} is unreadable ({e!r})") from e
 
@@ -92,6 +132,7 @@ class Control:
     handoff_pod: str = ""
     time: str = ""
     uid: str = ""  # the job the requests are for: another job's stale requests are ignored
+    writer: LeaderTerm = field(default_factory=LeaderTerm)  # the operator leader that wrote it
 
     def for_attempt(self, attempt: int, uid: str = "") -> bool:
         return self.attempt == attempt and not (uid and self.uid and uid != self.uid)
@@ -105,6 +146,8 @@ class Control:
         if self.handoff_to is not None:
             d["handoffTo"] = self.handoff_to
             d["handoffPod"] = self.handoff_pod
+        if self.writer:
+            d["leader"] = self.writer.to_dict()
         return json.dumps(d, sort_keys=True)
 
     @classmethod
@@ -116,7 +159,8 @@ class Control:
                        checkpoint_now=str(data.get("checkpointNow") or ""),
                        handoff_to=int(to) if to is not None else None,
                        handoff_pod=str(data.get("handoffPod") or ""),
-                       time=str(data.get("time") or ""), uid=str(data.get("uid") or ""))
+                       time=str(data.get("time") or ""), uid=str(data.get("uid") or ""),
+                       writer=LeaderTerm.from_dict(data.get("leader")))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptCheckpointError(f"{CONTROL_NAME} is unreadable ({e!r})") from e
 
@@ -136,9 +180,28 @@ def read_fence(storage: Storage) -> Fence | None:
         return None
 
 
+def _refuse_stale_leader(storage: Storage, writer: LeaderTerm, what: str) -> None:
+    """``StaleLeaderError`` if the fence or control document carries a newer leader's term
+    (see the module docstring). One or two small reads, only for a leader's writes."""
+    if not writer:
+        return
+    for name, read in ((FENCE_NAME, read_fence), (CONTROL_NAME, read_control)):
+        try:
+            found = read(storage)
+        except CorruptCheckpointError:
+            continue  # unreadable: no term to respect; the write replaces it
+        if found is not None and writer.superseded_by(found.writer):
+            raise StaleLeaderError(
+                f"refusing to {what} under {storage.uri}: {name} was written by "
+                f"{found.writer.leader} in term {found.writer.term}, newer than this "
+                f"operator's term {writer.term} ({writer.leader})")
+
+
 def write_fence(storage: Storage, fence: Fence, *, clear_control: bool = False) -> str:
-    """Write the phase's fence (whatever it said before). ``clear_control``: a new attempt
-    starts, so requests left for an older one (or a deleted job's) go. Returns its URI."""
+    """Write the phase's fence (whatever attempt it named before; never over a newer
+    leader's, see ``LeaderTerm``). ``clear_control``: a new attempt starts, so requests left
+    for an older one (or a deleted job's) go. Returns its URI."""
+    _refuse_stale_leader(storage, fence.writer, f"fence attempt {fence.attempt}")
     storage.put_bytes(FENCE_NAME, fence.to_json().encode())
     if clear_control:
         storage.delete(CONTROL_NAME)
@@ -151,12 +214,17 @@ def advance_fence(storage: Storage, fence: Fence) -> bool:
     current = read_fence(storage)
     if current is not None and current.attempt >= fence.attempt:
         return False
-    write_fence(storage, fence)
+    # The term it found, kept (the trainer is no leader: no term check of its own; a stale
+    # leader's later write still meets the newer term here or in control.json).
+    kept = replace(fence, writer=current.writer) if current else fence
+    storage.put_bytes(FENCE_NAME, kept.to_json().encode())
     return True
 
 
 def write_control(storage: Storage, control: Control) -> str:
-    """Write the phase's control document: requests to its running attempt. Its URI."""
+    """Write the phase's control document: requests to its running attempt (never over a
+    newer leader's, see ``LeaderTerm``). Its URI."""
+    _refuse_stale_leader(storage, control.writer, f"write {CONTROL_NAME}")
     storage.put_bytes(CONTROL_NAME, control.to_json().encode())
     return storage.uri_for(CONTROL_NAME)
 
