@@ -12,6 +12,7 @@ from phoenix_operator.node_health import NodeHealth
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.decide import decide
 from phoenix_operator.kube import EventCache, ForeignPod, Kube
+from phoenix_operator.leader import Leadership, NotLeader
 from phoenix_operator.reconcile import Reconciler, RetryLater
 
 from opfacts import at, job, listing, phase_status, pod, with_status
@@ -47,11 +48,11 @@ class FakeKube:
         return "key", "secret"
 
 
-def run(kube, body, pods, now=at(1), nodes=None, fence_error=None):
+def run(kube, body, pods, now=at(1), nodes=None, fence_error=None, leadership=None):
     body = {**body, "metadata": {**body["metadata"], "resourceVersion": "1"}}
     # step 40: the checkpoint opfacts' termination messages name (it must be listed)
     plan = decide(body, pods, {"train": listing(40)}, now, nodes)
-    reconciler = Reconciler(kube, OperatorConfig(api_workers=1))
+    reconciler = Reconciler(kube, OperatorConfig(api_workers=1), leadership=leadership)
 
     def fence(spec, phase, attempt, pod, when, **access):
         kube.calls.append(("fence", phase, attempt))
@@ -92,6 +93,41 @@ def test_no_fence_no_pod():
             fence_error=OSError("S3 unreachable"))
     assert [c[0] for c in kube.calls] == ["patch", "fence", "event"]
     assert kube.calls[-1] == ("event", "StorageError")
+
+
+class Deposed(Leadership):
+    """Leads for ``writes`` more writes, then the lease is gone."""
+
+    def __init__(self, writes):
+        self.left = writes
+
+    def holds(self):
+        return self.left > 0
+
+    async def write(self, call, fn, *args, **kwargs):
+        if self.left <= 0:
+            raise NotLeader("deposed")
+        self.left -= 1
+        return await call(fn, *args, **kwargs)
+
+
+@pytest.mark.parametrize("writes", [0, 1, 2])
+def test_a_deposed_leader_stops_at_its_next_write(writes):
+    """The lease moved mid-pass (after the intent, after the fence): nothing more is written,
+    not even the event that would report the failure."""
+    kube = FakeKube()
+    with pytest.raises(NotLeader):
+        run(kube, with_status(job(), phase_status()),
+            [pod(pod_phase="Failed", exit_code=143, term_reason="preempted",
+                 disruption="EvictionByEvictionAPI")], leadership=Deposed(writes))
+    assert [c[0] for c in kube.calls] == ["patch", "fence"][:writes]
+
+
+def test_a_standbys_pass_reads_and_writes_nothing():
+    kube = FakeKube()
+    reconciler = Reconciler(kube, OperatorConfig(api_workers=1), leadership=Deposed(0))
+    assert asyncio.run(reconciler._pass(("ns", "j"))) is None
+    assert kube.calls == []
 
 
 def test_stale_view_creates_nothing():
