@@ -52,6 +52,14 @@ _ADMISSION_CONFIG = {
         "exemptions": {"usernames": [], "runtimeClasses": [],
                        "namespaces": ["kube-system"]}}}],
 }
+# The apiserver's audit log keeps every write (who, with which user agent, when), nothing
+# else: what tests assert on when something must not have written (a deposed operator leader).
+_AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1", "kind": "Policy", "omitStages": ["RequestReceived"],
+    "rules": [{"level": "Metadata",
+               "verbs": ["create", "update", "patch", "delete", "deletecollection"]},
+              {"level": "None"}],
+}
 # CoreDNS's identity may read what the kubernetes plugin serves, nothing else.
 _COREDNS_RBAC = [
     {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
@@ -289,6 +297,9 @@ class Lab:
                   f"--kubelet-client-key={pki.key('apiserver-kubelet-client')}",
                   "--kubelet-preferred-address-types=InternalIP",
                   "--profiling=false",
+                  f"--audit-policy-file={self.state_dir / 'audit-policy.yaml'}",
+                  f"--audit-log-path={self.audit_log}", "--audit-log-format=json",
+                  "--audit-log-maxsize=64", "--audit-log-maxbackup=1",
                   f"--cert-dir={self.state_dir / 'apiserver-certs'}"],
         )
 
@@ -302,6 +313,7 @@ class Lab:
         for cert in ("controller-manager", "scheduler", "coredns"):
             self._write_kubeconfig(cert, Path(self._component_kubeconfig(cert)))
         (self.state_dir / "admission.yaml").write_text(yaml.safe_dump(_ADMISSION_CONFIG))
+        (self.state_dir / "audit-policy.yaml").write_text(yaml.safe_dump(_AUDIT_POLICY))
         (self.state_dir / "Corefile").write_text(f""".:53 {{
     bind {self.host_ip}
     errors
@@ -532,6 +544,27 @@ class Lab:
         if check and proc.returncode != 0:
             raise LabError(f"{name} {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
+
+    @property
+    def audit_log(self) -> Path:
+        return self.state_dir / "audit.log"
+
+    def audit_writes(self, user_agent: str | None = None) -> list[dict]:
+        """The API writes the audit log holds (newest file only), optionally only those
+        whose user agent contains ``user_agent``."""
+        try:
+            lines = self.audit_log.read_text(errors="replace").splitlines()
+        except FileNotFoundError:
+            return []
+        events = []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # a line being written
+            if user_agent is None or user_agent in (event.get("userAgent") or ""):
+                events.append(event)
+        return events
 
     def api_client(self):
         from kubernetes import config

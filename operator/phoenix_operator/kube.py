@@ -91,10 +91,16 @@ def load_config(pool_size: int | None = None) -> None:
 
 
 class Kube:
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
+    def __init__(self, api_client: client.ApiClient | None = None,
+                 user_agent: str | None = None) -> None:
+        """``user_agent``: names this replica in the API server's audit log (which replica
+        wrote what, e.g. ``phoenix-operator/<pod>``)."""
         self.api = api_client or client.ApiClient()
+        if user_agent:
+            self.api.user_agent = user_agent
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
+        self.leases = client.CoordinationV1Api(self.api)
         self.events = EventCache()
 
     def _plain(self, obj: Any) -> Any:
@@ -192,10 +198,38 @@ class Kube:
 
         return get(contract.ENV_AWS_ACCESS_KEY_ID), get(contract.ENV_AWS_SECRET_ACCESS_KEY)
 
+    # --- the operator's leader Lease (leader.py decides; these only talk) ---------------
+    def get_lease(self, namespace: str, name: str) -> dict | None:
+        return _json_or_none(self.leases.read_namespaced_lease, name, namespace)
+
+    def create_lease(self, namespace: str, name: str, spec: dict) -> dict:
+        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                "metadata": {"name": name, "namespace": namespace,
+                             "labels": {C.LABEL_MANAGED_BY: C.MANAGED_BY,
+                                        C.LABEL_OPERATOR_LEASE: "true"}},
+                "spec": spec}
+        resp = self.leases.create_namespaced_lease(namespace, body, _preload_content=False)
+        return json.loads(resp.data)
+
+    def replace_lease(self, lease: dict, spec: dict, resource_version: str) -> dict:
+        """Replace ``lease``'s spec, guarded by ``resource_version`` (409 if it moved)."""
+        meta = lease["metadata"]
+        body = dict(lease, spec=spec, metadata=dict(meta, resourceVersion=resource_version))
+        resp = self.leases.replace_namespaced_lease(meta["name"], meta["namespace"], body,
+                                                    _preload_content=False)
+        return json.loads(resp.data)
+
+    def operator_leases(self) -> list[dict]:
+        """Every operator leader Lease in the cluster (label ``C.LABEL_OPERATOR_LEASE``)."""
+        resp = self.leases.list_lease_for_all_namespaces(
+            label_selector=f"{C.LABEL_OPERATOR_LEASE}=true", _preload_content=False)
+        return json.loads(resp.data).get("items") or []
+
     # --- events ------------------------------------------------------------------------
     def post_event(self, job: dict, type_: str, reason: str, message: str,
                    component: str = C.MANAGED_BY) -> None:
-        """Post an Event on the job; the same event again (object, type, reason, message)
+        """Post an Event on the job (or any object with its apiVersion and kind: the leader
+        Lease); the same event again (object, type, reason, message)
         bumps the first one's count and lastTimestamp, as kubectl describe shows
         "(x5 over 2m)", instead of another object every retry."""
         meta = job["metadata"]
@@ -217,7 +251,8 @@ class Kube:
         event = {
             "metadata": {"name": f"{meta['name']}.{secrets.token_hex(8)}",
                          "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": C.API_VERSION, "kind": C.KIND,
+            "involvedObject": {"apiVersion": job.get("apiVersion") or C.API_VERSION,
+                               "kind": job.get("kind") or C.KIND,
                                "name": meta["name"], "namespace": meta["namespace"],
                                "uid": meta.get("uid"),
                                "resourceVersion": meta.get("resourceVersion")},

@@ -32,7 +32,8 @@ from urllib3.exceptions import HTTPError
 
 from . import constants as C
 from .kube import Kube
-from .phoenixjob import JobSpec, phase_statuses
+from .leader import describe_lease
+from .phoenixjob import JobSpec, parse_ts, phase_statuses
 from .podspec import member_of
 from .reset import ResetRefused, reset_status
 
@@ -279,12 +280,39 @@ def _load(args) -> tuple[Kube, dict]:
     return kube, job
 
 
+def operator_leaders(kube: Kube, now: datetime) -> list[dict] | str:
+    """The operator's leader Lease(s), described; or why they cannot be read."""
+    try:
+        return [describe_lease(lease, now) for lease in kube.operator_leases()]
+    except ApiException as e:
+        return f"cannot read the operator's Lease: {e.status} {e.reason}"
+
+
+def leader_line(leaders: list[dict] | str, now: datetime) -> str:
+    if isinstance(leaders, str):
+        return f"  operator: {leaders}"
+    if not leaders:
+        return "  operator: no leader Lease (a standalone operator, or none running)"
+    parts = []
+    for d in leaders:
+        since = _age(parse_ts(d["since"]), now)
+        if not d["leader"]:
+            parts.append(f"no leader (lease {d['lease']} released {since}, term {d['term']})")
+        else:
+            state = (f"; not renewed since {_age(parse_ts(d['renewed']), now)}: a "
+                     "standby takes over" if d["expired"] else "")
+            parts.append(f"leader {d['leader']} (term {d['term']}, since {since}, lease "
+                         f"{d['lease']}{state})")
+    return "  operator: " + "; ".join(parts)
+
+
 def status(args) -> int:
     kube, job = _load(args)
-    if args.output:
-        _emit(args, status_document(job))
-        return 0
     now = datetime.now(timezone.utc)
+    leaders = operator_leaders(kube, now)
+    if args.output:
+        _emit(args, dict(status_document(job), operator=leaders))
+        return 0
     spec = JobSpec.parse(job["spec"])
     st = job.get("status") or {}
     meta = job["metadata"]
@@ -295,6 +323,7 @@ def status(args) -> int:
     print(f"  budgets per phase: maxPreemptions="
           f"{rec.max_preemptions if rec.max_preemptions is not None else 'unlimited'}, "
           f"maxFailures={rec.max_failures}, backoff {rec.backoff_initial:g}s..{rec.backoff_max:g}s")
+    print(leader_line(leaders, now))
     for cond in st.get("conditions") or ():
         if cond.get("status") == "True":
             print(f"  condition {cond['type']}: {cond.get('reason', '')}"

@@ -17,6 +17,8 @@ storage writes carry it (``LeaderTerm``) and refuse to overwrite a file a newer 
 on timing. A replica that finds its own name as holder at start (its container restarted)
 takes a new term: the old process is gone, its in-flight writes are not.
 
+The Lease calls themselves are ``Kube``'s (``get_lease``, ``create_lease``, ``replace_lease``).
+
 Why not the Kubernetes client's ``leaderelection`` package: it runs a blocking thread with
 its own loop, has no release (a drain would wait the whole lease out), and does not expose
 the transition count the storage writes need. The loop here is the same algorithm in
@@ -25,7 +27,6 @@ the transition count the storage writes need. The loop here is the same algorith
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -33,13 +34,13 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
 
-from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from phoenix_trainer.core.handshake import LeaderTerm
 
-from . import constants as C
 from . import prometheus
+from .kube import Kube
+from .phoenixjob import parse_ts
 
 log = logging.getLogger("phoenix.leader")
 
@@ -101,55 +102,16 @@ def next_record(current: LeaseRecord | None, me: str, leading: bool, expired: bo
                    transitions=current.transitions + 1)
 
 
-class LeaseApi:
-    """The three Lease calls, as JSON (blocking; run in a thread)."""
-
-    def __init__(self, api_client: client.ApiClient | None = None) -> None:
-        self.api = client.CoordinationV1Api(api_client or client.ApiClient())
-        self.core = client.CoreV1Api(self.api.api_client)
-
-    def get(self, namespace: str, name: str) -> dict | None:
-        try:
-            resp = self.api.read_namespaced_lease(name, namespace, _preload_content=False)
-            return json.loads(resp.data)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-
-    def create(self, namespace: str, name: str, record: LeaseRecord) -> dict:
-        body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": {"name": name, "namespace": namespace,
-                             "labels": {C.LABEL_MANAGED_BY: C.MANAGED_BY,
-                                        C.LABEL_OPERATOR_LEASE: "true"}},
-                "spec": record.spec()}
-        return self.api.api_client.sanitize_for_serialization(
-            self.api.create_namespaced_lease(namespace, body))
-
-    def replace(self, namespace: str, name: str, lease: dict, record: LeaseRecord) -> dict:
-        """Replace, guarded by the resourceVersion ``record`` was read at (409 if it moved)."""
-        body = dict(lease, spec=record.spec())
-        body["metadata"] = dict(lease["metadata"], resourceVersion=record.resource_version)
-        return self.api.api_client.sanitize_for_serialization(
-            self.api.replace_namespaced_lease(name, namespace, body))
-
-    def event(self, namespace: str, lease: dict, reason: str, message: str) -> None:
-        """An Event on the Lease (``kubectl describe lease``); best effort."""
-        meta = lease.get("metadata") or {}
-        now = micro_time(datetime.now(timezone.utc))
-        try:
-            self.core.create_namespaced_event(namespace, {
-                "metadata": {"generateName": f"{meta.get('name', 'lease')}.",
-                             "namespace": namespace},
-                "involvedObject": {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                                   "name": meta.get("name"), "namespace": namespace,
-                                   "uid": meta.get("uid")},
-                "reason": reason, "message": message[:1024], "type": "Normal",
-                "source": {"component": C.MANAGED_BY}, "reportingComponent": f"{C.GROUP}/operator",
-                "firstTimestamp": now, "lastTimestamp": now, "count": 1})
-        except ApiException as e:
-            log.warning("could not post event %s on lease %s: %s", reason, meta.get("name"),
-                        e.reason)
+def describe_lease(lease: dict, now: datetime) -> dict:
+    """Who leads, as ``phoenix status`` shows it: the Lease is the source of truth."""
+    record, meta = LeaseRecord.from_lease(lease), lease.get("metadata") or {}
+    renewed = parse_ts(record.renew_time)
+    quiet = (now - renewed).total_seconds() if renewed else None
+    return {"lease": f"{meta.get('namespace')}/{meta.get('name')}",
+            "leader": record.holder or None, "term": record.transitions,
+            "since": record.acquire_time or None, "renewed": record.renew_time or None,
+            # A holder that stopped renewing: its standby takes over after the duration.
+            "expired": bool(record.holder) and quiet is not None and quiet > record.duration}
 
 
 class NotLeader(Exception):
@@ -181,7 +143,7 @@ class LeaseElector(Leadership):
     """The election loop (``run``) and the gate. ``on_lead`` is called (on the event loop)
     when this replica becomes the leader: the reconciler queues every job it knows."""
 
-    def __init__(self, api: LeaseApi, call: Callable[..., Awaitable], *, namespace: str,
+    def __init__(self, kube: Kube, call: Callable[..., Awaitable], *, namespace: str,
                  name: str, identity: str, duration: float = 15, renew_deadline: float = 10,
                  retry: float = 2, on_lead: Callable[[], None] = lambda: None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
@@ -189,7 +151,7 @@ class LeaseElector(Leadership):
         if not retry < renew_deadline < duration:
             raise ValueError(f"leader election needs retry ({retry}) < renew deadline "
                              f"({renew_deadline}) < lease duration ({duration})")
-        self.api, self.call = api, call
+        self.kube, self.call = kube, call
         self.namespace, self.name, self.identity = namespace, name, identity
         self.duration, self.renew_deadline, self.retry = duration, renew_deadline, retry
         self.on_lead, self.clock, self.monotonic = on_lead, clock, monotonic
@@ -239,7 +201,7 @@ class LeaseElector(Leadership):
         """One acquire-or-renew; whether this replica leads afterwards."""
         started = self.monotonic()
         try:
-            lease = await self.call(self.api.get, self.namespace, self.name)
+            lease = await self.call(self.kube.get_lease, self.namespace, self.name)
             current = LeaseRecord.from_lease(lease) if lease is not None else None
             if current is not None and not current.same_as(self.observed):
                 self.observed, self.observed_at = current, started
@@ -254,10 +216,11 @@ class LeaseElector(Leadership):
                 self._observe_other(current)
                 return False
             if lease is None:
-                written = await self.call(self.api.create, self.namespace, self.name, record)
+                written = await self.call(self.kube.create_lease, self.namespace, self.name,
+                                          record.spec())
             else:
-                written = await self.call(self.api.replace, self.namespace, self.name, lease,
-                                          record)
+                written = await self.call(self.kube.replace_lease, lease, record.spec(),
+                                          record.resource_version)
         except ApiException as e:
             if e.status != 409:  # 409: someone else wrote first; look again next time
                 log.warning("lease %s/%s: %s %s", self.namespace, self.name, e.status, e.reason)
@@ -293,8 +256,8 @@ class LeaseElector(Leadership):
     def _transition(self, lease: dict, reason: str, message: str) -> None:
         log.info("%s %s", LOG_PREFIX, message)
         prometheus.set_leader(True, self.identity, self._term.term, time.time())
-        loop = asyncio.get_running_loop()
-        loop.run_in_executor(None, self.api.event, self.namespace, lease, reason, message)
+        asyncio.get_running_loop().run_in_executor(
+            None, self.kube.post_event, lease, "Normal", reason, message)
 
     async def release(self, wait_writes: float = 5.0) -> None:
         """Stop writing, let writes in flight finish (at most ``wait_writes`` s), then hand
@@ -307,12 +270,13 @@ class LeaseElector(Leadership):
         while self._in_flight and self.monotonic() < deadline:
             await asyncio.sleep(0.05)
         try:
-            lease = await self.call(self.api.get, self.namespace, self.name)
+            lease = await self.call(self.kube.get_lease, self.namespace, self.name)
             if lease is None or LeaseRecord.from_lease(lease).holder != self.identity:
                 return
             record = replace(LeaseRecord.from_lease(lease), holder="", duration=1,
                              renew_time=micro_time(self.clock()))
-            written = await self.call(self.api.replace, self.namespace, self.name, lease, record)
+            written = await self.call(self.kube.replace_lease, lease, record.spec(),
+                                      record.resource_version)
         except Exception as e:  # noqa: BLE001 - best effort: the lease then simply expires
             log.warning("%s %s could not release the lease: %s", LOG_PREFIX, self.identity, e)
             return
@@ -320,4 +284,4 @@ class LeaseElector(Leadership):
         message = f"{self.identity} released the lease (term {self._term.term})"
         log.info("%s %s", LOG_PREFIX, message)
         prometheus.set_leader(False, "", self._term.term, time.time())
-        await self.call(self.api.event, self.namespace, written, "LeaderReleased", message)
+        await self.call(self.kube.post_event, written, "Normal", "LeaderReleased", message)

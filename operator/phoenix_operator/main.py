@@ -24,7 +24,7 @@ from . import prometheus
 from .node_health import node_health
 from .config import OperatorConfig
 from .kube import Kube, load_config
-from .leader import LeaseApi, LeaseElector
+from .leader import LeaseElector
 from .gather import tombstone
 from .reconcile import Reconciler
 
@@ -49,7 +49,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     config = OperatorConfig.from_env()
     configure(settings)
     load_config(pool_size=config.api_workers)
-    reconciler = Reconciler(Kube(), config)
+    kube = Kube(user_agent=f"{C.MANAGED_BY}/{config.identity}")
+    reconciler = Reconciler(kube, config)
     memo.reconciler = reconciler
     if config.watch_nodes:
         # Registered here, not at import, so PHOENIX_WATCH_NODES=false (no RBAC on nodes)
@@ -58,7 +59,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     loop = asyncio.get_running_loop()
     if config.leader_election:
         elector = LeaseElector(
-            LeaseApi(), reconciler._call, namespace=config.lease_namespace,
+            kube, reconciler.call, namespace=config.lease_namespace,
             name=config.lease_name, identity=config.identity, duration=config.lease_duration,
             renew_deadline=config.renew_deadline, retry=config.retry_period,
             on_lead=reconciler.lead)

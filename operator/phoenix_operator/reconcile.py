@@ -55,8 +55,8 @@ class Reconciler:
         self.executor = ThreadPoolExecutor(config.api_workers, thread_name_prefix="phoenix-api")
         self.jobs = prometheus.JobPhases()  # last seen status.phase (metrics, resync)
         self.tombstones = Tombstones()
-        self.gather = Gather(kube, config, self._call, self.tombstones)
-        self.applier = Applier(kube, self._call, lambda: self.clock(), self.gather,
+        self.gather = Gather(kube, config, self.call, self.tombstones)
+        self.applier = Applier(kube, self.call, lambda: self.clock(), self.gather,
                                self._applied, lambda: self.leadership)
         # At most this many passes gather facts at once (controller-runtime's
         # MaxConcurrentReconciles): the API threads are the bottleneck anyway, and without a
@@ -66,7 +66,7 @@ class Reconciler:
         self.queue: WorkQueue[Key] = WorkQueue(self._pass, max_concurrent=2 * config.api_workers,
                                                backoff=Backoff(initial=1.0, maximum=300.0))
 
-    async def _call(self, fn, *args, **kwargs):
+    async def call(self, fn, *args, **kwargs):
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, lambda: fn(*args, **kwargs))
 

@@ -35,7 +35,7 @@ def operator_rbac(lab, crd):
     out = lab.helm("template", RELEASE, str(REPO / "charts" / "phoenix"), "-n", OPERATOR_NS,
                    "--skip-crds").stdout
     docs = [d for d in yaml.safe_load_all(out) if d and d["kind"] in (
-        "ServiceAccount", "ClusterRole", "ClusterRoleBinding")]
+        "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding")]
     lab.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     return lab.serviceaccount_kubeconfig(OPERATOR_NS, SA)
 

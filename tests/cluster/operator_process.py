@@ -22,10 +22,15 @@ FAKE_TRAINER_PATH = "/opt/fake/fake_trainer.py"
 class OperatorProcess:
     """The operator as a local process (kopf run), authenticated as the chart's SA."""
 
-    def __init__(self, kubeconfig: str, log_dir: Path, s3_url: str) -> None:
+    def __init__(self, kubeconfig: str, log_dir: Path, s3_url: str, *,
+                 namespaces: str = "pxj-*", env: dict[str, str] | None = None,
+                 name: str = "operator") -> None:
         self.kubeconfig = kubeconfig
         self.log_dir = log_dir
         self.s3_url = s3_url
+        self.namespaces = namespaces  # kopf's --namespace pattern
+        self.env = env or {}
+        self.name = name
         self.proc: subprocess.Popen | None = None
         self.metrics_port = free_port()
         self.health_port = free_port()
@@ -36,13 +41,13 @@ class OperatorProcess:
         self.starts += 1
         env = dict(os.environ, KUBECONFIG=self.kubeconfig,
                    PHOENIX_METRICS_PORT=str(self.metrics_port),
-                   PHOENIX_METRICS_HOST="127.0.0.1", PHOENIX_RESYNC_SECONDS="5")
-        log = open(self.log_dir / f"operator-{self.starts}.log", "wb")
+                   PHOENIX_METRICS_HOST="127.0.0.1", PHOENIX_RESYNC_SECONDS="5", **self.env)
+        log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             # Only the cluster tests' own namespaces (pxj-*): the e2e suite shares the
             # session's lab and runs the chart's operator, which must be alone there.
             [sys.executable, "-m", "kopf", "run", "-m", "phoenix_operator.main",
-             "--standalone", "--namespace=pxj-*",
+             "--standalone", f"--namespace={self.namespaces}",
              f"--liveness=http://127.0.0.1:{self.health_port}/healthz"],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + 60
@@ -74,8 +79,17 @@ class OperatorProcess:
             except subprocess.TimeoutExpired:
                 self.kill()
 
+    @property
+    def log_path(self) -> Path:
+        return self.log_dir / f"{self.name}-{self.starts}.log"
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the operator's process group (SIGSTOP/SIGCONT: a partition's
+        stand-in, the process neither renews nor writes while stopped)."""
+        os.killpg(self.proc.pid, sig)
+
     def log_tail(self, n: int = 60) -> str:
-        path = self.log_dir / f"operator-{self.starts}.log"
+        path = self.log_path
         try:
             return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
         except OSError:

@@ -271,6 +271,12 @@ class FakeKube:
         self.asked.append((namespace, name))
         return self.jobs.get((namespace, name))
 
+    def operator_leases(self) -> list[dict]:
+        return [{"metadata": {"name": "phx", "namespace": "phoenix-system"},
+                 "spec": {"holderIdentity": "phx-a", "leaseDurationSeconds": 15,
+                          "acquireTime": "2026-01-01T00:00:00.000000Z",
+                          "renewTime": "2026-01-01T00:00:00.000000Z", "leaseTransitions": 4}}]
+
 
 @pytest.fixture
 def fake(monkeypatch) -> tuple[FakeKube, list]:
@@ -285,7 +291,9 @@ def test_status_json_from_a_non_current_context(kcfg, fake, capsys):
                      "-o", "json"]) == 0
     assert kube.asked == [("ns-prod", "mlp")]
     assert (targets[0].context, targets[0].kubeconfig) == ("prod", kcfg)
-    assert json.loads(capsys.readouterr().out)["status"] == JOB["status"]
+    out = json.loads(capsys.readouterr().out)
+    assert out["status"] == JOB["status"]
+    assert out["operator"][0]["leader"] == "phx-a" and out["operator"][0]["term"] == 4
 
 
 def test_missing_job_is_a_clear_error(kcfg, fake, capsys):

@@ -52,7 +52,8 @@ def test_our_own_name_from_a_previous_process_is_a_new_term():
 
 
 class MemoryLeases:
-    """The Lease API as a dict (pure logic under test; the real one in the cluster tests)."""
+    """``Kube``'s Lease calls over a dict (pure logic under test; the real API server in the
+    cluster tests)."""
 
     def __init__(self):
         self.lease = None
@@ -64,27 +65,26 @@ class MemoryLeases:
         if self.fail:
             raise ConnectionError("apiserver unreachable")
 
-    def get(self, namespace, name):
+    def get_lease(self, namespace, name):
         self._check()
         return self.lease
 
-    def _write(self, record):
+    def _write(self, spec):
         self.version += 1
         self.lease = {"metadata": {"name": "lease", "uid": "L1",
-                                   "resourceVersion": str(self.version)},
-                      "spec": record.spec()}
+                                   "resourceVersion": str(self.version)}, "spec": spec}
         return self.lease
 
-    def create(self, namespace, name, record):
+    def create_lease(self, namespace, name, spec):
         self._check()
-        return self._write(record)
+        return self._write(spec)
 
-    def replace(self, namespace, name, lease, record):
+    def replace_lease(self, lease, spec, resource_version):
         self._check()
-        assert record.resource_version == str(self.version)
-        return self._write(record)
+        assert resource_version == str(self.version)
+        return self._write(spec)
 
-    def event(self, namespace, lease, reason, message):
+    def post_event(self, obj, type_, reason, message):
         self.events.append(reason)
 
 
@@ -164,3 +164,31 @@ def test_a_standalone_operator_always_writes_unordered():
         assert lone.holds() and not lone.term
         assert await lone.write(direct, lambda: 1) == 1
     asyncio.run(scenario())
+
+
+def lease(holder, renewed, transitions=2, acquired="2026-12-05T11:58:00.000000Z"):
+    return {"metadata": {"name": "phoenix", "namespace": "phoenix-system"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15,
+                     "acquireTime": acquired, "renewTime": renewed,
+                     "leaseTransitions": transitions}}
+
+
+def test_phoenix_status_says_who_leads_from_the_lease():
+    from phoenix_operator.kubectl_phoenix import leader_line
+    from phoenix_operator.leader import describe_lease
+    live = describe_lease(lease("phoenix-7d9-a", "2026-12-05T11:59:58.000000Z"), NOW)
+    assert live == {"lease": "phoenix-system/phoenix", "leader": "phoenix-7d9-a", "term": 2,
+                    "since": "2026-12-05T11:58:00.000000Z",
+                    "renewed": "2026-12-05T11:59:58.000000Z", "expired": False}
+    assert leader_line([live], NOW) == (
+        "  operator: leader phoenix-7d9-a (term 2, since 2m ago, lease phoenix-system/phoenix)")
+    dead = describe_lease(lease("phoenix-7d9-a", "2026-12-05T11:59:30.000000Z"), NOW)
+    assert dead["expired"] and "not renewed since 30s ago: a standby takes over" in leader_line(
+        [dead], NOW)
+    released = describe_lease(lease(None, "2026-12-05T11:59:59.000000Z", 3,
+                                    "2026-12-05T11:59:59.000000Z"), NOW)
+    assert leader_line([released], NOW) == (
+        "  operator: no leader (lease phoenix-system/phoenix released 1s ago, term 3)")
+    assert "standalone" in leader_line([], NOW)
+    assert leader_line("cannot read the operator's Lease: 403 Forbidden", NOW) == (
+        "  operator: cannot read the operator's Lease: 403 Forbidden")
