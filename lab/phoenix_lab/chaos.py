@@ -13,7 +13,8 @@ the same thing everywhere. `plan()` is pure (a seeded schedule); `Injector` acts
 | notice         | the pod's node is tainted karpenter.sh/disrupted (a spot  | a checkpoint      | preemption    |
 |                | reclaim notice); after `notice_seconds` whatever still    | request, then a   |               |
 |                | runs there is evicted without grace and the taint lifted  | handoff (standby) |               |
-| operator-kill  | the operator pod's container is SIGKILLed mid-recovery    | nothing           | nothing       |
+| operator-kill  | the leader operator pod's container is SIGKILLed in the   | nothing           | nothing       |
+|                | middle of a recovery (a standby takes over)               |                   |               |
 | s3-outage      | the S3 server is stopped for a while, then restarted      | upload retries    | nothing       |
 
 (*) Nothing on the cluster says the kill came from outside: exit 137 alone is what a
@@ -71,7 +72,7 @@ class Injected:
 @dataclass
 class Injector:
     """Injects disruptions into the lab. `operator_kill` is supplied by whoever installed
-    the operator (it knows the release's pods)."""
+    the operator (it knows the release's pods and which of them leads)."""
 
     lab: object
     namespace: str

@@ -96,7 +96,7 @@ def _labelled(lab, kind: str, release: str) -> list[str]:
 
 def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_job(
         lab, release, core, custom, ns, bucket):
-    pod = release.running_operator_pod()
+    pod = release.leader_pod()
     spec = pod["spec"]
     assert spec["serviceAccountName"] == "phx-chart-operator"
     assert spec["nodeName"] == "lab-ondemand-0", "operator landed on a spot node"
@@ -141,7 +141,7 @@ def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_
     assert "phoenix_recoveries_total{" in metrics, metrics[-2000:]
     # The same pod did all of it: it never crashed or restarted.
     assert release.check_not_broken()
-    assert release.running_operator_pod()["metadata"]["uid"] == pod["metadata"]["uid"]
+    assert release.leader_pod()["metadata"]["uid"] == pod["metadata"]["uid"]
 
 
 def test_a_crash_looping_operator_fails_the_install(lab, crd):

@@ -72,7 +72,7 @@ def e2e(request) -> E2ETarget:
         # The images exist only inside the lab's nodes: never pull.
         trainer_image=lab.trainer_image, image_pull_policy="Never",
         trainer_command=shlex.split(DEFAULT_TRAINER_COMMAND),
-        operator_log=release.operator_log, extra={"lab": lab, "release": release})
+        extra={"lab": lab, "release": release})
     _ensure_namespace_and_secret(target)
     try:
         yield target

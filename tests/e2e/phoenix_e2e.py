@@ -10,7 +10,8 @@ Env vars for an external cluster (the kind workflow sets all of them):
   PHOENIX_E2E_KUBECONFIG            kubeconfig of the cluster (required; unset: use the lab)
   PHOENIX_E2E_NAMESPACE             where test jobs go (default phoenix-e2e; created if missing)
   PHOENIX_E2E_OPERATOR_NAMESPACE    namespace of the chart release (default phoenix-system)
-  PHOENIX_E2E_OPERATOR_RELEASE      release name (default phoenix; Deployment <release>-operator)
+  PHOENIX_E2E_OPERATOR_RELEASE      release name (default phoenix; Deployment and Lease
+                                    <release>-operator)
   PHOENIX_E2E_S3_ENDPOINT           S3 endpoint as pods reach it (required)
   PHOENIX_E2E_S3_LOCAL_ENDPOINT     S3 endpoint as this test process reaches it (default: same)
   PHOENIX_E2E_S3_ACCESS_KEY / PHOENIX_E2E_S3_SECRET_KEY
@@ -22,6 +23,10 @@ Trainer pods are written as users must write them for a namespace that enforces 
 "restricted" Pod Security Standard (the lab enforces it everywhere): non-root, read-only
 root filesystem, no privilege escalation, all capabilities dropped, RuntimeDefault seccomp,
 a writable /tmp only as an emptyDir.
+
+The chart runs several operator replicas; one leads (`Operators`): the pod named by
+`spec.holderIdentity` of the Lease the operator keeps under the Deployment's name. "The
+operator's" log, metrics and /healthz are the leader's; ready means every replica Ready.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ CREDENTIALS_SECRET = "phoenix-e2e-s3"
 DEFAULT_TRAINER_COMMAND = "python /app/examples/train_mlp.py"
 # Labels every object the chart creates carries; used to prove an uninstall is clean.
 OPERATOR_KINDS = ("deployments", "serviceaccounts", "services", "roles", "rolebindings",
-                  "clusterroles", "clusterrolebindings", "pods")
+                  "clusterroles", "clusterrolebindings", "poddisruptionbudgets", "pods")
 # Waiting reasons of a container that will not start or keeps dying.
 BROKEN_WAITING = {"CrashLoopBackOff", "ErrImageNeverPull", "ErrImagePull", "ImagePullBackOff",
                   "CreateContainerConfigError", "CreateContainerError", "InvalidImageName",
@@ -81,13 +86,15 @@ class E2ETarget:
     trainer_image: str
     trainer_command: list[str]
     image_pull_policy: str = "IfNotPresent"
-    # How to read the operator's log (default: kubectl logs of the Deployment).
-    operator_log: Callable[[], str] | None = None
     extra: dict = field(default_factory=dict)
 
     @property
+    def operators(self) -> "Operators":
+        return Operators(self.kubectl, self.operator_namespace, self.operator_release)
+
+    @property
     def operator_deployment(self) -> str:
-        return f"{self.operator_release}-operator"
+        return self.operators.deployment
 
     @classmethod
     def from_env(cls, env=os.environ) -> "E2ETarget":
@@ -124,22 +131,8 @@ class E2ETarget:
         return proc
 
     def operator_logs(self, tail: int = 80) -> str:
-        if self.operator_log is not None:
-            text = self.operator_log()
-        else:
-            text = self.kubectl("-n", self.operator_namespace, "logs",
-                                f"deployment/{self.operator_deployment}", f"--tail={tail}",
-                                check=False).stdout
-        return "\n".join(text.splitlines()[-tail:])
-
-    def operator_pods(self) -> list[dict]:
-        """The operator Deployment's pods (by its selector), as `kubectl get -o json` shows them."""
-        dep = json.loads(self.kubectl("-n", self.operator_namespace, "get", "deployment",
-                                      self.operator_deployment, "-o", "json").stdout)
-        selector = ",".join(f"{k}={v}" for k, v in dep["spec"]["selector"]["matchLabels"].items())
-        out = self.kubectl("-n", self.operator_namespace, "get", "pods", "-l", selector, "-o", "json")
-        return [p for p in json.loads(out.stdout)["items"]
-                if not p["metadata"].get("deletionTimestamp")]
+        """The last `tail` lines of every replica's log: the leader's (see Operators.logs)."""
+        return "\n".join(self.operators.logs().splitlines()[-tail:])
 
     def evict(self, namespace: str, pod: str) -> None:
         """Preempt a pod the way a spot reclaim or node drain does: the Eviction API."""
@@ -272,101 +265,159 @@ def restricted_admission_warnings(target: E2ETarget, namespace: str) -> str:
     return "\n".join(line for line in out.stderr.splitlines() if line.startswith("Warning"))
 
 
-def check_operator_pod(target: E2ETarget, *, ready_timeout: float = 180,
-                       steady_seconds: float = 20) -> dict:
-    """The operator pod runs under the restricted Pod Security Standard, becomes Ready
+def check_operator_pods(target: E2ETarget, *, ready_timeout: float = 180,
+                        steady_seconds: float = 20) -> dict:
+    """Every operator replica runs under the restricted Pod Security Standard, becomes Ready
     (its readiness probe is kopf's /healthz) and stays Ready without a restart for
-    `steady_seconds`. A crash-looping operator fails here: it never turns Ready, or it
-    restarts within the window. Returns the pod."""
-    diagnose = lambda: describe_operator(target)  # noqa: E731
-
-    def one_ready_pod():
-        pods = target.operator_pods()
-        return len(pods) == 1 and pod_ready(pods[0]) and pods[0]
-
-    pod = wait_for(one_ready_pod, ready_timeout, 1, "the operator pod Running and Ready",
-                   diagnose=diagnose)
-    assert restricted_violations(pod) == [], (restricted_violations(pod), diagnose())
+    `steady_seconds`; one of them leads. A crash-looping operator fails here: it never turns
+    Ready, or it restarts within the window. Returns the leader's pod."""
+    operators = target.operators
+    pods = wait_for(operators.all_ready, ready_timeout, 1, "every operator replica Running and Ready",
+                    diagnose=operators.describe)
+    for pod in pods:
+        assert restricted_violations(pod) == [], (pod["metadata"]["name"],
+                                                  restricted_violations(pod), operators.describe())
     warnings = restricted_admission_warnings(target, target.operator_namespace)
     assert not warnings, f"PodSecurity admission: {warnings}"
-    uid, before = pod["metadata"]["uid"], restarts(pod)
+    before = {p["metadata"]["uid"]: (p["metadata"]["name"], restarts(p)) for p in pods}
     deadline = time.monotonic() + steady_seconds
     while time.monotonic() < deadline:
         time.sleep(2)
-        pods = target.operator_pods()
-        now = next((p for p in pods if p["metadata"]["uid"] == uid), None)
-        assert now is not None, f"operator pod {pod['metadata']['name']} went away\n{diagnose()}"
-        assert restarts(now) == before and pod_ready(now), (
-            f"operator pod {pod['metadata']['name']} restarted or lost readiness "
-            f"(restarts {before} -> {restarts(now)}; {broken_reason(now)})\n{diagnose()}")
-    return pod
+        now = {p["metadata"]["uid"]: p for p in operators.pods()}
+        for uid, (name, count) in before.items():
+            assert uid in now, f"operator pod {name} went away\n{operators.describe()}"
+            assert restarts(now[uid]) == count and pod_ready(now[uid]), (
+                f"operator pod {name} restarted or lost readiness (restarts {count} -> "
+                f"{restarts(now[uid])}; {broken_reason(now[uid])})\n{operators.describe()}")
+    return operators.wait_leader()
 
 
-def describe_operator(target: E2ETarget) -> str:
-    ns = target.operator_namespace
-    out = target.kubectl("-n", ns, "get", "deploy,rs,pods", "-o", "wide", check=False)
-    events = target.kubectl("-n", ns, "get", "events", "--sort-by=.lastTimestamp", check=False)
-    return (f"{out.stdout}{out.stderr}\n{events.stdout[-3000:]}\n"
-            f"{target.operator_logs(tail=120)}")
+@dataclass(frozen=True)
+class Operators:
+    """A chart release's operator replicas, read as on any cluster (kubectl only): the pods
+    with the chart's selector labels, and among them the leader, the pod whose name is the
+    `spec.holderIdentity` of the Lease the operator creates under the Deployment's name in
+    the release namespace (the chart passes PHOENIX_LEASE_NAME, PHOENIX_POD_NAME)."""
+
+    kubectl: Callable[..., subprocess.CompletedProcess]  # E2ETarget.kubectl or Lab.kubectl
+    namespace: str
+    release: str
+
+    @property
+    def deployment(self) -> str:
+        """The Deployment's name, which the Lease shares (the chart's fullname)."""
+        return f"{self.release}-operator"
+
+    def pods(self, *, terminating: bool = False) -> list[dict]:
+        """The release's operator pods by name; those being deleted only with `terminating`."""
+        out = self.kubectl("-n", self.namespace, "get", "pods", "-o", "json", "-l",
+                           f"app.kubernetes.io/name=phoenix,app.kubernetes.io/instance={self.release}")
+        pods = sorted(json.loads(out.stdout)["items"], key=lambda p: p["metadata"]["name"])
+        return [p for p in pods if terminating or not p["metadata"].get("deletionTimestamp")]
+
+    def holder(self) -> str | None:
+        """The Lease's holderIdentity; None while the Lease is missing or held by nobody."""
+        out = self.kubectl("-n", self.namespace, "get", "lease", self.deployment, "-o", "json",
+                           check=False)
+        if out.returncode != 0:
+            if "NotFound" in out.stderr:
+                return None
+            raise AssertionError(f"reading Lease {self.namespace}/{self.deployment}: "
+                                 f"{out.stderr.strip()}")
+        return (json.loads(out.stdout).get("spec") or {}).get("holderIdentity") or None
+
+    def leader(self) -> dict | None:
+        """The running, not deleted pod the Lease names; None while there is none (no
+        holder yet, or a holder that is gone and whose lease has not yet run out)."""
+        holder = self.holder()
+        return next((p for p in self.pods() if p["metadata"]["name"] == holder
+                     and (p.get("status") or {}).get("phase") == "Running"), None)
+
+    def wait_leader(self, timeout: float = 60, diagnose: Callable[[], str] | None = None) -> dict:
+        return wait_for(self.leader, timeout, 0.5,
+                        f"a leader: Lease {self.namespace}/{self.deployment} naming a running "
+                        f"operator pod in spec.holderIdentity (the operator creates the Lease; "
+                        f"still missing or unheld means no replica won the election, or the "
+                        f"release runs with leaderElection.enabled=false)",
+                        diagnose=diagnose or self.describe)
+
+    def all_ready(self) -> list[dict] | None:
+        """The pods, once there are as many as the Deployment asks for and every one is
+        Ready; None until then."""
+        dep = json.loads(self.kubectl("-n", self.namespace, "get", "deployment", self.deployment,
+                                      "-o", "json").stdout)
+        pods = self.pods()
+        want = dep["spec"].get("replicas", 1)
+        return pods if len(pods) == want and all(map(pod_ready, pods)) else None
+
+    def logs(self) -> str:
+        """Every replica's log (`kubectl logs`), the previous container's first where one
+        restarted (e.g. after an operator-kill), the leader's last, so that a tail of it is
+        the leader's."""
+        try:
+            leader = self.holder()
+        except AssertionError:
+            leader = None
+        texts = []
+        for pod in sorted(self.pods(terminating=True), key=lambda p: p["metadata"]["name"] == leader):
+            name = pod["metadata"]["name"]
+            role = " (leader)" if name == leader else ""
+            if restarts(pod):
+                texts.append(f"--- {name}{role} (previous container)\n"
+                             + self._log(name, "--previous"))
+            texts.append(f"--- {name}{role}\n" + self._log(name))
+        return "\n".join(texts) or f"(no operator pod for release {self.release})"
+
+    def _log(self, pod: str, *flags: str) -> str:
+        return self.kubectl("-n", self.namespace, "logs", pod, *flags, check=False).stdout
+
+    def describe(self) -> str:
+        """For failure messages: the Deployment, pods, PDB and Lease, recent events, logs."""
+        out = self.kubectl("-n", self.namespace, "get", "deploy,rs,pods,pdb,lease", "-o", "wide",
+                           check=False)
+        events = self.kubectl("-n", self.namespace, "get", "events", "--sort-by=.lastTimestamp",
+                              check=False)
+        return f"{out.stdout}{out.stderr}\n{events.stdout[-3000:]}\n{self.logs()[-4000:]}"
 
 
 # --- the chart on the lab ------------------------------------------------------------------
 @dataclass
 class LabRelease:
     """A chart release installed into the lab by `install_chart_on_lab`. Everything about
-    the running operator is read as on any cluster: the pod's status, `kubectl logs`, and
-    its endpoints at the pod's IP (the lab's host routes to the nodes' pod bridges)."""
+    the running operators is read as on any cluster (`Operators`): the pods' status, the
+    Lease, `kubectl logs`, and the leader's endpoints at its pod IP (the lab's host routes
+    to the nodes' pod bridges)."""
 
     lab: Any
     release: str
     namespace: str
 
     @property
-    def deployment(self) -> str:
-        return f"{self.release}-operator"
+    def operators(self) -> Operators:
+        return Operators(self.lab.kubectl, self.namespace, self.release)
 
-    def operator_pods(self) -> list[dict]:
-        out = self.lab.kubectl("-n", self.namespace, "get", "pods", "-o", "json", "-l",
-                               f"app.kubernetes.io/instance={self.release}")
-        return json.loads(out.stdout)["items"]
-
-    def running_operator_pod(self) -> dict:
-        pods = [p for p in self.operator_pods() if not p["metadata"].get("deletionTimestamp")
-                and (p.get("status") or {}).get("phase") == "Running"]
-        assert len(pods) == 1, f"expected one running operator pod, got {len(pods)}\n{self.describe()}"
-        return pods[0]
+    def leader_pod(self, timeout: float = 60) -> dict:
+        """The leading operator's pod, waited for while the Lease names none."""
+        return self.operators.wait_leader(timeout, diagnose=self.describe)
 
     def operator_log(self) -> str:
-        """The operator container's log (`kubectl logs`), with the previous container's
-        first if it restarted (e.g. after an operator-kill)."""
-        texts = []
-        for pod in self.operator_pods():
-            name = pod["metadata"]["name"]
-            if restarts(pod):
-                texts.append(f"--- {name} (previous container)\n"
-                             + self.lab.pod_logs(self.namespace, name, previous=True))
-            texts.append(f"--- {name}\n" + self.lab.pod_logs(self.namespace, name))
-        return "\n".join(texts) or f"(no operator pod for release {self.release})"
-
-    def _endpoint(self, port_name: str, path: str) -> str:
-        pod = self.running_operator_pod()
-        port = next(p["containerPort"] for c in pod["spec"]["containers"]
-                    for p in c.get("ports") or () if p.get("name") == port_name)
-        return f"http://{pod['status']['podIP']}:{port}{path}"
+        return self.operators.logs()
 
     def healthy(self) -> bool:
-        """kopf's /healthz answers 200 at the operator pod's IP."""
+        """kopf's /healthz answers 200 at the leader's pod IP."""
+        leader = self.operators.leader()
         try:
-            return http_ok(self._endpoint("health", "/healthz"))
+            return leader is not None and http_ok(_endpoint(leader, "health", "/healthz"))
         except (AssertionError, KeyError, StopIteration):
             return False
 
     def metrics(self) -> str:
-        return http_text(self._endpoint("metrics", "/metrics"))
+        """The leader's /metrics."""
+        return http_text(_endpoint(self.leader_pod(), "metrics", "/metrics"))
 
     def check_not_broken(self) -> bool:
         """Raise if an operator container restarted or is stuck; True otherwise."""
-        for pod in self.operator_pods():
+        for pod in self.operators.pods(terminating=True):
             problem = broken_reason(pod) or (f"{restarts(pod)} restart(s)" if restarts(pod) else None)
             if problem:
                 raise AssertionError(f"operator pod {pod['metadata']['name']} of release "
@@ -374,38 +425,41 @@ class LabRelease:
         return True
 
     def ready(self) -> bool:
-        self.check_not_broken()
-        pods = [p for p in self.operator_pods() if not p["metadata"].get("deletionTimestamp")]
-        return len(pods) == 1 and pod_ready(pods[0])
+        """No replica broken, and every one Ready."""
+        return self.check_not_broken() and self.operators.all_ready() is not None
 
     def describe(self) -> str:
-        out = self.lab.kubectl("-n", self.namespace, "get", "deploy,rs,pods", "-o", "wide",
-                               check=False)
-        events = self.lab.kubectl("-n", self.namespace, "get", "events",
-                                  "--sort-by=.lastTimestamp", check=False)
-        return (f"{out.stdout}{out.stderr}\n{events.stdout[-3000:]}\n"
-                f"{self.operator_log()[-4000:]}")
+        return self.operators.describe()
 
     def uninstall(self, timeout: float = 90) -> None:
         self.lab.helm("uninstall", self.release, "-n", self.namespace, "--wait",
                       f"--timeout={int(timeout)}s", check=False)
-        wait_for(lambda: not self.operator_pods(), timeout, 0.5,
+        wait_for(lambda: not self.operators.pods(terminating=True), timeout, 0.5,
                  f"{self.release} operator pods gone", diagnose=self.describe)
+
+
+def _endpoint(pod: dict, port_name: str, path: str) -> str:
+    """URL of a pod's named container port."""
+    port = next(p["containerPort"] for c in pod["spec"]["containers"]
+                for p in c.get("ports") or () if p.get("name") == port_name)
+    return f"http://{pod['status']['podIP']}:{port}{path}"
 
 
 def install_chart_on_lab(lab, release: str, namespace: str, *, values: dict | None = None,
                          timeout: float = 180) -> LabRelease:
     """`helm install` the chart with the lab's values (phoenix_lab.install) and `values`,
-    then wait until the operator pod is Ready and /healthz answers at its IP. Not `helm
-    --wait`: an operator that crashes fails here at its first restart, with its logs,
-    instead of after the whole timeout."""
+    then wait until every operator replica is Ready, one leads, and /healthz answers at the
+    leader's IP. Not `helm --wait`: an operator that crashes fails here at its first
+    restart, with its logs, instead of after the whole timeout."""
     from phoenix_lab.install import helm_install_args
     from phoenix_lab.procs import LabError
 
     lab.helm(*helm_install_args(lab, release, namespace, values, upgrade=False))
     rel = LabRelease(lab, release, namespace)
-    wait_for(rel.ready, timeout, 0.5, f"operator pod of release {release} Ready",
+    wait_for(rel.ready, timeout, 0.5, f"every operator replica of release {release} Ready",
              diagnose=rel.describe, retry_on=(LabError,))
-    wait_for(rel.healthy, 30, 0.5, f"operator of release {release} answering /healthz at its pod IP",
+    rel.leader_pod()
+    wait_for(rel.healthy, 30, 0.5,
+             f"the leading operator of release {release} answering /healthz at its pod IP",
              diagnose=rel.describe)
     return rel

@@ -1,11 +1,12 @@
 """Chaos: disruptions of every kind hit one real training job on the lab (the trainer image
-on real kubelets; the chart's operator pod) while the same training runs undisrupted on the
+on real kubelets; the chart's operator replicas, one leading) while the same training runs undisrupted on the
 on-demand node as the reference.
 
 - `test_every_disruption_once`: the fixed schedule - eviction, SIGTERM with a 1 s grace,
-  SIGKILL of the container, node loss, the operator pod's container killed mid-recovery and
-  the S3 server down for 30 s - right after the chart's install (the operator pod must run
-  under restricted Pod Security and be Ready first).
+  SIGKILL of the container, node loss, the leading operator's container killed
+  mid-recovery (the standby takes over once the lease runs out) and the S3 server down for
+  30 s - right after the chart's install (every operator replica must run under restricted
+  Pod Security and be Ready first).
 - `test_chaos_schedule` (`make test-soak`): seeded random schedules of at least ten
   disruptions of the same kinds, in other orders and repeated.
 
@@ -28,7 +29,7 @@ import time
 import pytest
 
 from kube_helpers import wait_for
-from phoenix_e2e import (CREDENTIALS_SECRET, GROUP, PLURAL, VERSION, check_operator_pod,
+from phoenix_e2e import (CREDENTIALS_SECRET, GROUP, PLURAL, VERSION, check_operator_pods,
                          phase_status, unique)
 from phoenix_lab import samples
 from phoenix_lab.chaos import ALL_DISRUPTIONS, Injector, is_failure, is_preemption, plan
@@ -93,22 +94,24 @@ class PodOverlapWatch:
 
 
 def _operator_killer(lab, release):
+    """SIGKILL the leader's container: it cannot release the Lease, so a standby takes over
+    only when the lease runs out (or the restarted container leads again)."""
     def kill() -> str:
-        name = release.running_operator_pod()["metadata"]["name"]
+        name = release.leader_pod()["metadata"]["name"]
         lab.kill_pod(release.namespace, name, signal.SIGKILL)
-        return f"operator pod {name}"
+        return f"leading operator pod {name}"
     return kill
 
 
 def test_every_disruption_once(e2e, kube, e2e_bucket, submit_job, lab_target):
-    """helm install -> the operator pod runs restricted and Ready -> one PhoenixJob is
+    """helm install -> every operator replica runs restricted and Ready -> one PhoenixJob is
     evicted, deleted with a 1 s grace, SIGKILLed, loses its node, is evicted while the
-    operator is killed, and trains through an S3 outage -> Succeeded, with the reference
-    run's final weights."""
-    check_operator_pod(e2e, steady_seconds=10)
+    leading operator is killed, and trains through an S3 outage -> Succeeded, with the
+    reference run's final weights."""
+    check_operator_pods(e2e, steady_seconds=10)
     run_schedule(list(ALL_DISRUPTIONS), FIXED_CFG, unique("every"), e2e, kube, e2e_bucket,
                  submit_job, *lab_target)
-    # The operator's /metrics (bound to 0.0.0.0 in its pod, read at the pod IP) counted them.
+    # The leader's /metrics (bound to 0.0.0.0 in its pod, read at the pod IP) counted them.
     metrics = lab_target[1].metrics()
     assert 'phoenix_recoveries_total{' in metrics, metrics[-2000:]
 
@@ -162,9 +165,10 @@ def run_schedule(schedule, cfg, name, e2e, kube, e2e_bucket, submit_job, lab, re
                         if progress and progress[0] >= start + STEPS_BETWEEN:
                             return pod
                 return None
-            # Generous: every operator-kill of a session lengthens the kubelet's restart
-            # back-off of the operator container (10 s, doubling, up to 300 s), and the
-            # next recovery waits for the operator.
+            # Generous: after an operator-kill the next recovery waits for a new leader (a
+            # standby once the killed leader's lease runs out, or the restarted container),
+            # and every kill of a session lengthens the kubelet's restart back-off of the
+            # killed container (10 s, doubling, up to 300 s).
             pod = wait_for(ready, 480, what=f"a trainer making progress before {kind}",
                            interval=0.5, diagnose=diagnose)
             if kind == "operator-kill":

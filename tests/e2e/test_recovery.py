@@ -1,5 +1,5 @@
-"""The whole system through a kubeconfig: the installed operator pod runs under restricted
-Pod Security and stays Ready, and a real training job (the example MLP in the trainer image)
+"""The whole system through a kubeconfig: the installed operator pods run under restricted
+Pod Security and stay Ready, one of them leading, and a real training job (the example MLP in the trainer image)
 preempted mid-run resumes from its checkpoint and succeeds."""
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from kube_helpers import wait_for
 from phoenix_operator.podspec import pod_name
-from phoenix_e2e import (GROUP, PLURAL, VERSION, check_operator_pod, phase_status, sample_job,
+from phoenix_e2e import (GROUP, PLURAL, VERSION, check_operator_pods, phase_status, sample_job,
                          unique)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -29,16 +29,17 @@ def _manifests(e2e, bucket, prefix):
     return [o["Key"] for o in out.get("Contents", ()) if o["Key"].endswith("/manifest.json")]
 
 
-def test_operator_pod_runs_restricted_and_stays_ready(e2e, kube):
-    """The operator image as the chart runs it: the pod (not just the template) satisfies
-    the restricted Pod Security Standard, as the apiserver's own PodSecurity check confirms,
-    turns Ready (the probe is kopf's /healthz, answered once the operator watches) and stays
-    Ready with no restart. An image that crashes at start, or soon after, fails here."""
-    pod = check_operator_pod(e2e)
-    assert pod["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
-    assert pod["spec"]["securityContext"]["runAsNonRoot"] is True
+def test_operator_pods_run_restricted_and_stay_ready(e2e, kube):
+    """The operator image as the chart runs it: every replica's pod (not just the template)
+    satisfies the restricted Pod Security Standard, as the apiserver's own PodSecurity check
+    confirms, turns Ready (the probe is kopf's /healthz, answered once the operator watches)
+    and stays Ready with no restart, and one of them holds the Lease. An image that crashes
+    at start, or soon after, fails here."""
+    leader = check_operator_pods(e2e)
+    assert leader["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"] is True
+    assert leader["spec"]["securityContext"]["runAsNonRoot"] is True
     dep = kube.apps.read_namespaced_deployment(e2e.operator_deployment, e2e.operator_namespace)
-    assert (dep.status.available_replicas or 0) >= 1, dep.status
+    assert dep.status.available_replicas == dep.spec.replicas, dep.status
 
 
 def test_preempted_training_job_resumes_from_checkpoint_and_succeeds(e2e, kube, e2e_bucket,

@@ -1,8 +1,9 @@
 """The chart renders what an operator chart should (restricted pod, probes, resources,
-least-privilege RBAC in both scopes, explicit command, lab bind address), and lints clean.
-Needs only the helm binary."""
+least-privilege RBAC in both scopes, explicit command, lab bind address, two replicas with
+Lease leader election), and lints clean. Needs only the helm binary."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,6 +43,14 @@ def by_kind(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
+LEASE_ROLE = "phx-operator-leader-election"
+
+
+def job_roles(docs: list[dict]) -> list[dict]:
+    """The Roles holding the job rules (scope "namespaces"), not the leader-election one."""
+    return [r for r in by_kind(docs, "Role") if r["metadata"]["name"] != LEASE_ROLE]
+
+
 def operator_container(docs: list[dict]) -> dict:
     (deploy,) = by_kind(docs, "Deployment")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
@@ -71,7 +80,6 @@ def test_defaults_render_a_restricted_operator_pod():
     docs = render()
     (deploy,) = by_kind(docs, "Deployment")
     pod = deploy["spec"]["template"]["spec"]
-    assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
     assert pod["serviceAccountName"] == "phx-operator"
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
@@ -95,7 +103,7 @@ def test_explicit_command_and_kopf_args_cluster_wide():
     assert c["args"][:3] == ["run", "--module=phoenix_operator.main", "--standalone"]
     assert "--all-namespaces" in c["args"]
     assert "--liveness=http://0.0.0.0:8081/healthz" in c["args"]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["PHOENIX_METRICS_HOST"] == "0.0.0.0" and env["PHOENIX_METRICS_PORT"] == "8080"
 
 
@@ -130,7 +138,7 @@ def test_cluster_scope_rbac_is_least_privilege():
     docs = render()
     (role,) = by_kind(docs, "ClusterRole")
     (binding,) = by_kind(docs, "ClusterRoleBinding")
-    assert not by_kind(docs, "Role") and not by_kind(docs, "RoleBinding")
+    assert not job_roles(docs)
     rules = _rules(role)
     assert rules["phoenix.dev/phoenixjobs"] == {"get", "list", "watch"}  # spec is the user's
     assert rules["phoenix.dev/phoenixjobs/status"] == {"get", "patch", "update"}
@@ -147,10 +155,10 @@ def test_cluster_scope_rbac_is_least_privilege():
 
 def test_namespaced_scope_gets_a_role_per_namespace_and_only_discovery_cluster_wide():
     docs = render("-f", str(CHART / "ci" / "namespaced-values.yaml"))
-    roles = by_kind(docs, "Role")
+    roles = job_roles(docs)
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["team-a", "team-b"]
-    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")) == \
-        ["team-a", "team-b"]
+    assert sorted(b["metadata"]["namespace"] for b in by_kind(docs, "RoleBinding")
+                  if b["metadata"]["name"] != LEASE_ROLE) == ["team-a", "team-b"]
     assert "/secrets" in _rules(roles[0]) and "/pods" in _rules(roles[0])
     (discovery,) = by_kind(docs, "ClusterRole")
     rules = _rules(discovery)
@@ -240,3 +248,117 @@ def test_operator_identity_prefixes_and_file_uris_reach_the_operator():
     bad = helm("template", "phx", str(CHART), "--set",
                "storage.operatorIdentityPrefixes={gs://x}", check=False)
     assert bad.returncode != 0
+
+
+# --- two replicas, one leader (issue 24) ----------------------------------------------------
+def _env(docs: list[dict]) -> dict[str, dict]:
+    return {e["name"]: e for e in operator_container(docs)["env"]}
+
+
+def test_defaults_run_two_replicas_with_leader_election_and_a_rolling_update():
+    docs = render()
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    # the Lease admits one leader at a time, so old and new pods may overlap in an update
+    assert deploy["spec"]["strategy"] == {
+        "type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}}
+    env = _env(docs)
+    assert env["PHOENIX_LEADER_ELECTION"]["value"] == "true"
+    assert env["PHOENIX_LEASE_NAME"]["value"] == deploy["metadata"]["name"] == "phx-operator"
+    assert env["PHOENIX_LEASE_NAMESPACE"]["value"] == "phoenix-system"
+    assert env["PHOENIX_POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert {k: env[k]["value"] for k in ("PHOENIX_LEASE_DURATION_SECONDS",
+                                         "PHOENIX_RENEW_DEADLINE_SECONDS",
+                                         "PHOENIX_RETRY_PERIOD_SECONDS")} == {
+        "PHOENIX_LEASE_DURATION_SECONDS": "15", "PHOENIX_RENEW_DEADLINE_SECONDS": "10",
+        "PHOENIX_RETRY_PERIOD_SECONDS": "2"}
+    # kopf's own peering stays off: the operator's Lease decides who writes
+    assert "--standalone" in operator_container(docs)["args"]
+    # the chart never creates the Lease: the operator does
+    assert not by_kind(docs, "Lease")
+
+
+def test_election_timings_reach_the_operator():
+    env = _env(render("--set", "leaderElection.leaseDurationSeconds=30",
+                      "--set", "leaderElection.renewDeadlineSeconds=20",
+                      "--set", "leaderElection.retryPeriodSeconds=5"))
+    assert [env[k]["value"] for k in ("PHOENIX_LEASE_DURATION_SECONDS",
+                                      "PHOENIX_RENEW_DEADLINE_SECONDS",
+                                      "PHOENIX_RETRY_PERIOD_SECONDS")] == ["30", "20", "5"]
+
+
+def test_default_pdb_keeps_one_operator_through_a_drain():
+    docs = render()
+    (pdb,) = by_kind(docs, "PodDisruptionBudget")
+    (deploy,) = by_kind(docs, "Deployment")
+    assert pdb["spec"]["minAvailable"] == 1
+    assert pdb["metadata"]["namespace"] == "phoenix-system"
+    assert pdb["spec"]["selector"] == deploy["spec"]["selector"]
+    assert not by_kind(render("--set", "podDisruptionBudget.enabled=false"),
+                       "PodDisruptionBudget")
+    # one replica: a PDB would block every drain of its node
+    assert not by_kind(render("--set", "replicaCount=1"), "PodDisruptionBudget")
+
+
+def test_replicas_prefer_different_nodes_unless_the_user_gives_an_affinity():
+    docs = render()
+    (deploy,) = by_kind(docs, "Deployment")
+    affinity = deploy["spec"]["template"]["spec"]["affinity"]
+    (term,) = affinity["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == \
+        deploy["spec"]["selector"]["matchLabels"]
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in affinity["podAntiAffinity"]
+    mine = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+        "nodeSelectorTerms": [{"matchExpressions": [
+            {"key": "node.kubernetes.io/lifecycle", "operator": "In", "values": ["on-demand"]}]}]}}}
+    (deploy,) = by_kind(render("--set-json", f"affinity={json.dumps(mine)}"), "Deployment")
+    assert deploy["spec"]["template"]["spec"]["affinity"] == mine
+
+
+@pytest.mark.parametrize("scope", [[], ["-f", str(CHART / "ci" / "namespaced-values.yaml")]],
+                         ids=["cluster", "namespaces"])
+def test_leader_election_role_is_least_privilege_in_the_release_namespace(scope):
+    docs = render(*scope)
+    (role,) = [r for r in by_kind(docs, "Role") if r["metadata"]["name"] == LEASE_ROLE]
+    (binding,) = [b for b in by_kind(docs, "RoleBinding") if b["metadata"]["name"] == LEASE_ROLE]
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "phoenix-system"
+    assert _rules(role) == {"coordination.k8s.io/leases": {"get", "create", "update"},
+                            "/events": {"create", "patch"},
+                            "events.k8s.io/events": {"create", "patch"}}
+    # reading and writing: only the release's own Lease (create cannot be limited by name)
+    named = [r for r in role["rules"] if r.get("resourceNames")]
+    assert named == [{"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+                      "resourceNames": ["phx-operator"], "verbs": ["get", "update"]}]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": LEASE_ROLE}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "phx-operator",
+                                    "namespace": "phoenix-system"}]
+
+
+def test_single_operator_without_election_is_recreated_and_has_no_lease_or_pdb():
+    docs = render("--set", "leaderElection.enabled=false", "--set", "replicaCount=1")
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1
+    # nothing keeps two lone operators from writing at once, so never run two
+    assert deploy["spec"]["strategy"] == {"type": "Recreate"}
+    env = _env(docs)
+    assert env["PHOENIX_LEADER_ELECTION"]["value"] == "false"
+    assert not {"PHOENIX_LEASE_NAME", "PHOENIX_POD_NAME"} & env.keys()
+    assert not by_kind(docs, "PodDisruptionBudget")
+    assert LEASE_ROLE not in {r["metadata"]["name"] for r in by_kind(docs, "Role")}
+
+
+def test_single_operator_with_election_still_rolls_with_a_standby():
+    docs = render("--set", "replicaCount=1")
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 1
+    assert deploy["spec"]["strategy"]["type"] == "RollingUpdate"
+    assert _env(docs)["PHOENIX_LEADER_ELECTION"]["value"] == "true"
+
+
+def test_lab_values_run_two_replicas_so_the_e2e_suite_runs_what_users_install():
+    docs = render("-f", str(CHART / "ci" / "lab-values.yaml"))
+    (deploy,) = by_kind(docs, "Deployment")
+    assert deploy["spec"]["replicas"] == 2
+    assert _env(docs)["PHOENIX_LEADER_ELECTION"]["value"] == "true"
