@@ -11,12 +11,10 @@ import yaml
 from kubernetes import client
 
 from kube_helpers import Beacon
-from operator_process import OperatorProcess
+from operator_process import OPERATOR_NS, RELEASE, OperatorProcess
 from pxj_helpers import create_job_namespace
 
 REPO = Path(__file__).resolve().parents[2]
-OPERATOR_NS = "phoenix-system"
-RELEASE = "phx"
 SA = f"{RELEASE}-operator"
 
 

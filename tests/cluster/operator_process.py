@@ -13,6 +13,9 @@ from pathlib import Path
 from kube_helpers import http_ok, http_text
 from phoenix_lab.procs import free_port
 
+# The chart's release the cluster tests render RBAC from (conftest), and its namespace.
+OPERATOR_NS = "phoenix-system"
+RELEASE = "phx"
 FAKE_TRAINER = Path(__file__).with_name("fake_trainer.py")
 # The fake trainer reaches trainer pods as a ConfigMap mounted at /opt/fake.
 FAKE_TRAINER_CONFIGMAP = "phoenix-fake-trainer"

@@ -12,30 +12,30 @@ from __future__ import annotations
 import json
 import signal
 import time
-import uuid
 from datetime import datetime, timezone
 
 import pytest
 from kubernetes import client
 
-from operator_process import OperatorProcess
+from operator_process import OPERATOR_NS as LEASE_NS
+from operator_process import RELEASE, OperatorProcess
 from phoenix_operator.podspec import pod_name
 from pxj_helpers import create, create_job_namespace, get, phase_status, phoenixjob, pod_or_none, wait
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-LEASE_NS = "phoenix-system"
 TIMINGS = {"PHOENIX_LEASE_DURATION_SECONDS": "4", "PHOENIX_RENEW_DEADLINE_SECONDS": "3",
            "PHOENIX_RETRY_PERIOD_SECONDS": "0.5"}
 WRITES = ("create", "update", "patch", "delete", "deletecollection")
 
 
 class Pair:
-    """Two replicas, ``op-a`` and ``op-b``, electing on a fresh Lease; jobs in pxl-*."""
+    """Two replicas, ``op-a`` and ``op-b``, electing on the chart's Lease; jobs in pxl-*."""
 
     def __init__(self, lab, kubeconfig, log_dir):
         self.lab = lab
-        self.lease = f"phx-elect-{uuid.uuid4().hex[:8]}"
+        # The chart's Lease name for release "phx" (its Role grants get/update on that one)
+        self.lease = f"{RELEASE}-operator"
         env = dict(TIMINGS, PHOENIX_LEADER_ELECTION="true", PHOENIX_LEASE_NAME=self.lease,
                    PHOENIX_LEASE_NAMESPACE=LEASE_NS)
         self.ops = {name: OperatorProcess(kubeconfig, log_dir, lab.s3.url, namespaces="pxl-*",
