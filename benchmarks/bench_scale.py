@@ -388,6 +388,27 @@ class RssSampler(threading.Thread):
         return round(max((r for t, r in self.samples if t >= since), default=0.0), 1)
 
 
+def start_replicas(kubeconfig: str, tmp: Path, env: dict[str, str],
+                   replicas: int) -> tuple[Operator, list[Operator]]:
+    """The operator, or (``replicas`` > 1) that many electing on the chart's Lease with the
+    chart's timings: the first leads (waited for), the others stand by."""
+    if replicas == 1:
+        return Operator(kubeconfig, tmp / "operator-0.log", env=env), []
+    election = {"PHOENIX_LEADER_ELECTION": "true", "PHOENIX_LEASE_NAME": "phx-operator",
+                "PHOENIX_LEASE_NAMESPACE": "phoenix-system"}
+    ops = []
+    for i in range(replicas):
+        ops.append(Operator(kubeconfig, tmp / f"operator-{i}.log",
+                            env=dict(env, **election, PHOENIX_POD_NAME=f"op-{i}")))
+        if i == 0:
+            deadline = time.monotonic() + 30
+            while "phoenix_operator_leader 1.0" not in ops[0].metrics().splitlines():
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the first operator replica did not lead in 30 s")
+                time.sleep(0.2)
+    return ops[0], ops[1:]
+
+
 # --- the run ----------------------------------------------------------------------------------
 def noise_pod(i: int, node: str) -> dict:
     return {"apiVersion": "v1", "kind": "Pod",
@@ -466,6 +487,9 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=120.0,
                     help="give up waiting for a change to show after this long")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--replicas", type=int, default=1,
+                    help="operator replicas; > 1 elects a leader on a Lease as the chart does "
+                         "(the figures are the leader's; the standbys' RSS beside them)")
     ap.add_argument("--operator-env", nargs="*", default=[],
                     help="extra KEY=VALUE for the operator (default: its own defaults)")
     args = ap.parse_args()
@@ -476,6 +500,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         lab = Lab(Path(tmp) / "lab", ports=LabPorts.ephemeral())
         op = kubelet = jobs = sampler = None
+        standbys: list[Operator] = []
         try:
             lab.up_control_plane()
             kubeconfig = install_operator_identity(lab)
@@ -491,11 +516,18 @@ def main() -> int:
                 lab.s3.client().create_bucket(Bucket=BUCKET)
 
                 env = dict(kv.split("=", 1) for kv in args.operator_env)
-                op = Operator(kubeconfig, Path(tmp) / "operator.log", env=env)
+                op, standbys = start_replicas(kubeconfig, Path(tmp), env, args.replicas)
                 sampler = RssSampler(op)
                 sampler.start()
                 time.sleep(3)
                 result["rss_mb"] = {"idle": round(op.rss_mb(), 1)}
+                standby_rss = result["rss_mb_standby"] = {}
+
+                def standby_sample(key: str) -> None:
+                    if standbys:
+                        standby_rss[key] = round(max(s.rss_mb() for s in standbys), 1)
+
+                standby_sample("idle")
 
                 # 1. unrelated pods
                 t0 = time.monotonic()
@@ -521,6 +553,7 @@ def main() -> int:
                     "running": kubelet.running_count(noise_names)}
                 time.sleep(5)
                 result["rss_mb"]["with_unrelated_pods"] = round(op.rss_mb(), 1)
+                standby_sample("with_unrelated_pods")
                 print(f"[scale] unrelated pods: {result['unrelated_pods']}", flush=True)
 
                 # 2. the jobs
@@ -558,6 +591,7 @@ def main() -> int:
                         samples=False)}
                 print(f"[scale] jobs: {result['jobs']}", flush=True)
                 result["rss_mb"]["with_jobs"] = round(op.rss_mb(), 1)
+                standby_sample("with_jobs")
 
                 # 3. steady state
                 before, t1 = counter(op.metrics(), "phoenix_reconciles_total"), time.monotonic()
@@ -566,12 +600,18 @@ def main() -> int:
                 result["steady"] = {"seconds": round(t2 - t1, 1),
                                     "reconciles_per_second": round((after - before) / (t2 - t1), 2)}
                 result["rss_mb"]["steady"] = round(op.rss_mb(), 1)
+                standby_sample("steady")
 
                 # 4. changes
                 t3 = time.monotonic()
                 result["status_current"] = rounds_of_changes(args, core, kubelet, jobs, ns, names,
                                                              rng)
                 result["rss_mb"]["after_changes"] = round(op.rss_mb(), 1)
+                standby_sample("after_changes")
+                if standbys:
+                    result["standby"] = {"reconciles": counter(standbys[0].metrics(),
+                                                               "phoenix_reconciles_total"),
+                                         "cpu_seconds": cpu_seconds(standbys[0].pid)}
                 result["rss_mb"]["peak_during_changes"] = sampler.peak(t3)
                 result["rss_mb"]["peak"] = sampler.peak()
                 text = op.metrics()
@@ -593,9 +633,11 @@ def main() -> int:
             for part in (sampler, kubelet, jobs):
                 if part is not None:
                     part.stop.set()
+            for standby in standbys:
+                standby.stop()
             if op is not None:
                 op.stop()
-                result["operator_log_tail"] = tail(Path(tmp) / "operator.log")
+                result["operator_log_tail"] = tail(Path(tmp) / "operator-0.log")
             lab.down()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
