@@ -133,7 +133,7 @@ class Leadership:
 
     async def write(self, call: Callable[..., Awaitable], fn, *args, **kwargs):
         """Run the write ``fn`` through ``call`` if this process holds the lease (else
-        ``NotLeader``), counted in flight so a release waits for it."""
+        ``NotLeader``)."""
         if not self.holds():
             raise NotLeader(f"{self.identity} does not hold the lease")
         return await call(fn, *args, **kwargs)
@@ -177,6 +177,7 @@ class LeaseElector(Leadership):
         return self.observed.holder if self.observed else ""
 
     async def write(self, call, fn, *args, **kwargs):
+        """As ``Leadership.write``, counted in flight so that ``release`` waits for it."""
         if not self.holds():
             raise NotLeader(f"{self.identity} does not hold lease {self.namespace}/{self.name}"
                             f" (holder: {self.holder or 'none'})")

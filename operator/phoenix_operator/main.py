@@ -72,13 +72,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_) -> None:
-    reconciler = memo.get("reconciler")
-    if reconciler is not None and isinstance(reconciler.leadership, LeaseElector):
-        await reconciler.leadership.release()  # a standby takes over now, not in 15 s
-    for name in ("resync", "election"):
+    for name in ("resync", "election"):  # no renewal racing the release below
         task = memo.get(name)
         if task is not None:
             task.cancel()
+    reconciler = memo.get("reconciler")
+    if reconciler is not None and isinstance(reconciler.leadership, LeaseElector):
+        await reconciler.leadership.release()  # a standby takes over now, not in 15 s
 
 
 @kopf.on.event(C.GROUP, C.VERSION, C.PLURAL)

@@ -192,3 +192,18 @@ def test_phoenix_status_says_who_leads_from_the_lease():
     assert "standalone" in leader_line([], NOW)
     assert leader_line("cannot read the operator's Lease: 403 Forbidden", NOW) == (
         "  operator: cannot read the operator's Lease: 403 Forbidden")
+
+
+def test_election_settings_are_checked_at_start():
+    from phoenix_operator.config import ConfigError, OperatorConfig
+    on = {"PHOENIX_LEADER_ELECTION": "true", "PHOENIX_LEASE_NAMESPACE": "phoenix-system",
+          "PHOENIX_POD_NAME": "phx-7d9-a"}
+    config = OperatorConfig.from_env(on)
+    assert (config.leader_election, config.identity, config.lease_name) == (
+        True, "phx-7d9-a", "phoenix-operator")
+    assert (config.lease_duration, config.renew_deadline, config.retry_period) == (15, 10, 2)
+    assert not OperatorConfig.from_env({}).leader_election  # a bare process: standalone
+    with pytest.raises(ConfigError, match="needs PHOENIX_LEASE_NAMESPACE"):
+        OperatorConfig.from_env({"PHOENIX_LEADER_ELECTION": "true"})
+    with pytest.raises(ConfigError, match="RETRY_PERIOD_SECONDS < .*RENEW_DEADLINE_SECONDS < "):
+        OperatorConfig.from_env(dict(on, PHOENIX_RENEW_DEADLINE_SECONDS="20"))
