@@ -1,8 +1,8 @@
 """Two operator replicas on one Lease, against the lab's API server, S3 and kubelets: one
 leads and writes, the other watches; killed, the leader is replaced within the lease
-duration; drained (SIGTERM), at once; partitioned (SIGSTOP: it neither renews nor writes
-while stopped) and healed, it writes nothing - asserted on the API server's audit log, the
-pods and the fence in storage.
+duration; drained (SIGTERM), at once; partitioned from the API server (a relay that stops
+carrying its bytes, storage still reachable) or paused (SIGSTOP), then healed, it writes
+nothing - asserted on the API server's audit log, the pods and the fence in storage.
 
 Short timings (lease 4 s, renew deadline 3 s, retry 0.5 s) keep the suite quick; the
 chart's defaults (15/10/2) and the figures on the lab's real nodes are in
@@ -19,6 +19,7 @@ from kubernetes import client
 
 from operator_process import OPERATOR_NS as LEASE_NS
 from operator_process import RELEASE, OperatorProcess
+from partition import Partition
 from phoenix_operator.podspec import pod_name
 from pxj_helpers import create, create_job_namespace, get, phase_status, phoenixjob, pod_or_none, wait
 
@@ -38,8 +39,13 @@ class Pair:
         self.lease = f"{RELEASE}-operator"
         env = dict(TIMINGS, PHOENIX_LEADER_ELECTION="true", PHOENIX_LEASE_NAME=self.lease,
                    PHOENIX_LEASE_NAMESPACE=LEASE_NS)
-        self.ops = {name: OperatorProcess(kubeconfig, log_dir, lab.s3.url, namespaces="pxl-*",
-                                          env=dict(env, PHOENIX_POD_NAME=name), name=name)
+        # op-a reaches the API server through a relay that can be cut (a partition).
+        self.relay = Partition(lab.host_ip, (lab.host_ip, lab.ports.apiserver))
+        configs = {"op-a": self.relay.kubeconfig(kubeconfig, log_dir / "op-a.kubeconfig"),
+                   "op-b": kubeconfig}
+        self.ops = {name: OperatorProcess(configs[name], log_dir, lab.s3.url,
+                                          namespaces="pxl-*", env=dict(env, PHOENIX_POD_NAME=name),
+                                          name=name)
                     for name in ("op-a", "op-b")}
         self.api = lab.api_client()
         self.leases = client.CoordinationV1Api(self.api)
@@ -61,12 +67,27 @@ class Pair:
              interval=0.05)
         return time.monotonic() - started
 
+    def cut_off(self, name: str, how: str) -> None:
+        assert name == "op-a"
+        if how == "partitioned":
+            self.relay.cut()
+        else:
+            self.ops[name].signal(signal.SIGSTOP)
+
+    def heal(self, name: str, how: str) -> None:
+        if how == "partitioned":
+            self.relay.heal()
+        else:
+            self.ops[name].signal(signal.SIGCONT)
+
     def close(self):
+        self.relay.heal()
         for op in self.ops.values():
             if op.proc and op.proc.poll() is None:
                 op.signal(signal.SIGCONT)
             op.stop()
         self.api.close()
+        self.relay.close()
 
 
 @pytest.fixture
@@ -160,37 +181,48 @@ def test_a_drained_leader_hands_over_at_once(lab, pair):
             ("LeaderElected", "op-b")} <= reasons
 
 
-def test_a_partitioned_leader_writes_nothing_after_it_lost_the_lease(
-        lab, pair, core, custom, pxl, bucket):
+@pytest.mark.parametrize("how", ["partitioned", "paused"])
+def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
+        lab, pair, core, custom, pxl, bucket, how):
+    """``partitioned``: op-a's connections to the API server stop carrying bytes (a relay it
+    reaches the API server through stops relaying; storage stays reachable, the dangerous
+    case) while it keeps running - its renewals fail, its gate closes after the renew
+    deadline, its requests in flight arrive after the heal. ``paused``: the process stops
+    (SIGSTOP: a VM paused, a long GC) and resumes with its timers overdue and a backlog of
+    watch events. Either way, after the lease moved, nothing it sends succeeds."""
     a, b = pair.ops["op-a"], pair.ops["op-b"]
-    create(custom, pxl, long_job(lab, bucket, "part"))
-    first = running(core, pxl, "part", 1)
-    a.signal(signal.SIGSTOP)  # cut off: neither renews nor writes
-    stopped = datetime.now(timezone.utc)
+    create(custom, pxl, long_job(lab, bucket, how))
+    first = running(core, pxl, how, 1)
+    cut_at = datetime.now(timezone.utc)
+    pair.cut_off("op-a", how)
     pair.wait_leader("op-b", 4 + 3)
     # The new leader acts: a preemption it must recover while the old one is away.
     core.delete_namespaced_pod(first.metadata.name, pxl, grace_period_seconds=0)
-    running(core, pxl, "part", 2)
+    running(core, pxl, how, 2)
     fenced = fence(lab, bucket)
     assert fenced["leader"]["leader"] == "op-b" and fenced["attempt"] == 2
 
     healed = datetime.now(timezone.utc)
-    a.signal(signal.SIGCONT)  # healed: its watches deliver a backlog, its timers fire
-    wait(lambda: "LEADERSHIP op-a stopped leading" in a.log_tail(400), 10,
+    pair.heal("op-a", how)
+    wait(lambda: "LEADERSHIP op-a stopped leading" in a.log_tail(400), 15,
          "op-a notices it lost the lease")
-    time.sleep(3)  # resyncs (5 s) and the backlog's passes
-    late = [e for e in lab.audit_writes("phoenix-operator/op-a")
-            if _ts(e["requestReceivedTimestamp"]) > healed]
+    time.sleep(6)  # a resync (5 s) and the backlog's passes
+    writes = lab.audit_writes("phoenix-operator/op-a")
+    # Requests sent before the cut may arrive late; none may succeed (a renewal with the old
+    # resourceVersion, a status patch with the old one: 409).
+    after = [e for e in writes if _ts(e["requestReceivedTimestamp"]) > healed]
+    print(f"{how}: op-a's writes that reached the API server after the heal: "
+          f"{[(e['verb'], e['objectRef']['resource'], e['responseStatus']['code']) for e in after]}")
+    late = [e for e in after if (e.get("responseStatus") or {}).get("code", 0) < 400]
     assert late == [], "a deposed leader wrote:\n" + "\n".join(
-        f"{e['verb']} {e['requestURI']}" for e in late)
-    mine = [e for e in lab.audit_writes("phoenix-operator/op-a")
-            if _ts(e["requestReceivedTimestamp"]) < stopped]
-    assert mine, "the audit log names op-a's writes while it led (else this proves nothing)"
+        f"{e['verb']} {e['requestURI']} {e.get('responseStatus')}" for e in late)
+    assert [e for e in writes if _ts(e["requestReceivedTimestamp"]) < cut_at], (
+        "the audit log names op-a's writes while it led (else this proves nothing)")
     assert fence(lab, bucket) == fenced  # storage: the new leader's fence stands
     names = sorted(p.metadata.name for p in core.list_namespaced_pod(
-        pxl, label_selector="phoenix.dev/job=part").items)
-    assert names == [pod_name("part", "train", 2)], names
-    assert phase_status(get(custom, pxl, "part"))["attempts"] == 2
+        pxl, label_selector=f"phoenix.dev/job={how}").items)
+    assert names == [pod_name(how, "train", 2)], names
+    assert phase_status(get(custom, pxl, how))["attempts"] == 2
     assert pair.holder() == "op-b" and metric(b, "phoenix_operator_leader") == 1
 
 
