@@ -30,6 +30,7 @@ import asyncio
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Awaitable, Callable
@@ -114,6 +115,15 @@ def describe_lease(lease: dict, now: datetime) -> dict:
             "expired": bool(record.holder) and quiet is not None and quiet > record.duration}
 
 
+def _own_thread() -> Callable[..., Awaitable]:
+    executor = ThreadPoolExecutor(1, thread_name_prefix="phoenix-lease")
+
+    async def call(fn, *args, **kwargs):
+        return await asyncio.get_running_loop().run_in_executor(
+            executor, lambda: fn(*args, **kwargs))
+    return call
+
+
 class NotLeader(Exception):
     """A write was refused: this replica does not hold the Lease (any more)."""
 
@@ -143,15 +153,19 @@ class LeaseElector(Leadership):
     """The election loop (``run``) and the gate. ``on_lead`` is called (on the event loop)
     when this replica becomes the leader: the reconciler queues every job it knows."""
 
-    def __init__(self, kube: Kube, call: Callable[..., Awaitable], *, namespace: str,
-                 name: str, identity: str, duration: float = 15, renew_deadline: float = 10,
+    def __init__(self, kube: Kube, call: Callable[..., Awaitable] | None = None, *,
+                 namespace: str, name: str, identity: str, duration: float = 15,
+                 renew_deadline: float = 10,
                  retry: float = 2, on_lead: Callable[[], None] = lambda: None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         if not retry < renew_deadline < duration:
             raise ValueError(f"leader election needs retry ({retry}) < renew deadline "
                              f"({renew_deadline}) < lease duration ({duration})")
-        self.kube, self.call = kube, call
+        # Its own thread by default: a renewal must not queue behind a burst of reconcile
+        # calls in the operator's API threads (500 jobs starting at once), or the leader
+        # would miss its own renew deadline under load.
+        self.kube, self.call = kube, call or _own_thread()
         self.namespace, self.name, self.identity = namespace, name, identity
         self.duration, self.renew_deadline, self.retry = duration, renew_deadline, retry
         self.on_lead, self.clock, self.monotonic = on_lead, clock, monotonic

@@ -59,7 +59,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None
     loop = asyncio.get_running_loop()
     if config.leader_election:
         elector = LeaseElector(
-            kube, reconciler.call, namespace=config.lease_namespace,
+            kube, namespace=config.lease_namespace,
             name=config.lease_name, identity=config.identity, duration=config.lease_duration,
             renew_deadline=config.renew_deadline, retry=config.retry_period,
             on_lead=reconciler.lead)

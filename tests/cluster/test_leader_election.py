@@ -21,7 +21,8 @@ from operator_process import OPERATOR_NS as LEASE_NS
 from operator_process import RELEASE, OperatorProcess
 from partition import Partition
 from phoenix_operator.podspec import pod_name
-from pxj_helpers import create, create_job_namespace, get, phase_status, phoenixjob, pod_or_none, wait
+from pxj_helpers import (create, create_job_namespace, get, phase_status, phoenixjob,
+                         pod_or_none, wait)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -211,8 +212,8 @@ def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
     # Requests sent before the cut may arrive late; none may succeed (a renewal with the old
     # resourceVersion, a status patch with the old one: 409).
     after = [e for e in writes if _ts(e["requestReceivedTimestamp"]) > healed]
-    print(f"{how}: op-a's writes that reached the API server after the heal: "
-          f"{[(e['verb'], e['objectRef']['resource'], e['responseStatus']['code']) for e in after]}")
+    seen = [(e["verb"], e["objectRef"]["resource"], e["responseStatus"]["code"]) for e in after]
+    print(f"{how}: op-a's writes that reached the API server after the heal: {seen}")
     late = [e for e in after if (e.get("responseStatus") or {}).get("code", 0) < 400]
     assert late == [], "a deposed leader wrote:\n" + "\n".join(
         f"{e['verb']} {e['requestURI']} {e.get('responseStatus')}" for e in late)
