@@ -155,8 +155,7 @@ class LeaseElector(Leadership):
 
     def __init__(self, kube: Kube, call: Callable[..., Awaitable] | None = None, *,
                  namespace: str, name: str, identity: str, duration: float = 15,
-                 renew_deadline: float = 10,
-                 retry: float = 2, on_lead: Callable[[], None] = lambda: None,
+                 renew_deadline: float = 10, retry: float = 2, on_lead: Callable[[], None] = lambda: None,
                  clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
                  monotonic: Callable[[], float] = time.monotonic) -> None:
         if not retry < renew_deadline < duration:
