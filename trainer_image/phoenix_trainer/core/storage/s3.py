@@ -78,6 +78,13 @@ class _S3StreamWriter:
     checksum S3 records for it, computed here from the parts (``composite_sha256``), so the
     caller can check the store recorded exactly what was hashed. Any failure aborts the
     multipart upload: no object and no orphaned parts are left.
+
+    Every byte is hashed twice, on purpose: the whole object's sha256 (the manifest's, what a
+    restore checks) and its part's (what S3 checks on the way in and composes into the
+    stored checksum a HEAD verifies). Neither digest can be derived from the other, and S3
+    keeps no full-object SHA-256 for a multipart upload (only CRCs), so dropping either pass
+    would drop one of the two checks. They run on different threads (this writer, the part
+    pool), so the second pass costs CPU, not time on the writer's path.
     """
 
     def __init__(self, storage: "S3Storage", key: str, part_size: int, in_flight: int) -> None:
