@@ -136,3 +136,54 @@ def test_an_upload_failing_midway_leaves_no_manifest_and_no_incomplete_upload(st
     assert latest_valid_checkpoint(storage, deep=True).step == 10
     assert os.listdir(ck.spool) == []
     ck.close()
+
+
+def test_restore_reads_shards_with_parallel_ranged_gets_and_refuses_a_tampered_one(storage,
+                                                                                 s3_bucket):
+    """Several shards, each read as many 1 MiB ranged GETs, several in flight over the shards:
+    loaded bit-exact. Then a shard replaced by one of the same size (other bytes), one cut
+    short and one with a byte more: each refused by name, never loaded."""
+    from phoenix_trainer.core.errors import CorruptCheckpointError
+    from phoenix_trainer.core.storage import ReadConfig
+
+    ck = AsyncCheckpointer(storage, phase="train", config_fingerprint="fp")
+    tensors = {f"s{i}.pt": {"w": torch.randn(MiB // 4 * (i + 2))} for i in range(3)}  # 2-4 MiB
+    ck.save(Snapshot.take(7, 0, tensors, {"trainer.json": {"step": 7}}), blocking=True)
+    ck.close()
+    info = latest_valid_checkpoint(storage, deep=False)
+    ranges, lock, live, peak = [], threading.Lock(), [0], [0]
+    real = storage.read_into
+
+    def read_into(key, offset, view):
+        with lock:
+            ranges.append((key, offset, len(view)))
+            live[0] += 1
+            peak[0] = max(peak[0], live[0])
+        try:
+            return real(key, offset, view)
+        finally:
+            with lock:
+                live[0] -= 1
+
+    storage.read_into = read_into
+    cfg = ReadConfig(part_size=MiB, concurrency=4)
+    out = load_checkpoint(storage, info, read=cfg)
+    assert out["trainer.json"] == {"step": 7}
+    for name, obj in tensors.items():
+        assert torch.equal(out[name]["w"], obj["w"])
+    d = step_dir_name(7)
+    sizes = {n: info.manifest.files[n].size for n in tensors}
+    for n, size in sizes.items():  # every byte of every shard, in 1 MiB ranges
+        assert sorted((o, k) for key, o, k in ranges if key == f"{d}/{n}") == \
+            [(o, min(MiB, size - o)) for o in range(0, size, MiB)]
+    assert 1 < peak[0] <= 4
+
+    c, key = s3_bucket.client(), f"job/train/{d}/s1.pt"
+    good = c.get_object(Bucket=s3_bucket.name, Key=key)["Body"].read()
+    for bad, why in [(good[:MiB] + bytes([good[MiB] ^ 1]) + good[MiB + 1:], "s1.pt sha256 mismatch"),
+                     (good[:-1], f"s1.pt has {len(good) - 1} bytes"),
+                     (good[:MiB // 2], f"s1.pt has {MiB // 2} bytes"),
+                     (good + b"x", f"s1.pt has {len(good) + 1} bytes")]:
+        c.put_object(Bucket=s3_bucket.name, Key=key, Body=bad)
+        with pytest.raises(CorruptCheckpointError, match=why):
+            load_checkpoint(storage, info, read=cfg)

@@ -18,6 +18,7 @@ import hashlib
 import io
 import json
 import logging
+import mmap
 import os
 import shutil
 import tempfile
@@ -30,9 +31,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .core.contract import ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB
-from .core.errors import CheckpointError, CorruptCheckpointError, SpoolFullError
+from .core.errors import (
+    CheckpointError, CorruptCheckpointError, ObjectMismatchError, SpoolFullError,
+)
 from .core.layout import CheckpointInfo, step_dir_name
-from .core.storage import FileEntry, Storage
+from .core.storage import FileEntry, ReadConfig, Storage, read_parallel
 from .core.writer import RetryPolicy, Source, StreamedShard, apply_retention, commit_checkpoint
 from .tensors import to_cpu, tree_nbytes
 
@@ -348,11 +351,110 @@ class AsyncCheckpointer:
             shutil.rmtree(os.path.join(self.spool, step_dir_name(snap.step)), ignore_errors=True)
 
 
+class _ViewReader(io.RawIOBase):
+    """A read-only, seekable file over a memoryview: torch.load reads it without the copy a
+    ``BytesIO(buffer)`` would make."""
+
+    def __init__(self, view: memoryview) -> None:
+        super().__init__()
+        self.view, self.pos = view, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: len(self.view)}[whence]
+        self.pos = max(0, base + offset)
+        return self.pos
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.view) if n is None or n < 0 else min(len(self.view), self.pos + n)
+        out = bytes(self.view[self.pos:end])
+        self.pos = max(self.pos, end)
+        return out
+
+    def readinto(self, b: Any) -> int:
+        data = self.read(len(memoryview(b)))
+        memoryview(b).cast("B")[:len(data)] = data
+        return len(data)
+
+
+class ShardBuffer:
+    """Where one shard is downloaded, sized to the manifest's size, and loaded from.
+
+    On Linux a tensor shard goes into an anonymous memory file (memfd), mapped here for the
+    download; ``torch.load(mmap=True)`` then maps that same file, so the loaded tensors are
+    the downloaded pages: one copy of the shard in memory, not two (the bytes, then the
+    tensors made from them). Elsewhere, and for small or JSON shards, a bytearray read
+    through a view (``_ViewReader``), still without joining chunks."""
+
+    MIN_MAPPED = 1 << 20  # smaller shards: a bytearray; a file per shard is not worth it
+
+    def __init__(self, size: int, mapped: bool = True) -> None:
+        self.size, self.fd = size, None
+        self.memory: Any = None
+        if mapped and size >= self.MIN_MAPPED and hasattr(os, "memfd_create"):
+            try:
+                fd = os.memfd_create("phoenix-shard", os.MFD_CLOEXEC)
+                try:
+                    os.ftruncate(fd, size)
+                    self.memory = mmap.mmap(fd, size)
+                except BaseException:
+                    os.close(fd)
+                    raise
+                self.fd = fd
+            except OSError as e:  # no memfd here (old kernel, seccomp): the plain way
+                log.debug("memfd for a %d-byte shard unavailable (%s); using a bytearray", size, e)
+        if self.memory is None:
+            self.memory = bytearray(size)
+
+    def load_torch(self) -> Any:
+        try:
+            if self.fd is not None:
+                return torch.load(f"/proc/self/fd/{self.fd}", mmap=True, map_location="cpu",
+                                  weights_only=True)
+            return torch.load(_ViewReader(memoryview(self.memory)), map_location="cpu",
+                              weights_only=True)
+        finally:
+            self.close()
+
+    def load_json(self) -> Any:
+        try:
+            return json.loads(bytes(self.memory))
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Unmap our view of the file (torch's mapping keeps what the tensors use)."""
+        if self.fd is not None:
+            with contextlib.suppress(BufferError):  # a view still alive: the GC unmaps it
+                self.memory.close()
+            os.close(self.fd)
+            self.fd = None
+        self.memory = None
+
+
+def _decode(info: CheckpointInfo, name: str, load: Callable[[], Any]) -> Any:
+    try:
+        return load()
+    except Exception as e:  # noqa: BLE001 - any decode failure means an unusable shard
+        raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} cannot be decoded ({e})") from e
+
+
 def load_checkpoint(storage: Storage, info: CheckpointInfo,
-                    fetched: Callable[[str], tuple[bytes, str] | None] | None = None) -> dict[str, Any]:
+                    fetched: Callable[[str], tuple[bytes, str] | None] | None = None, *,
+                    read: ReadConfig | None = None) -> dict[str, Any]:
     """Download every shard of ``info``, check size and sha256, and deserialize it.
     ``fetched``: a shard's bytes already downloaded and their sha256 (``prefetch``), or None
-    to download it.
+    to download it. ``read``: how (``ReadConfig``; default from the environment): shards are
+    read with parallel ranged reads into one buffer each (``ShardBuffer``), hashed as the
+    bytes arrive, and loaded from that buffer while the next ones download.
 
     Raises CorruptCheckpointError naming the shard if anything does not match the manifest.
     """
@@ -362,6 +464,7 @@ def load_checkpoint(storage: Storage, info: CheckpointInfo,
     out: dict[str, Any] = {}
     t0 = time.perf_counter()
     total = 0
+    todo: dict[str, FileEntry] = {}
     for name, entry in sorted(info.manifest.files.items()):
         got = fetched(name) if fetched is not None else None
         if got is not None and (len(got[0]) != entry.size or got[1] != entry.sha256):
@@ -370,23 +473,44 @@ def load_checkpoint(storage: Storage, info: CheckpointInfo,
                         " downloading it again", info.uri, name)
             got = None
         if got is None:
-            try:
-                got = storage.get_bytes_sha256(f"{d}/{name}")
-            except FileNotFoundError as e:
-                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
-            if len(got[0]) != entry.size:
-                raise CorruptCheckpointError(
-                    f"checkpoint {info.uri}: shard {name} has {len(got[0])} bytes, manifest says {entry.size}")
-            if got[1] != entry.sha256:
-                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} sha256 mismatch")
+            todo[name] = entry
+            continue
         data = got[0]
         total += len(data)
-        try:
-            if name.endswith(".json"):
-                out[name] = json.loads(data)
-            else:
-                out[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any decode failure means an unusable shard
-            raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} cannot be decoded ({e})") from e
+        out[name] = _decode(info, name, (lambda data=data: json.loads(data)) if name.endswith(".json")
+                            else lambda data=data: torch.load(_ViewReader(memoryview(data)),
+                                                              map_location="cpu", weights_only=True))
+    buffers: dict[str, ShardBuffer] = {}
+
+    def alloc(key: str, size: int) -> Any:
+        buffers[key] = ShardBuffer(size, mapped=not key.endswith(".json"))
+        return buffers[key].memory
+
+    names = {f"{d}/{name}": name for name in todo}
+    try:
+        for f in read_parallel(storage, [(k, todo[n].size) for k, n in names.items()], alloc,
+                               read or ReadConfig.from_env()):
+            name, buf = names[f.key], buffers.pop(f.key)
+            if f.sha256 != todo[name].sha256:
+                buf.close()
+                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} sha256 mismatch")
+            total += buf.size
+            out[name] = _decode(info, name, buf.load_json if name.endswith(".json") else buf.load_torch)
+    except FileNotFoundError as e:
+        raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {names.get(_key_of(e, names), '?')}"
+                                     " is missing") from e
+    except ObjectMismatchError as e:
+        name = next((n for k, n in names.items() if e.uri.endswith("/" + k)), "?")
+        raise CorruptCheckpointError(
+            f"checkpoint {info.uri}: shard {name} has {e.size} bytes, manifest says {e.expected}") from e
+    finally:
+        for buf in buffers.values():  # allocated and never handed over: a read failed
+            buf.close()
     log.info("loaded checkpoint %s: %.1f MB in %.2fs", info.uri, total / 1e6, time.perf_counter() - t0)
     return out
+
+
+def _key_of(e: FileNotFoundError, names: dict[str, str]) -> str | None:
+    """Which of ``names``' keys the storage's FileNotFoundError (its URI) is about."""
+    uri = str(e.args[0]) if e.args else ""
+    return next((k for k in names if uri.endswith("/" + k)), None)

@@ -70,7 +70,13 @@ def counting_gets(monkeypatch) -> list[str]:
             gets.append(key)
         return real(self, key)
 
+    def read_into(self, key, offset, view):  # the restore's ranged reads
+        gets.append(key)
+        return real_range(self, key, offset, view)
+
+    real_range = LocalStorage.read_into
     monkeypatch.setattr(LocalStorage, "get_bytes", get_bytes)
+    monkeypatch.setattr(LocalStorage, "read_into", read_into)
     return gets
 
 
@@ -106,7 +112,8 @@ def test_started_once_per_process(tmp_path, preempted):
 
 
 def test_a_prefetched_copy_that_does_not_match_is_downloaded_again(
-        tmp_path, preempted, ref_model, caplog):
+        tmp_path, preempted, ref_model, caplog, monkeypatch):
+    gets = counting_gets(monkeypatch)
     pre = start(tmp_path, preempted)
     assert pre.take(preempted, "data.json") is not None  # the child is running and reporting
     while pre._read_line():  # let it finish
@@ -120,6 +127,7 @@ def test_a_prefetched_copy_that_does_not_match_is_downloaded_again(
     # Resumed from step 5 all the same (never judged by the copy), bit-exact.
     assert result.reason == "completed" and state_dicts_equal(model.state_dict(), ref_model)
     assert any("prefetched shard model.pt does not match" in m for m in caplog.messages)
+    assert "step-0000000005/model.pt" in gets  # read from the store (so the counter counts)
 
 
 @pytest.mark.parametrize("how", ["missing", "no room"])

@@ -38,6 +38,13 @@ DEFAULT_CONTROL_POLL_SECONDS = 0.25
 ENV_SPOOL_DIR = "PHOENIX_SPOOL_DIR"
 ENV_SPOOL_LIMIT_MB = "PHOENIX_SPOOL_LIMIT_MB"
 
+# Set by the trainer image (or a user), read by restores (core/storage/parallel.py): shards
+# are read as ranges of PART_MB, CONCURRENCY ranges in flight over all shards, and shards
+# downloaded ahead of the one being loaded take at most MEMORY_MB (one shard always fits).
+ENV_RESTORE_PART_MB = "PHOENIX_RESTORE_PART_MB"
+ENV_RESTORE_CONCURRENCY = "PHOENIX_RESTORE_CONCURRENCY"
+ENV_RESTORE_MEMORY_MB = "PHOENIX_RESTORE_MEMORY_MB"
+
 # S3: boto3 reads these natively; listed so the operator sets exactly these.
 ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
 ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"

@@ -15,6 +15,15 @@ class StorageError(PhoenixTrainerError):
     """Object storage could not be reached or refused an operation (usually transient)."""
 
 
+class ObjectMismatchError(PhoenixTrainerError):
+    """A stored object is not the size a reader was told to expect (it was replaced, cut
+    short or grew): reading it again will not help, unlike a ``StorageError``."""
+
+    def __init__(self, uri: str, size: int | None, expected: int) -> None:
+        super().__init__(f"{uri} has {size} bytes, {expected} were expected")
+        self.uri, self.size, self.expected = uri, size, expected
+
+
 class CheckpointError(PhoenixTrainerError):
     """A checkpoint cannot be written, found or used."""
 

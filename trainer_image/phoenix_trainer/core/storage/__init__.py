@@ -8,6 +8,9 @@ what lets the manifest-last rule work.
 no local copy, bounded memory, and nothing visible or left behind unless ``commit`` is
 reached (S3: a multipart upload aborted on any error; local: a temp file removed).
 
+``read_into`` reads one range straight into a caller's buffer; ``parallel.read_parallel``
+builds restores on it: many ranges and objects in flight, bounded, hashed as they arrive.
+
 Every caller that turns a URI into storage (trainer, operator, CLI) goes through
 ``open_storage``; nobody else parses checkpoint URIs. This package must never import torch
 (the operator imports it) nor anything from ``phoenix_trainer`` outside ``core``, and never
@@ -23,9 +26,11 @@ from urllib.parse import unquote, urlparse
 
 from .entry import FileEntry
 from .file import LocalStorage
+from .parallel import Fetched, ReadConfig, read_parallel
 from .s3 import S3Storage
 
-__all__ = ["Storage", "ObjectWriter", "FileEntry", "Credentials", "open_storage"]
+__all__ = ["Storage", "ObjectWriter", "FileEntry", "Credentials", "open_storage", "ReadConfig",
+           "Fetched", "read_parallel"]
 
 
 class ObjectWriter(Protocol):
@@ -54,6 +59,10 @@ class Storage(Protocol):
     def get_bytes(self, key: str) -> bytes: ...  # FileNotFoundError if absent
     # The object and the sha256 hex digest of its bytes (S3: hashed as it arrives)
     def get_bytes_sha256(self, key: str) -> tuple[bytes, str]: ...
+    # One range: len(view) bytes at offset into view (a writable buffer), fewer only past the
+    # object's end; returns the object's total size. FileNotFoundError if absent. The
+    # parallel reader (``parallel.read_parallel``) is built on it.
+    def read_into(self, key: str, offset: int, view: Any) -> int: ...
     def get_file(self, key: str, path: str | os.PathLike) -> None: ...
     def open_read(self, key: str) -> contextlib.AbstractContextManager[IO[bytes]]: ...
     def size(self, key: str) -> int | None: ...  # None if absent

@@ -78,6 +78,13 @@ class _S3StreamWriter:
     checksum S3 records for it, computed here from the parts (``composite_sha256``), so the
     caller can check the store recorded exactly what was hashed. Any failure aborts the
     multipart upload: no object and no orphaned parts are left.
+
+    Every byte is hashed twice, on purpose: the whole object's sha256 (the manifest's, what a
+    restore checks) and its part's (what S3 checks on the way in and composes into the
+    stored checksum a HEAD verifies). Neither digest can be derived from the other, and S3
+    keeps no full-object SHA-256 for a multipart upload (only CRCs), so dropping either pass
+    would drop one of the two checks. They run on different threads (this writer, the part
+    pool), so the second pass costs CPU, not time on the writer's path.
     """
 
     def __init__(self, storage: "S3Storage", key: str, part_size: int, in_flight: int) -> None:
@@ -291,6 +298,54 @@ class S3Storage:
                 digest.update(chunk)
                 chunks.append(chunk)
         return b"".join(chunks), digest.hexdigest()
+
+    def read_into(self, key: str, offset: int, view: Any) -> int:
+        """One ranged GET of ``len(view)`` bytes at ``offset`` straight into ``view`` (read
+        into it, no chunk copies); the object's total size from ``Content-Range``. A range
+        past the end (the object is shorter) fills nothing and returns the size; the caller
+        (``parallel.read_parallel``) refuses any size it did not expect."""
+        from botocore.exceptions import ClientError
+
+        mv = memoryview(view).cast("B")
+        n = len(mv)
+        if n == 0:
+            size = self.size(key)
+            if size is None:
+                raise FileNotFoundError(self.uri_for(key))
+            return size
+        with self._errors("get", key):
+            try:
+                resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                              Range=f"bytes={offset}-{offset + n - 1}")
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code", "")) != "InvalidRange":
+                    raise
+                resp = None
+        if resp is None:
+            size = self.size(key)
+            if size is None:
+                raise FileNotFoundError(self.uri_for(key))
+            return size
+        body = resp["Body"]
+        try:
+            content_range = resp.get("ContentRange") or ""
+            if "/" in content_range:
+                total = int(content_range.rsplit("/", 1)[1])
+            elif offset == 0:  # the server sent the whole object instead of the range
+                total = int(resp["ContentLength"])
+            else:
+                raise StorageError(f"S3 get {self.uri_for(key)}: the server ignored the Range"
+                                   " header; ranged reads need an S3 server that honours it")
+            got = 0
+            with self._errors("get", key):
+                while got < n and (k := body.readinto(mv[got:])):
+                    got += k
+            if got < n and total >= offset + n:
+                raise StorageError(f"S3 get {self.uri_for(key)}: {got} of {n} bytes at"
+                                   f" {offset} arrived")
+            return total
+        finally:
+            body.close()
 
     def get_file(self, key: str, path: str | os.PathLike) -> None:
         with self._errors("download", key):
