@@ -134,7 +134,7 @@ class Applier:
                              ts(self.clock()), resume_from=create.resume_from,
                              uid=meta.get("uid") or "",
                              job=f"{meta.get('namespace')}/{meta['name']}", clear_control=True,
-                             writer=self.leadership().term, **access)
+                             writer=self.leadership().term, credentials=access)
         except LOST_LEADERSHIP:
             raise
         except Exception as e:  # noqa: BLE001 - any storage trouble: do not start, say why
@@ -154,10 +154,10 @@ async def storage_writes(ap: Applier, a: Applying) -> None:
              "writer": term}
     writes = [(f"promote attempt {p.attempt} of phase {p.phase}", lambda acc, p=p: ap.fence_writer(
                   spec, p.phase, p.attempt, p.pod, ts(ap.clock()), resume_from=p.resume_from,
-                  clear_control=True, **owner, **acc))
+                  clear_control=True, **owner, credentials=acc))
               for p in plan.promote]
     writes += [(f"write control.json of phase {c.phase}", lambda acc, c=c: ap.control_writer(
-                   spec, c.phase, replace(c.control, writer=term), **acc))
+                   spec, c.phase, replace(c.control, writer=term), credentials=acc))
                for c in plan.control]
     if not writes:
         return

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 from kubernetes.client.rest import ApiException
-from phoenix_trainer.core.contract import ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY
+from phoenix_trainer.core.contract import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY,
+                                           s3_addressing_style)
+from phoenix_trainer.core.storage import Credentials
 
 from .config import OperatorConfig
 from .constants import DELETED_KEY
@@ -174,10 +176,12 @@ class Gather:
                 out[name] = describe_owner(pod)
         return out
 
-    async def storage_access(self, job: dict, spec: JobSpec | None = None) -> dict:
-        """Credentials and endpoint for the job's checkpoint storage (keyword arguments of
-        ``phase_storage.scan``/``phase_storage.write_fence``). Raises StorageAccessError saying why not.
-        ``spec``: ``job["spec"]`` already parsed (parsed here if not given)."""
+    async def storage_access(self, job: dict, spec: JobSpec | None = None) -> Credentials:
+        """Where and as whom the operator reaches the job's checkpoint storage (the
+        ``credentials`` of ``phase_storage.scan``/``write_fence``/``write_control``). Raises
+        StorageAccessError saying why not. ``spec``: ``job["spec"]`` already parsed (parsed
+        here if not given). The addressing style is resolved against the job's own endpoint,
+        so the operator reaches the bucket the way the job's trainer does."""
         spec = spec if spec is not None else JobSpec.parse(job["spec"])
         ns, name = job["metadata"]["namespace"], spec.checkpoint.credentials_secret
         uri = spec.checkpoint.uri
@@ -195,24 +199,27 @@ class Gather:
                 "own identity only for the prefixes in PHOENIX_OWN_IDENTITY_PREFIXES (chart "
                 "storage.operatorIdentityPrefixes): give the job a credentialsSecret, or ask "
                 "the operator's admin to allow this prefix")
-        access = secret = None
+        keys = Credentials()  # no keys: boto3's default chain, the operator's own identity
         if name:
             try:
-                access, secret = await self.call(self.kube.s3_credentials, ns, name)
+                keys = await self.call(self.kube.s3_credentials, ns, name)
             except ApiException as e:
                 raise StorageAccessError(
                     f"cannot read Secret {ns}/{name}: {e.status} {e.reason}") from e
             # Invariant 4 again: a Secret without keys gives boto3 none, and boto3 then
             # takes the operator's own identity from its default chain.
-            missing = [key for key, value in ((ENV_AWS_ACCESS_KEY_ID, access),
-                                              (ENV_AWS_SECRET_ACCESS_KEY, secret)) if not value]
+            missing = [key for key, value in ((ENV_AWS_ACCESS_KEY_ID, keys.access_key),
+                                              (ENV_AWS_SECRET_ACCESS_KEY, keys.secret_key))
+                       if not value]
             if missing:
                 raise StorageAccessError(
                     f"credentialsSecret {ns}/{name} has no {', '.join(missing)}: put the job's "
                     "access key pair in it (the operator uses the job's credentials, never its own,"
                     " for a job that names a Secret)")
-        return {"access_key": access, "secret_key": secret,
-                "endpoint": self.config.s3_endpoint_override or spec.checkpoint.endpoint}
+        ck = spec.checkpoint
+        return replace(keys, endpoint_url=self.config.s3_endpoint_override or ck.endpoint,
+                       region=ck.region,
+                       addressing_style=s3_addressing_style(ck.addressing_style, ck.endpoint))
 
     async def listings(self, facts: Facts, phases: set[str]) -> Facts:
         """``phase_storage`` with the checkpoint listings of ``phases`` added (the one door to
@@ -226,7 +233,7 @@ class Gather:
             return replace(facts, listings=listings)
         statuses = phase_statuses(spec, job.get("status"))
         results = await asyncio.gather(*(
-            self.call(scan, spec, p, **access,
+            self.call(scan, spec, p, credentials=access,
                       skipped=statuses[p].skipped_steps if p in statuses else (),
                       deep=self.config.deep_verify)
             for p in sorted(phases)))

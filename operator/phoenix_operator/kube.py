@@ -18,6 +18,7 @@ from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
 from phoenix_trainer.core import contract
+from phoenix_trainer.core.storage import Credentials
 
 from . import constants as C
 
@@ -187,8 +188,11 @@ class Kube:
         """The Node as JSON, or None if it does not exist (404)."""
         return _json_or_none(self.core.read_node, name)
 
-    # --- secrets (only the two credential keys are ever decoded) ------------------------
-    def s3_credentials(self, namespace: str, name: str) -> tuple[str | None, str | None]:
+    # --- secrets (only the credential keys are ever decoded) ----------------------------
+    def s3_credentials(self, namespace: str, name: str) -> Credentials:
+        """The job's keys from its credentialsSecret: the access key pair and, for temporary
+        credentials, ``AWS_SESSION_TOKEN`` (optional). Only the keys; the caller adds where
+        to reach storage. ``Credentials`` never prints them."""
         secret = self.core.read_namespaced_secret(name, namespace)
         data = secret.data or {}
 
@@ -196,7 +200,9 @@ class Kube:
             raw = data.get(key)
             return base64.b64decode(raw).decode() if raw else None
 
-        return get(contract.ENV_AWS_ACCESS_KEY_ID), get(contract.ENV_AWS_SECRET_ACCESS_KEY)
+        return Credentials(access_key=get(contract.ENV_AWS_ACCESS_KEY_ID),
+                           secret_key=get(contract.ENV_AWS_SECRET_ACCESS_KEY),
+                           session_token=get(contract.ENV_AWS_SESSION_TOKEN))
 
     # --- the operator's leader Lease (leader.py decides; these only talk) ---------------
     def get_lease(self, namespace: str, name: str) -> dict | None:

@@ -20,7 +20,7 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterator, Mapping
 
@@ -384,14 +384,17 @@ class _PhaseScan:
 
 def _scan(kube: Kube, job: dict, args) -> Iterator[_PhaseScan]:
     from phoenix_trainer.core.layout import checkpoint_steps, verify_checkpoint
+    from phoenix_trainer.core.contract import s3_addressing_style
     from phoenix_trainer.core.storage import Credentials, open_storage
 
     spec = JobSpec.parse(job["spec"])
     ns = job["metadata"]["namespace"]
-    access = secret = None
-    if spec.checkpoint.credentials_secret:
-        access, secret = kube.s3_credentials(ns, spec.checkpoint.credentials_secret)
-    endpoint = args.endpoint or spec.checkpoint.endpoint
+    ck = spec.checkpoint
+    keys = Credentials()  # no Secret: this user's own identity (boto3's default chain)
+    if ck.credentials_secret:
+        keys = kube.s3_credentials(ns, ck.credentials_secret)
+    credentials = replace(keys, endpoint_url=args.endpoint or ck.endpoint, region=ck.region,
+                          addressing_style=s3_addressing_style(ck.addressing_style, ck.endpoint))
     statuses = phase_statuses(spec, job.get("status"))
     if args.phase and args.phase not in {p.name for p in spec.phases}:
         raise CliError(f"phoenixjob {ns}/{job['metadata']['name']} has no phase "
@@ -400,9 +403,7 @@ def _scan(kube: Kube, job: dict, args) -> Iterator[_PhaseScan]:
         uri = spec.checkpoint.phase_uri(name)
         skipped = statuses[name].skipped_steps if name in statuses else ()
         try:
-            storage = open_storage(uri, Credentials(endpoint_url=endpoint, access_key=access,
-                                                    secret_key=secret,
-                                                    region=spec.checkpoint.region))
+            storage = open_storage(uri, credentials)
             steps = list(reversed(checkpoint_steps(storage)))
         except Exception as e:  # noqa: BLE001 - report and go on with the next phase
             yield _PhaseScan(name, uri, f"{type(e).__name__}: {e}", [], None)

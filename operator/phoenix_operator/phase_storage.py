@@ -53,20 +53,18 @@ def _open_bucket(root_uri: str, *, credentials: Credentials | None):
     return open_storage(root_uri, credentials)
 
 
-def _storage(uri: str, endpoint: str | None, access_key: str | None, secret_key: str | None,
-             region: str | None):
-    credentials = Credentials(endpoint_url=endpoint, access_key=access_key,
-                              secret_key=secret_key, region=region)
+def _storage(uri: str, credentials: Credentials):
     return open_storage(uri, credentials, bucket_root=_bucket)
 
 
-def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str | None,
-         endpoint: str | None, skipped: Iterable[int] = (), deep: bool = True) -> Listing:
-    """Verify newest-first until ``VALID_WANTED`` usable checkpoints are found."""
+def scan(spec: JobSpec, phase: str, *, credentials: Credentials, skipped: Iterable[int] = (),
+         deep: bool = True) -> Listing:
+    """Verify newest-first until ``VALID_WANTED`` usable checkpoints are found.
+    ``credentials``: ``Gather.storage_access``'s (invariant 4)."""
     uri = spec.checkpoint.phase_uri(phase)
     started = time.monotonic()
     try:
-        storage = _storage(uri, endpoint, access_key, secret_key, spec.checkpoint.region)
+        storage = _storage(uri, credentials)
         fence = read_fence(storage)  # who holds the prefix (decide.attempts.fence_floor)
         skip = set(skipped)
         found: list[Checkpoint] = []
@@ -94,8 +92,7 @@ def scan(spec: JobSpec, phase: str, *, access_key: str | None, secret_key: str |
 
 
 def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,
-                access_key: str | None, secret_key: str | None, endpoint: str | None,
-                resume_from: str | None = None, uid: str = "", job: str = "",
+                credentials: Credentials, resume_from: str | None = None, uid: str = "", job: str = "",
                 clear_control: bool = False, writer: LeaderTerm = LeaderTerm()) -> str:
     """Write ``<phase prefix>/fence.json`` naming ``attempt`` of the job ``uid`` (``job``:
     namespace/name): from now on every other attempt's commit and retention are refused
@@ -103,18 +100,16 @@ def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,
     ``resume_from``. ``clear_control``: a new attempt starts, so requests left for an older
     one (or a deleted job's) go. ``writer``: the leader's term (refused over a newer one's,
     ``StaleLeaderError``). Returns where it was written."""
-    storage = _storage(spec.checkpoint.phase_uri(phase), endpoint, access_key, secret_key,
-                       spec.checkpoint.region)
+    storage = _storage(spec.checkpoint.phase_uri(phase), credentials)
     return handshake.write_fence(storage, Fence(attempt, pod, when, resume_from or "", uid=uid,
                                                 job=job, writer=writer),
                                  clear_control=clear_control)
 
 
-def write_control(spec: JobSpec, phase: str, control: Control, *, access_key: str | None,
-                  secret_key: str | None, endpoint: str | None) -> str:
+def write_control(spec: JobSpec, phase: str, control: Control, *,
+                  credentials: Credentials) -> str:
     """Write ``<phase prefix>/control.json``: requests to the phase's running attempt."""
-    storage = _storage(spec.checkpoint.phase_uri(phase), endpoint, access_key, secret_key,
-                       spec.checkpoint.region)
+    storage = _storage(spec.checkpoint.phase_uri(phase), credentials)
     return handshake.write_control(storage, control)
 
 

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping
 
+from phoenix_trainer.core.contract import ADDRESSING_AUTO
+
 from .constants import PhaseState
 
 
@@ -52,6 +54,7 @@ class CheckpointSpec:
     endpoint: str | None = None
     region: str | None = None
     credentials_secret: str | None = None
+    addressing_style: str = ADDRESSING_AUTO  # auto|path|virtual (contract.s3_addressing_style)
     keep: int = 3
     interval_steps: int | None = None
     interval_seconds: int | None = None
@@ -118,7 +121,9 @@ class JobSpec:
             phases=tuple(phases),
             checkpoint=CheckpointSpec(
                 uri=ck.get("uri", ""), endpoint=ck.get("endpoint"), region=ck.get("region"),
-                credentials_secret=ck.get("credentialsSecret"), keep=int(ck.get("keep", 3)),
+                credentials_secret=ck.get("credentialsSecret"),
+                addressing_style=str(ck.get("addressingStyle") or ADDRESSING_AUTO),
+                keep=int(ck.get("keep", 3)),
                 interval_steps=ck.get("intervalSteps"), interval_seconds=ck.get("intervalSeconds"),
             ),
             recovery=RecoverySpec(

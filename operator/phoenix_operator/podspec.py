@@ -176,11 +176,19 @@ def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, at
         (env.ENV_AWS_DEFAULT_REGION, ck.region or ("us-east-1" if ck.uri.startswith("s3://")
                                                    else None)),
     ]
+    if ck.uri.startswith("s3://") and ck.addressing_style != env.ADDRESSING_AUTO:
+        # as the job asked; the trainer resolves it against its endpoint with the same
+        # function the operator uses (contract.s3_addressing_style). Unset means auto.
+        values.append((env.ENV_S3_ADDRESSING_STYLE, ck.addressing_style))
     out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v is not None]
     if ck.credentials_secret:
         for key in (env.ENV_AWS_ACCESS_KEY_ID, env.ENV_AWS_SECRET_ACCESS_KEY):
             out.append({"name": key, "valueFrom": {"secretKeyRef": {
                 "name": ck.credentials_secret, "key": key}}})
+        # temporary credentials carry a token; a Secret without one still starts the pod
+        out.append({"name": env.ENV_AWS_SESSION_TOKEN, "valueFrom": {"secretKeyRef": {
+            "name": ck.credentials_secret, "key": env.ENV_AWS_SESSION_TOKEN,
+            "optional": True}}})
     return out
 
 

@@ -62,6 +62,8 @@ MALFORMED = [
     ("uri-bad-scheme", lambda b: s(b)["checkpoint"].update(uri="gs://bucket/x"), "uri"),
     ("uri-relative-file", lambda b: s(b)["checkpoint"].update(uri="file://relative/x"), "uri"),
     ("endpoint-not-url", lambda b: s(b)["checkpoint"].update(endpoint="minio:9000"), "endpoint"),
+    ("addressing-style-unknown", lambda b: s(b)["checkpoint"].update(addressingStyle="dns"),
+     "addressingStyle"),
     ("no-containers", lambda b: s(b)["template"]["spec"].update(containers=[]), "containers"),
     ("template-without-containers", lambda b: s(b)["template"].update(spec={}), "containers"),
     ("no-phases", lambda b: s(b).update(phases=[]), "phases"),
@@ -90,6 +92,7 @@ def test_good_job_is_accepted_with_defaults(custom_api):
     out = custom_api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL,
                                                      GOOD, dry_run="All")
     assert out["spec"]["checkpoint"]["keep"] == 3
+    assert out["spec"]["checkpoint"]["addressingStyle"] == "auto"
     assert out["spec"]["recovery"]["maxFailures"] == 3
     assert out["spec"]["recovery"]["backoff"] == {"initialSeconds": 10, "maxSeconds": 300}
     assert out["spec"]["phases"][0]["independent"] is False
@@ -132,7 +135,8 @@ def test_printer_columns(lab, crd):
 # --- transition rules (oldSelf): what a running job may not change -------------------------
 STARTED = "spec.phases: Forbidden: spec.phases: a phase that has started"
 SHAPE = "spec.phases: Forbidden: spec.phases: replicas and nprocPerNode of a phase that has started"
-WHERE = "spec.checkpoint: Forbidden: spec.checkpoint.endpoint, region and credentialsSecret are immutable"
+WHERE = ("spec.checkpoint: Forbidden: spec.checkpoint.endpoint, region, credentialsSecret and "
+         "addressingStyle are immutable")
 IMMUTABLE = [
     ("checkpoint-uri", lambda b: s(b)["checkpoint"].update(uri="s3://bucket/elsewhere"),
      "spec.checkpoint.uri: Forbidden: spec.checkpoint.uri is immutable"),
@@ -141,6 +145,7 @@ IMMUTABLE = [
     ("endpoint", lambda b: s(b)["checkpoint"].update(endpoint="http://elsewhere:9000"), WHERE),
     ("region", lambda b: s(b)["checkpoint"].update(region="eu-west-1"), WHERE),
     ("credentials-secret", lambda b: s(b)["checkpoint"].update(credentialsSecret="other"), WHERE),
+    ("addressing-style", lambda b: s(b)["checkpoint"].update(addressingStyle="virtual"), WHERE),
     ("rename-started-phase", lambda b: s(b).update(
         phases=[{"name": "pretrain"}, {"name": "eval", "dependsOn": ["pretrain"]}]), STARTED),
     ("remove-started-phase", lambda b: s(b).update(phases=[{"name": "eval"}]), STARTED),
@@ -156,6 +161,9 @@ ALLOWED = [
         "phoenix.dev/trainer-container": "t"}})),
     ("append-phase", lambda b: s(b)["phases"].append({"name": "export"})),
     ("other-fields", lambda b: s(b).update(recovery={"maxFailures": 7}, suspend=False)),
+    # written out as the default it already had: no change
+    ("addressing-style-auto-spelled-out",
+     lambda b: s(b)["checkpoint"].update(addressingStyle="auto")),
 ]
 
 

@@ -40,7 +40,8 @@ def prefix(s3_bucket, tmp_path) -> Prefix:
     return Prefix(
         spec=JobSpec.parse({"phases": [{"name": "train"}],
                             "checkpoint": {"uri": f"{s3_bucket.uri}/run"}}),
-        access={"access_key": ep.access_key, "secret_key": ep.secret_key, "endpoint": ep.url},
+        access={"credentials": Credentials(endpoint_url=ep.url, access_key=ep.access_key,
+                                           secret_key=ep.secret_key)},
         trainer=open_storage(f"{s3_bucket.uri}/run/train", Credentials(
             endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key)),
         shard=shard)

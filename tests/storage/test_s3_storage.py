@@ -78,3 +78,38 @@ def test_s3_unreachable_is_a_storage_error(tmp_path):
     with pytest.raises(StorageError, match="reachable|failed"):
         RetryPolicy(attempts=3, sleep=sleeps.append).run("upload", lambda: st.put_file("k", f))
     assert len(sleeps) == 2
+
+
+# --- issue 29: how the client reaches the server --------------------------------------------
+def test_the_trainers_env_without_a_session_token_or_style_reaches_a_custom_endpoint(
+        s3_bucket, s3_env, monkeypatch):
+    """What a trainer pod gets from a Secret with only the key pair and a job that leaves
+    addressingStyle at auto: AWS_* env, no AWS_SESSION_TOKEN, no PHOENIX_S3_ADDRESSING_STYLE.
+    The client must go path-style (the server has no per-bucket host names) and unsigned by
+    any token."""
+    from phoenix_trainer.core.contract import ENV_S3_ADDRESSING_STYLE
+
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv(ENV_S3_ADDRESSING_STYLE, raising=False)
+    st = open_storage(f"{s3_bucket.uri}/env/train")
+    assert st.client.meta.config.s3["addressing_style"] == "path"
+    st.put_bytes("a.txt", b"via env")
+    assert st.get_bytes("a.txt") == b"via env"
+    assert st.list_keys("") == ["a.txt"]
+
+
+def test_operator_credentials_with_an_explicit_path_style_round_trip(s3_bucket):
+    """The operator's client as ``Gather.storage_access`` builds it: the job's keys, no
+    token (a Secret without AWS_SESSION_TOKEN), the style resolved for the job's endpoint."""
+    from phoenix_trainer.core.contract import s3_addressing_style
+
+    ep = s3_bucket.endpoint
+    for requested in ("auto", "path"):
+        creds = Credentials(endpoint_url=ep.url, access_key=ep.access_key,
+                            secret_key=ep.secret_key, session_token=None,
+                            addressing_style=s3_addressing_style(requested, ep.url))
+        st = open_storage(f"{s3_bucket.uri}/{requested}/train", creds)
+        assert st.client.meta.config.s3["addressing_style"] == "path"
+        st.put_bytes("b.txt", requested.encode())
+        assert st.get_bytes("b.txt") == requested.encode()
+        assert st.stat("b.txt")[0] == len(requested)

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from phoenix_operator import phase_storage
+from phoenix_trainer.core.storage import Credentials
 
 pytestmark = pytest.mark.unit
 
@@ -28,7 +29,8 @@ def test_concurrent_first_use_builds_one_client(monkeypatch):
 
     def use(i):
         gate.wait()
-        return phase_storage._storage(f"s3://bkt/job-{i}", "http://s3", "ak", "sk", None)
+        return phase_storage._storage(f"s3://bkt/job-{i}", Credentials(
+            endpoint_url="http://s3", access_key="ak", secret_key="sk"))
 
     try:
         with ThreadPoolExecutor(8) as pool:

@@ -8,6 +8,7 @@ import pytest
 from kubernetes.client.rest import ApiException
 
 from phoenix_operator.workqueue import Backoff
+from phoenix_trainer.core.storage import Credentials
 from phoenix_operator.node_health import NodeHealth
 from phoenix_operator.config import OperatorConfig
 from phoenix_operator.decide import decide
@@ -45,7 +46,7 @@ class FakeKube:
         self.calls.append(("event", reason))
 
     def s3_credentials(self, namespace, name):
-        return "key", "secret"
+        return Credentials(access_key="key", secret_key="secret")
 
 
 def run(kube, body, pods, now=at(1), nodes=None, fence_error=None, leadership=None):
@@ -54,9 +55,11 @@ def run(kube, body, pods, now=at(1), nodes=None, fence_error=None, leadership=No
     plan = decide(body, pods, {"train": listing(40)}, now, nodes)
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1), leadership=leadership)
 
-    def fence(spec, phase, attempt, pod, when, **access):
+    def fence(spec, phase, attempt, pod, when, *, credentials, **kw):
         kube.calls.append(("fence", phase, attempt))
-        assert access["access_key"] == "key" and access["endpoint"] == "http://127.0.0.1:9000"
+        assert credentials.access_key == "key"
+        assert credentials.endpoint_url == "http://127.0.0.1:9000"
+        assert credentials.addressing_style == "path"  # a custom endpoint: path-style
         if fence_error:
             raise fence_error
     reconciler.applier.fence_writer = fence
@@ -394,7 +397,8 @@ def _access(uri: str, secret: str | None, keys=("key", "secret"), **config):
     body = job()
     body["spec"]["checkpoint"] = {"uri": uri, **({"credentialsSecret": secret} if secret else {})}
     kube = FakeKube()
-    kube.s3_credentials = lambda namespace, name: keys
+    kube.s3_credentials = lambda namespace, name: Credentials(access_key=keys[0],
+                                                             secret_key=keys[1])
     reconciler = Reconciler(kube, OperatorConfig(api_workers=1, **config))
     try:
         return asyncio.run(reconciler.gather.storage_access(body))
@@ -410,10 +414,10 @@ def test_without_a_secret_the_operator_does_not_lend_its_own_identity():
         and "PHOENIX_OWN_IDENTITY_PREFIXES" in why
     allowed = _access("s3://shared/teamX/run", None,
                       own_identity_prefixes=("s3://shared/teamX/",))
-    assert allowed["access_key"] is None  # the default chain: allowed for this prefix only
+    assert allowed.access_key is None  # the default chain: allowed for this prefix only
     assert isinstance(_access("s3://shared/teamX-other/run", None,
                               own_identity_prefixes=("s3://shared/teamX/",)), str)
-    assert _access("s3://shared/teamY/run", "creds")["access_key"] == "key"
+    assert _access("s3://shared/teamY/run", "creds").access_key == "key"
 
 
 def test_a_secret_without_keys_does_not_lend_the_operators_own_identity():
@@ -434,4 +438,4 @@ def test_file_uris_only_where_the_operator_allows_them():
     why = _access("file:///etc/phoenix", None)
     assert isinstance(why, str) and "PHOENIX_ALLOW_FILE_URIS" in why
     assert isinstance(_access("file:///etc/phoenix", "creds"), str)
-    assert _access("file:///data/run", None, allow_file_uris=True)["access_key"] is None
+    assert _access("file:///data/run", None, allow_file_uris=True).access_key is None

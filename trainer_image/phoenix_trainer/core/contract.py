@@ -50,12 +50,19 @@ ENV_AWS_ENDPOINT_URL = "AWS_ENDPOINT_URL"
 ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
+ENV_AWS_SESSION_TOKEN = "AWS_SESSION_TOKEN"  # optional in the Secret: temporary credentials
+
+# How the S3 client addresses a bucket: spec.checkpoint.addressingStyle as the job wrote it
+# (auto | path | virtual); both sides resolve it with ``s3_addressing_style``.
+ENV_S3_ADDRESSING_STYLE = "PHOENIX_S3_ADDRESSING_STYLE"
+ADDRESSING_AUTO, ADDRESSING_PATH, ADDRESSING_VIRTUAL = "auto", "path", "virtual"
+ADDRESSING_STYLES = (ADDRESSING_AUTO, ADDRESSING_PATH, ADDRESSING_VIRTUAL)
 
 ALL_ENV = (
     ENV_JOB_NAME, ENV_JOB_NAMESPACE, ENV_PHASE, ENV_ATTEMPT, ENV_JOB_UID, ENV_CHECKPOINT_URI,
     ENV_RESUME_FROM, ENV_INIT_FROM, ENV_CHECKPOINT_KEEP, ENV_CHECKPOINT_INTERVAL_STEPS,
     ENV_CHECKPOINT_INTERVAL_SECONDS, ENV_GRACE_SECONDS, ENV_TERMINATION_LOG, ENV_FORCE_RESUME,
-    ENV_ROLE, ENV_CONTROL_POLL_SECONDS, ENV_STATUS_PORT,
+    ENV_ROLE, ENV_CONTROL_POLL_SECONDS, ENV_STATUS_PORT, ENV_S3_ADDRESSING_STYLE,
 )
 
 # --- defaults ----------------------------------------------------------------------------
@@ -144,6 +151,34 @@ class TerminationMessage:
             return False
 
 
+def s3_addressing_style(requested: str | None, endpoint_url: str | None) -> str:
+    """``path`` or ``virtual``: how an S3 client addresses a bucket, decided in this one place
+    for the operator's client and the trainer's, so both reach the bucket the same way.
+
+    ``path`` and ``virtual`` are taken as asked. ``auto`` (or nothing) is path-style when a
+    custom endpoint is set - S3-compatible servers (MinIO, versitygw, Ceph) serve it and
+    seldom have a DNS name per bucket - and virtual-hosted when not: AWS, which is retiring
+    path-style (botocore still falls back to path-style for a bucket name that cannot be a
+    host name). The same choice botocore makes for ``auto``, written down so it is ours."""
+    style = (requested or ADDRESSING_AUTO).strip().lower()
+    if style not in ADDRESSING_STYLES:
+        raise ValueError(f"S3 addressing style {requested!r}: expected one of "
+                         f"{', '.join(ADDRESSING_STYLES)}")
+    if style != ADDRESSING_AUTO:
+        return style
+    return ADDRESSING_PATH if endpoint_url else ADDRESSING_VIRTUAL
+
+
+def addressing_style_from_env(environ: Mapping[str, str] | None = None) -> str:
+    """``PHOENIX_S3_ADDRESSING_STYLE`` (unset: ``auto``), validated; the one parser of it."""
+    environ = os.environ if environ is None else environ
+    raw = (environ.get(ENV_S3_ADDRESSING_STYLE) or ADDRESSING_AUTO).strip().lower()
+    if raw not in ADDRESSING_STYLES:
+        raise ValueError(f"{ENV_S3_ADDRESSING_STYLE}={raw!r}: expected one of "
+                         f"{', '.join(ADDRESSING_STYLES)} (spec.checkpoint.addressingStyle)")
+    return raw
+
+
 def termination_log_path(environ: Mapping[str, str] | None = None) -> str:
     environ = os.environ if environ is None else environ
     return environ.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG
@@ -199,6 +234,7 @@ class TrainerEnv:
     role: str = ROLE_ACTIVE
     control_poll_seconds: float = DEFAULT_CONTROL_POLL_SECONDS
     status_port: int | None = None
+    s3_addressing_style: str = ADDRESSING_AUTO  # as asked; resolved by s3_addressing_style
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -234,6 +270,7 @@ class TrainerEnv:
             control_poll_seconds=max(0.05, _float(environ, ENV_CONTROL_POLL_SECONDS,
                                                   DEFAULT_CONTROL_POLL_SECONDS)),
             status_port=_int(environ, ENV_STATUS_PORT, None),
+            s3_addressing_style=addressing_style_from_env(environ),
         )
 
     @property

@@ -77,16 +77,23 @@ class Storage(Protocol):
 
 @dataclass(frozen=True)
 class Credentials:
-    """Where and as whom to reach S3; every field None means boto3's defaults (the AWS_* env).
-    Hashable, so a caller may cache storage per credentials. Never logged."""
+    """Where and as whom to reach S3; every field None means boto3's defaults (the AWS_* env,
+    then its default chain: web identity, container and instance credentials) and, for
+    ``addressing_style``, ``PHOENIX_S3_ADDRESSING_STYLE``. Hashable, so a caller may cache
+    storage per credentials. Never logged: ``repr`` leaves out the key pair and the token."""
 
     endpoint_url: str | None = None
     access_key: str | None = None
     secret_key: str | None = None
     region: str | None = None
+    session_token: str | None = None  # temporary credentials (STS) come with one
+    addressing_style: str | None = None  # auto | path | virtual (contract.s3_addressing_style)
 
     def __repr__(self) -> str:  # keeps secrets out of logs and tracebacks
-        return f"Credentials(endpoint_url={self.endpoint_url!r}, region={self.region!r})"
+        return (f"Credentials(endpoint_url={self.endpoint_url!r}, region={self.region!r}, "
+                f"addressing_style={self.addressing_style!r})")
+
+    __str__ = __repr__
 
 
 def open_storage(uri: str, credentials: Credentials | None = None, *,
@@ -107,7 +114,8 @@ def open_storage(uri: str, credentials: Credentials | None = None, *,
             return root.child(prefix) if prefix else root
         c = credentials or Credentials()
         return S3Storage(parsed.netloc, prefix, endpoint_url=c.endpoint_url,
-                         access_key=c.access_key, secret_key=c.secret_key, region=c.region)
+                         access_key=c.access_key, secret_key=c.secret_key, region=c.region,
+                         session_token=c.session_token, addressing_style=c.addressing_style)
     if parsed.scheme == "file":
         if parsed.netloc not in ("", "localhost"):
             raise ValueError(f"file URI {uri!r} must be file:///absolute/path")

@@ -16,6 +16,7 @@ import os
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Iterator
 
+from ..contract import ENV_AWS_ENDPOINT_URL, addressing_style_from_env, s3_addressing_style
 from ..errors import StorageError
 from .entry import Digest, FileEntry, join_key
 
@@ -204,12 +205,27 @@ class _S3StreamWriter:
                         self.upload_id, self.s.uri_for(self.key), e)
 
 
+def client_addressing_style(requested: str | None, endpoint_url: str | None,
+                            environ=None) -> str:
+    """botocore's ``s3.addressing_style`` for a client: ``requested`` (None: the trainer's
+    ``PHOENIX_S3_ADDRESSING_STYLE``, unset = auto) resolved against the endpoint the client
+    will use (None: ``AWS_ENDPOINT_URL``, which boto3 reads itself) by
+    ``contract.s3_addressing_style``, the one place that decides."""
+    environ = os.environ if environ is None else environ
+    if requested is None:
+        requested = addressing_style_from_env(environ)
+    endpoint = endpoint_url or environ.get(ENV_AWS_ENDPOINT_URL) or None
+    return s3_addressing_style(requested, endpoint)
+
+
 class S3Storage:
     """``s3://bucket/prefix`` through boto3. Endpoint and credentials default to AWS_* env."""
 
     def __init__(self, bucket: str, prefix: str = "", *, endpoint_url: str | None = None,
                  access_key: str | None = None, secret_key: str | None = None,
-                 region: str | None = None, transfer_config=None, client=None) -> None:
+                 region: str | None = None, session_token: str | None = None,
+                 addressing_style: str | None = None, transfer_config=None,
+                 client=None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -219,8 +235,8 @@ class S3Storage:
         self.transfer_config = transfer_config or default_transfer_config()
         if client is None:
             config = Config(
-                # Path style works with every S3-compatible server (MinIO, versitygw, Ceph).
-                s3={"addressing_style": "path"},
+                # Path-style for S3-compatible servers, virtual-hosted on AWS, unless asked.
+                s3={"addressing_style": client_addressing_style(addressing_style, endpoint_url)},
                 # Fail fast when S3 is unreachable; checkpoint.py retries whole shards with
                 # backoff, which is what survives a network blip without blocking training.
                 connect_timeout=5, read_timeout=60,
@@ -229,7 +245,7 @@ class S3Storage:
             )
             client = boto3.session.Session().client(
                 "s3", endpoint_url=endpoint_url, aws_access_key_id=access_key,
-                aws_secret_access_key=secret_key,
+                aws_secret_access_key=secret_key, aws_session_token=session_token,
                 region_name=region or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
                 config=config)
         self.client = client
