@@ -11,7 +11,7 @@ from typing import Any, Mapping
 
 from phoenix_trainer.core.contract import ADDRESSING_AUTO
 
-from .constants import PhaseState
+from .constants import DEFAULT_CA_BUNDLE_KEY, PhaseState
 
 
 def _ts(value: str | None) -> datetime | None:
@@ -55,6 +55,7 @@ class CheckpointSpec:
     region: str | None = None
     credentials_secret: str | None = None
     addressing_style: str = ADDRESSING_AUTO  # auto|path|virtual (contract.s3_addressing_style)
+    ca_bundle: tuple[str, str] | None = None  # (ConfigMap, key): a private CA for the trainer
     keep: int = 3
     interval_steps: int | None = None
     interval_seconds: int | None = None
@@ -80,6 +81,12 @@ class RecoverySpec:
         if failures <= 0:
             return 0.0
         return float(min(self.backoff_max, self.backoff_initial * (2 ** (failures - 1))))
+
+
+def _ca_bundle(raw: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    if not raw or not raw.get("configMap"):
+        return None
+    return str(raw["configMap"]), str(raw.get("key") or DEFAULT_CA_BUNDLE_KEY)
 
 
 @dataclass(frozen=True)
@@ -123,6 +130,7 @@ class JobSpec:
                 uri=ck.get("uri", ""), endpoint=ck.get("endpoint"), region=ck.get("region"),
                 credentials_secret=ck.get("credentialsSecret"),
                 addressing_style=str(ck.get("addressingStyle") or ADDRESSING_AUTO),
+                ca_bundle=_ca_bundle(ck.get("caBundle")),
                 keep=int(ck.get("keep", 3)),
                 interval_steps=ck.get("intervalSteps"), interval_seconds=ck.get("intervalSeconds"),
             ),

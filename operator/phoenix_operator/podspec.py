@@ -156,6 +156,26 @@ def avoid_nodes(pod_spec: dict[str, Any], nodes: Sequence[str],
             {"weight": 100, "preference": {"matchFields": rule(prefer_not)}})
 
 
+def ca_bundle_path(ca_bundle: tuple[str, str]) -> str:
+    """Where the trainer finds ``spec.checkpoint.caBundle``'s key (``AWS_CA_BUNDLE``)."""
+    return f"{C.CA_BUNDLE_DIR}/{ca_bundle[1]}"
+
+
+def mount_ca_bundle(pod_spec: dict[str, Any], container: dict[str, Any],
+                    ca_bundle: tuple[str, str]) -> None:
+    """The ConfigMap key, read-only, at ``ca_bundle_path`` in the trainer container only
+    (boto3 reads ``AWS_CA_BUNDLE``; the other containers keep their own trust)."""
+    config_map, key = ca_bundle
+    volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != C.CA_BUNDLE_VOLUME]
+    volumes.append({"name": C.CA_BUNDLE_VOLUME, "configMap": {
+        "name": config_map, "items": [{"key": key, "path": key}]}})
+    pod_spec["volumes"] = volumes
+    mounts = [m for m in container.get("volumeMounts") or []
+              if m.get("name") != C.CA_BUNDLE_VOLUME]
+    mounts.append({"name": C.CA_BUNDLE_VOLUME, "mountPath": C.CA_BUNDLE_DIR, "readOnly": True})
+    container["volumeMounts"] = mounts
+
+
 def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, attempt: int,
                 resume_from: str | None, init_from: str | None,
                 job_uid: str = "") -> list[dict[str, Any]]:
@@ -180,6 +200,8 @@ def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, at
         # as the job asked; the trainer resolves it against its endpoint with the same
         # function the operator uses (contract.s3_addressing_style). Unset means auto.
         values.append((env.ENV_S3_ADDRESSING_STYLE, ck.addressing_style))
+    if ck.ca_bundle:
+        values.append((env.ENV_AWS_CA_BUNDLE, ca_bundle_path(ck.ca_bundle)))
     out: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in values if v is not None]
     if ck.credentials_secret:
         for key in (env.ENV_AWS_ACCESS_KEY_ID, env.ENV_AWS_SECRET_ACCESS_KEY):
@@ -249,6 +271,8 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
         container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours, gang,
                                       role)
         container.setdefault("terminationMessagePolicy", "FallbackToLogsOnError")
+        if spec.checkpoint.ca_bundle:
+            mount_ca_bundle(pod_spec, container, spec.checkpoint.ca_bundle)
         if probed:
             # Ready within a second of restoring; NotReady only after three probes in a row
             # fail (about 3 s): the answering thread needs the GIL, which a standby loading a

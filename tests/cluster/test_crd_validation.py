@@ -64,6 +64,8 @@ MALFORMED = [
     ("endpoint-not-url", lambda b: s(b)["checkpoint"].update(endpoint="minio:9000"), "endpoint"),
     ("addressing-style-unknown", lambda b: s(b)["checkpoint"].update(addressingStyle="dns"),
      "addressingStyle"),
+    ("ca-bundle-without-config-map", lambda b: s(b)["checkpoint"].update(
+        caBundle={"key": "ca.crt"}), "configMap"),
     ("no-containers", lambda b: s(b)["template"]["spec"].update(containers=[]), "containers"),
     ("template-without-containers", lambda b: s(b)["template"].update(spec={}), "containers"),
     ("no-phases", lambda b: s(b).update(phases=[]), "phases"),

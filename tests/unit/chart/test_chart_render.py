@@ -362,3 +362,29 @@ def test_lab_values_run_two_replicas_so_the_e2e_suite_runs_what_users_install():
     (deploy,) = by_kind(docs, "Deployment")
     assert deploy["spec"]["replicas"] == 2
     assert _env(docs)["PHOENIX_LEADER_ELECTION"]["value"] == "true"
+
+
+def test_storage_ca_bundle_is_mounted_read_only_and_named_for_boto3():
+    """Issue 29: a private CA for the operator's own S3 client (every job's endpoint)."""
+    docs = render("--set", "storage.caBundle.configMap=internal-ca",
+                  "--set", "storage.caBundle.key=root.pem")
+    container = operator_container(docs)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["AWS_CA_BUNDLE"] == "/etc/phoenix/ca/root.pem"
+    assert {"name": "ca-bundle", "mountPath": "/etc/phoenix/ca", "readOnly": True} in \
+        container["volumeMounts"]
+    (deploy,) = by_kind(docs, "Deployment")
+    (volume,) = [v for v in deploy["spec"]["template"]["spec"]["volumes"]
+                 if v["name"] == "ca-bundle"]
+    assert volume["configMap"] == {"name": "internal-ca",
+                                   "items": [{"key": "root.pem", "path": "root.pem"}]}
+    # unset: nothing mounted, the image's trust store
+    plain = operator_container(render())
+    assert "AWS_CA_BUNDLE" not in {e["name"] for e in plain["env"]}
+    assert all(m["name"] != "ca-bundle" for m in plain["volumeMounts"])
+
+
+def test_storage_ca_bundle_key_must_be_a_configmap_key():
+    proc = helm("template", "phx", str(CHART), "--set", "storage.caBundle.configMap=ca",
+                "--set", "storage.caBundle.key=../etc/passwd", check=False)
+    assert proc.returncode != 0 and "caBundle" in proc.stderr

@@ -159,3 +159,45 @@ def test_the_session_token_name_lives_in_the_contract():
     assert contract.ENV_AWS_SESSION_TOKEN == "AWS_SESSION_TOKEN"
     text = (REPO / "operator" / "phoenix_operator" / "podspec.py").read_text()
     assert '"AWS_SESSION_TOKEN"' not in text
+
+
+def _pod(checkpoint: dict, template_spec: dict | None = None) -> dict:
+    from phoenix_operator.podspec import build_pod
+
+    body = job()
+    body["spec"]["checkpoint"] = checkpoint
+    if template_spec:
+        body["spec"]["template"]["spec"].update(template_spec)
+    spec = JobSpec.parse(body["spec"])
+    return build_pod(job="j", namespace="ns", spec=spec, phase=spec.phases[0], attempt=1,
+                     resume_from=None, resume_step=None, init_from=None)
+
+
+def test_a_ca_bundle_is_mounted_read_only_into_the_trainer_and_named_for_boto3():
+    pod = _pod({"uri": "s3://b/run", "endpoint": "https://minio.internal",
+                "caBundle": {"configMap": "internal-ca"}},
+               {"containers": [{"name": "trainer", "image": "img"},
+                               {"name": "sidecar", "image": "img"}],
+                "volumes": [{"name": "data", "emptyDir": {}}]})
+    trainer, sidecar = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["AWS_CA_BUNDLE"] == "/etc/phoenix/ca/ca.crt"  # key defaults to ca.crt
+    assert trainer["volumeMounts"] == [{"name": "phoenix-ca-bundle",
+                                        "mountPath": "/etc/phoenix/ca", "readOnly": True}]
+    assert "volumeMounts" not in sidecar and "env" not in sidecar
+    assert pod["spec"]["volumes"] == [
+        {"name": "data", "emptyDir": {}},
+        {"name": "phoenix-ca-bundle", "configMap": {
+            "name": "internal-ca", "items": [{"key": "ca.crt", "path": "ca.crt"}]}}]
+    keyed = _pod({"uri": "s3://b/run", "caBundle": {"configMap": "ca", "key": "root.pem"}})
+    env = {e["name"]: e.get("value") for e in keyed["spec"]["containers"][0]["env"]}
+    assert env["AWS_CA_BUNDLE"] == "/etc/phoenix/ca/root.pem"
+    plain = _pod({"uri": "s3://b/run"})
+    assert "volumes" not in plain["spec"] and "AWS_CA_BUNDLE" not in {
+        e["name"] for e in plain["spec"]["containers"][0]["env"]}
+
+
+def test_the_crd_ca_bundle_needs_a_config_map_and_defaults_its_key():
+    field = _checkpoint_schema()["properties"]["caBundle"]
+    assert field["required"] == ["configMap"]
+    assert field["properties"]["key"]["default"] == "ca.crt"

@@ -51,6 +51,7 @@ ENV_AWS_ACCESS_KEY_ID = "AWS_ACCESS_KEY_ID"
 ENV_AWS_SECRET_ACCESS_KEY = "AWS_SECRET_ACCESS_KEY"
 ENV_AWS_DEFAULT_REGION = "AWS_DEFAULT_REGION"
 ENV_AWS_SESSION_TOKEN = "AWS_SESSION_TOKEN"  # optional in the Secret: temporary credentials
+ENV_AWS_CA_BUNDLE = "AWS_CA_BUNDLE"  # a private CA's bundle (spec.checkpoint.caBundle)
 
 # How the S3 client addresses a bucket: spec.checkpoint.addressingStyle as the job wrote it
 # (auto | path | virtual); both sides resolve it with ``s3_addressing_style``.
