@@ -43,11 +43,10 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
-from kubernetes import client, watch
+from kubernetes import client
 
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_trainer.core.layout import step_dir_name, verify_checkpoint
@@ -56,7 +55,7 @@ from phoenix_trainer.core.writer import publish_manifest, upload_shards
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlab import Operator, counter, install_operator_identity  # noqa: E402
+from benchlab import Operator, PodClock, counter, install_operator_identity  # noqa: E402
 from benchstats import ratio, summary  # noqa: E402
 # The pod template, fake trainer and namespace set-up are the cluster tests' own, so the
 # benchmark measures exactly what those tests exercise.
@@ -166,60 +165,6 @@ def remove_checkpoints(lab: Lab, names: list[str]) -> None:
             keys = [{"Key": o["Key"]} for o in page.get("Contents", ())]
             if keys:
                 s3.delete_objects(Bucket=BUCKET, Delete={"Objects": keys, "Quiet": True})
-
-
-class PodClock(threading.Thread):
-    """Watches pods matching a selector; remembers when each was first seen and when it was
-    first seen terminal or deleted."""
-
-    def __init__(self, api: client.ApiClient, ns: str, selector: str) -> None:
-        super().__init__(daemon=True)
-        self.core = client.CoreV1Api(api)
-        self.ns = ns
-        self.selector = selector
-        self.added: dict[str, float] = {}
-        self.ended: dict[str, float] = {}
-        self.running: set[str] = set()
-        self.order: list[str] = []
-        self.stop = threading.Event()
-        self.cv = threading.Condition()
-
-    def run(self) -> None:
-        while not self.stop.is_set():
-            w = watch.Watch()
-            try:
-                for ev in w.stream(self.core.list_namespaced_pod, self.ns,
-                                   label_selector=self.selector, timeout_seconds=30):
-                    now = time.monotonic()
-                    pod = ev["object"]
-                    name = pod.metadata.name
-                    with self.cv:
-                        if name not in self.added:
-                            self.added[name] = now
-                            self.order.append(name)
-                        if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
-                            self.running.add(name)
-                        if (ev["type"] == "DELETED" or pod.status.phase in ("Failed", "Succeeded")) \
-                                and name not in self.ended:
-                            self.ended[name] = now
-                            self.running.discard(name)
-                        self.cv.notify_all()
-                    if self.stop.is_set():
-                        break
-            except Exception:  # noqa: BLE001 - re-watch after API hiccups
-                time.sleep(0.2)
-
-    def wait(self, pred, timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        with self.cv:
-            while True:
-                value = pred()
-                if value:
-                    return value
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
-                self.cv.wait(min(left, 0.5))
 
 
 def measure(lab: Lab, api, ns: str, selectors: list[str], rounds: int,

@@ -164,6 +164,60 @@ class PodTimeline(threading.Thread):
         return out
 
 
+class PodClock(threading.Thread):
+    """Watches pods matching a selector; remembers when each was first seen and when it was
+    first seen terminal or deleted."""
+
+    def __init__(self, api: client.ApiClient, ns: str, selector: str) -> None:
+        super().__init__(daemon=True)
+        self.core = client.CoreV1Api(api)
+        self.ns = ns
+        self.selector = selector
+        self.added: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self.running: set[str] = set()
+        self.order: list[str] = []
+        self.stop = threading.Event()
+        self.cv = threading.Condition()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            w = watch.Watch()
+            try:
+                for ev in w.stream(self.core.list_namespaced_pod, self.ns,
+                                   label_selector=self.selector, timeout_seconds=30):
+                    now = time.monotonic()
+                    pod = ev["object"]
+                    name = pod.metadata.name
+                    with self.cv:
+                        if name not in self.added:
+                            self.added[name] = now
+                            self.order.append(name)
+                        if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
+                            self.running.add(name)
+                        if (ev["type"] == "DELETED" or pod.status.phase in ("Failed", "Succeeded")) \
+                                and name not in self.ended:
+                            self.ended[name] = now
+                            self.running.discard(name)
+                        self.cv.notify_all()
+                    if self.stop.is_set():
+                        break
+            except Exception:  # noqa: BLE001 - re-watch after API hiccups
+                time.sleep(0.2)
+
+    def wait(self, pred, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        with self.cv:
+            while True:
+                value = pred()
+                if value:
+                    return value
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+                self.cv.wait(min(left, 0.5))
+
+
 def trainer_job(name: str, namespace: str, args: list[str], checkpoint_uri: str, s3_url: str,
                 image: str, *, grace: int, checkpoint_every: int, labels: dict[str, str]) -> dict:
     """A batch/v1 Job running the trainer image with ``args``: the trainer finds its newest
