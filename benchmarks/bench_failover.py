@@ -213,8 +213,16 @@ class Bench:
         time.sleep(1.0)  # past the trainer's start-up, as a real preemption would find it
         return leader, pods, pod
 
-    def creator(self, pod: str) -> str | None:
-        """The user agent that created ``pod`` (the operator's names its replica)."""
+    def creator(self, pod: str, timeout: float = 5) -> str | None:
+        """The user agent that created ``pod`` (the operator's names its replica). The API
+        server logs a request once its response is sent: a pod seen a moment ago may not be
+        in the file yet."""
+        deadline = time.monotonic() + timeout
+        while (agent := self._creator(pod)) is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        return agent
+
+    def _creator(self, pod: str) -> str | None:
         for e in self.lab.audit_writes():
             ref = e.get("objectRef") or {}
             if (e.get("verb") == "create" and ref.get("resource") == "pods" and not ref.get("subresource")
@@ -260,8 +268,13 @@ class Bench:
             f"{variant} round {n}: the replacement of trainer pod {trainer_name}")
         out["replacement"] = new
         out["replacement_s"] = round(self.trainers.added[new] - t0, 3)
-        if trainer_name in self.trainers.ended:
-            out["trainer_ended_s"] = round(self.trainers.ended[trainer_name] - t0, 3)
+        if trainer_name in self.trainers.ended and not out["trainer_with_leader"]:
+            # (A pod on the lost node "ends" when the new operator deletes it: no mark.)
+            # The old pod's end (its grace: the trainer's emergency checkpoint, the kubelet)
+            # comes before any operator may replace it: the operator's part is after it.
+            ended = self.trainers.ended[trainer_name]
+            out["trainer_ended_s"] = round(ended - t0, 3)
+            out["replacement_after_trainer_end_s"] = round(self.trainers.added[new] - ended, 3)
         if election:
             at, holder = self.lease.wait(lambda: self.lease.taken_over(t0, old_leader), 60,
                                          f"{variant} round {n}: Lease {LEASE} naming a holder "
@@ -333,7 +346,8 @@ def summarize(rounds: list[dict]) -> dict:
     ok = [r for r in rounds if "error" not in r]
     out = {"rounds": len(rounds), "failed": len(rounds) - len(ok),
            "replacement_s": summary([r["replacement_s"] for r in ok])}
-    for key in ("lease_s", "replacement_after_lease_s", "operator_pod_added_s"):
+    for key in ("lease_s", "replacement_after_lease_s", "trainer_ended_s",
+                "replacement_after_trainer_end_s", "operator_pod_added_s"):
         values = [r[key] for r in ok if key in r]
         if values:
             out[key] = summary(values)
