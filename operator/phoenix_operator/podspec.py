@@ -266,6 +266,12 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
                                                   attempt=attempt if standby else None)
         probed = standby or spec.recovery.standby
         role = [{"name": env.ENV_ROLE, "value": env.ROLE_STANDBY}] if standby else []
+        if "ephemeral-storage" in ((container.get("resources") or {}).get("limits") or {}):
+            # the spool's default limit (the trainer's spool_limit_bytes): under the limit
+            # the kubelet evicts at, which would look like a preemption and repeat
+            role.append({"name": env.ENV_EPHEMERAL_STORAGE_MB, "valueFrom": {
+                "resourceFieldRef": {"containerName": trainer,
+                                     "resource": "limits.ephemeral-storage", "divisor": "1M"}}})
         if probed:
             role.append({"name": env.ENV_STATUS_PORT, "value": str(C.STATUS_PORT)})
         container["env"] = _merge_env(container.get("env") or [], list(phase.env), ours, gang,

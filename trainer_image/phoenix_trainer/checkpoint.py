@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .core.contract import ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB
+from .core.contract import ENV_EPHEMERAL_STORAGE_MB, ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB
 from .core.errors import (
     CheckpointError, CorruptCheckpointError, ObjectMismatchError, SpoolFullError,
 )
@@ -122,18 +122,32 @@ def _torch_save_to(obj: Any, f: Any) -> None:
     torch.save(obj, f)
 
 
+# The spool's share of the container's ephemeral-storage limit when no limit is set: the
+# rest is for the container's logs and whatever else the script writes under /tmp.
+SPOOL_SHARE_OF_EPHEMERAL = 0.8
+
+
 def spool_limit_bytes(environ: Any = None) -> int | None:
-    """``PHOENIX_SPOOL_LIMIT_MB`` in bytes, or None when unset (then free space is the limit)."""
-    raw = (os.environ if environ is None else environ).get(ENV_SPOOL_LIMIT_MB, "").strip()
+    """``PHOENIX_SPOOL_LIMIT_MB`` in bytes; unset, ``SPOOL_SHARE_OF_EPHEMERAL`` of the
+    container's ephemeral-storage limit (``PHOENIX_EPHEMERAL_STORAGE_MB``, which the operator
+    sets where the container declares one: the kubelet evicts a pod over it, which would
+    look like a preemption and repeat); else None (then free space is the limit)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_SPOOL_LIMIT_MB, "").strip()
+    name = ENV_SPOOL_LIMIT_MB
+    share = 1.0
+    if not raw:
+        raw, name = env.get(ENV_EPHEMERAL_STORAGE_MB, "").strip(), ENV_EPHEMERAL_STORAGE_MB
+        share = SPOOL_SHARE_OF_EPHEMERAL
     if not raw:
         return None
     try:
         mb = float(raw)
     except ValueError:
-        raise CheckpointError(f"{ENV_SPOOL_LIMIT_MB}={raw!r} is not a number of MB") from None
+        raise CheckpointError(f"{name}={raw!r} is not a number of MB") from None
     if mb < 0:
-        raise CheckpointError(f"{ENV_SPOOL_LIMIT_MB}={raw!r} must be >= 0")
-    return int(mb * 1e6)
+        raise CheckpointError(f"{name}={raw!r} must be >= 0")
+    return int(mb * 1e6 * share)
 
 
 def spool_usage(spool: str) -> int:
@@ -157,8 +171,9 @@ def check_spool_room(spool: str, nbytes: int, what: str, *, limit: int | None = 
         raise SpoolFullError(
             f"{what} needs ~{nbytes / 1e6:.1f} MB of local spool under {spool}"
             f" ({used / 1e6:.1f} MB already in use), over {ENV_SPOOL_LIMIT_MB}={limit / 1e6:g};"
-            f" raise {ENV_SPOOL_LIMIT_MB} together with the pod's ephemeral-storage limit (or the"
-            " emptyDir's sizeLimit), or use fewer, larger ranks")
+            f" raise {ENV_SPOOL_LIMIT_MB} (default: {SPOOL_SHARE_OF_EPHEMERAL:.0%} of the"
+            " container's ephemeral-storage limit) together with that limit (or the emptyDir's"
+            " sizeLimit), or use fewer, larger ranks")
     if free is None:
         free = shutil.disk_usage(spool).free
     if nbytes > free:

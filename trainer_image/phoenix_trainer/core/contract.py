@@ -37,6 +37,9 @@ DEFAULT_CONTROL_POLL_SECONDS = 0.25
 # take (MB; unset = the file system's free space) before a save is refused with a reason.
 ENV_SPOOL_DIR = "PHOENIX_SPOOL_DIR"
 ENV_SPOOL_LIMIT_MB = "PHOENIX_SPOOL_LIMIT_MB"
+# The trainer container's ephemeral-storage limit in MB (10^6 bytes), set by the operator
+# through the downward API where the container declares one: the spool's default limit.
+ENV_EPHEMERAL_STORAGE_MB = "PHOENIX_EPHEMERAL_STORAGE_MB"
 
 # Set by the trainer image (or a user), read by restores (core/storage/parallel.py): shards
 # are read as ranges of PART_MB, CONCURRENCY ranges in flight over all shards, and shards
