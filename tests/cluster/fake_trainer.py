@@ -56,7 +56,10 @@ def main() -> int:
         with socket.create_connection((host, int(port)), timeout=10) as s:
             s.sendall(json.dumps({"attempt": env.attempt, "resume_from": env.resume_from,
                                   "init_from": env.init_from, "start": start,
-                                  "time": time.time()}).encode())
+                                  "time": time.time(),
+                                  # the downward API's value (the spool's default limit)
+                                  "ephemeral_mb": os.environ.get("PHOENIX_EPHEMERAL_STORAGE_MB"),
+                                  }).encode())
     last_ckpt = env.resume_from
 
     def save(step: int) -> str:

@@ -135,10 +135,21 @@ def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_
     assert pod_or_none(core, ns, pod_name("chart", "train", 2)).metadata.labels["phoenix.dev/job"] == "chart"
     log = release.operator_log()
     assert f"{ns}/chart" in log, "the chart's operator did not log about the job:\n" + log[-3000:]
-    # Scraped as Prometheus would: through the chart's metrics Service (apiserver proxy).
-    metrics = lab.kubectl("get", "--raw", "/api/v1/namespaces/phx-chart-system/services/"
-                          "phx-chart-operator-metrics:metrics/proxy/metrics").stdout
-    assert "phoenix_recoveries_total{" in metrics, metrics[-2000:]
+    # Scraped as Prometheus does through the chart's metrics Service (its ServiceMonitor):
+    # every endpoint, i.e. every replica, on its own (apiserver proxy). The leader counted
+    # the recovery; the standby says it stands by and has no job series to add to sums.
+    scraped = {}
+    for replica in release.operators.pods():
+        name = replica["metadata"]["name"]
+        scraped[name] = lab.kubectl("get", "--raw", f"/api/v1/namespaces/phx-chart-system/pods/"
+                                    f"{name}:8080/proxy/metrics").stdout
+    leader = pod["metadata"]["name"]
+    assert len(scraped) == 2 and leader in scraped, list(scraped)
+    assert "phoenix_recoveries_total{" in scraped[leader], scraped[leader][-2000:]
+    assert "phoenix_operator_leader 1.0" in scraped[leader].splitlines()
+    [standby] = [text for name, text in scraped.items() if name != leader]
+    assert "phoenix_operator_leader 0.0" in standby.splitlines()
+    assert "phoenix_recoveries_total{" not in standby, standby[-2000:]
     # The same pod did all of it: it never crashed or restarted.
     assert release.check_not_broken()
     assert release.leader_pod()["metadata"]["uid"] == pod["metadata"]["uid"]

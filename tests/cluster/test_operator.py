@@ -43,6 +43,10 @@ def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, recorder
                       phases=("pretrain", "finetune"),
                       env={"FAKE_STEPS": 10, "FAKE_CKPT_EVERY": 5,
                            "FAKE_RECORD": recorder.address})
+    # The container declares an ephemeral-storage limit: the trainer learns it (downward API)
+    # as its spool's default limit.
+    body["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "ephemeral-storage"] = "1Gi"
     create(custom, ns, body)
     job = wait(lambda: (j := get(custom, ns, "ok")).get("status", {}).get("phase") == "Succeeded"
                and j, 90, "job Succeeded")
@@ -52,6 +56,7 @@ def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, recorder
     assert cond["Succeeded"]["status"] == "True"
     assert job["status"]["observedGeneration"] == job["metadata"]["generation"]
     starts = [json.loads(m) for m in recorder.messages]
+    assert [s["ephemeral_mb"] for s in starts] == ["1074", "1074"]  # 1Gi in MB, rounded up
     finetune = next(s for s in starts if s["init_from"])
     assert finetune["init_from"].endswith("/pretrain/" + step_dir_name(10))
     pod = core.read_namespaced_pod(pod_name("ok", "pretrain", 1), ns)
