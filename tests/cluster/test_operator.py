@@ -12,7 +12,7 @@ from phoenix_operator.podspec import pod_name
 from phoenix_trainer.core.layout import step_dir_name
 from phoenix_trainer.core.storage import Credentials, open_storage
 
-from kube_helpers import python_pod
+from kube_helpers import python_pod, wait_for
 from operator_process import OperatorProcess
 from pxj_helpers import (create, env_of, events, get, live, patch_spec, phase_status,
                          phoenixjob, pod_or_none, trainer_pods, wait)
@@ -45,11 +45,15 @@ def test_job_runs_to_succeeded(lab, operator, core, custom, ns, bucket, recorder
                            "FAKE_RECORD": recorder.address})
     # The container declares an ephemeral-storage limit: the trainer learns it (downward API)
     # as its spool's default limit.
-    body["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
-        "ephemeral-storage"] = "1Gi"
+    resources = body["spec"]["template"]["spec"]["containers"][0]["resources"]
+    resources["limits"]["ephemeral-storage"] = "1Gi"
+    # The lab's kubelets report no ephemeral-storage capacity to schedule against: request
+    # none (the limit alone is what the trainer learns).
+    resources.setdefault("requests", {})["ephemeral-storage"] = "0"
     create(custom, ns, body)
-    job = wait(lambda: (j := get(custom, ns, "ok")).get("status", {}).get("phase") == "Succeeded"
-               and j, 90, "job Succeeded")
+    job = wait_for(lambda: (j := get(custom, ns, "ok")).get("status", {}).get("phase")
+                   == "Succeeded" and j, 90, 0.2, "job Succeeded", diagnose=lambda: lab.kubectl(
+                       "-n", ns, "describe", "pods", check=False).stdout[-3000:])
     assert [p["state"] for p in job["status"]["phases"]] == ["Succeeded", "Succeeded"]
     assert [p["attempts"] for p in job["status"]["phases"]] == [1, 1]
     cond = {c["type"]: c for c in job["status"]["conditions"]}
