@@ -47,14 +47,14 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable
 
-from kubernetes import client, watch
+from kubernetes import client
 
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_lab.install import NAMESPACE, RELEASE, install_phoenix, uninstall_phoenix
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlab import PodClock, dump_diagnostics  # noqa: E402
+from benchlab import PodClock, WatchClock, dump_diagnostics  # noqa: E402
 from benchstats import ratio, summary  # noqa: E402
 # The job's pod template and fake trainer are the cluster tests' own.
 sys.path[:0] = [str(REPO / "tests"), str(REPO / "tests" / "cluster")]
@@ -82,34 +82,20 @@ def ha_values(spread: str) -> dict:
     return values
 
 
-class LeaseClock(threading.Thread):
+class LeaseClock(WatchClock):
     """Watches the operator's Lease; remembers (monotonic time, holder) at every change of
     holder, the first entry being the holder when the watch started."""
 
     def __init__(self, api: client.ApiClient) -> None:
-        super().__init__(daemon=True, name="lease-clock")
-        self.leases = client.CoordinationV1Api(api)
+        super().__init__(client.CoordinationV1Api(api).list_namespaced_lease, NAMESPACE,
+                         name="lease-clock", field_selector=f"metadata.name={LEASE}")
         self.changes: list[tuple[float, str]] = []
-        self.stop = threading.Event()
-        self.cv = threading.Condition()
 
-    def run(self) -> None:
-        while not self.stop.is_set():
-            w = watch.Watch()
-            try:
-                for ev in w.stream(self.leases.list_namespaced_lease, NAMESPACE,
-                                   field_selector=f"metadata.name={LEASE}", timeout_seconds=30):
-                    now = time.monotonic()
-                    holder = "" if ev["type"] == "DELETED" else (
-                        ev["object"].spec.holder_identity or "")
-                    with self.cv:
-                        if not self.changes or self.changes[-1][1] != holder:
-                            self.changes.append((now, holder))
-                        self.cv.notify_all()
-                    if self.stop.is_set():
-                        break
-            except Exception:  # noqa: BLE001 - re-watch after API hiccups
-                time.sleep(0.2)
+    def record(self, event: dict, now: float) -> None:
+        holder = "" if event["type"] == "DELETED" else (
+            event["object"].spec.holder_identity or "")
+        if not self.changes or self.changes[-1][1] != holder:
+            self.changes.append((now, holder))
 
     def holder(self) -> str:
         with self.cv:
@@ -119,16 +105,6 @@ class LeaseClock(threading.Thread):
         """The first change after ``since`` to a holder that is neither ``old`` nor nobody."""
         with self.cv:
             return next(((t, h) for t, h in self.changes if t >= since and h and h != old), None)
-
-    def wait(self, pred: Callable[[], Any], timeout: float, what: str):
-        deadline = time.monotonic() + timeout
-        with self.cv:
-            while not (value := pred()):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-                self.cv.wait(min(left, 0.5))
-            return value
 
 
 def wait_until(fn: Callable[[], Any], timeout: float, what: str, interval: float = 0.5):

@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable
 
 import yaml
 from kubernetes import client, watch
@@ -164,58 +165,72 @@ class PodTimeline(threading.Thread):
         return out
 
 
-class PodClock(threading.Thread):
-    """Watches pods matching a selector; remembers when each was first seen and when it was
-    first seen terminal or deleted."""
+class WatchClock(threading.Thread):
+    """A watch, restarted after API hiccups until ``stop`` is set, that hands each event and
+    the monotonic time it arrived to ``record`` (under ``cv``, which it then notifies);
+    ``wait`` blocks on ``cv`` until a predicate holds."""
 
-    def __init__(self, api: client.ApiClient, ns: str, selector: str) -> None:
-        super().__init__(daemon=True)
-        self.core = client.CoreV1Api(api)
-        self.ns = ns
-        self.selector = selector
-        self.added: dict[str, float] = {}
-        self.ended: dict[str, float] = {}
-        self.running: set[str] = set()
-        self.order: list[str] = []
+    def __init__(self, list_fn: Callable[..., Any], *args: Any, name: str = "watch-clock",
+                 **kwargs: Any) -> None:
+        super().__init__(daemon=True, name=name)
+        self.list_fn, self.args, self.kwargs = list_fn, args, kwargs
         self.stop = threading.Event()
         self.cv = threading.Condition()
+
+    def record(self, event: dict, now: float) -> None:
+        raise NotImplementedError
 
     def run(self) -> None:
         while not self.stop.is_set():
             w = watch.Watch()
             try:
-                for ev in w.stream(self.core.list_namespaced_pod, self.ns,
-                                   label_selector=self.selector, timeout_seconds=30):
+                for ev in w.stream(self.list_fn, *self.args, timeout_seconds=30, **self.kwargs):
                     now = time.monotonic()
-                    pod = ev["object"]
-                    name = pod.metadata.name
                     with self.cv:
-                        if name not in self.added:
-                            self.added[name] = now
-                            self.order.append(name)
-                        if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
-                            self.running.add(name)
-                        if (ev["type"] == "DELETED" or pod.status.phase in ("Failed", "Succeeded")) \
-                                and name not in self.ended:
-                            self.ended[name] = now
-                            self.running.discard(name)
+                        self.record(ev, now)
                         self.cv.notify_all()
                     if self.stop.is_set():
                         break
             except Exception:  # noqa: BLE001 - re-watch after API hiccups
                 time.sleep(0.2)
 
-    def wait(self, pred, timeout: float, what: str):
+    def wait(self, pred: Callable[[], Any], timeout: float, what: str) -> Any:
         deadline = time.monotonic() + timeout
         with self.cv:
-            while True:
-                value = pred()
-                if value:
-                    return value
+            while not (value := pred()):
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")
+                    raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
                 self.cv.wait(min(left, 0.5))
+            return value
+
+
+class PodClock(WatchClock):
+    """Watches pods matching a selector; remembers when each was first seen and when it was
+    first seen terminal or deleted."""
+
+    def __init__(self, api: client.ApiClient, ns: str, selector: str) -> None:
+        super().__init__(client.CoreV1Api(api).list_namespaced_pod, ns, name="pod-clock",
+                         label_selector=selector)
+        self.ns = ns
+        self.selector = selector
+        self.added: dict[str, float] = {}
+        self.ended: dict[str, float] = {}
+        self.running: set[str] = set()
+        self.order: list[str] = []
+
+    def record(self, event: dict, now: float) -> None:
+        pod = event["object"]
+        name = pod.metadata.name
+        if name not in self.added:
+            self.added[name] = now
+            self.order.append(name)
+        if pod.status.phase == "Running" and not pod.metadata.deletion_timestamp:
+            self.running.add(name)
+        if (event["type"] == "DELETED" or pod.status.phase in ("Failed", "Succeeded")) \
+                and name not in self.ended:
+            self.ended[name] = now
+            self.running.discard(name)
 
 
 def trainer_job(name: str, namespace: str, args: list[str], checkpoint_uri: str, s3_url: str,
