@@ -272,9 +272,19 @@ async def events(ap: Applier, a: Applying) -> None:
         await ap.write(ap.kube.post_event, a.job, note.type, note.reason, note.message)
 
 
+# Events whose posting counts one of prometheus.STANDBY_COUNTERS.
+STANDBY_METRICS = {C.EV_NOTICE: "phoenix_notices_total",
+                   C.EV_STANDBY_STARTED: "phoenix_standbys_started_total",
+                   C.EV_HANDOFF: "phoenix_handoffs_total",
+                   C.EV_PROMOTED: "phoenix_standby_promotions_total"}
+
+
 async def metrics(ap: Applier, a: Applying) -> None:
     for r in a.plan.recoveries:
         prometheus.count_recovery(a.namespace, a.name, r.phase, r.cause, r.reason)
+    for note in a.plan.events:
+        if note.reason in STANDBY_METRICS:
+            prometheus.count_standby_event(a.namespace, a.name, STANDBY_METRICS[note.reason])
     ap.on_applied(a.job, a.plan)
     t = parse_ts(a.plan.status.get("lastCheckpointTime"))
     prometheus.set_checkpoint_time(a.namespace, a.name, a.plan.status.get("currentPhase"),

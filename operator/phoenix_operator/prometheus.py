@@ -1,7 +1,12 @@
 """Prometheus metrics. Names are prefixed ``phoenix_``; labels never carry secrets.
 
 Series labelled by job are removed when the job is deleted (``forget_job``): with jobs coming
-and going, a label set per job ever seen would grow the scrape without end."""
+and going, a label set per job ever seen would grow the scrape without end.
+
+Labels: ``namespace`` and ``phoenixjob`` name the PhoenixJob (not ``job``, which Prometheus
+keeps for the scrape job: a ``job`` label of ours came out as ``exported_job``; the chart's
+ServiceMonitor sets ``honorLabels`` so our ``namespace`` is not renamed either), ``phase`` is
+always a phase of the job's spec, ``status`` a PhoenixJob's ``status.phase``."""
 from __future__ import annotations
 
 import time
@@ -11,7 +16,7 @@ from prometheus_client.core import GaugeMetricFamily, REGISTRY
 
 RECOVERIES = Counter(
     "phoenix_recoveries_total", "Trainer attempts that ended unsuccessfully, by cause.",
-    ["namespace", "job", "phase", "cause", "reason"])
+    ["namespace", "phoenixjob", "phase", "cause", "reason"])
 REPLACEMENT_SECONDS = Histogram(
     "phoenix_time_to_replacement_seconds",
     "From a trainer pod's end to its replacement pod being created.", ["cause"],
@@ -21,7 +26,16 @@ RECONCILES = Counter("phoenix_reconciles_total", "Reconcile passes, by result.",
 RECONCILE_SECONDS = Histogram(
     "phoenix_reconcile_duration_seconds", "Wall time of one reconcile pass.",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
-JOBS = Gauge("phoenix_jobs", "PhoenixJobs known to the operator, by status.phase.", ["phase"])
+JOBS = Gauge("phoenix_jobs", "PhoenixJobs known to the operator, by status.phase.", ["status"])
+# Notices, standbys and handoffs, counted as the operator acts on them (the plan's Events).
+_STANDBY_HELP = {
+    "phoenix_notices_total": "Preemption notices acted on (the trainer asked to checkpoint now).",
+    "phoenix_standbys_started_total": "Standby pods (or standby gangs) started.",
+    "phoenix_handoffs_total": "Trainers asked to hand off to their ready standby.",
+    "phoenix_standby_promotions_total": "Standbys promoted to the active attempt.",
+}
+STANDBY_COUNTERS = {name: Counter(name, text, ["namespace", "phoenixjob"])
+                    for name, text in _STANDBY_HELP.items()}
 LEADER = Gauge("phoenix_operator_leader",
                "1 while this operator replica holds the leader Lease (writes), else 0.")
 LEADER_TERM = Gauge("phoenix_operator_leader_term",
@@ -42,7 +56,7 @@ class _CheckpointAge:
     def collect(self):
         g = GaugeMetricFamily("phoenix_checkpoint_age_seconds",
                               "Seconds since the newest known checkpoint of the current phase.",
-                              labels=["namespace", "job", "phase"])
+                              labels=["namespace", "phoenixjob", "phase"])
         now = time.time()
         for (ns, job, phase), t in list(self.times.items()):
             g.add_metric([ns, job, phase], max(0.0, now - t))
@@ -52,14 +66,23 @@ class _CheckpointAge:
 CHECKPOINT_AGE = _CheckpointAge()
 REGISTRY.register(CHECKPOINT_AGE)
 
-# Label sets of RECOVERIES per (namespace, job), so they can be removed with the job.
-_recovery_labels: dict[tuple[str, str], set[tuple[str, ...]]] = {}
+# Label sets of job-labelled counters per (namespace, job), so they go with the job.
+_job_labels: dict[tuple[str, str], set[tuple[Counter, tuple[str, ...]]]] = {}
+
+
+def _count(counter: Counter, namespace: str, job: str, *rest: str) -> None:
+    labels = (namespace, job, *rest)
+    counter.labels(*labels).inc()
+    _job_labels.setdefault((namespace, job), set()).add((counter, labels))
 
 
 def count_recovery(namespace: str, job: str, phase: str, cause: str, reason: str) -> None:
-    labels = (namespace, job, phase, cause, reason)
-    RECOVERIES.labels(*labels).inc()
-    _recovery_labels.setdefault((namespace, job), set()).add(labels)
+    _count(RECOVERIES, namespace, job, phase, cause, reason)
+
+
+def count_standby_event(namespace: str, job: str, metric: str) -> None:
+    """One of ``STANDBY_COUNTERS`` (by name) for the job."""
+    _count(STANDBY_COUNTERS[metric], namespace, job)
 
 
 def set_checkpoint_time(namespace: str, job: str, phase: str | None, when: float | None) -> None:
@@ -72,8 +95,8 @@ def set_checkpoint_time(namespace: str, job: str, phase: str | None, when: float
 
 def forget_job(namespace: str, job: str) -> None:
     """Drop every series labelled with this job."""
-    for labels in _recovery_labels.pop((namespace, job), ()):
-        RECOVERIES.remove(*labels)
+    for counter, labels in _job_labels.pop((namespace, job), ()):
+        counter.remove(*labels)
     set_checkpoint_time(namespace, job, None, None)
 
 

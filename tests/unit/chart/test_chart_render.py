@@ -203,6 +203,8 @@ def test_metrics_service_selects_the_operator_pod_and_servicemonitor_is_optional
     (sm,) = by_kind(docs, "ServiceMonitor")
     assert sm["metadata"]["labels"]["release"] == "prom"
     assert sm["spec"]["endpoints"][0]["port"] == "metrics"
+    # the job's `namespace` label stays ours, not `exported_namespace`
+    assert sm["spec"]["endpoints"][0]["honorLabels"] is True
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
 
 
