@@ -95,6 +95,7 @@ def test_eviction_gets_next_attempt_resuming_from_newest_valid(lab, operator, co
     text = wait(lambda: "phoenix_recoveries_total{" in (m := operator.metrics()) and m, 10,
                 "metrics")
     assert 'cause="preemption"' in text and "phoenix_time_to_replacement_seconds_count" in text
+    assert f'namespace="{ns}",phoenixjob="ev"' in text  # not job=: Prometheus keeps that
 
 
 def test_corrupt_newest_checkpoint_is_skipped(lab, operator, core, custom, ns, bucket):
