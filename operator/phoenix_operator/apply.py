@@ -81,6 +81,12 @@ class Applying:
         return self.job["metadata"]["name"]
 
     @property
+    def owner(self) -> dict[str, str]:
+        """The job a fence names: its uid and namespace/name (``phase_storage.write_fence``)."""
+        meta = self.job["metadata"]
+        return {"uid": meta.get("uid") or "", "job": f"{meta.get('namespace')}/{meta['name']}"}
+
+    @property
     def tag(self) -> str:
         return f"[{self.namespace}/{self.name}]"
 
@@ -129,12 +135,9 @@ class Applier:
         why it could not (then the pod must not be created), or None."""
         try:
             access = await self.gather.storage_access(a.job, a.spec)
-            meta = a.job["metadata"]
             await self.write(self.fence_writer, a.spec, create.phase, create.attempt, create.name,
-                             ts(self.clock()), resume_from=create.resume_from,
-                             uid=meta.get("uid") or "",
-                             job=f"{meta.get('namespace')}/{meta['name']}", clear_control=True,
-                             writer=self.leadership().term, credentials=access)
+                             ts(self.clock()), resume_from=create.resume_from, clear_control=True,
+                             writer=self.leadership().term, credentials=access, **a.owner)
         except LOST_LEADERSHIP:
             raise
         except Exception as e:  # noqa: BLE001 - any storage trouble: do not start, say why
@@ -148,10 +151,9 @@ Step = Callable[[Applier, Applying], Awaitable["Stop | None"]]
 async def storage_writes(ap: Applier, a: Applying) -> None:
     """Promotions (the fence) and trainer requests (control.json), before the status that
     records them: a lost status write only makes the same write again."""
-    spec, plan, meta = a.spec, a.plan, a.job["metadata"]
+    spec, plan = a.spec, a.plan
     term = ap.leadership().term
-    owner = {"uid": meta.get("uid") or "", "job": f"{meta.get('namespace')}/{meta['name']}",
-             "writer": term}
+    owner = dict(a.owner, writer=term)
     writes = [(f"promote attempt {p.attempt} of phase {p.phase}", lambda acc, p=p: ap.fence_writer(
                   spec, p.phase, p.attempt, p.pod, ts(ap.clock()), resume_from=p.resume_from,
                   clear_control=True, **owner, credentials=acc))
