@@ -96,6 +96,7 @@ class Reconciler:
     def forget(self, key: Key) -> None:
         self.known.discard(key)
         self.tombstones.forget(key)
+        self.gather.heartbeats.forget(key)
         self.queue.forget(key)
         prometheus.forget_job(*key)
         self.jobs.forget(key)
@@ -143,12 +144,13 @@ class Reconciler:
             self.forget((namespace, name))
             return None
         facts = await self.gather.facts(job)
+        progress = await self.gather.progress(facts)
         plan = decide(job, facts.pods, facts.listings, self.clock(), facts.nodes, facts.foreign,
-                      spec=facts.spec)
+                      spec=facts.spec, progress=progress)
         if plan.needs_checkpoints:
             facts = await self.gather.listings(facts, plan.needs_checkpoints)
             plan = decide(job, facts.pods, facts.listings, self.clock(), facts.nodes,
-                          facts.foreign, spec=facts.spec)
+                          facts.foreign, spec=facts.spec, progress=progress)
         return await self.applier.apply(job, facts.spec, plan)
 
     async def apply(self, job: dict, plan: Plan, spec: JobSpec | None = None) -> float | None:

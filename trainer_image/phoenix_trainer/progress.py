@@ -18,18 +18,16 @@ import time
 from collections import deque
 from typing import Callable
 
-from .core.heartbeat import (ACTIVITY_RESTORING, ACTIVITY_STARTING, ACTIVITY_TRAINING,
+from .core.heartbeat import (ACTIVITY_STARTING, ACTIVITY_TRAINING,
                              DEFAULT_HEARTBEAT_SECONDS, ENV_HANG_DETECTION,
                              ENV_HANG_TIMEOUT_SECONDS, ENV_HEARTBEAT_SECONDS, WATCHED, Heartbeat,
-                             dump_key, hang_timeout, heartbeat_key)
+                             dump_key, hang_timeout, heartbeat_key, watch_timeout)
 from .core.storage import Storage
 from .stacks import StackDumper
 
 log = logging.getLogger("phoenix.progress")
 
 WINDOW = 128  # step times kept for the percentiles
-# A restore moves no step: it is hung only after this long (or the explicit timeout, if longer).
-RESTORE_HANG_SECONDS = 600.0
 ERROR_LOG_EVERY_SECONDS = 60.0
 
 
@@ -91,6 +89,10 @@ class StepClock:
 
     def touch(self) -> None:
         self.last_progress = self.clock()
+
+    @property
+    def in_collective(self) -> bool:
+        return self._first_collective is not None
 
     def stalled(self) -> float:
         return max(0.0, self.clock() - self.last_progress)
@@ -172,8 +174,7 @@ class Progress:
 
     def timeout(self) -> float:
         _, p95, _ = self.clock.stats()
-        t = hang_timeout(self.explicit, p95)
-        return max(t, RESTORE_HANG_SECONDS) if self.activity == ACTIVITY_RESTORING else t
+        return watch_timeout(self.explicit, p95, self.activity) or hang_timeout(self.explicit, p95)
 
     def heartbeat(self) -> Heartbeat:
         p50, p95, compute = self.clock.stats()
@@ -184,8 +185,9 @@ class Progress:
                          step_p50=round(p50, 6) if p50 is not None else None,
                          step_p95=round(p95, 6) if p95 is not None else None,
                          compute_p50=round(compute, 6) if compute is not None else None,
+                         in_collective=self.clock.in_collective,
                          hang_timeout=round(self.timeout(), 3), stack_dump=self.stack_dump,
-                         pid=os.getpid())
+                         pid=os.getpid(), interval=self.interval)
 
     def beat_once(self) -> None:
         """One heartbeat write (and a stack dump first, if this stall reached the timeout)."""

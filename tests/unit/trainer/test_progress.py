@@ -11,10 +11,11 @@ import time
 
 import pytest
 
-from phoenix_trainer.core.heartbeat import (HANG_FLOOR_SECONDS, HANG_MULTIPLE, Heartbeat,
+from phoenix_trainer.core.heartbeat import (HANG_FLOOR_SECONDS, HANG_MULTIPLE,
+                                            RESTORE_HANG_SECONDS, Heartbeat,
                                             dump_key, hang_timeout, heartbeat_key, stragglers)
 from phoenix_trainer.core.storage import open_storage
-from phoenix_trainer.progress import RESTORE_HANG_SECONDS, Progress, StepClock
+from phoenix_trainer.progress import Progress, StepClock
 from phoenix_trainer.stacks import DUMP_SIGNAL, catches
 
 pytestmark = pytest.mark.unit

@@ -43,6 +43,8 @@ ENV_HANG_DETECTION = "PHOENIX_HANG_DETECTION"  # "false": no dumps either
 DEFAULT_HEARTBEAT_SECONDS = 10.0
 HANG_FLOOR_SECONDS = 180.0
 HANG_MULTIPLE = 10.0
+# A restore moves no step: it is hung only after this long (or the explicit timeout, if longer).
+RESTORE_HANG_SECONDS = 600.0
 # After the timeout, how long the operator waits for every live rank's stack dump before it
 # ends the pods anyway (a frozen process never writes one).
 DUMP_GRACE_SECONDS = 20.0
@@ -66,7 +68,7 @@ def heartbeat_key(attempt: int, rank: int) -> str:
 
 
 def heartbeat_prefix(attempt: int) -> str:
-    return f"{PROGRESS_DIR}/attempt-{attempt}/"
+    return f"{PROGRESS_DIR}/attempt-{attempt}"
 
 
 def dump_key(attempt: int, rank: int) -> str:
@@ -79,6 +81,15 @@ def hang_timeout(explicit: float | None, step_p95: float | None) -> float:
         return float(explicit)
     observed = HANG_MULTIPLE * step_p95 if step_p95 else 0.0
     return max(HANG_FLOOR_SECONDS, observed)
+
+
+def watch_timeout(explicit: float | None, step_p95: float | None, activity: str) -> float | None:
+    """The timeout for a process doing ``activity``; None: not watched (starting, standby,
+    finishing)."""
+    if activity not in WATCHED:
+        return None
+    t = hang_timeout(explicit, step_p95)
+    return max(t, RESTORE_HANG_SECONDS) if activity == ACTIVITY_RESTORING else t
 
 
 @dataclass(frozen=True)
@@ -96,13 +107,16 @@ class Heartbeat:
     step_p50: float | None = None
     step_p95: float | None = None
     compute_p50: float | None = None  # a gang rank's time before its first collective
+    in_collective: bool = False  # this step's first collective was entered (it waits on peers)
     hang_timeout: float | None = None  # the rule's value, as this process computed it
     stack_dump: str = ""  # key of this process's stack dump, once it wrote one
     pid: int = 0
+    interval: float = DEFAULT_HEARTBEAT_SECONDS  # this process's seconds between writes
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
-        d = {_camel(k): v for k, v in asdict(self).items() if v not in (None, "", {})}
+        d = {_camel(k): v for k, v in asdict(self).items()
+             if not (v is None or v is False or v == "" or v == {})}
         return json.dumps(d, sort_keys=True).encode()
 
     @classmethod
@@ -120,8 +134,10 @@ class Heartbeat:
                    stalled=float(d.get("stalled", 0.0)), beat=int(d.get("beat", 0)),
                    steps_timed=int(d.get("stepsTimed", 0)), step_p50=num("stepP50"),
                    step_p95=num("stepP95"), compute_p50=num("computeP50"),
+                   in_collective=bool(d.get("inCollective", False)),
                    hang_timeout=num("hangTimeout"), stack_dump=str(d.get("stackDump", "")),
-                   pid=int(d.get("pid", 0)), extra=dict(d.get("extra") or {}))
+                   pid=int(d.get("pid", 0)),
+                   interval=float(d.get("interval", DEFAULT_HEARTBEAT_SECONDS)), extra=dict(d.get("extra") or {}))
 
 
 def _camel(name: str) -> str:
