@@ -1,0 +1,109 @@
+"""Hung, not ended: a trainer pod stays Running while nothing trains, and the operator ends it.
+
+Three real training jobs (the example MLP in the trainer image, on the lab's spot nodes) each
+hang once in attempt 1, in a different way, while the same training runs undisturbed as the
+reference:
+
+- ``sigstop``: the training process is stopped with SIGSTOP through containerd (frozen: it
+  can neither train nor dump its own stacks; its heartbeat stops);
+- ``worker``: its DataLoader worker blocks for ever (the main loop waits on it);
+- ``storage``: the loop makes a storage call to an S3 endpoint that accepts the connection
+  and never answers.
+
+Each must be detected within the job's ``hangTimeoutSeconds`` (plus the documented slack),
+end as one failure with reason ``Hung`` naming the rank that stopped first, have its stack
+dump in storage showing the blocking frame (none for the frozen process: ``/proc`` is all
+anyone could read of it), and Succeed with final weights equal to the reference's.
+"""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from kube_helpers import wait_for
+from phoenix_e2e import CREDENTIALS_SECRET, GROUP, PLURAL, VERSION, phase_status, unique
+from phoenix_lab import samples
+from phoenix_operator.podspec import pod_name
+from phoenix_trainer.core.heartbeat import DUMP_GRACE_SECONDS
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+TIMEOUT = 20
+HANG_AT = 60
+BASE = ["--workers", "1"]
+STEPS = 200
+# The frame each injected hang blocks in (examples/train_mlp.py).
+FRAMES = {"worker": "worker_waits_for_ever", "storage": "storage_call_that_never_returns"}
+
+
+@pytest.fixture(scope="module")
+def lab_target(e2e):
+    if "lab" not in e2e.extra:
+        pytest.skip("hang injection needs the lab (SIGSTOP through containerd)")
+    return e2e.extra["lab"], e2e.extra["release"]
+
+
+def test_hangs_are_detected_dumped_ended_and_resumed_exactly(e2e, kube, e2e_bucket, submit_job,
+                                                             lab_target):
+    lab, release = lab_target
+    ns = e2e.namespace
+    names = {kind: unique(f"hang-{kind}") for kind in ("sigstop", "worker", "storage")}
+    for kind, name in names.items():
+        extra = BASE if kind == "sigstop" else [*BASE, "--hang-at", str(HANG_AT), "--hang", kind]
+        cfg = samples.TrainConfig(steps=STEPS, step_delay=0.04, checkpoint_every=25,
+                                  extra_args=extra)
+        body = samples.phoenixjob(name, ns, cfg, f"s3://{e2e_bucket}/{name}", lab.s3.url,
+                                  image=lab.trainer_image, credentials_secret=CREDENTIALS_SECRET,
+                                  max_failures=1)
+        body["spec"]["recovery"]["hangTimeoutSeconds"] = TIMEOUT
+        submit_job(body)
+    ref_cfg = samples.TrainConfig(steps=STEPS, step_delay=0.04, checkpoint_every=25,
+                                  extra_args=BASE)
+    reference = samples.ReferenceRun(lab, ns, unique("hang-ref"), ref_cfg,
+                                     f"s3://{e2e_bucket}/hang-ref-{names['sigstop']}",
+                                     credentials_secret=CREDENTIALS_SECRET)
+    submit_job(reference.manifest)
+
+    def job(name):
+        return kube.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+
+    def diagnose():
+        return "\n".join(f"{k}: {job(n).get('status')}" for k, n in names.items()) + \
+            f"\noperator:\n{release.operator_log()[-6000:]}"
+
+    stopped = pod_name(names["sigstop"], "train", 1)
+    wait_for(lambda: (p := samples.logged_progress(lab, ns, stopped)) and p[0] >= HANG_AT,
+             300, 1, f"{stopped} past step {HANG_AT}", diagnose=diagnose)
+    lab.kill_pod(ns, stopped, signal.SIGSTOP)
+
+    finals = {kind: wait_for(lambda n=name: (j := job(n)) and (j.get("status") or {}).get("phase")
+                             in ("Succeeded", "Failed") and j, 600, 2, f"{name} finished",
+                             diagnose=diagnose)
+              for kind, name in names.items()}
+    reference.wait(timeout=300)
+    for kind, final in finals.items():
+        train = phase_status(final)
+        assert final["status"]["phase"] == "Succeeded", (kind, diagnose())
+        assert train["failures"] == 1 and train["preemptions"] == 0, (kind, train)
+        assert train["hangs"] == 1 and train["lastFailure"]["reason"] == "Hung", (kind, train)
+        hang = train["lastHang"]
+        assert hang["attempt"] == 1 and hang["rank"] == 0, (kind, hang)
+        assert hang["pod"] == pod_name(names[kind], "train", 1), (kind, hang)
+        # Honoured: never before the timeout; after it by at most a heartbeat, a read and (a
+        # frozen process writes no dump) the wait that tells frozen from still dumping.
+        slack = 15 + (DUMP_GRACE_SECONDS if kind == "sigstop" else 0)
+        assert TIMEOUT <= hang["stalledSeconds"] <= TIMEOUT + slack, (kind, hang)
+        storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{names[kind]}/train", lab.s3)
+        if kind == "sigstop":
+            assert hang["stackDumps"] == [], hang
+        else:
+            assert len(hang["stackDumps"]) == 1, hang
+            key = hang["stackDumps"][0].split("/train/", 1)[1]
+            text = storage.get_bytes(key).decode()
+            assert FRAMES[kind] in text, text[-3000:]
+        events = kube.core.list_namespaced_event(
+            ns, field_selector=f"involvedObject.name={names[kind]},reason=Hung").items
+        assert len(events) == 1 and "rank 0" in events[0].message, [e.message for e in events]
+        same, uri = samples.final_weights_equal(storage, reference.storage())
+        assert same, f"{kind}: final weights at {uri} differ from the uninterrupted run's"
