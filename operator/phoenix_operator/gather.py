@@ -28,7 +28,7 @@ from phoenix_trainer.core.heartbeat import Heartbeat
 from phoenix_trainer.core.storage import Credentials
 
 from .config import OperatorConfig
-from .constants import DELETED_KEY, PhaseState
+from .constants import DELETED_KEY, LABEL_ATTEMPT, LABEL_PHASE, PhaseState
 from .decide import Listing, PhaseProgress, RankProgress
 from .kube import Kube, describe_owner
 from .node_health import NodeHealth, node_health
@@ -131,6 +131,14 @@ class Heartbeats:
         for store in (self._read, self._seen):
             for k in [k for k in store if (k[0] if store is self._read else k[0][0]) == job]:
                 store.pop(k, None)
+
+
+def _attempt_of(pod: Mapping[str, Any]) -> tuple[str, int] | None:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    try:
+        return labels.get(LABEL_PHASE, ""), int(labels.get(LABEL_ATTEMPT, ""))
+    except ValueError:
+        return None
 
 
 class StorageAccessError(Exception):
@@ -303,10 +311,12 @@ class Gather:
             access = await self.storage_access(job, spec)
         except StorageAccessError:
             return {}  # the listings say why, when they are needed
-        nodes = {n: (p.get("spec") or {}).get("nodeName") or "" for p in facts.pods
-                 for n in ((p.get("metadata") or {}).get("name"), (p.get("spec") or {}).get("hostname")) if n}
         out: dict[str, PhaseProgress] = {}
         for st in running:
+            # a heartbeat names its pod by hostname (a gang member's is its spec.hostname)
+            pods = {n: p for p in facts.pods if _attempt_of(p) == (st.name, st.attempts)
+                    for n in ((p.get("metadata") or {}).get("name"),
+                              (p.get("spec") or {}).get("hostname")) if n}
             at = (key, st.name, st.attempts)
             got = self.heartbeats.fresh(at)
             if got is None:
@@ -323,12 +333,15 @@ class Gather:
             ranks = []
             for hb in beats:
                 quiet = self.heartbeats.unchanged_for(at, hb)
+                pod = pods.get(hb.pod) or {}
                 ranks.append(RankProgress(
-                    rank=hb.rank, pod=hb.pod, step=hb.step, activity=hb.activity,
+                    rank=hb.rank, pod=(pod.get("metadata") or {}).get("name") or hb.pod,
+                    step=hb.step, activity=hb.activity,
                     stalled=hb.stalled + quiet, frozen=quiet > 2 * hb.interval + Heartbeats.READ_SECONDS,
                     step_p50=hb.step_p50, step_p95=hb.step_p95, compute_p50=hb.compute_p50,
                     steps_timed=hb.steps_timed, stack_dump=dumps.get(hb.rank, ""),
-                    in_collective=hb.in_collective, node=nodes.get(hb.pod, "")))
+                    in_collective=hb.in_collective,
+                    node=(pod.get("spec") or {}).get("nodeName") or ""))
             out[st.name] = PhaseProgress(st.attempts, tuple(sorted(ranks, key=lambda r: r.rank)))
         return out
 

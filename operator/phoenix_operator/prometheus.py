@@ -96,7 +96,12 @@ def set_checkpoint_time(namespace: str, job: str, phase: str | None, when: float
 def forget_job(namespace: str, job: str) -> None:
     """Drop every series labelled with this job."""
     for counter, labels in _job_labels.pop((namespace, job), ()):
-        counter.remove(*labels)
+        try:
+            counter.remove(*labels)
+        except KeyError:  # a progress series already removed by set_progress
+            pass
+    for key in [k for k in _rank_labels if k[:2] == (namespace, job)]:
+        _rank_labels.pop(key, None)
     set_checkpoint_time(namespace, job, None, None)
 
 
@@ -142,3 +147,40 @@ def set_leader(leading: bool, holder: str, term: int, transition: float | None) 
 def serve(port: int, host: str) -> None:
     if port:
         start_http_server(port, addr=host)
+
+
+# --- progress (decide.hangs): per rank, from the running attempts' heartbeats ------------
+RANK_STEP = Gauge("phoenix_rank_step_seconds",
+                  "Median seconds per step of each rank of a running phase (its heartbeats).",
+                  ["namespace", "phoenixjob", "phase", "rank"])
+RANK_COMPUTE = Gauge("phoenix_rank_compute_seconds",
+                     "Median compute seconds per step before the rank's first collective "
+                     "(a gang's stragglers stand out here).",
+                     ["namespace", "phoenixjob", "phase", "rank"])
+LAST_STEP = Gauge("phoenix_last_step_timestamp_seconds",
+                  "When the running phase last completed a step (status progress.lastStepTime).",
+                  ["namespace", "phoenixjob", "phase"])
+_rank_labels: dict[tuple[str, str, str], set[tuple[Gauge, tuple[str, ...]]]] = {}
+
+
+def set_progress(namespace: str, job: str, phase: str,
+                 ranks: list[tuple[int, float | None, float | None]],
+                 last_step: float | None) -> None:
+    """One phase's per-rank step and compute times and its last step time; series of ranks
+    no longer reported (another attempt, fewer ranks) are removed."""
+    key = (namespace, job, phase)
+    now: set[tuple[Gauge, tuple[str, ...]]] = set()
+    for rank, step, compute in ranks:
+        for gauge, value in ((RANK_STEP, step), (RANK_COMPUTE, compute)):
+            if value is not None:
+                labels = (namespace, job, phase, str(rank))
+                gauge.labels(*labels).set(value)
+                now.add((gauge, labels))
+    if last_step is not None:
+        LAST_STEP.labels(namespace, job, phase).set(last_step)
+        now.add((LAST_STEP, (namespace, job, phase)))
+    for gauge, labels in _rank_labels.get(key, set()) - now:
+        gauge.remove(*labels)
+    _rank_labels[key] = now
+    if now:
+        _job_labels.setdefault((namespace, job), set()).update(now)

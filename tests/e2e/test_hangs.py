@@ -107,3 +107,54 @@ def test_hangs_are_detected_dumped_ended_and_resumed_exactly(e2e, kube, e2e_buck
         assert len(events) == 1 and "rank 0" in events[0].message, [e.message for e in events]
         same, uri = samples.final_weights_equal(storage, reference.storage())
         assert same, f"{kind}: final weights at {uri} differ from the uninterrupted run's"
+
+
+def test_a_gang_rank_that_stops_before_its_collective_is_named_and_the_gang_restarts(
+        e2e, kube, e2e_bucket, submit_job, tmp_path, monkeypatch):
+    """2 pods x 2 torchrun processes (DDP, gloo): rank 1 blocks before step 41's collective, the
+    other ranks wait in it (their collective timeout is longer than the hang timeout). The
+    operator names rank 1 (pod member 0) as the one that stopped first, every rank's dump is in
+    storage, the gang restarts as a unit and ends with the undisturbed gang's weights."""
+    if "lab" not in e2e.extra:
+        pytest.skip("needs the lab's nodes")
+    from test_gang import STEPS as GANG_STEPS
+    from test_gang import gang_job
+    from phoenix_trainer.core.storage import open_storage
+    from trainer_procs import gang_state, tensors_equal
+
+    ns = e2e.namespace
+    ref_name = submit_job(gang_job(e2e, unique("hgang-ref"), e2e_bucket, "--step-delay=0"))
+    body = gang_job(e2e, unique("hgang"), e2e_bucket, "--hang-at=40", "--hang-rank=1")
+    for var in body["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if var["name"] == "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS":
+            var["value"] = "180"  # the peers wait in the collective; the operator ends it first
+    body["spec"]["recovery"]["hangTimeoutSeconds"] = TIMEOUT
+    name = submit_job(body)
+
+    def finished(job_name):
+        return wait_for(lambda: (j := kube.custom.get_namespaced_custom_object(
+            GROUP, VERSION, ns, PLURAL, job_name)) and (j.get("status") or {}).get("phase")
+            in ("Succeeded", "Failed") and j, 600, 2, f"{job_name} finished",
+            diagnose=lambda: e2e.operator_logs())
+
+    done = finished(name)
+    assert finished(ref_name)["status"]["phase"] == "Succeeded"
+    assert done["status"]["phase"] == "Succeeded", done["status"]
+    ps = phase_status(done)
+    assert (ps["failures"], ps["hangs"], ps["preemptions"]) == (1, 1, 0), ps
+    hang = ps["lastHang"]
+    assert hang["rank"] == 1 and hang["pod"] == pod_name(name, "train", 1, 0), hang
+    assert hang["step"] == 40 and len(hang["stackDumps"]) == 4, hang
+    assert TIMEOUT <= hang["stalledSeconds"] <= TIMEOUT + 15, hang
+    monkeypatch.setenv("AWS_ENDPOINT_URL", e2e.s3.local_endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", e2e.s3.access_key)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", e2e.s3.secret_key)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    prefix, ref = f"s3://{e2e_bucket}/{name}/train", f"s3://{e2e_bucket}/{ref_name}/train"
+    dump = open_storage(prefix).get_bytes("hangs/attempt-1/rank-1.txt").decode()
+    assert "rank_stops_before_its_collective" in dump, dump[-3000:]
+    left = [p.metadata.name for p in kube.core.list_namespaced_pod(
+        ns, label_selector=f"phoenix.dev/job={name}").items if p.status.phase in ("Running", "Pending")]
+    assert left == [], f"members of the hung gang still running: {left}"
+    got, want = gang_state(prefix, tmp_path, GANG_STEPS), gang_state(ref, tmp_path, GANG_STEPS)
+    assert tensors_equal(got, want), "final weights differ from the undisturbed gang's"

@@ -52,6 +52,7 @@ def watch(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatu
     if prog is None or prog.error or prog.attempt != st.attempts or not prog.ranks:
         return st
     ctx.plan.requeue(PROGRESS_REFRESH_SECONDS)
+    ctx.plan.rank_times[phase.name] = [(r.rank, r.step_p50, r.compute_p50) for r in prog.ranks]
     watched = [(r, t) for r in prog.ranks
                if (t := watch_timeout(rec.hang_timeout, r.step_p95, r.activity)) is not None]
     st = _record_progress(ctx, st, prog, watched)

@@ -170,6 +170,8 @@ class Plan:
     recoveries: list[Recovery] = field(default_factory=list)
     needs_checkpoints: set[str] = field(default_factory=set)
     requeue_after: float | None = None
+    # For metrics: per running phase, (rank, median step seconds, median compute seconds).
+    rank_times: dict[str, list[tuple[int, float | None, float | None]]] = field(default_factory=dict)
 
     def requeue(self, seconds: float) -> None:
         seconds = max(0.0, seconds)
