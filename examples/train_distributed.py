@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="at this step of attempt 1, --hang-rank blocks for ever before its next "
                         "collective while the other ranks wait in it (tests)")
     p.add_argument("--hang-rank", type=int, default=1)
+    p.add_argument("--slow-rank", type=int, default=None,
+                   help="this rank sleeps --slow-seconds before each step's forward: a straggler (tests)")
+    p.add_argument("--slow-seconds", type=float, default=0.2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -91,7 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed * 1000 + rank)  # each rank its own dropout stream
     ce = nn.CrossEntropyLoss()
     config = {k: v for k, v in vars(args).items()
-              if k not in ("log_every", "step_delay", "preempt_at", "hang_at", "hang_rank")}
+              if k not in ("log_every", "step_delay", "preempt_at", "hang_at", "hang_rank",
+                           "slow_rank", "slow_seconds")}
     step, seen = 0, 0  # seen: samples consumed by all ranks together (the data position)
 
     with DistributedSession(config=config) as session:
@@ -119,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                     and os.environ.get("PHOENIX_ATTEMPT", "1") == "1"):
                 log.warning("rank %d: injecting a hang before step %d's collective", rank, step + 1)
                 rank_stops_before_its_collective()
+            if rank == args.slow_rank:
+                time.sleep(args.slow_seconds)  # a slow node: compute before the collective
             model.train()
             opt.zero_grad(set_to_none=True)
             loss = ce(model(x[mine]), y[mine])

@@ -158,3 +158,39 @@ def test_a_gang_rank_that_stops_before_its_collective_is_named_and_the_gang_rest
     assert left == [], f"members of the hung gang still running: {left}"
     got, want = gang_state(prefix, tmp_path, GANG_STEPS), gang_state(ref, tmp_path, GANG_STEPS)
     assert tensors_equal(got, want), "final weights differ from the undisturbed gang's"
+
+
+def test_a_slow_gang_rank_is_named_a_straggler_with_its_pod_and_node(e2e, kube, e2e_bucket,
+                                                                      submit_job):
+    """2 pods x 1 process (DDP): rank 1 spends 0.2 s more per step before its collective. The
+    Straggler condition and one event name rank 1, its pod and its node within
+    STRAGGLER_MIN_STEPS timed steps plus a heartbeat and a read; the job still succeeds."""
+    if "lab" not in e2e.extra:
+        pytest.skip("needs the lab's nodes")
+    from test_gang import gang_job
+
+    ns = e2e.namespace
+    body = gang_job(e2e, unique("slow"), e2e_bucket, "--slow-rank=1", "--slow-seconds=0.2")
+    body["spec"]["phases"][0]["nprocPerNode"] = 1
+    name = submit_job(body)
+
+    def job():
+        return kube.custom.get_namespaced_custom_object(GROUP, VERSION, ns, PLURAL, name)
+
+    def straggler():
+        conds = {c["type"]: c for c in (job().get("status") or {}).get("conditions") or ()}
+        c = conds.get("Straggler")
+        return c if c and c["status"] == "True" else None
+
+    cond = wait_for(straggler, 300, 2, "the Straggler condition", diagnose=lambda: str(job().get("status")))
+    member = pod_name(name, "train", 1, 1)
+    node = kube.core.read_namespaced_pod(member, ns).spec.node_name
+    assert f"rank 1 (pod {member} on node {node})" in cond["message"], cond
+    slow = phase_status(job())["progress"]["stragglers"]
+    assert [s["rank"] for s in slow] == [1] and slow[0]["computeSeconds"] >= 0.2, slow
+    events = kube.core.list_namespaced_event(
+        ns, field_selector=f"involvedObject.name={name},reason=Straggler").items
+    assert len(events) == 1 and member in events[0].message, [e.message for e in events]
+    done = wait_for(lambda: (j := job()) and (j.get("status") or {}).get("phase")
+                    in ("Succeeded", "Failed") and j, 600, 2, f"{name} finished")
+    assert done["status"]["phase"] == "Succeeded", done["status"]
