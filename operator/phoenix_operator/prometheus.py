@@ -196,3 +196,13 @@ class _JobStatus:
 
 JOB_STATUS = _JobStatus()
 REGISTRY.register(JOB_STATUS)
+
+
+def start_job_counters(namespace: str, job: str) -> None:
+    """The job's notice, standby, hand-off and promotion counters, at 0 until the first one:
+    a counter with no series yet shows as "no data" on a dashboard, not as none."""
+    seen = _job_labels.setdefault((namespace, job), set())
+    for counter in STANDBY_COUNTERS.values():
+        if (counter, (namespace, job)) not in seen:
+            counter.labels(namespace, job)
+            seen.add((counter, (namespace, job)))

@@ -78,6 +78,7 @@ class Reconciler:
         budget = ((job.get("spec") or {}).get("recovery") or {}).get("maxFailures")
         prometheus.JOB_STATUS.set(meta["namespace"], meta["name"], plan.status,
                                   int(budget if budget is not None else RecoverySpec.max_failures))
+        prometheus.start_job_counters(meta["namespace"], meta["name"])
 
     # --- triggering (main's handlers) ------------------------------------------------------
     def poke(self, key: Key) -> None:

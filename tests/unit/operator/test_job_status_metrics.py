@@ -76,3 +76,13 @@ def test_deleting_the_job_removes_its_gauges():
     assert value("phoenix_job_status", "gone", status="Recovering") is None
     assert value("phoenix_phase_standby_failures", "gone", phase="train") is None
     assert value("phoenix_job_status", "kept", status="Recovering") == 1.0
+
+
+def test_notice_standby_and_handoff_counters_start_at_zero_and_go_with_the_job():
+    r = Reconciler(kube=None, config=OperatorConfig(api_workers=1))
+    apply(r, "quiet", STATUS)
+    for name in ("phoenix_notices_total", "phoenix_standbys_started_total",
+                 "phoenix_handoffs_total", "phoenix_standby_promotions_total"):
+        assert value(name, "quiet") == 0.0, name
+    r.forget(("team", "quiet"))
+    assert value("phoenix_notices_total", "quiet") is None
