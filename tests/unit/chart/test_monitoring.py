@@ -154,3 +154,22 @@ def test_dashboard_and_rules_name_only_metrics_the_operator_exports():
     exprs += [r["expr"] for g in rule_groups() for r in g["rules"]]
     named = {n for e in exprs for n in re.findall(r"\b(phoenix_[a-z_]+)\b", e)}
     assert named and named <= exported, sorted(named - exported)
+
+
+def test_every_dashboard_query_is_valid_promql_once_grafana_fills_its_variables(tmp_path):
+    """promtool has no server-less query checker, but it parses every recording rule's
+    expression: the dashboard's queries (as Grafana sends them) become recording rules."""
+    from phoenix_lab.prometheus import alert_vectors, dashboard_queries
+
+    queries = dashboard_queries(DASHBOARD)
+    assert len(queries) == len(dashboard_targets())
+    vectors = alert_vectors(RULES)
+    assert {a for a, _ in vectors} == ALERTS  # each expr ends in one threshold, split off
+    rules = [{"record": f"dashboard:query{i}", "expr": expr} for i, (_, expr) in enumerate(queries)]
+    rules += [{"record": f"alert:vector{i}", "expr": v} for i, (_, v) in enumerate(vectors)]
+    path = tmp_path / "dashboard-queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    out = subprocess.run([promtool(), "check", "rules", str(path)], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"SUCCESS: {len(rules)} rules found" in out.stdout, out.stdout
