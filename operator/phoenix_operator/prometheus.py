@@ -184,3 +184,67 @@ def set_progress(namespace: str, job: str, phase: str,
     _rank_labels[key] = now
     if now:
         _job_labels.setdefault((namespace, job), set()).update(now)
+
+
+class _JobStatus:
+    """Per-job gauges for the chart's dashboard and alerts, computed at scrape time from the
+    status this replica last applied to each job (and the job's failure budget):
+
+    - ``phoenix_job_status{status}``: 1 for the job's ``status.phase``, 0 for the others
+      (so "not Recovering" is a series too, and an alert on it has something to compare);
+    - ``phoenix_phase_failures`` / ``phoenix_phase_failure_budget``: a phase's failures so far
+      and ``recovery.maxFailures`` (the phase fails at one more than the budget);
+    - ``phoenix_phase_standby_failures``: the current attempt's standbys that failed in a row.
+
+    Shown only while ``leading()``: a replica that lost the Lease would otherwise go on
+    reporting the last status it applied (say, Recovering) for as long as it runs."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str], tuple[str, int, tuple[tuple[str, int, int], ...]]] = {}
+        self.leading = lambda: True
+
+    def set(self, namespace: str, job: str, status: dict, max_failures: int) -> None:
+        phases = tuple((str(p.get("name", "")), int(p.get("failures", 0)),
+                        int(p.get("standbyFailures", 0)))
+                       for p in status.get("phases") or () if p.get("name"))
+        self.jobs[(namespace, job)] = (str(status.get("phase") or ""), max_failures, phases)
+
+    def forget(self, namespace: str, job: str) -> None:
+        self.jobs.pop((namespace, job), None)
+
+    def collect(self):
+        status = GaugeMetricFamily("phoenix_job_status",
+                                   "1 for the PhoenixJob's status.phase, 0 for the others.",
+                                   labels=["namespace", "phoenixjob", "status"])
+        failures = GaugeMetricFamily("phoenix_phase_failures",
+                                     "Failures charged to the phase's budget so far.",
+                                     labels=["namespace", "phoenixjob", "phase"])
+        budget = GaugeMetricFamily("phoenix_phase_failure_budget",
+                                   "recovery.maxFailures: failures a phase may have (one more "
+                                   "fails it).", labels=["namespace", "phoenixjob", "phase"])
+        standby = GaugeMetricFamily("phoenix_phase_standby_failures",
+                                    "Standbys of the current attempt that failed in a row.",
+                                    labels=["namespace", "phoenixjob", "phase"])
+        if self.leading():
+            for (ns, job), (phase, max_failures, phases) in list(self.jobs.items()):
+                for s in JobPhases.PHASES:
+                    status.add_metric([ns, job, s], 1.0 if s == phase else 0.0)
+                for name, n, standby_failures in phases:
+                    failures.add_metric([ns, job, name], n)
+                    budget.add_metric([ns, job, name], max_failures)
+                    standby.add_metric([ns, job, name], standby_failures)
+        yield from (status, failures, budget, standby)
+
+
+JOB_STATUS = _JobStatus()
+REGISTRY.register(JOB_STATUS)
+
+
+def start_job_counters(namespace: str, job: str) -> None:
+    """The job's notice, standby, hand-off and promotion counters, at 0 until the first one:
+    a counter with no series yet shows as "no data" on a dashboard, not as none."""
+    seen = _job_labels.setdefault((namespace, job), set())
+    for counter in STANDBY_COUNTERS.values():
+        if (counter, (namespace, job)) not in seen:
+            counter.labels(namespace, job)
+            seen.add((counter, (namespace, job)))
