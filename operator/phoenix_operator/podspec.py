@@ -270,6 +270,9 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
                                                   attempt=attempt if standby else None)
         probed = standby or spec.recovery.standby
         role = [{"name": env.ENV_ROLE, "value": env.ROLE_STANDBY}] if standby else []
+        # the pod's own name, for its heartbeats (a hostname is not always the pod's name)
+        role.append({"name": env.ENV_POD_NAME, "valueFrom": {
+            "fieldRef": {"fieldPath": "metadata.name"}}})
         if "ephemeral-storage" in ((container.get("resources") or {}).get("limits") or {}):
             # the spool's default limit (the trainer's spool_limit_bytes): under the limit
             # the kubelet evicts at, which would look like a preemption and repeat

@@ -18,6 +18,7 @@ import time
 from collections import deque
 from typing import Callable
 
+from .core.contract import ENV_POD_NAME
 from .core.heartbeat import (ACTIVITY_STARTING, ACTIVITY_TRAINING,
                              DEFAULT_HEARTBEAT_SECONDS, ENV_HANG_DETECTION,
                              ENV_HANG_TIMEOUT_SECONDS, ENV_HEARTBEAT_SECONDS, WATCHED, Heartbeat,
@@ -110,7 +111,7 @@ class Progress:
                  detect: bool | None = None, clock: Callable[[], float] = time.monotonic,
                  log_: logging.Logger | logging.LoggerAdapter = log) -> None:
         self.storage, self.rank = storage, rank
-        self.pod = pod or os.environ.get("HOSTNAME", "")
+        self.pod = pod or os.environ.get(ENV_POD_NAME) or os.environ.get("HOSTNAME", "")
         self.interval = interval or _env_float(ENV_HEARTBEAT_SECONDS) or DEFAULT_HEARTBEAT_SECONDS
         self.explicit = explicit_timeout if explicit_timeout is not None else _env_float(ENV_HANG_TIMEOUT_SECONDS)
         if detect is None:
