@@ -77,20 +77,23 @@ def storage_call_that_never_returns() -> None:
 
 
 class HangAt:
-    """Injects a hang at a step of attempt 1 only (tests of hang detection): ``worker`` (the
-    DataLoader worker blocks for ever), ``storage`` (a storage call never returns), ``loop``
-    (the loop sleeps for ever)."""
+    """Injects a hang ``steps`` steps into each of the first ``attempts`` attempts (tests and
+    benchmarks of hang detection): ``worker`` (the DataLoader worker blocks for ever),
+    ``storage`` (a storage call never returns), ``loop`` (the loop waits for ever)."""
 
-    def __init__(self, step: int, kind: str, flag: str) -> None:
-        self.step, self.kind, self.flag = step, kind, flag
+    def __init__(self, steps: int, kind: str, flag: str, attempts: int = 1) -> None:
+        self.steps, self.kind, self.flag, self.attempts = steps, kind, flag, attempts
+        self.step: int | None = None
 
-    def on_start(self, trainer) -> None: ...
+    def on_start(self, trainer) -> None:
+        self.step = trainer.step + self.steps
+
     def on_epoch_end(self, trainer, epoch) -> None: ...
     def on_checkpoint(self, trainer, info) -> None: ...
     def on_end(self, trainer, result) -> None: ...
 
     def on_step_end(self, trainer, loss) -> None:
-        if trainer.step != self.step or os.environ.get("PHOENIX_ATTEMPT", "1") != "1":
+        if trainer.step != self.step or int(os.environ.get("PHOENIX_ATTEMPT", "1")) > self.attempts:
             return
         logging.getLogger("train_mlp").warning("injecting a %s hang at step %d", self.kind, self.step)
         if self.kind == "worker":
@@ -139,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-emergency-checkpoint", action="store_true",
                    help="on SIGTERM, exit without the emergency checkpoint (to measure its worth)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
-    p.add_argument("--hang-at", type=int, default=None, help="inject a hang at this step of attempt 1 (tests)")
+    p.add_argument("--hang-at", type=int, default=None,
+                   help="inject a hang this many steps into an attempt (tests)")
     p.add_argument("--hang", choices=["worker", "storage", "loop"], default="loop")
+    p.add_argument("--hang-attempts", type=int, default=1, help="in the first N attempts")
     p.add_argument("--out", default=None, help="write the final model state_dict here (torch.save)")
     args = p.parse_args(argv)
     if args.steps is None and args.epochs is None:
@@ -180,14 +185,15 @@ def main(argv: list[str] | None = None) -> int:
     # Only what changes the math goes into the fingerprint (not --step-delay or --out).
     config = {k: v for k, v in vars(args).items()
               if k not in ("step_delay", "out", "log_every", "no_emergency_checkpoint", "workers",
-                           "hang_at", "hang")}
+                           "hang_at", "hang", "hang_attempts")}
     trainer = Trainer(model, optimizer, loader, step_loss, scheduler=scheduler, scaler=scaler,
                       grad_clip_norm=args.clip, epochs=args.epochs, max_steps=args.steps,
                       config=config,
                       checkpoint=CheckpointPolicy(interval_steps=args.checkpoint_every,
                                                   emergency=not args.no_emergency_checkpoint),
                       reporting=ReportingPolicy(log_every=args.log_every),
-                      callbacks=[HangAt(args.hang_at, args.hang, flag)] if args.hang_at is not None else ())
+                      callbacks=[HangAt(args.hang_at, args.hang, flag, args.hang_attempts)]
+                      if args.hang_at is not None else ())
     result = trainer.fit()
     if args.out and result.reason == "completed":
         torch.save(model.state_dict(), args.out)

@@ -179,9 +179,11 @@ class Progress:
 
     def heartbeat(self) -> Heartbeat:
         p50, p95, compute = self.clock.stats()
+        stalled = self.clock.stalled()
         return Heartbeat(attempt=self.attempt or 0, rank=self.rank, pod=self.pod,
                          step=self.clock.step, activity=self.activity,
-                         stalled=round(self.clock.stalled(), 3), beat=self.beat,
+                         stalled=round(stalled, 3), beat=self.beat,
+                         last_progress_at=round(time.time() - stalled, 3),
                          steps_timed=self.clock.steps_timed,
                          step_p50=round(p50, 6) if p50 is not None else None,
                          step_p95=round(p95, 6) if p95 is not None else None,

@@ -112,6 +112,7 @@ class Heartbeat:
     stack_dump: str = ""  # key of this process's stack dump, once it wrote one
     pid: int = 0
     interval: float = DEFAULT_HEARTBEAT_SECONDS  # this process's seconds between writes
+    last_progress_at: float = 0.0  # unix time of the last progress (for people; not compared)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
@@ -137,7 +138,8 @@ class Heartbeat:
                    in_collective=bool(d.get("inCollective", False)),
                    hang_timeout=num("hangTimeout"), stack_dump=str(d.get("stackDump", "")),
                    pid=int(d.get("pid", 0)),
-                   interval=float(d.get("interval", DEFAULT_HEARTBEAT_SECONDS)), extra=dict(d.get("extra") or {}))
+                   interval=float(d.get("interval", DEFAULT_HEARTBEAT_SECONDS)),
+                   last_progress_at=float(d.get("lastProgressAt", 0.0)), extra=dict(d.get("extra") or {}))
 
 
 def _camel(name: str) -> str:
