@@ -100,6 +100,10 @@ class Heartbeats:
     sooner)."""
 
     READ_SECONDS = 5.0
+    # An attempt that wrote no heartbeat yet (starting, or a trainer without a Session): its
+    # prefix is listed again only this often (a LIST and the Secret's GET per running job
+    # per pass would otherwise follow every resync).
+    EMPTY_READ_SECONDS = 30.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
@@ -108,7 +112,8 @@ class Heartbeats:
 
     def fresh(self, key: tuple) -> tuple[list[Heartbeat], dict[int, str]] | None:
         hit = self._read.get(key)
-        if hit is None or self.clock() - hit[0] >= self.READ_SECONDS:
+        ttl = self.READ_SECONDS if hit is not None and hit[1] else self.EMPTY_READ_SECONDS
+        if hit is None or self.clock() - hit[0] >= ttl:
             return None
         return hit[1], hit[2]
 
@@ -307,10 +312,12 @@ class Gather:
                    and not (st.last_hang is not None and st.last_hang.attempt == st.attempts)]
         if not running:
             return {}
-        try:
-            access = await self.storage_access(job, spec)
-        except StorageAccessError:
-            return {}  # the listings say why, when they are needed
+        access: Credentials | None = None
+        if any(self.heartbeats.fresh((key, st.name, st.attempts)) is None for st in running):
+            try:
+                access = await self.storage_access(job, spec)
+            except StorageAccessError:
+                return {}  # the listings say why, when they are needed
         out: dict[str, PhaseProgress] = {}
         for st in running:
             # a heartbeat names its pod by hostname (a gang member's is its spec.hostname)
@@ -319,7 +326,7 @@ class Gather:
                               (p.get("spec") or {}).get("hostname")) if n}
             at = (key, st.name, st.attempts)
             got = self.heartbeats.fresh(at)
-            if got is None:
+            if got is None and access is not None:
                 try:
                     got = await self.call(read_heartbeats, spec, st.name, st.attempts,
                                           credentials=access)
@@ -329,6 +336,8 @@ class Gather:
                     out[st.name] = PhaseProgress(st.attempts, error=str(e)[:300])
                     continue
                 self.heartbeats.store(at, *got)
+            if got is None:
+                continue
             beats, dumps = got
             ranks = []
             for hb in beats:

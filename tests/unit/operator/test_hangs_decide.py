@@ -131,3 +131,31 @@ def test_a_straggler_gets_a_condition_and_one_event_naming_rank_pod_and_node():
     plan = run(body, pods, *ranks(None))
     cond = {c["type"]: c for c in plan.status["conditions"]}[C.COND_STRAGGLER]
     assert cond["status"] == "False"
+
+
+def test_the_operator_remembers_how_long_each_heartbeat_stayed_unchanged():
+    from phoenix_operator.gather import Heartbeats
+    from phoenix_trainer.core.heartbeat import Heartbeat
+
+    now = [100.0]
+    hbs = Heartbeats(clock=lambda: now[0])
+    at = (("ns", "j"), "train", 1)
+    assert hbs.fresh(at) is None
+    beat = Heartbeat(attempt=1, rank=0, beat=7)
+    hbs.store(at, [beat], {})
+    assert hbs.fresh(at) == ([beat], {})
+    now[0] += Heartbeats.READ_SECONDS
+    assert hbs.fresh(at) is None  # read again
+    hbs.store(at, [beat], {})  # the same beat: a frozen writer
+    assert hbs.unchanged_for(at, beat) == Heartbeats.READ_SECONDS
+    newer = Heartbeat(attempt=1, rank=0, beat=8)
+    hbs.store(at, [newer], {})
+    assert hbs.unchanged_for(at, newer) == 0.0
+    empty = (("ns", "k"), "train", 1)
+    hbs.store(empty, [], {})  # nothing written yet: listed again only after a while
+    now[0] += Heartbeats.READ_SECONDS
+    assert hbs.fresh(empty) == ([], {})
+    hbs.store((("ns", "j"), "train", 2), [], {})  # a new attempt drops the old one's
+    assert hbs.fresh(at) is None and hbs.unchanged_for(at, newer) == 0.0
+    hbs.forget(("ns", "k"))
+    assert hbs.fresh(empty) is None
