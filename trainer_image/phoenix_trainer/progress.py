@@ -189,7 +189,9 @@ class Progress:
                          step_p95=round(p95, 6) if p95 is not None else None,
                          compute_p50=round(compute, 6) if compute is not None else None,
                          in_collective=self.clock.in_collective,
-                         hang_timeout=round(self.timeout(), 3), stack_dump=self.stack_dump,
+                         hang_timeout=round(self.timeout(), 3),
+                         # only this stall's dump (an older one is overwritten when it dumps)
+                         stack_dump=self.stack_dump if self._dumped_for == self.clock.last_progress else "",
                          pid=os.getpid(), interval=self.interval)
 
     def beat_once(self) -> None:

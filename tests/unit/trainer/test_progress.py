@@ -106,9 +106,11 @@ def test_heartbeats_are_written_and_a_stall_dumps_stacks_once(tmp_path):
         p.beat_once()
         hb = Heartbeat.from_json(storage.get_bytes(heartbeat_key(2, 1)))
         assert hb.stack_dump == dump_key(2, 1) and hb.stalled == pytest.approx(31)
-        p.step(7)  # progress again: a later stall dumps again
+        p.step(7)  # progress again: the old dump is not this stall's; a later stall dumps again
+        assert Heartbeat.from_json(p.heartbeat().to_json()).stack_dump == ""
         clock.t += 31
         assert p.maybe_dump()
+        assert p.heartbeat().stack_dump == dump_key(2, 1)
     finally:
         p.close()
     assert not catches(os.getpid(), DUMP_SIGNAL)  # the handler is gone with the session
