@@ -22,6 +22,7 @@ Pure: no storage, no clock, no API (``phase_storage`` reads and writes the objec
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -75,9 +76,14 @@ def _base(kind: str, phase: str, attempt: int, time: datetime | None,
 
 
 def step_of(uri: str | None) -> int | None:
+    """The step a checkpoint URI names (``.../step-0000000120`` -> 120)."""
     if not uri:
         return None
-    return split_checkpoint_uri(uri)[1]
+    step = split_checkpoint_uri(uri)[1]
+    if step is None:  # any zero padding
+        m = re.search(r"/step-(\d+)/?$", uri)
+        step = int(m.group(1)) if m else None
+    return step
 
 
 def start_record(phase: str, attempt: int, pod: str, *, resume_from: str | None, promoted: bool,

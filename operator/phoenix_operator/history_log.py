@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from kubernetes.client.rest import ApiException
 
@@ -22,8 +22,7 @@ from . import history
 from .history import Record
 from .phase_storage import append_history, read_attempt_log, read_history
 
-if TYPE_CHECKING:
-    from .apply import Applier, Applying
+# ``ap``/``a`` below: ``apply.Applier`` / ``apply.Applying`` (not imported: apply imports us).
 
 log = logging.getLogger("phoenix.history")
 
@@ -44,13 +43,13 @@ class HistoryLog:
         self.read_log = read_attempt_log
 
 
-def decided_by(ap: "Applier") -> dict[str, Any]:
+def decided_by(ap: Any) -> dict[str, Any]:
     term = ap.leadership().term
     return {"replica": term.leader or socket.gethostname(), "term": term.term,
             "lease": term.lease_uid}
 
 
-async def collect(ap: "Applier", a: "Applying", by: dict) -> list[Record]:
+async def collect(ap: Any, a: Any, by: dict) -> list[Record]:
     """The records this plan makes (attempt logs of ended attempts read for their digest)."""
     plan, now = a.plan, ap.clock()
     gpus = history.gpus_per_pod((a.job.get("spec") or {}).get("template"))
@@ -88,7 +87,7 @@ async def collect(ap: "Applier", a: "Applying", by: dict) -> list[Record]:
     return out
 
 
-async def record_history(ap: "Applier", a: "Applying") -> None:
+async def record_history(ap: Any, a: Any) -> None:
     """apply's last step (see the module docstring): never raises, never stops the pass."""
     uid = a.job["metadata"].get("uid") or a.tag
     book: HistoryLog = ap.history
@@ -120,7 +119,7 @@ async def record_history(ap: "Applier", a: "Applying") -> None:
                     type(e).__name__, str(e)[:300])
 
 
-async def _write_summary(ap: "Applier", a: "Applying", access) -> None:
+async def _write_summary(ap: Any, a: Any, access) -> None:
     records: list[Record] = []
     for phase in a.spec.phases:
         records += await ap.call(ap.history.read, a.spec, phase.name, credentials=access)
