@@ -519,47 +519,22 @@ def _report_reset(args, meta: dict, names: list[str], msg: str) -> None:
 
 
 def _history(kube: Kube, job: dict, endpoint: str | None, logs_for: str = "open"):
-    """(records, attempt logs) of every phase, read with the user's credentials.
-    ``logs_for``: "open" reads the logs of attempts the history has not seen end (their
-    training start), "all" every attempt's (the timeline's checkpoints)."""
-    from phoenix_trainer.core.storage import open_storage
-
+    """(records, attempt logs) of every phase, read with the user's credentials
+    (``phase_storage.read_job_history``)."""
     from . import history
-    from phoenix_trainer.core.layout import HISTORY_KEY, metrics_key
+    from .phase_storage import read_job_history
 
     spec = JobSpec.parse(job["spec"])
-    credentials = _credentials(kube, job, spec, endpoint)
-    records: list[dict] = []
-    logs: dict[str, dict[int, list[dict]]] = {}
-    for phase in spec.phases:
-        uri = spec.checkpoint.phase_uri(phase.name)
-        try:
-            storage = open_storage(uri, credentials)
-            try:
-                mine = history.decode(storage.get_bytes(HISTORY_KEY), storage.uri_for(HISTORY_KEY))
-            except FileNotFoundError:
-                mine = []
-        except history.HistoryFormatError as e:
-            raise CliError(str(e)) from e
-        except Exception as e:  # noqa: BLE001 - one line naming the prefix and the trouble
-            raise CliError(f"cannot read the history of phase {phase.name} at {uri}: "
-                           f"{type(e).__name__}: {e}") from e
-        records += mine
-        kinds = history.attempts(mine, phase.name)
-        wanted = [a for a, k in kinds.items() if logs_for == "all" or "end" not in k]
-        for attempt in wanted[-200:]:  # bounded: the newest attempts' logs
-            try:
-                data = storage.get_bytes(metrics_key(attempt))
-            except FileNotFoundError:
-                continue
-            events = []
-            for line in data.decode("utf-8", errors="replace").splitlines():
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    continue
-            logs.setdefault(phase.name, {})[attempt] = events
-    return records, logs
+    try:
+        return read_job_history(spec, credentials=_credentials(kube, job, spec, endpoint),
+                                logs_for=logs_for)
+    except history.HistoryFormatError as e:
+        raise CliError(str(e)) from e
+    except CliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line naming the storage and the trouble
+        raise CliError(f"cannot read the history of phoenixjob {job['metadata']['name']} at "
+                       f"{spec.checkpoint.uri}: {type(e).__name__}: {e}") from e
 
 
 def report(args) -> int:

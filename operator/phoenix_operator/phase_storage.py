@@ -179,3 +179,26 @@ def read_attempt_log(spec: JobSpec, phase: str, attempt: int, *,
         except ValueError:
             continue  # a torn last line of a log being rewritten
     return out
+
+
+MAX_LOGS_READ = 200  # attempt logs one report or timeline reads (the newest attempts')
+
+
+def read_job_history(spec: JobSpec, *, credentials: Credentials, logs_for: str = "open"
+                     ) -> tuple[list[dict], dict[str, dict[int, list[dict]]]]:
+    """Every phase's history records and attempt logs, as ``phoenix report``/``timeline``
+    and the lab's demo read them. ``logs_for``: "open" reads the logs of attempts the
+    history has not seen end (their training start), "all" every attempt's (checkpoints for
+    the timeline), the newest ``MAX_LOGS_READ``."""
+    records: list[dict] = []
+    logs: dict[str, dict[int, list[dict]]] = {}
+    for phase in spec.phases:
+        mine = read_history(spec, phase.name, credentials=credentials)
+        records += mine
+        kinds = history.attempts(mine, phase.name)
+        wanted = [a for a, k in kinds.items() if logs_for == "all" or "end" not in k]
+        for attempt in wanted[-MAX_LOGS_READ:]:
+            events = read_attempt_log(spec, phase.name, attempt, credentials=credentials)
+            if events:
+                logs.setdefault(phase.name, {})[attempt] = events
+    return records, logs
