@@ -14,6 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 from . import history
 from .history import Record
 
+WIDTH = 100
+
 
 def percentile(values: Sequence[float], q: float) -> float | None:
     """Nearest-rank percentile (q in 0..100) of ``values``; None if empty."""
@@ -105,11 +107,10 @@ def render_text(doc: Mapping[str, Any]) -> str:
         lines.append("    by reason:       " + ", ".join(
             f"{k} {v}" for k, v in sorted(sl["byReason"].items()))[:80])
     lines.append(f"  time to resume:    p50 {_s(ttr['p50'])}, p95 {_s(ttr['p95'])} "
-                 f"({ttr['count']} disruptions; from the end of an attempt to the next one's "
-                 "first training step)"[:100 - 21])
+                 f"({ttr['count']} disruptions: an attempt's end to the next one's first step)")
     lines.append(f"  GPU-hours:         paid {gh['paid']:.4f}, trained {gh['trained']:.4f}, "
                  f"cost of preemptions {gh['preemptionCost']:.4f}")
     good = doc["goodput"]
     lines.append(f"  goodput:           {'-' if good is None else f'{good:.2f}'} "
                  "(GPU-hours whose steps were kept / GPU-hours paid)")
-    return "\n".join(lines) + "\n"
+    return "\n".join(line[:WIDTH] for line in lines) + "\n"

@@ -64,6 +64,8 @@ def test_history_of_an_eviction_survives_operator_restart_and_every_pod_deleted(
     [d] = doc["disruptions"]
     assert d["stepsLost"] == end1["lastStep"] - start2["resumeStep"]
     assert lab.s3.secret_key not in phoenix_cli(lab, "timeline", "hi", "-n", ns)
+    text = phoenix_cli(lab, "logs", "hi", "-n", ns, "--attempt", "2")
+    assert text.startswith(f"==> {pod_name('hi', 'train', 2)} (phase train, attempt 2, member 0"), text
     before = storage_for(lab, bucket).get_bytes(HISTORY_KEY)
 
     # The operator goes, every pod goes (attempt 2's deletion by someone else is a

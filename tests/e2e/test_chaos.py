@@ -236,8 +236,8 @@ def check_history(e2e, name, storage, injected, preemptions, failures, attempts)
     reached, began = samples.attempt_ends(storage), samples.attempt_starts(storage)
     ours = {}
     for i in injected:
-        if i.pod is None:
-            continue  # operator-kill, s3-outage: no attempt of their own
+        if not (is_preemption(i.kind) or is_failure(i.kind)):
+            continue  # operator-kill, s3-outage: the attempt trains on
         attempt = int(i.pod.rsplit("-", 1)[-1])
         later = [a for a in began if a > attempt]
         ours[attempt] = reached[attempt] - began[min(later)][0]

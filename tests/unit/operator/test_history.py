@@ -289,3 +289,22 @@ def test_a_failed_history_write_does_not_fail_the_pass_and_is_retried():
     asyncio.run(reconciler.apply(body, plan))
     assert {r["kind"] for r in store.objects["train"]} >= {"end", "start"}
     assert reconciler.applier.history.pending["u-1"] == []
+
+
+def test_cli_history_commands_parse_and_order_pods():
+    from phoenix_operator import constants as C
+    from phoenix_operator.kubectl_phoenix import parse_args, pod_order
+
+    a = parse_args(["report", "j", "-o", "json", "--endpoint", "http://s3:9000"])
+    assert (a.job, a.output, a.endpoint, a.fn.__name__) == ("j", "json", "http://s3:9000", "report")
+    a = parse_args(["timeline", "j", "--out", "t.png", "-n", "ns"])
+    assert (a.out, a.namespace) == ("t.png", "ns")
+    a = parse_args(["logs", "j", "--attempt", "3", "--member", "1"])
+    assert (a.attempt, a.member) == (3, 1)
+
+    def p(phase, attempt, member=0):
+        return {"metadata": {"name": f"{phase}-{attempt}.{member}", "labels": {
+            C.LABEL_PHASE: phase, C.LABEL_ATTEMPT: str(attempt), C.LABEL_MEMBER: str(member)}}}
+    pods = [p("eval", 1), p("train", 10, 1), p("train", 2), p("train", 10, 0)]
+    assert [x["metadata"]["name"] for x in pod_order(pods, ["train", "eval"])] == [
+        "train-2.0", "train-10.0", "train-10.1", "eval-1.0"]
