@@ -145,9 +145,6 @@ def render_text(title: str, lanes: Sequence[Lane], now: datetime | None = None,
            f"{_duration(total / cols) if total / cols >= 1 else f'{total / cols:.2f}s'})"[:width]]
     for lane in lanes:
         cells = [" "] * cols
-        for a, b in lane.standbys:
-            for c in range(col(a), col(b or t1) + 1):
-                cells[c] = STANDBY
         for bar in lane.bars:
             fill = FILL.get(bar.cause, FILL[None])
             for c in range(col(bar.start), col(bar.end or (now or t1)) + 1):
@@ -163,12 +160,18 @@ def render_text(title: str, lanes: Sequence[Lane], now: datetime | None = None,
         for t in lane.handoffs:
             marks[col(t)] = HANDOFF
         out.append(f"{lane.name[:LABEL]:<{LABEL}}│" + "".join(cells) + "│")
+        if lane.standbys:  # its own row: the standby waits beside the attempt it replaces
+            waiting = [" "] * cols
+            for a, b in lane.standbys:
+                for c in range(col(a), col(b or t1) + 1):
+                    waiting[c] = STANDBY
+            out.append(f"{'  standby':<{LABEL}}│" + "".join(waiting) + "│")
         if any(m != " " for m in marks):
             out.append(" " * LABEL + "╵" + "".join(marks) + "╵")
-    out.append(f"{FILL['completed']} completed  {FILL['preemption']} preempted  "
-               f"{FILL['failure']} failed  {FILL[None]} running  {STANDBY} standby  "
-               f"{MARK['preemption']}{MARK['failure']}{MARK['completed']} how it ended  "
-               f"{CHECKPOINT} checkpoint  {NOTICE} notice  {HANDOFF} handoff"[:width])
+    out.append(f"{FILL['completed']} completed {FILL['preemption']} preempted "
+               f"{FILL['failure']} failed {FILL[None]} running {STANDBY} standby "
+               f"{MARK['preemption']}{MARK['failure']}{MARK['completed']} its end "
+               f"{CHECKPOINT} checkpoint {NOTICE} notice {HANDOFF} handoff"[:width])
     for lane in lanes:
         for bar in lane.bars:
             if "/" in lane.name and not lane.name.endswith("/0"):
@@ -212,7 +215,7 @@ def render_image(title: str, lanes: Sequence[Lane], path: str, now: datetime | N
         for i, lane in enumerate(lanes):
             y = len(lanes) - 1 - i
             for a, b in lane.standbys:
-                ax.broken_barh([(x(a), x(b or t1) - x(a))], (y - 0.12, 0.24),
+                ax.broken_barh([(x(a), x(b or t1) - x(a))], (y + 0.3, 0.1),
                                facecolors=COLORS["standby"])
             for bar in lane.bars:
                 end = bar.end or now or t1
@@ -221,7 +224,7 @@ def render_image(title: str, lanes: Sequence[Lane], path: str, now: datetime | N
                                edgecolors="black", linewidth=0.5)
                 label = f"#{bar.attempt}"
                 if bar.steps_lost and bar.cause not in (None, "completed") and bar.culprit:
-                    label += f" -{bar.steps_lost}"
+                    label += f"\n{bar.steps_lost} steps lost"
                 ax.text(x(bar.start) + 0.5, y, label, va="center", fontsize=7)
             for t in lane.checkpoints:
                 ax.plot([x(t)], [y - 0.38], marker="|", color="black", markersize=5)
@@ -238,8 +241,7 @@ def render_image(title: str, lanes: Sequence[Lane], path: str, now: datetime | N
                        Patch(color=COLORS["failure"], label="failed"),
                        Patch(color=COLORS[None], label="running"),
                        Patch(color=COLORS["standby"], label="standby")],
-              loc="upper center", bbox_to_anchor=(0.5, -0.25 if len(lanes) < 3 else -0.12),
-              ncol=5, fontsize=8, frameon=False)
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncol=5, fontsize=8, frameon=False)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

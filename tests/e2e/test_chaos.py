@@ -39,6 +39,7 @@ from kube_helpers import wait_for
 from phoenix_e2e import (CREDENTIALS_SECRET, GROUP, PLURAL, VERSION, check_operator_pods,
                          phase_status, unique)
 from phoenix_lab import samples
+from phoenix_trainer.core.layout import HISTORY_KEY
 from phoenix_lab.chaos import ALL_DISRUPTIONS, Injector, is_failure, is_preemption, plan
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -256,3 +257,4 @@ def check_history(e2e, name, storage, injected, preemptions, failures, attempts)
     assert out.stat().st_size > 10_000  # a real picture, kept for people to look at
     (ARTIFACTS / f"{name}-timeline.txt").write_text(text)
     (ARTIFACTS / f"{name}-report.json").write_text(json.dumps(doc, indent=2))
+    (ARTIFACTS / f"{name}-history.jsonl").write_bytes(storage.get_bytes(HISTORY_KEY))

@@ -170,7 +170,9 @@ def test_timeline_text_fits_100_columns_and_shows_every_attempt():
     bar = next(line for line in lines if line.startswith("train "))
     for mark in (timeline.MARK["preemption"], timeline.MARK["failure"], timeline.MARK["completed"]):
         assert mark in bar
-    marks = lines[lines.index(bar) + 1]
+    standby = lines[lines.index(bar) + 1]
+    assert standby.startswith("  standby") and timeline.STANDBY in standby
+    marks = lines[lines.index(bar) + 2]
     assert timeline.NOTICE in marks or timeline.HANDOFF in marks
     assert timeline.CHECKPOINT in marks
     assert any("#1 preemption (Evicted) on spot-1" in line and "10 steps lost" in line for line in lines)
