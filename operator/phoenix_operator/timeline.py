@@ -224,7 +224,7 @@ def render_image(title: str, lanes: Sequence[Lane], path: str, now: datetime | N
                                edgecolors="black", linewidth=0.5)
                 label = f"#{bar.attempt}"
                 if bar.steps_lost and bar.cause not in (None, "completed") and bar.culprit:
-                    label += f"\n{bar.steps_lost} steps lost"
+                    label += f"\n-{bar.steps_lost}"  # steps lost (the x label says so)
                 ax.text(x(bar.start) + 0.5, y, label, va="center", fontsize=7)
             for t in lane.checkpoints:
                 ax.plot([x(t)], [y - 0.38], marker="|", color="black", markersize=5)
@@ -233,7 +233,8 @@ def render_image(title: str, lanes: Sequence[Lane], path: str, now: datetime | N
             for t in lane.handoffs:
                 ax.plot([x(t)], [y + 0.42], marker="D", color="#6a1b9a", markersize=5)
         ax.set_xlim(0, max(x(t1), 1.0) * 1.01)
-        ax.set_xlabel(f"seconds since {t0:%Y-%m-%d %H:%M:%S} UTC")
+        ax.set_xlabel(f"seconds since {t0:%Y-%m-%d %H:%M:%S} UTC   (#attempt, -steps lost; "
+                      "ticks: checkpoints; ▼ notice, ◆ handoff)")
     ax.set_yticks(range(len(lanes)))
     ax.set_yticklabels([lane.name for lane in reversed(lanes)])
     ax.legend(handles=[Patch(color=COLORS["completed"], label="completed"),
