@@ -9,7 +9,10 @@ in one run:
   (b) time the loop is blocked per checkpoint vs a synchronous torch.save + upload_file
       baseline (goal: >= 5x less);
   (c) our upload throughput (tuned multipart) vs a plain boto3 upload_file of the same bytes
-      to the same server (goal: ratio >= 0.9).
+      to the same server (goal: ratio >= 0.9);
+  (d) what the progress heartbeat costs the loop (hang detection, progress.py): training with
+      storage and no checkpoints, heartbeats every 10 s (the default) and every 1 s, vs no
+      storage (no heartbeat) (goal: ratio within noise, >= 0.99).
 Repetitions are interleaved and medians reported, because these machines share CPU with
 other work. Never run by the test suite.
 """
@@ -70,21 +73,21 @@ class Timer(Callback):
             self.t1 = time.perf_counter()
 
 
-def train_once(args, storage, prefix: str | None):
+def train_once(args, storage, prefix: str | None, checkpoints: bool = True):
     model, opt, sched, loader, loss_fn = build(args.dim, args.hidden, args.layers, args.steps, args.batch)
     timer = Timer(args.warmup, args.steps)
     st = storage.child(prefix) if prefix else None
     env = TrainerEnv(phase="bench", termination_log=os.devnull, checkpoint_keep=2)
     tr = Trainer(model, opt, loader, loss_fn, scheduler=sched, grad_clip_norm=1.0, max_steps=args.steps,
                  config={"bench": 1}, env=env, storage=st,
-                 checkpoint=CheckpointPolicy(interval_steps=args.interval if prefix else None),
+                 checkpoint=CheckpointPolicy(interval_steps=args.interval if prefix and checkpoints else None),
                  recovery=RecoveryPolicy(snapshot_interval_steps=10**9),
                  reporting=ReportingPolicy(log_every=10**9), install_signal_handlers=False,
                  callbacks=[timer])
     tr.fit()
     steps = args.steps - args.warmup
     out = {"steps_per_second": steps / (timer.t1 - timer.t0), "seconds": timer.t1 - timer.t0}
-    if prefix and tr.checkpointer is not None:
+    if prefix and checkpoints and tr.checkpointer is not None:
         s = tr.checkpointer.stats
         periodic = len(s.snapshot_seconds) - 1  # the last one is the blocking final save
         out.update({
@@ -178,6 +181,14 @@ def main(argv=None) -> int:
             plain.append(train_once(args, storage, None)[0])
             r, model, opt, sched = train_once(args, storage, f"train-{rep}")
             ckpt.append(r)
+        beats: dict[str, list[float]] = {"none": [], "10s": [], "1s": []}
+        for rep in range(args.reps):
+            beats["none"].append(train_once(args, storage, None)[0]["steps_per_second"])
+            for every in ("10", "1"):
+                os.environ["PHOENIX_HEARTBEAT_SECONDS"] = every
+                beats[f"{every}s"].append(train_once(args, storage, f"beat-{every}-{rep}",
+                                                     checkpoints=False)[0]["steps_per_second"])
+            os.environ.pop("PHOENIX_HEARTBEAT_SECONDS", None)
         work = Path(tmp) / "work"
         work.mkdir()
         sync = [sync_baseline(model, opt, sched, storage, work, i) for i in range(3)]
@@ -228,6 +239,15 @@ def main(argv=None) -> int:
             "streamed_megabytes_per_second_median": round(statistics.median(streamed_up) / 1e6, 1),
             "streamed_samples": [round(x / 1e6, 1) for x in streamed_up],
         },
+        "d_heartbeat": {
+            "no_heartbeat_steps_per_second": round(statistics.median(beats["none"]), 3),
+            "heartbeat_10s_steps_per_second": round(statistics.median(beats["10s"]), 3),
+            "heartbeat_1s_steps_per_second": round(statistics.median(beats["1s"]), 3),
+            "ratio_10s": round(statistics.median(beats["10s"]) / statistics.median(beats["none"]), 4),
+            "ratio_1s": round(statistics.median(beats["1s"]) / statistics.median(beats["none"]), 4),
+            "goal": ">= 0.99 (within noise)",
+            "samples": {k: [round(x, 3) for x in v] for k, v in beats.items()},
+        },
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     out = Path(args.out)
@@ -236,6 +256,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: result[k] for k in ("model", "b_blocking", "wall_seconds")}, indent=1))
     print(json.dumps({k: v for k, v in result["a_throughput"].items() if k != "runs"}))
     print(json.dumps({k: v for k, v in result["c_upload"].items() if k != "note"}))
+    print(json.dumps({k: v for k, v in result["d_heartbeat"].items() if k != "samples"}))
     return 0
 
 

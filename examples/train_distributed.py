@@ -39,6 +39,11 @@ def permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
 
 
+def rank_stops_before_its_collective() -> None:
+    import threading
+    threading.Event().wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("ddp", "fsdp"), default="ddp")
@@ -51,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (seconds), for tests")
     p.add_argument("--preempt-at", type=int, default=None,
                    help="act as if SIGTERM reached every rank at this step (tests)")
+    p.add_argument("--hang-at", type=int, default=None,
+                   help="at this step of attempt 1, --hang-rank blocks for ever before its next "
+                        "collective while the other ranks wait in it (tests)")
+    p.add_argument("--hang-rank", type=int, default=1)
+    p.add_argument("--slow-rank", type=int, default=None,
+                   help="this rank sleeps --slow-seconds before each step's forward: a straggler (tests)")
+    p.add_argument("--slow-seconds", type=float, default=0.2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -81,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     np.random.seed(args.seed + rank)
     torch.manual_seed(args.seed * 1000 + rank)  # each rank its own dropout stream
     ce = nn.CrossEntropyLoss()
-    config = {k: v for k, v in vars(args).items() if k not in ("log_every", "step_delay", "preempt_at")}
+    config = {k: v for k, v in vars(args).items()
+              if k not in ("log_every", "step_delay", "preempt_at", "hang_at", "hang_rank",
+                           "slow_rank", "slow_seconds")}
     step, seen = 0, 0  # seen: samples consumed by all ranks together (the data position)
 
     with DistributedSession(config=config) as session:
@@ -105,6 +119,12 @@ def main(argv: list[str] | None = None) -> int:
             epoch, k = divmod(seen // args.global_batch, per_epoch)
             idx = permutation(args.samples, args.seed, epoch)[k * args.global_batch:(k + 1) * args.global_batch]
             mine = idx[rank::world]
+            if (step == args.hang_at and rank == args.hang_rank
+                    and os.environ.get("PHOENIX_ATTEMPT", "1") == "1"):
+                log.warning("rank %d: injecting a hang before step %d's collective", rank, step + 1)
+                rank_stops_before_its_collective()
+            if rank == args.slow_rank:
+                time.sleep(args.slow_seconds)  # a slow node: compute before the collective
             model.train()
             opt.zero_grad(set_to_none=True)
             loss = ce(model(x[mine]), y[mine])

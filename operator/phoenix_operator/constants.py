@@ -115,6 +115,9 @@ COND_RESUME_EXACT = "ResumeExact"
 # The checkpoint prefix is held (fence.json) by another PhoenixJob that still exists: no pod
 # is started, so two jobs never write into and resume from each other's checkpoints.
 COND_PREFIX_CONFLICT = "PrefixConflict"
+# A gang rank computes persistently slower than the others (its name, pod and node in the
+# message); False once no rank is.
+COND_STRAGGLER = "Straggler"
 # The status names a checkpoint that storage no longer lists: the phase is not started from
 # step 0 until it is listed again (or the job is created anew).
 COND_CHECKPOINT_MISSING = "CheckpointMissing"
@@ -160,6 +163,8 @@ EV_STANDBY_READY = "StandbyReady"
 EV_STANDBY_LOST = "StandbyLost"  # a standby ended or was removed before it was needed
 EV_HANDOFF = "Handoff"  # the active trainer was asked to hand off to the ready standby
 EV_PROMOTED = "StandbyPromoted"
+EV_HUNG = "Hung"  # no step for the hang timeout: stacks dumped, the attempt ended
+EV_STRAGGLER = "Straggler"  # a gang rank persistently slower than the others
 REASON_NODE_NOT_READY = "NodeNotReady"  # ... and the Running condition's reason meanwhile
 
 # --- classification reasons recorded in status.phases[].lastFailure.reason -------------
@@ -176,6 +181,7 @@ R_OOM = "OOMKilled"
 R_OWN_LIMIT = "LimitExceeded"  # evicted for exceeding its own ephemeral-storage limits
 R_OVER_REQUEST = "OverRequest"  # node-pressure eviction of a trainer using more than it requested
 R_NEVER_STARTED = "NeverStarted"  # preempted before it ran, too many times in a row
+R_HUNG = "Hung"  # Running, but no step completed for the hang timeout: ended by the operator
 R_ERROR = "Error"
 R_CONFIG_ERROR = "ConfigError"
 R_UNKNOWN_EXIT = "UnknownExit"

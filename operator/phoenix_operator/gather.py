@@ -4,7 +4,8 @@ Everything comes from the API on each pass (the job by GET, its pods by label LI
 nodes of its live pods, foreign pods holding names its status wants) plus the tombstones of
 pods the watch saw deleted (``Tombstones``): nothing in memory is needed to be correct after
 a restart. The job's spec is parsed once here and handed on. Storage is read through one
-door: ``listings`` (``phase_storage.scan``, in a thread), with the credentials ``storage_access``
+door: ``listings`` (``phase_storage.scan``, in a thread) and ``progress`` (the running
+attempts' heartbeats, ``phase_storage.read_heartbeats``), with the credentials ``storage_access``
 finds (invariant 4: the job's own, or the operator's only where allowed). Never writes.
 
 Node facts: for every live pod bound to a node, the node is read (GET, one per node per
@@ -16,21 +17,23 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Awaitable, Callable, Mapping
 
 from kubernetes.client.rest import ApiException
 from phoenix_trainer.core.contract import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET_ACCESS_KEY,
                                            s3_addressing_style)
+from phoenix_trainer.core.heartbeat import Heartbeat
 from phoenix_trainer.core.storage import Credentials
 
 from .config import OperatorConfig
-from .constants import DELETED_KEY
-from .decide import Listing
+from .constants import DELETED_KEY, LABEL_ATTEMPT, LABEL_PHASE, PhaseState
+from .decide import Listing, PhaseProgress, RankProgress
 from .kube import Kube, describe_owner
 from .node_health import NodeHealth, node_health
 from .outcomes import bare_kill
-from .phase_storage import scan
+from .phase_storage import read_heartbeats, scan
 from .phoenixjob import JobSpec, phase_statuses
 
 log = logging.getLogger("phoenix.reconcile")
@@ -89,6 +92,60 @@ class Tombstones:
         self._seen.pop(key, None)
 
 
+class Heartbeats:
+    """The running attempts' heartbeats as last read, and since when each rank's newest one
+    has been seen unchanged (the operator's own monotonic clock: no clock agreement with
+    the pods). Read at most every ``READ_SECONDS`` per attempt. Only an aid: after a restart
+    it is empty, and a stall is measured from the heartbeat's own count again (later, never
+    sooner)."""
+
+    READ_SECONDS = 5.0
+    # An attempt that wrote no heartbeat yet (starting, or a trainer without a Session): its
+    # prefix is listed again only this often (a LIST and the Secret's GET per running job
+    # per pass would otherwise follow every resync).
+    EMPTY_READ_SECONDS = 30.0
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self._read: dict[tuple, tuple[float, list[Heartbeat], dict[int, str]]] = {}
+        self._seen: dict[tuple, tuple[int, float]] = {}  # (attempt key, rank) -> (beat, since)
+
+    def fresh(self, key: tuple) -> tuple[list[Heartbeat], dict[int, str]] | None:
+        hit = self._read.get(key)
+        ttl = self.READ_SECONDS if hit is not None and hit[1] else self.EMPTY_READ_SECONDS
+        if hit is None or self.clock() - hit[0] >= ttl:
+            return None
+        return hit[1], hit[2]
+
+    def store(self, key: tuple, beats: list[Heartbeat], dumps: dict[int, str]) -> None:
+        for old in [k for k in self._read if k[:2] == key[:2] and k != key]:  # older attempts
+            self._read.pop(old, None)
+            for seen in [s for s in self._seen if s[0] == old]:
+                self._seen.pop(seen, None)
+        self._read[key] = (self.clock(), beats, dumps)
+        for hb in beats:
+            seen = self._seen.get((key, hb.rank))
+            if seen is None or seen[0] != hb.beat:
+                self._seen[(key, hb.rank)] = (hb.beat, self.clock())
+
+    def unchanged_for(self, key: tuple, hb: Heartbeat) -> float:
+        seen = self._seen.get((key, hb.rank))
+        return max(0.0, self.clock() - seen[1]) if seen and seen[0] == hb.beat else 0.0
+
+    def forget(self, job: Key) -> None:
+        for store in (self._read, self._seen):
+            for k in [k for k in store if (k[0] if store is self._read else k[0][0]) == job]:
+                store.pop(k, None)
+
+
+def _attempt_of(pod: Mapping[str, Any]) -> tuple[str, int] | None:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    try:
+        return labels.get(LABEL_PHASE, ""), int(labels.get(LABEL_ATTEMPT, ""))
+    except ValueError:
+        return None
+
+
 class StorageAccessError(Exception):
     """The job's checkpoint storage cannot be reached with what the cluster gives us."""
 
@@ -119,6 +176,7 @@ class Gather:
                  tombstones: Tombstones) -> None:
         self.kube, self.config, self.call, self.tombstones = kube, config, call, tombstones
         self._node_read_warned = False
+        self.heartbeats = Heartbeats()
 
     async def job(self, namespace: str, name: str) -> dict | None:
         return await self.call(self.kube.get_job, namespace, name)
@@ -241,6 +299,60 @@ class Gather:
         listings.update({p: await self.owner(listing, uid)
                          for p, listing in zip(sorted(phases), results)})
         return replace(facts, listings=listings)
+
+    async def progress(self, facts: Facts) -> dict[str, PhaseProgress]:
+        """The heartbeats of every running attempt (``decide.hangs`` judges them), when the
+        job watches for hangs; storage trouble is logged and decides nothing."""
+        job, spec = facts.job, facts.spec
+        if not spec.recovery.hang_detection:
+            return {}
+        key: Key = (job["metadata"]["namespace"], job["metadata"]["name"])
+        running = [st for st in phase_statuses(spec, job.get("status")).values()
+                   if st.state == PhaseState.RUNNING and st.pod_uid
+                   and not (st.last_hang is not None and st.last_hang.attempt == st.attempts)]
+        if not running:
+            return {}
+        access: Credentials | None = None
+        if any(self.heartbeats.fresh((key, st.name, st.attempts)) is None for st in running):
+            try:
+                access = await self.storage_access(job, spec)
+            except StorageAccessError:
+                return {}  # the listings say why, when they are needed
+        out: dict[str, PhaseProgress] = {}
+        for st in running:
+            # a heartbeat names its pod by hostname (a gang member's is its spec.hostname)
+            pods = {n: p for p in facts.pods if _attempt_of(p) == (st.name, st.attempts)
+                    for n in ((p.get("metadata") or {}).get("name"),
+                              (p.get("spec") or {}).get("hostname")) if n}
+            at = (key, st.name, st.attempts)
+            got = self.heartbeats.fresh(at)
+            if got is None and access is not None:
+                try:
+                    got = await self.call(read_heartbeats, spec, st.name, st.attempts,
+                                          credentials=access)
+                except Exception as e:  # noqa: BLE001 - storage trouble: no decision from it
+                    log.warning("[%s/%s] cannot read the heartbeats of phase %s: %s", *key,
+                                st.name, e)
+                    out[st.name] = PhaseProgress(st.attempts, error=str(e)[:300])
+                    continue
+                self.heartbeats.store(at, *got)
+            if got is None:
+                continue
+            beats, dumps = got
+            ranks = []
+            for hb in beats:
+                quiet = self.heartbeats.unchanged_for(at, hb)
+                pod = pods.get(hb.pod) or {}
+                ranks.append(RankProgress(
+                    rank=hb.rank, pod=(pod.get("metadata") or {}).get("name") or hb.pod,
+                    step=hb.step, activity=hb.activity,
+                    stalled=hb.stalled + quiet, frozen=quiet > 2 * hb.interval + Heartbeats.READ_SECONDS,
+                    step_p50=hb.step_p50, step_p95=hb.step_p95, compute_p50=hb.compute_p50,
+                    steps_timed=hb.steps_timed, stack_dump=dumps.get(hb.rank, ""),
+                    in_collective=hb.in_collective,
+                    node=(pod.get("spec") or {}).get("nodeName") or ""))
+            out[st.name] = PhaseProgress(st.attempts, tuple(sorted(ranks, key=lambda r: r.rank)))
+        return out
 
     async def owner(self, listing: Listing, uid: str) -> Listing:
         """A fence that names another job: whether that job (namespace/name, same uid) still

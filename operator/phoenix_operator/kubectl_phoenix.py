@@ -333,6 +333,28 @@ def leader_line(leaders: list[dict] | str, now: datetime) -> str:
     return "  operator: " + "; ".join(parts)
 
 
+def progress_lines(ps, rec, now: datetime) -> list[str]:
+    """The running attempt's progress (its heartbeats, as the status records them), the hang
+    deadline, stragglers, and the last hang."""
+    out = []
+    pr = ps.progress
+    if pr is not None and pr.attempt == ps.attempts and ps.state.value == "Running":
+        per = f", {pr.step_seconds:.3g}s/step" if pr.step_seconds else ""
+        line = f"  last step: {pr.step} ({_age(pr.last_step_time, now)}{per})"
+        if not rec.hang_detection:
+            line += "; hang detection off"
+        elif pr.hang_timeout:
+            left = pr.hang_timeout - (now - pr.last_step_time).total_seconds()
+            line += (f"; hung after {pr.hang_timeout:.0f}s without progress "
+                     f"({max(0, left):.0f}s left)")
+        out.append(line)
+        out += [f"  straggler: {s.describe()}" for s in pr.stragglers]
+    if ps.last_hang is not None:
+        h = ps.last_hang
+        out.append(f"  last hang: attempt {h.attempt} ({_age(h.time, now)}): {h.describe()}")
+    return out
+
+
 def status(args) -> int:
     kube, job = _load(args)
     now = datetime.now(timezone.utc)
@@ -379,6 +401,8 @@ def status(args) -> int:
         if ps.last_checkpoint:
             ck = ps.last_checkpoint
             print(f"  last checkpoint: step {ck.step} ({_age(ck.time, now)}) {ck.uri}")
+        for line in progress_lines(ps, rec, now):
+            print(line)
         if ps.last_failure:
             lf = ps.last_failure
             code = f", exit code {lf.exit_code}" if lf.exit_code is not None else ""

@@ -1,6 +1,6 @@
 """The operator's door to a phase's checkpoint prefix: list and verify checkpoints (for the
-gather step), read the fence, read the attempt logs and the history; the history's append
-(``append_history``); and the two writes the operator makes there, through
+gather step), read the fence and the running attempt's heartbeats, read the attempt logs and
+the history; the history's append (``append_history``); and the two writes the operator makes there, through
 ``phoenix_trainer.core.handshake`` (their one writer): the fence that supersedes older attempts (and promotes
 a standby), and the control document with its requests to the running attempt.
 
@@ -20,6 +20,7 @@ from typing import Iterable
 from phoenix_trainer.core import handshake
 from phoenix_trainer.core.handshake import Control, Fence, LeaderTerm, read_fence
 from phoenix_trainer.core.errors import StaleLeaderError
+from phoenix_trainer.core.heartbeat import Heartbeat, heartbeat_prefix
 from phoenix_trainer.core.layout import HISTORY_KEY, checkpoint_steps, metrics_key, verify_checkpoint
 from phoenix_trainer.core.storage import Credentials, open_storage
 
@@ -93,6 +94,30 @@ def scan(spec: JobSpec, phase: str, *, credentials: Credentials, skipped: Iterab
     log.info("verified %d checkpoint(s) under %s in %.2fs", len(found), uri,
              time.monotonic() - started)
     return Listing(tuple(found), fence=fence)
+
+
+def read_heartbeats(spec: JobSpec, phase: str, attempt: int, *,
+                    credentials: Credentials) -> tuple[list[Heartbeat], dict[int, str]]:
+    """The heartbeats of ``attempt``'s ranks (``core.heartbeat``), one LIST and one small GET
+    per rank; malformed ones are skipped. Also the URIs of the stack dumps they name."""
+    storage = _storage(spec.checkpoint.phase_uri(phase), credentials)
+    beats: list[Heartbeat] = []
+    dumps: dict[int, str] = {}
+    for key in storage.list_keys(heartbeat_prefix(attempt)):
+        if not key.endswith(".json"):
+            continue
+        try:
+            hb = Heartbeat.from_json(storage.get_bytes(key))
+        except FileNotFoundError:
+            continue
+        except ValueError as e:
+            log.warning("ignoring malformed heartbeat %s: %s", storage.uri_for(key), e)
+            continue
+        if hb.attempt == attempt:
+            beats.append(hb)
+            if hb.stack_dump:
+                dumps[hb.rank] = storage.uri_for(hb.stack_dump)
+    return beats, dumps
 
 
 def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,

@@ -75,6 +75,8 @@ class RecoverySpec:
     gang_schedule_timeout: float = 300.0  # a gang not all scheduled by then is released
     standby: bool = False  # keep a warm standby pod per running phase (single-pod phases)
     on_notice: str = "Handoff"  # Handoff | Checkpoint | Ignore: what a node's notice starts
+    hang_detection: bool = True  # end an attempt that makes no progress (core.heartbeat)
+    hang_timeout: float | None = None  # explicit; None: the rule's default from step times
 
     def backoff(self, failures: int) -> float:
         """Delay before the replacement after the ``failures``-th failure (1-based)."""
@@ -144,6 +146,8 @@ class JobSpec:
                 gang_schedule_timeout=float(rec.get("gangScheduleTimeoutSeconds", 300)),
                 standby=bool(rec.get("standby", False)),
                 on_notice=str(rec.get("onNotice") or "Handoff"),
+                hang_detection=bool(rec.get("hangDetection", True)),
+                hang_timeout=float(rec["hangTimeoutSeconds"]) if rec.get("hangTimeoutSeconds") else None,
             ),
             suspend=bool(spec.get("suspend", False)),
         )
@@ -270,6 +274,103 @@ class Notice:
 
 
 @dataclass(frozen=True)
+class Straggler:
+    """A gang rank whose compute time per step is persistently above the others'."""
+
+    rank: int
+    pod: str
+    node: str
+    compute_seconds: float
+    others_seconds: float  # the median of the other ranks'
+
+    def describe(self) -> str:
+        return (f"rank {self.rank} (pod {self.pod} on node {self.node or '?'}) computes "
+                f"{self.compute_seconds:.3f}s per step before its first collective, the other "
+                f"ranks {self.others_seconds:.3f}s")
+
+    def to_dict(self) -> dict:
+        return {"rank": self.rank, "pod": self.pod, "node": self.node,
+                "computeSeconds": round(self.compute_seconds, 4),
+                "othersSeconds": round(self.others_seconds, 4)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Straggler":
+        return cls(rank=int(d.get("rank", 0)), pod=str(d.get("pod", "")),
+                   node=str(d.get("node", "")), compute_seconds=float(d.get("computeSeconds", 0)),
+                   others_seconds=float(d.get("othersSeconds", 0)))
+
+
+@dataclass(frozen=True)
+class ProgressRef:
+    """``status.phases[].progress``: the running attempt's training progress, from its
+    heartbeats (``core.heartbeat``); refreshed about every ``PROGRESS_REFRESH_SECONDS``."""
+
+    attempt: int
+    step: int
+    last_step_time: datetime  # when the slowest rank last completed a step (operator's clock)
+    hang_timeout: float | None = None  # seconds without a step before the attempt is Hung
+    step_seconds: float | None = None  # median step time of the slowest rank
+    stragglers: tuple[Straggler, ...] = ()
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"attempt": self.attempt, "step": self.step,
+                             "lastStepTime": ts(self.last_step_time)}
+        if self.hang_timeout is not None:
+            d["hangTimeoutSeconds"] = round(self.hang_timeout, 1)
+        if self.step_seconds is not None:
+            d["stepSeconds"] = round(self.step_seconds, 4)
+        if self.stragglers:
+            d["stragglers"] = [s.to_dict() for s in self.stragglers]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "ProgressRef | None":
+        if not d or "lastStepTime" not in d:
+            return None
+        return cls(attempt=int(d.get("attempt", 0)), step=int(d.get("step", 0)),
+                   last_step_time=_ts(d.get("lastStepTime")) or datetime.fromtimestamp(0, timezone.utc),
+                   hang_timeout=d.get("hangTimeoutSeconds"), step_seconds=d.get("stepSeconds"),
+                   stragglers=tuple(Straggler.from_dict(s) for s in d.get("stragglers") or ()
+                                    if isinstance(s, Mapping)))
+
+
+@dataclass(frozen=True)
+class Hang:
+    """``status.phases[].lastHang``: an attempt the operator ended because it made no
+    progress; ``rank``/``pod``: the one that stopped first; ``stackDumps``: URIs."""
+
+    attempt: int
+    time: datetime
+    step: int
+    stalled_seconds: float
+    timeout_seconds: float
+    rank: int
+    pod: str
+    stack_dumps: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        dumps = f"; stack dumps: {', '.join(self.stack_dumps)}" if self.stack_dumps else "; no stack dump"
+        return (f"no step for {self.stalled_seconds:.0f}s (hang timeout {self.timeout_seconds:.0f}s) "
+                f"after step {self.step}; rank {self.rank} (pod {self.pod}) stopped first{dumps}")
+
+    def to_dict(self) -> dict:
+        return {"attempt": self.attempt, "time": ts(self.time), "step": self.step,
+                "stalledSeconds": round(self.stalled_seconds, 1),
+                "timeoutSeconds": round(self.timeout_seconds, 1), "rank": self.rank,
+                "pod": self.pod, "stackDumps": list(self.stack_dumps)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Hang | None":
+        if not d or "attempt" not in d:
+            return None
+        return cls(attempt=int(d["attempt"]),
+                   time=_ts(d.get("time")) or datetime.fromtimestamp(0, timezone.utc),
+                   step=int(d.get("step", 0)), stalled_seconds=float(d.get("stalledSeconds", 0)),
+                   timeout_seconds=float(d.get("timeoutSeconds", 0)), rank=int(d.get("rank", 0)),
+                   pod=str(d.get("pod", "")), stack_dumps=tuple(d.get("stackDumps") or ()))
+
+
+@dataclass(frozen=True)
 class PhaseStatus:
     """``status.phases[]``: everything the operator must remember about one phase.
 
@@ -307,6 +408,9 @@ class PhaseStatus:
     # Standbys of the current attempt that failed in a row (none became ready between):
     # retried with backoff (standby_retry_at), none kept after MAX_STANDBY_FAILURES.
     standby_failures: int = 0
+    progress: ProgressRef | None = None
+    hangs: int = 0  # attempts ended as Hung (charged to the failure budget)
+    last_hang: Hang | None = None
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -344,6 +448,12 @@ class PhaseStatus:
             d["unstartedPreemptions"] = self.unstarted_preemptions
         if self.standby_failures:
             d["standbyFailures"] = self.standby_failures
+        if self.progress is not None:
+            d["progress"] = self.progress.to_dict()
+        if self.hangs:
+            d["hangs"] = self.hangs
+        if self.last_hang is not None:
+            d["lastHang"] = self.last_hang.to_dict()
         return d
 
     @classmethod
@@ -372,6 +482,9 @@ class PhaseStatus:
             standby_retry_at=_ts(d.get("standbyRetryAt")),
             unstarted_preemptions=int(d.get("unstartedPreemptions", 0)),
             standby_failures=int(d.get("standbyFailures", 0)),
+            progress=ProgressRef.from_dict(d.get("progress")),
+            hangs=int(d.get("hangs", 0)),
+            last_hang=Hang.from_dict(d.get("lastHang")),
         )
 
     @property
@@ -389,6 +502,6 @@ def phase_statuses(spec: JobSpec, status: Mapping[str, Any] | None) -> dict[str,
 
 __all__ = [
     "JobSpec", "PhaseSpec", "CheckpointSpec", "RecoverySpec", "PhaseStatus", "Failure",
-    "CheckpointRef", "StandbyRef", "Notice", "phase_statuses", "ts", "parse_ts",
+    "CheckpointRef", "StandbyRef", "Notice", "ProgressRef", "Hang", "Straggler", "phase_statuses", "ts", "parse_ts",
     "bounded",
 ]

@@ -34,6 +34,7 @@ import hashlib
 from typing import Any, Mapping, Sequence
 
 from phoenix_trainer.core import contract as env
+from phoenix_trainer.core.heartbeat import ENV_HANG_DETECTION, ENV_HANG_TIMEOUT_SECONDS
 
 from . import constants as C
 from .outcomes import trainer_container_name
@@ -192,6 +193,9 @@ def phoenix_env(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, at
         (env.ENV_CHECKPOINT_INTERVAL_SECONDS,
          str(ck.interval_seconds) if ck.interval_seconds else None),
         (env.ENV_GRACE_SECONDS, str(rec.grace_seconds)),
+        # hang detection (core.heartbeat): the trainer dumps its stacks at the same timeout
+        (ENV_HANG_TIMEOUT_SECONDS, f"{rec.hang_timeout:g}" if rec.hang_timeout else None),
+        (ENV_HANG_DETECTION, None if rec.hang_detection else "false"),
         (env.ENV_AWS_ENDPOINT_URL, ck.endpoint),
         (env.ENV_AWS_DEFAULT_REGION, ck.region or ("us-east-1" if ck.uri.startswith("s3://")
                                                    else None)),
@@ -266,6 +270,9 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
                                                   attempt=attempt if standby else None)
         probed = standby or spec.recovery.standby
         role = [{"name": env.ENV_ROLE, "value": env.ROLE_STANDBY}] if standby else []
+        # the pod's own name, for its heartbeats (a hostname is not always the pod's name)
+        role.append({"name": env.ENV_POD_NAME, "valueFrom": {
+            "fieldRef": {"fieldPath": "metadata.name"}}})
         if "ephemeral-storage" in ((container.get("resources") or {}).get("limits") or {}):
             # the spool's default limit (the trainer's spool_limit_bytes): under the limit
             # the kubelet evicts at, which would look like a preemption and repeat

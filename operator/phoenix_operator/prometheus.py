@@ -96,7 +96,12 @@ def set_checkpoint_time(namespace: str, job: str, phase: str | None, when: float
 def forget_job(namespace: str, job: str) -> None:
     """Drop every series labelled with this job."""
     for counter, labels in _job_labels.pop((namespace, job), ()):
-        counter.remove(*labels)
+        try:
+            counter.remove(*labels)
+        except KeyError:  # a progress series already removed by set_progress
+            pass
+    for key in [k for k in _rank_labels if k[:2] == (namespace, job)]:
+        _rank_labels.pop(key, None)
     set_checkpoint_time(namespace, job, None, None)
 
 
@@ -142,3 +147,104 @@ def set_leader(leading: bool, holder: str, term: int, transition: float | None) 
 def serve(port: int, host: str) -> None:
     if port:
         start_http_server(port, addr=host)
+
+
+# --- progress (decide.hangs): per rank, from the running attempts' heartbeats ------------
+RANK_STEP = Gauge("phoenix_rank_step_seconds",
+                  "Median seconds per step of each rank of a running phase (its heartbeats).",
+                  ["namespace", "phoenixjob", "phase", "rank"])
+RANK_COMPUTE = Gauge("phoenix_rank_compute_seconds",
+                     "Median compute seconds per step before the rank's first collective "
+                     "(a gang's stragglers stand out here).",
+                     ["namespace", "phoenixjob", "phase", "rank"])
+LAST_STEP = Gauge("phoenix_last_step_timestamp_seconds",
+                  "When the running phase last completed a step (status progress.lastStepTime).",
+                  ["namespace", "phoenixjob", "phase"])
+_rank_labels: dict[tuple[str, str, str], set[tuple[Gauge, tuple[str, ...]]]] = {}
+
+
+def set_progress(namespace: str, job: str, phase: str,
+                 ranks: list[tuple[int, float | None, float | None]],
+                 last_step: float | None) -> None:
+    """One phase's per-rank step and compute times and its last step time; series of ranks
+    no longer reported (another attempt, fewer ranks) are removed."""
+    key = (namespace, job, phase)
+    now: set[tuple[Gauge, tuple[str, ...]]] = set()
+    for rank, step, compute in ranks:
+        for gauge, value in ((RANK_STEP, step), (RANK_COMPUTE, compute)):
+            if value is not None:
+                labels = (namespace, job, phase, str(rank))
+                gauge.labels(*labels).set(value)
+                now.add((gauge, labels))
+    if last_step is not None:
+        LAST_STEP.labels(namespace, job, phase).set(last_step)
+        now.add((LAST_STEP, (namespace, job, phase)))
+    for gauge, labels in _rank_labels.get(key, set()) - now:
+        gauge.remove(*labels)
+    _rank_labels[key] = now
+    if now:
+        _job_labels.setdefault((namespace, job), set()).update(now)
+
+
+class _JobStatus:
+    """Per-job gauges for the chart's dashboard and alerts, computed at scrape time from the
+    status this replica last applied to each job (and the job's failure budget):
+
+    - ``phoenix_job_status{status}``: 1 for the job's ``status.phase``, 0 for the others
+      (so "not Recovering" is a series too, and an alert on it has something to compare);
+    - ``phoenix_phase_failures`` / ``phoenix_phase_failure_budget``: a phase's failures so far
+      and ``recovery.maxFailures`` (the phase fails at one more than the budget);
+    - ``phoenix_phase_standby_failures``: the current attempt's standbys that failed in a row.
+
+    Shown only while ``leading()``: a replica that lost the Lease would otherwise go on
+    reporting the last status it applied (say, Recovering) for as long as it runs."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[tuple[str, str], tuple[str, int, tuple[tuple[str, int, int], ...]]] = {}
+        self.leading = lambda: True
+
+    def set(self, namespace: str, job: str, status: dict, max_failures: int) -> None:
+        phases = tuple((str(p.get("name", "")), int(p.get("failures", 0)),
+                        int(p.get("standbyFailures", 0)))
+                       for p in status.get("phases") or () if p.get("name"))
+        self.jobs[(namespace, job)] = (str(status.get("phase") or ""), max_failures, phases)
+
+    def forget(self, namespace: str, job: str) -> None:
+        self.jobs.pop((namespace, job), None)
+
+    def collect(self):
+        status = GaugeMetricFamily("phoenix_job_status",
+                                   "1 for the PhoenixJob's status.phase, 0 for the others.",
+                                   labels=["namespace", "phoenixjob", "status"])
+        failures = GaugeMetricFamily("phoenix_phase_failures",
+                                     "Failures charged to the phase's budget so far.",
+                                     labels=["namespace", "phoenixjob", "phase"])
+        budget = GaugeMetricFamily("phoenix_phase_failure_budget",
+                                   "recovery.maxFailures: failures a phase may have (one more "
+                                   "fails it).", labels=["namespace", "phoenixjob", "phase"])
+        standby = GaugeMetricFamily("phoenix_phase_standby_failures",
+                                    "Standbys of the current attempt that failed in a row.",
+                                    labels=["namespace", "phoenixjob", "phase"])
+        if self.leading():
+            for (ns, job), (phase, max_failures, phases) in list(self.jobs.items()):
+                for s in JobPhases.PHASES:
+                    status.add_metric([ns, job, s], 1.0 if s == phase else 0.0)
+                for name, n, standby_failures in phases:
+                    failures.add_metric([ns, job, name], n)
+                    budget.add_metric([ns, job, name], max_failures)
+                    standby.add_metric([ns, job, name], standby_failures)
+        yield from (status, failures, budget, standby)
+
+
+JOB_STATUS = _JobStatus()
+REGISTRY.register(JOB_STATUS)
+
+
+def start_job_counters(namespace: str, job: str) -> None:
+    """The job's notice, standby, hand-off and promotion counters, at 0 until the first one:
+    a counter with no series yet shows as "no data" on a dashboard, not as none."""
+    seen = _job_labels.setdefault((namespace, job), set())
+    for counter in STANDBY_COUNTERS.values():
+        if (counter, (namespace, job)) not in seen:
+            counter.labels(namespace, job)
+            seen.add((counter, (namespace, job)))

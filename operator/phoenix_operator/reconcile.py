@@ -34,7 +34,7 @@ from .decide import Plan, decide
 from .gather import Gather, Key, Tombstones
 from .kube import Kube
 from .leader import Leadership
-from .phoenixjob import JobSpec
+from .phoenixjob import JobSpec, RecoverySpec
 from .workqueue import Backoff, WorkQueue
 
 log = logging.getLogger("phoenix.reconcile")
@@ -54,6 +54,8 @@ class Reconciler:
         self.known: set[Key] = set()  # every job a handler named: queued when we lead
         self.executor = ThreadPoolExecutor(config.api_workers, thread_name_prefix="phoenix-api")
         self.jobs = prometheus.JobPhases()  # last seen status.phase (metrics, resync)
+        # Per-job gauges only from the replica that writes (a standby's would be stale).
+        prometheus.JOB_STATUS.leading = lambda: self.leadership.holds()
         self.tombstones = Tombstones()
         self.gather = Gather(kube, config, self.call, self.tombstones)
         self.applier = Applier(kube, self.call, lambda: self.clock(), self.gather,
@@ -73,6 +75,10 @@ class Reconciler:
     def _applied(self, job: dict, plan: Plan) -> None:
         meta = job["metadata"]
         self.jobs.set((meta["namespace"], meta["name"]), plan.status.get("phase", ""))
+        budget = ((job.get("spec") or {}).get("recovery") or {}).get("maxFailures")
+        prometheus.JOB_STATUS.set(meta["namespace"], meta["name"], plan.status,
+                                  int(budget if budget is not None else RecoverySpec.max_failures))
+        prometheus.start_job_counters(meta["namespace"], meta["name"])
 
     # --- triggering (main's handlers) ------------------------------------------------------
     def poke(self, key: Key) -> None:
@@ -96,8 +102,10 @@ class Reconciler:
     def forget(self, key: Key) -> None:
         self.known.discard(key)
         self.tombstones.forget(key)
+        self.gather.heartbeats.forget(key)
         self.queue.forget(key)
         prometheus.forget_job(*key)
+        prometheus.JOB_STATUS.forget(*key)
         self.jobs.forget(key)
 
     async def resync_forever(self) -> None:
@@ -143,12 +151,13 @@ class Reconciler:
             self.forget((namespace, name))
             return None
         facts = await self.gather.facts(job)
+        progress = await self.gather.progress(facts)
         plan = decide(job, facts.pods, facts.listings, self.clock(), facts.nodes, facts.foreign,
-                      spec=facts.spec)
+                      spec=facts.spec, progress=progress)
         if plan.needs_checkpoints:
             facts = await self.gather.listings(facts, plan.needs_checkpoints)
             plan = decide(job, facts.pods, facts.listings, self.clock(), facts.nodes,
-                          facts.foreign, spec=facts.spec)
+                          facts.foreign, spec=facts.spec, progress=progress)
         return await self.applier.apply(job, facts.spec, plan)
 
     async def apply(self, job: dict, plan: Plan, spec: JobSpec | None = None) -> float | None:

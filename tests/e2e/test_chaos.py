@@ -10,7 +10,12 @@ on-demand node as the reference.
 - `test_chaos_schedule` (`make test-soak`): seeded random schedules of at least ten
   disruptions of the same kinds, in other orders and repeated.
 
-Every job must succeed with final weights equal to the reference run's, tensor for tensor;
+During the fixed schedule a real Prometheus (lab/phoenix_lab/prometheus.py) scrapes every
+operator replica with the chart's alert rules loaded; afterwards every query of the chart's
+Grafana dashboard and the vector of every alert must return series from it.
+
+Every job must succeed with final weights equal to the reference run's, tensor for tensor, and
+none may be judged hung (the default hang rule sees no false positive under chaos);
 no two trainer pods of the phase may ever run at once (a watch checks it throughout); the
 status must count exactly the preemptions and failures that were injected (a bare SIGKILL of
 the container is a failure: nothing says it came from outside); `phoenix report`, read from
@@ -41,6 +46,8 @@ from phoenix_e2e import (CREDENTIALS_SECRET, GROUP, PLURAL, VERSION, check_opera
 from phoenix_lab import samples
 from phoenix_trainer.core.layout import HISTORY_KEY
 from phoenix_lab.chaos import ALL_DISRUPTIONS, Injector, is_failure, is_preemption, plan
+from phoenix_lab.install import CHART
+from phoenix_lab.prometheus import LabPrometheus, ScrapeTarget, alert_vectors, dashboard_queries
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -114,17 +121,58 @@ def _operator_killer(lab, release):
     return kill
 
 
-def test_every_disruption_once(e2e, kube, e2e_bucket, submit_job, lab_target):
+def test_every_disruption_once(e2e, kube, e2e_bucket, submit_job, lab_target, tmp_path):
     """helm install -> every operator replica runs restricted and Ready -> one PhoenixJob is
     evicted, deleted with a 1 s grace, SIGKILLed, loses its node, is evicted while the
     leading operator is killed, and trains through an S3 outage -> Succeeded, with the
-    reference run's final weights."""
+    reference run's final weights; a real Prometheus scraping the operators meanwhile
+    answers every dashboard query and alert expression of the chart."""
     check_operator_pods(e2e, steady_seconds=10)
-    run_schedule(list(ALL_DISRUPTIONS), FIXED_CFG, unique("every"), e2e, kube, e2e_bucket,
-                 submit_job, *lab_target)
-    # The leader's /metrics (bound to 0.0.0.0 in its pod, read at the pod IP) counted them.
-    metrics = lab_target[1].metrics()
-    assert 'phoenix_recoveries_total{' in metrics, metrics[-2000:]
+    lab, release = lab_target
+    name = unique("every")
+    started = time.monotonic()
+    with scrape_operators(release, tmp_path / "prometheus") as prom:
+        prom.wait_scraped()
+        run_schedule(list(ALL_DISRUPTIONS), FIXED_CFG, name, e2e, kube, e2e_bucket,
+                     submit_job, lab, release)
+        # The leader's /metrics (bound to 0.0.0.0 in its pod, read at the pod IP) counted them.
+        metrics = release.metrics()
+        assert 'phoenix_recoveries_total{' in metrics, metrics[-2000:]
+        check_monitoring(prom, e2e.namespace, name, int(time.monotonic() - started) + 1)
+
+
+def scrape_operators(release, state_dir) -> LabPrometheus:
+    """Prometheus scraping every operator replica at its pod IP, as the chart's
+    ServiceMonitor would (job, namespace and pod target labels; honorLabels), with the
+    chart's alert rules. The pods stay through the schedule (the operator-kill restarts a
+    container, not the pod), so static targets do."""
+    targets = []
+    for pod in release.operators.pods():
+        port = next(p["containerPort"] for c in pod["spec"]["containers"]
+                    for p in c.get("ports") or () if p.get("name") == "metrics")
+        targets.append(ScrapeTarget(f"{pod['status']['podIP']}:{port}", {
+            "namespace": release.namespace, "pod": pod["metadata"]["name"]}))
+    assert len(targets) >= 2, f"expected every operator replica: {targets}"
+    return LabPrometheus(state_dir, f"{release.release}-operator", targets,
+                         rule_files=[CHART / "rules" / "phoenix-alerts.yaml"])
+
+
+def check_monitoring(prom: LabPrometheus, namespace: str, job: str, seconds: int) -> None:
+    """Every dashboard query and every alert's vector returns series; the rules evaluate
+    cleanly; the per-job gauges tell the truth about the job that just finished."""
+    prom.wait_scraped()  # a few scrapes after the job's end
+    broken = [(r["name"], r["lastError"]) for r in prom.rules() if r["health"] != "ok"]
+    assert broken == [], broken
+    queries = dashboard_queries(CHART / "dashboards" / "phoenix.json", range_=f"{seconds}s")
+    queries += alert_vectors(CHART / "rules" / "phoenix-alerts.yaml")
+    empty = [(title, expr) for title, expr in queries if not prom.query(expr)]
+    assert empty == [], f"no series for: {empty}\ntargets: {prom.scrapes()}"
+    job_sel = f'namespace="{namespace}", phoenixjob="{job}"'
+    assert [r["metric"]["status"] for r in prom.query(f"phoenix_job_status{{{job_sel}}} == 1")] \
+        == ["Succeeded"]
+    assert prom.query(f"phoenix_phase_failures{{{job_sel}}}")[0]["value"][1] == \
+        str(sum(map(is_failure, ALL_DISRUPTIONS)))
+    assert prom.query("max(phoenix_operator_leader)")[0]["value"][1] == "1"
 
 
 @pytest.mark.soak
@@ -207,6 +255,10 @@ def run_schedule(schedule, cfg, name, e2e, kube, e2e_bucket, submit_job, lab, re
     assert train["preemptions"] == expected_preemptions, diagnose()
     assert train["failures"] == expected_failures, diagnose()
     assert set(schedule) <= {i.kind for i in injector.log}
+    # No false hang: restores, emergency saves and the S3 outage stay under the default rule.
+    hung = kube.core.list_namespaced_event(
+        e2e.namespace, field_selector=f"involvedObject.name={name},reason=Hung").items
+    assert hung == [] and "hangs" not in train, [e.message for e in hung]
     reference_job = reference.wait(timeout=300)
     assert phase_status(reference_job)["preemptions"] == 0, reference_job["status"]
     storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{name}/train", lab.s3)

@@ -53,6 +53,7 @@ from .core.errors import CheckpointError, CorruptCheckpointError, SpoolFullError
 from .core.layout import CheckpointInfo, Manifest, step_dir_name
 from .core.storage import Storage
 from .core.writer import file_digest, publish_manifest, upload_shards
+from .progress import note_collective
 from .restore import Restored
 from .session import Session
 from .tensors import tree_nbytes
@@ -104,6 +105,8 @@ def exact_allreduce_hook(process_group, bucket):  # unannotated: DDP checks the 
     same whatever the order. Twice the bytes on the wire; register it for bit-exact DDP resumes:
     ``model.register_comm_hook(None, exact_allreduce_hook)``. (FSDP2 keeps a fixed layout and
     needs nothing.)"""
+    if bucket.index() == 0:
+        note_collective()  # this rank's compute before the step's first collective
     grads = bucket.buffer()
     group = process_group if process_group is not None else dist.group.WORLD
     wide = grads.to(torch.float64)

@@ -62,7 +62,10 @@ from .core.storage import Storage, open_storage
 from .determinism import EXACT, Exactness
 from .finish import EXIT_RESERVE_SECONDS, Finisher, RunResult, StandbyEnded
 from .peers import Peers, SoloPeers
+from .core.heartbeat import (ACTIVITY_FINISHING, ACTIVITY_RESTORING, ACTIVITY_STANDBY,
+                             ACTIVITY_TRAINING)
 from .policies import CheckpointPolicy, ReportingPolicy, take_legacy_keywords
+from .progress import Progress
 from .restore import Loader, LocalLoader, Restored, Restorer
 from .standby import STANDBY_PREFETCH_SECONDS, Standby
 from .stopping import HANDOFF_SAVE_LIMIT_SECONDS, HANDOFF_SIGNAL, StopRequest
@@ -136,6 +139,7 @@ class Session:
                                stop=self.stop, clock=clock, log=self.log, mark_ready=self._mark_ready,
                                end=self.finisher.end_standby)
         self.control: ControlPoller | None = None
+        self.progress = Progress(self.storage, rank=self.peers.rank, log_=self.log)
         self.status_server = start_status_server(self.env.status_port) if self.peers.leads_pod else None
         self.restore_started = False
         self.last_step = 0  # the newest step boundary the loop told us about
@@ -190,6 +194,7 @@ class Session:
 
     def _agree(self, step: int) -> tuple[bool, ...]:
         self.last_step = step
+        self.progress.step(step)
         stop, due = self.peers.agree(step, lambda: (self.stop_requested, self.checkpointing.due(step)))
         if stop and not self.stop_requested:
             self.log.info("a peer rank was asked to stop; stopping at step %d with it", step)
@@ -211,9 +216,11 @@ class Session:
         else:
             run.attempt = env.attempt or 0
         target = env.resume_from
+        self.progress.start(run.attempt, ACTIVITY_STANDBY if env.standby else ACTIVITY_RESTORING)
         if env.standby:
             target = self.standby.wait(run.attempt)
             self.peers.barrier()  # a gang restores together once every rank is promoted
+            self.progress.set_activity(ACTIVITY_RESTORING)
             self._startup["standby"] = time.time() - began
             began = time.time()
         restored = self.restorer.find_own(target) if self.storage is not None else None
@@ -228,6 +235,7 @@ class Session:
         self._mark_ready()
         self._startup["restore"] = time.time() - began
         self.restorer.end_prefetch()
+        self.progress.set_activity(ACTIVITY_TRAINING)
         return restored
 
     def _start_control(self) -> None:
@@ -309,12 +317,14 @@ class Session:
 
         ``state`` may be a callable so that a stop too close to the grace deadline does not
         even pay for building it; its size is what the time estimate is made from."""
+        self.progress.set_activity(ACTIVITY_FINISHING)
         return self.finisher.finish(reason, step, epoch=epoch, state=state, progress=progress,
                                     train_seconds=train_seconds)
 
     def fail(self, error: BaseException, step: int, *, epoch: int = 0,
              train_seconds: float = 0.0) -> RunResult:
         """End the run as failed (exit 1): finished uploads stay as fallbacks."""
+        self.progress.set_activity(ACTIVITY_FINISHING)
         return self.finisher.fail(error, step, epoch=epoch, train_seconds=train_seconds)
 
     def close(self) -> None:
@@ -330,6 +340,7 @@ class Session:
         # After a preemption we already spent what the grace period allowed.
         self.checkpointing.close(timeout=0 if self.stop_requested else None)
         self.restorer.close()
+        self.progress.close()
 
     def __enter__(self) -> "Session":
         return self

@@ -51,7 +51,7 @@ The package, by concern: ``plan`` (the facts it reads, the plan it returns, ``Ct
 ``phases`` (the per-phase state machine: a dispatch table from state to handler),
 ``attempts`` (an attempt's outcome, budgets, resume point, fence floor, new pods),
 ``gangs`` (a gang's outcome and all-or-nothing scheduling), ``standby`` (standbys and
-notices), ``status`` (the job's status and conditions). ``decide`` below walks the phases.
+notices), ``hangs`` (an attempt that stopped making progress, stragglers), ``status`` (the job's status and conditions). ``decide`` below walks the phases.
 """
 from __future__ import annotations
 
@@ -63,18 +63,19 @@ from ..constants import JobPhase
 from ..node_health import NodeHealth
 from ..phoenixjob import JobSpec, phase_statuses
 from .phases import decide_phase
-from .plan import (AttemptEnd, Checkpoint, ControlWrite, CreatePod, Ctx, DeletePod, Listing, Note, Plan,
-                   Promote, Recovery, pods_by_phase)
+from .plan import (AttemptEnd, Checkpoint, ControlWrite, CreatePod, Ctx, DeletePod, Listing,
+                   Note, PhaseProgress, Plan, Promote, RankProgress, Recovery, pods_by_phase)
 from .status import failure_summary, job_status
 
-__all__ = ["AttemptEnd", "Checkpoint", "ControlWrite", "CreatePod", "DeletePod", "Listing", "Note", "Plan",
-           "Promote", "Recovery", "decide"]
+__all__ = ["AttemptEnd", "Checkpoint", "ControlWrite", "CreatePod", "DeletePod", "Listing", "Note",
+           "PhaseProgress", "Plan", "Promote", "RankProgress", "Recovery", "decide"]
 
 
 def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
            checkpoints: Mapping[str, Listing], now: datetime,
            nodes: Mapping[str, NodeHealth] | None = None,
-           foreign: Mapping[str, str] | None = None, spec: JobSpec | None = None) -> Plan:
+           foreign: Mapping[str, str] | None = None, spec: JobSpec | None = None,
+           progress: Mapping[str, PhaseProgress] | None = None) -> Plan:
     """``nodes``: health of the nodes the job's live pods are bound to, by name (missing
     names count as healthy). ``foreign``: pod names the status wants that are taken by pods
     this job does not own, with who owns them. ``spec``: ``job["spec"]`` as the caller
@@ -86,7 +87,7 @@ def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
     ctx = Ctx(job=meta["name"], namespace=meta.get("namespace") or "default",
               uid=str(meta.get("uid") or ""), spec=spec,
               checkpoints=checkpoints, now=now, plan=Plan(status={}), nodes=nodes or {},
-              foreign=foreign or {})
+              foreign=foreign or {}, progress=progress or {})
     grouped = pods_by_phase(pods)
     # Spec order: a phase that succeeds in this pass lets its dependents start in the same pass.
     for phase in spec.phases:

@@ -70,13 +70,22 @@ def describe(outcome: Outcome) -> str:
     return text
 
 
+def _hung(st: PhaseStatus, outcome: Outcome) -> Outcome:
+    """The operator ended this attempt as hung (``decide.hangs``): a failure, reason Hung,
+    whatever the killed pod's exit says."""
+    hang = st.last_hang
+    if hang is None or hang.attempt != st.attempts or outcome.cause == Cause.COMPLETED:
+        return outcome
+    return replace(outcome, cause=Cause.FAILURE, reason=C.R_HUNG, message=hang.describe())
+
+
 def account(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
              member: str | None = None, culprit: Mapping[str, Any] | None = None) -> PhaseStatus:
     """The recorded attempt ended: charge the right budget and move the state machine.
     ``member``: the pod that ended it (a gang's member that caused it); ``culprit``: that
     pod's object, if it still exists (its node and creation time go into the history)."""
     ended = outcome.finished_at or ctx.now
-    outcome = _handed_off(st, outcome)
+    outcome = _hung(st, _handed_off(st, outcome))
     pod = member or st.pod or pod_name(ctx.job, phase.name, st.attempts)
     if phase.replicas > 1 and outcome.cause != Cause.COMPLETED:
         pod = f"{pod} (gang member {pod.rsplit('.', 1)[-1]} of {phase.replicas})"

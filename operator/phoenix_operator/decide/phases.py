@@ -25,6 +25,7 @@ from ..phoenixjob import PhaseSpec, PhaseStatus
 from ..states import Event, is_terminal, transition
 from .attempts import account, adopt, attempt_outcome, checkpoint_from, start_attempt
 from .gangs import gang_scheduled_in_time
+from .hangs import watch
 from .plan import CONFLICT_RETRY_SECONDS, Ctx, DeletePod, Pods, is_standby_pod
 from .standby import (cannot_take_over, create_standby, drop_standby, live_standby, promote,
                       standby_and_notice)
@@ -142,7 +143,7 @@ def _pending(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
 
 def _running(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
              statuses: Statuses) -> PhaseStatus:
-    return standby_and_notice(ctx, phase, st, pods)
+    return watch(ctx, phase, standby_and_notice(ctx, phase, st, pods), pods)
 
 
 def _recovering(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,

@@ -64,6 +64,37 @@ class Listing:
                       key=lambda c: c.step, reverse=True)
 
 
+@dataclass(frozen=True)
+class RankProgress:
+    """One rank's newest heartbeat (``core.heartbeat.Heartbeat``) as ``gather`` read it, with
+    ``stalled`` brought up to the time of the read: the rank's own count when it wrote, plus
+    how long the operator has seen that same heartbeat unchanged (a frozen process writes
+    none). ``stack_dump``: the dump's URI, once the rank wrote one."""
+
+    rank: int
+    pod: str
+    step: int
+    activity: str
+    stalled: float
+    frozen: bool = False  # its heartbeat stopped being rewritten
+    step_p50: float | None = None
+    step_p95: float | None = None
+    compute_p50: float | None = None
+    steps_timed: int = 0
+    stack_dump: str = ""
+    in_collective: bool = False  # waiting on its peers in this step's first collective
+    node: str = ""
+
+
+@dataclass(frozen=True)
+class PhaseProgress:
+    """A running attempt's heartbeats (``ranks`` empty: none written yet)."""
+
+    attempt: int
+    ranks: tuple[RankProgress, ...] = ()
+    error: str | None = None  # the read failed: nothing is decided from it
+
+
 # --- outputs ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -160,6 +191,8 @@ class Plan:
     ended: list[AttemptEnd] = field(default_factory=list)  # for the history (apply's last step)
     needs_checkpoints: set[str] = field(default_factory=set)
     requeue_after: float | None = None
+    # For metrics: per running phase, (rank, median step seconds, median compute seconds).
+    rank_times: dict[str, list[tuple[int, float | None, float | None]]] = field(default_factory=dict)
 
     def requeue(self, seconds: float) -> None:
         seconds = max(0.0, seconds)
@@ -214,6 +247,8 @@ class Ctx:
     missing: list[str] = field(default_factory=list)  # checkpoints the status names, not listed
     storage_errors: list[str] = field(default_factory=list)  # listings that failed, and why
     stranded: list[str] = field(default_factory=list)
+    progress: Mapping[str, PhaseProgress] = field(default_factory=dict)  # running phases'
+    stragglers: list[str] = field(default_factory=list)  # the Straggler condition's lines
 
     def note(self, type_: str, reason: str, message: str) -> None:
         self.plan.events.append(Note(type_, reason, message))

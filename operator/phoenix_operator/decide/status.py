@@ -94,8 +94,10 @@ def job_status(ctx: Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str, 
     if "history" in old:  # the history's summary: written by apply's ``history`` step only
         status["history"] = old["history"]
     last = cur.last_checkpoint if cur else None
+    prog = cur.progress if cur and cur.state == S.RUNNING and cur.progress is not None and cur.progress.attempt == cur.attempts else None
     for key, value in (("step", last.step if last else None),
-                       ("lastCheckpointTime", ts(last.time) if last and last.time else None)):
+                       ("lastCheckpointTime", ts(last.time) if last and last.time else None),
+                       ("lastStepTime", ts(prog.last_step_time) if prog else None)):
         if value is not None:
             status[key] = value
         elif key in old:
@@ -173,7 +175,7 @@ def _recovering_text(ctx: Ctx, current: str | None, cur: PhaseStatus | None) -> 
 def _sticky_conditions(ctx: Ctx, statuses: Mapping[str, PhaseStatus],
                        old_conds: Mapping[str, Mapping[str, Any]],
                        generation: int | None) -> list[dict[str, Any]]:
-    """PrefixConflict, CheckpointMissing, StandbyFailing, StorageError: present once they
+    """PrefixConflict, CheckpointMissing, StandbyFailing, StorageError, Straggler: present once they
     were True (False: resolved), absent for jobs they never concerned."""
     standby_failing = [
         f"phase {s.name}: {s.standby_failures} standbys in a row failed before one became ready;"
@@ -181,8 +183,12 @@ def _sticky_conditions(ctx: Ctx, statuses: Mapping[str, PhaseStatus],
         "next attempt tries again)"
         for s in statuses.values()
         if s.state == S.RUNNING and s.standby_failures >= C.MAX_STANDBY_FAILURES]
+    slow = [f"phase {s.name}: {g.describe()}" for s in statuses.values()
+            if s.state == S.RUNNING and s.progress is not None and s.progress.attempt == s.attempts
+            for g in s.progress.stragglers]
     conds = []
     for type_, found, reason, event in (
+            (C.COND_STRAGGLER, slow, "SlowRank", C.EV_STRAGGLER),
             (C.COND_PREFIX_CONFLICT, ctx.prefix_conflicts, "HeldByAnotherJob", C.EV_PREFIX_CONFLICT),
             (C.COND_CHECKPOINT_MISSING, ctx.missing, "NotListed", C.EV_CHECKPOINT_MISSING),
             (C.COND_STANDBY_FAILING, standby_failing, "TooManyFailures", None),

@@ -62,3 +62,21 @@ def test_notices_standbys_and_handoffs_are_counted_as_their_events_are_posted():
     assert [value(n) for n in ("phoenix_notices_total", "phoenix_standbys_started_total",
                                "phoenix_handoffs_total", "phoenix_standby_promotions_total")] == [
         1.0, 1.0, 1.0, 2.0]
+
+
+def test_per_rank_progress_series_follow_the_running_attempt_and_go_with_the_job():
+    from phoenix_operator import prometheus as P
+
+    def series(name):
+        return {tuple(s.labels.values()): s.value for m in P.REGISTRY.collect()
+                for s in m.samples if s.name == name and s.labels.get("phoenixjob") == "prog"}
+
+    P.set_progress("ns", "prog", "train", [(0, 0.1, 0.05), (1, 0.1, 0.2)], 1000.0)
+    assert series("phoenix_rank_compute_seconds") == {("ns", "prog", "train", "0"): 0.05,
+                                                      ("ns", "prog", "train", "1"): 0.2}
+    assert series("phoenix_last_step_timestamp_seconds") == {("ns", "prog", "train"): 1000.0}
+    P.set_progress("ns", "prog", "train", [(0, 0.1, None)], 1010.0)  # fewer ranks now
+    assert list(series("phoenix_rank_step_seconds")) == [("ns", "prog", "train", "0")]
+    assert series("phoenix_rank_compute_seconds") == {}
+    P.forget_job("ns", "prog")
+    assert series("phoenix_rank_step_seconds") == {} and series("phoenix_last_step_timestamp_seconds") == {}

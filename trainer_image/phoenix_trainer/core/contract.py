@@ -28,6 +28,7 @@ ENV_TERMINATION_LOG = "PHOENIX_TERMINATION_LOG"
 ENV_FORCE_RESUME = "PHOENIX_FORCE_RESUME"
 ENV_ROLE = "PHOENIX_ROLE"  # "active" (default) or "standby": wait, warm, until the fence names us
 ENV_CONTROL_POLL_SECONDS = "PHOENIX_CONTROL_POLL_SECONDS"  # how often control/fence are read
+ENV_POD_NAME = "PHOENIX_POD_NAME"  # the pod's name (downward API), named in heartbeats
 ENV_STATUS_PORT = "PHOENIX_STATUS_PORT"  # serve GET /ready here (the pod's readiness probe)
 ROLE_ACTIVE, ROLE_STANDBY = "active", "standby"
 DEFAULT_CONTROL_POLL_SECONDS = 0.25

@@ -1,0 +1,113 @@
+"""A running attempt that stopped making progress, and a gang rank that holds the others back.
+
+Read from the attempt's heartbeats (``core.heartbeat``; ``gather`` reads them, this module
+only judges). Per rank, the timeout is ``core.heartbeat.watch_timeout``: the spec's
+``recovery.hangTimeoutSeconds``, else ten times the rank's 95th-percentile step time with a
+3-minute floor, and 10 minutes for a restore; a process starting, waiting as a standby or
+finishing is not watched. When a watched rank has made no progress for its timeout, the
+attempt is *hung*: the operator waits until every rank that still runs has written its stack
+dump (each writes one on reaching the timeout) or ``DUMP_GRACE_SECONDS`` have passed (a
+frozen process writes none), then records ``lastHang`` (the rank that stopped first, the
+dumps), posts a ``Hung`` event and deletes the attempt's pods with a short grace (a hung loop
+cannot run its emergency save). When they are gone, ``attempts.account`` charges the attempt
+to the failure budget with reason ``Hung`` - a hang is treated like a crash: the same budget,
+backoff and checkpoint fallback - and a replacement resumes from the newest valid checkpoint.
+
+Which rank stopped first: the one furthest behind (lowest step); among equals, a frozen one
+(its heartbeat stopped being rewritten: SIGSTOP, a frozen cgroup), then one that has not yet
+entered the step's collective (the others wait in it for this one), then the longest stalled.
+
+Stragglers: with two ranks or more, ``core.heartbeat.stragglers`` compares each rank's compute
+time before its first collective per step (not the wall time every rank shares); a straggler
+is recorded in ``progress.stragglers``, which raises the ``Straggler`` condition and its event.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+from .. import constants as C
+from ..constants import PhaseState
+from ..phoenixjob import Hang, PhaseSpec, PhaseStatus, ProgressRef, Straggler
+from .plan import Ctx, PhaseProgress, Pods, RankProgress
+from phoenix_trainer.core.heartbeat import DUMP_GRACE_SECONDS, stragglers, watch_timeout
+
+# The status's progress is rewritten only when the last step moved this much (or stragglers
+# changed): one status write per running job per minute at most, not one per heartbeat. A
+# running phase with heartbeats is looked at again this often, or sooner: at the earliest
+# moment a rank could reach its timeout (no rank can be hung before then).
+PROGRESS_REFRESH_SECONDS = 60.0
+# A hung process cannot run its SIGTERM handler (the main thread is blocked): no long grace.
+HUNG_GRACE_SECONDS = 2
+
+
+def watch(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
+    """The running attempt: record its progress, name stragglers, end it if it is hung."""
+    rec = ctx.spec.recovery
+    if not rec.hang_detection or st.state != PhaseState.RUNNING:
+        return st
+    if st.last_hang is not None and st.last_hang.attempt == st.attempts:
+        return st  # already being ended
+    prog = ctx.progress.get(phase.name)
+    if prog is None or prog.error or prog.attempt != st.attempts or not prog.ranks:
+        return st
+    ctx.plan.requeue(PROGRESS_REFRESH_SECONDS)
+    ctx.plan.rank_times[phase.name] = [(r.rank, r.step_p50, r.compute_p50) for r in prog.ranks]
+    watched = [(r, t) for r in prog.ranks
+               if (t := watch_timeout(rec.hang_timeout, r.step_p95, r.activity)) is not None]
+    st = _record_progress(ctx, st, prog, watched)
+    hung = [(r, t) for r, t in watched if r.stalled >= t]
+    if not hung:
+        soonest = min((t - r.stalled for r, t in watched), default=None)
+        if soonest is not None:
+            ctx.plan.requeue(max(1.0, soonest))
+        return st
+    over = max(r.stalled - t for r, t in hung)
+    waiting = [r for r, _ in watched if not r.frozen and not r.stack_dump]
+    if waiting and over < DUMP_GRACE_SECONDS:
+        ctx.plan.requeue(min(5.0, DUMP_GRACE_SECONDS - over))
+        return st
+    first, timeout = min(watched, key=lambda rt: (rt[0].step, not rt[0].frozen,
+                                                  rt[0].in_collective, -rt[0].stalled, rt[0].rank))
+    hang = Hang(attempt=st.attempts, time=ctx.now, step=first.step, stalled_seconds=first.stalled,
+                timeout_seconds=timeout, rank=first.rank, pod=first.pod,
+                stack_dumps=tuple(r.stack_dump for r in sorted(prog.ranks, key=lambda r: r.rank)
+                                  if r.stack_dump))
+    ctx.note("Warning", C.EV_HUNG,
+             f"phase {phase.name} attempt {st.attempts} is hung: {hang.describe()}; ending the "
+             "attempt (a failure, reason Hung) and resuming from the newest valid checkpoint")
+    live = [p for p in pods.get(st.attempts, ()) if ctx.outcome(p).live]
+    ctx.delete_live(live, C.R_HUNG, HUNG_GRACE_SECONDS)
+    return replace(st, last_hang=hang, hangs=st.hangs + 1)
+
+
+def _record_progress(ctx: Ctx, st: PhaseStatus, prog: PhaseProgress,
+                     watched: list[tuple[RankProgress, float]]) -> PhaseStatus:
+    ranks = [r for r, _ in watched] or list(prog.ranks)
+    slowest = max(ranks, key=lambda r: r.stalled)
+    timeout = max((t for r, t in watched if r is slowest), default=None)
+    found = _stragglers(prog)
+    new = ProgressRef(attempt=prog.attempt, step=min(r.step for r in ranks),
+                      last_step_time=ctx.now - timedelta(seconds=slowest.stalled),
+                      hang_timeout=timeout, step_seconds=slowest.step_p50, stragglers=found)
+    old = st.progress
+    if (old is not None and old.attempt == new.attempt
+            and [s.rank for s in old.stragglers] == [s.rank for s in new.stragglers]
+            and old.hang_timeout == new.hang_timeout
+            and (new.last_step_time - old.last_step_time).total_seconds() < PROGRESS_REFRESH_SECONDS):
+        return st
+    return replace(st, progress=new)
+
+
+def _stragglers(prog: PhaseProgress) -> tuple[Straggler, ...]:
+    compute = {r.rank: r.compute_p50 for r in prog.ranks if r.compute_p50 is not None}
+    slow = stragglers(compute, {r.rank: r.steps_timed for r in prog.ranks})
+    by_rank = {r.rank: r for r in prog.ranks}
+    out = []
+    for rank in slow:
+        others = sorted(v for k, v in compute.items() if k != rank)
+        mid = others[len(others) // 2]
+        r = by_rank[rank]
+        out.append(Straggler(rank=rank, pod=r.pod, node=r.node, compute_seconds=compute[rank],
+                             others_seconds=mid))
+    return tuple(out)
