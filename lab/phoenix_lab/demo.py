@@ -14,9 +14,11 @@
    container (a failure: nothing says it came from outside), showing live progress like
    `kubectl get pxj` plus step and loss (read from the trainer's `kubectl logs`) and the
    standby's state;
-5. ends with a summary: disruptions survived, standby promotions, steps lost and time to
-   resume per disruption, goodput, and whether the final weights equal the uninterrupted
-   run's, tensor for tensor.
+5. ends with `phoenix report`'s summary of the job's history (the same code: steps lost and
+   time to resume per disruption, goodput, GPU-hours), the demo's own view (disruptions
+   survived, standby promotions, whether the final weights equal the uninterrupted run's,
+   tensor for tensor), and the timeline picture (demo-timeline.png, as `phoenix timeline
+   --out` draws it; needs matplotlib, in the dev extra).
 
 The lab keeps running afterwards so you can look around (`eval "$(phoenix-lab env)"`,
 `kubectl describe pxj -n demo`); `phoenix-lab down` stops it.
@@ -34,12 +36,14 @@ from . import samples
 from .chaos import NOTICE, TRAINER_DISRUPTIONS, Injector
 from .cluster import Lab
 from .install import install_phoenix
+from phoenix_operator.report import build_report, render_text
 
 NAMESPACE = "demo"
 JOB = "mlp-demo"
 REFERENCE_JOB = "mlp-demo-reference"
 BUCKET = "phoenix-demo"
 STEPS_BETWEEN_DISRUPTIONS = 50
+TIMELINE_PNG = Path("demo-timeline.png")  # written at the end (docs/images/ keeps a copy)
 
 
 def say(msg: str) -> None:
@@ -190,30 +194,43 @@ def run_demo(lab: Lab, cfg: samples.TrainConfig, args: argparse.Namespace) -> in
     return summarize(lab, cfg, job, injected, reference, train_wall, prefix, aftermath)
 
 
+def job_history(lab: Lab, job: dict) -> tuple[list[dict], dict]:
+    """The job's history and attempt logs, read the way `phoenix report` reads them."""
+    from phoenix_operator.phase_storage import read_job_history
+    from phoenix_operator.phoenixjob import JobSpec
+    from phoenix_trainer.core.storage import Credentials
+
+    creds = Credentials(endpoint_url=lab.s3.url, access_key=lab.s3.access_key,
+                        secret_key=lab.s3.secret_key)
+    return read_job_history(JobSpec.parse(job["spec"]), credentials=creds, logs_for="all")
+
+
+def write_timeline(records: list[dict], logs: dict, path: Path = TIMELINE_PNG) -> Path | None:
+    """The run's timeline as a PNG (as `phoenix timeline --out` draws it), when matplotlib is
+    installed (the dev and timeline extras); None otherwise."""
+    from datetime import datetime, timezone
+
+    from phoenix_operator import timeline
+
+    lanes = timeline.build(records, logs)
+    try:
+        timeline.render_image(f"PhoenixJob {NAMESPACE}/{JOB} (make demo)", lanes, str(path),
+                              datetime.now(timezone.utc))
+    except ImportError:
+        print(f"   (no timeline picture: matplotlib is not installed; {timeline.INSTALL_HINT})")
+        return None
+    return path
+
+
 def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict],
               reference: samples.ReferenceRun, train_wall: float, prefix: str,
               aftermath: list[str]) -> int:
     st = job.get("status") or {}
     reference_seconds = reference.train_seconds()
     storage = samples.open_phase_storage(f"s3://{BUCKET}/{prefix}/train", lab.s3)
-    began = samples.attempt_starts(storage)
     print()
     say(f"PhoenixJob {NAMESPACE}/{JOB}: {st.get('phase')}")
     print(lab.kubectl("get", "pxj", "-n", NAMESPACE).stdout)
-    print(f"   {'disruption':<14} {'pod':<18} {'seen at step':>12} {'resumed from':>13} "
-          f"{'steps lost':>11} {'back after':>11}")
-    lost_total, downtime = 0, []
-    for d in injected:
-        attempt = int(d["pod"].rsplit("-", 1)[-1])
-        later = [a for a in began if a > attempt]  # a standby's number may skip some
-        nxt = began.get(min(later)) if later else None
-        lost = max(0, d["step"] - nxt[0]) if nxt else None
-        lost_total += lost or 0
-        back = f"{nxt[1] - d['time']:.1f}s" if nxt else "-"
-        if nxt:
-            downtime.append(nxt[1] - d["time"])
-        print(f"   {d['kind']:<14} {d['pod']:<18} {d['step']:>12} {nxt[0] if nxt else '-':>13} "
-              f"{lost if lost is not None else '-':>11} {back:>11}")
     same, final_uri = samples.final_weights_equal(storage, reference.storage())
     try:
         evaluation = json.loads(samples.open_phase_storage(
@@ -222,6 +239,11 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
         evaluation = None
     goodput = reference_seconds / train_wall if train_wall > 0 else 0.0
     print()
+    say(f"phoenix report {JOB} -n {NAMESPACE} (from the job's history in storage)")
+    records, logs = job_history(lab, job)
+    print(render_text(build_report(f"{NAMESPACE}/{JOB}", records, logs)), end="")
+    picture = write_timeline(records, logs)
+    print()
     say("summary")
     print(f"   disruptions survived:       {len(injected)} ({', '.join(d['kind'] for d in injected)})")
     train = samples.job_phase(job)
@@ -229,17 +251,17 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
     print(f"   notices / promotions:       {train.get('notices', 0)} / {train.get('promotions', 0)} "
           "(the notice was handed off at a step boundary; every attempt after the first was a "
           "warm standby taking over)")
-    print(f"   steps lost in total:        {lost_total} (checkpoint every {cfg.checkpoint_every} steps; "
-          "an eviction's emergency checkpoint loses none)")
-    if downtime:
-        print(f"   time to resume training:    {sum(downtime) / len(downtime):.1f}s per disruption on average "
-              "(from the disruption to the standby training: detection, promotion, checkpoint load)")
+    print(f"   steps lost:                 see the report above (checkpoint every "
+          f"{cfg.checkpoint_every} steps; an eviction's emergency checkpoint loses none)")
     print(f"   train phase wall time:      {train_wall:.1f}s (uninterrupted training: {reference_seconds:.1f}s)")
-    print(f"   goodput:                    {goodput:.2f} (useful training time / wall time, "
-          "pod restarts included)")
+    print(f"   wall-clock goodput:         {goodput:.2f} (the uninterrupted run's training time / "
+          "this phase's wall time, pod restarts included)")
     print(f"   final weights == reference: {'yes, tensor for tensor' if same else 'NO'}"
           f" (checkpoint {final_uri or 'none'}; reference: {NAMESPACE}/{reference.name} on the "
           "on-demand node)")
+    if picture:
+        print(f"   timeline picture:           {picture} (phoenix timeline {JOB} -n {NAMESPACE} "
+              "--out FILE.png)")
     for problem in aftermath:
         print(f"   !! {problem}")
     if evaluation:

@@ -16,6 +16,9 @@
 7. ``deletions``: the other deletions, with their grace.
 8. ``status``: the plan's status, unless step 2 wrote it or nothing changed.
 9. ``events``, then 10. ``metrics``.
+11. ``record_history`` (``history_log``): the plan's attempt ends, starts, standbys and
+    notices appended to each phase's ``history.jsonl``, then the summary into the status.
+    Last, so it never delays a replacement; it never raises (trouble: retried next pass).
 
 A step returns ``Stop`` to end the pass early with a requeue time, or raises ``RetryLater``
 (already reported) to back off.
@@ -41,6 +44,7 @@ from . import prometheus
 from phoenix_trainer.core.errors import StaleLeaderError
 
 from .decide import CreatePod, Plan
+from .history_log import HistoryLog, record_history
 from .phase_storage import write_control, write_fence
 from .gather import Call, Gather
 from .kube import ForeignPod, Kube
@@ -108,6 +112,7 @@ class Applier:
         self.leadership = leadership
         self.fence_writer = write_fence
         self.control_writer = write_control
+        self.history = HistoryLog()  # records not yet in storage, between passes
 
     async def write(self, fn, *args, **kwargs):
         """``call`` for a write: only while this replica leads (else ``NotLeader``)."""
@@ -300,7 +305,8 @@ async def metrics(ap: Applier, a: Applying) -> None:
 
 
 STEPS: tuple[Step, ...] = (storage_writes, intent_status, force_deletes, services,
-                           fences_and_pods, pod_uids, deletions, status, events, metrics)
+                           fences_and_pods, pod_uids, deletions, status, events, metrics,
+                           record_history)
 
 
 def _api_message(e: ApiException) -> str:

@@ -4,6 +4,9 @@ the kubeconfig.
     phoenix status JOB        per-phase recovery report
     phoenix checkpoints JOB   list and verify checkpoints in storage
     phoenix reset JOB         re-run a Failed/Blocked phase (keeps checkpoints)
+    phoenix report JOB        goodput, steps lost, time to resume, GPU-hours (from the history)
+    phoenix timeline JOB      the job's attempts as a picture (terminal, or --out FILE.png|svg)
+    phoenix logs JOB          the logs of the attempts' kept pods, in order
 
 Global flags, as in kubectl, go anywhere on the line (before or after the command and its
 arguments): --kubeconfig, --context, -n/--namespace, -o/--output json|yaml. Installed as
@@ -109,7 +112,31 @@ def build_parser(prog: str = "phoenix") -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="reset even while another phase is running or recovering")
     p.set_defaults(fn=reset)
+    _history_commands(sub, flags)
     return parser
+
+
+def _history_commands(sub, flags) -> None:
+    """report, timeline, logs: read the durable history (docs/operator.md, "History")."""
+    p = sub.add_parser("report", parents=flags, allow_abbrev=False,
+                       help="goodput, steps lost by cause, time to resume, GPU-hours")
+    p.add_argument("job")
+    p.add_argument("--endpoint", help="S3 endpoint to use instead of spec.checkpoint.endpoint")
+    p.set_defaults(fn=report)
+    p = sub.add_parser("timeline", parents=flags, allow_abbrev=False,
+                       help="the job's attempts as a picture: terminal, or --out FILE.png|svg")
+    p.add_argument("job")
+    p.add_argument("--out", metavar="FILE", help="write a PNG or SVG instead (needs matplotlib: "
+                   "the `timeline` extra)")
+    p.add_argument("--endpoint", help="S3 endpoint to use instead of spec.checkpoint.endpoint")
+    p.set_defaults(fn=timeline_cmd)
+    p = sub.add_parser("logs", parents=flags, allow_abbrev=False,
+                       help="the logs of the job's kept trainer pods, attempt after attempt")
+    p.add_argument("job")
+    p.add_argument("--attempt", type=int, help="only this attempt")
+    p.add_argument("--member", type=int, help="only this gang member")
+    p.add_argument("--phase", help="only this phase")
+    p.set_defaults(fn=logs)
 
 
 def parse_args(argv: list[str], prog: str = "phoenix") -> argparse.Namespace:
@@ -406,19 +433,27 @@ class _PhaseScan:
         return (self.verify(step) for step in self.steps)
 
 
+def _credentials(kube: Kube, job: dict, spec: JobSpec, endpoint: str | None):
+    """How this user reaches the job's storage: the job's Secret (read with the user's own
+    Kubernetes rights), else the user's own identity (boto3's default chain)."""
+    from phoenix_trainer.core.contract import s3_addressing_style
+    from phoenix_trainer.core.storage import Credentials
+
+    ck = spec.checkpoint
+    keys = Credentials()
+    if ck.credentials_secret:
+        keys = kube.s3_credentials(job["metadata"]["namespace"], ck.credentials_secret)
+    return replace(keys, endpoint_url=endpoint or ck.endpoint, region=ck.region,
+                   addressing_style=s3_addressing_style(ck.addressing_style, ck.endpoint))
+
+
 def _scan(kube: Kube, job: dict, args) -> Iterator[_PhaseScan]:
     from phoenix_trainer.core.layout import checkpoint_steps, verify_checkpoint
-    from phoenix_trainer.core.contract import s3_addressing_style
-    from phoenix_trainer.core.storage import Credentials, open_storage
+    from phoenix_trainer.core.storage import open_storage
 
     spec = JobSpec.parse(job["spec"])
     ns = job["metadata"]["namespace"]
-    ck = spec.checkpoint
-    keys = Credentials()  # no Secret: this user's own identity (boto3's default chain)
-    if ck.credentials_secret:
-        keys = kube.s3_credentials(ns, ck.credentials_secret)
-    credentials = replace(keys, endpoint_url=args.endpoint or ck.endpoint, region=ck.region,
-                          addressing_style=s3_addressing_style(ck.addressing_style, ck.endpoint))
+    credentials = _credentials(kube, job, spec, args.endpoint)
     statuses = phase_statuses(spec, job.get("status"))
     if args.phase and args.phase not in {p.name for p in spec.phases}:
         raise CliError(f"phoenixjob {ns}/{job['metadata']['name']} has no phase "
@@ -502,6 +537,109 @@ def _report_reset(args, meta: dict, names: list[str], msg: str) -> None:
                      "message": msg})
     else:
         print(f"PhoenixJob {meta['namespace']}/{meta['name']}: {msg}")
+
+
+# --- history: report, timeline, logs ------------------------------------------------------
+
+
+def _history(kube: Kube, job: dict, endpoint: str | None, logs_for: str = "open"):
+    """(records, attempt logs) of every phase, read with the user's credentials
+    (``phase_storage.read_job_history``)."""
+    from . import history
+    from .phase_storage import read_job_history
+
+    spec = JobSpec.parse(job["spec"])
+    try:
+        return read_job_history(spec, credentials=_credentials(kube, job, spec, endpoint),
+                                logs_for=logs_for)
+    except history.HistoryFormatError as e:
+        raise CliError(str(e)) from e
+    except CliError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line naming the storage and the trouble
+        raise CliError(f"cannot read the history of phoenixjob {job['metadata']['name']} at "
+                       f"{spec.checkpoint.uri}: {type(e).__name__}: {e}") from e
+
+
+def report(args) -> int:
+    from .report import build_report, render_text
+
+    kube, job = _load(args)
+    records, logs = _history(kube, job, args.endpoint)
+    meta = job["metadata"]
+    doc = build_report(f"{meta['namespace']}/{meta['name']}", records, logs)
+    if args.output:
+        _emit(args, doc)
+    else:
+        sys.stdout.write(render_text(doc))
+    return 0
+
+
+def timeline_cmd(args) -> int:
+    from . import timeline
+
+    kube, job = _load(args)
+    records, logs = _history(kube, job, args.endpoint, logs_for="all")
+    meta = job["metadata"]
+    now = datetime.now(timezone.utc)
+    lanes = timeline.build(records, logs, now)
+    title = f"PhoenixJob {meta['namespace']}/{meta['name']}"
+    if args.out:
+        try:
+            timeline.render_image(title, lanes, args.out, now)
+        except ImportError as e:
+            raise CliError(f"--out needs matplotlib ({e}); install it with "
+                           f"{timeline.INSTALL_HINT}") from e
+        print(f"wrote {args.out}")
+    else:
+        sys.stdout.write(timeline.render_text(title, lanes, now))
+    return 0
+
+
+def pod_order(pods: list[dict], phases: list[str]) -> list[dict]:
+    """Trainer pods in the order they ran: phase (spec order), attempt, member."""
+    def key(p: dict) -> tuple:
+        labels = (p.get("metadata") or {}).get("labels") or {}
+        phase = labels.get(C.LABEL_PHASE, "")
+        try:
+            attempt = int(labels.get(C.LABEL_ATTEMPT, "0"))
+        except ValueError:
+            attempt = 0
+        return (phases.index(phase) if phase in phases else len(phases), attempt, member_of(p))
+    return sorted(pods, key=key)
+
+
+def logs(args) -> int:
+    kube, job = _load(args)
+    meta = job["metadata"]
+    spec = JobSpec.parse(job["spec"])
+    pods = pod_order(kube.list_pods(meta["namespace"], meta["name"]), [p.name for p in spec.phases])
+    shown = 0
+    for pod in pods:
+        labels = pod["metadata"].get("labels") or {}
+        if args.phase and labels.get(C.LABEL_PHASE) != args.phase:
+            continue
+        if args.attempt is not None and labels.get(C.LABEL_ATTEMPT) != str(args.attempt):
+            continue
+        if args.member is not None and member_of(pod) != args.member:
+            continue
+        name = pod["metadata"]["name"]
+        st = pod.get("status") or {}
+        print(f"==> {name} (phase {labels.get(C.LABEL_PHASE)}, attempt "
+              f"{labels.get(C.LABEL_ATTEMPT)}, member {member_of(pod)}, node "
+              f"{(pod.get('spec') or {}).get('nodeName') or '-'}, {st.get('phase', '?')}"
+              + (f": {st['reason']}" if st.get("reason") else "") + ") <==", flush=True)
+        try:
+            text = kube.core.read_namespaced_pod_log(name, meta["namespace"])
+        except ApiException as e:
+            text = f"(no logs: {e.status} {e.reason})\n"
+        sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+        shown += 1
+    if not shown:
+        print(f"no kept pods of phoenixjob {meta['namespace']}/{meta['name']} match; pods of "
+              "lost nodes and deleted pods take their logs with them ('phoenix timeline' "
+              "still shows their attempts)")
+    return 0
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -1,5 +1,6 @@
 """The operator's door to a phase's checkpoint prefix: list and verify checkpoints (for the
-gather step), read the fence and the running attempt's heartbeats; and the two writes the operator makes there, through
+gather step), read the fence and the running attempt's heartbeats, read the attempt logs and
+the history; the history's append (``append_history``); and the two writes the operator makes there, through
 ``phoenix_trainer.core.handshake`` (their one writer): the fence that supersedes older attempts (and promotes
 a standby), and the control document with its requests to the running attempt.
 
@@ -10,6 +11,7 @@ verification, every shard's sha256 matches).
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import threading
 import time
@@ -17,10 +19,12 @@ from typing import Iterable
 
 from phoenix_trainer.core import handshake
 from phoenix_trainer.core.handshake import Control, Fence, LeaderTerm, read_fence
+from phoenix_trainer.core.errors import StaleLeaderError
 from phoenix_trainer.core.heartbeat import Heartbeat, heartbeat_prefix
-from phoenix_trainer.core.layout import checkpoint_steps, verify_checkpoint
+from phoenix_trainer.core.layout import HISTORY_KEY, checkpoint_steps, metrics_key, verify_checkpoint
 from phoenix_trainer.core.storage import Credentials, open_storage
 
+from . import history
 from .decide import Checkpoint, Listing
 from .phoenixjob import JobSpec, parse_ts
 
@@ -143,3 +147,83 @@ def _time(value: str | None):
         return parse_ts(value)
     except (TypeError, ValueError):
         return None
+
+
+# --- the phase's history (phoenix_operator.history: the records; apply's last step: when) ---
+
+def _phase_storage(spec: JobSpec, phase: str, credentials: Credentials):
+    return _storage(spec.checkpoint.phase_uri(phase), credentials)
+
+
+def read_history(spec: JobSpec, phase: str, *, credentials: Credentials) -> list[dict]:
+    """The phase's history records, oldest first ([] when it has none yet)."""
+    storage = _phase_storage(spec, phase, credentials)
+    try:
+        data = storage.get_bytes(HISTORY_KEY)
+    except FileNotFoundError:
+        return []
+    return history.decode(data, storage.uri_for(HISTORY_KEY))
+
+
+def append_history(spec: JobSpec, phase: str, records: list[dict], *, credentials: Credentials,
+                   writer: LeaderTerm = LeaderTerm()) -> list[dict]:
+    """Append the records whose key is new to ``<phase prefix>/history.jsonl``; returns the
+    phase's whole history after the write. S3 cannot append: a read-modify-write of one
+    object, safe because only the leader writes it (``apply.Applier.write`` checks the
+    Lease right before) and a deposed leader's write is refused once a newer term has
+    written (``StaleLeaderError``, as for ``fence.json``). Records already there are kept
+    byte for byte: nothing is ever rewritten."""
+    storage = _phase_storage(spec, phase, credentials)
+    try:
+        existing = history.decode(storage.get_bytes(HISTORY_KEY), storage.uri_for(HISTORY_KEY))
+    except FileNotFoundError:
+        existing = []
+    newest = history.newest_term(existing)
+    if writer and newest and LeaderTerm.from_dict(newest).lease_uid == writer.lease_uid \
+            and int(newest.get("term") or 0) > writer.term:
+        raise StaleLeaderError(f"{storage.uri_for(HISTORY_KEY)} was written in leader term "
+                               f"{newest.get('term')} by {newest.get('leader')}; this is term {writer.term}")
+    merged, added = history.merge(existing, records)
+    if added:
+        storage.put_bytes(HISTORY_KEY, history.encode(merged))
+    return merged
+
+
+def read_attempt_log(spec: JobSpec, phase: str, attempt: int, *,
+                     credentials: Credentials) -> list[dict]:
+    """The trainer's ``metrics/attempt-N.jsonl`` of one attempt ([] if it wrote none)."""
+    storage = _phase_storage(spec, phase, credentials)
+    try:
+        data = storage.get_bytes(metrics_key(attempt))
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in data.decode("utf-8", errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue  # a torn last line of a log being rewritten
+    return out
+
+
+MAX_LOGS_READ = 200  # attempt logs one report or timeline reads (the newest attempts')
+
+
+def read_job_history(spec: JobSpec, *, credentials: Credentials, logs_for: str = "open"
+                     ) -> tuple[list[dict], dict[str, dict[int, list[dict]]]]:
+    """Every phase's history records and attempt logs, as ``phoenix report``/``timeline``
+    and the lab's demo read them. ``logs_for``: "open" reads the logs of attempts the
+    history has not seen end (their training start), "all" every attempt's (checkpoints for
+    the timeline), the newest ``MAX_LOGS_READ``."""
+    records: list[dict] = []
+    logs: dict[str, dict[int, list[dict]]] = {}
+    for phase in spec.phases:
+        mine = read_history(spec, phase.name, credentials=credentials)
+        records += mine
+        kinds = history.attempts(mine, phase.name)
+        wanted = [a for a, k in kinds.items() if logs_for == "all" or "end" not in k]
+        for attempt in wanted[-MAX_LOGS_READ:]:
+            events = read_attempt_log(spec, phase.name, attempt, credentials=credentials)
+            if events:
+                logs.setdefault(phase.name, {})[attempt] = events
+    return records, logs

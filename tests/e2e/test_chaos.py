@@ -18,7 +18,10 @@ Every job must succeed with final weights equal to the reference run's, tensor f
 none may be judged hung (the default hang rule sees no false positive under chaos);
 no two trainer pods of the phase may ever run at once (a watch checks it throughout); the
 status must count exactly the preemptions and failures that were injected (a bare SIGKILL of
-the container is a failure: nothing says it came from outside).
+the container is a failure: nothing says it came from outside); `phoenix report`, read from
+the job's history, must agree with the test's own accounting (preemptions, failures, steps
+lost per disruption), and `phoenix timeline --out` draws every attempt (the picture is kept
+under PHOENIX_E2E_ARTIFACTS, default .pytest_cache/e2e-artifacts/).
 
 Lab only: node loss, container kills and an S3 outage need the lab's hands. The seeded
 schedules are chosen with PHOENIX_CHAOS_SEEDS (unset: none, so `make test` runs the fixed
@@ -26,10 +29,14 @@ schedule alone, which hits one job with every kind once; `make test-soak` sets "
 """
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +44,7 @@ from kube_helpers import wait_for
 from phoenix_e2e import (CREDENTIALS_SECRET, GROUP, PLURAL, VERSION, check_operator_pods,
                          phase_status, unique)
 from phoenix_lab import samples
+from phoenix_trainer.core.layout import HISTORY_KEY
 from phoenix_lab.chaos import ALL_DISRUPTIONS, Injector, is_failure, is_preemption, plan
 from phoenix_lab.install import CHART
 from phoenix_lab.prometheus import LabPrometheus, ScrapeTarget, alert_vectors, dashboard_queries
@@ -51,6 +59,9 @@ CFG = samples.TrainConfig(steps=2500, step_delay=0.03, checkpoint_every=20)
 # Six disruptions need far fewer steps.
 FIXED_CFG = samples.TrainConfig(steps=1000, step_delay=0.03, checkpoint_every=20)
 STEPS_BETWEEN = 30  # progress a new attempt makes before the next disruption
+# Where the run's timeline picture, text and report go (CI keeps this folder as an artifact).
+ARTIFACTS = Path(os.environ.get("PHOENIX_E2E_ARTIFACTS")
+                 or Path(__file__).resolve().parents[2] / ".pytest_cache" / "e2e-artifacts")
 
 
 @pytest.fixture(scope="module")
@@ -253,4 +264,49 @@ def run_schedule(schedule, cfg, name, e2e, kube, e2e_bucket, submit_job, lab, re
     storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{name}/train", lab.s3)
     same, uri = samples.final_weights_equal(storage, reference.storage())
     assert same, f"final weights at {uri} differ from the uninterrupted run's"
+    check_history(e2e, name, storage, injector.log, expected_preemptions, expected_failures,
+                  train["attempts"])
     return injector.log
+
+
+def phoenix_cli(e2e, *args: str) -> subprocess.CompletedProcess:
+    out = subprocess.run([sys.executable, "-m", "phoenix_operator.kubectl_phoenix", *args,
+                          "--kubeconfig", e2e.kubeconfig, "-n", e2e.namespace,
+                          "--endpoint", e2e.s3.local_endpoint],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return out
+
+
+def check_history(e2e, name, storage, injected, preemptions, failures, attempts):
+    """`phoenix report` (from the job's history in storage) agrees with this test's own
+    accounting: the preemptions and failures injected, and per disrupted attempt the steps
+    it lost - the last step its trainer reported (its attempt log: samples.attempt_ends)
+    minus the step the next attempt started from (samples.attempt_starts); `phoenix
+    timeline` shows every attempt, and its picture is kept as an artifact."""
+    doc = json.loads(phoenix_cli(e2e, "report", name, "-o", "json").stdout)
+    assert (doc["preemptions"], doc["failures"], doc["completed"]) == (preemptions, failures, 1), doc
+    reached, began = samples.attempt_ends(storage), samples.attempt_starts(storage)
+    ours = {}
+    for i in injected:
+        if not (is_preemption(i.kind) or is_failure(i.kind)):
+            continue  # operator-kill, s3-outage: the attempt trains on
+        attempt = int(i.pod.rsplit("-", 1)[-1])
+        later = [a for a in began if a > attempt]
+        ours[attempt] = reached[attempt] - began[min(later)][0]
+    theirs = {d["attempt"]: d["stepsLost"] for d in doc["disruptions"]}
+    assert theirs == ours, (theirs, ours, doc)
+    assert doc["stepsLost"]["total"] == sum(ours.values())
+    assert doc["timeToResume"]["count"] == preemptions + failures
+    text = phoenix_cli(e2e, "timeline", name).stdout
+    assert max(len(line) for line in text.splitlines()) <= 100, text
+    for attempt in range(1, attempts + 1):
+        if attempt in began:  # every attempt that trained (a standby number may be skipped)
+            assert f"train #{attempt} " in text, text
+    out = ARTIFACTS / f"{name}-timeline.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    phoenix_cli(e2e, "timeline", name, "--out", str(out))
+    assert out.stat().st_size > 10_000  # a real picture, kept for people to look at
+    (ARTIFACTS / f"{name}-timeline.txt").write_text(text)
+    (ARTIFACTS / f"{name}-report.json").write_text(json.dumps(doc, indent=2))
+    (ARTIFACTS / f"{name}-history.jsonl").write_bytes(storage.get_bytes(HISTORY_KEY))

@@ -63,11 +63,11 @@ from ..constants import JobPhase
 from ..node_health import NodeHealth
 from ..phoenixjob import JobSpec, phase_statuses
 from .phases import decide_phase
-from .plan import (Checkpoint, ControlWrite, CreatePod, Ctx, DeletePod, Listing, Note,
-                   PhaseProgress, Plan, Promote, RankProgress, Recovery, pods_by_phase)
+from .plan import (AttemptEnd, Checkpoint, ControlWrite, CreatePod, Ctx, DeletePod, Listing,
+                   Note, PhaseProgress, Plan, Promote, RankProgress, Recovery, pods_by_phase)
 from .status import failure_summary, job_status
 
-__all__ = ["Checkpoint", "ControlWrite", "CreatePod", "DeletePod", "Listing", "Note",
+__all__ = ["AttemptEnd", "Checkpoint", "ControlWrite", "CreatePod", "DeletePod", "Listing", "Note",
            "PhaseProgress", "Plan", "Promote", "RankProgress", "Recovery", "decide"]
 
 

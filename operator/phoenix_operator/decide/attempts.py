@@ -15,12 +15,12 @@ from ..constants import Cause, PhaseState
 from ..outcomes import Outcome, gone
 from phoenix_trainer.core.contract import MAX_REASON_CHARS, REASON_PREEMPTED
 from phoenix_trainer.core.layout import split_checkpoint_uri
-from ..phoenixjob import CheckpointRef, Failure, PhaseSpec, PhaseStatus, bounded
+from ..phoenixjob import CheckpointRef, Failure, PhaseSpec, PhaseStatus, bounded, parse_ts
 from ..podspec import build_pod, build_service, pod_name
 from ..states import Event, transition
 from .gangs import gang_outcome
-from .plan import (CONFLICT_RETRY_SECONDS, STORAGE_RETRY_SECONDS, Checkpoint, CreatePod, Ctx,
-                   Listing, Recovery)
+from .plan import (CONFLICT_RETRY_SECONDS, STORAGE_RETRY_SECONDS, AttemptEnd, Checkpoint,
+                   CreatePod, Ctx, Listing, Recovery)
 
 S = PhaseState
 
@@ -80,9 +80,10 @@ def _hung(st: PhaseStatus, outcome: Outcome) -> Outcome:
 
 
 def account(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
-             member: str | None = None) -> PhaseStatus:
+             member: str | None = None, culprit: Mapping[str, Any] | None = None) -> PhaseStatus:
     """The recorded attempt ended: charge the right budget and move the state machine.
-    ``member``: the pod that ended it (a gang's member that caused it)."""
+    ``member``: the pod that ended it (a gang's member that caused it); ``culprit``: that
+    pod's object, if it still exists (its node and creation time go into the history)."""
     ended = outcome.finished_at or ctx.now
     outcome = _hung(st, _handed_off(st, outcome))
     pod = member or st.pod or pod_name(ctx.job, phase.name, st.attempts)
@@ -93,6 +94,7 @@ def account(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
     if tm and tm.resumeExact is not None:
         st = exactness(st, tm.resumeExact, tm.resumeExactReason)
     if outcome.cause == Cause.COMPLETED:
+        _ended(ctx, phase, st, outcome, ended, member, culprit)
         ctx.note("Normal", C.EV_PHASE_SUCCEEDED,
                  f"phase {phase.name} succeeded in pod {pod} (attempt {st.attempts})")
         return replace(st, state=transition(st.state, Event.SUCCEED), completed_at=ended,
@@ -110,6 +112,7 @@ def account(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
                       exit_code=outcome.exit_code, message=outcome.message, time=ended,
                       attempt=st.attempts, pod=member)
     ctx.plan.recoveries.append(Recovery(phase.name, outcome.cause.value, outcome.reason))
+    _ended(ctx, phase, st, outcome, ended, member, culprit)
     what = describe(outcome)
     if outcome.cause == Cause.PREEMPTION:
         n = st.preemptions + 1
@@ -142,6 +145,19 @@ def account(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome,
              f"retrying in {delay:g}s (failure {n} of {rec.max_failures} allowed)")
     return replace(st, state=transition(st.state, Event.FAIL),
                    next_attempt_at=ended + timedelta(seconds=delay))
+
+
+def _ended(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, outcome: Outcome, ended: datetime,
+           member: str | None, culprit: Mapping[str, Any] | None) -> None:
+    """Tell the history (``Plan.ended``) how the attempt ended."""
+    meta = (culprit or {}).get("metadata") or {}
+    tm = outcome.termination
+    ctx.plan.ended.append(AttemptEnd(
+        phase=phase.name, attempt=st.attempts, cause=outcome.cause.value, reason=outcome.reason,
+        ended=ended, pod=member or st.pod, node=((culprit or {}).get("spec") or {}).get("nodeName"),
+        created=parse_ts(meta.get("creationTimestamp")), exit_code=outcome.exit_code,
+        message=outcome.message, stopped_step=tm.step if tm else None,
+        checkpoint=tm.checkpoint if tm else None, members=phase.replicas))
 
 
 def exactness(st: PhaseStatus, exact: bool, reason: str) -> PhaseStatus:

@@ -100,7 +100,7 @@ def _catch_up_running(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
             culprit["metadata"]["name"], ctx.spec.recovery.grace_seconds, outcome.reason))
     name = culprit["metadata"]["name"] if culprit is not None else None
     ctx.delete_live(live, f"gang member {name} ended the attempt")
-    return account(ctx, phase, st, outcome, name), True
+    return account(ctx, phase, st, outcome, name, culprit), True
 
 
 def _catch_up_waiting(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,

@@ -1,6 +1,6 @@
 """What ``decide`` reads and what it returns: the verified storage facts it is handed
 (``Checkpoint``, ``Listing``), the plan's items (``CreatePod``, ``Promote``, ``ControlWrite``,
-``DeletePod``, ``Note``, ``Recovery``, ``Plan``), views of the job's pods, and ``Ctx``, the
+``DeletePod``, ``Note``, ``Recovery``, ``AttemptEnd``, ``Plan``), views of the job's pods, and ``Ctx``, the
 state one decision shares between the phase modules (facts in, plan out).
 
 Pure data and pure reads: no API calls, no clock, no storage.
@@ -158,6 +158,26 @@ class Recovery:
     reason: str
 
 
+@dataclass(frozen=True)
+class AttemptEnd:
+    """An attempt that ended, as ``attempts.account`` judged it: the facts the durable
+    history (``history``) records about it, written after the plan's pods exist."""
+
+    phase: str
+    attempt: int
+    cause: str
+    reason: str
+    ended: datetime
+    pod: str | None = None  # the pod that ended it (a gang: the member that caused it)
+    node: str | None = None
+    created: datetime | None = None  # when that pod was created (GPU time paid from here)
+    exit_code: int | None = None
+    message: str = ""
+    stopped_step: int | None = None  # the trainer's termination message: where it stopped
+    checkpoint: str | None = None  # ... and the checkpoint it names
+    members: int = 1
+
+
 @dataclass
 class Plan:
     status: dict[str, Any]
@@ -168,6 +188,7 @@ class Plan:
     delete: list[DeletePod] = field(default_factory=list)
     events: list[Note] = field(default_factory=list)
     recoveries: list[Recovery] = field(default_factory=list)
+    ended: list[AttemptEnd] = field(default_factory=list)  # for the history (apply's last step)
     needs_checkpoints: set[str] = field(default_factory=set)
     requeue_after: float | None = None
     # For metrics: per running phase, (rank, median step seconds, median compute seconds).

@@ -91,6 +91,8 @@ def job_status(ctx: Ctx, statuses: Mapping[str, PhaseStatus], old: Mapping[str, 
     }
     if generation is not None:
         status["observedGeneration"] = generation
+    if "history" in old:  # the history's summary: written by apply's ``history`` step only
+        status["history"] = old["history"]
     last = cur.last_checkpoint if cur else None
     prog = cur.progress if cur and cur.state == S.RUNNING and cur.progress is not None and cur.progress.attempt == cur.attempts else None
     for key, value in (("step", last.step if last else None),

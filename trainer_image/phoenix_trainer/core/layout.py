@@ -29,6 +29,9 @@ FORMAT_NAME = "phoenix-checkpoint"
 FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 METRICS_DIR = "metrics"
+# The operator's record of the phase's attempts (phoenix_operator.history): JSON lines,
+# appended by the operator's leader only; the trainer never writes or deletes it.
+HISTORY_KEY = "history.jsonl"
 STEP_DIR_RE = re.compile(r"^step-(\d{10})$")
 
 
