@@ -35,6 +35,7 @@ BASE = ["--workers", "1"]
 STEPS = 200
 # The frame each injected hang blocks in (examples/train_mlp.py).
 FRAMES = {"worker": "worker_waits_for_ever", "storage": "storage_call_that_never_returns"}
+GANG_STEPS = 120  # the gang tests' runs (argparse: the last --steps wins over test_gang's)
 
 
 @pytest.fixture(scope="module")
@@ -117,14 +118,15 @@ def test_a_gang_rank_that_stops_before_its_collective_is_named_and_the_gang_rest
     storage, the gang restarts as a unit and ends with the undisturbed gang's weights."""
     if "lab" not in e2e.extra:
         pytest.skip("needs the lab's nodes")
-    from test_gang import STEPS as GANG_STEPS
     from test_gang import gang_job
     from phoenix_trainer.core.storage import open_storage
     from trainer_procs import gang_state, tensors_equal
 
     ns = e2e.namespace
-    ref_name = submit_job(gang_job(e2e, unique("hgang-ref"), e2e_bucket, "--step-delay=0"))
-    body = gang_job(e2e, unique("hgang"), e2e_bucket, "--hang-at=40", "--hang-rank=1")
+    ref_name = submit_job(gang_job(e2e, unique("hgang-ref"), e2e_bucket, "--step-delay=0",
+                                   f"--steps={GANG_STEPS}"))
+    body = gang_job(e2e, unique("hgang"), e2e_bucket, "--hang-at=40", "--hang-rank=1",
+                    f"--steps={GANG_STEPS}", "--step-delay=0.05")
     for var in body["spec"]["template"]["spec"]["containers"][0]["env"]:
         if var["name"] == "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS":
             var["value"] = "180"  # the peers wait in the collective; the operator ends it first
@@ -164,13 +166,15 @@ def test_a_slow_gang_rank_is_named_a_straggler_with_its_pod_and_node(e2e, kube, 
                                                                       submit_job):
     """2 pods x 1 process (DDP): rank 1 spends 0.2 s more per step before its collective. The
     Straggler condition and one event name rank 1, its pod and its node within
-    STRAGGLER_MIN_STEPS timed steps plus a heartbeat and a read; the job still succeeds."""
+    STRAGGLER_MIN_STEPS timed steps plus a heartbeat (10 s) and a pass (at most 30 s apart
+    while it runs); the job still succeeds."""
     if "lab" not in e2e.extra:
         pytest.skip("needs the lab's nodes")
     from test_gang import gang_job
 
     ns = e2e.namespace
-    body = gang_job(e2e, unique("slow"), e2e_bucket, "--slow-rank=1", "--slow-seconds=0.2")
+    body = gang_job(e2e, unique("slow"), e2e_bucket, "--slow-rank=1", "--slow-seconds=0.2",
+                    "--steps=300", "--step-delay=0")
     body["spec"]["phases"][0]["nprocPerNode"] = 1
     name = submit_job(body)
 

@@ -33,10 +33,11 @@ from .plan import Ctx, PhaseProgress, Pods, RankProgress
 from phoenix_trainer.core.heartbeat import DUMP_GRACE_SECONDS, stragglers, watch_timeout
 
 # The status's progress is rewritten only when the last step moved this much (or stragglers
-# changed): one status write per running job per minute at most, not one per heartbeat. A
-# running phase with heartbeats is looked at again this often, or sooner: at the earliest
-# moment a rank could reach its timeout (no rank can be hung before then).
+# changed): one status write per running job per minute at most, not one per heartbeat.
 PROGRESS_REFRESH_SECONDS = 60.0
+# A running phase is looked at again this often (its heartbeats read, stragglers named), or
+# sooner: at the earliest moment a rank could reach its timeout (none can be hung before).
+WATCH_SECONDS = 30.0
 # A hung process cannot run its SIGTERM handler (the main thread is blocked): no long grace.
 HUNG_GRACE_SECONDS = 2
 
@@ -49,9 +50,11 @@ def watch(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatu
     if st.last_hang is not None and st.last_hang.attempt == st.attempts:
         return st  # already being ended
     prog = ctx.progress.get(phase.name)
-    if prog is None or prog.error or prog.attempt != st.attempts or not prog.ranks:
+    if prog is None or prog.error or prog.attempt != st.attempts:
         return st
-    ctx.plan.requeue(PROGRESS_REFRESH_SECONDS)
+    ctx.plan.requeue(WATCH_SECONDS)  # also while no heartbeat was written yet
+    if not prog.ranks:
+        return st
     ctx.plan.rank_times[phase.name] = [(r.rank, r.step_p50, r.compute_p50) for r in prog.ranks]
     watched = [(r, t) for r in prog.ranks
                if (t := watch_timeout(rec.hang_timeout, r.step_p95, r.activity)) is not None]

@@ -42,7 +42,7 @@ def test_progress_is_recorded_and_the_pass_comes_back_when_a_hang_could_first_be
     assert prog["step"] == 100 and prog["hangTimeoutSeconds"] == HANG_FLOOR_SECONDS
     assert prog["lastStepTime"] == "2026-01-01T12:01:38Z"  # now - 2 s
     assert plan.status["lastStepTime"] == prog["lastStepTime"]
-    assert plan.requeue_after == 60.0 and not plan.delete
+    assert plan.requeue_after == 30.0 and not plan.delete
     plan = run(body, pods, rank(stalled=HANG_FLOOR_SECONDS - 20))
     assert plan.requeue_after == pytest.approx(20.0)
 
