@@ -112,7 +112,10 @@ class Progress:
                  log_: logging.Logger | logging.LoggerAdapter = log) -> None:
         self.storage, self.rank = storage, rank
         self.pod = pod or os.environ.get(ENV_POD_NAME) or os.environ.get("HOSTNAME", "")
-        self.interval = interval or _env_float(ENV_HEARTBEAT_SECONDS) or DEFAULT_HEARTBEAT_SECONDS
+        if interval is None:
+            interval = _env_float(ENV_HEARTBEAT_SECONDS)
+        # 0: no heartbeat at all (no hang detection for this process: benchmarks, tests)
+        self.interval = DEFAULT_HEARTBEAT_SECONDS if interval is None else interval
         self.explicit = explicit_timeout if explicit_timeout is not None else _env_float(ENV_HANG_TIMEOUT_SECONDS)
         if detect is None:
             detect = os.environ.get(ENV_HANG_DETECTION, "true").lower() not in ("false", "0", "off")
@@ -147,7 +150,7 @@ class Progress:
 
     # --- the thread ------------------------------------------------------------------------
     def start(self, attempt: int, activity: str) -> None:
-        if self.storage is None or self._thread is not None:
+        if self.storage is None or self._thread is not None or self.interval <= 0:
             return
         self.attempt = attempt
         self.set_activity(activity)
