@@ -5,8 +5,9 @@ The training loop only waits for the CPU copy (``to_cpu``) and, if more than
 sha256, multipart upload, the manifest (written last) and retention run on one background
 thread. Shards are serialized straight into storage (``writer.StreamedShard``): nothing is
 staged on local disk, so a checkpoint bigger than the pod's ephemeral storage cannot get the
-pod evicted. Only files a caller already wrote (DCP's, in a gang) use the local spool, and
-``check_spool_room`` refuses those before writing when they would not fit. A save that fails after its retries is logged and dropped: the previous checkpoint
+pod evicted; a gang's sharded state streams the same way (dcp_storage.py). Only files a
+caller already wrote (``Snapshot.files``) use the local spool, and ``check_spool_room``
+refuses those before writing when they would not fit. A save that fails after its retries is logged and dropped: the previous checkpoint
 stays the latest valid one, so nothing half-written ever looks valid.
 
 Must never be called from a signal handler, and never log credentials.
@@ -65,6 +66,8 @@ class Snapshot:
     documents: dict[str, Any]  # shard name -> JSON-able dict
     extra: dict[str, Any] = field(default_factory=dict)  # copied into the manifest's "extra"
     files: dict[str, str] = field(default_factory=dict)  # shard name -> a file already written
+    # A gang's sharded state staged for DCP (dcp_storage.Staged): the commit writes it.
+    sharded: Any = None
     nbytes: int = 0
     seconds: float = 0.0  # how long the loop was blocked taking it
 
@@ -323,13 +326,16 @@ class AsyncCheckpointer:
                 files[name] = StreamedShard(lambda f, body=body: f.write(body), len(body))
             files.update(snap.files)
             t1 = time.perf_counter()
+            more = {} if snap.sharded is None else {"sharded": snap.sharded}
             info = self.commit(
                 self.storage, snap.step, files, epoch=snap.epoch, phase=self.phase,
                 config_fingerprint=self.config_fingerprint, run_id=self.run_id,
-                attempt=self.attempt, retry=self.retry, extra=snap.extra, uid=self.uid)
+                attempt=self.attempt, retry=self.retry, extra=snap.extra, uid=self.uid, **more)
             t2 = time.perf_counter()
             assert info.manifest is not None
             size = sum(info.manifest.files[n].size for n in files)
+            if snap.sharded is not None:
+                size += sum(e.size for e in snap.sharded.written.values())
             self.stats.saves += 1
             self.stats.bytes += size
             self.stats.serialize_seconds.append(t1 - t0)
