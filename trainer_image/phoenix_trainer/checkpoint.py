@@ -121,8 +121,33 @@ def _hashing_save(obj: Any, path: str) -> FileEntry:
     return FileEntry(size=tee.n, sha256=tee.h.hexdigest())
 
 
+class _Sink:
+    """A write-only stream that remembers its sink's error: torch.save's zip writer replaces
+    a failed write's exception with its own ("unexpected pos"), which would hide the
+    ``StorageError`` a retry is for."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.failed = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except BaseException as e:
+            self.failed = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _torch_save_to(obj: Any, f: Any) -> None:
-    torch.save(obj, f)
+    sink = _Sink(f)
+    try:
+        torch.save(obj, sink)
+    except BaseException:
+        if sink.failed is not None:
+            raise sink.failed from None
+        raise
 
 
 # The spool's share of the container's ephemeral-storage limit when no limit is set: the
@@ -372,7 +397,7 @@ class AsyncCheckpointer:
             shutil.rmtree(os.path.join(self.spool, step_dir_name(snap.step)), ignore_errors=True)
 
 
-class _ViewReader(io.RawIOBase):
+class ViewReader(io.RawIOBase):
     """A read-only, seekable file over a memoryview: torch.load reads it without the copy a
     ``BytesIO(buffer)`` would make."""
 
@@ -413,7 +438,7 @@ class ShardBuffer:
     download; ``torch.load(mmap=True)`` then maps that same file, so the loaded tensors are
     the downloaded pages: one copy of the shard in memory, not two (the bytes, then the
     tensors made from them). Elsewhere, and for small or JSON shards, a bytearray read
-    through a view (``_ViewReader``), still without joining chunks."""
+    through a view (``ViewReader``), still without joining chunks."""
 
     MIN_MAPPED = 1 << 20  # smaller shards: a bytearray; a file per shard is not worth it
 
@@ -440,7 +465,7 @@ class ShardBuffer:
             if self.fd is not None:
                 return torch.load(f"/proc/self/fd/{self.fd}", mmap=True, map_location="cpu",
                                   weights_only=True)
-            return torch.load(_ViewReader(memoryview(self.memory)), map_location="cpu",
+            return torch.load(ViewReader(memoryview(self.memory)), map_location="cpu",
                               weights_only=True)
         finally:
             self.close()
@@ -499,7 +524,7 @@ def load_checkpoint(storage: Storage, info: CheckpointInfo,
         data = got[0]
         total += len(data)
         out[name] = _decode(info, name, (lambda data=data: json.loads(data)) if name.endswith(".json")
-                            else lambda data=data: torch.load(_ViewReader(memoryview(data)),
+                            else lambda data=data: torch.load(ViewReader(memoryview(data)),
                                                               map_location="cpu", weights_only=True))
     buffers: dict[str, ShardBuffer] = {}
 

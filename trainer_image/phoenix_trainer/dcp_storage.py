@@ -54,11 +54,12 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import LoadItemType, WriteItemType
 from torch.distributed.checkpoint.storage import WriteResult
 
-from .checkpoint import _ViewReader
+from .checkpoint import ViewReader
 from .core.errors import CheckpointError, CorruptCheckpointError, ObjectMismatchError, StorageError
 from .core.layout import CheckpointInfo, sha256_stream, step_dir_name
 from .core.storage import FileEntry, ReadConfig, Storage, read_parallel
 from .core.writer import RetryPolicy, StreamedShard, upload_shards
+from .tensors import tree_nbytes
 
 log = logging.getLogger("phoenix.checkpoint")
 
@@ -103,6 +104,14 @@ def load(target: Any, reader: "StorageReader", process_group: Any = None, **kwar
         raise _plain(e, f"DCP load of checkpoint {reader.info.uri}") from e
 
 
+def local_nbytes(obj: Any) -> int:
+    """Bytes this rank holds of a (possibly sharded) state tree: a DTensor counts its local
+    shard, not the global tensor it stands for."""
+    from torch.distributed.tensor import DTensor
+
+    return tree_nbytes(obj, lambda x: x.to_local() if isinstance(x, DTensor) else x)
+
+
 # -- the snapshot ------------------------------------------------------------------------
 
 @dataclass
@@ -129,8 +138,6 @@ class Staging:
 
     def stage(self, state: Any) -> Staged:
         from torch.distributed._state_dict_utils import _copy_state_dict, _create_cpu_state_dict
-
-        from .distributed import local_nbytes
 
         t0 = time.perf_counter()
         cuda = torch.cuda.is_available()
@@ -519,7 +526,7 @@ class StorageReader(_DCPReader):
                     planner.load_bytes(req, io.BytesIO(bytes(part)))
                 continue
             try:
-                stored = torch.load(_ViewReader(part), map_location="cpu", weights_only=True)
+                stored = torch.load(ViewReader(part), map_location="cpu", weights_only=True)
             except Exception as e:  # noqa: BLE001 - digests matched, so it was written so
                 raise CorruptCheckpointError(f"checkpoint {self.info.uri}: item {index} cannot"
                                              f" be decoded ({e})") from e

@@ -51,11 +51,11 @@ from .core.storage import ReadConfig, Storage
 from .core.writer import publish_manifest, upload_shards
 from .dcp_storage import DCP_PREFIX, Staged, Staging, StorageReader, StorageWriter, vouch_files
 from .dcp_storage import load as dcp_load
+from .dcp_storage import local_nbytes  # noqa: F401 - re-exported: its home before dcp_storage
 from .dcp_storage import save as dcp_save
 from .progress import note_collective
 from .restore import Restored
 from .session import Session
-from .tensors import tree_nbytes
 
 T = TypeVar("T")
 
@@ -115,14 +115,6 @@ def exact_allreduce_hook(process_group, bucket):  # unannotated: DDP checks the 
         return grads
 
     return future.then(average)
-
-
-def local_nbytes(obj: Any) -> int:
-    """Bytes this rank holds of a (possibly sharded) state tree: a DTensor counts its local
-    shard, not the global tensor it stands for."""
-    from torch.distributed.tensor import DTensor
-
-    return tree_nbytes(obj, lambda x: x.to_local() if isinstance(x, DTensor) else x)
 
 
 def is_distributed() -> bool:
