@@ -18,9 +18,13 @@ The model is a stack of 4096x4096 linear layers, fully sharded, with AdamW state
               buffers, so it is reported apart);
   copy        seconds to copy the rank's state once in memory into preallocated tensors
               (the floor any snapshot pays); the goal is blocked <= 1.5x copy;
-  restore     a second gang of the same variant resumes: seconds to a loaded state, and the
-              bytes it read of the DCP objects over the bytes of its own DCP shard;
-  equal       the restored weights and optimizer state equal the saved ones.
+  restore     a second gang of the same variant resumes: seconds from ``session.restore()``
+              to the state loaded, and the bytes it read of the DCP objects over the bytes of
+              its own DCP shard (old: every DCP file, by construction);
+  equal       the restored weights and optimizer state equal the saved ones;
+  step        seconds per training step with no save in flight, and while the background
+              save runs on the same process (what its serialization, hashing and upload
+              cost the loop: the case for a process-based async save).
 The parent watches the spool directory throughout (peak bytes; goal 0 for new).
 Medians over rounds and ranks. Never run by the test suite.
 """
@@ -66,7 +70,7 @@ def _digest(state) -> str:
         elif isinstance(obj, torch.Tensor):
             t = obj.to_local() if isinstance(obj, DTensor) else obj
             h.update(path.encode())
-            h.update(t.detach().contiguous().view(torch.uint8).numpy().tobytes()
+            h.update(t.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
                      if t.numel() else b"")
         else:
             h.update(f"{path}={obj!r}".encode())
@@ -106,10 +110,10 @@ def worker(args) -> int:
 
     out: dict = {"rank": rank, "layers": layers}
     with DistributedSession(config={"bench": "dcp", "layers": layers}) as session:
+        t0 = time.perf_counter()  # the restore: finding, reading and loading the checkpoint
         restored = session.restore()
         if args.mode == "restore":
             assert restored is not None, "nothing to restore"
-            t0 = time.perf_counter()
             msd, osd = get_state_dict(model, opt)
             target = {"model": msd, "optim": osd}
             restored.load_sharded(target)
@@ -136,6 +140,15 @@ def worker(args) -> int:
             del spare
             blocked, step = [], 0
             ck = session.checkpointing
+            idle, during = [], []  # step seconds without a save in flight, and with one
+
+            def timed_step(into):
+                t0 = time.perf_counter()
+                train_step()
+                into.append(time.perf_counter() - t0)
+
+            for _ in range(3):
+                timed_step(idle)
             for _ in range(args.saves):
                 train_step()
                 step += 1
@@ -144,8 +157,16 @@ def worker(args) -> int:
                 session.save(step, state())
                 blocked.append(time.perf_counter() - t0)
                 t0 = time.perf_counter()
+                # Train on while it uploads (the loop's cost of the background save: GIL and
+                # CPU); both ranks stop together, when both uploads are done.
+                while session.peers.all(ck.checkpointer.in_flight() > 0):
+                    timed_step(during)
                 ck.checkpointer.wait()
                 out.setdefault("upload_seconds", []).append(time.perf_counter() - t0)
+                for _ in range(2):
+                    timed_step(idle)
+            out["step_seconds_idle"] = statistics.median(idle)
+            out["step_seconds_during_upload"] = statistics.median(during) if during else None
             out["blocked_seconds"] = blocked
             out["digest"] = _digest(state()["sharded"])
             session.finish("completed", step)
@@ -302,7 +323,8 @@ def main(argv=None) -> int:
                               f" spool peak {s['spool_peak_bytes'] / MiB:.0f} MiB, restore"
                               f" {x['restore_seconds']:.2f}s reading {read / own:.2f}x its shard,"
                               f" equal {x['equal']}", flush=True)
-                    storage.delete_prefix("")
+                    for key in storage.list_keys(""):  # the server's disk is this machine's
+                        storage.delete(key)
         finally:
             server.stop()
     for v in variants:
@@ -321,7 +343,13 @@ def main(argv=None) -> int:
             "restore_spool_peak_bytes": max(x["restore_spool_peak_bytes"] for x in rows),
             "restore_seconds": summary([x["restore_seconds"] for x in rows]),
             "restore_read_over_own_shard": summary(ratio_read),
-            "restored_equal": all(x["equal"] for x in rows)}
+            "restored_equal": all(x["equal"] for x in rows),
+            "step_seconds_idle": summary([x["step_seconds_idle"] for x in rows]),
+            "step_seconds_during_upload": summary([x["step_seconds_during_upload"] for x in rows
+                                                   if x["step_seconds_during_upload"] is not None])}
+        idle = results["variants"][v]["step_seconds_idle"]["p50"]
+        busy = results["variants"][v]["step_seconds_during_upload"]["p50"]
+        results["variants"][v]["step_slowdown_during_upload"] = round(busy / idle, 3) if busy else None
     if "old" in variants and "new" in variants:
         o, n = results["variants"]["old"], results["variants"]["new"]
         results["new_over_old_blocked"] = round(n["blocked_seconds"]["p50"] / o["blocked_seconds"]["p50"], 3)
@@ -334,7 +362,9 @@ def main(argv=None) -> int:
               f" {row['first_blocked_seconds']['p50']:.3f}s), {row['blocked_over_copy']}x the copy"
               f" ({row['copy_seconds']['p50']:.3f}s); spool peak {row['spool_peak_bytes']} B;"
               f" restore {row['restore_seconds']['p50']:.2f}s reading"
-              f" {row['restore_read_over_own_shard']['p50']:.2f}x its shard; equal {row['restored_equal']}")
+              f" {row['restore_read_over_own_shard']['p50']:.2f}x its shard; equal {row['restored_equal']};"
+              f" step {row['step_seconds_idle']['p50']:.3f}s idle,"
+              f" {row['step_slowdown_during_upload']}x while saving")
     print(f"wrote {out}")
     return 0
 

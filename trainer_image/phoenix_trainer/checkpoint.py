@@ -425,10 +425,12 @@ class ViewReader(io.RawIOBase):
         self.pos = max(self.pos, end)
         return out
 
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(memoryview(b)))
-        memoryview(b).cast("B")[:len(data)] = data
-        return len(data)
+    def readinto(self, b: Any) -> int:  # torch.load's reader uses this: one copy, no bytes
+        dst = memoryview(b).cast("B")
+        n = max(0, min(len(dst), len(self.view) - self.pos))
+        dst[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
 
 
 class ShardBuffer:

@@ -15,23 +15,23 @@ checkpoint); it overrides none of the session's methods. What changes against on
   makes the others fail promptly instead of hanging until the grace period runs out.
 - **Sharded checkpoints.** The state entry ``"sharded"`` (e.g. ``{"model": msd, "optim":
   osd}`` from ``torch.distributed.checkpoint.state_dict.get_state_dict``, for DDP or FSDP2)
-  is written with ``torch.distributed.checkpoint``: each rank writes its own shard file to a
-  local spool (the blocking part), then uploads it in the background. DCP writes files, so
-  this is the one part of a checkpoint that still touches local disk: ``check_spool_room``
-  refuses it on every rank together, before writing, when it would not fit
-  (``PHOENIX_SPOOL_LIMIT_MB`` or the free space). The per-rank state streams to storage.
+  is staged on the training thread (CPU buffers reused from save to save: the blocking
+  part) and written with ``torch.distributed.checkpoint`` from the upload thread, each
+  rank's shard streamed straight to storage (``dcp_storage.StorageWriter``: no local spool).
   Everything else in the state is per rank, as ``step-N/rank<r>-<name>`` (RNG states, data
-  position, trainer.json); DCP's files are ``step-N/dcp-<name>`` (checkpoint file names are
-  flat). The upload threads then exchange their files' sizes and sha256;
-  rank 0 writes the one manifest listing every rank's files, last, after the fence check,
-  and tells the others. A checkpoint missing any rank's file has no manifest (or fails
-  verification) and is never resumed from, exactly like a partial single-process one.
+  position, trainer.json); DCP's objects are ``step-N/dcp-<name>`` (checkpoint file names
+  are flat). The upload threads then exchange their files' sizes and sha256; rank 0 writes
+  the one manifest listing every rank's files, last, after the fence check, and tells the
+  others. A checkpoint missing any rank's file has no manifest (or fails verification) and
+  is never resumed from, exactly like a partial single-process one.
 - **Restore.** Rank 0 picks the candidate (newest valid, or ``PHOENIX_RESUME_FROM``) and
-  broadcasts it; every rank downloads and verifies its own files and the DCP files; if any
-  rank fails, all fall back to the previous checkpoint together. ``Restored.load_sharded``
-  then loads with DCP, which reshards: a checkpoint written by 4 ranks loads on 2.
-  Per-rank state of a rank that did not exist at save time comes from rank 0 (RNG streams
-  then differ: exact in samples seen, not bitwise — see docs/trainer.md).
+  broadcasts it; every rank reads and verifies its own files and checks the DCP objects are
+  the uploaded ones (``dcp_storage.vouch_files``); if any rank fails, all fall back to the
+  previous checkpoint together. ``Restored.load_sharded`` then loads with DCP, reading only
+  the byte ranges this rank's load plan needs (``dcp_storage.StorageReader``), and
+  reshards: a checkpoint written by 4 ranks loads on 2. Per-rank state of a rank that did
+  not exist at save time comes from rank 0 (RNG streams then differ: exact in samples seen,
+  not bitwise — see docs/trainer.md).
 """
 from __future__ import annotations
 
