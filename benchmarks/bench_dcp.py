@@ -152,6 +152,7 @@ def worker(args) -> int:
             for _ in range(args.saves):
                 train_step()
                 step += 1
+                out["digest"] = _digest(state()["sharded"])  # what this save holds
                 dist.barrier()
                 t0 = time.perf_counter()
                 session.save(step, state())
@@ -168,7 +169,6 @@ def worker(args) -> int:
             out["step_seconds_idle"] = statistics.median(idle)
             out["step_seconds_during_upload"] = statistics.median(during) if during else None
             out["blocked_seconds"] = blocked
-            out["digest"] = _digest(state()["sharded"])
             session.finish("completed", step)
     print("BENCH " + json.dumps(out), flush=True)
     dist.destroy_process_group()

@@ -1,6 +1,6 @@
 """DCP straight to S3 (versitygw): the sharded state streams from memory into objects with no
 local file, the commit's manifest vouches for it (HEADs only), a restore reads only the
-blocks holding the items asked for and checks each against its digest, and a torn or
+blocks holding the items asked for and checks each against its checksum, and a torn or
 damaged save is never resumed from.
 
 One process (``no_dist``): the gang's collectives are exercised by tests/storage/
@@ -125,7 +125,7 @@ def test_a_restore_reads_only_the_blocks_its_plan_needs(storage):
     assert info.manifest.files["dcp-__0_0.distcp"].size > 16 * MiB
 
 
-def test_a_damaged_block_is_refused_by_its_digest_and_by_the_restores_check(storage, s3_bucket):
+def test_a_damaged_block_is_refused_by_its_checksum_and_by_the_restores_check(storage, s3_bucket):
     state = sharded_state(3)
     info = save(storage, 10, state)
     c, key = s3_bucket.client(), f"job/train/{step_dir_name(10)}/dcp-__0_0.distcp"
@@ -136,7 +136,7 @@ def test_a_damaged_block_is_refused_by_its_digest_and_by_the_restores_check(stor
     with pytest.raises(CorruptCheckpointError, match="not the object that was uploaded"):
         vouch_files(storage, info, 0, 1)  # before any rank commits to it
     target = zeros_like(state)
-    with pytest.raises(CorruptCheckpointError, match="do not match their digest"):
+    with pytest.raises(CorruptCheckpointError, match="do not match their checksum"):
         dcp_storage.load(target, StorageReader(storage, info), no_dist=True)  # read anyway
 
 
