@@ -19,6 +19,36 @@ _STEP_LINE = re.compile(r" phoenix\.[\w.]+: (?:\[[^\]]*\] )?step (\d+)\b")
 _RANK_PID = re.compile(r" rank (\d+)/\d+\] .* pid (\d+)")
 
 
+class DiskWatch:
+    """Largest number of bytes seen in files under ``dirs`` while running (polled every
+    ``every`` seconds)."""
+
+    def __init__(self, *dirs, every: float = 0.005) -> None:
+        self.dirs, self.every, self.peak, self.stop = dirs, every, 0, threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            total = 0
+            for d in self.dirs:
+                for root, _, names in os.walk(d):
+                    for n in names:
+                        try:
+                            total += os.path.getsize(os.path.join(root, n))
+                        except OSError:
+                            pass
+            self.peak = max(self.peak, total)
+            self.stop.wait(self.every)
+
+    def __enter__(self) -> "DiskWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

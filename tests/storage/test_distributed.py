@@ -5,7 +5,9 @@ checkpoint for all ranks, a coordinated stop, exact resume, and resharding.
   nothing left running), the newest checkpoint then damaged in one rank's shard (it must
   not be resumed from), one rank SIGTERMed (all ranks stop at the same step and save one
   emergency checkpoint together), resumed to the end: the final model and optimizer equal
-  the uninterrupted 2-rank run's, tensor for tensor.
+  the uninterrupted 2-rank run's, tensor for tensor. Nothing is spooled on local disk on the
+  way (DCP streams to S3), and a resumed rank reads its own shard of the sharded state, not
+  every rank's.
 - DDP on 4 ranks preempted and resumed: bit-exact too (the example's exact_allreduce_hook).
 - FSDP2 checkpoint of 4 ranks resumed on 2: training continues on exactly the same samples
   and the loss curve stays within tolerance of the 4-rank run's.
@@ -24,7 +26,7 @@ import pytest
 
 from phoenix_trainer.core.layout import latest_valid_checkpoint, list_checkpoints, step_dir_name
 from phoenix_trainer.core.storage import open_storage
-from trainer_procs import Proc, env_for, gang_state, kill_and_resume, tensors_equal
+from trainer_procs import DiskWatch, Proc, env_for, gang_state, kill_and_resume, tensors_equal
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_distributed.py"
@@ -50,6 +52,7 @@ def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3
     plan = [(signal.SIGKILL, rng.randint(12, 18)), (signal.SIGTERM, rng.randint(24, 30))]
     victims = [rng.randrange(2), rng.randrange(2)]
     damaged: list[int] = []
+    reads: list[tuple[float, float]] = []  # (MB a rank read, MB of the biggest rank's shard)
 
     def target(proc: Proc, attempt: int) -> int:
         return proc.pids[victims[attempt]]
@@ -65,10 +68,23 @@ def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3
             body[len(body) // 2] ^= 0x10
             storage.put_bytes(key, bytes(body))
             damaged.append(newest.step)
+        else:  # a resumed gang: what each rank read of the sharded state
+            files = open_storage(run_uri).get_bytes(f"{step_dir_name(proc.start_step)}/manifest.json")
+            sizes = {n: e["size"] for n, e in json.loads(files)["files"].items() if n.startswith("dcp-")}
+            meta = sizes.pop("dcp-.metadata") + sizes.pop("dcp-.blocks.json")
+            reads.extend((float(m.group(1)), (max(sizes.values()) + meta) / 1e6)
+                         for line in proc.lines if (m := READ.search(line)))
 
-    starts = kill_and_resume(s3_server, tmp_path, SCRIPT, [*ARGS, "--mode", mode, "--seed", str(seed % 5)],
-                             run_uri, ref_uri, plan, nproc=2, target=target, between=between,
-                             expect_rc={signal.SIGKILL: 1, signal.SIGTERM: 1}, **ENV)
+    spool = tmp_path / "spool"
+    with DiskWatch(spool, every=0.02) as watch:
+        starts = kill_and_resume(s3_server, tmp_path, SCRIPT, [*ARGS, "--mode", mode, "--seed", str(seed % 5)],
+                                 run_uri, ref_uri, plan, nproc=2, target=target, between=between,
+                                 expect_rc={signal.SIGKILL: 1, signal.SIGTERM: 1},
+                                 PHOENIX_SPOOL_DIR=str(spool), **ENV)
+    assert watch.peak == 0, f"{watch.peak} bytes spooled"
+    assert len(reads) == 2 and all(got > 0 for got, _ in reads), reads
+    if mode == "fsdp":  # DDP's state is replicated: every rank needs all of it
+        assert all(got <= shard + 0.05 for got, shard in reads), reads
     print(f"resumed at steps {starts}; damaged checkpoint step {damaged}")
     assert 0 < starts[0] < damaged[0], "the damaged checkpoint was resumed from"
     assert starts[1] > plan[1][1] - 1  # the emergency checkpoint of the SIGTERM'd gang
@@ -91,6 +107,9 @@ def test_ddp_on_4_ranks_resumes_bit_exact(s3_server, s3_env, s3_bucket, tmp_path
     last = Proc(env_for(s3_server, run, 1, tmp_path, **ENV), SCRIPT, args, nproc=4)
     assert last.finish(timeout=300) == 0 and last.start_step == 17, "".join(last.lines[-20:])
     assert tensors_equal(gang_state(run, tmp_path, STEPS), gang_state(ref, tmp_path, STEPS))
+
+
+READ = re.compile(r"read ([0-9.]+) MB of checkpoint (\S+)'s sharded state")
 
 
 LOSS = re.compile(r"phoenix\.example: step (\d+) loss ([0-9.]+)")

@@ -17,6 +17,7 @@ from phoenix_trainer.core.layout import (
 )
 from phoenix_trainer.core.storage import Credentials, open_storage
 from phoenix_trainer.core.writer import RetryPolicy
+from trainer_procs import DiskWatch
 
 pytestmark = pytest.mark.storage
 MiB = 1 << 20
@@ -38,35 +39,6 @@ def empty_dirs(tmp_path, monkeypatch):
     tmp.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     return spool, tmp
-
-
-class DiskWatch:
-    """Largest number of bytes seen in files under ``dirs`` while running."""
-
-    def __init__(self, *dirs) -> None:
-        self.dirs, self.peak, self.stop = dirs, 0, threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self.stop.is_set():
-            total = 0
-            for d in self.dirs:
-                for root, _, names in os.walk(d):
-                    for n in names:
-                        try:
-                            total += os.path.getsize(os.path.join(root, n))
-                        except OSError:
-                            pass
-            self.peak = max(self.peak, total)
-            self.stop.wait(0.005)
-
-    def __enter__(self) -> "DiskWatch":
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
 
 
 def state(seed: int):

@@ -5,8 +5,9 @@ The training loop only waits for the CPU copy (``to_cpu``) and, if more than
 sha256, multipart upload, the manifest (written last) and retention run on one background
 thread. Shards are serialized straight into storage (``writer.StreamedShard``): nothing is
 staged on local disk, so a checkpoint bigger than the pod's ephemeral storage cannot get the
-pod evicted. Only files a caller already wrote (DCP's, in a gang) use the local spool, and
-``check_spool_room`` refuses those before writing when they would not fit. A save that fails after its retries is logged and dropped: the previous checkpoint
+pod evicted; a gang's sharded state streams the same way (dcp_storage.py). Only files a
+caller already wrote (``Snapshot.files``) use the local spool, and ``check_spool_room``
+refuses those before writing when they would not fit. A save that fails after its retries is logged and dropped: the previous checkpoint
 stays the latest valid one, so nothing half-written ever looks valid.
 
 Must never be called from a signal handler, and never log credentials.
@@ -65,6 +66,8 @@ class Snapshot:
     documents: dict[str, Any]  # shard name -> JSON-able dict
     extra: dict[str, Any] = field(default_factory=dict)  # copied into the manifest's "extra"
     files: dict[str, str] = field(default_factory=dict)  # shard name -> a file already written
+    # A gang's sharded state staged for DCP (dcp_storage.Staged): the commit writes it.
+    sharded: Any = None
     nbytes: int = 0
     seconds: float = 0.0  # how long the loop was blocked taking it
 
@@ -118,8 +121,33 @@ def _hashing_save(obj: Any, path: str) -> FileEntry:
     return FileEntry(size=tee.n, sha256=tee.h.hexdigest())
 
 
+class _Sink:
+    """A write-only stream that remembers its sink's error: torch.save's zip writer replaces
+    a failed write's exception with its own ("unexpected pos"), which would hide the
+    ``StorageError`` a retry is for."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.failed = f, None
+
+    def write(self, data: Any) -> int:
+        try:
+            return self.f.write(data)
+        except BaseException as e:
+            self.failed = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 def _torch_save_to(obj: Any, f: Any) -> None:
-    torch.save(obj, f)
+    sink = _Sink(f)
+    try:
+        torch.save(obj, sink)
+    except BaseException:
+        if sink.failed is not None:
+            raise sink.failed from None
+        raise
 
 
 # The spool's share of the container's ephemeral-storage limit when no limit is set: the
@@ -323,13 +351,16 @@ class AsyncCheckpointer:
                 files[name] = StreamedShard(lambda f, body=body: f.write(body), len(body))
             files.update(snap.files)
             t1 = time.perf_counter()
+            more = {} if snap.sharded is None else {"sharded": snap.sharded}
             info = self.commit(
                 self.storage, snap.step, files, epoch=snap.epoch, phase=self.phase,
                 config_fingerprint=self.config_fingerprint, run_id=self.run_id,
-                attempt=self.attempt, retry=self.retry, extra=snap.extra, uid=self.uid)
+                attempt=self.attempt, retry=self.retry, extra=snap.extra, uid=self.uid, **more)
             t2 = time.perf_counter()
             assert info.manifest is not None
             size = sum(info.manifest.files[n].size for n in files)
+            if snap.sharded is not None:
+                size += sum(e.size for e in snap.sharded.written.values())
             self.stats.saves += 1
             self.stats.bytes += size
             self.stats.serialize_seconds.append(t1 - t0)
@@ -366,7 +397,7 @@ class AsyncCheckpointer:
             shutil.rmtree(os.path.join(self.spool, step_dir_name(snap.step)), ignore_errors=True)
 
 
-class _ViewReader(io.RawIOBase):
+class ViewReader(io.RawIOBase):
     """A read-only, seekable file over a memoryview: torch.load reads it without the copy a
     ``BytesIO(buffer)`` would make."""
 
@@ -394,10 +425,12 @@ class _ViewReader(io.RawIOBase):
         self.pos = max(self.pos, end)
         return out
 
-    def readinto(self, b: Any) -> int:
-        data = self.read(len(memoryview(b)))
-        memoryview(b).cast("B")[:len(data)] = data
-        return len(data)
+    def readinto(self, b: Any) -> int:  # torch.load's reader uses this: one copy, no bytes
+        dst = memoryview(b).cast("B")
+        n = max(0, min(len(dst), len(self.view) - self.pos))
+        dst[:n] = self.view[self.pos:self.pos + n]
+        self.pos += n
+        return n
 
 
 class ShardBuffer:
@@ -407,7 +440,7 @@ class ShardBuffer:
     download; ``torch.load(mmap=True)`` then maps that same file, so the loaded tensors are
     the downloaded pages: one copy of the shard in memory, not two (the bytes, then the
     tensors made from them). Elsewhere, and for small or JSON shards, a bytearray read
-    through a view (``_ViewReader``), still without joining chunks."""
+    through a view (``ViewReader``), still without joining chunks."""
 
     MIN_MAPPED = 1 << 20  # smaller shards: a bytearray; a file per shard is not worth it
 
@@ -434,7 +467,7 @@ class ShardBuffer:
             if self.fd is not None:
                 return torch.load(f"/proc/self/fd/{self.fd}", mmap=True, map_location="cpu",
                                   weights_only=True)
-            return torch.load(_ViewReader(memoryview(self.memory)), map_location="cpu",
+            return torch.load(ViewReader(memoryview(self.memory)), map_location="cpu",
                               weights_only=True)
         finally:
             self.close()
@@ -493,7 +526,7 @@ def load_checkpoint(storage: Storage, info: CheckpointInfo,
         data = got[0]
         total += len(data)
         out[name] = _decode(info, name, (lambda data=data: json.loads(data)) if name.endswith(".json")
-                            else lambda data=data: torch.load(_ViewReader(memoryview(data)),
+                            else lambda data=data: torch.load(ViewReader(memoryview(data)),
                                                               map_location="cpu", weights_only=True))
     buffers: dict[str, ShardBuffer] = {}
 

@@ -15,55 +15,53 @@ checkpoint); it overrides none of the session's methods. What changes against on
   makes the others fail promptly instead of hanging until the grace period runs out.
 - **Sharded checkpoints.** The state entry ``"sharded"`` (e.g. ``{"model": msd, "optim":
   osd}`` from ``torch.distributed.checkpoint.state_dict.get_state_dict``, for DDP or FSDP2)
-  is written with ``torch.distributed.checkpoint``: each rank writes its own shard file to a
-  local spool (the blocking part), then uploads it in the background. DCP writes files, so
-  this is the one part of a checkpoint that still touches local disk: ``check_spool_room``
-  refuses it on every rank together, before writing, when it would not fit
-  (``PHOENIX_SPOOL_LIMIT_MB`` or the free space). The per-rank state streams to storage.
+  is staged on the training thread (CPU buffers reused from save to save: the blocking
+  part) and written with ``torch.distributed.checkpoint`` from the upload thread, each
+  rank's shard streamed straight to storage (``dcp_storage.StorageWriter``: no local spool).
   Everything else in the state is per rank, as ``step-N/rank<r>-<name>`` (RNG states, data
-  position, trainer.json); DCP's files are ``step-N/dcp-<name>`` (checkpoint file names are
-  flat). The upload threads then exchange their files' sizes and sha256;
-  rank 0 writes the one manifest listing every rank's files, last, after the fence check,
-  and tells the others. A checkpoint missing any rank's file has no manifest (or fails
-  verification) and is never resumed from, exactly like a partial single-process one.
+  position, trainer.json); DCP's objects are ``step-N/dcp-<name>`` (checkpoint file names
+  are flat). The upload threads then exchange their files' sizes and sha256; rank 0 writes
+  the one manifest listing every rank's files, last, after the fence check, and tells the
+  others. A checkpoint missing any rank's file has no manifest (or fails verification) and
+  is never resumed from, exactly like a partial single-process one.
 - **Restore.** Rank 0 picks the candidate (newest valid, or ``PHOENIX_RESUME_FROM``) and
-  broadcasts it; every rank downloads and verifies its own files and the DCP files; if any
-  rank fails, all fall back to the previous checkpoint together. ``Restored.load_sharded``
-  then loads with DCP, which reshards: a checkpoint written by 4 ranks loads on 2.
-  Per-rank state of a rank that did not exist at save time comes from rank 0 (RNG streams
-  then differ: exact in samples seen, not bitwise — see docs/trainer.md).
+  broadcasts it; every rank reads and verifies its own files and checks the DCP objects are
+  the uploaded ones (``dcp_storage.vouch_files``); if any rank fails, all fall back to the
+  previous checkpoint together. ``Restored.load_sharded`` then loads with DCP, reading only
+  the byte ranges this rank's load plan needs (``dcp_storage.StorageReader``), and
+  reshards: a checkpoint written by 4 ranks loads on 2. Per-rank state of a rank that did
+  not exist at save time comes from rank 0 (RNG streams then differ: exact in samples seen,
+  not bitwise — see docs/trainer.md).
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-import time
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 
-from .checkpoint import Snapshot, check_spool_room
+from .checkpoint import Snapshot, load_checkpoint
 from .checkpointing import LocalSnapshots
-from .core.errors import CheckpointError, CorruptCheckpointError, SpoolFullError
+from .core.errors import CheckpointError
 from .core.layout import CheckpointInfo, Manifest, step_dir_name
-from .core.storage import Storage
-from .core.writer import file_digest, publish_manifest, upload_shards
+from .core.storage import ReadConfig, Storage
+from .core.writer import publish_manifest, upload_shards
+from .dcp_storage import DCP_PREFIX, Staged, Staging, StorageReader, StorageWriter, vouch_files
+from .dcp_storage import load as dcp_load
+from .dcp_storage import local_nbytes  # noqa: F401 - re-exported: its home before dcp_storage
+from .dcp_storage import save as dcp_save
 from .progress import note_collective
 from .restore import Restored
 from .session import Session
-from .tensors import tree_nbytes
 
 T = TypeVar("T")
 
 ENV_COLLECTIVE_TIMEOUT = "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS"
 DEFAULT_COLLECTIVE_TIMEOUT = 60.0
 SHARDED = "sharded"  # the state entry written with torch.distributed.checkpoint
-DCP_PREFIX = "dcp-"
 
 
 def rank_prefix(rank: int) -> str:
@@ -119,29 +117,27 @@ def exact_allreduce_hook(process_group, bucket):  # unannotated: DDP checks the 
     return future.then(average)
 
 
-def local_nbytes(obj: Any) -> int:
-    """Bytes this rank holds of a (possibly sharded) state tree: a DTensor counts its local
-    shard, not the global tensor it stands for."""
-    from torch.distributed.tensor import DTensor
-
-    return tree_nbytes(obj, lambda x: x.to_local() if isinstance(x, DTensor) else x)
-
-
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 class ShardedRestored(Restored):
-    """A restored gang checkpoint: this rank's own state, plus the DCP files on local disk."""
+    """A restored gang checkpoint: this rank's own state, and where its DCP objects are
+    (read on ``load_sharded``: only the ranges this rank's load plan needs)."""
 
-    sharded_dir: str | None = None
+    storage: Storage | None = None
+    bytes_read: int = 0  # of the sharded state, by ``load_sharded`` (metadata included)
 
-    def load_sharded(self, target: Any, *, process_group: Any = None) -> None:
+    def load_sharded(self, target: Any, *, process_group: Any = None,
+                     read: ReadConfig | None = None) -> None:
         """Load the ``"sharded"`` state into ``target`` in place (DCP; reshards as needed)."""
-        if self.sharded_dir is None:
+        if self.storage is None:
             raise CheckpointError(f"checkpoint {self.info.uri} has no sharded state")
-        dcp.load(target, storage_reader=dcp.FileSystemReader(self.sharded_dir),
-                 process_group=process_group)
+        reader = StorageReader(self.storage, self.info, read)
+        try:
+            dcp_load(target, reader, process_group)
+        finally:
+            self.bytes_read += reader.bytes_read
 
 
 class GroupPeers:
@@ -192,11 +188,13 @@ class GroupPeers:
 
 class ShardedSnapshots:
     """A rank's state -> a ``Snapshot``: its own entries as ``rank<r>-<name>``, the
-    ``"sharded"`` entry written with DCP into the spool (every rank or none)."""
+    ``"sharded"`` entry staged into CPU buffers (``dcp_storage.Staging``) for the commit to
+    write with DCP, straight to storage. The loop waits for the copies only."""
 
     def __init__(self, peers: GroupPeers) -> None:
         self.peers = peers
         self.local = LocalSnapshots()
+        self.staging = Staging()
 
     def take(self, step: int, epoch: int, state: Mapping[str, Any], trainer_doc: dict[str, Any],
              extra: dict[str, Any], spool: str | None) -> Snapshot:
@@ -207,37 +205,17 @@ class ShardedSnapshots:
         snap.tensors = {prefix + k: v for k, v in snap.tensors.items()}
         snap.documents = {prefix + k: v for k, v in snap.documents.items()}
         if sharded is not None:
-            spool = spool or tempfile.mkdtemp(prefix="phoenix-dcp-")
-            d = os.path.join(spool, step_dir_name(step), "dcp")
-            shutil.rmtree(d, ignore_errors=True)
-            self._check_spool(spool, step, sharded)
-            t0 = time.perf_counter()
-            dcp.save(sharded, storage_writer=dcp.FileSystemWriter(d), process_group=self.peers.ctl_group)
-            for name in sorted(os.listdir(d)):
-                path = os.path.join(d, name)
-                snap.files[DCP_PREFIX + name] = path
-                snap.nbytes += os.path.getsize(path)
-            snap.seconds += time.perf_counter() - t0
+            snap.sharded = self.staging.stage(sharded)
+            snap.nbytes += snap.sharded.nbytes
+            snap.seconds += snap.sharded.seconds
         return snap
-
-    def _check_spool(self, spool: str, step: int, sharded: Any) -> None:
-        """Every rank or none writes its DCP files (dcp.save is collective): one rank short of
-        spool fails the checkpoint on all of them, with its reason."""
-        problem = None
-        try:
-            check_spool_room(spool, local_nbytes(sharded),
-                             f"checkpoint step {step} (rank {self.peers.rank}'s sharded state)")
-        except SpoolFullError as e:
-            problem = str(e)
-        reasons = self.peers.gather(problem)
-        if any(reasons):
-            raise SpoolFullError("; ".join(r for r in reasons if r))
 
 
 class GangCommit:
     """``AsyncCheckpointer``'s commit for a gang (upload thread, every rank in the same order):
-    upload mine, exchange entries, rank 0 publishes the manifest listing everyone's files and
-    tells the others how it went."""
+    write the sharded state with DCP straight to storage (``dcp_storage.StorageWriter``,
+    collective: every rank or none), upload mine, exchange entries, rank 0 publishes the
+    manifest listing everyone's files and tells the others how it went."""
 
     def __init__(self, peers: GroupPeers) -> None:
         self.rank, self.world_size, self.group = peers.rank, peers.world_size, peers.io_group
@@ -245,11 +223,22 @@ class GangCommit:
     def __call__(self, storage: Storage, step: int, files: dict[str, str], *, epoch: int,
                  phase: str, config_fingerprint: str, run_id: str = "", attempt: int | None = None,
                  extra: dict | None = None, digests: dict | None = None, retry: Any = None,
-                 uid: str = "") -> CheckpointInfo:
+                 uid: str = "", sharded: Staged | None = None) -> CheckpointInfo:
         error = None
+        mine: dict[str, Any] = {}
         try:
-            mine = upload_shards(storage, step, files, attempt=attempt, digests=digests, retry=retry,
-                                 uid=uid)
+            if sharded is not None:
+                # First, and on every rank: dcp.save is collective and reports any rank's
+                # failure to all of them, so no rank is left waiting in it.
+                writer = StorageWriter(storage, step, attempt=attempt, uid=uid, retry=retry)
+                try:
+                    dcp_save(sharded.state, writer, self.group)
+                finally:
+                    sharded.release()
+                sharded.written = dict(writer.entries)
+                mine.update(writer.entries)
+            mine.update(upload_shards(storage, step, files, attempt=attempt, digests=digests,
+                                      retry=retry, uid=uid))
         except BaseException as e:  # noqa: BLE001 - reported to rank 0, which will not publish
             mine, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
         everyone: list[Any] = [None] * self.world_size
@@ -280,43 +269,28 @@ class GangCommit:
 
 class RankLoader:
     """A rank's part of a gang checkpoint: its own ``rank<r>-`` files (rank 0's for a rank
-    that did not exist at save time) and the DCP files, downloaded to a local folder and
-    checked against the manifest."""
+    that did not exist at save time), read in parallel and checked against the manifest, and
+    the DCP objects vouched for (``vouch_files``), read later by ``load_sharded``. Nothing
+    goes to local disk."""
 
-    def __init__(self, rank: int) -> None:
-        self.rank = rank
-        self.folder: str | None = None
+    def __init__(self, rank: int, world_size: int = 1) -> None:
+        self.rank, self.world_size = rank, world_size
 
     def load(self, storage: Storage, info: CheckpointInfo, prefetch: Any = None) -> Restored:
         assert info.manifest is not None
         files = info.manifest.files
         own = rank_prefix(self.rank) if any(n.startswith(rank_prefix(self.rank)) for n in files) else rank_prefix(0)
-        self.close()
-        self.folder = tempfile.mkdtemp(prefix="phoenix-restore-")
-        state: dict[str, Any] = {}
-        os.makedirs(os.path.join(self.folder, "dcp"))
-        for name in sorted(n for n in files if n.startswith((own, DCP_PREFIX))):
-            local = ("dcp/" + name[len(DCP_PREFIX):]) if name.startswith(DCP_PREFIX) else name
-            path = os.path.join(self.folder, local)
-            try:
-                storage.get_file(f"{step_dir_name(info.step)}/{name}", path)
-            except FileNotFoundError as e:
-                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} is missing") from e
-            got = file_digest(path)
-            if (got.size, got.sha256) != (files[name].size, files[name].sha256):
-                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} does not match"
-                                             " its manifest entry (size or sha256)")
-            if name.startswith(own):
-                key = name[len(own):]
-                state[key] = _decode(path, key, info)
+        mine = replace(info, manifest=replace(info.manifest, files={
+            n: e for n, e in files.items() if n.startswith(own)}))
+        state = {name[len(own):]: value for name, value in load_checkpoint(storage, mine).items()}
         restored = ShardedRestored("resume", info.step, info.manifest.epoch, info, state)
         if any(n.startswith(DCP_PREFIX) for n in files):
-            restored.sharded_dir = os.path.join(self.folder, "dcp")
+            restored.bytes_read = vouch_files(storage, info, self.rank, self.world_size)
+            restored.storage = storage
         return restored
 
     def close(self) -> None:
-        if self.folder:
-            shutil.rmtree(self.folder, ignore_errors=True)
+        pass
 
 
 class DistributedSession(Session):
@@ -329,16 +303,7 @@ class DistributedSession(Session):
                                " (call phoenix_trainer.distributed.init_from_env() under torchrun)")
         peers = GroupPeers(collective_timeout_seconds)
         super().__init__(peers=peers, snapshots=ShardedSnapshots(peers), commit=GangCommit(peers),
-                         loader=RankLoader(peers.rank), prefetch=None, **kwargs)
+                         loader=RankLoader(peers.rank, peers.world_size), prefetch=None, **kwargs)
         self.rank, self.world_size = peers.rank, peers.world_size
         self.ctl_group, self.io_group = peers.ctl_group, peers.io_group
 
-
-def _decode(path: str, name: str, info: CheckpointInfo) -> Any:
-    try:
-        if name.endswith(".json"):
-            with open(path, "rb") as f:
-                return json.load(f)
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any decode failure means an unusable shard
-        raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} cannot be decoded ({e})") from e

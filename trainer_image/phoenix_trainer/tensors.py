@@ -52,7 +52,7 @@ def clone_tree(obj: Any) -> Any:
 
 def tree_nbytes(obj: Any, local: Callable[[Any], Any] | None = None) -> int:
     """Bytes of the tensors in a state tree; ``local`` first maps each node to what this
-    process holds of it (a DTensor's shard: ``distributed.local_nbytes``)."""
+    process holds of it (a DTensor's shard: ``dcp_storage.local_nbytes``)."""
     if local is not None:
         obj = local(obj)
     if isinstance(obj, torch.Tensor):
