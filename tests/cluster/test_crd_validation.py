@@ -64,8 +64,12 @@ MALFORMED = [
     ("endpoint-not-url", lambda b: s(b)["checkpoint"].update(endpoint="minio:9000"), "endpoint"),
     ("addressing-style-unknown", lambda b: s(b)["checkpoint"].update(addressingStyle="dns"),
      "addressingStyle"),
-    ("ca-bundle-without-config-map", lambda b: s(b)["checkpoint"].update(
-        caBundle={"key": "ca.crt"}), "configMap"),
+    ("ca-bundle-without-a-source", lambda b: s(b)["checkpoint"].update(
+        caBundle={"key": "ca.crt"}),
+     "spec.checkpoint.caBundle needs exactly one of configMap or secret"),
+    ("ca-bundle-from-both-sources", lambda b: s(b)["checkpoint"].update(
+        caBundle={"configMap": "ca", "secret": "ca"}),
+     "spec.checkpoint.caBundle needs exactly one of configMap or secret"),
     ("no-containers", lambda b: s(b)["template"]["spec"].update(containers=[]), "containers"),
     ("template-without-containers", lambda b: s(b)["template"].update(spec={}), "containers"),
     ("no-phases", lambda b: s(b).update(phases=[]), "phases"),
