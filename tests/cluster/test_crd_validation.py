@@ -105,6 +105,14 @@ def test_good_job_is_accepted_with_defaults(custom_api):
     assert out["spec"]["suspend"] is False
 
 
+@pytest.mark.parametrize("source", ["configMap", "secret"])
+def test_a_ca_bundle_from_either_source_is_accepted_with_its_key_defaulted(custom_api, source):
+    body = mutate(lambda b: s(b)["checkpoint"].update(caBundle={source: "internal-ca"}))
+    out = custom_api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body,
+                                                     dry_run="All")
+    assert out["spec"]["checkpoint"]["caBundle"] == {source: "internal-ca", "key": "ca.crt"}
+
+
 @pytest.mark.parametrize("fn,field", [(m[1], m[2]) for m in MALFORMED],
                          ids=[m[0] for m in MALFORMED])
 def test_malformed_job_is_rejected_naming_the_field(custom_api, fn, field):
