@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: setup demo test test-soak test-unit test-cluster test-e2e lab-up lab-down bench
+.PHONY: setup demo test test-soak test-storage-all test-unit test-cluster test-e2e lab-up lab-down bench
 
 setup:
 	bash lab/bootstrap.sh
@@ -23,6 +23,11 @@ test-soak: setup
 test-unit:
 	bash lab/bootstrap.sh --no-images
 	$(PYTEST) -m unit tests
+
+# The storage layer with its slow kill-and-resume tests against both S3 servers (make test
+# runs those against versitygw only; tests/conftest.py).
+test-storage-all: setup
+	PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) -m storage tests
 
 test-cluster: setup
 	$(PYTEST) -m "cluster or storage" tests

@@ -5,8 +5,8 @@
 #   3. the lab's node runtime from Debian packages (containerd, runc, CNI plugins, iptables) and
 #      the image tools (Docker engine, debootstrap, busybox-static),
 #   4. the lab binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
-#      CoreDNS, versitygw, prometheus/promtool, kubectl, helm), built from the Go module proxy
-#      and cached under ~/.cache/phoenix.
+#      CoreDNS, versitygw, SeaweedFS, prometheus/promtool, kubectl, helm), built from the Go
+#      module proxy and cached under ~/.cache/phoenix.
 #   5. meanwhile, in the background, the lab's images and node image (`phoenix-lab prepare`:
 #      Debian base, operator and trainer images, the containerd root nodes boot from): they
 #      wait on the network and the disk while the Go builds keep both cores busy, so a fresh

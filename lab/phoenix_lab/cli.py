@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="where the lab keeps its state (default: $PHOENIX_LAB_DIR or <repo>/.lab)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     sub.add_parser("build", help="build/cache the lab's binaries (control plane, kubelet, CoreDNS, "
-                                 "versitygw, kubectl, helm)")
+                                 "versitygw, SeaweedFS, kubectl, helm)")
     imgs = sub.add_parser("images", help="build the lab's images (base, pause, operator, trainer); "
                                          "see 'phoenix-lab images -h'")
     imgs.add_argument("rest", nargs=argparse.REMAINDER)

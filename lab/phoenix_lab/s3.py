@@ -1,16 +1,20 @@
-"""A real S3 server on loopback: versitygw with its posix backend.
+"""Real S3 servers on loopback: versitygw with its posix backend (``S3Server``), and
+SeaweedFS (``SeaweedS3Server``), a second, independent implementation for the storage tests,
+served over TLS with a lab CA and with virtual-hosted bucket names.
 
-Used by the lab (the demo's checkpoint store) and by storage tests. Credentials are
-generated per state dir and never logged.
+versitygw is the lab's checkpoint store (the demo, cluster and e2e tests); both serve the
+storage tests. Credentials are generated per state dir and never logged.
 """
 from __future__ import annotations
 
+import json
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
-from .procs import Service, free_port, require_free_port, tcp_ready
+from .procs import LabError, Service, free_port, require_free_port, tcp_ready
 
 
 @dataclass(frozen=True)
@@ -21,9 +25,14 @@ class S3Endpoint:
     access_key: str
     secret_key: str
     region: str = "us-east-1"
+    name: str = "versitygw"  # which server: a storage test's id names it
+    ca_bundle: str | None = None  # PEM file of the lab CA that signed an https:// endpoint
+    # an endpoint for virtual-hosted requests (https://s3.localhost:PORT): bucket B is then
+    # B.s3.localhost, which resolves only where /etc/hosts says so (see ``hosts_line``)
+    virtual_url: str | None = None
 
     def __repr__(self) -> str:  # never print credentials
-        return f"S3Endpoint(url={self.url!r}, access_key=***, secret_key=***)"
+        return f"S3Endpoint({self.name}, url={self.url!r}, access_key=***, secret_key=***)"
 
     def client(self):
         import boto3
@@ -33,16 +42,20 @@ class S3Endpoint:
             "s3", endpoint_url=self.url, aws_access_key_id=self.access_key,
             aws_secret_access_key=self.secret_key, region_name=self.region,
             config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 3}),
+            verify=self.ca_bundle,
         )
 
     def env(self) -> dict[str, str]:
         """The environment a boto3 program needs to reach this server."""
-        return {
+        out = {
             "AWS_ENDPOINT_URL": self.url,
             "AWS_ACCESS_KEY_ID": self.access_key,
             "AWS_SECRET_ACCESS_KEY": self.secret_key,
             "AWS_DEFAULT_REGION": self.region,
         }
+        if self.ca_bundle:
+            out["AWS_CA_BUNDLE"] = self.ca_bundle
+        return out
 
 
 class S3Server:
@@ -78,6 +91,107 @@ class S3Server:
             require_free_port(self.port, "the S3 server", self.host)
         self.service.start(timeout=30)
         return self.endpoint
+
+    def stop(self) -> None:
+        self.service.stop()
+
+    def running(self) -> bool:
+        return self.service.running()
+
+    def ensure_bucket(self, name: str) -> None:
+        client = self.endpoint.client()
+        try:
+            client.head_bucket(Bucket=name)
+        except client.exceptions.ClientError:
+            client.create_bucket(Bucket=name)
+
+
+SEAWEED_DOMAIN = "s3.localhost"  # virtual-hosted names: <bucket>.s3.localhost
+
+
+class SeaweedS3Server:
+    """SeaweedFS (``weed mini``: master, volume server, filer and S3 gateway in one process)
+    on loopback, every port free and bound to 127.0.0.1, its S3 port TLS-only with a
+    certificate from a lab CA made in the state dir. It answers path-style requests on
+    ``https://localhost:PORT`` and virtual-hosted ones for ``<bucket>.s3.localhost`` (the
+    certificate names ``*.s3.localhost``); nothing here makes that name resolve, see
+    ``S3Endpoint.virtual_url``. Telemetry, WebDAV, the admin UI and the Iceberg/Lance
+    catalogs are off: nothing leaves the machine."""
+
+    def __init__(self, state_dir: Path) -> None:
+        from .certs import ensure_ca, ensure_server_cert
+
+        self.state_dir = Path(state_dir)
+        self.data_dir = self.state_dir / "weed-data"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        settings = self.state_dir / "weed-settings.json"
+        if settings.exists():
+            saved = json.loads(settings.read_text())
+        else:
+            saved = {"access": "phx" + secrets.token_hex(6), "secret": secrets.token_urlsafe(24),
+                     "ports": {k: free_port() for k in (
+                         "s3", "s3grpc", "master", "mastergrpc", "volume", "volumegrpc",
+                         "filer", "filergrpc")}}
+            settings.touch(mode=0o600)
+            settings.write_text(json.dumps(saved))
+        ports = self.ports = saved["ports"]
+        pki = ensure_server_cert(ensure_ca(self.state_dir / "pki"), "s3",
+                                 ("localhost", SEAWEED_DOMAIN, f"*.{SEAWEED_DOMAIN}"))
+        self.pki = pki
+        identities = self.state_dir / "weed-s3.json"
+        if not identities.exists():
+            identities.touch(mode=0o600)
+            identities.write_text(json.dumps({"identities": [{
+                "name": "phoenix-tests",
+                "credentials": [{"accessKey": saved["access"], "secretKey": saved["secret"]}],
+                "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+        self.endpoint = S3Endpoint(
+            f"https://localhost:{ports['s3']}", saved["access"], saved["secret"],
+            name="seaweedfs", ca_bundle=str(pki.ca_cert),
+            virtual_url=f"https://{SEAWEED_DOMAIN}:{ports['s3']}")
+        run = self.state_dir / "run"
+        self.service = Service(
+            name="seaweedfs",
+            argv=[str(paths.binary("weed")), "mini",
+                  f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                  f"-master.port={ports['master']}", f"-master.port.grpc={ports['mastergrpc']}",
+                  "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
+                  f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volumegrpc']}",
+                  f"-filer.port={ports['filer']}", f"-filer.port.grpc={ports['filergrpc']}",
+                  f"-filer.localSocket={run}/filer.sock",
+                  f"-s3.port={ports['s3']}", f"-s3.port.grpc={ports['s3grpc']}",
+                  f"-s3.localSocket={run}/s3.sock",
+                  "-s3.port.iceberg=0", "-s3.port.lance=0",
+                  f"-s3.config={identities}", f"-s3.domainName={SEAWEED_DOMAIN}",
+                  f"-s3.cert.file={pki.cert('s3')}", f"-s3.key.file={pki.key('s3')}",
+                  "-webdav=false", "-admin.ui=false"],
+            state_dir=self.state_dir,
+            ready=tcp_ready(ports["s3"]),
+        )
+
+    def start(self) -> S3Endpoint:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        if not self.service.running():
+            for what, port in self.ports.items():
+                require_free_port(port, f"SeaweedFS ({what})")
+        self.service.start(timeout=60)
+        self._wait_serving(timeout=60)
+        return self.endpoint
+
+    def _wait_serving(self, timeout: float) -> None:
+        """The S3 port opens before the filer behind it is reachable: wait for a real
+        signed request to succeed."""
+        client = self.endpoint.client()
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client.list_buckets()
+                return
+            except Exception as e:  # noqa: BLE001 - not serving yet
+                if time.monotonic() > deadline or not self.service.running():
+                    raise LabError(f"SeaweedFS does not serve S3 ({e}); its log:\n"
+                                   f"{self.service.tail(30)}") from e
+                time.sleep(0.5)
 
     def stop(self) -> None:
         self.service.stop()

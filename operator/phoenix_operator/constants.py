@@ -33,7 +33,7 @@ LABEL_STANDBY = f"{GROUP}/standby"
 # DELETED event), so the reason it ended is not lost when the kubelet removes it.
 DELETED_KEY = "phoenix.dev/deleted"
 # The trainer's readiness endpoint (phoenix_trainer.control.StatusServer) on standby pods.
-# spec.checkpoint.caBundle: the ConfigMap key mounted read-only into the trainer container
+# spec.checkpoint.caBundle: the ConfigMap or Secret key mounted read-only into the trainer container
 CA_BUNDLE_VOLUME = "phoenix-ca-bundle"
 CA_BUNDLE_DIR = "/etc/phoenix/ca"
 DEFAULT_CA_BUNDLE_KEY = "ca.crt"

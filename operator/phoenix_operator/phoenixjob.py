@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 from phoenix_trainer.core.contract import ADDRESSING_AUTO
 
@@ -48,6 +48,14 @@ class PhaseSpec:
     nproc_per_node: int | None = None  # torchrun processes per pod; None: the pod's GPUs, else 1
 
 
+class CABundle(NamedTuple):
+    """``spec.checkpoint.caBundle``: where the trainer's PEM bundle comes from."""
+
+    source: str  # "configMap" or "secret"
+    name: str
+    key: str
+
+
 @dataclass(frozen=True)
 class CheckpointSpec:
     uri: str
@@ -55,7 +63,7 @@ class CheckpointSpec:
     region: str | None = None
     credentials_secret: str | None = None
     addressing_style: str = ADDRESSING_AUTO  # auto|path|virtual (contract.s3_addressing_style)
-    ca_bundle: tuple[str, str] | None = None  # (ConfigMap, key): a private CA for the trainer
+    ca_bundle: CABundle | None = None  # a private CA for the trainer (spec.checkpoint.caBundle)
     keep: int = 3
     interval_steps: int | None = None
     interval_seconds: int | None = None
@@ -85,10 +93,12 @@ class RecoverySpec:
         return float(min(self.backoff_max, self.backoff_initial * (2 ** (failures - 1))))
 
 
-def _ca_bundle(raw: Mapping[str, Any] | None) -> tuple[str, str] | None:
-    if not raw or not raw.get("configMap"):
-        return None
-    return str(raw["configMap"]), str(raw.get("key") or DEFAULT_CA_BUNDLE_KEY)
+def _ca_bundle(raw: Mapping[str, Any] | None) -> CABundle | None:
+    # the CRD admits exactly one of configMap and secret
+    for source in ("configMap", "secret"):
+        if raw and raw.get(source):
+            return CABundle(source, str(raw[source]), str(raw.get("key") or DEFAULT_CA_BUNDLE_KEY))
+    return None
 
 
 @dataclass(frozen=True)

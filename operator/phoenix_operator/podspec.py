@@ -38,7 +38,7 @@ from phoenix_trainer.core.heartbeat import ENV_HANG_DETECTION, ENV_HANG_TIMEOUT_
 
 from . import constants as C
 from .outcomes import trainer_container_name
-from .phoenixjob import JobSpec, PhaseSpec
+from .phoenixjob import CABundle, JobSpec, PhaseSpec
 
 
 def pod_name(job: str, phase: str, attempt: int, member: int | None = None) -> str:
@@ -157,19 +157,22 @@ def avoid_nodes(pod_spec: dict[str, Any], nodes: Sequence[str],
             {"weight": 100, "preference": {"matchFields": rule(prefer_not)}})
 
 
-def ca_bundle_path(ca_bundle: tuple[str, str]) -> str:
+def ca_bundle_path(ca_bundle: CABundle) -> str:
     """Where the trainer finds ``spec.checkpoint.caBundle``'s key (``AWS_CA_BUNDLE``)."""
-    return f"{C.CA_BUNDLE_DIR}/{ca_bundle[1]}"
+    return f"{C.CA_BUNDLE_DIR}/{ca_bundle.key}"
 
 
 def mount_ca_bundle(pod_spec: dict[str, Any], container: dict[str, Any],
-                    ca_bundle: tuple[str, str]) -> None:
-    """The ConfigMap key, read-only, at ``ca_bundle_path`` in the trainer container only
-    (boto3 reads ``AWS_CA_BUNDLE``; the other containers keep their own trust)."""
-    config_map, key = ca_bundle
+                    ca_bundle: CABundle) -> None:
+    """The ConfigMap's or Secret's key, read-only, at ``ca_bundle_path`` in the trainer
+    container only (boto3 reads ``AWS_CA_BUNDLE``; the other containers keep their own
+    trust)."""
+    items = [{"key": ca_bundle.key, "path": ca_bundle.key}]
+    source = ({"secret": {"secretName": ca_bundle.name, "items": items}}
+              if ca_bundle.source == "secret"
+              else {"configMap": {"name": ca_bundle.name, "items": items}})
     volumes = [v for v in pod_spec.get("volumes") or [] if v.get("name") != C.CA_BUNDLE_VOLUME]
-    volumes.append({"name": C.CA_BUNDLE_VOLUME, "configMap": {
-        "name": config_map, "items": [{"key": key, "path": key}]}})
+    volumes.append({"name": C.CA_BUNDLE_VOLUME, **source})
     pod_spec["volumes"] = volumes
     mounts = [m for m in container.get("volumeMounts") or []
               if m.get("name") != C.CA_BUNDLE_VOLUME]

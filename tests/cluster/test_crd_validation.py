@@ -64,8 +64,12 @@ MALFORMED = [
     ("endpoint-not-url", lambda b: s(b)["checkpoint"].update(endpoint="minio:9000"), "endpoint"),
     ("addressing-style-unknown", lambda b: s(b)["checkpoint"].update(addressingStyle="dns"),
      "addressingStyle"),
-    ("ca-bundle-without-config-map", lambda b: s(b)["checkpoint"].update(
-        caBundle={"key": "ca.crt"}), "configMap"),
+    ("ca-bundle-without-a-source", lambda b: s(b)["checkpoint"].update(
+        caBundle={"key": "ca.crt"}),
+     "spec.checkpoint.caBundle needs exactly one of configMap or secret"),
+    ("ca-bundle-from-both-sources", lambda b: s(b)["checkpoint"].update(
+        caBundle={"configMap": "ca", "secret": "ca"}),
+     "spec.checkpoint.caBundle needs exactly one of configMap or secret"),
     ("no-containers", lambda b: s(b)["template"]["spec"].update(containers=[]), "containers"),
     ("template-without-containers", lambda b: s(b)["template"].update(spec={}), "containers"),
     ("no-phases", lambda b: s(b).update(phases=[]), "phases"),
@@ -99,6 +103,14 @@ def test_good_job_is_accepted_with_defaults(custom_api):
     assert out["spec"]["recovery"]["backoff"] == {"initialSeconds": 10, "maxSeconds": 300}
     assert out["spec"]["phases"][0]["independent"] is False
     assert out["spec"]["suspend"] is False
+
+
+@pytest.mark.parametrize("source", ["configMap", "secret"])
+def test_a_ca_bundle_from_either_source_is_accepted_with_its_key_defaulted(custom_api, source):
+    body = mutate(lambda b: s(b)["checkpoint"].update(caBundle={source: "internal-ca"}))
+    out = custom_api.create_namespaced_custom_object(GROUP, VERSION, "default", PLURAL, body,
+                                                     dry_run="All")
+    assert out["spec"]["checkpoint"]["caBundle"] == {source: "internal-ca", "key": "ca.crt"}
 
 
 @pytest.mark.parametrize("fn,field", [(m[1], m[2]) for m in MALFORMED],

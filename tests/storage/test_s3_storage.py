@@ -113,3 +113,15 @@ def test_operator_credentials_with_an_explicit_path_style_round_trip(s3_bucket):
         st.put_bytes("b.txt", requested.encode())
         assert st.get_bytes("b.txt") == requested.encode()
         assert st.stat("b.txt")[0] == len(requested)
+
+
+def test_a_deleted_prefix_is_no_longer_listed_as_a_directory(s3_bucket):
+    """S3 has no directories; stores built on a filer (SeaweedFS) keep one whose objects are
+    gone and list it, which made a deleted step an "incomplete checkpoint" forever."""
+    st = storage_for(s3_bucket)
+    for key in ("step-1/a.bin", "step-1/model/deep/shard.bin", "step-2/a.bin"):
+        st.put_bytes(key, b"x")
+    st.delete_prefix("step-1")
+    assert st.list_dirs("") == ["step-2"]
+    assert st.list_keys("") == ["step-2/a.bin"]
+    assert st.get_bytes("step-2/a.bin") == b"x"

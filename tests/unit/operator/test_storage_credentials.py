@@ -197,7 +197,27 @@ def test_a_ca_bundle_is_mounted_read_only_into_the_trainer_and_named_for_boto3()
         e["name"] for e in plain["spec"]["containers"][0]["env"]}
 
 
-def test_the_crd_ca_bundle_needs_a_config_map_and_defaults_its_key():
+def test_a_ca_bundle_from_a_secret_is_mounted_read_only_in_its_place():
+    pod = _pod({"uri": "s3://b/run", "endpoint": "https://minio.internal",
+                "caBundle": {"secret": "internal-ca-secret", "key": "bundle.pem"}})
+    trainer = pod["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["AWS_CA_BUNDLE"] == "/etc/phoenix/ca/bundle.pem"
+    assert trainer["volumeMounts"] == [{"name": "phoenix-ca-bundle",
+                                        "mountPath": "/etc/phoenix/ca", "readOnly": True}]
+    assert pod["spec"]["volumes"] == [{"name": "phoenix-ca-bundle", "secret": {
+        "secretName": "internal-ca-secret",
+        "items": [{"key": "bundle.pem", "path": "bundle.pem"}]}}]
+    defaulted = _pod({"uri": "s3://b/run", "caBundle": {"secret": "s"}})
+    env = {e["name"]: e.get("value") for e in defaulted["spec"]["containers"][0]["env"]}
+    assert env["AWS_CA_BUNDLE"] == "/etc/phoenix/ca/ca.crt"
+
+
+def test_the_crd_ca_bundle_needs_exactly_one_source_and_defaults_its_key():
     field = _checkpoint_schema()["properties"]["caBundle"]
-    assert field["required"] == ["configMap"]
+    assert "required" not in field
+    assert set(field["properties"]) == {"configMap", "secret", "key"}
+    [rule] = field["x-kubernetes-validations"]
+    assert rule["rule"] == "has(self.configMap) != has(self.secret)"
+    assert "spec.checkpoint.caBundle" in rule["message"]
     assert field["properties"]["key"]["default"] == "ca.crt"

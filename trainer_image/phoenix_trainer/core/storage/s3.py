@@ -218,6 +218,16 @@ def client_addressing_style(requested: str | None, endpoint_url: str | None,
     return s3_addressing_style(requested, endpoint)
 
 
+def _parent_dirs(root: str, keys: list[str]) -> set[str]:
+    """``root/`` and every ``dir/`` between it and ``keys`` (all of which lie under it)."""
+    out = {root + "/"}
+    for key in keys:
+        parts = key[len(root) + 1:].split("/")[:-1]
+        for n in range(1, len(parts) + 1):
+            out.add("/".join([root, *parts[:n]]) + "/")
+    return out
+
+
 class S3Storage:
     """``s3://bucket/prefix`` through boto3. Endpoint and credentials default to AWS_* env."""
 
@@ -423,6 +433,16 @@ class S3Storage:
             for i in range(0, len(keys), 1000):
                 batch = [{"Key": join_key(self.prefix, k)} for k in keys[i:i + 1000]]
                 self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+            # Stores built on a filesystem or a filer (SeaweedFS) keep a directory whose
+            # objects are gone and list it as a CommonPrefix, so a deleted step would be
+            # listed forever as an incomplete checkpoint. Deleting "<dir>/", deepest first,
+            # removes such an empty directory there; on S3 it is a no-op (no such key).
+            dirs = sorted(_parent_dirs(join_key(self.prefix, prefix.strip("/")),
+                                       [join_key(self.prefix, k) for k in keys]),
+                          key=lambda d: (-d.count("/"), d))
+            for i in range(0, len(dirs), 1000):
+                self.client.delete_objects(Bucket=self.bucket, Delete={
+                    "Objects": [{"Key": d} for d in dirs[i:i + 1000]], "Quiet": True})
 
     def __repr__(self) -> str:
         return f"S3Storage({self.uri!r})"
