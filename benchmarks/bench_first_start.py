@@ -46,10 +46,9 @@ from kubernetes import client
 
 from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
-from phoenix_lab.install import install_phoenix
 from phoenix_trainer.core.layout import step_dir_name
 
-from benchlab import PodTimeline, trainer_job
+from benchlab import PodTimeline, install_with_namespace, trainer_job
 
 NAMESPACE = "first-start"
 BUCKET = "first-start"
@@ -237,10 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     bench = None
     try:
         lab.up()
-        install_phoenix(lab)
-        lab.kubectl("create", "namespace", NAMESPACE)
-        lab.kubectl("apply", "-f", "-", input=json.dumps(samples.credentials_secret(NAMESPACE, lab.s3)))
-        lab.s3_server.ensure_bucket(BUCKET)
+        install_with_namespace(lab, NAMESPACE, BUCKET)
         bench = Bench(lab, cfg, uuid.uuid4().hex[:6])
         if resume:
             step = bench.seed()

@@ -35,11 +35,10 @@ from kubernetes import client, watch
 
 from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
-from phoenix_lab.install import install_phoenix
 from phoenix_trainer.core.heartbeat import HANG_FLOOR_SECONDS, Heartbeat, heartbeat_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from benchlab import dump_diagnostics  # noqa: E402
+from benchlab import dump_diagnostics, install_with_namespace  # noqa: E402
 from benchstats import summary  # noqa: E402
 
 NAMESPACE = "bench-hang"
@@ -83,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     name = f"hang-{uuid.uuid4().hex[:6]}"
     try:
         lab.up()
-        install_phoenix(lab)
-        lab.kubectl("create", "namespace", NAMESPACE)
-        lab.kubectl("apply", "-f", "-", input=json.dumps(samples.credentials_secret(NAMESPACE, lab.s3)))
-        lab.s3_server.ensure_bucket(BUCKET)
+        install_with_namespace(lab, NAMESPACE, BUCKET)
         steps = 20 * (args.rounds + 1) + 40
         cfg = samples.TrainConfig(steps=steps, step_delay=0.05, checkpoint_every=10, extra_args=[
             "--hang-at", "20", "--hang", "loop", "--hang-attempts", str(args.rounds)])

@@ -3,6 +3,7 @@ ServiceAccount (so its RSS can be read from /proc), its metrics, reading /proc, 
 times each pod's creation, binding and start, and the batch/v1 Job baseline."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,17 @@ def install_operator_identity(lab: Lab) -> str:
     lab.kubectl("apply", "-f", "-", input=yaml.safe_dump_all(docs))
     sa = next(d["metadata"]["name"] for d in docs if d["kind"] == "ServiceAccount")
     return lab.serviceaccount_kubeconfig("phoenix-system", sa)
+
+
+def install_with_namespace(lab: Lab, namespace: str, bucket: str) -> None:
+    """The chart installed as users install it, a namespace for the benchmark's jobs with the
+    S3 credentials Secret, and its bucket."""
+    from phoenix_lab.install import install_phoenix
+
+    install_phoenix(lab)
+    lab.kubectl("create", "namespace", namespace)
+    lab.kubectl("apply", "-f", "-", input=json.dumps(samples.credentials_secret(namespace, lab.s3)))
+    lab.s3_server.ensure_bucket(bucket)
 
 
 def operator_env(env: dict[str, str]) -> dict[str, str]:

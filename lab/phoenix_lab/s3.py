@@ -58,7 +58,24 @@ class S3Endpoint:
         return out
 
 
-class S3Server:
+class _Served:
+    """What both lab S3 servers share: a ``service`` (procs.Service) and an ``endpoint``."""
+
+    def stop(self) -> None:
+        self.service.stop()
+
+    def running(self) -> bool:
+        return self.service.running()
+
+    def ensure_bucket(self, name: str) -> None:
+        client = self.endpoint.client()
+        try:
+            client.head_bucket(Bucket=name)
+        except client.exceptions.ClientError:
+            client.create_bucket(Bucket=name)
+
+
+class S3Server(_Served):
     def __init__(self, state_dir: Path, port: int | None = None, host: str = "127.0.0.1") -> None:
         self.state_dir = Path(state_dir)
         self.data_dir = self.state_dir / "s3-data"
@@ -92,24 +109,11 @@ class S3Server:
         self.service.start(timeout=30)
         return self.endpoint
 
-    def stop(self) -> None:
-        self.service.stop()
-
-    def running(self) -> bool:
-        return self.service.running()
-
-    def ensure_bucket(self, name: str) -> None:
-        client = self.endpoint.client()
-        try:
-            client.head_bucket(Bucket=name)
-        except client.exceptions.ClientError:
-            client.create_bucket(Bucket=name)
-
 
 SEAWEED_DOMAIN = "s3.localhost"  # virtual-hosted names: <bucket>.s3.localhost
 
 
-class SeaweedS3Server:
+class SeaweedS3Server(_Served):
     """SeaweedFS (``weed mini``: master, volume server, filer and S3 gateway in one process)
     on loopback, every port free and bound to 127.0.0.1, its S3 port TLS-only with a
     certificate from a lab CA made in the state dir. It answers path-style requests on
@@ -192,16 +196,3 @@ class SeaweedS3Server:
                     raise LabError(f"SeaweedFS does not serve S3 ({e}); its log:\n"
                                    f"{self.service.tail(30)}") from e
                 time.sleep(0.5)
-
-    def stop(self) -> None:
-        self.service.stop()
-
-    def running(self) -> bool:
-        return self.service.running()
-
-    def ensure_bucket(self, name: str) -> None:
-        client = self.endpoint.client()
-        try:
-            client.head_bucket(Bucket=name)
-        except client.exceptions.ClientError:
-            client.create_bucket(Bucket=name)

@@ -1,6 +1,9 @@
 """Builders and waiters for PhoenixJob cluster tests."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Any, Callable
 
 from kubernetes import client
@@ -105,3 +108,12 @@ def create_job_namespace(lab, core, prefix: str = "pxj") -> str:
         metadata=client.V1ObjectMeta(name=FAKE_TRAINER_CONFIGMAP),
         data={"fake_trainer.py": FAKE_TRAINER.read_text()}))
     return name
+
+
+def phoenix_cli(lab, *args: str) -> str:
+    """The `phoenix` CLI against the lab, as a user runs it; its stdout (it must succeed)."""
+    out = subprocess.run([sys.executable, "-m", "phoenix_operator.kubectl_phoenix", *args],
+                         env=dict(os.environ, KUBECONFIG=lab.kubeconfig), capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout

@@ -12,18 +12,10 @@ import pytest
 from phoenix_operator.podspec import pod_name
 from phoenix_trainer.core.layout import step_dir_name
 
-from pxj_helpers import (create, env_of, events, get, patch_spec, phase_status, phoenixjob,
+from pxj_helpers import (create, env_of, events, get, patch_spec, phase_status, phoenix_cli, phoenixjob,
                          pod_or_none, wait)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-def phoenix_cli(lab, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "phoenix_operator.kubectl_phoenix", *args],
-                         env=dict(os.environ, KUBECONFIG=lab.kubeconfig), capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def test_cli_status_and_checkpoints(lab, operator, core, custom, ns, bucket):

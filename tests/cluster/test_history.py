@@ -5,9 +5,6 @@ survives the operator's restart and the deletion of every pod."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
@@ -15,18 +12,11 @@ from phoenix_operator import history
 from phoenix_operator.podspec import pod_name
 from phoenix_trainer.core.layout import HISTORY_KEY
 
-from pxj_helpers import create, env_of, get, phase_status, phoenixjob, pod_or_none, wait
+from pxj_helpers import (create, env_of, get, phase_status, phoenix_cli, phoenixjob, pod_or_none,
+                         wait)
 from test_operator import LONG, has_checkpoints, running, storage_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-
-def phoenix_cli(lab, *args: str) -> str:
-    out = subprocess.run([sys.executable, "-m", "phoenix_operator.kubectl_phoenix", *args],
-                         env=dict(os.environ, KUBECONFIG=lab.kubeconfig), capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 def records(lab, bucket) -> list[dict]:
