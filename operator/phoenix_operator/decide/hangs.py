@@ -96,10 +96,17 @@ def _record_progress(ctx: Ctx, st: PhaseStatus, prog: PhaseProgress,
     old = st.progress
     if (old is not None and old.attempt == new.attempt
             and [s.rank for s in old.stragglers] == [s.rank for s in new.stragglers]
-            and old.hang_timeout == new.hang_timeout
+            and _close(old.hang_timeout, new.hang_timeout)
             and (new.last_step_time - old.last_step_time).total_seconds() < PROGRESS_REFRESH_SECONDS):
         return st
     return replace(st, progress=new)
+
+
+def _close(a: float | None, b: float | None) -> bool:
+    """Timeouts within 10 % of each other (the p95 behind a default one moves every read)."""
+    if a is None or b is None:
+        return a is b
+    return abs(a - b) <= 0.1 * max(a, b)
 
 
 def _stragglers(prog: PhaseProgress) -> tuple[Straggler, ...]:
