@@ -143,7 +143,7 @@ def test_printer_columns(lab, crd):
     out = lab.kubectl("get", "crd", "phoenixjobs.phoenix.dev", "-o",
                       "jsonpath={.spec.versions[0].additionalPrinterColumns[*].name}").stdout
     assert out.split(" ") == ["Status", "Phase", "Step", "Preemptions", "Failures",
-                              "Checkpoint", "age", "Age"]  # "Checkpoint age" has a space
+                              "Checkpoint", "age", "Last", "step", "Age"]  # names with a space
 
 
 # --- transition rules (oldSelf): what a running job may not change -------------------------

@@ -4,10 +4,11 @@
 it keeps open. The handler runs in C, inside the signal, without the GIL: it dumps every
 thread's Python frames even when the main thread is stuck in native code (a socket read, a
 gloo wait, a CUDA synchronize). Forked children (DataLoader workers) inherit the handler and
-the file, so ``dump`` signals this process and then each descendant that catches the signal,
-one at a time, each after a header line, into the same file. A descendant that does not catch
-it (an exec'd helper) is never signalled (the default action would kill it); its kernel state
-is reported instead. For every thread of every process the dump adds what ``/proc`` shows
+the file, so ``dump`` signals this process and then each descendant that runs the same
+executable and catches the signal, one at a time, each after a header line, into the same
+file. Any other descendant (an exec'd helper, whose default action might kill it, or another
+program with its own use of the signal) is never signalled; its kernel state is reported
+instead. For every thread of every process the dump adds what ``/proc`` shows
 without privileges: the scheduler state (``R`` running, ``S`` sleeping, ``D`` in the kernel,
 ``T`` stopped) and the kernel function it waits in (``wchan``) - the native part of a hang a
 restricted pod (no ``CAP_SYS_PTRACE``) can see. A process that is stopped or frozen dumps
@@ -57,10 +58,10 @@ class StackDumper:
                 continue
             if state in ("T", "t"):
                 self._write(f"state {state}: stopped; it cannot dump its own stacks\n")
-            elif catches(pid, DUMP_SIGNAL):
+            elif pid == os.getpid() or (catches(pid, DUMP_SIGNAL) and _same_program(pid)):
                 self._signal_and_wait(pid)
             else:
-                self._write(f"does not catch {DUMP_SIGNAL.name} (not forked from the trainer): "
+                self._write(f"not a fork of the trainer that catches {DUMP_SIGNAL.name}: "
                             "kernel state only\n")
             self._write(_threads(pid))
         size = os.fstat(self.fd).st_size
@@ -141,6 +142,16 @@ def catches(pid: int, sig: int) -> bool:
         if line.startswith("SigCgt:"):
             return bool(int(line.split()[1], 16) >> (int(sig) - 1) & 1)
     return False
+
+
+def _same_program(pid: int) -> bool:
+    """Whether ``pid`` runs this process's executable (a fork, or the same interpreter): only
+    those are signalled. Another program that catches SIGUSR2 (a Go binary catches every
+    signal) might act on it, or ignore it and cost the dump its wait."""
+    try:
+        return os.readlink(f"/proc/{pid}/exe") == os.readlink("/proc/self/exe")
+    except OSError:
+        return False
 
 
 def _cmdline(pid: int) -> str:

@@ -193,3 +193,28 @@ def test_a_hung_process_dumps_its_threads_and_its_forked_workers(tmp_path):
     assert f"=== process {worker} " in text and "worker_blocked_for_ever" in text
     assert f"=== process {stopped} " in text and "stopped; it cannot dump its own stacks" in text
     assert text.index("main_loop_waits") < text.index("worker_blocked_for_ever")
+
+
+def test_another_program_that_catches_the_signal_is_not_signalled(tmp_path):
+    """A descendant running another executable (a Go binary catches every signal; a shell
+    trap here) is left alone: only its kernel state goes into the dump."""
+    from phoenix_trainer.stacks import StackDumper
+
+    marker = tmp_path / "got-usr2"
+    child = subprocess.Popen(["bash", "-c", f"trap 'touch {marker}' USR2; "
+                              "while true; do sleep 0.1; done"])
+    dumper = StackDumper(str(tmp_path))
+    try:
+        deadline = time.monotonic() + 10
+        while not catches(child.pid, DUMP_SIGNAL) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        text = dumper.dump("header")
+    finally:
+        dumper.close()
+        child.kill()
+        child.wait()
+    assert f"=== process {child.pid} " in text
+    assert "not a fork of the trainer that catches SIGUSR2" in text
+    time.sleep(0.3)
+    assert not marker.exists()
+    assert "test_another_program_that_catches_the_signal_is_not_signalled" in text
