@@ -13,9 +13,10 @@ cannot run its emergency save). When they are gone, ``attempts.account`` charges
 to the failure budget with reason ``Hung`` - a hang is treated like a crash: the same budget,
 backoff and checkpoint fallback - and a replacement resumes from the newest valid checkpoint.
 
-Which rank stopped first: the one furthest behind (lowest step); among equals, a frozen one
-(its heartbeat stopped being rewritten: SIGSTOP, a frozen cgroup), then one that has not yet
-entered the step's collective (the others wait in it for this one), then the longest stalled.
+Which rank stopped first: the one furthest behind (lowest step); among equals, one that has
+not entered the step's collective (the others wait in it for this one: a rank known to wait
+there did not stop first), then a frozen one (its heartbeat stopped being rewritten: SIGSTOP,
+a frozen cgroup - or storage that stalls its writes), then the longest stalled.
 
 Stragglers: with two ranks or more, ``core.heartbeat.stragglers`` compares each rank's compute
 time before its first collective per step (not the wall time every rank shares); a straggler
@@ -70,8 +71,8 @@ def watch(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatu
     if waiting and over < DUMP_GRACE_SECONDS:
         ctx.plan.requeue(min(5.0, DUMP_GRACE_SECONDS - over))
         return st
-    first, timeout = min(watched, key=lambda rt: (rt[0].step, not rt[0].frozen,
-                                                  rt[0].in_collective, -rt[0].stalled, rt[0].rank))
+    first, timeout = min(watched, key=lambda rt: (rt[0].step, rt[0].in_collective,
+                                                  not rt[0].frozen, -rt[0].stalled, rt[0].rank))
     hang = Hang(attempt=st.attempts, time=ctx.now, step=first.step, stalled_seconds=first.stalled,
                 timeout_seconds=timeout, rank=first.rank, pod=first.pod,
                 stack_dumps=tuple(r.stack_dump for r in sorted(prog.ranks, key=lambda r: r.rank)

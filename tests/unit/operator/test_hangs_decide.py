@@ -87,6 +87,12 @@ def test_the_rank_that_stopped_first_is_behind_or_not_yet_in_the_collective():
     assert phase(plan)["lastHang"]["rank"] == 1
     plan = run(body, pods, rank(0, stalled=40, dump="a", step=101), rank(1, stalled=35, dump="b"))
     assert phase(plan)["lastHang"]["rank"] == 1
+    # heartbeats of ranks waiting in the collective froze (their storage writes stalled): the
+    # rank that never entered it is still the one named
+    plan = run(body, pods, rank(0, stalled=40, dump="a", in_collective=True),
+               rank(2, stalled=45, frozen=True, in_collective=True),
+               rank(1, stalled=40, dump="b"))
+    assert phase(plan)["lastHang"]["rank"] == 1
 
 
 @pytest.mark.parametrize("activity", ["starting", "standby", "finishing"])
