@@ -190,15 +190,6 @@ def _tensors(obj):
 
 # -- the parent -------------------------------------------------------------------------------
 
-def old_tree(rev: str, tmp: Path) -> Path:
-    dest = tmp / "old"
-    dest.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "trainer_image"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest / "trainer_image"
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -274,6 +265,7 @@ def main(argv=None) -> int:
         return worker(args)
 
     sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "lab"), str(HERE)]
+    from benchgit import commit_of, old_tree
     from benchstats import summary
     from phoenix_lab.s3 import S3Server
     from phoenix_trainer.core.layout import latest_valid_checkpoint
@@ -287,9 +279,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-dcp-") as tmp:
         tmpp = Path(tmp)
         trees = {"old": old_tree(args.old_rev, tmpp), "new": ROOT / "trainer_image"}
-        results["config"]["old_commit"] = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", args.old_rev], capture_output=True,
-            text=True).stdout.strip()
+        results["config"]["old_commit"] = commit_of(args.old_rev)
         server = S3Server(tmpp / "s3")
         ep = server.start()
         try:

@@ -110,16 +110,6 @@ def child(variant: str, uri: str, part_mb: int, concurrency: int) -> dict:
 
 # -- the parent --------------------------------------------------------------------------------
 
-def old_tree(rev: str, tmp: Path) -> Path:
-    """trainer_image of ``rev`` (git archive), for the 'old' variant's PYTHONPATH."""
-    dest = tmp / "old"
-    dest.mkdir()
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "trainer_image"],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
-    return dest / "trainer_image"
-
-
 def save_checkpoint(storage, size_mb: int, shards: int) -> dict[str, int]:
     """One checkpoint of about ``size_mb``: ``shards`` float32 shards, the last twice the
     others (model + optimizer state), plus trainer.json. Returns shard -> bytes."""
@@ -171,6 +161,7 @@ def main(argv=None) -> int:
         return 0
 
     sys.path[:0] = [str(ROOT / "trainer_image"), str(ROOT / "lab")]
+    from benchgit import commit_of, old_tree
     from benchstats import summary
     from phoenix_lab.s3 import S3Server
     from phoenix_trainer.core.storage.s3 import S3Storage
@@ -182,9 +173,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-restore-") as tmp:
         tmpp = Path(tmp)
         old = old_tree(args.old_rev, tmpp)
-        results["config"]["old_commit"] = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", args.old_rev], capture_output=True,
-            text=True).stdout.strip()
+        results["config"]["old_commit"] = commit_of(args.old_rev)
         server = S3Server(tmpp / "s3")
         ep = server.start()
         try:
