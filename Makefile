@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: setup demo test test-soak test-storage-all test-unit test-cluster test-e2e lab-up lab-down bench
+.PHONY: setup demo test test-soak test-user-image test-upgrade test-storage-all test-unit test-cluster test-e2e lab-up lab-down bench
 
 setup:
 	bash lab/bootstrap.sh
@@ -20,12 +20,27 @@ test: setup
 test-soak: setup
 	PHOENIX_CHAOS_SEEDS=$${PHOENIX_CHAOS_SEEDS:-1,2,3} $(PYTEST) -m soak tests
 
+# examples/user-image/Dockerfile on the lab: built, imported into a node, the sample job
+# preempted and resumed with the prefetch (tests/e2e/test_user_image.py; minutes, so not in
+# `make test`).
+test-user-image: setup
+	PHOENIX_USER_IMAGE_E2E=1 $(PYTEST) tests/e2e/test_user_image.py
+
+# docs/install.md's upgrade on the lab: the revision in tests/e2e/upgrade-from (its operator
+# image built from its Dockerfile, its CRD and chart) runs a job, upgraded to this checkout
+# while the job trains, then a preemption the new operator recovers
+# (tests/e2e/test_upgrade.py; about 4 minutes with the lab's images cached, so not in
+# `make test`).
+test-upgrade: setup
+	PHOENIX_UPGRADE_E2E=1 $(PYTEST) tests/e2e/test_upgrade.py
+
 test-unit:
 	bash lab/bootstrap.sh --no-images
 	$(PYTEST) -m unit tests
 
-# The storage layer with its slow kill-and-resume tests against both S3 servers (make test
-# runs those against versitygw only; tests/conftest.py).
+# The storage layer with its slow kill-and-resume tests against both S3 servers, every seed of
+# test_exact_resume.py and the 4-rank DDP resume (make test runs the slow ones against
+# versitygw only, one seed per loader; tests/conftest.py).
 test-storage-all: setup
 	PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) -m storage tests
 

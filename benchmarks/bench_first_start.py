@@ -48,7 +48,7 @@ from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_trainer.core.layout import step_dir_name
 
-from benchlab import PodTimeline, install_with_namespace, trainer_job
+from benchlab import LabBench, install_with_namespace, trainer_job
 
 NAMESPACE = "first-start"
 BUCKET = "first-start"
@@ -61,15 +61,10 @@ def _unix(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
-class Bench:
+class Bench(LabBench):
     def __init__(self, lab: Lab, cfg: samples.TrainConfig, run: str) -> None:
-        self.lab, self.cfg, self.run = lab, cfg, run
-        self.api = lab.api_client()
-        self.core = client.CoreV1Api(self.api)
+        super().__init__(lab, cfg, run, NAMESPACE)
         self.batch = client.BatchV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
-        self.timeline = PodTimeline(self.api, NAMESPACE)
-        self.timeline.start()
         self.seed_step: int | None = None  # resume mode: the seed's checkpoint every job gets
 
     def prefix(self, name: str) -> str:

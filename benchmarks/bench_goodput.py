@@ -324,8 +324,12 @@ def main(argv: list[str] | None = None) -> int:
         by = {r["variant"]: r for r in results}
         baselines = ("phoenix-no-emergency", "job-podfailurepolicy")
         best = max(r["goodput"] for r in results if r["variant"] not in baselines)
+        # The hang rule's false positives under this trace (default rule): none allowed.
+        hung = [e.involved_object.name for e in bench.core.list_namespaced_event(
+            NAMESPACE, field_selector="reason=Hung").items]
         report = {
             "benchmark": "goodput under a spot preemption trace",
+            "hungEvents": hung,
             "trace": {"periodSeconds": args.period, "noticeSeconds": args.notice,
                       "maxNotices": args.max_notices, "staggerSeconds": STAGGER_SECONDS},
             "training": {"steps": cfg.steps, "stepDelaySeconds": cfg.step_delay,
@@ -344,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
                       "everyPhoenixAheadOfEveryBaseline": all(
                           r["goodput"] > max(by[b]["goodput"] for b in baselines)
                           for r in results if r["variant"] not in baselines),
-                      "bestPhoenixGoodput": best},
+                      "bestPhoenixGoodput": best,
+                      "noHungEvent": not hung},
         }
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

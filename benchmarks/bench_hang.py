@@ -16,6 +16,11 @@ Per round:
 ``--timeout 0`` uses the default rule (10x the p95 step time, at least 180 s): each round then
 takes over three minutes.
 
+``--quiet-job`` runs a second job beside the hung one, with the default rule and no hang: it
+pauses 60 s before its first step (a slow restore) and 30 s every 100 steps (an evaluation),
+and is evicted once (its replacement pauses again). It must Succeed with no ``Hung`` event
+(the rule's false positives).
+
     PYTHONPATH=operator:trainer_image:lab:benchmarks .venv/bin/python \\
         benchmarks/bench_hang.py --rounds 10 --timeout 20 --out benchmarks/results/hang.json
 """
@@ -70,10 +75,58 @@ class EndWatch(threading.Thread):
         self._w.stop()
 
 
+class QuietJob:
+    """The job beside the hung one that must not be called hung (``--quiet-job``)."""
+
+    def __init__(self, lab: Lab, name: str) -> None:
+        self.lab, self.name = lab, name
+        self.evicted: str | None = None
+
+    def submit(self) -> None:
+        cfg = samples.TrainConfig(steps=800, step_delay=0.05, checkpoint_every=20, extra_args=[
+            "--pause-at-start", "60", "--eval-every", "100", "--eval-seconds", "30"])
+        body = samples.phoenixjob(self.name, NAMESPACE, cfg, f"s3://{BUCKET}/{self.name}",
+                                  self.lab.s3.url, image=self.lab.trainer_image)
+        self.lab.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+    def _job(self, custom) -> dict:
+        return custom.get_namespaced_custom_object(samples.GROUP, samples.VERSION, NAMESPACE,
+                                                   samples.PLURAL, self.name)
+
+    def poll(self, custom) -> None:
+        """Evict its first pod once it has trained past step 150 (after an evaluation)."""
+        if self.evicted:
+            return
+        train = samples.job_phase(self._job(custom))
+        step = ((train.get("progress") or {}).get("step")) or 0
+        if step >= 150 and train.get("pod"):
+            self.lab.evict(NAMESPACE, train["pod"])
+            self.evicted = train["pod"]
+
+    def finish(self, api, custom, deadline: float) -> dict:
+        while time.monotonic() < deadline:
+            self.poll(custom)
+            job = self._job(custom)
+            if (job.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+                break
+            time.sleep(2)
+        hung = client.CoreV1Api(api).list_namespaced_event(
+            NAMESPACE, field_selector=f"involvedObject.name={self.name},reason=Hung").items
+        train = samples.job_phase(job)
+        phase = (job.get("status") or {}).get("phase")
+        return {"job": self.name, "phase": phase, "evicted": self.evicted,
+                "hung_events": len(hung), "hangs": train.get("hangs", 0),
+                "preemptions": train.get("preemptions"), "failures": train.get("failures"),
+                "ok": phase == "Succeeded" and not hung and not train.get("hangs")
+                and bool(self.evicted)}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--timeout", type=int, default=20, help="hangTimeoutSeconds; 0: the default rule")
+    ap.add_argument("--quiet-job", action="store_true",
+                    help="also run a job with long pauses and no hang (false positives)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/hang.json"))
     args = ap.parse_args(argv)
     started = time.monotonic()
@@ -91,19 +144,26 @@ def main(argv: list[str] | None = None) -> int:
         body["spec"]["recovery"]["backoff"] = {"initialSeconds": 1, "maxSeconds": 2}
         if args.timeout:
             body["spec"]["recovery"]["hangTimeoutSeconds"] = args.timeout
+        quiet = QuietJob(lab, f"quiet-{uuid.uuid4().hex[:6]}") if args.quiet_job else None
         with lab.api_client() as api:
             ends = EndWatch(api, name)
             ends.start()
             lab.kubectl("apply", "-f", "-", input=json.dumps(body))
+            if quiet is not None:
+                quiet.submit()
             custom = client.CustomObjectsApi(api)
             deadline = time.monotonic() + args.rounds * (args.timeout or HANG_FLOOR_SECONDS + 60) * 3 + 600
             while True:
                 job = custom.get_namespaced_custom_object(samples.GROUP, samples.VERSION,
                                                           NAMESPACE, samples.PLURAL, name)
                 phase = (job.get("status") or {}).get("phase")
+                if quiet is not None:
+                    quiet.poll(custom)
                 if phase in ("Succeeded", "Failed") or time.monotonic() > deadline:
                     break
                 time.sleep(2)
+            if quiet is not None:
+                result_quiet = quiet.finish(api, custom, deadline + 900)
             ends.stop()
             events = client.CoreV1Api(api).list_namespaced_event(
                 NAMESPACE, field_selector=f"involvedObject.name={name},reason=Hung").items
@@ -141,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": rounds,
             "wall_seconds": round(time.monotonic() - started, 1),
         }
-        if phase != "Succeeded" or len(rounds) < args.rounds:
+        if quiet is not None:
+            result["quiet_job"] = result_quiet
+        if phase != "Succeeded" or len(rounds) < args.rounds or (
+                quiet is not None and not result_quiet["ok"]):
             dump_diagnostics(lab, NAMESPACE, state / "diagnostics")
             result["diagnostics"] = str(state / "diagnostics")
     finally:

@@ -1,7 +1,7 @@
 """What a long run's history costs: the size of ``history.jsonl`` for N attempts (each with
 its start and end record, half of them a standby and a notice too, as a spot job with
 standbys writes them) and the time to read it in one GET and decode it, to append one more
-attempt (the operator's read-modify-write) and to build ``phoenix report`` from it. The
+attempt (the operator's read-modify-write) and to build ``phoenixctl report`` from it. The
 baseline, measured in the same run: one GET of the phase's ``fence.json`` (the read every
 recovery already makes), so the figures read as "so many fence reads".
 

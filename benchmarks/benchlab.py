@@ -177,6 +177,19 @@ class PodTimeline(threading.Thread):
         return out
 
 
+class LabBench:
+    """What a benchmark that runs jobs on the lab holds: the lab, the jobs' config, a run id,
+    API clients and the timeline of the pods of ``namespace`` (watching from the start)."""
+
+    def __init__(self, lab: Lab, cfg: samples.TrainConfig, run: str, namespace: str) -> None:
+        self.lab, self.cfg, self.run, self.namespace = lab, cfg, run, namespace
+        self.api = lab.api_client()
+        self.core = client.CoreV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+        self.timeline = PodTimeline(self.api, namespace)
+        self.timeline.start()
+
+
 class WatchClock(threading.Thread):
     """A watch, restarted after API hiccups until ``stop`` is set, that hands each event and
     the monotonic time it arrived to ``record`` (under ``cv``, which it then notifies);
@@ -293,3 +306,30 @@ def dump_diagnostics(lab: Lab, namespace: str, out: Path) -> Path:
         r = lab.kubectl(*args, check=False)
         (out / name).write_text(r.stdout + r.stderr)
     return out
+
+
+def keep_failure(result: dict[str, Any], error: BaseException, lab: Lab, namespace: str,
+                 state: Path) -> None:
+    """A lab benchmark that failed: its error and the lab's state (pods, events, logs) in the
+    result, beside what was measured before it."""
+    result["error"] = f"{type(error).__name__}: {error}"
+    result["diagnostics"] = str(dump_diagnostics(lab, namespace, state / "diagnostics"))
+
+
+def write_result(result: dict[str, Any], out: Path, started: float) -> None:
+    """The result's wall time (from ``started``, a monotonic time), as JSON at ``out``."""
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+def poll(what: str, check: Callable[[], Any], timeout: float, every: float = 0.25) -> Any:
+    """``check()``'s first truthy answer, asked every ``every`` seconds; TimeoutError naming
+    ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = check()
+        if got:
+            return got
+        time.sleep(every)
+    raise TimeoutError(f"{what} not within {timeout:g}s")

@@ -60,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="at this step of attempt 1, --hang-rank blocks for ever before its next "
                         "collective while the other ranks wait in it (tests)")
     p.add_argument("--hang-rank", type=int, default=1)
+    p.add_argument("--slow-node", default=None,
+                   help="every rank running on this node (env NODE_NAME, from the downward API)"
+                        " sleeps --slow-seconds before each step's forward: a slow node (tests)")
     p.add_argument("--slow-rank", type=int, default=None,
                    help="this rank sleeps --slow-seconds before each step's forward: a straggler (tests)")
     p.add_argument("--slow-seconds", type=float, default=0.2)
@@ -95,10 +98,17 @@ def main(argv: list[str] | None = None) -> int:
     ce = nn.CrossEntropyLoss()
     config = {k: v for k, v in vars(args).items()
               if k not in ("log_every", "step_delay", "preempt_at", "hang_at", "hang_rank",
-                           "slow_rank", "slow_seconds")}
+                           "slow_rank", "slow_seconds", "slow_node")}
     step, seen = 0, 0  # seen: samples consumed by all ranks together (the data position)
 
-    with DistributedSession(config=config) as session:
+    def state() -> dict:
+        msd, osd = get_state_dict(model, opt)
+        return {"sharded": {"model": msd, "optim": osd}, "rng.pt": capture_rng(),
+                "data.json": {"samplesSeen": seen, "worldSize": world}}
+
+    # state=: an in-place gang (gangRestart: Member) keeps it in its peers' memory at every step
+    # boundary, so a replaced member resumes from the step the survivors reached.
+    with DistributedSession(config=config, state=state) as session:
         restored = session.restore()
         if restored is not None:
             msd, osd = get_state_dict(model, opt)
@@ -109,11 +119,6 @@ def main(argv: list[str] | None = None) -> int:
             step, seen = restored.step, restored["data.json"]["samplesSeen"]
         session.started(step)
 
-        def state() -> dict:
-            msd, osd = get_state_dict(model, opt)
-            return {"sharded": {"model": msd, "optim": osd}, "rng.pt": capture_rng(),
-                    "data.json": {"samplesSeen": seen, "worldSize": world}}
-
         per_epoch = args.samples // args.global_batch
         while step < args.steps:
             epoch, k = divmod(seen // args.global_batch, per_epoch)
@@ -123,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                     and os.environ.get("PHOENIX_ATTEMPT", "1") == "1"):
                 log.warning("rank %d: injecting a hang before step %d's collective", rank, step + 1)
                 rank_stops_before_its_collective()
-            if rank == args.slow_rank:
+            if rank == args.slow_rank or (args.slow_node and os.environ.get("NODE_NAME") == args.slow_node):
                 time.sleep(args.slow_seconds)  # a slow node: compute before the collective
             model.train()
             opt.zero_grad(set_to_none=True)

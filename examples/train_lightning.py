@@ -1,4 +1,4 @@
-"""Example: a PyTorch Lightning script with Phoenix's guarantees (``phoenix[lightning]``).
+"""Example: a PyTorch Lightning script with Phoenix's guarantees (``phoenix-jobs[lightning]``).
 
 The model and data of ``train_transformer.py`` (a small causal transformer LM built from
 its config, synthetic token sequences with random crops and token dropout drawn in two

@@ -104,6 +104,29 @@ class HangAt:
             worker_waits_for_ever()
 
 
+class Pauses:
+    """``--pause-at-start`` and ``--eval-every``: long stretches without a step that are not
+    hangs (a slow restore, an evaluation between steps)."""
+
+    def __init__(self, at_start: float, every: int | None, seconds: float) -> None:
+        self.at_start, self.every, self.seconds = at_start, every, seconds
+
+    def on_start(self, trainer) -> None:
+        if self.at_start:
+            logging.getLogger("train_mlp").info("pausing %.0fs before the first step", self.at_start)
+            time.sleep(self.at_start)
+
+    def on_step_end(self, trainer, loss) -> None:
+        if self.every and trainer.step % self.every == 0:
+            logging.getLogger("train_mlp").info("evaluating for %.0fs at step %d", self.seconds,
+                                                trainer.step)
+            time.sleep(self.seconds)
+
+    def on_epoch_end(self, trainer, epoch) -> None: ...
+    def on_checkpoint(self, trainer, info) -> None: ...
+    def on_end(self, trainer, result) -> None: ...
+
+
 def make_data(n: int, dim: int, classes: int, seed: int) -> TensorDataset:
     g = torch.Generator().manual_seed(seed + 12345)
     x = torch.randn(n, dim, generator=g)
@@ -146,6 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="inject a hang this many steps into an attempt (tests)")
     p.add_argument("--hang", choices=["worker", "storage", "loop"], default="loop")
     p.add_argument("--hang-attempts", type=int, default=1, help="in the first N attempts")
+    p.add_argument("--pause-at-start", type=float, default=0.0,
+                   help="sleep this long after the restore, before the first step (a slow start-up"
+                        " or restore; tests of the hang rule)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="every N steps, pause --eval-seconds between steps (an evaluation)")
+    p.add_argument("--eval-seconds", type=float, default=30.0)
     p.add_argument("--out", default=None, help="write the final model state_dict here (torch.save)")
     args = p.parse_args(argv)
     if args.steps is None and args.epochs is None:
@@ -185,15 +214,18 @@ def main(argv: list[str] | None = None) -> int:
     # Only what changes the math goes into the fingerprint (not --step-delay or --out).
     config = {k: v for k, v in vars(args).items()
               if k not in ("step_delay", "out", "log_every", "no_emergency_checkpoint", "workers",
-                           "hang_at", "hang", "hang_attempts")}
+                           "hang_at", "hang", "hang_attempts", "pause_at_start", "eval_every",
+                           "eval_seconds")}
     trainer = Trainer(model, optimizer, loader, step_loss, scheduler=scheduler, scaler=scaler,
                       grad_clip_norm=args.clip, epochs=args.epochs, max_steps=args.steps,
                       config=config,
                       checkpoint=CheckpointPolicy(interval_steps=args.checkpoint_every,
                                                   emergency=not args.no_emergency_checkpoint),
                       reporting=ReportingPolicy(log_every=args.log_every),
-                      callbacks=[HangAt(args.hang_at, args.hang, flag, args.hang_attempts)]
-                      if args.hang_at is not None else ())
+                      callbacks=([HangAt(args.hang_at, args.hang, flag, args.hang_attempts)]
+                                 if args.hang_at is not None else [])
+                      + ([Pauses(args.pause_at_start, args.eval_every, args.eval_seconds)]
+                         if args.pause_at_start or args.eval_every else []))
     result = trainer.fit()
     if args.out and result.reason == "completed":
         torch.save(model.state_dict(), args.out)

@@ -1,5 +1,5 @@
 """Example: a Hugging Face ``transformers.Trainer`` script with Phoenix's guarantees
-(``phoenix[transformers]``).
+(``phoenix-jobs[transformers]``).
 
 A tiny GPT-2 built from its config (nothing is downloaded) learns the synthetic token
 sequences of ``train_transformer.py`` (random crops and token dropout drawn in two worker

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up everything Phoenix needs on a fresh machine, idempotently:
 #   1. uv (Python package manager) if missing,
-#   2. the project virtualenv (.venv) with all extras, from uv.lock,
+#   2. the project virtualenv (.venv) with all extras, from uv.lock, and the lab (lab/, a
+#      distribution of its own that the runtime wheel never ships) from the uv workspace,
 #   3. the lab's node runtime from Debian packages (containerd, runc, CNI plugins, iptables) and
 #      the image tools (Docker engine, debootstrap, busybox-static),
 #   4. the lab binaries (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubelet,
@@ -42,9 +43,11 @@ fi
 # Compiled bytecode matters here: every trainer pod imports torch, and without .pyc files
 # (e.g. under PYTHONDONTWRITEBYTECODE=1) that import costs 6-20 s instead of ~3 s.
 stamp=.venv/.phoenix-sync-stamp
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml lab/pyproject.toml | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "syncing Python dependencies (first run downloads torch: a few minutes)"
+  # --extra dev: the runtime's extras and the test tools; the default `dev` dependency
+  # group adds the lab (phoenix-jobs-lab, editable from lab/).
   uv sync --quiet --extra dev --compile-bytecode
   echo "$want" > "$stamp"
 else

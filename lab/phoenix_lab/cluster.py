@@ -631,6 +631,37 @@ class Lab:
             self.wait_nodes_ready([spec.name])
         return replacement
 
+    def add_cold_node(self, registry: str, wait: bool = True) -> Node:
+        """Start one more spot node that has none of the project's images and pulls from the
+        lab's registry at ``registry`` (``registry.Registry.address``), as a fresh cloud spot
+        node pulls the trainer image; ``remove_node`` takes it away again."""
+        index = max(s.index for s in self.node_specs) + 1
+        spec = NodeSpec(f"lab-cold-{index}", index, spot=True, gpus=GPUS_PER_SPOT_NODE,
+                        registry=registry)
+        self.node_specs = [*self.node_specs, spec]
+        self._save()
+        node = self._node(spec)
+        self._node_credentials(node)
+        self.progress(f"starting cold node {spec.name} (pulls from {registry})")
+        node.start(node_image_root(self.node_image_stamp), self.progress)
+        if wait:
+            self.wait_nodes_ready([spec.name])
+        return node
+
+    def remove_node(self, name: str) -> None:
+        """Stop a node, delete its Node object and its files (a pulled image's GBs with them)."""
+        from kubernetes import client
+
+        self.node(name).stop()
+        with self.api_client() as api:
+            try:
+                client.CoreV1Api(api).delete_node(name)
+            except client.ApiException as e:
+                if e.status != 404:
+                    raise
+        self.node_specs = [s for s in self.node_specs if s.name != name]
+        self._save()
+
     def node_processes(self, node: str) -> list[int]:
         """Processes of a node (kubelet, containerd, shims) still alive, lost or not."""
         return processes_of(self.state_dir / "nodes" / node)

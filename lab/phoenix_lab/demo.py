@@ -14,10 +14,10 @@
    container (a failure: nothing says it came from outside), showing live progress like
    `kubectl get pxj` plus step and loss (read from the trainer's `kubectl logs`) and the
    standby's state;
-5. ends with `phoenix report`'s summary of the job's history (the same code: steps lost and
+5. ends with `phoenixctl report`'s summary of the job's history (the same code: steps lost and
    time to resume per disruption, goodput, GPU-hours), the demo's own view (disruptions
    survived, standby promotions, whether the final weights equal the uninterrupted run's,
-   tensor for tensor), and the timeline picture (demo-timeline.png, as `phoenix timeline
+   tensor for tensor), and the timeline picture (demo-timeline.png, as `phoenixctl timeline
    --out` draws it; needs matplotlib, in the dev extra).
 
 The lab keeps running afterwards so you can look around (`eval "$(phoenix-lab env)"`,
@@ -195,7 +195,7 @@ def run_demo(lab: Lab, cfg: samples.TrainConfig, args: argparse.Namespace) -> in
 
 
 def job_history(lab: Lab, job: dict) -> tuple[list[dict], dict]:
-    """The job's history and attempt logs, read the way `phoenix report` reads them."""
+    """The job's history and attempt logs, read the way `phoenixctl report` reads them."""
     from phoenix_operator.phase_storage import read_job_history
     from phoenix_operator.phoenixjob import JobSpec
     from phoenix_trainer.core.storage import Credentials
@@ -206,7 +206,7 @@ def job_history(lab: Lab, job: dict) -> tuple[list[dict], dict]:
 
 
 def write_timeline(records: list[dict], logs: dict, path: Path = TIMELINE_PNG) -> Path | None:
-    """The run's timeline as a PNG (as `phoenix timeline --out` draws it), when matplotlib is
+    """The run's timeline as a PNG (as `phoenixctl timeline --out` draws it), when matplotlib is
     installed (the dev and timeline extras); None otherwise."""
     from datetime import datetime, timezone
 
@@ -239,7 +239,7 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
         evaluation = None
     goodput = reference_seconds / train_wall if train_wall > 0 else 0.0
     print()
-    say(f"phoenix report {JOB} -n {NAMESPACE} (from the job's history in storage)")
+    say(f"phoenixctl report {JOB} -n {NAMESPACE} (from the job's history in storage)")
     records, logs = job_history(lab, job)
     print(render_text(build_report(f"{NAMESPACE}/{JOB}", records, logs)), end="")
     picture = write_timeline(records, logs)
@@ -260,7 +260,7 @@ def summarize(lab: Lab, cfg: samples.TrainConfig, job: dict, injected: list[dict
           f" (checkpoint {final_uri or 'none'}; reference: {NAMESPACE}/{reference.name} on the "
           "on-demand node)")
     if picture:
-        print(f"   timeline picture:           {picture} (phoenix timeline {JOB} -n {NAMESPACE} "
+        print(f"   timeline picture:           {picture} (phoenixctl timeline {JOB} -n {NAMESPACE} "
               "--out FILE.png)")
     for problem in aftermath:
         print(f"   !! {problem}")

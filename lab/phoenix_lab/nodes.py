@@ -36,6 +36,7 @@ import yaml
 from . import paths
 from .network import LabNetwork
 from .procs import LabError, Service
+from .registry import hosts_toml
 
 SPOT_LABEL = "phoenix.dev/spot"
 LAB_LABEL = "phoenix.dev/lab"
@@ -55,8 +56,13 @@ def _cni_bin_dir() -> str:
 
 
 def containerd_config(root: Path, state: Path, socket: Path, cni_conf_dir: Path,
-                      pause_image: str) -> str:
-    """containerd 1.6 config for one node; settings from LAB-NOTES ("Real nodes")."""
+                      pause_image: str, registry_hosts: Path | None = None) -> str:
+    """containerd 1.6 config for one node; settings from LAB-NOTES ("Real nodes").
+    ``registry_hosts``: a ``config_path`` directory of hosts.toml files (a cold node's, for
+    the lab's registry: ``registry.py``)."""
+    registry = (f"""  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "{registry_hosts}"
+""" if registry_hosts else "")
     return f"""version = 2
 root = "{root}"
 state = "{state}"
@@ -87,7 +93,7 @@ state = "{state}"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "{_cni_bin_dir()}"
     conf_dir = "{cni_conf_dir}"
-"""
+{registry}"""
 
 
 def ctr(socket: Path, *args: str, check: bool = True,
@@ -271,6 +277,9 @@ class NodeSpec:
     index: int       # picks the bridge and pod range
     spot: bool
     gpus: int
+    # A cold node: boots without the project's images (only the pause image) and pulls
+    # from the lab's registry at this address (``registry.py``). None: the node image's.
+    registry: str | None = None
 
     @property
     def labels(self) -> dict[str, str]:
@@ -307,10 +316,14 @@ class Node:
         return self.dir / "containerd" / "containerd.sock"
 
     @property
+    def registry_hosts(self) -> Path | None:
+        return self.dir / "containerd" / "certs.d" if self.spec.registry else None
+
+    @property
     def containerd(self) -> Service:
         return _containerd_service(self.name, self.dir, containerd_config(
             self.dir / "containerd" / "root", self.dir / "containerd" / "state", self.socket,
-            self.dir / "cni" / "net.d", self.pause_image))
+            self.dir / "cni" / "net.d", self.pause_image, self.registry_hosts))
 
     @property
     def kubelet(self) -> Service:
@@ -349,8 +362,24 @@ class Node:
         (conf_dir / "10-phoenix.conflist").write_text(json.dumps(self.net.cni_config(
             self.name, self.spec.index, str(self.dir / "cni" / "ipam")), indent=2))
         self._write_kubelet_config()
+        if self.spec.registry:
+            hosts = self.registry_hosts / self.spec.registry
+            hosts.mkdir(parents=True, exist_ok=True)
+            (hosts / "hosts.toml").write_text(hosts_toml(self.spec.registry))
         self.containerd.start(timeout=60)
+        if self.spec.registry:
+            self.forget_images()
         self.kubelet.start(timeout=10)  # registration is awaited through the API
+
+    def forget_images(self) -> None:
+        """A cold node: every image but the pause image removed, its layers collected (the
+        node image's files are hard links: only this node's copies go)."""
+        rows = [line.split() for line in ctr(self.socket, "images", "ls").stdout.splitlines()[1:]]
+        keep = {row[2] for row in rows if len(row) > 2 and _same_image(row[0], self.pause_image)}
+        for row in rows:  # names and the runtime's sha256: references alike, but the pause's
+            if len(row) > 2 and row[2] not in keep:
+                ctr(self.socket, "images", "rm", "--sync", row[0])
+        ctr(self.socket, "content", "prune", "references", check=False)
 
     def _write_kubelet_config(self) -> None:
         resolv = self.dir / "resolv.conf"

@@ -1,6 +1,7 @@
 """Apply a plan: named steps, run in this order (``STEPS``); the order is what makes it safe.
 
-1. ``storage_writes``: what the status will record (a standby's promotion: the fence;
+1. ``storage_writes``: what the status will record (a standby's promotion, or a spare
+   taking a gang member's place: the fence;
    requests to running trainers: control.json). A lost status write only makes them again.
 2. ``intent_status``: if pods are to be created, the status naming them first, guarded by
    the job's resourceVersion: an operator acting on a stale view loses this write (409) and
@@ -142,7 +143,11 @@ class Applier:
             access = await self.gather.storage_access(a.job, a.spec)
             await self.write(self.fence_writer, a.spec, create.phase, create.attempt, create.name,
                              ts(self.clock()), resume_from=create.resume_from, clear_control=True,
-                             writer=self.leadership().term, credentials=access, **a.owner)
+                             writer=self.leadership().term, credentials=access,
+                             members=create.gang.members if create.gang else (),
+                             store=create.gang.store if create.gang else "",
+                             store_member=create.gang.store_member if create.gang else 0,
+                             **a.owner)
         except LOST_LEADERSHIP:
             raise
         except Exception as e:  # noqa: BLE001 - any storage trouble: do not start, say why
@@ -161,7 +166,9 @@ async def storage_writes(ap: Applier, a: Applying) -> None:
     owner = dict(a.owner, writer=term)
     writes = [(f"promote attempt {p.attempt} of phase {p.phase}", lambda acc, p=p: ap.fence_writer(
                   spec, p.phase, p.attempt, p.pod, ts(ap.clock()), resume_from=p.resume_from,
-                  clear_control=True, **owner, credentials=acc))
+                  clear_control=True, **owner, credentials=acc,
+                  **({"members": p.gang.members, "store": p.gang.store,
+                      "store_member": p.gang.store_member} if p.gang else {})))
               for p in plan.promote]
     writes += [(f"write control.json of phase {c.phase}", lambda acc, c=c: ap.control_writer(
                    spec, c.phase, replace(c.control, writer=term), credentials=acc))

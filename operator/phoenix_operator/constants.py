@@ -29,6 +29,10 @@ LABEL_MEMBER = f"{GROUP}/member"  # a gang member's index (node rank), on gang p
 # "true" on a pod started as a standby (it keeps the label once promoted). Never adopted as
 # a lost attempt: the status names every standby before its pod is created.
 LABEL_STANDBY = f"{GROUP}/standby"
+# "true" on an in-place gang's spare member (it carries LABEL_STANDBY too, and no
+# LABEL_MEMBER: which member it serves, once it takes a place, is PhaseStatus.spare_members).
+LABEL_SPARE = f"{GROUP}/spare"
+SPARE = "spare"  # StandbyRef.reason of a spare; a spare pod's name ends in ".spare"
 # Set by the handler on the last known state of a pod that has been deleted (from the watch's
 # DELETED event), so the reason it ended is not lost when the kubelet removes it.
 DELETED_KEY = "phoenix.dev/deleted"
@@ -42,10 +46,12 @@ STATUS_PORT = 8471
 # import torch and build its Session (2-4 s on the lab's 2 CPUs; podspec).
 STATUS_PROBE_DELAY_SECONDS = 5
 RENDEZVOUS_PORT = 29500  # torchrun's PET_MASTER_PORT inside a gang
+GANG_STORE_PORTS = 1000  # an in-place gang's store: RENDEZVOUS_PORT + attempt % this
+PEER_VOLUME = "phoenix-peer"  # an in-place gang's memory-backed emptyDir (contract.PEER_DIR)
 ROLE_TRAINER = "trainer"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 MANAGED_BY = "phoenix-operator"
-# On the operator's leader-election Lease (which it creates): how `phoenix status` finds it.
+# On the operator's leader-election Lease (which it creates): how `phoenixctl status` finds it.
 LABEL_OPERATOR_LEASE = f"{GROUP}/operator-lease"
 # The operator's pod watch: server-side, only pods that carry the job label.
 POD_WATCH_SELECTOR = LABEL_JOB
@@ -148,7 +154,7 @@ EV_RESUMED = "Unsuspended"
 EV_JOB_SUCCEEDED = "JobSucceeded"
 EV_JOB_FAILED = "JobFailed"
 EV_STORAGE_ERROR = "StorageError"
-EV_PHASE_RESET = "PhaseReset"  # posted by `phoenix reset`
+EV_PHASE_RESET = "PhaseReset"  # posted by `phoenixctl reset`
 EV_POD_CONFLICT = "PodConflict"
 EV_PREFIX_CONFLICT = "PrefixConflict"  # another live job holds the checkpoint prefix
 EV_CHECKPOINT_MISSING = "CheckpointMissing"  # status names a checkpoint storage does not list
@@ -165,6 +171,11 @@ EV_HANDOFF = "Handoff"  # the active trainer was asked to hand off to the ready 
 EV_PROMOTED = "StandbyPromoted"
 EV_HUNG = "Hung"  # no step for the hang timeout: stacks dumped, the attempt ended
 EV_STRAGGLER = "Straggler"  # a gang rank persistently slower than the others
+EV_MEMBER_REPLACED = "MemberReplaced"  # gang members replaced in place, the others kept
+EV_STRAGGLER_MOVED = "StragglerMoved"  # a straggler's member stopped, to be replaced elsewhere
+R_STRAGGLER_MOVED = "StragglerMoved"
+MAX_STRAGGLER_MOVES = 3  # per phase: a rank slow wherever it runs is slow code, not a node
+STRAGGLER_MOVE_COOLDOWN_SECONDS = 600.0
 REASON_NODE_NOT_READY = "NodeNotReady"  # ... and the Running condition's reason meanwhile
 
 # --- classification reasons recorded in status.phases[].lastFailure.reason -------------

@@ -6,7 +6,9 @@ pods the watch saw deleted (``Tombstones``): nothing in memory is needed to be c
 a restart. The job's spec is parsed once here and handed on. Storage is read through one
 door: ``listings`` (``phase_storage.scan``, in a thread) and ``progress`` (the running
 attempts' heartbeats, ``phase_storage.read_heartbeats``), with the credentials ``storage_access``
-finds (invariant 4: the job's own, or the operator's only where allowed). Never writes.
+finds (invariant 4: the job's own, or the operator's only where allowed). Image pulls: the
+kubelet's ``Pulled`` events of a pod that just started, by field selector (``image_pull``).
+Never writes.
 
 Node facts: for every live pod bound to a node, the node is read (GET, one per node per
 pass) and its health handed to ``decide``; the node watch in ``main`` only makes the pass
@@ -27,14 +29,17 @@ from phoenix_trainer.core.contract import (ENV_AWS_ACCESS_KEY_ID, ENV_AWS_SECRET
 from phoenix_trainer.core.heartbeat import Heartbeat
 from phoenix_trainer.core.storage import Credentials
 
+from . import image_pull
 from .config import OperatorConfig
 from .constants import DELETED_KEY, LABEL_ATTEMPT, LABEL_PHASE, PhaseState
 from .decide import Listing, PhaseProgress, RankProgress
+from .decide.plan import is_spare_pod
+from .podspec import member_of
 from .kube import Kube, describe_owner
 from .node_health import NodeHealth, node_health
 from .outcomes import bare_kill
 from .phase_storage import read_heartbeats, scan
-from .phoenixjob import JobSpec, phase_statuses
+from .phoenixjob import ImagePull, JobSpec, phase_statuses
 
 log = logging.getLogger("phoenix.reconcile")
 
@@ -138,6 +143,14 @@ class Heartbeats:
                 store.pop(k, None)
 
 
+def _serves(st: Any, pod: Mapping[str, Any]) -> bool:
+    """Whether ``pod`` serves a member of the phase's current attempt (a former spare: the
+    member the status says, ``spare_members``; a spare still waiting serves none)."""
+    if is_spare_pod(pod):
+        return any(_attempt_of(pod) == (st.name, st.member_attempt(m)) for m in st.spare_members)
+    return _attempt_of(pod) == (st.name, st.member_attempt(member_of(pod)))
+
+
 def _attempt_of(pod: Mapping[str, Any]) -> tuple[str, int] | None:
     labels = (pod.get("metadata") or {}).get("labels") or {}
     try:
@@ -195,6 +208,25 @@ class Gather:
         foreign = await self.foreign(job, present)
         return Facts(job=job, spec=JobSpec.parse(job.get("spec") or {}), pods=pods, nodes=nodes,
                      foreign=foreign)
+
+    async def image_pulls(self, job: dict, pods: list[dict], now) -> dict[str, ImagePull]:
+        """The image pulls of the pods ``image_pull.wanted`` names (a pod that just started
+        and whose pull the status does not record yet), by pod name: one events LIST each.
+        An unreadable event is only a missing figure, never a failed pass."""
+        out: dict[str, ImagePull] = {}
+        namespace = job["metadata"]["namespace"]
+        for _phase, attempt, pod in image_pull.wanted(job.get("status") or {}, pods, now):
+            try:
+                events = await self.call(self.kube.list_pulled_events, namespace,
+                                         pod["metadata"]["uid"])
+            except ApiException as e:
+                log.debug("[%s/%s] events of pod %s not readable: %s", namespace,
+                          job["metadata"]["name"], pod["metadata"]["name"], e.reason)
+                continue
+            pull = image_pull.from_events(events, pod, attempt)
+            if pull is not None:
+                out[pull.pod] = pull
+        return out
 
     async def nodes(self, pods: list[dict]) -> dict[str, NodeHealth]:
         """Health of the nodes that pods still shown live are bound to."""
@@ -321,7 +353,8 @@ class Gather:
         out: dict[str, PhaseProgress] = {}
         for st in running:
             # a heartbeat names its pod by hostname (a gang member's is its spec.hostname)
-            pods = {n: p for p in facts.pods if _attempt_of(p) == (st.name, st.attempts)
+            pods = {n: p for p in facts.pods
+                    if _serves(st, p)
                     for n in ((p.get("metadata") or {}).get("name"),
                               (p.get("spec") or {}).get("hostname")) if n}
             at = (key, st.name, st.attempts)
@@ -350,7 +383,9 @@ class Gather:
                     step_p50=hb.step_p50, step_p95=hb.step_p95, compute_p50=hb.compute_p50,
                     steps_timed=hb.steps_timed, stack_dump=dumps.get(hb.rank, ""),
                     in_collective=hb.in_collective,
-                    node=(pod.get("spec") or {}).get("nodeName") or ""))
+                    node=(pod.get("spec") or {}).get("nodeName") or "",
+                    restored_from=hb.restored_from, restored_step=hb.restored_step,
+                    training_since=hb.training_since))
             out[st.name] = PhaseProgress(st.attempts, tuple(sorted(ranks, key=lambda r: r.rank)))
         return out
 

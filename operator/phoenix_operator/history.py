@@ -1,6 +1,6 @@
 """The durable history of a job's attempts: what each record says, how records are merged
 (append-only), and the numbers derived from them (steps lost, time to resume, GPU-hours,
-goodput) for the status summary, ``phoenix report`` and ``phoenix timeline``.
+goodput) for the status summary, ``phoenixctl report`` and ``phoenixctl timeline``.
 
 One object per phase, ``<phase prefix>/history.jsonl`` (``core.layout.HISTORY_KEY``): one
 JSON record per line, in the order they were appended. Kinds:
@@ -8,7 +8,8 @@ JSON record per line, in the order they were appended. Kinds:
 - ``start``: an attempt began - a new pod (gang) or a promoted standby - and the step it
   resumes from;
 - ``end``: an attempt ended - cause, reason, pod, node, when its pod was created and when it
-  ended, where the trainer stopped, and a digest of its attempt log (``digest_attempt_log``);
+  ended, where the trainer stopped, a digest of its attempt log (``digest_attempt_log``) and
+  how its pod got its image (``imagePull``, as ``status.phases[].imagePull`` recorded it);
 - ``standby``: a warm standby was started; ``notice``: a node announced its reclaim;
   ``handoff``: the operator asked the noticed attempt to hand off to the standby.
 
@@ -29,7 +30,7 @@ from typing import Any, Iterable, Mapping, Sequence
 from phoenix_trainer.core.layout import split_checkpoint_uri
 
 FORMAT_VERSION = 1
-KINDS = ("start", "end", "standby", "notice", "handoff")
+KINDS = ("start", "end", "standby", "notice", "handoff", "resumed")
 MAX_MESSAGE_CHARS = 300  # a record stays small: 1,000 attempts in one GET
 GPU_RESOURCE = "nvidia.com/gpu"
 
@@ -98,9 +99,11 @@ def start_record(phase: str, attempt: int, pod: str, *, resume_from: str | None,
 
 
 def end_record(end: Any, *, by: Mapping[str, Any], gpus: int,
-               digest: Mapping[str, Any] | None = None) -> Record:
+               digest: Mapping[str, Any] | None = None,
+               pull: Mapping[str, Any] | None = None) -> Record:
     """``end``: a ``decide.AttemptEnd``; ``gpus``: per pod; ``digest``: the attempt log's
-    (``digest_attempt_log``), if it could be read."""
+    (``digest_attempt_log``), if it could be read; ``pull``: the status's ``imagePull``, kept
+    when it is this attempt's."""
     r = _base("end", end.phase, end.attempt, end.ended, by)
     r.update(cause=end.cause, reason=end.reason, pod=end.pod, node=end.node,
              created=iso(end.created), exitCode=end.exit_code,
@@ -111,6 +114,8 @@ def end_record(end: Any, *, by: Mapping[str, Any], gpus: int,
     r["lastStep"] = max(last) if last else None
     for k in ("trainStart", "startStep", "trainSeconds", "checkpoints", "lastCheckpointStep"):
         r[k] = d.get(k)
+    if pull and pull.get("attempt") == end.attempt:
+        r["imagePull"] = {k: v for k, v in pull.items() if k != "attempt"}
     return {k: v for k, v in r.items() if v is not None}
 
 
@@ -144,6 +149,14 @@ def status_records(status: Mapping[str, Any], by: Mapping[str, Any]) -> list[Rec
     (an ``end`` record marked ``source: status``, without node or attempt-log digest)."""
     out = notice_records(status, by)
     for ph in status.get("phases") or ():
+        rep = ph.get("lastReplacement") or {}
+        if rep.get("resumedStep") is not None and rep.get("attempt") is not None:
+            # an in-place gang's replacement: where it really resumed (peers: the survivors'
+            # step, not the checkpoint its new pods were told about)
+            r = _base("resumed", ph["name"], rep["attempt"], parse_time(rep.get("time")), by)
+            r.update(step=int(rep["resumedStep"]), source=rep.get("recoveredFrom"),
+                     seconds=rep.get("trainingAgainSeconds"))
+            out.append(r)
         lf = ph.get("lastFailure")
         if lf and lf.get("attempt") is not None:
             r = _base("end", ph["name"], lf["attempt"], parse_time(lf.get("time")), by)
@@ -282,7 +295,9 @@ def disruptions(records: Sequence[Record], phase: str,
     for a, e in ends.items():
         later = sorted(n for n in starts if n > a)
         nxt = later[0] if later else None
-        resumed = starts[nxt].get("resumeStep", 0) if nxt is not None else None
+        actual = by_attempt[nxt].get("resumed") if nxt is not None else None  # in-place
+        resumed = (actual["step"] if actual else starts[nxt].get("resumeStep", 0)
+                   if nxt is not None else None)
         last = e.get("lastStep")
         lost = max(0, last - resumed) if last is not None and resumed is not None else None
         if e.get("cause") == "completed":

@@ -64,7 +64,9 @@ async def collect(ap: Any, a: Any, by: dict) -> list[Record]:
         except Exception as e:  # noqa: BLE001 - the record goes without the log's digest
             log.warning("%s phase %s: cannot read attempt %d's log: %s", a.tag, end.phase,
                         end.attempt, e)
-        out.append(history.end_record(end, by=by, gpus=gpus, digest=digest))
+        pull = next((ph.get("imagePull") for ph in plan.status.get("phases") or ()
+                     if ph.get("name") == end.phase), None)
+        out.append(history.end_record(end, by=by, gpus=gpus, digest=digest, pull=pull))
     members: dict[tuple[str, int], int] = {}
     for c in plan.create:
         members[(c.phase, c.attempt)] = members.get((c.phase, c.attempt), 0) + 1

@@ -140,6 +140,13 @@ class Kube:
                                              _preload_content=False)
         return json.loads(resp.data).get("items") or []
 
+    def list_pulled_events(self, namespace: str, pod_uid: str) -> list[dict]:
+        """The kubelet's ``Pulled`` events on one pod (a field selector: one small LIST)."""
+        resp = self.core.list_namespaced_event(
+            namespace, field_selector=f"involvedObject.uid={pod_uid},reason=Pulled",
+            _preload_content=False)
+        return json.loads(resp.data).get("items") or []
+
     def create_pod(self, namespace: str, manifest: dict) -> str | None:
         """Create; returns the new pod's uid. If a pod of that name already exists (409, the
         idempotency key) it is ours only when its owner reference names the same owner as

@@ -1,12 +1,12 @@
-"""``phoenix`` (or ``kubectl phoenix``): a small CLI for people. Reads the cluster through
+"""``phoenixctl`` (or ``kubectl phoenix``): a small CLI for people. Reads the cluster through
 the kubeconfig.
 
-    phoenix status JOB        per-phase recovery report
-    phoenix checkpoints JOB   list and verify checkpoints in storage
-    phoenix reset JOB         re-run a Failed/Blocked phase (keeps checkpoints)
-    phoenix report JOB        goodput, steps lost, time to resume, GPU-hours (from the history)
-    phoenix timeline JOB      the job's attempts as a picture (terminal, or --out FILE.png|svg)
-    phoenix logs JOB          the logs of the attempts' kept pods, in order
+    phoenixctl status JOB       per-phase recovery report
+    phoenixctl checkpoints JOB  list and verify checkpoints in storage
+    phoenixctl reset JOB        re-run a Failed/Blocked phase (keeps checkpoints)
+    phoenixctl report JOB       goodput, steps lost, time to resume, GPU-hours (from the history)
+    phoenixctl timeline JOB     the job's attempts as a picture (terminal, or --out FILE.png|svg)
+    phoenixctl logs JOB         the logs of the attempts' kept pods, in order
 
 Global flags, as in kubectl, go anywhere on the line (before or after the command and its
 arguments): --kubeconfig, --context, -n/--namespace, -o/--output json|yaml. Installed as
@@ -37,11 +37,14 @@ from . import constants as C
 from .kube import Kube
 from .leader import describe_lease
 from .phoenixjob import JobSpec, parse_ts, phase_statuses
+from .decide.plan import gang_pods, pods_by_phase, with_spares
 from .podspec import member_of
 from .reset import ResetRefused, reset_status
 
 RESET_ATTEMPTS = 5  # status writes lost to the operator's own writes (409) before giving up
 OUTPUT_FORMATS = ("json", "yaml")
+# The command is not called `phoenix`: that name belongs to other tools (docs/install.md).
+PROGRAM = "phoenixctl"
 PLUGIN_EXECUTABLE = "kubectl-phoenix"  # kubectl runs `kubectl phoenix` as this, found on PATH
 DEFAULT_KUBECONFIG = "~/.kube/config"
 
@@ -59,10 +62,10 @@ class CliError(Exception):
 
 def program_name(argv0: str) -> str:
     """What usage and help call us: ``kubectl phoenix`` when kubectl ran us as its plugin
-    (it execs ``kubectl-phoenix`` found on PATH), else ``phoenix``."""
+    (it execs ``kubectl-phoenix`` found on PATH), else ``phoenixctl``."""
     base = os.path.basename(argv0)
     base = base[:-4] if base.lower().endswith(".exe") else base
-    return "kubectl phoenix" if base == PLUGIN_EXECUTABLE else "phoenix"
+    return "kubectl phoenix" if base == PLUGIN_EXECUTABLE else PROGRAM
 
 
 def _global_flags(top: bool) -> argparse.ArgumentParser:
@@ -85,7 +88,7 @@ def _global_flags(top: bool) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser(prog: str = "phoenix") -> argparse.ArgumentParser:
+def build_parser(prog: str = PROGRAM) -> argparse.ArgumentParser:
     about = " ".join(__doc__.split("\n\n")[0].split())
     parser = argparse.ArgumentParser(prog=prog, description=about,
                                      parents=[_global_flags(top=True)], allow_abbrev=False)
@@ -139,7 +142,7 @@ def _history_commands(sub, flags) -> None:
     p.set_defaults(fn=logs)
 
 
-def parse_args(argv: list[str], prog: str = "phoenix") -> argparse.Namespace:
+def parse_args(argv: list[str], prog: str = PROGRAM) -> argparse.Namespace:
     return build_parser(prog).parse_args(argv)
 
 
@@ -352,6 +355,42 @@ def progress_lines(ps, rec, now: datetime) -> list[str]:
     if ps.last_hang is not None:
         h = ps.last_hang
         out.append(f"  last hang: attempt {h.attempt} ({_age(h.time, now)}): {h.describe()}")
+    out += replacement_lines(ps, now)
+    sb = ps.standby
+    if sb is not None and sb.reason == C.SPARE:
+        out.append(f"  spare: pod {sb.pod} (attempt {sb.attempt}) on "
+                   f"{sb.node or '(not scheduled)'}, {'ready' if sb.ready else 'not ready yet'}"
+                   f" ({_age(sb.since, now)}); takes the next lost member's place")
+    return out
+
+
+def image_pull_line(ps) -> str:
+    """How the attempt's pod got its image (the kubelet's Pulled event, as the status
+    records it)."""
+    p = ps.image_pull
+    whose = "this attempt" if p.attempt == ps.attempts else f"attempt {p.attempt}"
+    return f"  start-up ({whose}, pod {p.pod}): {p.describe()}"
+
+
+def replacement_lines(ps, now: datetime) -> list[str]:
+    """An in-place gang's replaced members: which, where the state came from, how long the
+    gang took to train again."""
+    r = ps.last_replacement
+    if r is None:
+        return []  # a move is followed by its replacement: shown with it
+    line = (f"  members replaced: {ps.replacements} time(s); last {_age(r.time, now)}: "
+            f"{r.describe()}")
+    if r.recovered_from:
+        line += f"; state from {r.recovered_from}"
+        if r.resumed_step is not None:
+            line += f" at step {r.resumed_step}"
+    if r.training_again_seconds is not None:
+        line += f"; every rank training again after {r.training_again_seconds:.1f}s"
+    out = [line]
+    m = ps.last_move
+    if m is not None:
+        out.append(f"  straggler moves: {ps.straggler_moves}; last {_age(m.time, now)}: member "
+                   f"{m.member} (rank {m.rank}, pod {m.pod}) off node {m.node or '?'}")
     return out
 
 
@@ -388,7 +427,7 @@ def status(args) -> int:
         print(f"  attempts {ps.attempts}, preemptions {ps.preemptions}, failures "
               f"{ps.failures}, pod {ps.pod or '-'}"
               + (f" (gang of {phase.replicas})" if phase.replicas > 1 else ""))
-        for pod in _members(pods, name, ps.attempts) if phase.replicas > 1 else ():
+        for pod in _members(pods, name, ps, phase.replicas) if phase.replicas > 1 else ():
             pst = pod.get("status") or {}
             print(f"    member {member_of(pod)}: {pod['metadata']['name']}"
                   f" on {(pod.get('spec') or {}).get('nodeName') or '(not scheduled)'}:"
@@ -398,6 +437,8 @@ def status(args) -> int:
                   + (f", finished {_age(ps.completed_at, now)}" if ps.completed_at else ""))
         if ps.resume_from:
             print(f"  resumed from {ps.resume_from}")
+        if ps.image_pull is not None:
+            print(image_pull_line(ps))
         if ps.last_checkpoint:
             ck = ps.last_checkpoint
             print(f"  last checkpoint: step {ck.step} ({_age(ck.time, now)}) {ck.uri}")
@@ -415,10 +456,10 @@ def status(args) -> int:
     return 0
 
 
-def _members(pods: list[dict], phase: str, attempt: int) -> list[dict]:
-    labels = lambda p: (p.get("metadata") or {}).get("labels") or {}  # noqa: E731
-    return sorted((p for p in pods if labels(p).get(C.LABEL_PHASE) == phase
-                   and labels(p).get(C.LABEL_ATTEMPT) == str(attempt)), key=member_of)
+def _members(pods: list[dict], phase: str, ps: Any, replicas: int) -> list[dict]:
+    """The current gang's pods by member: survivors of older attempts and former spares
+    included (``decide.plan.gang_pods``)."""
+    return gang_pods(with_spares(pods_by_phase(pods).get(phase, {}), ps), ps, replicas)
 
 
 @dataclass
@@ -523,7 +564,7 @@ def reset(args) -> int:
             if job is None:
                 raise CliError(f"phoenixjob {where} was deleted")
             continue
-        msg = (f"phase {', '.join(names)} reset to Pending by `phoenix reset`; budgets cleared, "
+        msg = (f"phase {', '.join(names)} reset to Pending by `phoenixctl reset`; budgets cleared, "
                "attempt numbers continue; the operator resumes from the newest valid checkpoint")
         kube.post_event(job, "Normal", C.EV_PHASE_RESET, msg, component="phoenix-cli")
         _report_reset(args, meta, names, msg)
@@ -637,7 +678,7 @@ def logs(args) -> int:
         shown += 1
     if not shown:
         print(f"no kept pods of phoenixjob {meta['namespace']}/{meta['name']} match; pods of "
-              "lost nodes and deleted pods take their logs with them ('phoenix timeline' "
+              "lost nodes and deleted pods take their logs with them ('phoenixctl timeline' "
               "still shows their attempts)")
     return 0
 

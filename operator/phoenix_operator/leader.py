@@ -104,7 +104,7 @@ def next_record(current: LeaseRecord | None, me: str, leading: bool, expired: bo
 
 
 def describe_lease(lease: dict, now: datetime) -> dict:
-    """Who leads, as ``phoenix status`` shows it: the Lease is the source of truth."""
+    """Who leads, as ``phoenixctl status`` shows it: the Lease is the source of truth."""
     record, meta = LeaseRecord.from_lease(lease), lease.get("metadata") or {}
     renewed = parse_ts(record.renew_time)
     quiet = (now - renewed).total_seconds() if renewed else None

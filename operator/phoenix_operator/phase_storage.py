@@ -15,7 +15,7 @@ import json
 import logging
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from phoenix_trainer.core import handshake
 from phoenix_trainer.core.handshake import Control, Fence, LeaderTerm, read_fence
@@ -122,16 +122,19 @@ def read_heartbeats(spec: JobSpec, phase: str, attempt: int, *,
 
 def write_fence(spec: JobSpec, phase: str, attempt: int, pod: str, when: str, *,
                 credentials: Credentials, resume_from: str | None = None, uid: str = "", job: str = "",
-                clear_control: bool = False, writer: LeaderTerm = LeaderTerm()) -> str:
+                clear_control: bool = False, writer: LeaderTerm = LeaderTerm(),
+                members: Sequence[str] = (), store: str = "", store_member: int = 0) -> str:
     """Write ``<phase prefix>/fence.json`` naming ``attempt`` of the job ``uid`` (``job``:
     namespace/name): from now on every other attempt's commit and retention are refused
     (``phoenix_trainer.core.handshake.check_fence``); a standby of that attempt starts, from
     ``resume_from``. ``clear_control``: a new attempt starts, so requests left for an older
     one (or a deleted job's) go. ``writer``: the leader's term (refused over a newer one's,
-    ``StaleLeaderError``). Returns where it was written."""
+    ``StaleLeaderError``). ``members``/``store``/``store_member``: an in-place gang's pods
+    and TCPStore (``handshake.Fence``). Returns where it was written."""
     storage = _storage(spec.checkpoint.phase_uri(phase), credentials)
     return handshake.write_fence(storage, Fence(attempt, pod, when, resume_from or "", uid=uid,
-                                                job=job, writer=writer),
+                                                job=job, writer=writer, members=tuple(members),
+                                                store=store, store_member=store_member),
                                  clear_control=clear_control)
 
 
@@ -211,7 +214,7 @@ MAX_LOGS_READ = 200  # attempt logs one report or timeline reads (the newest att
 
 def read_job_history(spec: JobSpec, *, credentials: Credentials, logs_for: str = "open"
                      ) -> tuple[list[dict], dict[str, dict[int, list[dict]]]]:
-    """Every phase's history records and attempt logs, as ``phoenix report``/``timeline``
+    """Every phase's history records and attempt logs, as ``phoenixctl report``/``timeline``
     and the lab's demo read them. ``logs_for``: "open" reads the logs of attempts the
     history has not seen end (their training start), "all" every attempt's (checkpoints for
     the timeline), the newest ``MAX_LOGS_READ``."""

@@ -1,7 +1,7 @@
 """Typed views of a PhoenixJob: the spec (parsed once per reconcile) and the status.
 
 Pure data: no API calls, no clock. Defaults here mirror the CRD's, so a body that did not
-pass through the API server (unit tests, `phoenix status` on an old object) means the same.
+pass through the API server (unit tests, `phoenixctl status` on an old object) means the same.
 """
 from __future__ import annotations
 
@@ -85,6 +85,11 @@ class RecoverySpec:
     on_notice: str = "Handoff"  # Handoff | Checkpoint | Ignore: what a node's notice starts
     hang_detection: bool = True  # end an attempt that makes no progress (core.heartbeat)
     hang_timeout: float | None = None  # explicit; None: the rule's default from step times
+    # A gang that loses members: Whole - every member restarts (from the newest checkpoint);
+    # Member - only the lost members are replaced, the survivors keep their pods and state.
+    gang_restart: str = "Whole"
+    # Ignore | Replace: a straggler's member is moved to another node (gangRestart Member)
+    on_straggler: str = "Ignore"
 
     def backoff(self, failures: int) -> float:
         """Delay before the replacement after the ``failures``-th failure (1-based)."""
@@ -158,6 +163,8 @@ class JobSpec:
                 on_notice=str(rec.get("onNotice") or "Handoff"),
                 hang_detection=bool(rec.get("hangDetection", True)),
                 hang_timeout=float(rec["hangTimeoutSeconds"]) if rec.get("hangTimeoutSeconds") else None,
+                gang_restart=str(rec.get("gangRestart") or "Whole"),
+                on_straggler=str(rec.get("onStraggler") or "Ignore"),
             ),
             suspend=bool(spec.get("suspend", False)),
         )
@@ -226,7 +233,9 @@ class StandbyRef:
 
     pod: str
     attempt: int
-    reason: str  # "standby" (recovery.standby) | "notice" (started for a node's notice)
+    # "standby" (recovery.standby) | "notice" (started for a node's notice) | "spare" (an
+    # in-place gang's spare member: one pod, takes a lost member's place)
+    reason: str
     since: datetime
     pod_uid: str | None = None  # member 0's, once every member is seen
     node: str | None = None
@@ -381,6 +390,133 @@ class Hang:
 
 
 @dataclass(frozen=True)
+class Move:
+    """``status.phases[].lastMove``: a straggler's gang member the operator moved off its
+    node (``recovery.onStraggler: Replace``): its pod was stopped and replaced in place on
+    another node. Counted in ``stragglerMoves``, not as a preemption."""
+
+    attempt: int  # the attempt whose member was moved
+    time: datetime
+    member: int
+    rank: int
+    pod: str
+    node: str
+    why: str = ""
+
+    def to_dict(self) -> dict:
+        return {"attempt": self.attempt, "time": ts(self.time), "member": self.member,
+                "rank": self.rank, "pod": self.pod, "node": self.node, "why": self.why}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Move | None":
+        if not d or "attempt" not in d:
+            return None
+        return cls(attempt=int(d["attempt"]),
+                   time=_ts(d.get("time")) or datetime.fromtimestamp(0, timezone.utc),
+                   member=int(d.get("member", 0)), rank=int(d.get("rank", 0)),
+                   pod=str(d.get("pod", "")), node=str(d.get("node", "")),
+                   why=str(d.get("why", "")))
+
+
+@dataclass(frozen=True)
+class Replacement:
+    """``status.phases[].lastReplacement``: gang members replaced in place
+    (``recovery.gangRestart: Member``) while the others kept running: which members, their
+    lost pods and the pods that replaced them, the attempt the gang became, and why."""
+
+    attempt: int  # the attempt the gang became (its fence)
+    time: datetime
+    members: tuple[int, ...]
+    lost: tuple[str, ...]  # the lost members' pods
+    pods: tuple[str, ...]  # the pods replacing them
+    cause: str
+    reason: str
+    spare: str = ""  # the spare pod that took a place (it is among ``pods``), if one did
+    # From the trainers' heartbeats once they train again: where the state came from
+    # (peers | checkpoint), the step they resumed at, and seconds from the loss until every
+    # rank completed a step.
+    recovered_from: str = ""
+    resumed_step: int | None = None
+    training_again_seconds: float | None = None
+
+    def describe(self) -> str:
+        what = ", ".join(f"member {m} ({lost} -> {'spare ' if new == self.spare else ''}{new})"
+                         for m, lost, new in zip(self.members, self.lost, self.pods))
+        return f"{what}: {self.reason} ({self.cause}); the gang continues as attempt {self.attempt}"
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"attempt": self.attempt, "time": ts(self.time),
+                             "members": list(self.members), "lostPods": list(self.lost),
+                             "pods": list(self.pods), "cause": self.cause, "reason": self.reason}
+        if self.spare:
+            d["spare"] = self.spare
+        if self.recovered_from:
+            d["recoveredFrom"] = self.recovered_from
+        if self.resumed_step is not None:
+            d["resumedStep"] = self.resumed_step
+        if self.training_again_seconds is not None:
+            d["trainingAgainSeconds"] = round(self.training_again_seconds, 1)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "Replacement | None":
+        if not d or "attempt" not in d:
+            return None
+        return cls(attempt=int(d["attempt"]),
+                   time=_ts(d.get("time")) or datetime.fromtimestamp(0, timezone.utc),
+                   members=tuple(int(m) for m in d.get("members") or ()),
+                   lost=tuple(str(p) for p in d.get("lostPods") or ()),
+                   pods=tuple(str(p) for p in d.get("pods") or ()),
+                   cause=str(d.get("cause", "")), reason=str(d.get("reason", "")),
+                   spare=str(d.get("spare") or ""),
+                   recovered_from=str(d.get("recoveredFrom") or ""),
+                   resumed_step=int(d["resumedStep"]) if d.get("resumedStep") is not None else None,
+                   training_again_seconds=(float(d["trainingAgainSeconds"])
+                                           if d.get("trainingAgainSeconds") is not None else None))
+
+
+@dataclass(frozen=True)
+class ImagePull:
+    """``status.phases[].imagePull``: how the current attempt's pod got its trainer image
+    (``image_pull`` reads it from the kubelet's ``Pulled`` event).
+    ``present``: it was already on the node (no pull); else ``seconds`` the pull took,
+    ``waiting_seconds`` with the wait for the kubelet's pull queue, ``bytes`` the image's
+    size as the runtime reports it (containerd: its stored, compressed blobs)."""
+
+    attempt: int
+    pod: str
+    image: str
+    present: bool
+    seconds: float | None = None
+    waiting_seconds: float | None = None
+    bytes: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"attempt": self.attempt, "pod": self.pod, "image": self.image,
+                             "present": self.present}
+        for key, value in (("seconds", self.seconds), ("includingWaitingSeconds",
+                           self.waiting_seconds), ("bytes", self.bytes)):
+            if value is not None:
+                d[key] = round(value, 3) if isinstance(value, float) else value
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any] | None) -> "ImagePull | None":
+        if not d or d.get("attempt") is None:
+            return None
+        return cls(attempt=int(d["attempt"]), pod=str(d.get("pod") or ""),
+                   image=str(d.get("image") or ""), present=bool(d.get("present")),
+                   seconds=d.get("seconds"), waiting_seconds=d.get("includingWaitingSeconds"),
+                   bytes=d.get("bytes"))
+
+    def describe(self) -> str:
+        if self.present:
+            return "image already on the node"
+        size = f", {self.bytes / 2**30:.2f} GiB" if self.bytes else ""
+        return f"image pulled in {self.seconds:.1f}s{size}"
+
+
+@dataclass(frozen=True)
 class PhaseStatus:
     """``status.phases[]``: everything the operator must remember about one phase.
 
@@ -421,6 +557,21 @@ class PhaseStatus:
     progress: ProgressRef | None = None
     hangs: int = 0  # attempts ended as Hung (charged to the failure budget)
     last_hang: Hang | None = None
+    # A gang replaced in place (gangRestart: Member): the attempt whose pod serves each
+    # member (empty: every member is the current attempt's), and the replacements so far.
+    members: tuple[int, ...] = ()
+    # ... and which of them a former spare serves (its pod: ``podspec.spare_pod_name`` of
+    # the member's attempt in ``members``).
+    spare_members: tuple[int, ...] = ()
+    replacements: int = 0
+    last_replacement: Replacement | None = None
+    straggler_moves: int = 0  # members moved off a slow node (onStraggler: Replace)
+    last_move: Move | None = None
+    image_pull: ImagePull | None = None  # the current (or last) attempt's pod's image pull
+
+    def member_attempt(self, member: int) -> int:
+        """The attempt whose pod serves ``member`` of the current gang."""
+        return self.members[member] if member < len(self.members) else self.attempts
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {
@@ -464,6 +615,20 @@ class PhaseStatus:
             d["hangs"] = self.hangs
         if self.last_hang is not None:
             d["lastHang"] = self.last_hang.to_dict()
+        if self.members and any(a != self.attempts for a in self.members):
+            d["members"] = list(self.members)
+        if self.spare_members:
+            d["spareMembers"] = list(self.spare_members)
+        if self.replacements:
+            d["replacements"] = self.replacements
+        if self.last_replacement is not None:
+            d["lastReplacement"] = self.last_replacement.to_dict()
+        if self.straggler_moves:
+            d["stragglerMoves"] = self.straggler_moves
+        if self.last_move is not None:
+            d["lastMove"] = self.last_move.to_dict()
+        if self.image_pull is not None:
+            d["imagePull"] = self.image_pull.to_dict()
         return d
 
     @classmethod
@@ -495,6 +660,13 @@ class PhaseStatus:
             progress=ProgressRef.from_dict(d.get("progress")),
             hangs=int(d.get("hangs", 0)),
             last_hang=Hang.from_dict(d.get("lastHang")),
+            members=tuple(int(a) for a in d.get("members") or ()),
+            spare_members=tuple(int(m) for m in d.get("spareMembers") or ()),
+            replacements=int(d.get("replacements", 0)),
+            last_replacement=Replacement.from_dict(d.get("lastReplacement")),
+            straggler_moves=int(d.get("stragglerMoves", 0)),
+            last_move=Move.from_dict(d.get("lastMove")),
+            image_pull=ImagePull.from_dict(d.get("imagePull")),
         )
 
     @property
@@ -512,6 +684,6 @@ def phase_statuses(spec: JobSpec, status: Mapping[str, Any] | None) -> dict[str,
 
 __all__ = [
     "JobSpec", "PhaseSpec", "CheckpointSpec", "RecoverySpec", "PhaseStatus", "Failure",
-    "CheckpointRef", "StandbyRef", "Notice", "ProgressRef", "Hang", "Straggler", "phase_statuses", "ts", "parse_ts",
+    "CheckpointRef", "StandbyRef", "Notice", "ProgressRef", "ImagePull", "Hang", "Straggler", "phase_statuses", "ts", "parse_ts",
     "bounded",
 ]

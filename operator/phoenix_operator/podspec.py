@@ -17,7 +17,11 @@ tells it to wait until the fence names its attempt; it serves its readiness on
 ``STATUS_PORT`` (a readiness probe is added unless the template has one); it is kept off the
 nodes the caller names (``avoid_nodes``, a required node affinity on ``metadata.name``) and
 prefers others (``prefer_not``); and it carries no resume target: the fence names one at
-promotion. (Which nodes: ``decide.standby.create_standby``.) In a phase that keeps a standby
+promotion. (Which nodes: ``decide.standby.create_standby``.) An in-place gang's spare member
+(``spare=True``, ``spare_pod_name``) is a standby of one pod: the gang's environment without
+a member index (``PHOENIX_ROLE=spare``), a hostname of its own (``spare_hostname``) under the
+gang's Service, and the peer directory; it takes whichever member's place a fence names it
+for (``decide.members``). In a phase that keeps a standby
 (``recovery.standby``) the active pods serve and probe their readiness the same way: Ready once
 the trainer has restored and trains, which is when the operator starts the standby (it never
 competes with the attempt's own start for the CPU, the network or the checkpoint's bytes).
@@ -53,6 +57,19 @@ def pod_name(job: str, phase: str, attempt: int, member: int | None = None) -> s
     ``a`` phase ``b-c``.)"""
     base = f"{job}.{phase}-{attempt}"
     return base if member is None else f"{base}.{member}"
+
+
+def spare_pod_name(job: str, phase: str, attempt: int) -> str:
+    """``<job>.<phase>-<attempt>.spare``: an in-place gang's spare member, started for the
+    reserved ``attempt``. No other pod name ends in ``.spare`` (a member's ends in digits)."""
+    return f"{pod_name(job, phase, attempt)}.{C.SPARE}"
+
+
+def spare_hostname(phase: str, attempt: int) -> str:
+    """A spare's hostname under the gang's Service: ``<phase>-<attempt>-spare`` (it is not
+    any member's yet; the store host names it if its member ever hosts the store)."""
+    suffix = f"-{attempt}-{C.SPARE}"
+    return f"{phase[:63 - len(suffix)]}{suffix}"
 
 
 def member_of(pod: Mapping[str, Any]) -> int:
@@ -101,16 +118,65 @@ def _gpus(container: Mapping[str, Any]) -> int | None:
         return None
 
 
-def gang_env(*, job: str, namespace: str, phase: PhaseSpec, member: int,
-             container: Mapping[str, Any], attempt: int | None = None) -> list[dict[str, Any]]:
-    """``attempt``: a standby gang's (its hostnames carry it; ``member_hostname``)."""
+def gang_env(*, job: str, namespace: str, phase: PhaseSpec, member: int | None,
+             container: Mapping[str, Any], attempt: int | None = None,
+             in_place: bool = False, gang_attempt: int = 0,
+             store_member: int = 0, store_host: str | None = None) -> list[dict[str, Any]]:
+    """``attempt``: a standby gang's (its hostnames carry it; ``member_hostname``).
+    ``in_place`` (``recovery.gangRestart: Member``): torchrun runs standalone in the pod and
+    the global group is Phoenix's, on the TCPStore of ``gang_attempt`` hosted by
+    ``store_member`` (``gang_store``; ``store_host``: that member's hostname when a former
+    spare serves it). ``member`` None: a spare, which learns its member, attempt and store
+    from the fence that names it."""
     nproc = phase.nproc_per_node or _gpus(container) or 1
+    if in_place and member is None:
+        return [{"name": k, "value": v} for k, v in (
+            ("PET_STANDALONE", "1"), ("PET_NNODES", "1"), ("PET_NPROC_PER_NODE", str(nproc)),
+            (env.ENV_GANG_RESTART, env.GANG_RESTART_MEMBER),
+            (env.ENV_GANG_MEMBERS, str(phase.replicas)), (env.ENV_PEER_DIR, env.PEER_DIR))]
+    assert member is not None
+    if in_place:
+        return [{"name": k, "value": v} for k, v in (
+            ("PET_STANDALONE", "1"), ("PET_NNODES", "1"), ("PET_NPROC_PER_NODE", str(nproc)),
+            (env.ENV_GANG_RESTART, env.GANG_RESTART_MEMBER),
+            (env.ENV_GANG_MEMBERS, str(phase.replicas)), (env.ENV_GANG_MEMBER, str(member)),
+            (env.ENV_GANG_STORE, gang_store(job, namespace, phase.name, store_member, gang_attempt,
+                                            store_host)),
+            (env.ENV_GANG_STORE_MEMBER, str(store_member)), (env.ENV_PEER_DIR, env.PEER_DIR))]
     master = (f"{member_hostname(phase.name, 0, attempt)}.{gang_service(job, phase.name)}"
               f".{namespace}.svc")
     return [{"name": k, "value": v} for k, v in (
         ("PET_NNODES", str(phase.replicas)), ("PET_NODE_RANK", str(member)),
         ("PET_MASTER_ADDR", master), ("PET_MASTER_PORT", str(C.RENDEZVOUS_PORT)),
         ("PET_NPROC_PER_NODE", str(nproc)))]
+
+
+def gang_store(job: str, namespace: str, phase: str, store_member: int, attempt: int,
+               hostname: str | None = None) -> str:
+    """``host:port`` of an in-place gang's TCPStore for ``attempt``: the stable hostname of
+    the member whose local rank 0 hosts it (``hostname``: the pod's own, when a former spare
+    serves that member), and a port of the attempt's own (a survivor that re-executes for
+    the next attempt never races its old listener for the port)."""
+    host = (f"{hostname or member_hostname(phase, store_member)}.{gang_service(job, phase)}"
+            f".{namespace}.svc")
+    return f"{host}:{C.RENDEZVOUS_PORT + attempt % C.GANG_STORE_PORTS}"
+
+
+def in_place_gang(spec: JobSpec, phase: PhaseSpec) -> bool:
+    """A gang whose lost members are replaced alone (``recovery.gangRestart: Member``)."""
+    return phase.replicas > 1 and spec.recovery.gang_restart == env.GANG_RESTART_MEMBER
+
+
+def mount_peer_dir(pod_spec: dict[str, Any], container: dict[str, Any]) -> None:
+    """A memory-backed emptyDir at ``PEER_DIR``: the ranks keep their newest step's state
+    there, so a survivor's process that re-executes to rejoin still has it (it counts against
+    the pod's memory)."""
+    volumes = pod_spec.setdefault("volumes", [])
+    if not any(v.get("name") == C.PEER_VOLUME for v in volumes):
+        volumes.append({"name": C.PEER_VOLUME, "emptyDir": {"medium": "Memory"}})
+    mounts = container.setdefault("volumeMounts", [])
+    if not any(m.get("name") == C.PEER_VOLUME for m in mounts):
+        mounts.append({"name": C.PEER_VOLUME, "mountPath": env.PEER_DIR})
 
 
 def pod_hostname(name: str) -> str:
@@ -120,13 +186,15 @@ def pod_hostname(name: str) -> str:
 
 
 def pod_labels(job: str, phase: str, attempt: int, member: int | None = None,
-               standby: bool = False) -> dict[str, str]:
+               standby: bool = False, spare: bool = False) -> dict[str, str]:
     labels = {C.LABEL_JOB: job, C.LABEL_PHASE: phase, C.LABEL_ATTEMPT: str(attempt),
               C.LABEL_ROLE: C.ROLE_TRAINER, C.LABEL_MANAGED_BY: C.MANAGED_BY}
     if member is not None:
         labels[C.LABEL_MEMBER] = str(member)
-    if standby:
+    if standby or spare:
         labels[C.LABEL_STANDBY] = "true"
+    if spare:
+        labels[C.LABEL_SPARE] = "true"
     return labels
 
 
@@ -235,25 +303,32 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
               resume_from: str | None, resume_step: int | None,
               init_from: str | None, member: int | None = None, standby: bool = False,
               avoid: Sequence[str] = (), prefer_not: Sequence[str] = (),
-              job_uid: str = "") -> dict[str, Any]:
+              job_uid: str = "", store_member: int = 0, store_host: str | None = None,
+              spare: bool = False) -> dict[str, Any]:
     """One trainer pod; ``member``: its index in a gang phase (None for a single pod);
     ``standby``: started ahead of need, kept off the nodes in ``avoid`` and, if it can be,
-    ``prefer_not`` (module docstring)."""
+    ``prefer_not`` (module docstring); ``spare``: an in-place gang's spare member (no
+    ``member``; kept off ``avoid`` the same way)."""
+    standby = standby or spare
     template = copy.deepcopy(dict(spec.template))
     meta = template.get("metadata") or {}
     pod_spec = template.get("spec") or {}
     labels = {**(meta.get("labels") or {}),
-              **pod_labels(job, phase.name, attempt, member, standby)}
+              **pod_labels(job, phase.name, attempt, member, standby, spare)}
     annotations = dict(meta.get("annotations") or {})
     if resume_from:
         annotations[C.ANNOTATION_RESUME_FROM] = resume_from
         annotations[C.ANNOTATION_RESUME_STEP] = str(resume_step)
-    name = pod_name(job, phase.name, attempt, member)
+    name = spare_pod_name(job, phase.name, attempt) if spare else \
+        pod_name(job, phase.name, attempt, member)
     avoid_nodes(pod_spec, avoid, prefer_not)
     pod_spec["restartPolicy"] = "Never"
     pod_spec["terminationGracePeriodSeconds"] = spec.recovery.grace_seconds
     pod_spec.setdefault("automountServiceAccountToken", False)
-    if member is None:
+    if spare:
+        pod_spec["hostname"] = spare_hostname(phase.name, attempt)
+        pod_spec["subdomain"] = gang_service(job, phase.name)
+    elif member is None:
         pod_spec.setdefault("hostname", pod_hostname(name))
     else:  # stable across attempts, except a standby gang's (beside the active gang)
         pod_spec["hostname"] = member_hostname(phase.name, member, attempt if standby else None)
@@ -268,11 +343,16 @@ def build_pod(*, job: str, namespace: str, spec: JobSpec, phase: PhaseSpec, atte
             continue
         if phase.args is not None:
             container["args"] = list(phase.args)
-        gang = [] if member is None else gang_env(job=job, namespace=namespace, phase=phase,
-                                                  member=member, container=container,
-                                                  attempt=attempt if standby else None)
+        in_place = in_place_gang(spec, phase) and (spare or not standby)
+        gang = [] if member is None and not spare else gang_env(
+            job=job, namespace=namespace, phase=phase, member=member, container=container,
+            attempt=attempt if standby and not spare else None, in_place=in_place,
+            gang_attempt=attempt, store_member=store_member, store_host=store_host)
+        if in_place and (member is not None or spare):
+            mount_peer_dir(pod_spec, container)
         probed = standby or spec.recovery.standby
-        role = [{"name": env.ENV_ROLE, "value": env.ROLE_STANDBY}] if standby else []
+        role = [{"name": env.ENV_ROLE,
+                 "value": env.ROLE_SPARE if spare else env.ROLE_STANDBY}] if standby else []
         # the pod's own name, for its heartbeats (a hostname is not always the pod's name)
         role.append({"name": env.ENV_POD_NAME, "valueFrom": {
             "fieldRef": {"fieldPath": "metadata.name"}}})

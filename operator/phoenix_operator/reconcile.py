@@ -152,12 +152,13 @@ class Reconciler:
             return None
         facts = await self.gather.facts(job)
         progress = await self.gather.progress(facts)
+        pulls = await self.gather.image_pulls(job, facts.pods, self.clock())
         plan = decide(job, facts.pods, facts.listings, self.clock(), facts.nodes, facts.foreign,
-                      spec=facts.spec, progress=progress)
+                      spec=facts.spec, progress=progress, pulls=pulls)
         if plan.needs_checkpoints:
             facts = await self.gather.listings(facts, plan.needs_checkpoints)
             plan = decide(job, facts.pods, facts.listings, self.clock(), facts.nodes,
-                          facts.foreign, spec=facts.spec, progress=progress)
+                          facts.foreign, spec=facts.spec, progress=progress, pulls=pulls)
         return await self.applier.apply(job, facts.spec, plan)
 
     async def apply(self, job: dict, plan: Plan, spec: JobSpec | None = None) -> float | None:

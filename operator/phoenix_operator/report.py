@@ -1,7 +1,8 @@
-"""``phoenix report``'s numbers, from a job's history (``history``) and, for attempts the
+"""``phoenixctl report``'s numbers, from a job's history (``history``) and, for attempts the
 history has not seen end yet, their attempt logs: per disruption the steps lost and the
 time to resume; totals (preemptions, failures, steps lost by cause, time to resume p50/p95,
-GPU-hours paid and trained, the GPU-hours preemptions cost, goodput) and their text form.
+GPU-hours paid and trained, the GPU-hours preemptions cost, goodput, image pulls) and their
+text form.
 
 The lab's demo prints its summary with the same ``build_report``/``render_text``. Pure: the
 CLI reads storage and hands the records in.
@@ -64,6 +65,9 @@ def build_report(job: str, records: Sequence[Record],
         paid, trained = paid + p, trained + t
         if cause == "preemption":
             cost += max(0.0, p - t)
+    pulls = [e["imagePull"] for e in records
+             if e.get("kind") == "end" and isinstance(e.get("imagePull"), Mapping)]
+    pulled = [float(p["seconds"]) for p in pulls if not p.get("present") and p.get("seconds") is not None]
     return {
         "job": job,
         "attempts": len(rows),
@@ -77,6 +81,9 @@ def build_report(job: str, records: Sequence[Record],
         "gpuHours": {"paid": round(paid, 4), "trained": round(trained, 4),
                      "preemptionCost": round(cost, 4)},
         "goodput": round(trained / paid, 4) if paid > 0 else None,
+        # the ended attempts' image pulls (the status's imagePull, kept in the end record)
+        "imagePulls": {"pulled": len(pulled), "present": sum(1 for p in pulls if p.get("present")),
+                       "p50": percentile(pulled, 50), "p95": percentile(pulled, 95)},
         "disruptions": [r for r in rows if r["cause"] != "completed"],
     }
 
@@ -110,6 +117,10 @@ def render_text(doc: Mapping[str, Any]) -> str:
                  f"({ttr['count']} disruptions: an attempt's end to the next one's first step)")
     lines.append(f"  GPU-hours:         paid {gh['paid']:.4f}, trained {gh['trained']:.4f}, "
                  f"cost of preemptions {gh['preemptionCost']:.4f}")
+    ip = doc.get("imagePulls") or {}
+    if ip.get("pulled") or ip.get("present"):
+        lines.append(f"  image pulls:       {ip['pulled']} pulled (p50 {_s(ip['p50'])}, p95 "
+                     f"{_s(ip['p95'])}), {ip['present']} already on the node")
     good = doc["goodput"]
     lines.append(f"  goodput:           {'-' if good is None else f'{good:.2f}'} "
                  "(GPU-hours whose steps were kept / GPU-hours paid)")

@@ -1,4 +1,4 @@
-"""``phoenix reset``: what a job's status becomes when a user re-runs a failed phase.
+"""``phoenixctl reset``: what a job's status becomes when a user re-runs a failed phase.
 
 Pure: takes the spec and the status as the API returned them and returns the new status (or
 refuses, saying why); the CLI reads and writes the cluster. The operator then sees a Pending

@@ -25,7 +25,7 @@ class Event(str, Enum):
     SUSPEND = "suspend"      # spec.suspend set
     RESUME = "resume"        # spec.suspend cleared and the old pod is gone
     RECREATE = "recreate"    # status names a pod that was never created (crash in between)
-    RESET = "reset"          # a user's `phoenix reset` after fixing the cause (reset.py)
+    RESET = "reset"          # a user's `phoenixctl reset` after fixing the cause (reset.py)
 
 
 E = Event
@@ -43,7 +43,7 @@ TRANSITIONS: dict[tuple[PhaseState, Event], PhaseState] = {
     (S.RECOVERING, E.SUSPEND): S.SUSPENDED,
     (S.SUSPENDED, E.SUCCEED): S.SUCCEEDED,   # it finished inside its grace period
     (S.SUSPENDED, E.RESUME): S.RECOVERING,
-    # Terminal for the operator; only a person leaves them, through `phoenix reset`.
+    # Terminal for the operator; only a person leaves them, through `phoenixctl reset`.
     (S.FAILED, E.RESET): S.PENDING,
     (S.BLOCKED, E.RESET): S.PENDING,
 }

@@ -1,4 +1,4 @@
-"""``phoenix timeline``: a job's life as a picture - one lane per phase (and per gang
+"""``phoenixctl timeline``: a job's life as a picture - one lane per phase (and per gang
 member), each attempt a bar drawn by how it ended, with the reclaim notices, handoffs,
 checkpoints, steps lost and the standby - in the terminal (Unicode, at most ``WIDTH``
 columns) or, with matplotlib installed (the ``timeline`` extra), as a PNG or SVG.
@@ -23,7 +23,7 @@ MARK = {"completed": "✓", "preemption": "↯", "failure": "✗", None: "▶"}
 STANDBY, NOTICE, HANDOFF, CHECKPOINT = "░", "!", "⇄", "┴"
 COLORS = {"completed": "#2e7d32", "preemption": "#f9a825", "failure": "#c62828",
           None: "#1565c0", "standby": "#b0bec5"}
-INSTALL_HINT = "pip install 'phoenix[timeline]' (matplotlib)"
+INSTALL_HINT = "pip install 'phoenix-jobs[timeline]' (matplotlib)"
 
 
 @dataclass

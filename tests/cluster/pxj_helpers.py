@@ -111,7 +111,7 @@ def create_job_namespace(lab, core, prefix: str = "pxj") -> str:
 
 
 def phoenix_cli(lab, *args: str) -> str:
-    """The `phoenix` CLI against the lab, as a user runs it; its stdout (it must succeed)."""
+    """The `phoenixctl` CLI against the lab, as a user runs it; its stdout (it must succeed)."""
     out = subprocess.run([sys.executable, "-m", "phoenix_operator.kubectl_phoenix", *args],
                          env=dict(os.environ, KUBECONFIG=lab.kubeconfig), capture_output=True,
                          text=True, timeout=60)

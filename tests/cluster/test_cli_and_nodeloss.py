@@ -1,4 +1,4 @@
-"""The `phoenix` CLI (status, checkpoints, reset) against a real job, and recovery from
+"""The `phoenixctl` CLI (status, checkpoints, reset) against a real job, and recovery from
 losing a whole node."""
 from __future__ import annotations
 
@@ -23,8 +23,14 @@ def test_cli_status_and_checkpoints(lab, operator, core, custom, ns, bucket):
                                   env={"FAKE_STEPS": 10, "FAKE_CKPT_EVERY": 5}))
     wait(lambda: get(custom, ns, "cli").get("status", {}).get("phase") == "Succeeded", 90,
          "job Succeeded")
+    # The start-up's image pull, from the kubelet's Pulled event (the operator lists events
+    # with the chart's RBAC): the lab's nodes boot with the image, so no pull.
+    pull = wait(lambda: phase_status(get(custom, ns, "cli"), "pretrain").get("imagePull"), 30,
+                "the pretrain pod's image pull in the status")
+    assert pull["present"] is True and pull["attempt"] == 1 and "seconds" not in pull
     text = phoenix_cli(lab, "status", "cli", "-n", ns)
     assert f"PhoenixJob {ns}/cli: Succeeded" in text
+    assert "start-up (this attempt, pod " in text and "image already on the node" in text
     assert "phase pretrain [Succeeded]" in text and "phase eval [Succeeded]" in text
     assert "last checkpoint: step 10" in text
     text = phoenix_cli(lab, "checkpoints", "cli", "-n", ns, "--strict")

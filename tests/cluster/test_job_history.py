@@ -1,6 +1,6 @@
 """The durable history on the lab: an evicted attempt gets its records in the phase's
 history.jsonl (written by the operator after the replacement pod exists), the status
-summarizes them, `phoenix report` reads them with the user's credentials, and all of it
+summarizes them, `phoenixctl report` reads them with the user's credentials, and all of it
 survives the operator's restart and the deletion of every pod."""
 from __future__ import annotations
 

@@ -191,6 +191,20 @@ def phase_status(job: dict, phase: str = "train") -> dict:
     return {}
 
 
+# --- the upgrade test's previous release ---------------------------------------------------
+UPGRADE_FROM = Path(__file__).with_name("upgrade-from")
+
+
+def upgrade_from(repo: Path) -> str | None:
+    """The full commit id tests/e2e/upgrade-from names (its one line that is not a comment),
+    or None where `repo`'s history lacks that commit (a shallow clone)."""
+    lines = [line.split("#", 1)[0].strip() for line in UPGRADE_FROM.read_text().splitlines()]
+    (rev,) = [line for line in lines if line]
+    got = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet",
+                          f"{rev}^{{commit}}"], capture_output=True, text=True)
+    return got.stdout.strip() if got.returncode == 0 else None
+
+
 # --- the operator pod ----------------------------------------------------------------------
 def pod_ready(pod: dict) -> bool:
     """Running, Ready, every container running and ready."""

@@ -18,9 +18,9 @@ Every job must succeed with final weights equal to the reference run's, tensor f
 none may be judged hung (the default hang rule sees no false positive under chaos);
 no two trainer pods of the phase may ever run at once (a watch checks it throughout); the
 status must count exactly the preemptions and failures that were injected (a bare SIGKILL of
-the container is a failure: nothing says it came from outside); `phoenix report`, read from
+the container is a failure: nothing says it came from outside); `phoenixctl report`, read from
 the job's history, must agree with the test's own accounting (preemptions, failures, steps
-lost per disruption), and `phoenix timeline --out` draws every attempt (the picture is kept
+lost per disruption), and `phoenixctl timeline --out` draws every attempt (the picture is kept
 under PHOENIX_E2E_ARTIFACTS, default .pytest_cache/e2e-artifacts/).
 
 Lab only: node loss, container kills and an S3 outage need the lab's hands. The seeded
@@ -279,10 +279,10 @@ def phoenix_cli(e2e, *args: str) -> subprocess.CompletedProcess:
 
 
 def check_history(e2e, name, storage, injected, preemptions, failures, attempts):
-    """`phoenix report` (from the job's history in storage) agrees with this test's own
+    """`phoenixctl report` (from the job's history in storage) agrees with this test's own
     accounting: the preemptions and failures injected, and per disrupted attempt the steps
     it lost - the last step its trainer reported (its attempt log: samples.attempt_ends)
-    minus the step the next attempt started from (samples.attempt_starts); `phoenix
+    minus the step the next attempt started from (samples.attempt_starts); `phoenixctl
     timeline` shows every attempt, and its picture is kept as an artifact."""
     doc = json.loads(phoenix_cli(e2e, "report", name, "-o", "json").stdout)
     assert (doc["preemptions"], doc["failures"], doc["completed"]) == (preemptions, failures, 1), doc

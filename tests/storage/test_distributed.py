@@ -57,6 +57,15 @@ def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3
     def target(proc: Proc, attempt: int) -> int:
         return proc.pids[victims[attempt]]
 
+    def committed(proc: Proc, attempt: int) -> None:
+        # the damage below must leave an older valid checkpoint than the newest: on loaded
+        # cores step 10's upload may still be running at the plan's step 12
+        deadline = time.monotonic() + 60
+        while attempt == 0 and ((newest := latest_valid_checkpoint(open_storage(run_uri))) is None
+                                or newest.step < 10):
+            assert time.monotonic() < deadline, f"no checkpoint at step 10 by step {proc.step}: {newest}"
+            time.sleep(0.05)
+
     def between(proc: Proc, attempt: int) -> None:
         survivors = [pid for rank, pid in proc.pids.items() if rank != victims[attempt]]
         assert all(gone(pid) for pid in survivors), "a member of the dead gang is still running"
@@ -78,7 +87,7 @@ def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3
     spool = tmp_path / "spool"
     with DiskWatch(spool, every=0.02) as watch:
         starts = kill_and_resume(s3_server, tmp_path, SCRIPT, [*ARGS, "--mode", mode, "--seed", str(seed % 5)],
-                                 run_uri, ref_uri, plan, nproc=2, target=target, between=between,
+                                 run_uri, ref_uri, plan, nproc=2, target=target, between=between, ready=committed,
                                  expect_rc={signal.SIGKILL: 1, signal.SIGTERM: 1},
                                  PHOENIX_SPOOL_DIR=str(spool), **ENV)
     assert watch.peak == 0, f"{watch.peak} bytes spooled"
@@ -94,6 +103,9 @@ def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3
     assert steps[-1] == STEPS
 
 
+@pytest.mark.skipif(os.environ.get("PHOENIX_S3_SLOW_ON_ALL", "") not in ("1", "true"),
+                    reason="4 ranks resumed bit-exact is what tests/e2e/test_gang.py checks on the"
+                           " lab (2 pods x 2 ranks, the same hook); here in make test-storage-all")
 def test_ddp_on_4_ranks_resumes_bit_exact(s3_server, s3_env, s3_bucket, tmp_path):
     """With more than 2 ranks the sum of a ring all-reduce depends on the bucket layout, which
     DDP rebuilds after the first iteration (and a resumed run's first iteration uses the initial

@@ -1,5 +1,5 @@
 """The history on the real S3 server: appended by the operator (``phase_storage.append_history``),
-read back whole in one GET by the same code ``phoenix report`` uses; append-only (records
+read back whole in one GET by the same code ``phoenixctl report`` uses; append-only (records
 already there are kept byte for byte; the same record twice is one); a deposed leader's
 append is refused once a newer term has written; the trainer's attempt log is read for the
 end record's digest."""

@@ -65,6 +65,9 @@ def test_a_streamed_checkpoint_spools_nothing_verifies_by_head_and_loads_bit_exa
     assert files["model.pt"].size > 2 * 5 * MiB and files["model.pt"].stored_checksum.endswith("-3")
     assert files["optimizer.pt"].stored_checksum.endswith("-2")
     assert "-" not in files["trainer.json"].stored_checksum  # one PUT: plain sha256
+    # The part size is kept, so a restore recomputes the composite part by part, in parallel.
+    assert files["model.pt"].restore_check() == (5 * MiB, files["model.pt"].stored_checksum)
+    assert files["trainer.json"].restore_check() == (None, files["trainer.json"].sha256)
 
     ops: list[str] = []
     storage.client.meta.events.register("before-call.s3", lambda model, **kw: ops.append(model.name))
@@ -77,6 +80,18 @@ def test_a_streamed_checkpoint_spools_nothing_verifies_by_head_and_loads_bit_exa
             assert torch.equal(loaded[name][k], t) and loaded[name][k].dtype == t.dtype
     assert uploads_left(storage) == []
     ck.close()
+
+    # One byte of the multipart shard's second part changed, same size, uploaded afresh (so
+    # the store's own checksum is of the damaged bytes): the composite check refuses it.
+    from phoenix_trainer.core.errors import CorruptCheckpointError
+
+    key = storage._key(f"{step_dir_name(10)}/model.pt")
+    good = storage.client.get_object(Bucket=storage.bucket, Key=key)["Body"].read()
+    bad = bytearray(good)
+    bad[7 * MiB] ^= 1
+    storage.client.put_object(Bucket=storage.bucket, Key=key, Body=bytes(bad))
+    with pytest.raises(CorruptCheckpointError, match="model.pt composite sha256 of its parts mismatch"):
+        load_checkpoint(storage, info)
 
 
 def test_an_upload_failing_midway_leaves_no_manifest_and_no_incomplete_upload(storage, empty_dirs):

@@ -23,6 +23,7 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 OPERATOR = REPO / "Dockerfile"
 TRAINER = REPO / "trainer_image" / "Dockerfile"
+USER_IMAGE = REPO / "examples" / "user-image" / "Dockerfile"
 
 
 @dataclass
@@ -301,8 +302,99 @@ def test_dockerignore_keeps_local_state_out_of_the_context():
         assert not dockerignored(path), path
 
 
-def test_trainer_image_checks_its_writable_tmp_before_anything_imports_torch():
+@pytest.mark.parametrize("dockerfile", [TRAINER, USER_IMAGE], ids=["trainer", "user-image"])
+def test_trainer_images_install_the_start_hook(dockerfile):
     """A .pth file runs phoenix_trainer.preflight at interpreter start (a clear error naming
-    PHOENIX_SPOOL_DIR instead of torch's 'No usable temporary directory')."""
-    text = TRAINER.read_text()
-    assert "phoenix-preflight.pth" in text and "phoenix_trainer.preflight.main()" in text
+    PHOENIX_SPOOL_DIR instead of torch's 'No usable temporary directory'), then the
+    prefetch: both images write it with the package's own command, after installing it."""
+    _, stages = parse(dockerfile)
+    runs = stages[-1].all("RUN")
+    hook = [i for i, arg in enumerate(runs) if re.search(r"(^|&&\s*)phoenix-trainer-hook\b", arg)]
+    assert hook, f"{dockerfile.name} must run phoenix-trainer-hook"
+    assert any("pip install" in arg for arg in runs[: hook[0] + 1])
+
+
+# --- examples/user-image/Dockerfile: the runtime added to an image of the user's own -------
+
+
+def test_user_image_adds_the_runtime_to_any_python_base():
+    """FROM a build argument (default: an official python image, no registry host); the
+    package comes from pip (the requirement a build argument, so a wheel or a private index
+    can stand in), then the hook; a numeric non-root user; python as PID 1 (exec form)."""
+    args, stages = parse(USER_IMAGE)
+    assert len(stages) == 1 and stages[0].base == args["PYTHON_IMAGE"]
+    assert args["PYTHON_IMAGE"].startswith("python:") and "/" not in args["PYTHON_IMAGE"]
+    final = stages[0]
+    assert any('pip install' in arg and "${PHOENIX_REQUIREMENT}" in arg for arg in final.all("RUN"))
+    assert 'PHOENIX_REQUIREMENT="phoenix-jobs[trainer]"' in final.all("ARG")
+    user = final_user(final).split(":")[0]
+    assert user.isdigit() and int(user) != 0
+    entry = json.loads(final.all("ENTRYPOINT")[-1])
+    assert entry[0] == "python"
+    env = env_of(final)
+    assert env["PHOENIX_SPOOL_DIR"].startswith("/tmp/") and env["HOME"] == "/tmp"
+    assert env.get("USER") and env.get("LOGNAME")
+    assert not re.search(r"^#\s*syntax\s*=", USER_IMAGE.read_text(), re.MULTILINE | re.IGNORECASE)
+
+
+def test_user_image_copies_from_the_examples_folder():
+    # Its documented context is examples/ (docs/integrations.md, the Dockerfile's header).
+    _, stages = parse(USER_IMAGE)
+    sources = copy_sources(stages[0])
+    assert sources
+    for src in sources:
+        assert (REPO / "examples" / src).is_file(), src
+
+
+# --- trainer_image/Dockerfile's torch variants (cuda, cpu), published by the release ------
+
+
+@pytest.mark.parametrize("dockerfile", [OPERATOR, TRAINER, USER_IMAGE],
+                         ids=["operator", "trainer", "user-image"])
+def test_every_run_is_valid_posix_shell(dockerfile):
+    # The daemon runs RUN through /bin/sh (dash on Debian): no bash-only syntax.
+    sh = shutil.which("dash") or shutil.which("sh")
+    _, stages = parse(dockerfile)
+    for run in (r for s in stages for r in s.all("RUN")):
+        proc = subprocess.run([sh, "-n", "-c", run], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{run[:80]}...: {proc.stderr}"
+
+
+def torch_install(stage: Stage) -> str:
+    (run,) = [run for _, run in install_runs(stage) if "-r /tmp/deps/requirements.txt" in run]
+    return run
+
+
+def test_trainer_torch_variant_is_a_build_argument_the_lab_need_not_pass():
+    """Default cuda (what the lab builds, passing only PYTHON_IMAGE); the CPU wheel index and
+    the torch pin have no default, so no index host is written into the Dockerfile; the pin
+    reaches both installs, and the layer that installs torch checks what it got."""
+    _, stages = parse(TRAINER)
+    final = stages[-1]
+    assert {"TORCH_VARIANT=cuda", 'TORCH_INDEX_URL=""', 'TORCH_VERSION=""'} <= set(final.all("ARG"))
+    run = torch_install(final)
+    assert run.count('${TORCH_VERSION:+"torch==$TORCH_VERSION"}') == 2, run
+    assert '--index-url "$TORCH_INDEX_URL"' in run
+    assert "torch.version.cuda" in run and run.index("torch.version.cuda") > run.index("-r /tmp")
+    assert 'dev.phoenix.torch-variant="${TORCH_VARIANT}"' in final.all("LABEL")
+
+
+def test_trainer_variant_check_tells_a_cuda_torch_from_a_cpu_one(monkeypatch):
+    """The build's own check, run here with the environment's real torch: a CUDA build
+    passes as cuda and fails as cpu; with no CUDA version (a CPU build) the other way round."""
+    torch = pytest.importorskip("torch")
+    run = torch_install(parse(TRAINER)[1][-1])
+    code = re.search(r'python -c "([^"]+)"', run).group(1)
+
+    def check(variant: str, cuda: str | None) -> object:
+        monkeypatch.setenv("TORCH_VARIANT", variant)
+        monkeypatch.setattr(torch.version, "cuda", cuda)
+        with pytest.raises(SystemExit) as exit_:
+            exec(compile(code, "trainer_image/Dockerfile", "exec"), {})
+        return exit_.value.code
+
+    assert check("cuda", "13.0") is None
+    assert check("cpu", None) is None
+    failed = check("cpu", "13.0")
+    assert isinstance(failed, str) and "TORCH_VARIANT=cpu" in failed and "TORCH_INDEX_URL" in failed
+    assert "TORCH_VARIANT=cuda" in check("cuda", None)

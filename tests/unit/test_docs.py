@@ -9,7 +9,7 @@
   examples/). JSON: the termination message parses.
 - Shell: the commands need a machine set up or a cluster (make, kubectl, helm, the lab) and
   are not run; the repository paths and make targets they name must exist, and every
-  ``phoenix`` CLI command shown parses with the CLI's own parser. (``text`` blocks are
+  ``phoenixctl`` CLI command shown parses with the CLI's own parser. (``text`` blocks are
   synopses and layouts: not checked.)
 """
 from __future__ import annotations
@@ -205,10 +205,12 @@ def test_phoenix_cli_commands_in_the_docs_parse():
 
     from phoenix_operator.kubectl_phoenix import build_parser
 
-    commands = [line.split("#")[0] for lang in ("bash", "console") for _, _, body in blocks(lang)
-                for line in body.splitlines()
-                if re.match(r"^(\$ )?(kubectl )?phoenix \w", line)]
+    lines = [line.split("#")[0] for lang in ("bash", "console") for _, _, body in blocks(lang)
+             for line in body.splitlines()]
+    commands = [line for line in lines if re.match(r"^(\$ )?(phoenixctl|kubectl phoenix) \w", line)]
     assert len(commands) >= 3
+    # The command was renamed from `phoenix` (another tool's name): no doc shows the old one.
+    assert not [line for line in lines if re.match(r"^(\$ )?phoenix \w", line)]
     for line in commands:
         words = shlex.split(line.removeprefix("$ ").removeprefix("kubectl "))[1:]
         build_parser().parse_args(words)  # SystemExit(2) names what is wrong

@@ -498,11 +498,15 @@ def _decode(info: CheckpointInfo, name: str, load: Callable[[], Any]) -> Any:
 def load_checkpoint(storage: Storage, info: CheckpointInfo,
                     fetched: Callable[[str], tuple[bytes, str] | None] | None = None, *,
                     read: ReadConfig | None = None) -> dict[str, Any]:
-    """Download every shard of ``info``, check size and sha256, and deserialize it.
-    ``fetched``: a shard's bytes already downloaded and their sha256 (``prefetch``), or None
+    """Download every shard of ``info``, check size and digest, and deserialize it.
+    ``fetched``: a shard's bytes already downloaded and their digest (``prefetch``), or None
     to download it. ``read``: how (``ReadConfig``; default from the environment): shards are
     read with parallel ranged reads into one buffer each (``ShardBuffer``), hashed as the
     bytes arrive, and loaded from that buffer while the next ones download.
+
+    The digest is what ``FileEntry.restore_check`` names: for a shard streamed to S3 as a
+    multipart upload, the store's composite SHA-256 of its parts (each part hashed by the
+    thread that read it, so verification runs on every core); otherwise the whole sha256.
 
     Raises CorruptCheckpointError naming the shard if anything does not match the manifest.
     """
@@ -515,7 +519,7 @@ def load_checkpoint(storage: Storage, info: CheckpointInfo,
     todo: dict[str, FileEntry] = {}
     for name, entry in sorted(info.manifest.files.items()):
         got = fetched(name) if fetched is not None else None
-        if got is not None and (len(got[0]) != entry.size or got[1] != entry.sha256):
+        if got is not None and (len(got[0]) != entry.size or got[1] != entry.restore_check()[1]):
             # Judged by what the store holds, never by a copy fetched earlier.
             log.warning("checkpoint %s: the prefetched shard %s does not match the manifest;"
                         " downloading it again", info.uri, name)
@@ -536,12 +540,14 @@ def load_checkpoint(storage: Storage, info: CheckpointInfo,
 
     names = {f"{d}/{name}": name for name in todo}
     try:
-        for f in read_parallel(storage, [(k, todo[n].size) for k, n in names.items()], alloc,
-                               read or ReadConfig.from_env()):
+        objects = [(k, todo[n].size, todo[n].restore_check()[0]) for k, n in names.items()]
+        for f in read_parallel(storage, objects, alloc, read or ReadConfig.from_env()):
             name, buf = names[f.key], buffers.pop(f.key)
-            if f.sha256 != todo[name].sha256:
+            part, expected = todo[name].restore_check()
+            if f.digest != expected:
                 buf.close()
-                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} sha256 mismatch")
+                what = "composite sha256 of its parts" if part else "sha256"
+                raise CorruptCheckpointError(f"checkpoint {info.uri}: shard {name} {what} mismatch")
             total += buf.size
             out[name] = _decode(info, name, buf.load_json if name.endswith(".json") else buf.load_torch)
     except FileNotFoundError as e:

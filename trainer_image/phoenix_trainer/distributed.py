@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 from .checkpoint import Snapshot, load_checkpoint
 from .checkpointing import LocalSnapshots
+from .core.contract import ENV_PEER_DIR
 from .core.errors import CheckpointError
 from .core.layout import CheckpointInfo, Manifest, step_dir_name
 from .core.storage import ReadConfig, Storage
@@ -54,6 +55,7 @@ from .dcp_storage import load as dcp_load
 from .dcp_storage import local_nbytes  # noqa: F401 - re-exported: its home before dcp_storage
 from .dcp_storage import save as dcp_save
 from .progress import note_collective
+from .rejoin import GangMember, PeerState, Rejoin, init_group, is_spare, take_place
 from .restore import Restored
 from .session import Session
 
@@ -70,15 +72,28 @@ def rank_prefix(rank: int) -> str:
 
 def init_from_env(backend: str | None = None, timeout_seconds: float | None = None) -> bool:
     """Initialise the default process group from torchrun's environment (``WORLD_SIZE`` > 1)
-    if nobody did; returns whether this process is part of a group of more than one."""
+    if nobody did; returns whether this process is part of a group of more than one.
+
+    In an in-place gang (``PHOENIX_GANG_RESTART=Member``) torchrun runs standalone in each pod
+    and the GLOBAL group is built from ``PHOENIX_GANG_MEMBER``/``LOCAL_RANK``/
+    ``LOCAL_WORLD_SIZE`` at the attempt's store (``rejoin.init_group``). A spare member
+    (``PHOENIX_ROLE=spare``) first waits here, warm, for the place a fence gives it
+    (``rejoin.take_place``)."""
     if dist.is_initialized():
         return dist.get_world_size() > 1
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if is_spare():  # a spare member: wait warm until a fence gives it a member's place
+        take_place()
+    member = GangMember.from_env()
+    if member is None and int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return False
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=timedelta(seconds=collective_timeout(timeout_seconds)))
+    timeout = timedelta(seconds=collective_timeout(timeout_seconds))
+    if member is not None:  # an in-place gang: the global group is ours (rejoin.py)
+        init_group(member, backend, timeout)
+        return member.world_size > 1
+    dist.init_process_group(backend, timeout=timeout)
     return True
 
 
@@ -301,9 +316,22 @@ class DistributedSession(Session):
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("DistributedSession needs torch.distributed initialised"
                                " (call phoenix_trainer.distributed.init_from_env() under torchrun)")
+        member = GangMember.from_env()
+        if member is not None and dist.get_world_size() != member.world_size:
+            raise RuntimeError(
+                f"this in-place gang ({member.members} pods x {member.local_world_size} ranks) needs"
+                f" a process group of {member.world_size} ranks, but the default group has"
+                f" {dist.get_world_size()}: call phoenix_trainer.distributed.init_from_env()"
+                f" instead of dist.init_process_group() (torchrun runs standalone in each pod)")
         peers = GroupPeers(collective_timeout_seconds)
+        parts: dict[str, Any] = {}
+        if member is not None:
+            peer_dir = os.environ.get(ENV_PEER_DIR)
+            parts["peer_state"] = PeerState(peers, peer_dir) if peer_dir else None
+            parts["rejoin"] = Rejoin(member, None)  # the session gives it its storage
         super().__init__(peers=peers, snapshots=ShardedSnapshots(peers), commit=GangCommit(peers),
-                         loader=RankLoader(peers.rank, peers.world_size), prefetch=None, **kwargs)
+                         loader=RankLoader(peers.rank, peers.world_size), prefetch=None,
+                         **parts, **kwargs)
         self.rank, self.world_size = peers.rank, peers.world_size
         self.ctl_group, self.io_group = peers.ctl_group, peers.io_group
 

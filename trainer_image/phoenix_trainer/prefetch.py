@@ -10,8 +10,9 @@ process, not a thread: a thread's download needs the GIL back after every ``recv
 while the main thread imports, each handoff waits out the interpreter's switch interval -
 measured, a thread fetched 0.8 GB at a third of the link's speed and slowed the imports
 (benchmarks/bench_first_start.py). ``Session`` restores exactly as before - it verifies the
-checkpoint, checks every shard's size and sha256 against the manifest - but takes each
-shard (and the sha256 the child computed of those very bytes) from here instead of
+checkpoint, checks every shard's size and digest against the manifest - but takes each
+shard (and the digest the child computed of those very bytes: ``FileEntry.restore_check``)
+from here instead of
 downloading it, waiting for a shard still in flight. Files are read once and deleted; the
 rest (and the child) go when the restore ends. Any trouble (no manifest, a network error,
 no room) only means no prefetch: the restore downloads as it would have, and says why.
@@ -57,7 +58,7 @@ class Prefetch:
         self.nbytes = 0  # handed over
         self.seconds: float | None = None  # the child's download, up to its last shard
         self.waited = 0.0  # how long restore waited for shards still in flight
-        self._ready: dict[str, str] = {}  # shard -> sha256, finished and not yet taken
+        self._ready: dict[str, str] = {}  # shard -> digest (FileEntry.restore_check), finished and not yet taken
         self._done = False  # nothing more to read
         self._finished = False  # the child said it fetched every shard
         self._proc: Any = None  # the child (subprocess.Popen)
@@ -83,7 +84,7 @@ class Prefetch:
             return False
         report = json.loads(line)
         if "shard" in report:
-            self._ready[report["shard"]] = report["sha256"]
+            self._ready[report["shard"]] = report["digest"]
             self.seconds = report["seconds"]  # since the child started, at this shard
         elif "error" in report:
             self.error = report["error"]
@@ -92,7 +93,7 @@ class Prefetch:
         return True
 
     def take(self, uri: str, name: str) -> tuple[bytes, str] | None:
-        """Shard ``name`` of checkpoint ``uri`` and its sha256 if the child fetched it
+        """Shard ``name`` of checkpoint ``uri`` and its digest if the child fetched it
         (waiting while it is in flight), handed over once; None: download it yourself."""
         if uri.rstrip("/") != self.uri or self._proc is None:
             return None
@@ -223,7 +224,7 @@ def _int(value: str | None) -> int:
 
 def _download(uri: str, folder: Path, out: IO[str]) -> None:
     """The child: every shard of ``uri`` into ``folder`` (``<name>.part``, renamed when
-    complete), one JSON line per finished shard on ``out`` (its sha256, the seconds since the
+    complete), one JSON line per finished shard on ``out`` (its digest, the seconds since the
     child started), then ``done`` - or an ``error``."""
     import mmap
     import shutil
@@ -251,7 +252,8 @@ def _download(uri: str, folder: Path, out: IO[str]) -> None:
             raise OSError(f"{size / 1e6:.0f} MB would not fit in half the spool's free space"
                           f" ({room * 2 / 1e6:.0f} MB free in {folder})")
         names = sorted(manifest.files)
-        keys = [(f"{d}/{name}", manifest.files[name].size) for name in names]
+        keys = [(f"{d}/{name}", manifest.files[name].size, manifest.files[name].restore_check()[0])
+                for name in names]
         maps: dict[str, Any] = {}
 
         def alloc(key: str, size: int) -> Any:
@@ -269,7 +271,7 @@ def _download(uri: str, folder: Path, out: IO[str]) -> None:
             if isinstance(m, mmap.mmap):
                 m.close()
             (folder / f"{name}.part").rename(folder / name)
-            report(shard=name, sha256=got.sha256, seconds=time.perf_counter() - t0)
+            report(shard=name, digest=got.digest, seconds=time.perf_counter() - t0)
         report(done=True)
     except Exception as e:  # noqa: BLE001 - reported; the restore downloads by itself
         report(error=f"{type(e).__name__}: {e}"[:300])

@@ -132,15 +132,23 @@ class Progress:
         self._thread: threading.Thread | None = None
         self._last_error_log = 0.0
         self.log = log_
+        self.restored_from, self.restored_step = "", None
+        self.training_since: float | None = None  # unix time of the first step after the restore
 
     # --- the loop's side -----------------------------------------------------------------
     def step(self, step: int) -> None:
         self.clock.boundary(step)
+        if self.training_since is None and self.restored_from and step > (self.restored_step or 0):
+            self.training_since = time.time()
         if self.activity != ACTIVITY_TRAINING and self.attempt is not None and self.activity in WATCHED:
             self.activity = ACTIVITY_TRAINING
 
     def collective(self) -> None:
         self.clock.collective()
+
+    def restored(self, source: str, step: int | None) -> None:
+        """Where the restore got the state ("peers", "checkpoint", "none") and its step."""
+        self.restored_from, self.restored_step = source, step
 
     def set_activity(self, activity: str) -> None:
         """A new activity counts as progress (the restore began, training began, ...)."""
@@ -195,7 +203,9 @@ class Progress:
                          hang_timeout=round(self.timeout(), 3),
                          # only this stall's dump (an older one is overwritten when it dumps)
                          stack_dump=self.stack_dump if self._dumped_for == self.clock.last_progress else "",
-                         pid=os.getpid(), interval=self.interval)
+                         pid=os.getpid(), interval=self.interval,
+                         restored_from=self.restored_from, restored_step=self.restored_step,
+                         training_since=round(self.training_since, 3) if self.training_since else None)
 
     def beat_once(self) -> None:
         """One heartbeat write (and a stack dump first, if this stall reached the timeout)."""

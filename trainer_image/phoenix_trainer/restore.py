@@ -65,7 +65,7 @@ class Loader(Protocol):
 
 
 class LocalLoader:
-    """Every shard of a checkpoint into memory (size and sha256 checked against the
+    """Every shard of a checkpoint into memory (size and digest checked against the
     manifest); shards the prefetch already downloaded are taken from it."""
 
     def load(self, storage: Storage, info: CheckpointInfo, prefetch: Prefetch | None) -> Restored:

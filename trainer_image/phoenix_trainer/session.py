@@ -62,10 +62,11 @@ from .core.storage import Storage, open_storage
 from .determinism import EXACT, Exactness
 from .finish import EXIT_RESERVE_SECONDS, Finisher, RunResult, StandbyEnded
 from .peers import Peers, SoloPeers
-from .core.heartbeat import (ACTIVITY_FINISHING, ACTIVITY_RESTORING, ACTIVITY_STANDBY,
-                             ACTIVITY_TRAINING)
+from .core.heartbeat import (ACTIVITY_FINISHING, ACTIVITY_REJOINING, ACTIVITY_RESTORING,
+                             ACTIVITY_STANDBY, ACTIVITY_TRAINING)
 from .policies import CheckpointPolicy, ReportingPolicy, take_legacy_keywords
 from .progress import Progress
+from .rejoin import ENV_SPARE_WAITED, STOPPED, SUPERSEDED, rejoin_record
 from .restore import Loader, LocalLoader, Restored, Restorer
 from .standby import STANDBY_PREFETCH_SECONDS, Standby
 from .stopping import HANDOFF_SAVE_LIMIT_SECONDS, HANDOFF_SIGNAL, StopRequest
@@ -102,7 +103,8 @@ class Session:
         clock: Callable[[], float] = time.monotonic, exactness: Exactness = EXACT,
         prefetch: Any = PROCESS_PREFETCH, peers: Peers | None = None,
         snapshots: Snapshots | None = None, commit: Callable[..., CheckpointInfo] | None = None,
-        loader: Loader | None = None, **legacy: Any,
+        loader: Loader | None = None, state: Callable[[], Mapping[str, Any]] | None = None,
+        peer_state: Any = None, rejoin: Any = None, **legacy: Any,
     ) -> None:
         policies = take_legacy_keywords("Session", legacy, {"checkpoint": checkpoint, "reporting": reporting})
         # Where a start-up's seconds go (the start record's ``startup``): the process's own
@@ -143,6 +145,14 @@ class Session:
         self.status_server = start_status_server(self.env.status_port) if self.peers.leads_pod else None
         self.restore_started = False
         self.last_step = 0  # the newest step boundary the loop told us about
+        # The loop's state at a step boundary (what ``save`` takes): an in-place gang keeps it
+        # in its peers' memory every step (rejoin.PeerState) and survives losing a member.
+        self.state_fn = state
+        self.peer_state = peer_state
+        self.rejoin = rejoin
+        if rejoin is not None:
+            rejoin.storage = self.storage
+        self.restored_from = "none"  # "peers" | "checkpoint" | "none": where restore() got it
         if install_signal_handlers:
             self.install_signal_handler()
 
@@ -195,11 +205,37 @@ class Session:
     def _agree(self, step: int) -> tuple[bool, ...]:
         self.last_step = step
         self.progress.step(step)
-        stop, due = self.peers.agree(step, lambda: (self.stop_requested, self.checkpointing.due(step)))
-        if stop and not self.stop_requested:
+        # An in-place gang also agrees whether some ranks go on and whether any cannot let a
+        # member leave alone (the same number of flags on every rank: the mode is the pod's).
+        stop, due, *more = self.peers.agree(step, lambda: (
+            self.stop_requested, self.checkpointing.due(step))
+            + ((not self.stop_requested, not self._may_leave()) if self.rejoin is not None else ()))
+        leave = stop and bool(more) and more[0] and not more[1]  # some ranks stop, others go on
+        if stop and not leave and not self.stop_requested:
             self.log.info("a peer rank was asked to stop; stopping at step %d with it", step)
             self.request_stop()
+        if (not stop or leave) and self.peer_state is not None and self.state_fn is not None:
+            run = self.run
+            self.peer_state.snapshot(step, self.state_fn, {
+                "configFingerprint": run.fingerprint, "phase": self.env.phase, "runId": run.run_id,
+                "attempt": run.attempt, "epoch": 0})
+        if leave:
+            if self.stop_requested:
+                self.finisher.end_standby(
+                    f"{self.stop.label or 'stop'} at step {step}: this member leaves the gang; its"
+                    " peers keep training and hand its replacement their state (no checkpoint"
+                    " needed, 0 steps lost)")
+            self.log.info("a member leaves the gang at step %d (it was asked to stop); going on"
+                          " without it until its replacement joins", step)
+            return False, due
         return stop, due
+
+    def _may_leave(self) -> bool:
+        """An in-place gang whose replicated state its peers hold (a peer snapshot was taken):
+        a member asked to stop (its pod evicted) leaves alone instead of stopping everyone."""
+        ps = self.peer_state
+        return (ps is not None and not ps.disabled and ps.last_step is not None
+                and self.state_fn is not None)
 
     # ------------------------------------------------------------------ restore ----------
     def restore(self) -> Restored | None:
@@ -223,12 +259,23 @@ class Session:
             self.progress.set_activity(ACTIVITY_RESTORING)
             self._startup["standby"] = time.time() - began
             began = time.time()
-        restored = self.restorer.find_own(target) if self.storage is not None else None
+        restored = None
+        if self.peer_state is not None:  # an in-place gang's survivors hold the newest step
+            restored = self.peer_state.restore(fingerprint=run.fingerprint, phase=env.phase,
+                                               resume_from=target)
+            if restored is not None:
+                self.restored_from = "peers"
+                run.run_id = str((restored.get(TRAINER_DOC) or {}).get("runId") or run.run_id)
         if restored is None:
-            restored = self.restorer.init_from()
-        else:
-            run.resumed_from = restored.info
-            run.run_id = str((restored.get(TRAINER_DOC) or {}).get("runId") or run.run_id)
+            restored = self.restorer.find_own(target) if self.storage is not None else None
+            if restored is None:
+                restored = self.restorer.init_from()
+            else:
+                self.restored_from = "checkpoint"
+                run.resumed_from = restored.info
+                run.run_id = str((restored.get(TRAINER_DOC) or {}).get("runId") or run.run_id)
+        self.progress.restored(self.restored_from, restored.step if restored is not None and
+                               restored.kind == "resume" else None)
         self.checkpointing.open()
         self.restorer.warm = None
         self._start_control()
@@ -254,6 +301,7 @@ class Session:
     def startup(self) -> dict[str, Any]:
         """Seconds of this process's start-up so far: ``beforeSession`` (interpreter, imports,
         model build: the script's part), ``standbyWait`` (a standby's wait for promotion),
+        ``spareWait`` (a spare's wait for a member's place, within ``beforeSession``),
         ``restore`` (finding, downloading and loading the checkpoint), ``total`` (from the
         process's start until now); ``processStart`` is when the kernel started it;
         ``prefetch`` what the start-up prefetch downloaded (``prefetch.Prefetch.summary``)."""
@@ -266,6 +314,9 @@ class Session:
             out["total"] = round(now - began, 3)
         if "standby" in self._startup:
             out["standbyWait"] = round(self._startup["standby"], 3)
+        spare = os.environ.get(ENV_SPARE_WAITED)
+        if spare:  # part of beforeSession: it waited in init_from_env, before the session
+            out["spareWait"] = float(spare)
         if "restore" in self._startup:
             out["restore"] = round(self._startup["restore"], 3)
         if self.restorer.prefetched is not None:
@@ -275,18 +326,26 @@ class Session:
     def started(self, step: int, epoch: int = 0, **fields: Any) -> None:
         """Record the start (or resume) in the log and the metrics; call after loading."""
         startup = self.startup()
+        resumed = self.resumed_from is not None or self.restored_from == "peers"
+        rejoin = rejoin_record()
+        if rejoin:
+            fields = {**fields, "rejoin": rejoin}
         if self.metrics:
-            self.metrics.emit("resume" if self.resumed_from else "start", step=step, epoch=epoch,
+            self.metrics.emit("resume" if resumed else "start", step=step, epoch=epoch,
                               checkpoint=self.resumed_from.uri if self.resumed_from else None,
+                              restoredFrom=self.restored_from,
                               configFingerprint=self.fingerprint, resumeExact=self.exactness.exact,
                               resumeExactReason=self.exactness.reason, startup=startup, **fields)
         if not self.exactness.exact:
             self.log.warning("a resume of this run will not be bit-exact: %s", self.exactness.reason)
         # The pid shows whether the trainer is its container's PID 1 (it must be, or a shell
         # in front of it swallows the kubelet's SIGTERM).
-        self.log.info("%s run %s attempt %d at step %d (epoch %d), config %s, pid %d%s",
-                      "resuming" if self.resumed_from else "starting", self.run_id, self.attempt,
-                      step, epoch, self.fingerprint, os.getpid(), _describe_startup(startup))
+        self.log.info("%s run %s attempt %d at step %d (epoch %d), config %s, restored from %s,"
+                      " pid %d%s%s", "resuming" if resumed else "starting", self.run_id,
+                      self.attempt, step, epoch, self.fingerprint, self.restored_from, os.getpid(),
+                      _describe_startup(startup),
+                      f", rejoined {rejoin['secondsSinceLoss']:.2f}s after the loss in attempt"
+                      f" {rejoin['fromAttempt']}" if rejoin else "")
 
     # ------------------------------------------------------------------ saving -----------
     def snapshot(self, step: int, epoch: int, state: Mapping[str, Any],
@@ -348,9 +407,29 @@ class Session:
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc is not None and self.result is None and not isinstance(exc, SystemExit):
+                if self.rejoin is not None and self.rejoin.applies(exc):
+                    self._rejoin(exc)  # re-execs into the next attempt, or ends the process
                 self.fail(exc, step=self.last_step)
         finally:
             self.close()
+
+    def _rejoin(self, exc: BaseException) -> None:
+        """An in-place gang lost a peer: wait for the attempt that carries this pod and re-exec
+        into it (rejoin.Rejoin); superseded or stopped meanwhile: exit as preempted; no
+        fence in time: return (the caller fails the run with the original error)."""
+        self.progress.set_activity(ACTIVITY_REJOINING)
+        outcome, fence = self.rejoin.wait(exc, lambda: self.stop_requested)
+        if outcome == SUPERSEDED:
+            self.finisher.end_standby(
+                f"attempt {self.attempt} lost a peer at step {self.last_step} and was superseded"
+                f" by attempt {fence.attempt if fence else '?'}, which does not carry pod"
+                f" {self.rejoin.me.pod or '?'}")
+        if outcome == STOPPED:
+            self.finisher.end_standby(
+                f"stopped ({self.stop.label or 'SIGTERM'}) while waiting to rejoin after a peer was"
+                f" lost at step {self.last_step}; resuming from the newest checkpoint")
+        self.log.error("no attempt carried pod %s within %.0fs of losing a peer",
+                       self.rejoin.me.pod or "?", self.rejoin.timeout)
 
 
 def _describe_startup(startup: Mapping[str, Any]) -> str:
@@ -360,6 +439,8 @@ def _describe_startup(startup: Mapping[str, Any]) -> str:
     parts = [f"{startup['beforeSession']:.1f}s before the session"]
     if "standbyWait" in startup:
         parts.append(f"{startup['standbyWait']:.1f}s as a standby")
+    if "spareWait" in startup:
+        parts.append(f"of which {startup['spareWait']:.1f}s as a spare")
     if "restore" in startup:
         parts.append(f"restore {startup['restore']:.2f}s")
     return f", up {startup['total']:.1f}s ({', '.join(parts)})"

@@ -60,8 +60,9 @@ from typing import Any, Mapping, Sequence
 
 from .. import constants as C
 from ..constants import JobPhase
+from ..image_pull import record as record_pull
 from ..node_health import NodeHealth
-from ..phoenixjob import JobSpec, phase_statuses
+from ..phoenixjob import ImagePull, JobSpec, phase_statuses
 from .phases import decide_phase
 from .plan import (AttemptEnd, Checkpoint, ControlWrite, CreatePod, Ctx, DeletePod, Listing,
                    Note, PhaseProgress, Plan, Promote, RankProgress, Recovery, pods_by_phase)
@@ -75,11 +76,13 @@ def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
            checkpoints: Mapping[str, Listing], now: datetime,
            nodes: Mapping[str, NodeHealth] | None = None,
            foreign: Mapping[str, str] | None = None, spec: JobSpec | None = None,
-           progress: Mapping[str, PhaseProgress] | None = None) -> Plan:
+           progress: Mapping[str, PhaseProgress] | None = None,
+           pulls: Mapping[str, ImagePull] | None = None) -> Plan:
     """``nodes``: health of the nodes the job's live pods are bound to, by name (missing
     names count as healthy). ``foreign``: pod names the status wants that are taken by pods
     this job does not own, with who owns them. ``spec``: ``job["spec"]`` as the caller
-    already parsed it (once per pass); parsed here when not given."""
+    already parsed it (once per pass); parsed here when not given. ``pulls``: image pulls
+    read from the kubelet's events this pass, by pod name (``image_pull.wanted``)."""
     meta = job.get("metadata") or {}
     spec = spec if spec is not None else JobSpec.parse(job.get("spec") or {})
     old = dict(job.get("status") or {})
@@ -93,6 +96,7 @@ def decide(job: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
     for phase in spec.phases:
         statuses[phase.name] = decide_phase(ctx, phase, statuses[phase.name],
                                             grouped.get(phase.name, {}), statuses)
+        statuses[phase.name] = record_pull(statuses[phase.name], pulls or {})
     ctx.plan.status = job_status(ctx, statuses, old, meta.get("generation"))
     new_phase = ctx.plan.status["phase"]
     if new_phase != old.get("phase"):

@@ -16,11 +16,11 @@ from ..outcomes import Outcome, gone
 from phoenix_trainer.core.contract import MAX_REASON_CHARS, REASON_PREEMPTED
 from phoenix_trainer.core.layout import split_checkpoint_uri
 from ..phoenixjob import CheckpointRef, Failure, PhaseSpec, PhaseStatus, bounded, parse_ts
-from ..podspec import build_pod, build_service, pod_name
+from ..podspec import build_pod, build_service, gang_store, in_place_gang, pod_name
 from ..states import Event, transition
 from .gangs import gang_outcome
 from .plan import (CONFLICT_RETRY_SECONDS, STORAGE_RETRY_SECONDS, AttemptEnd, Checkpoint,
-                   CreatePod, Ctx, Listing, Recovery)
+                   CreatePod, Ctx, GangFence, Listing, Recovery)
 
 S = PhaseState
 
@@ -290,19 +290,21 @@ def start_attempt(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -> 
     members: list[int | None] = list(range(phase.replicas)) if phase.replicas > 1 else [None]
     if phase.replicas > 1:
         ctx.plan.services.append(build_service(job=ctx.job, namespace=ctx.namespace, phase=phase.name))
-    names = []
+    names = [pod_name(ctx.job, phase.name, attempt, m) for m in members]
+    gang = (GangFence(tuple(names), gang_store(ctx.job, ctx.namespace, phase.name, 0, attempt), 0)
+            if in_place_gang(ctx.spec, phase) else None)
     for member in members:  # a gang all at once: the scheduler sees every member together
         manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
                              attempt=attempt, resume_from=resume,
                              resume_step=chosen.step if chosen else None,
                              init_from=init.uri if init else None, member=member,
                              job_uid=ctx.uid)
-        names.append(manifest["metadata"]["name"])
         first = member in (None, 0)  # time-to-replacement is observed once per attempt
         ctx.plan.create.append(CreatePod(
-            name=names[-1], phase=phase.name, attempt=attempt, manifest=manifest, resume_from=resume,
+            name=manifest["metadata"]["name"], phase=phase.name, attempt=attempt,
+            manifest=manifest, resume_from=resume,
             previous_end=previous.time if previous and first else None,
-            previous_cause=previous.cause if previous and first else None))
+            previous_cause=previous.cause if previous and first else None, gang=gang))
     name = names[0]
     where = f"resuming from step {chosen.step} ({resume})" if chosen else "starting fresh"
     if init and not chosen:
@@ -313,7 +315,8 @@ def start_attempt(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, event: Event) -> 
     ctx.note("Normal", reason, f"phase {phase.name}: created {what} (attempt {attempt}), {where}")
     return replace(st, state=transition(st.state, event), attempts=attempt, pod=name,
                    pod_uid=None, resume_from=resume, next_attempt_at=None, standby_failures=0,
-                   started_at=st.started_at or ctx.now, last_attempt=max(st.last_attempt, attempt))
+                   started_at=st.started_at or ctx.now, last_attempt=max(st.last_attempt, attempt),
+                   members=(), spare_members=())
 
 
 def fence_floor(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, listing: Listing) -> int | None:

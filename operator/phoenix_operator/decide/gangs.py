@@ -28,7 +28,7 @@ def gang_outcome(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
     seen = []
     for i in range(phase.replicas):
         pod = by_member.get(i)
-        name = pod_name(ctx.job, phase.name, st.attempts, i)
+        name = pod_name(ctx.job, phase.name, st.member_attempt(i), i)
         seen.append((pod, ctx.outcome(pod) if pod is not None else gone(name), name))
     live = [p for p, o, _ in seen if o.live and p is not None]
     ended = [(p, o, n) for p, o, n in seen if not o.live]
@@ -52,12 +52,14 @@ def gang_outcome(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
 def unscheduled_past_timeout(ctx: Ctx, members: Sequence[Mapping[str, Any]],
                               since: datetime) -> list[str]:
     """A gang's members not bound to a node, once gangScheduleTimeoutSeconds have passed
-    since the first was created (``since`` when none says); else [] (and a requeue for when
+    since the first of them was created (``since`` when none says); else [] (and a requeue for when
     the time is up)."""
-    waiting = [p["metadata"]["name"] for p in members if not (p.get("spec") or {}).get("nodeName")]
+    unbound = [p for p in members if not (p.get("spec") or {}).get("nodeName")]
+    waiting = [p["metadata"]["name"] for p in unbound]
     if not waiting:
         return []
-    created = [t for p in members if (t := parse_ts((p.get("metadata") or {}).get("creationTimestamp")))]
+    # from the creation of the waiting pods (an in-place gang's survivors are older)
+    created = [t for p in unbound if (t := parse_ts((p.get("metadata") or {}).get("creationTimestamp")))]
     left = ctx.spec.recovery.gang_schedule_timeout - (
         ctx.now - (min(created) if created else since)).total_seconds()
     if left > 0:

@@ -29,8 +29,9 @@ from datetime import timedelta
 
 from .. import constants as C
 from ..constants import PhaseState
-from ..phoenixjob import Hang, PhaseSpec, PhaseStatus, ProgressRef, Straggler
-from .plan import Ctx, PhaseProgress, Pods, RankProgress
+from ..phoenixjob import Hang, Move, PhaseSpec, PhaseStatus, ProgressRef, Straggler
+from ..podspec import in_place_gang, member_of
+from .plan import Ctx, PhaseProgress, Pods, RankProgress, gang_pods
 from phoenix_trainer.core.heartbeat import DUMP_GRACE_SECONDS, stragglers, watch_timeout
 
 # The status's progress is rewritten only when the last step moved this much (or stragglers
@@ -60,6 +61,7 @@ def watch(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatu
     watched = [(r, t) for r in prog.ranks
                if (t := watch_timeout(rec.hang_timeout, r.step_p95, r.activity)) is not None]
     st = _record_progress(ctx, st, prog, watched)
+    st = _move_straggler(ctx, phase, st, pods)
     hung = [(r, t) for r, t in watched if r.stalled >= t]
     if not hung:
         soonest = min((t - r.stalled for r, t in watched), default=None)
@@ -71,8 +73,7 @@ def watch(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatu
     if waiting and over < DUMP_GRACE_SECONDS:
         ctx.plan.requeue(min(5.0, DUMP_GRACE_SECONDS - over))
         return st
-    first, timeout = min(watched, key=lambda rt: (rt[0].step, rt[0].in_collective,
-                                                  not rt[0].frozen, -rt[0].stalled, rt[0].rank))
+    first, timeout = stopped_first(watched)
     hang = Hang(attempt=st.attempts, time=ctx.now, step=first.step, stalled_seconds=first.stalled,
                 timeout_seconds=timeout, rank=first.rank, pod=first.pod,
                 stack_dumps=tuple(r.stack_dump for r in sorted(prog.ranks, key=lambda r: r.rank)
@@ -80,9 +81,55 @@ def watch(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatu
     ctx.note("Warning", C.EV_HUNG,
              f"phase {phase.name} attempt {st.attempts} is hung: {hang.describe()}; ending the "
              "attempt (a failure, reason Hung) and resuming from the newest valid checkpoint")
-    live = [p for p in pods.get(st.attempts, ()) if ctx.outcome(p).live]
+    live = [p for p in gang_pods(pods, st, phase.replicas) if ctx.outcome(p).live]
     ctx.delete_live(live, C.R_HUNG, HUNG_GRACE_SECONDS)
     return replace(st, last_hang=hang, hangs=st.hangs + 1)
+
+
+def _move_straggler(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
+    """``onStraggler: Replace``: stop the slowest straggler's pod (its grace: the trainer
+    leaves the gang at its next step, its peers keep the state); ``decide.members`` replaces
+    the member in place off that node, without charging a preemption. One move at a time, at
+    most ``MAX_STRAGGLER_MOVES`` per phase, ``STRAGGLER_MOVE_COOLDOWN_SECONDS`` apart."""
+    rec = ctx.spec.recovery
+    found = st.progress.stragglers if st.progress is not None else ()
+    if rec.on_straggler != "Replace" or not found or not in_place_gang(ctx.spec, phase):
+        return st
+    last = st.last_move
+    if last is not None and (last.attempt >= st.attempts or (ctx.now - last.time).total_seconds()
+                             < C.STRAGGLER_MOVE_COOLDOWN_SECONDS):
+        return st  # one in progress, or too soon after the last
+    if st.straggler_moves >= C.MAX_STRAGGLER_MOVES:
+        return st
+    slow = max(found, key=lambda s: s.compute_seconds / max(s.others_seconds, 1e-9))
+    pod = next((p for p in gang_pods(pods, st, phase.replicas)
+                if p["metadata"]["name"] == slow.pod and ctx.outcome(p).live), None)
+    if pod is None:
+        return st
+    move = Move(attempt=st.attempts, time=ctx.now, member=member_of(pod), rank=slow.rank,
+                pod=slow.pod, node=slow.node, why=slow.describe())
+    ctx.note("Normal", C.EV_STRAGGLER_MOVED,
+             f"phase {phase.name}: moving gang member {move.member} off node {slow.node or '?'}"
+             f": {slow.describe()}; its pod stops and the member is replaced on another node,"
+             " its peers keep the state (not a preemption)")
+    ctx.delete_live([pod], C.R_STRAGGLER_MOVED)
+    return replace(st, last_move=move)
+
+
+def stopped_first(watched: list[tuple[RankProgress, float]]) -> tuple[RankProgress, float]:
+    """The rank that stopped first. Where the gang says who waits in the step's collective
+    (a rank reports it: DDP's exact all-reduce hook), a rank still writing heartbeats that is
+    not waiting there holds the others back (furthest behind first). Otherwise a frozen rank
+    (it cannot even write: stopped, or its process wedged) before the others, then the
+    furthest behind. A frozen heartbeat's step is only where the rank was when it last wrote,
+    so it is not compared with a fresh one's first: ranks waiting in a collective can stop
+    writing too (seen on the lab: their storage writes stalled)."""
+    known = any(r.in_collective for r, _ in watched)
+    fresh_out = [rt for rt in watched if not rt[0].frozen and not rt[0].in_collective]
+    if known and fresh_out:
+        return min(fresh_out, key=lambda rt: (rt[0].step, -rt[0].stalled, rt[0].rank))
+    return min(watched, key=lambda rt: (not rt[0].frozen, rt[0].step, rt[0].in_collective,
+                                        -rt[0].stalled, rt[0].rank))
 
 
 def _record_progress(ctx: Ctx, st: PhaseStatus, prog: PhaseProgress,

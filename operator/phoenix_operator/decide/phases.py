@@ -22,11 +22,14 @@ from .. import constants as C
 from ..constants import Cause, PhaseState
 from ..outcomes import Outcome
 from ..phoenixjob import PhaseSpec, PhaseStatus
+from ..podspec import member_of
 from ..states import Event, is_terminal, transition
 from .attempts import account, adopt, attempt_outcome, checkpoint_from, start_attempt
 from .gangs import gang_scheduled_in_time
 from .hangs import watch
-from .plan import CONFLICT_RETRY_SECONDS, Ctx, DeletePod, Pods, is_standby_pod
+from .members import recovered, replaceable, replace_lost, start_members
+from .plan import (CONFLICT_RETRY_SECONDS, Ctx, DeletePod, Pods, gang_pods, is_standby_pod,
+                   with_spares)
 from .standby import (cannot_take_over, create_standby, drop_standby, live_standby, promote,
                       standby_and_notice)
 
@@ -38,9 +41,11 @@ def decide_phase(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
                  statuses: Statuses) -> PhaseStatus:
     """The phase's next status (and its part of ``ctx.plan``); ``statuses``: every phase's,
     as decided so far in spec order (a dependency decided in this pass counts)."""
+    pods = with_spares(pods, st)
     if not is_terminal(st.state):
         _force_delete_lost(ctx, pods)
         st = _catch_up(ctx, phase, st, pods)
+        pods = with_spares(pods, st)  # a spare that took a place in this pass
         if ctx.spec.suspend and not is_terminal(st.state):
             return _suspend(ctx, phase, drop_standby(ctx, st, pods, "the job is suspended"), pods)
     return HANDLERS[st.state](ctx, phase, st, pods, statuses)
@@ -74,11 +79,16 @@ def _catch_up_running(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
                       pods: Pods) -> tuple[PhaseStatus, bool]:
     """The recorded attempt: created in full? still live? If it ended, account it (and
     look again: a newer pod may be waiting to be adopted)."""
-    members = pods.get(st.attempts, ())
+    members = gang_pods(pods, st, phase.replicas)
     if len(members) < phase.replicas and st.pod_uid is None:
         if not members and st.pod in ctx.foreign:
             _conflict(ctx, phase, st.pod, ctx.foreign[st.pod])
             return st, False
+        if st.members and not ctx.spec.suspend:  # an in-place replacement's missing pods
+            present = sorted(member_of(p) for p in members)
+            return start_members(ctx, phase, st, [m for m in range(phase.replicas)
+                                                   if m not in present], present,
+                                 recreate=True), False
         # Status was written (intent) but the pods never all got created: the operator
         # stopped in between. Create them now, same attempt, same names (a promoted standby
         # gang's as standbys: their hostnames, and the fence already names them).
@@ -98,6 +108,8 @@ def _catch_up_running(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
     if outcome.delete and not outcome.force and culprit is not None:
         ctx.plan.delete.append(DeletePod(
             culprit["metadata"]["name"], ctx.spec.recovery.grace_seconds, outcome.reason))
+    if phase.replicas > 1 and replaceable(ctx, phase, members, live):
+        return replace_lost(ctx, phase, st, outcome, culprit, live, members, pods), False
     name = culprit["metadata"]["name"] if culprit is not None else None
     ctx.delete_live(live, f"gang member {name} ended the attempt")
     return account(ctx, phase, st, outcome, name, culprit), True
@@ -143,13 +155,15 @@ def _pending(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
 
 def _running(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
              statuses: Statuses) -> PhaseStatus:
-    return watch(ctx, phase, standby_and_notice(ctx, phase, st, pods), pods)
+    return watch(ctx, phase, recovered(ctx, phase, standby_and_notice(ctx, phase, st, pods)), pods)
 
 
 def _recovering(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods,
                 statuses: Statuses) -> PhaseStatus:
     """The attempt ended: once its backoff is over, promote the standby if it can take over,
     else start a fresh attempt once the old pods are gone (never two live trainer pods)."""
+    if st.standby is not None and st.standby.reason == C.SPARE:  # no member left to spare
+        st = drop_standby(ctx, st, pods, "the gang restarts whole")
     if st.next_attempt_at is not None and ctx.now < st.next_attempt_at:
         ctx.plan.requeue((st.next_attempt_at - ctx.now).total_seconds())
         return st
@@ -214,7 +228,7 @@ def _conflict(ctx: Ctx, phase: PhaseSpec, name: str, owner: str) -> None:
 
 def _suspend(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
     grace = ctx.spec.recovery.grace_seconds
-    members = pods.get(st.attempts, ())
+    members = gang_pods(pods, st, phase.replicas)
     if st.state in (S.RUNNING, S.RECOVERING):
         ctx.note("Normal", C.EV_SUSPENDING,
                  f"phase {phase.name}: job suspended"
@@ -241,7 +255,7 @@ def _account_suspended_success(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
 
 
 def _unsuspend(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
-    members = pods.get(st.attempts, ())
+    members = gang_pods(pods, st, phase.replicas)
     if members:
         outcome, _, live = attempt_outcome(ctx, phase, st, members)
         if live:

@@ -84,6 +84,11 @@ class RankProgress:
     stack_dump: str = ""
     in_collective: bool = False  # waiting on its peers in this step's first collective
     node: str = ""
+    # after a restore: where its state came from (peers | checkpoint | none), the step, and
+    # unix time of its first step after it (core.heartbeat.Heartbeat)
+    restored_from: str = ""
+    restored_step: int | None = None
+    training_since: float | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +103,16 @@ class PhaseProgress:
 # --- outputs ---------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class GangFence:
+    """What an in-place gang's fence names besides the attempt (``handshake.Fence``): the
+    pod serving each member, and the attempt's TCPStore."""
+
+    members: tuple[str, ...]
+    store: str
+    store_member: int
+
+
+@dataclass(frozen=True)
 class CreatePod:
     name: str
     phase: str
@@ -107,6 +122,7 @@ class CreatePod:
     previous_end: datetime | None  # when the attempt it replaces ended (time-to-replacement)
     previous_cause: str | None
     standby: bool = False  # a standby: the fence is not moved for it
+    gang: GangFence | None = None  # an in-place gang's attempt: written into its fence
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,9 @@ class Promote:
     resume_from: str | None
     previous_end: datetime | None
     previous_cause: str | None
+    # An in-place gang's spare taking a lost member's place (no pod to create): the fence
+    # names every member's pod and the store, as a new member's ``CreatePod.gang`` would.
+    gang: GangFence | None = None
 
 
 @dataclass(frozen=True)
@@ -203,6 +222,43 @@ class Plan:
 # --- the job's pods, and one decision's state ---------------------------------------
 
 Pods = Mapping[int, Sequence[Mapping[str, Any]]]  # attempt -> its pods (a gang's members)
+
+
+def gang_pods(pods: Pods, st: Any, replicas: int) -> list[Mapping[str, Any]]:
+    """The current gang's pods, by member: each member's from the attempt that serves it
+    (``PhaseStatus.member_attempt``: survivors of an in-place replacement keep their older
+    pods); one pod: the current attempt's."""
+    if replicas <= 1:
+        return list(pods.get(st.attempts, ()))
+    out = []
+    for member in range(replicas):
+        out += [p for p in pods.get(st.member_attempt(member), ()) if member_of(p) == member]
+    return out
+
+
+def is_spare_pod(pod: Mapping[str, Any]) -> bool:
+    """An in-place gang's spare member (``podspec.build_pod(spare=True)``)."""
+    return ((pod.get("metadata") or {}).get("labels") or {}).get(C.LABEL_SPARE) == "true"
+
+
+def with_spares(pods: Pods, st: Any) -> Pods:
+    """``pods`` with each former spare labelled as the member it serves
+    (``PhaseStatus.spare_members``), in a copy: a spare is created before anyone knows which
+    member it will serve, so only the status says it; from here on ``member_of`` and
+    ``gang_pods`` see it as that member. Idempotent; the API objects are not touched."""
+    if not st.spare_members:
+        return pods
+    out = {a: list(members) for a, members in pods.items()}
+    for m in st.spare_members:
+        a = st.member_attempt(m)
+        out[a] = [_as_member(p, m) if is_spare_pod(p) else p for p in out.get(a, ())]
+    return out
+
+
+def _as_member(pod: Mapping[str, Any], member: int) -> dict[str, Any]:
+    meta = dict(pod.get("metadata") or {})
+    meta["labels"] = {**(meta.get("labels") or {}), C.LABEL_MEMBER: str(member)}
+    return {**pod, "metadata": meta}
 
 
 def is_standby_pod(pod: Mapping[str, Any]) -> bool:

@@ -4,6 +4,13 @@ ends the standby is *promoted* (one fence write names its attempt and the checkp
 resume from). A *notice* (a reclaim announced on the active pod's node) asks the trainer for
 a checkpoint now (``control.json``) and, with ``onNotice: Handoff``, for a handoff to a ready
 standby. A failing standby is retried with backoff and a cap (invariant 3, ``standby_failed``).
+
+An in-place gang (``gangRestart: Member``) keeps a *spare* instead of a standby gang: one pod
+(``create_spare``), required off the members' nodes, that knows no member index while it
+waits; when members are lost, ``decide.members`` gives it the first lost member's place
+(``usable_spare``) and a new spare is started once the gang trains again. A spare lost while
+waiting is replaced like a lost standby (``_sync_spare``), never charged to the gang; one
+that a member's new pod came to share a node with is moved off it.
 """
 from __future__ import annotations
 
@@ -15,17 +22,23 @@ from .. import constants as C
 from ..constants import Cause
 from phoenix_trainer.core.handshake import Control
 from ..phoenixjob import Notice, PhaseSpec, PhaseStatus, StandbyRef, ts
-from ..podspec import build_pod, build_service, member_of, pod_name
+from ..podspec import build_pod, build_service, in_place_gang, member_of, pod_name, spare_pod_name
 from ..states import Event, transition
 from .attempts import describe, resume_point
 from .gangs import unscheduled_past_timeout
-from .plan import ControlWrite, CreatePod, Ctx, Pods, Promote, is_standby_pod, pod_ready
+from .plan import (ControlWrite, CreatePod, Ctx, Pods, Promote, gang_pods, is_spare_pod,
+                   is_standby_pod, pod_ready)
 
 
 def _standby_members(st: PhaseStatus, pods: Pods) -> list[Mapping[str, Any]]:
     """Pods of attempts newer than the active one: standbys (the current one, or ones being
-    removed). They never wrote: the fence never named them."""
-    return [p for a, members in pods.items() if a > st.attempts for p in members]
+    removed). They never wrote: the fence never named them. Plus the recorded spare's pod,
+    whose reserved number a replacement that did not use it (it was still Pending) passed."""
+    out = [p for a, members in pods.items() if a > st.attempts for p in members]
+    sb = st.standby
+    if sb is not None and sb.reason == C.SPARE and sb.attempt <= st.attempts:
+        out += [p for p in pods.get(sb.attempt, ()) if is_spare_pod(p)]
+    return out
 
 
 def drop_standby(ctx: Ctx, st: PhaseStatus, pods: Pods, why: str) -> PhaseStatus:
@@ -103,6 +116,8 @@ def _sync_standby(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> Ph
     sb = st.standby
     if sb is None:
         return st
+    if sb.reason == C.SPARE:
+        return _sync_spare(ctx, phase, st, pods)
     what = f"standby pod {sb.pod}" if phase.replicas == 1 else f"standby gang {sb.pod}.."
     members = pods.get(sb.attempt, ())
     if len(members) < phase.replicas:
@@ -152,6 +167,91 @@ def _sync_standby(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> Ph
                                        ready_members=ready_members))
 
 
+def _sync_spare(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
+    """Bring a spare's ``status.standby`` up to date with its pod: created, scheduled, ready,
+    lost (replaced at once when preempted, with backoff when it failed: ``standby_failed``),
+    on a node that announced its reclaim or that a member's pod now shares (moved)."""
+    sb = st.standby
+    assert sb is not None
+    spare = [p for p in pods.get(sb.attempt, ()) if is_spare_pod(p)]
+    if not spare:
+        if sb.pod_uid is None:  # intent written, pod not created (operator restarted)
+            create_spare(ctx, phase, st, sb.attempt, pods)
+            return st
+        ctx.note("Normal", C.EV_STANDBY_LOST, f"phase {phase.name}: spare pod {sb.pod} is gone;"
+                 " starting another")
+        return replace(st, standby=None)
+    pod = spare[0]
+    outcome = ctx.outcome(pod)
+    if not outcome.live:
+        lost = (f"phase {phase.name}: spare pod {sb.pod} ended before it was needed: "
+                f"{describe(outcome)}")
+        if outcome.cause != Cause.FAILURE:  # preempted: not its fault, replaced at once
+            ctx.note("Normal", C.EV_STANDBY_LOST, lost + "; starting another")
+            return replace(st, standby=None)
+        return standby_failed(ctx, phase, replace(st, standby=None), lost)
+    node = _node(pod)
+    health = ctx.nodes.get(node) if node else None
+    shared = [member_of(p) for p in gang_pods(pods, st, phase.replicas) if node and _node(p) == node]
+    if (health is not None and health.notice) or shared:
+        why = (f"its node {node} announced its reclaim ({health.notice})"
+               if health is not None and health.notice else
+               f"member {shared[0]}'s pod now runs on its node {node}")
+        ctx.note("Normal", C.EV_STANDBY_LOST, f"phase {phase.name}: spare pod {sb.pod}: {why};"
+                 " moving it off the members' nodes")
+        ctx.delete_live([pod], f"spare moved: {why}")
+        return replace(st, standby=None)
+    ready = pod_ready(pod)
+    if ready:
+        st = replace(st, standby_failures=0)
+    if ready and not sb.ready:
+        ctx.note("Normal", C.EV_STANDBY_READY,
+                 f"phase {phase.name}: spare pod {sb.pod} on {node} is ready (waiting for a "
+                 f"member's place) {_seconds(ctx.now, sb.since)} after it was started")
+    return replace(st, standby=replace(sb, pod_uid=pod["metadata"].get("uid"), node=node,
+                                       ready=ready))
+
+
+def usable_spare(ctx: Ctx, st: PhaseStatus, pods: Pods, lost_nodes: Sequence[str]
+                 ) -> StandbyRef | None:
+    """The phase's spare if it can take a lost member's place now: live, bound to a Ready
+    node that announced no reclaim and that no lost member ran on (a spare still Pending is
+    kept for a later loss; the lost members get new pods, which may go anywhere)."""
+    sb = st.standby
+    if sb is None or sb.reason != C.SPARE:
+        return None
+    spare = [p for p in pods.get(sb.attempt, ()) if is_spare_pod(p)]
+    if not spare or (spare[0].get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    node = _node(spare[0])
+    health = ctx.nodes.get(node) if node else None
+    if not node or node in lost_nodes or not ctx.outcome(spare[0]).live or (
+            health is not None and (not health.healthy or health.notice)):
+        return None
+    return replace(sb, pod_uid=spare[0]["metadata"].get("uid"), node=node)
+
+
+def create_spare(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int, pods: Pods) -> str:
+    """Plan an in-place gang's spare member for the reserved ``attempt``; returns its name.
+    Required off every member's node (it is there to survive losing one: on a member's node
+    it would be lost with it), and preferably off nodes that announced a reclaim; with no
+    such node free it stays Pending, costing nothing, until one is."""
+    noticed = sorted(n for n, h in ctx.nodes.items() if h.notice)
+    active = sorted({n for p in gang_pods(pods, st, phase.replicas) if (n := _node(p))})
+    dep = ctx.checkpoints.get(phase.depends_on[0]) if phase.depends_on else None
+    init = dep.newest_valid() if dep is not None else None
+    ctx.plan.services.append(build_service(job=ctx.job, namespace=ctx.namespace,
+                                           phase=phase.name))
+    manifest = build_pod(job=ctx.job, namespace=ctx.namespace, spec=ctx.spec, phase=phase,
+                         attempt=attempt, resume_from=None, resume_step=None,
+                         init_from=init.uri if init else None, spare=True, avoid=active,
+                         prefer_not=noticed, job_uid=ctx.uid)
+    ctx.plan.create.append(CreatePod(name=manifest["metadata"]["name"], phase=phase.name,
+                                     attempt=attempt, manifest=manifest, resume_from=None,
+                                     previous_end=None, previous_cause=None, standby=True))
+    return spare_pod_name(ctx.job, phase.name, attempt)
+
+
 def _standby_gang_scheduled_in_time(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
                                     members: Sequence[Mapping[str, Any]]) -> PhaseStatus | None:
     """As for an active gang (``gang_scheduled_in_time``): a standby gang not all bound
@@ -191,7 +291,7 @@ def create_standby(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, attempt: int,
     cluster (two spot nodes, a gang of two) no room for it at all; a member that does share a
     node with the active gang is lost with it, and replaced."""
     noticed = sorted(n for n, h in ctx.nodes.items() if h.notice)
-    active = [n for p in pods.get(st.attempts, ()) if (n := _node(p))]
+    active = [n for p in gang_pods(pods, st, phase.replicas) if (n := _node(p))]
     if phase.replicas == 1:
         avoid, prefer_not = active[:1], noticed
     else:
@@ -240,7 +340,7 @@ def _notice(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pod: Mapping[str, Any] 
 def standby_and_notice(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) -> PhaseStatus:
     """A running phase: keep its standby (a gang's: a standby gang) current, act on a notice
     on its node (a gang: on any member's node; every rank checkpoints at the same step)."""
-    active = list(pods.get(st.attempts, ()))
+    active = gang_pods(pods, st, phase.replicas)
     st = _sync_standby(ctx, phase, st, pods)
     _collect_ended_standbys(ctx, st, pods)
     rec = ctx.spec.recovery
@@ -265,9 +365,30 @@ def standby_and_notice(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) 
     # A kept standby waits until the active attempt trains (its pods Ready: restored), so it
     # never competes with that attempt's start; a notice does not wait.
     started = all(pod_ready(p) for p in active)
+    # An in-place gang keeps a spare (one pod) rather than a standby gang; a notice there
+    # asks for a checkpoint only: the spare takes the member's place once its node goes.
+    spare = rec.standby and in_place_gang(ctx.spec, phase)
+    r = st.last_replacement
+    if spare and r is not None and r.attempt == st.attempts and r.training_again_seconds is None \
+            and rec.hang_detection:
+        # After a replacement the old pods still look Ready (a re-executing survivor's probe,
+        # a former spare's from its wait): the gang trains again once every rank's heartbeat
+        # says so (decide.members.recovered); the next spare waits until then.
+        started = False
     if st.standby is None and bound and all(ctx.outcome(p).live for p in active) and (
-            (rec.standby and (started or noticed)) or (noticed and handoff)):
-        if not _standby_failed_recently(ctx, st):
+            (rec.standby and (started or (noticed and not spare)))
+            or (noticed and handoff and not spare)):
+        if not _standby_failed_recently(ctx, st) and spare:
+            attempt = st.next_attempt_number
+            name = create_spare(ctx, phase, st, attempt, pods)
+            st = replace(st, standby=StandbyRef(pod=name, attempt=attempt, reason=C.SPARE,
+                                                since=ctx.now),
+                         last_attempt=max(st.last_attempt, attempt), standby_retry_at=None)
+            nodes = ", ".join(sorted({n for p in active if (n := _node(p))}))
+            ctx.note("Normal", C.EV_STANDBY_STARTED, f"phase {phase.name}: started spare pod "
+                     f"{name} (attempt {attempt}) off the members' nodes {nodes}; it takes the"
+                     " place of the next member lost")
+        elif not _standby_failed_recently(ctx, st):
             attempt = st.next_attempt_number
             reason = "notice" if noticed else "standby"
             name = create_standby(ctx, phase, st, attempt, pods)
@@ -282,7 +403,7 @@ def standby_and_notice(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus, pods: Pods) 
             ctx.note("Normal", C.EV_STANDBY_STARTED, f"phase {phase.name}: started {what}"
                      + (f", for the notice on {st.last_notice.node}" if noticed else ""))
     sb, last = st.standby, st.last_notice
-    if (noticed and handoff and sb is not None and sb.ready
+    if (noticed and handoff and sb is not None and sb.ready and sb.reason != C.SPARE
             and last is not None and last.handoff_to is None):
         st = replace(st, last_notice=replace(last, handoff_to=sb.attempt))
         ctx.note("Normal", C.EV_HANDOFF,

@@ -1,4 +1,4 @@
-"""The `phoenix` CLI's kubectl habits without a cluster: global flags anywhere on the line,
+"""The `phoenixctl` CLI's kubectl habits without a cluster: global flags anywhere on the line,
 the namespace from the chosen kubeconfig context, -o json|yaml, and the `kubectl phoenix`
 program name. The API is replaced at `cli._connect`; everything before it is the real code."""
 from __future__ import annotations
@@ -80,7 +80,7 @@ def test_unknown_output_format_is_a_usage_error(argv, capsys):
     assert "-o/--output" in err and "invalid choice" in err and "json" in err
 
 
-# --- program name: phoenix or kubectl phoenix -------------------------------------------
+# --- program name: phoenixctl or kubectl phoenix ------------------------------------------
 
 
 @pytest.mark.parametrize("argv0, prog", [
@@ -88,9 +88,9 @@ def test_unknown_output_format_is_a_usage_error(argv, capsys):
     ("kubectl-phoenix", "kubectl phoenix"),
     (r"C:\bin\kubectl-phoenix.exe", "kubectl phoenix") if os.sep == "\\" else
     ("/bin/kubectl-phoenix.exe", "kubectl phoenix"),
-    ("/usr/local/bin/phoenix", "phoenix"),
-    ("/repo/operator/phoenix_operator/kubectl_phoenix.py", "phoenix"),  # python -m phoenix_operator.kubectl_phoenix
-    ("/usr/local/bin/kubectl-phoenix-lab", "phoenix"),
+    ("/usr/local/bin/phoenixctl", "phoenixctl"),
+    ("/repo/operator/phoenix_operator/kubectl_phoenix.py", "phoenixctl"),  # python -m phoenix_operator.kubectl_phoenix
+    ("/usr/local/bin/kubectl-phoenix-lab", "phoenixctl"),
 ])
 def test_program_name(argv0, prog):
     assert cli.program_name(argv0) == prog
@@ -107,17 +107,25 @@ def test_help_names_the_kubectl_plugin(argv, monkeypatch, capsys):
     assert "--context" in out and "--namespace" in out and "--output" in out
 
 
-def test_usage_errors_name_plain_phoenix(monkeypatch, capsys):
-    monkeypatch.setattr("sys.argv", ["/usr/local/bin/phoenix"])
+def test_usage_errors_name_phoenixctl(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["/usr/local/bin/phoenixctl"])
     with pytest.raises(SystemExit) as e:
         cli.main([])
     assert e.value.code == 2
-    assert capsys.readouterr().err.startswith("usage: phoenix ")
+    assert capsys.readouterr().err.startswith("usage: phoenixctl ")
 
 
 def test_both_console_scripts_run_the_same_main():
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["kubectl-phoenix"] == scripts["phoenix"] == "phoenix_operator.kubectl_phoenix:main"
+    assert scripts["kubectl-phoenix"] == scripts["phoenixctl"] == "phoenix_operator.kubectl_phoenix:main"
+
+
+def test_no_console_script_is_called_phoenix():
+    # `phoenix` is another tool's command (and another project's package name): installing
+    # ours beside it must not replace it (docs/install.md, "Names").
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert "phoenix" not in project["scripts"]
+    assert project["name"] != "phoenix"
 
 
 # --- namespace from the chosen context ---------------------------------------------------
@@ -305,7 +313,7 @@ def test_missing_job_is_a_clear_error(kcfg, fake, capsys):
 
 def test_unknown_context_is_a_clear_error(kcfg, fake, capsys):
     assert cli.main(["status", "mlp", "--kubeconfig", kcfg, "--context", "nope"]) == 1
-    assert 'phoenix: error: context "nope" does not exist' in capsys.readouterr().err
+    assert 'phoenixctl: error: context "nope" does not exist' in capsys.readouterr().err
     assert fake[1] == []  # never connected
 
 

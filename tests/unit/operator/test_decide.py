@@ -418,7 +418,7 @@ def test_every_transition_in_the_table_is_exercised(monkeypatch):
     monkeypatch.setattr(reset_module, "transition", spy)
     for case in CASES:
         decide(case.body, case.pods, case.listings or {}, case.now, case.nodes)
-    # the user's way out of Failed/Blocked (`phoenix reset`)
+    # the user's way out of Failed/Blocked (`phoenixctl reset`)
     body = with_status(job(("train", "finetune")), phase_status(state="Failed"),
                        {"name": "finetune", "state": "Blocked"})
     reset_module.reset_status(JobSpec.parse(body["spec"]), body["status"])

@@ -93,6 +93,16 @@ def test_the_rank_that_stopped_first_is_behind_or_not_yet_in_the_collective():
                rank(2, stalled=45, frozen=True, in_collective=True),
                rank(1, stalled=40, dump="b"))
     assert phase(plan)["lastHang"]["rank"] == 1
+    # ... even when those frozen heartbeats are older, so their steps lag (seen in CI)
+    plan = run(body, pods, rank(0, stalled=40, dump="a", in_collective=True),
+               rank(2, stalled=50, frozen=True, step=40), rank(3, stalled=50, frozen=True, step=40),
+               rank(1, stalled=40, dump="b"))
+    assert phase(plan)["lastHang"]["rank"] == 1
+    # every fresh rank waits in the collective: the frozen one (SIGSTOP) stopped first
+    plan = run(body, pods, rank(0, stalled=40, dump="a", in_collective=True),
+               rank(1, stalled=40, dump="b", in_collective=True, step=99),
+               rank(2, stalled=45, frozen=True, step=100))
+    assert phase(plan)["lastHang"]["rank"] == 2
 
 
 @pytest.mark.parametrize("activity", ["starting", "standby", "finishing"])

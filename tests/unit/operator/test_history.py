@@ -1,6 +1,6 @@
 """The durable history: its records (append-only merge, file format), the numbers derived
 from them (steps lost, time to resume, GPU-hours, goodput) as the status summary and
-``phoenix report`` show them, the terminal timeline's width, and the apply step that writes
+``phoenixctl report`` show them, the terminal timeline's width, and the apply step that writes
 it after the replacement pod exists and never fails the pass. In-memory storage fakes."""
 import asyncio
 import json
@@ -310,3 +310,19 @@ def test_cli_history_commands_parse_and_order_pods():
     pods = [p("eval", 1), p("train", 10, 1), p("train", 2), p("train", 10, 0)]
     assert [x["metadata"]["name"] for x in pod_order(pods, ["train", "eval"])] == [
         "train-2.0", "train-10.0", "train-10.1", "eval-1.0"]
+
+
+def test_an_in_place_replacement_counts_the_step_it_resumed_at_not_the_checkpoint():
+    """gangRestart Member: the new attempt's pods are told the newest checkpoint (step 120),
+    but the gang resumed from its survivors at step 130 (lastReplacement.resumedStep): 0 lost."""
+    records = three_attempts()
+    st = {"phases": [{"name": "train", "lastReplacement": {
+        "attempt": 2, "time": "2026-03-01T10:02:21Z", "members": [1], "lostPods": ["p"],
+        "pods": ["q"], "cause": "preemption", "reason": "Evicted", "recoveredFrom": "peers",
+        "resumedStep": 130, "trainingAgainSeconds": 7.5}}]}
+    resumed = [r for r in history.status_records(st, BY) if r["kind"] == "resumed"]
+    assert [(r["attempt"], r["step"], r["source"]) for r in resumed] == [(2, 130, "peers")]
+    merged, _ = history.merge(records, resumed)
+    rows = {r["attempt"]: r for r in history.disruptions(merged, "train")}
+    assert rows[1]["resumedFrom"] == 130 and rows[1]["stepsLost"] == 0
+    assert history.decode(history.encode(merged)) == merged

@@ -1,4 +1,4 @@
-"""`phoenix reset`: the new status, computed without a cluster; then decide() picks it up."""
+"""`phoenixctl reset`: the new status, computed without a cluster; then decide() picks it up."""
 import pytest
 
 from phoenix_operator.decide import decide

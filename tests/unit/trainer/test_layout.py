@@ -129,6 +129,19 @@ def test_manifest_rejects_unknown_version_and_bad_names():
         Manifest.from_json(json.dumps({**data, "files": {"../x": {"size": 1, "sha256": "0" * 64}}}))
 
 
+def test_manifest_keeps_a_multipart_shards_part_size_and_reads_one_without_it():
+    from phoenix_trainer.core.storage import FileEntry
+
+    entries = {"a.pt": FileEntry(25, "0" * 64, "Zm9v-3", part_size=10), "b.json": FileEntry(2, "1" * 64)}
+    text = Manifest(1, 0, "train", "t", "fp", entries).to_json()
+    assert '"partSize": 10' in text and text.count("partSize") == 1
+    back = Manifest.from_json(text).files
+    assert back == entries and back["a.pt"].restore_check() == (10, "Zm9v-3")
+    data = json.loads(text)
+    del data["files"]["a.pt"]["partSize"]  # written before the field existed: the whole sha256
+    assert Manifest.from_json(json.dumps(data)).files["a.pt"].restore_check() == (None, "0" * 64)
+
+
 def test_retention_keeps_k_and_protected(tmp_path):
     st = LocalStorage(tmp_path / "ckpt")
     for s in (10, 20, 30, 40, 50):

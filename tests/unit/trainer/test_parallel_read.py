@@ -16,7 +16,8 @@ import torch
 from phoenix_trainer.checkpoint import AsyncCheckpointer, ShardBuffer, Snapshot, load_checkpoint
 from phoenix_trainer.core.errors import CorruptCheckpointError, ObjectMismatchError, StorageError
 from phoenix_trainer.core.layout import step_dir_name
-from phoenix_trainer.core.storage import LocalStorage, ReadConfig, read_parallel
+from phoenix_trainer.core.storage import FileEntry, LocalStorage, ReadConfig, read_parallel
+from phoenix_trainer.core.storage.entry import composite_sha256
 from phoenix_trainer.core.storage.parallel import InOrderDigest
 
 pytestmark = pytest.mark.unit
@@ -87,6 +88,40 @@ def test_objects_come_back_whole_in_order_with_their_sha256(tmp_path):
     # Every range of 4 KiB was one read; at most `concurrency` at a time, and it did overlap.
     assert sorted(r for r in st.reads if r[0] == "s/3") == [("s/3", o, 4 * KiB) for o in range(0, 64 * KiB, 4 * KiB)]
     assert 1 < st.peak <= 4
+
+
+def test_an_object_read_with_its_upload_part_size_gives_the_stores_composite(tmp_path):
+    # Read ranges (3 KiB) do not line up with the upload's parts (10 KiB): ranges are cut at
+    # part boundaries, every part is hashed on its own, in any order, by the reading threads.
+    st = Shuffled(tmp_path, seed=3)
+    data = os.urandom(45 * KiB)
+    key, n = put(st, "s/0", data)
+    cfg = ReadConfig(part_size=3 * KiB, concurrency=4)
+    (f,) = read_parallel(st, [(key, n, 10 * KiB)], lambda k, m: bytearray(m), cfg)
+    parts = [hashlib.sha256(data[p:p + 10 * KiB]).digest() for p in range(0, n, 10 * KiB)]
+    assert bytes(f.buffer) == data and f.sha256 is None
+    assert f.composite == f.digest == composite_sha256(parts) and f.composite.endswith("-5")
+    assert all(o // (10 * KiB) == (o + m - 1) // (10 * KiB) for _, o, m in st.reads)  # no range crosses a part
+    assert sorted(o for _, o, _ in st.reads)[:5] == [0, 3 * KiB, 6 * KiB, 9 * KiB, 10 * KiB]
+    # One byte changed: another composite. None for the part size: the whole sha256, as ever.
+    damaged = bytearray(data)
+    damaged[23 * KiB] ^= 1
+    put(st, "s/0", bytes(damaged))
+    (g,) = read_parallel(st, [(key, n, 10 * KiB)], lambda k, m: bytearray(m), cfg)
+    assert g.composite != f.composite
+    (h,) = read_parallel(st, [(key, n, None)], lambda k, m: bytearray(m), cfg)
+    assert h.composite is None and h.digest == hashlib.sha256(damaged).hexdigest()
+
+
+def test_restore_check_uses_the_composite_only_where_the_part_size_fits_it():
+    sha, comp = "a" * 64, "Zm9v-3"
+    assert FileEntry(25, sha, comp, part_size=10).restore_check() == (10, comp)
+    # An older manifest (no part size), a single PUT (plain checksum), a part size that does
+    # not give the composite's part count, no stored checksum: the whole sha256.
+    for e in (FileEntry(25, sha, comp), FileEntry(25, sha, "Zm9v", part_size=10),
+              FileEntry(25, sha, comp, part_size=5), FileEntry(25, sha, None, part_size=10),
+              FileEntry(0, sha, comp, part_size=10)):
+        assert e.restore_check() == (None, sha)
 
 
 def test_memory_bound_admits_objects_only_while_they_fit(tmp_path):

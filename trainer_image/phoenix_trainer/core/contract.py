@@ -26,11 +26,26 @@ ENV_CHECKPOINT_INTERVAL_SECONDS = "PHOENIX_CHECKPOINT_INTERVAL_SECONDS"
 ENV_GRACE_SECONDS = "PHOENIX_GRACE_SECONDS"
 ENV_TERMINATION_LOG = "PHOENIX_TERMINATION_LOG"
 ENV_FORCE_RESUME = "PHOENIX_FORCE_RESUME"
-ENV_ROLE = "PHOENIX_ROLE"  # "active" (default) or "standby": wait, warm, until the fence names us
+ENV_ROLE = "PHOENIX_ROLE"  # "active" (default), "standby" or "spare": wait, warm, for the fence
 ENV_CONTROL_POLL_SECONDS = "PHOENIX_CONTROL_POLL_SECONDS"  # how often control/fence are read
 ENV_POD_NAME = "PHOENIX_POD_NAME"  # the pod's name (downward API), named in heartbeats
 ENV_STATUS_PORT = "PHOENIX_STATUS_PORT"  # serve GET /ready here (the pod's readiness probe)
 ROLE_ACTIVE, ROLE_STANDBY = "active", "standby"
+# An in-place gang's spare member (recovery.standby with gangRestart: Member): started without
+# a member index, it waits at the gang's start (distributed.init_from_env) until a fence names
+# its pod in ``members``, and takes that member's place (rejoin.take_place).
+ROLE_SPARE = "spare"
+# A gang whose lost members are replaced in place (recovery.gangRestart: Member): torchrun
+# runs standalone in each pod and the global process group is Phoenix's
+# (phoenix_trainer.distributed.init_from_env), rebuilt around the survivors.
+ENV_GANG_RESTART = "PHOENIX_GANG_RESTART"  # "Member" (absent: Whole)
+ENV_GANG_MEMBERS = "PHOENIX_GANG_MEMBERS"  # the gang's pods (replicas)
+ENV_GANG_MEMBER = "PHOENIX_GANG_MEMBER"  # this pod's index; global rank = member*nproc + local
+ENV_GANG_STORE = "PHOENIX_GANG_STORE"  # host:port of this attempt's c10d TCPStore
+ENV_GANG_STORE_MEMBER = "PHOENIX_GANG_STORE_MEMBER"  # whose local rank 0 hosts it
+ENV_PEER_DIR = "PHOENIX_PEER_DIR"  # memory-backed; the survivors' state outlives a re-exec
+GANG_RESTART_MEMBER = "Member"
+PEER_DIR = "/var/run/phoenix/peer"
 DEFAULT_CONTROL_POLL_SECONDS = 0.25
 
 # Set by the trainer image, not the operator: where checkpoint files are staged before upload
@@ -213,8 +228,9 @@ def _bool(environ: Mapping[str, str], name: str) -> bool:
 
 def _role(environ: Mapping[str, str]) -> str:
     role = (environ.get(ENV_ROLE) or ROLE_ACTIVE).strip().lower()
-    if role not in (ROLE_ACTIVE, ROLE_STANDBY):
-        raise ValueError(f"{ENV_ROLE}={role!r}: expected {ROLE_ACTIVE!r} or {ROLE_STANDBY!r}")
+    if role not in (ROLE_ACTIVE, ROLE_STANDBY, ROLE_SPARE):
+        raise ValueError(f"{ENV_ROLE}={role!r}: expected {ROLE_ACTIVE!r}, {ROLE_STANDBY!r} or"
+                         f" {ROLE_SPARE!r}")
     return role
 
 

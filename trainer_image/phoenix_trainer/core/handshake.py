@@ -83,6 +83,17 @@ class Fence:
     uid: str = ""
     job: str = ""
     writer: LeaderTerm = field(default_factory=LeaderTerm)  # the operator leader that wrote it
+    # An in-place gang (gangRestart: Member): the pod serving each member (index = member;
+    # survivors keep their older pods), and the attempt's TCPStore ("host:port", hosted by
+    # local rank 0 of ``store_member``). A survivor whose pod is named here is carried into
+    # this attempt; a pod of an older attempt that is not is superseded.
+    members: tuple[str, ...] = ()
+    store: str = ""
+    store_member: int = 0
+
+    def carries(self, pod: str, member: int) -> bool:
+        """Whether this fence carries ``pod`` (serving ``member``) into its attempt."""
+        return bool(pod) and 0 <= member < len(self.members) and self.members[member] == pod
 
     def to_json(self) -> str:
         d: dict[str, Any] = {"attempt": self.attempt, "pod": self.pod, "time": self.time}
@@ -94,6 +105,10 @@ class Fence:
             d["job"] = self.job
         if self.writer:
             d["leader"] = self.writer.to_dict()
+        if self.members:
+            d["members"] = list(self.members)
+            d["store"] = self.store
+            d["storeMember"] = self.store_member
         return json.dumps(d, sort_keys=True)
 
     def holds(self, attempt: int, uid: str = "") -> bool:
@@ -112,7 +127,10 @@ class Fence:
                        time=str(data.get("time", "")),
                        resume_from=str(data.get("resumeFrom") or ""),
                        uid=str(data.get("uid") or ""), job=str(data.get("job") or ""),
-                       writer=LeaderTerm.from_dict(data.get("leader")))
+                       writer=LeaderTerm.from_dict(data.get("leader")),
+                       members=tuple(str(m) for m in data.get("members") or ()),
+                       store=str(data.get("store") or ""),
+                       store_member=int(data.get("storeMember") or 0))
         except (ValueError, TypeError, KeyError, AttributeError) as e:
             raise CorruptCheckpointError(f"{FENCE_NAME} is unreadable ({e!r})") from e
 

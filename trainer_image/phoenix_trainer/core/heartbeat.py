@@ -60,6 +60,7 @@ ACTIVITY_STANDBY = "standby"
 ACTIVITY_RESTORING = "restoring"
 ACTIVITY_TRAINING = "training"
 ACTIVITY_FINISHING = "finishing"
+ACTIVITY_REJOINING = "rejoining"  # an in-place gang's survivor waits for its next attempt
 WATCHED = (ACTIVITY_RESTORING, ACTIVITY_TRAINING)
 
 
@@ -113,6 +114,11 @@ class Heartbeat:
     pid: int = 0
     interval: float = DEFAULT_HEARTBEAT_SECONDS  # this process's seconds between writes
     last_progress_at: float = 0.0  # unix time of the last progress (for people; not compared)
+    # Where this process's state came from: "peers" (an in-place gang's survivors), "checkpoint"
+    # or "none"; the step; unix time of its first completed step after that (best effort).
+    restored_from: str = ""
+    restored_step: int | None = None
+    training_since: float | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> bytes:
@@ -139,7 +145,10 @@ class Heartbeat:
                    hang_timeout=num("hangTimeout"), stack_dump=str(d.get("stackDump", "")),
                    pid=int(d.get("pid", 0)),
                    interval=float(d.get("interval", DEFAULT_HEARTBEAT_SECONDS)),
-                   last_progress_at=float(d.get("lastProgressAt", 0.0)), extra=dict(d.get("extra") or {}))
+                   last_progress_at=float(d.get("lastProgressAt", 0.0)),
+                   restored_from=str(d.get("restoredFrom", "")),
+                   restored_step=int(d["restoredStep"]) if isinstance(d.get("restoredStep"), int) else None,
+                   training_since=num("trainingSince"), extra=dict(d.get("extra") or {}))
 
 
 def _camel(name: str) -> str:

@@ -111,7 +111,8 @@ class Manifest:
         try:
             files = {
                 str(name): FileEntry(size=int(e["size"]), sha256=str(e["sha256"]),
-                                     stored_checksum=e.get("storedChecksum"))
+                                     stored_checksum=e.get("storedChecksum"),
+                                     part_size=int(e["partSize"]) if e.get("partSize") else None)
                 for name, e in data["files"].items()
             }
             manifest = cls(
@@ -136,6 +137,8 @@ def _file_json(f: FileEntry) -> dict[str, Any]:
     d: dict[str, Any] = {"size": f.size, "sha256": f.sha256}
     if f.stored_checksum:
         d["storedChecksum"] = f.stored_checksum
+    if f.part_size:
+        d["partSize"] = f.part_size
     return d
 
 

@@ -1,5 +1,6 @@
 """Read objects with parallel ranged reads, straight into buffers the caller allocates, and
-hash each one (sha256, in byte order) as its bytes arrive.
+hash each one as its bytes arrive: sha256 in byte order, or, for an object named with its
+upload's part size, every part on its own and S3's composite of them.
 
 One connection caps a download at a fraction of a NIC; s5cmd-style ranged GETs fill it.
 ``read_parallel`` cuts every object into ranges of ``part_size`` and keeps ``concurrency``
@@ -11,7 +12,13 @@ within ``memory_bytes``: one object is always admitted, however big. Each range 
 
 Ranges finish out of order but sha256 is sequential: a finished range is recorded, and the
 one thread that finds the next range in order done hashes forward over the contiguous prefix
-(``InOrderDigest``), off the lock, while the other threads keep reading. Every range also
+(``InOrderDigest``), off the lock, while the other threads keep reading. That one sequential
+pass is a core's worth of SHA-256 per object, which a fast link outruns on a CPU without
+SHA instructions. An object given as ``(key, size, part_size)`` (the part size of the
+multipart upload that wrote it) is hashed part by part instead: its ranges are cut at part
+boundaries, each part has its own ``InOrderDigest``, so every reading thread hashes the part
+it just read, and ``Fetched.composite`` is S3's composite checksum of those digests
+(``entry.composite_sha256``), the one the writer recorded. Every range also
 reports the object's total size (S3: ``Content-Range``), so an object shorter or longer
 than expected is refused (``ObjectMismatchError``) even when no range reaches its end.
 
@@ -33,6 +40,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from ..contract import ENV_RESTORE_CONCURRENCY, ENV_RESTORE_MEMORY_MB, ENV_RESTORE_PART_MB
 from ..errors import ObjectMismatchError, StorageError
+from .entry import composite_sha256
 
 log = logging.getLogger("phoenix.storage")
 MiB = 1 << 20
@@ -102,38 +110,61 @@ class InOrderDigest:
             with self._lock:
                 self.hashed = start + n
 
-    def hexdigest(self) -> str:
+    def _complete(self) -> None:
         if self.hashed != len(self.view):
             raise RuntimeError(f"{self.hashed} of {len(self.view)} bytes hashed")
+
+    def hexdigest(self) -> str:
+        self._complete()
         return self.h.hexdigest()
+
+    def digest(self) -> bytes:
+        self._complete()
+        return self.h.digest()
 
 
 @dataclass
 class Fetched:
-    """One object read whole: its key, the caller's buffer holding it, and its sha256."""
+    """One object read whole: its key, the caller's buffer holding it, and its digest: the
+    sha256 of the whole (hex), or for an object read with its upload's part size, S3's
+    composite checksum of its parts (``composite``; ``sha256`` is then None)."""
 
     key: str
     buffer: Any
-    sha256: str
+    sha256: str | None
     seconds: float  # from its first range requested to its last byte hashed
+    composite: str | None = None
+
+    @property
+    def digest(self) -> str:
+        """What to compare with ``FileEntry.restore_check()``'s expected value."""
+        return self.composite if self.composite is not None else self.sha256  # type: ignore[return-value]
 
 
 class _ObjectRead:
     """The ranges of one object and their futures; the first failure wins."""
 
     def __init__(self, storage: Any, key: str, size: int, buffer: Any, config: ReadConfig,
-                 pool: ThreadPoolExecutor) -> None:
+                 pool: ThreadPoolExecutor, upload_part: int | None = None) -> None:
         self.storage, self.key, self.size, self.buffer = storage, key, size, buffer
         self.view = memoryview(buffer).cast("B")
         if len(self.view) != size:
             raise ValueError(f"buffer for {key} has {len(self.view)} bytes, not {size}")
+        if upload_part is not None and upload_part < 1:
+            raise ValueError(f"{key}: upload part size {upload_part} must be >= 1")
         self.config = config
-        self.digest = InOrderDigest(self.view)
+        # Digest "parts": the whole object, or each upload part; ranges never cross one.
+        self.upload_part = upload_part if size else None  # an empty object: nothing to part
+        span = self.upload_part or max(size, 1)
+        self.digests = [InOrderDigest(self.view[p:p + span]) for p in range(0, size, span)] \
+            or [InOrderDigest(self.view)]
+        self.span = span
         self.failed: BaseException | None = None
         self.t0 = time.perf_counter()
         self.futures: list[Future] = [
-            pool.submit(self._range, off, min(config.part_size, size - off))
-            for off in range(0, size, config.part_size)
+            pool.submit(self._range, off, min(config.part_size, p + span - off, size - off))
+            for p in range(0, size, span)
+            for off in range(p, min(p + span, size), config.part_size)
         ] or [pool.submit(self._range, 0, 0)]  # an empty object: still check it is there, empty
 
     def _range(self, offset: int, n: int) -> None:
@@ -153,7 +184,8 @@ class _ObjectRead:
                     time.sleep(0.2 * 2 ** (attempt - 1))
             if total != self.size:
                 raise ObjectMismatchError(self.storage.uri_for(self.key), total, self.size)
-            self.digest.done(offset, n)
+            part = offset // self.span
+            self.digests[part].done(offset - part * self.span, n)  # this thread hashes it
         except BaseException as e:
             if self.failed is None:
                 self.failed = e
@@ -166,9 +198,14 @@ class _ObjectRead:
             raise self.failed
         for f in self.futures:
             f.result()
-        sha = self.digest.hexdigest()
+        if self.upload_part:
+            sha, composite = None, composite_sha256([d.digest() for d in self.digests])
+        else:
+            sha, composite = self.digests[0].hexdigest(), None
+        for d in self.digests:
+            d.view.release()
         self.view.release()
-        return Fetched(self.key, self.buffer, sha, time.perf_counter() - self.t0)
+        return Fetched(self.key, self.buffer, sha, time.perf_counter() - self.t0, composite)
 
     def cancel(self) -> None:
         self.failed = self.failed or RuntimeError("cancelled")
@@ -177,16 +214,19 @@ class _ObjectRead:
         for f in self.futures:
             if not f.cancelled():
                 f.exception()
+        for d in self.digests:
+            d.view.release()
         self.view.release()
 
 
-def read_parallel(storage: Any, objects: Sequence[tuple[str, int]],
+def read_parallel(storage: Any, objects: Sequence[tuple[str, int] | tuple[str, int, int | None]],
                   alloc: Callable[[str, int], Any], config: ReadConfig | None = None
                   ) -> Iterator[Fetched]:
     """Read every ``(key, size)`` of ``objects`` into a buffer from ``alloc(key, size)`` (any
     writable buffer of exactly ``size`` bytes), yielding them in the given order, whole and
-    hashed. A yielded buffer counts against ``memory_bytes`` until the next one is asked
-    for. Raises ``FileNotFoundError`` (absent), ``ObjectMismatchError`` (another size) or
+    hashed (``(key, size, part_size)``: hashed per upload part, ``Fetched.composite``; a
+    ``part_size`` of None is the whole sha256). A yielded buffer counts against
+    ``memory_bytes`` until the next one is asked for. Raises ``FileNotFoundError`` (absent), ``ObjectMismatchError`` (another size) or
     ``StorageError`` (after the retries) for the first object that fails; reads still in
     flight are cancelled or awaited before it propagates."""
     config = config or ReadConfig()
@@ -197,8 +237,9 @@ def read_parallel(storage: Any, objects: Sequence[tuple[str, int]],
     try:
         while todo or reads:
             while todo and (not reads or held + todo[0][1] <= config.memory_bytes):
-                key, size = todo.popleft()
-                reads.append(_ObjectRead(storage, key, size, alloc(key, size), config, pool))
+                key, size, *part = todo.popleft()
+                reads.append(_ObjectRead(storage, key, size, alloc(key, size), config, pool,
+                                         part[0] if part else None))
                 held += size
             r = reads.popleft()
             fetched = r.result()

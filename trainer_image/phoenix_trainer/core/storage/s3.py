@@ -18,7 +18,7 @@ from typing import IO, Any, Iterator
 
 from ..contract import ENV_AWS_ENDPOINT_URL, addressing_style_from_env, s3_addressing_style
 from ..errors import StorageError
-from .entry import Digest, FileEntry, join_key
+from .entry import Digest, FileEntry, composite_sha256, join_key
 
 log = logging.getLogger("phoenix.storage")
 
@@ -58,13 +58,6 @@ def stream_part_size(part_size: int, size_hint: int | None) -> int:
         need = -(-size_hint // 9_000)
         part = max(part, -(-need // (1 << 20)) * (1 << 20))
     return part
-
-
-def composite_sha256(part_digests: list[bytes]) -> str:
-    """The checksum S3 records for a multipart upload with SHA256 (COMPOSITE): the sha256 of
-    the parts' raw sha256 digests, base64, then ``-<parts>``."""
-    whole = hashlib.sha256(b"".join(part_digests)).digest()
-    return f"{base64.b64encode(whole).decode()}-{len(part_digests)}"
 
 
 class _S3StreamWriter:
@@ -180,7 +173,7 @@ class _S3StreamWriter:
             self.s.client.complete_multipart_upload(
                 Bucket=self.s.bucket, Key=self.full_key, UploadId=self.upload_id,
                 MultipartUpload={"Parts": [p for p, _ in self.parts]})
-        return FileEntry(size=self.digest.n, sha256=sha,
+        return FileEntry(size=self.digest.n, sha256=sha, part_size=self.part_size,
                          stored_checksum=composite_sha256([d for _, d in self.parts]))
 
     def abort(self) -> None:
