@@ -197,12 +197,18 @@ UPGRADE_FROM = Path(__file__).with_name("upgrade-from")
 
 def upgrade_from(repo: Path) -> str | None:
     """The full commit id tests/e2e/upgrade-from names (its one line that is not a comment),
-    or None where `repo`'s history lacks that commit (a shallow clone)."""
+    or None where `repo` is a shallow clone that lacks it. A full clone without it fails: the
+    file names a commit that never landed."""
     lines = [line.split("#", 1)[0].strip() for line in UPGRADE_FROM.read_text().splitlines()]
     (rev,) = [line for line in lines if line]
     got = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", "--quiet",
                           f"{rev}^{{commit}}"], capture_output=True, text=True)
-    return got.stdout.strip() if got.returncode == 0 else None
+    if got.returncode == 0:
+        return got.stdout.strip()
+    shallow = subprocess.run(["git", "-C", str(repo), "rev-parse", "--is-shallow-repository"],
+                             capture_output=True, text=True).stdout.strip()
+    assert shallow == "true", f"tests/e2e/upgrade-from names {rev[:12]}, which {repo} lacks"
+    return None
 
 
 # --- the operator pod ----------------------------------------------------------------------

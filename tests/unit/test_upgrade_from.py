@@ -29,8 +29,7 @@ LAYOUT = "trainer_image/phoenix_trainer/core/layout.py"
 def commit() -> str:
     found = upgrade_from(REPO)
     if found is None:
-        pytest.skip("tests/e2e/upgrade-from names a commit this checkout's history lacks "
-                    "(a shallow clone)")
+        pytest.skip("tests/e2e/upgrade-from names a commit this shallow clone lacks")
     return found
 
 
