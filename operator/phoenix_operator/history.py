@@ -5,8 +5,9 @@ goodput) for the status summary, ``phoenixctl report`` and ``phoenixctl timeline
 One object per phase, ``<phase prefix>/history.jsonl`` (``core.layout.HISTORY_KEY``): one
 JSON record per line, in the order they were appended. Kinds:
 
-- ``start``: an attempt began - a new pod (gang) or a promoted standby - and the step it
-  resumes from;
+- ``start``: an attempt began - a new pod (gang), a promoted standby (``promoted``), or, in an
+  in-place gang, a waiting spare that took a lost member's place (``spare``) - and the step it
+  resumes from (for an in-place gang the ``resumed`` record says where it really did);
 - ``end``: an attempt ended - cause, reason, pod, node, when its pod was created and when it
   ended, where the trainer stopped, a digest of its attempt log (``digest_attempt_log``) and
   how its pod got its image (``imagePull``, as ``status.phases[].imagePull`` recorded it);
@@ -89,10 +90,12 @@ def step_of(uri: str | None) -> int | None:
 
 def start_record(phase: str, attempt: int, pod: str, *, resume_from: str | None, promoted: bool,
                  time: datetime, by: Mapping[str, Any], members: int = 1,
-                 previous_cause: str | None = None) -> Record:
+                 previous_cause: str | None = None, spare: bool = False) -> Record:
     r = _base("start", phase, attempt, time, by)
     r.update(pod=pod, resumeFrom=resume_from, resumeStep=step_of(resume_from) or 0,
              promoted=promoted, members=members)
+    if spare:
+        r["spare"] = True
     if previous_cause:
         r["after"] = previous_cause
     return r
@@ -322,6 +325,7 @@ def disruptions(records: Sequence[Record], phase: str,
                      "resumedFrom": resumed, "stepsLost": lost,
                      "timeToResume": round(ttr, 3) if ttr is not None else None,
                      "promoted": bool(starts[nxt].get("promoted")) if nxt is not None else None,
+                     "spare": bool(starts[nxt].get("spare")) if nxt is not None else None,
                      "gpuHoursPaid": paid_h, "gpuHoursTrained": trained_h})
     return rows
 

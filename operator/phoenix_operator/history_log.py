@@ -49,6 +49,33 @@ def decided_by(ap: Any) -> dict[str, Any]:
             "lease": term.lease_uid}
 
 
+def start_records(plan: Any, *, time: Any, by: dict) -> list[Record]:
+    """The ``start`` and ``standby`` records of a plan's new attempts (a ``decide.Plan``): one
+    per attempt however many of its pods were created (``members``: how many), one per
+    promotion - a standby's, or an in-place gang's spare taking a lost member's place (a
+    ``Promote`` with a ``gang``: recorded as ``spare``, not as a promoted standby)."""
+    out: list[Record] = []
+    members: dict[tuple[str, int], int] = {}
+    for c in plan.create:
+        members[(c.phase, c.attempt)] = members.get((c.phase, c.attempt), 0) + 1
+    for c in plan.create:
+        if (c.phase, c.attempt) not in members:
+            continue  # a gang's other members: one record for the attempt
+        n = members.pop((c.phase, c.attempt))
+        if c.standby:
+            out.append(history.standby_record(c.phase, c.attempt, c.name, time=time, by=by))
+        else:
+            out.append(history.start_record(
+                c.phase, c.attempt, c.name, resume_from=c.resume_from, promoted=False, time=time,
+                by=by, members=n, previous_cause=c.previous_cause))
+    for p in plan.promote:
+        spare = p.gang is not None
+        out.append(history.start_record(p.phase, p.attempt, p.pod, resume_from=p.resume_from,
+                                        promoted=not spare, spare=spare, time=time, by=by,
+                                        previous_cause=p.previous_cause))
+    return out
+
+
 async def collect(ap: Any, a: Any, by: dict) -> list[Record]:
     """The records this plan makes (attempt logs of ended attempts read for their digest)."""
     plan, now = a.plan, ap.clock()
@@ -67,23 +94,7 @@ async def collect(ap: Any, a: Any, by: dict) -> list[Record]:
         pull = next((ph.get("imagePull") for ph in plan.status.get("phases") or ()
                      if ph.get("name") == end.phase), None)
         out.append(history.end_record(end, by=by, gpus=gpus, digest=digest, pull=pull))
-    members: dict[tuple[str, int], int] = {}
-    for c in plan.create:
-        members[(c.phase, c.attempt)] = members.get((c.phase, c.attempt), 0) + 1
-    for c in plan.create:
-        if (c.phase, c.attempt) not in members:
-            continue  # a gang's other members: one record for the attempt
-        n = members.pop((c.phase, c.attempt))
-        if c.standby:
-            out.append(history.standby_record(c.phase, c.attempt, c.name, time=now, by=by))
-        else:
-            out.append(history.start_record(
-                c.phase, c.attempt, c.name, resume_from=c.resume_from, promoted=False, time=now,
-                by=by, members=n, previous_cause=c.previous_cause))
-    for p in plan.promote:
-        out.append(history.start_record(p.phase, p.attempt, p.pod, resume_from=p.resume_from,
-                                        promoted=True, time=now, by=by,
-                                        previous_cause=p.previous_cause))
+    out += start_records(plan, time=now, by=by)
     # Notices (and the last failure, in case its detailed record was lost): from the status.
     out += history.status_records(plan.status, by)
     return out

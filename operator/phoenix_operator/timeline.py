@@ -38,6 +38,7 @@ class Bar:
     last_step: int | None = None
     node: str | None = None
     promoted: bool = False
+    spare: bool = False  # an in-place gang's spare took the lost member's place
     culprit: bool = True  # a gang lane: this member ended the attempt
 
 
@@ -67,10 +68,23 @@ def build(records: Sequence[Record], logs: Mapping[str, Mapping[int, Iterable[Ma
         members = max([int(k.get("start", {}).get("members") or 1) for k in by_attempt.values()]
                       + [int(k.get("end", {}).get("members") or 1) for k in by_attempt.values()])
         phase_lanes = [Lane(phase if m is None else f"{phase}/{m}") for m in _member_lanes(members)]
+        # an in-place gang's spare waits under its own reserved number and takes a place
+        # under the replacement's: its standby lane ends at that start, found by its pod
+        spare_took = {r.get("pod"): parse_time(r.get("time")) for r in records
+                      if r.get("kind") == "start" and r.get("phase") == phase and r.get("spare")}
         for attempt, kinds in by_attempt.items():
             start, end = kinds.get("start"), kinds.get("end")
-            # A promoted standby's bar starts when it took over (before: the standby lane).
-            promoted_at = parse_time(start.get("time")) if start and start.get("promoted") else None
+            # A promoted standby's (or a spare's) bar starts when it took over (before: the
+            # standby lane).
+            took_over = bool(start and (start.get("promoted") or start.get("spare")))
+            promoted_at = parse_time(start.get("time")) if took_over else None
+            if "standby" in kinds:  # also a spare's number, which never starts an attempt
+                t = parse_time(kinds["standby"].get("time"))
+                promoted = promoted_at or spare_took.get(kinds["standby"].get("pod"))
+                if t and (start or end or promoted):
+                    for lane in phase_lanes:
+                        lane.standbys.append((t, promoted or (end and parse_time(end.get("time")))
+                                              or None))
             t0 = (promoted_at or parse_time((end or {}).get("created"))
                   or parse_time((start or {}).get("time")))
             if t0 is None:
@@ -84,18 +98,12 @@ def build(records: Sequence[Record], logs: Mapping[str, Mapping[int, Iterable[Ma
                     steps_lost=row.get("stepsLost"), resumed_from=(start or {}).get("resumeStep"),
                     last_step=(end or {}).get("lastStep"), node=(end or {}).get("node"),
                     promoted=bool((start or {}).get("promoted")),
+                    spare=bool((start or {}).get("spare")),
                     culprit=m is None or culprit.rsplit(".", 1)[-1].split(" ")[0] == str(m)))
             events = list(logs.get(phase, {}).get(attempt, ()))
             for e in events:
                 if e.get("event") == "checkpoint" and parse_time(e.get("time")):
                     phase_lanes[0].checkpoints.append(parse_time(e["time"]))
-            if "standby" in kinds:
-                t = parse_time(kinds["standby"].get("time"))
-                promoted = start and start.get("promoted") and parse_time(start.get("time"))
-                if t:
-                    for lane in phase_lanes:
-                        lane.standbys.append((t, promoted or (end and parse_time(end.get("time")))
-                                              or None))
             for r in records:
                 if r.get("phase") == phase and r.get("attempt") == attempt and parse_time(r.get("time")):
                     if r["kind"] == "notice":
@@ -184,6 +192,8 @@ def render_text(title: str, lanes: Sequence[Lane], now: datetime | None = None,
                 text += f" on {bar.node}"
             if bar.promoted:
                 text += ", was the standby"
+            elif bar.spare:
+                text += ", the spare took the place"
             if bar.steps_lost is not None and bar.cause not in (None, "completed"):
                 text += f"; {bar.steps_lost} steps lost"
             if bar.end is not None:

@@ -463,9 +463,21 @@ def _standby_failed_recently(ctx: Ctx, st: PhaseStatus) -> bool:
 
 def _collect_ended_standbys(ctx: Ctx, st: PhaseStatus, pods: Pods) -> None:
     """Delete the pod objects of standbys that ended, but the newest one's (its logs say why
-    it failed): kept, every one of them was re-read on every pass."""
+    it failed): kept, every one of them was re-read on every pass. A spare counts wherever
+    its reserved number lies: one that a replacement passed while it was Pending is numbered
+    below the active attempt, and one that serves a member is no standby (never collected)."""
     current = st.standby.attempt if st.standby is not None else None
-    ended = sorted(a for a, members in pods.items() if a > st.attempts and a != current
-                   and members and all(is_standby_pod(p) and not ctx.outcome(p).live
-                                       for p in members))
-    ctx.delete_live([p for a in ended[:-1] for p in pods[a]], "an ended standby's pod", grace=0)
+    serving = {st.member_attempt(m) for m in st.spare_members}
+    ended: dict[int, list[Mapping[str, Any]]] = {}
+    for a, members in pods.items():
+        if a == current or not members:
+            continue
+        if a > st.attempts:
+            if all(is_standby_pod(p) and not ctx.outcome(p).live for p in members):
+                ended[a] = list(members)
+        elif a not in serving:
+            spares = [p for p in members if is_spare_pod(p) and not ctx.outcome(p).live]
+            if spares:
+                ended[a] = spares
+    older = sorted(ended)[:-1]
+    ctx.delete_live([p for a in older for p in ended[a]], "an ended standby's pod", grace=0)

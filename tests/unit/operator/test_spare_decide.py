@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 
 from phoenix_operator import constants as C
-from phoenix_operator.decide import Listing, decide
+from phoenix_operator import history, history_log, timeline
+from phoenix_operator.decide import AttemptEnd, Listing, decide
 from phoenix_operator.podspec import gang_service, pod_name
 from phoenix_trainer.core.handshake import Fence
 
@@ -231,6 +232,30 @@ def test_a_spare_passed_over_by_a_replacement_is_still_removed_with_the_phase():
     assert ps(plan)["state"] == "Succeeded" and [d.name for d in plan.delete] == [SPARE2]
 
 
+def test_a_passed_over_spare_that_ended_has_its_pod_object_collected_once_another_ended():
+    """Like a standby's (``_collect_ended_standbys``): the newest ended spare's pod is kept
+    for its logs, older ones are deleted; a spare numbered below the active attempt (a
+    replacement passed it while it was Pending) is no exception."""
+    body = with_status(spare_job(), WITH_SPARE)
+    pending = spare_pod(node=None, pod_phase="Pending", is_ready=False)
+    pods = [member(0), member(1, **EVICTED), member(2), pending]
+    body["status"] = decide(body, pods, NO_CK, at(1)).status
+    st = body["status"]["phases"][0]
+    assert st["attempts"] == 3 and st["standby"]["pod"] == SPARE2, st
+    # the replaced gang trains again (what the heartbeats tell: test_members_decide.py)
+    st["lastReplacement"].update(recoveredFrom="checkpoint", resumedStep=0,
+                                 trainingAgainSeconds=5.0)
+    gang = [member(0), member(1, **EVICTED), member(1, attempt=3), member(2)]
+    gone = spare_pod(**EVICTED)  # the passed-over spare, preempted while waiting
+    plan = decide(body, gang + [gone], NO_CK, at(2))
+    assert [c.name for c in plan.create] == ["j.train-4.spare"] and plan.delete == []
+    body["status"] = plan.status
+    failed = spare_pod(attempt=4, pod_phase="Failed", exit_code=1, message="bug",
+                       finished=at(-1))  # the next one ended too: the older one goes
+    plan = decide(body, gang + [gone, failed], NO_CK, at(3))
+    assert [d.name for d in plan.delete] == [SPARE2], plan.delete
+
+
 def test_a_spare_whose_node_a_member_s_pod_came_to_share_is_moved_off_it():
     body = with_status(spare_job(), phase_status(
         attempts=3, pod="j.train-1.0", podUID="uid-j.train-1.0", members=[1, 3, 1],
@@ -287,3 +312,24 @@ def test_a_whole_mode_gang_keeps_its_standby_gang():
     plan = decide(body, pods, NO_CK, at(0))
     assert [c.name for c in plan.create] == ["j.train-2.0", "j.train-2.1", "j.train-2.2"]
     assert ps(plan)["standby"]["reason"] == "standby"
+
+
+def test_a_spare_taking_a_place_is_recorded_as_the_spare_not_as_a_promoted_standby():
+    body = with_status(spare_job(), WITH_SPARE)
+    plan = decide(body, [member(0), member(1, **EVICTED), member(2), spare_pod()], NO_CK, at(1))
+    by = {"replica": "r", "term": 1, "lease": "l"}
+    waiting = history.standby_record("train", 2, SPARE2, time=at(-60), by=by)
+    [start] = history_log.start_records(plan, time=at(1), by=by)
+    assert (start["kind"], start["attempt"], start["pod"]) == ("start", 3, SPARE2)
+    assert (start["promoted"], start["spare"]) == (False, True), start
+    ended = history.end_record(AttemptEnd(phase="train", attempt=1, cause="preemption",
+                                          reason="Evicted", ended=at(-5), pod="j.train-1.1",
+                                          members=3), by=by, gpus=0)
+    records = [history.start_record("train", 1, "j.train-1.0", resume_from=None, promoted=False,
+                                    time=at(-120), by=by, members=3), waiting, ended, start]
+    [row] = history.disruptions(records, "train")
+    assert (row["promoted"], row["spare"], row["next"]) == (False, True, 3), row
+    lanes = timeline.build(records, now=at(30))
+    assert lanes[0].standbys == [(at(-60), at(1))]  # the spare's wait ends at the take-over
+    text = timeline.render_text("j", lanes, now=at(30))
+    assert "the spare took the place" in text and "was the standby" not in text, text
