@@ -90,6 +90,19 @@ def test_objects_come_back_whole_in_order_with_their_sha256(tmp_path):
     assert 1 < st.peak <= 4
 
 
+def test_digest_false_reads_the_same_bytes_and_hashes_nothing(tmp_path, monkeypatch):
+    """A caller that checks its own way (the DCP reader: a CRC-32 per block) does not pay for a
+    sha256 of every byte it reads."""
+    st = Shuffled(tmp_path)
+    objs = [put(st, f"w/{i}", os.urandom(n)) for i, n in enumerate([0, 9 * KiB, 33 * KiB])]
+    made = []
+    monkeypatch.setattr(InOrderDigest, "__init__", lambda self, view: made.append(view))
+    cfg = ReadConfig(part_size=4 * KiB, concurrency=3, memory_bytes=1 << 30)
+    got = list(read_parallel(st, objs, lambda k, n: bytearray(n), cfg, digest=False))
+    assert [bytes(f.buffer) for f in got] == [(tmp_path / k).read_bytes() for k, _ in objs]
+    assert [(f.sha256, f.composite) for f in got] == [(None, None)] * 3 and made == []
+
+
 def test_an_object_read_with_its_upload_part_size_gives_the_stores_composite(tmp_path):
     # Read ranges (3 KiB) do not line up with the upload's parts (10 KiB): ranges are cut at
     # part boundaries, every part is hashed on its own, in any order, by the reading threads.

@@ -145,7 +145,8 @@ class _ObjectRead:
     """The ranges of one object and their futures; the first failure wins."""
 
     def __init__(self, storage: Any, key: str, size: int, buffer: Any, config: ReadConfig,
-                 pool: ThreadPoolExecutor, upload_part: int | None = None) -> None:
+                 pool: ThreadPoolExecutor, upload_part: int | None = None,
+                 digest: bool = True) -> None:
         self.storage, self.key, self.size, self.buffer = storage, key, size, buffer
         self.view = memoryview(buffer).cast("B")
         if len(self.view) != size:
@@ -156,8 +157,8 @@ class _ObjectRead:
         # Digest "parts": the whole object, or each upload part; ranges never cross one.
         self.upload_part = upload_part if size else None  # an empty object: nothing to part
         span = self.upload_part or max(size, 1)
-        self.digests = [InOrderDigest(self.view[p:p + span]) for p in range(0, size, span)] \
-            or [InOrderDigest(self.view)]
+        self.digests = ([InOrderDigest(self.view[p:p + span]) for p in range(0, size, span)]
+                        or [InOrderDigest(self.view)]) if digest else []
         self.span = span
         self.failed: BaseException | None = None
         self.t0 = time.perf_counter()
@@ -184,8 +185,9 @@ class _ObjectRead:
                     time.sleep(0.2 * 2 ** (attempt - 1))
             if total != self.size:
                 raise ObjectMismatchError(self.storage.uri_for(self.key), total, self.size)
-            part = offset // self.span
-            self.digests[part].done(offset - part * self.span, n)  # this thread hashes it
+            if self.digests:
+                part = offset // self.span
+                self.digests[part].done(offset - part * self.span, n)  # this thread hashes it
         except BaseException as e:
             if self.failed is None:
                 self.failed = e
@@ -198,7 +200,9 @@ class _ObjectRead:
             raise self.failed
         for f in self.futures:
             f.result()
-        if self.upload_part:
+        if not self.digests:
+            sha, composite = None, None
+        elif self.upload_part:
             sha, composite = None, composite_sha256([d.digest() for d in self.digests])
         else:
             sha, composite = self.digests[0].hexdigest(), None
@@ -220,12 +224,13 @@ class _ObjectRead:
 
 
 def read_parallel(storage: Any, objects: Sequence[tuple[str, int] | tuple[str, int, int | None]],
-                  alloc: Callable[[str, int], Any], config: ReadConfig | None = None
-                  ) -> Iterator[Fetched]:
+                  alloc: Callable[[str, int], Any], config: ReadConfig | None = None,
+                  digest: bool = True) -> Iterator[Fetched]:
     """Read every ``(key, size)`` of ``objects`` into a buffer from ``alloc(key, size)`` (any
     writable buffer of exactly ``size`` bytes), yielding them in the given order, whole and
     hashed (``(key, size, part_size)``: hashed per upload part, ``Fetched.composite``; a
-    ``part_size`` of None is the whole sha256). A yielded buffer counts against
+    ``part_size`` of None is the whole sha256; ``digest=False``: not hashed, for a caller that
+    checks the bytes its own way, e.g. per block). A yielded buffer counts against
     ``memory_bytes`` until the next one is asked for. Raises ``FileNotFoundError`` (absent), ``ObjectMismatchError`` (another size) or
     ``StorageError`` (after the retries) for the first object that fails; reads still in
     flight are cancelled or awaited before it propagates."""
@@ -239,7 +244,7 @@ def read_parallel(storage: Any, objects: Sequence[tuple[str, int] | tuple[str, i
             while todo and (not reads or held + todo[0][1] <= config.memory_bytes):
                 key, size, *part = todo.popleft()
                 reads.append(_ObjectRead(storage, key, size, alloc(key, size), config, pool,
-                                         part[0] if part else None))
+                                         part[0] if part else None, digest))
                 held += size
             r = reads.popleft()
             fetched = r.result()
