@@ -11,6 +11,13 @@ Each lab owns one numbered slice of address space (``net_index`` i):
   serves goes nowhere (the lab runs no kube-proxy: two labs on one machine would fight
   over the same iptables chains; in-cluster clients are pointed at the host address).
 
+Every lab bridge gets a fixed MAC address (``bridge_mac``). Left alone, a Linux bridge takes
+the lowest MAC among its ports, so deleting the pod whose veth held it changes the gateway's
+MAC under every other pod of that node: their cached neighbour entry points nowhere and their
+traffic to the host (S3, the apiserver) and to other nodes' pods is dropped until it expires
+and is resolved again, tens of seconds. That stalled gang members' storage writes and
+collectives whenever a neighbouring pod ended.
+
 What keeps traffic on the machine: pods get routes for the lab's own /16 only (no default
 route), forwarding is enabled per lab bridge only (never the global ``ip_forward``), and
 a lab-owned iptables chain drops anything forwarded to or from the lab range that does not
@@ -72,6 +79,17 @@ def claim_net_index(owner: Path, start: int = 1) -> int:
                    "'phoenix-lab down' (ip -br link | grep phx)")
 
 
+def _pin_mac(link: str, mac: str) -> None:
+    """Give a bridge a MAC of its own (the kernel then never replaces it by a port's)."""
+    try:
+        current = Path(f"/sys/class/net/{link}/address").read_text().strip()
+        assigned = Path(f"/sys/class/net/{link}/addr_assign_type").read_text().strip()
+    except OSError:
+        current, assigned = "", ""
+    if current != mac or assigned != "3":  # 3: NET_ADDR_SET, chosen by a user
+        _run("ip", "link", "set", "dev", link, "address", mac)
+
+
 @dataclass(frozen=True)
 class LabNetwork:
     index: int
@@ -103,6 +121,12 @@ class LabNetwork:
     def bridge(self, node_index: int) -> str:
         return f"phx{self.index}br{node_index}"
 
+    def bridge_mac(self, node_index: int | None) -> str:
+        """The fixed MAC of a node's bridge (``None``: the host bridge): locally administered
+        unicast, one per lab slice and node."""
+        n = 0xFFFF if node_index is None else node_index
+        return f"02:50:58:{self.index:02x}:{n >> 8:02x}:{n & 0xFF:02x}"
+
     def gateway(self, node_index: int) -> str:
         return f"{self.prefix}.{node_index}.1"
 
@@ -116,6 +140,7 @@ class LabNetwork:
     def up(self) -> None:
         if not link_exists(self.host_link):
             _run("ip", "link", "add", self.host_link, "type", "bridge")  # no dummy module here
+        _pin_mac(self.host_link, self.bridge_mac(None))
         if f" {self.host_ip}/32 " not in _run("ip", "-o", "addr", "show", "dev",
                                               self.host_link).stdout:
             _run("ip", "addr", "add", f"{self.host_ip}/32", "dev", self.host_link)
@@ -139,6 +164,7 @@ class LabNetwork:
         if not link_exists(name):
             _run("ip", "link", "add", name, "type", "bridge")
             _run("ip", "addr", "add", f"{self.gateway(node_index)}/24", "dev", name)
+        _pin_mac(name, self.bridge_mac(node_index))  # also on a bridge made before this rule
         _run("ip", "link", "set", name, "up")
         _run("sysctl", "-q", "-w", f"net.ipv4.conf.{name}.forwarding=1")
         return name

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import pytest
 from kubernetes import client
@@ -204,6 +205,13 @@ def test_pods_reach_each_other_across_nodes_by_dns_and_nothing_outside(lab, core
     assert ip == p.status.pod_ip and lab.net.contains(ip)
     # /proc/net/route destinations (little-endian hex): never the default route 00000000.
     assert "00000000" not in routes.split(","), routes
+    # Every bridge keeps the MAC the lab gave it, whichever pods' veths came and went (the
+    # client's just did): pods' cached gateway address stays right (network.py).
+    for n in lab.node_specs:
+        sys_dir = Path("/sys/class/net") / lab.net.bridge(n.index)
+        got = ((sys_dir / "address").read_text().strip(),
+               (sys_dir / "addr_assign_type").read_text().strip())
+        assert got == (lab.net.bridge_mac(n.index), "3"), (n.name, got)
 
 
 def test_graceful_delete_sends_sigterm_then_pod_is_gone(core, ns, pod, beacon):

@@ -60,3 +60,13 @@ def test_containerd_config_restricts_oom_score_adj(tmp_path, monkeypatch):
 def test_short_image_names_match_their_normalized_references():
     assert _same_image("some.host/library/phoenix-trainer:abc", "phoenix-trainer:abc")
     assert not _same_image("some.host/library/phoenix-trainer:abc", "phoenix-trainer:abd")
+
+
+def test_every_bridge_gets_its_own_fixed_locally_administered_mac():
+    """A bridge left to the kernel takes its lowest port's MAC and changes it when that pod
+    goes, stalling every other pod's traffic through it (network.py)."""
+    macs = [LabNetwork(i).bridge_mac(n) for i in (0, 1, 7) for n in (None, 0, 1, 2, 255, 300)]
+    assert len(set(macs)) == len(macs)
+    for mac in macs:
+        first = int(mac.split(":")[0], 16)
+        assert len(mac.split(":")) == 6 and first & 0b10 and not first & 0b01, mac
