@@ -5,11 +5,13 @@ nodes), two disrupted jobs:
 
 - ``gangRestart: Whole`` (the default): one member evicted, one member's node lost - each
   restarts the whole gang from the newest checkpoint;
-- ``gangRestart: Member`` with a spare (``recovery.standby``): one member SIGKILLed - the
-  waiting spare takes its place (no pod created); then the member hosting the rendezvous store
-  evicted (it leaves alone at its next step) - the next spare, or a new pod if that spare is
-  not there yet, takes it. Each time the survivor keeps its pod and hands the newcomer its
-  state (0 steps lost).
+- ``gangRestart: Member`` with a spare (``recovery.standby``): the first spare evicted while
+  it waits - another replaces it, the gang is not charged; one member SIGKILLed and the leading
+  operator SIGKILLed right after it (the take-over is decided, or finished, by whichever
+  operator leads next) - the waiting spare takes its place (no pod created); then the member
+  hosting the rendezvous store evicted (it leaves alone at its next step) - the next spare, or
+  a new pod if that spare is not there yet, takes it. Each time the survivor keeps its pod and
+  hands the newcomer its state (0 steps lost).
 
 Both succeed with exact counts (each naming the member that caused it), no member of a dead
 gang left running, every rank trained on exactly the samples of the reference run, and final
@@ -132,10 +134,11 @@ def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, 
 
     # --- gangRestart: Member with a spare - only the lost member is replaced: by the spare,
     # state from the survivor ---------------------------------------------------------------
-    # 0.25 s a step (0.15 without the spare): the spare's start before the first loss takes
-    # steps, and after the second the gang must train long enough for the operator to see
-    # every rank training again (trainingAgainSeconds) before it finishes
-    body = gang_job(e2e, unique("gang-member"), e2e_bucket, "--step-delay=0.25")
+    # 0.35 s a step (0.15 without the spare): two spares' starts and an operator's
+    # failover before the first loss take steps, and after the second the gang must train
+    # long enough for the operator to see every rank training again (trainingAgainSeconds)
+    # before it finishes
+    body = gang_job(e2e, unique("gang-member"), e2e_bucket, "--step-delay=0.35")
     body["spec"]["recovery"].update(gangRestart="Member", standby=True)
     # two members and the spare on three nodes (the template's anti-affinity spreads them;
     # the lab has two spot nodes, and the on-demand one runs the CPU trainer as well)
@@ -150,11 +153,13 @@ def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, 
         return [f"{pod_name(member_job, 'train', a)}.spare" if m in (ps.get("spareMembers") or ())
                 else pod_name(member_job, "train", a, m) for m, a in enumerate(attempts)]
 
-    def spare_waiting() -> str:
-        """The spare pod, once it is Ready (warm) and waiting for a place."""
+    def spare_waiting(other_than: str | None = None) -> str:
+        """The spare pod (another than ``other_than``), once it is Ready (warm) and waiting
+        for a place."""
         def ready():
             sb = (phase_status(get(member_job)) or {}).get("standby") or {}
-            return sb["pod"] if sb.get("reason") == "spare" and sb.get("ready") else None
+            return (sb["pod"] if sb.get("reason") == "spare" and sb.get("ready")
+                    and sb["pod"] != other_than else None)
         return wait_for(ready, 240, 1, "a ready spare", diagnose=lambda: diagnose(member_job))
 
     def replaced(n: int) -> dict:
@@ -168,11 +173,20 @@ def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, 
 
     pods = training(member_job, [1, 1], 0)
     survivor_uid = pods[0].metadata.uid
-    spare = spare_waiting()
+    first_spare = spare_waiting()
+    e2e.evict(ns, first_spare)     # lost while waiting: replaced at once, nothing charged
+    spare = spare_waiting(other_than=first_spare)
+    ps = phase_status(get(member_job))
+    assert (ps["preemptions"], ps["failures"], ps.get("replacements", 0)) == (0, 0, 0), ps
+    assert any(first_spare in m and "ended before it was needed" in m
+               for m in events(member_job)), events(member_job)
     spare_pod = kube.core.read_namespaced_pod(spare, ns)
     assert spare_pod.spec.node_name not in {p.spec.node_name for p in pods}
     at_kill = newest_step(member_job)
     lab.kill_pod(ns, pods[1].metadata.name, signal.SIGKILL)   # failure 1, member 1
+    leader = e2e.operators.leader()
+    assert leader, e2e.operators.describe()
+    lab.kill_pod(e2e.operator_namespace, leader["metadata"]["name"], signal.SIGKILL)
     ps = replaced(1)
     rep = ps["lastReplacement"]
     assert (rep["members"], rep["pods"], rep.get("spare"), rep["recoveredFrom"]) == (

@@ -146,11 +146,12 @@ def test_a_gang_rank_that_stops_before_its_collective_is_named_and_the_gang_rest
     assert (ps["failures"], ps["hangs"], ps["preemptions"]) == (1, 1, 0), ps
     hang = ps["lastHang"]
     assert hang["rank"] == 1 and hang["pod"] == pod_name(name, "train", 1, 0), hang
-    # Every rank that could still write names its dump before the decision - but in the lab
-    # one member's heartbeat writes to S3 have stalled for tens of seconds (the second
-    # member's twice, the first member's once: then the stopped rank's last heartbeat was its
-    # first, step 0), so those read as frozen and the operator rightly waits no longer for
-    # them. The stopped rank's dump is in storage either way (below).
+    # Every rank that could still write names its dump before the decision. A rank whose
+    # storage writes stall reads as frozen, and the operator rightly waits no longer for its
+    # dump: that happened on the lab while a node's bridge changed its MAC whenever a
+    # neighbouring pod ended (fixed in lab/phoenix_lab/network.py: every pod on the node lost
+    # its gateway for tens of seconds), and can happen on any cluster, so any subset of dumps
+    # is accepted. The stopped rank's dump is in storage either way (below).
     assert hang["step"] <= 40 and len(hang["stackDumps"]) <= 4, hang
     # never before the timeout; a frozen heartbeat counts its stall from its last write
     assert TIMEOUT <= hang["stalledSeconds"] <= TIMEOUT + DUMP_GRACE_SECONDS + 60, hang
