@@ -134,11 +134,11 @@ def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, 
 
     # --- gangRestart: Member with a spare - only the lost member is replaced: by the spare,
     # state from the survivor ---------------------------------------------------------------
-    # 0.35 s a step (0.15 without the spare): two spares' starts and an operator's
-    # failover before the first loss take steps, and after the second the gang must train
+    # 0.3 s a step (0.15 without the spare): a spare's start and an operator's failover
+    # before the first take-over take steps, and after the second loss the gang must train
     # long enough for the operator to see every rank training again (trainingAgainSeconds)
     # before it finishes
-    body = gang_job(e2e, unique("gang-member"), e2e_bucket, "--step-delay=0.35")
+    body = gang_job(e2e, unique("gang-member"), e2e_bucket, "--step-delay=0.3")
     body["spec"]["recovery"].update(gangRestart="Member", standby=True)
     # two members and the spare on three nodes (the template's anti-affinity spreads them;
     # the lab has two spot nodes, and the on-demand one runs the CPU trainer as well)
@@ -153,14 +153,19 @@ def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, 
         return [f"{pod_name(member_job, 'train', a)}.spare" if m in (ps.get("spareMembers") or ())
                 else pod_name(member_job, "train", a, m) for m, a in enumerate(attempts)]
 
-    def spare_waiting(other_than: str | None = None) -> str:
+    def spare_waiting(other_than: str | None = None, ready: bool = True) -> str:
         """The spare pod (another than ``other_than``), once it is Ready (warm) and waiting
-        for a place."""
-        def ready():
+        for a place; ``ready=False``: once its container runs."""
+        def found():
             sb = (phase_status(get(member_job)) or {}).get("standby") or {}
-            return (sb["pod"] if sb.get("reason") == "spare" and sb.get("ready")
-                    and sb["pod"] != other_than else None)
-        return wait_for(ready, 240, 1, "a ready spare", diagnose=lambda: diagnose(member_job))
+            if sb.get("reason") != "spare" or sb.get("pod") == other_than or not sb.get("node"):
+                return None
+            if ready:
+                return sb["pod"] if sb.get("ready") else None
+            running = kube.core.read_namespaced_pod(sb["pod"], ns).status.phase == "Running"
+            return sb["pod"] if running else None
+        return wait_for(found, 240, 1, "a ready spare" if ready else "a running spare",
+                        diagnose=lambda: diagnose(member_job))
 
     def replaced(n: int) -> dict:
         """The status once the n-th replacement's gang trains again (from the heartbeats)."""
@@ -173,7 +178,7 @@ def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, 
 
     pods = training(member_job, [1, 1], 0)
     survivor_uid = pods[0].metadata.uid
-    first_spare = spare_waiting()
+    first_spare = spare_waiting(ready=False)  # not warm yet: its successor's start is the cost
     e2e.evict(ns, first_spare)     # lost while waiting: replaced at once, nothing charged
     spare = spare_waiting(other_than=first_spare)
     ps = phase_status(get(member_job))

@@ -13,7 +13,7 @@ from .. import constants as C
 from ..constants import Cause
 from ..outcomes import LIVE, Outcome, gone
 from ..phoenixjob import Failure, PhaseSpec, PhaseStatus, parse_ts
-from ..podspec import member_of, pod_name
+from ..podspec import in_place_gang, member_of, pod_name
 from ..states import Event, transition
 from .plan import Ctx
 
@@ -23,7 +23,9 @@ def gang_outcome(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
                  ) -> tuple[Outcome, Mapping[str, Any] | None, list[Mapping[str, Any]]]:
     """How a gang's recorded attempt stands (see ``attempts.attempt_outcome``): live while no
     member ended; completed when all completed; else the earliest preempted member ends it,
-    or, with no preemption, the earliest failed one (see the package docstring)."""
+    or, with no preemption, the earliest failed one (see the package docstring). A member
+    that exited with an error while its peers still run ends it only once the peers ended too
+    or ``GANG_SETTLE_SECONDS`` passed: a peer's lost node may not be known yet."""
     by_member = {member_of(p): p for p in members}
     seen = []
     for i in range(phase.replicas):
@@ -44,6 +46,17 @@ def gang_outcome(ctx: Ctx, phase: PhaseSpec, st: PhaseStatus,
     # Earliest first; at the same second, a member killed by a signal or OOM before one that
     # exited with an error (torchrun exits 1 when it loses a peer).
     killed = {C.SIGTERM_EXIT, C.SIGKILL_EXIT}
+    if not preempted and live and not in_place_gang(ctx.spec, phase) and all(
+            o.exit_code not in killed and o.reason != C.R_OOM for _, o, _ in bad):
+        # Only errors so far, peers still running: an error is what a member shows when a
+        # peer's node vanished (its collective failed) before that loss is known here (the
+        # Node object deleted, or NotReady); wait a little for the peers to end or be lost.
+        # (An in-place gang's survivors rejoin instead of exiting: its errors are its own.)
+        first = min((o.finished_at for _, o, _ in bad if o.finished_at), default=None)
+        left = (C.GANG_SETTLE_SECONDS - (ctx.now - first).total_seconds()) if first else 0.0
+        if left > 0:
+            ctx.plan.requeue(left)
+            return LIVE, None, live
     pod, outcome, name = min(preempted or bad, key=lambda x: (
         x[1].finished_at or far, x[1].exit_code not in killed and x[1].reason != C.R_OOM, x[2]))
     return outcome, pod if pod is not None else {"metadata": {"name": name}}, live

@@ -588,12 +588,36 @@ def test_one_preempted_member_ends_the_gang_once_and_its_peers_are_not_charged()
 def test_a_failed_member_is_one_failure_naming_it_and_a_gang_succeeds_only_whole():
     body = with_status(gang_job(), GANG_RUN1)
     failed = member(0, pod_phase="Failed", exit_code=1, message="bug", finished=at(-5))
-    plan = decide(body, [failed, member(1)], NO_CK, at(1))
-    assert (ps(plan)["failures"], ps(plan)["preemptions"]) == (1, 0)
-    assert ps(plan)["lastFailure"]["pod"] == "j.train-1.0"
+    # an error while the peer still runs: charged once GANG_SETTLE_SECONDS have passed (or
+    # the peer ended too), not before
+    early = decide(body, [failed, member(1)], NO_CK, at(1))
+    assert (ps(early)["failures"], ps(early)["preemptions"]) == (0, 0) and early.delete == []
+    assert early.requeue_after == pytest.approx(C.GANG_SETTLE_SECONDS - 6)
+    both = member(1, pod_phase="Failed", exit_code=1, message="peer gone", finished=at(-4))
+    for pods, now in (([failed, member(1)], at(C.GANG_SETTLE_SECONDS)), ([failed, both], at(1))):
+        plan = decide(body, pods, NO_CK, now)
+        assert (ps(plan)["failures"], ps(plan)["preemptions"]) == (1, 0)
+        assert ps(plan)["lastFailure"]["pod"] == "j.train-1.0"
     done = [member(i, pod_phase="Succeeded", exit_code=0) for i in range(2)]
     assert ps(decide(body, done[:1] + [member(1)], {}, at(1)))["state"] == "Running"
     assert ps(decide(body, done, {}, at(1)))["state"] == "Succeeded"
+
+
+def test_a_member_whose_collective_failed_before_its_peer_s_node_loss_is_known_is_not_charged():
+    """The peer's node vanished: this member's collective failed at once (exit 1); the node's
+    loss is known only seconds later. Within GANG_SETTLE_SECONDS it is the peer's
+    preemption, not this member's failure."""
+    body = with_status(gang_job(), GANG_RUN1)
+    saw_it = member(0, pod_phase="Failed", exit_code=1, message="peer vanished", finished=at(-3))
+    on_lost = member(1, node="n1")  # still Running: its kubelet died with the node
+    assert ps(decide(body, [saw_it, on_lost], NO_CK, at(1)))["failures"] == 0
+    plan = decide(body, [saw_it, on_lost], NO_CK, at(4), nodes={"n1": NodeHealth(missing=True)})
+    st = ps(plan)
+    assert (st["preemptions"], st["failures"]) == (1, 0), st
+    assert (st["lastFailure"]["pod"], st["lastFailure"]["reason"]) == ("j.train-1.1", C.R_NODE_LOST)
+    # a member killed by a signal is a cause, not a symptom: no wait
+    killed = member(0, pod_phase="Failed", exit_code=137, finished=at(-3))
+    assert ps(decide(body, [killed, member(1)], NO_CK, at(1)))["failures"] == 1
 
 
 def test_a_member_deleted_by_someone_is_a_preemption_naming_it():
