@@ -46,9 +46,10 @@ test-storage-all: setup
 
 # The storage, cluster and e2e layers against both S3 servers: test-storage-all's slow
 # storage tests, and every cluster and e2e test on the lab's SeaweedFS too (TLS with the lab
-# CA, on the lab's host address). `make test` runs them on versitygw, save the e2e
-# preempted-and-resumed sample job (tests/e2e/test_recovery.py), which it runs on both
-# (tests/s3_selection.py).
+# CA, on the lab's host address). `make test` runs them on versitygw, save the two tests
+# marked all_s3_servers, which it runs on both: the e2e preempted-and-resumed sample job
+# (tests/e2e/test_recovery.py) and the cluster eviction-resume test
+# (tests/cluster/test_operator.py); tests/s3_selection.py.
 test-s3-all: setup
 	PHOENIX_S3_SLOW_ON_ALL=1 PHOENIX_LAB_S3_ON_ALL=1 $(PYTEST) --durations=15 -m "storage or cluster or e2e" tests
 

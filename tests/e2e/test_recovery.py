@@ -43,8 +43,8 @@ def test_operator_pods_run_restricted_and_stay_ready(e2e, kube):
 
 
 # The one e2e test `make test` runs against SeaweedFS too (TLS with the lab CA, through
-# spec.checkpoint.caBundle and the chart's storage.caBundle): the others run there under
-# `make test-s3-all` (tests/s3_selection.py).
+# spec.checkpoint.caBundle and the chart's storage.caBundle; about 25 s there): the others
+# run there under `make test-s3-all` (tests/s3_selection.py).
 @pytest.mark.all_s3_servers
 def test_preempted_training_job_resumes_from_checkpoint_and_succeeds(e2e, kube, e2e_bucket,
                                                                      submit_job):
