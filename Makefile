@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: setup demo test test-soak test-user-image test-upgrade test-storage-all test-s3-all test-unit test-cluster test-e2e lab-up lab-down bench
+.PHONY: setup demo test test-soak test-user-image test-upgrade test-storage-all test-unit test-cluster test-e2e lab-up lab-down bench
 
 setup:
 	bash lab/bootstrap.sh
@@ -43,15 +43,6 @@ test-unit:
 # versitygw only, one seed per loader; tests/conftest.py).
 test-storage-all: setup
 	PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) -m storage tests
-
-# The storage, cluster and e2e layers against both S3 servers: test-storage-all's slow
-# storage tests, and every cluster and e2e test on the lab's SeaweedFS too (TLS with the lab
-# CA, on the lab's host address). `make test` runs them on versitygw, save the two tests
-# marked all_s3_servers, which it runs on both: the e2e preempted-and-resumed sample job
-# (tests/e2e/test_recovery.py) and the cluster eviction-resume test
-# (tests/cluster/test_operator.py); tests/s3_selection.py.
-test-s3-all: setup
-	PHOENIX_S3_SLOW_ON_ALL=1 PHOENIX_LAB_S3_ON_ALL=1 $(PYTEST) --durations=15 -m "storage or cluster or e2e" tests
 
 test-cluster: setup
 	$(PYTEST) -m "cluster or storage" tests

@@ -5,16 +5,12 @@ a developer has running for the demo. ``s3_server`` is parametrized over two ind
 S3 implementations, versitygw (plain HTTP, path-style) and SeaweedFS (TLS with a lab CA,
 which the session's ``AWS_CA_BUNDLE`` names, as a trainer pod's does), so every test that
 uses it runs once per server and its id says which (``[versitygw]``, ``[seaweedfs]``).
-``PHOENIX_S3_SERVERS=versitygw`` (comma-separated) runs a subset. The cluster and e2e layers
-are parametrized the same way over the lab's two servers (tests/cluster/conftest.py
-``lab_s3_server``, tests/e2e/conftest.py ``e2e``).
+``PHOENIX_S3_SERVERS=versitygw`` (comma-separated) runs a subset.
 
-What ``make test`` leaves out (tests/s3_selection.py): the ``slow`` storage tests (kill-and-resume
-runs of whole training scripts: they test Phoenix's resume logic, the S3 calls they make are
-the fast tests' too) run against the first server only, unless ``PHOENIX_S3_SLOW_ON_ALL=1``
-(``make test-storage-all``): against both they would add about 7 minutes. Cluster and e2e
-tests run against the first server only, unless marked ``all_s3_servers`` or
-``PHOENIX_LAB_S3_ON_ALL=1`` (``make test-s3-all``).
+The ``slow`` storage tests (kill-and-resume runs of whole training scripts: they test
+Phoenix's resume logic, the S3 calls they make are the fast tests' too) run against the
+first server only, unless ``PHOENIX_S3_SLOW_ON_ALL=1`` (``make test-storage-all``): against
+both they would add about 7 minutes to ``make test``.
 """
 from __future__ import annotations
 
@@ -26,7 +22,6 @@ import pytest
 
 from phoenix_lab.s3 import S3Endpoint, S3Server, SeaweedS3Server
 
-import s3_selection
 import timing_report
 
 
@@ -35,13 +30,14 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    """What runs against the second S3 server too: see tests/s3_selection.py."""
-    _s3_server_params()  # a bad PHOENIX_S3_SERVERS is a usage error, not a failed test
+    """Slow tests on the first S3 server only, unless PHOENIX_S3_SLOW_ON_ALL=1."""
+    if os.environ.get("PHOENIX_S3_SLOW_ON_ALL", "") in ("1", "true"):
+        return
+    first = _s3_server_params()[0]
     keep, drop = [], []
     for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        markers = {m.name for m in item.iter_markers()}
-        (drop if s3_selection.deselected(params, markers, os.environ) else keep).append(item)
+        server = getattr(getattr(item, "callspec", None), "params", {}).get("s3_server")
+        (drop if server not in (None, first) and item.get_closest_marker("slow") else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -79,10 +75,13 @@ S3_SERVERS = {"versitygw": S3Server, "seaweedfs": SeaweedS3Server}
 
 
 def _s3_server_params() -> list[str]:
-    try:
-        return s3_selection.servers(os.environ)
-    except ValueError as e:
-        raise pytest.UsageError(f"PHOENIX_S3_SERVERS: {e}") from e
+    wanted = [n.strip() for n in os.environ.get("PHOENIX_S3_SERVERS", ",".join(S3_SERVERS))
+              .split(",") if n.strip()]
+    unknown = set(wanted) - set(S3_SERVERS)
+    if unknown or not wanted:
+        raise pytest.UsageError(f"PHOENIX_S3_SERVERS: {sorted(unknown) or 'empty'}; "
+                                f"choose from {sorted(S3_SERVERS)}")
+    return wanted
 
 
 @pytest.fixture(scope="session", params=_s3_server_params())

@@ -38,9 +38,8 @@ class Pair:
         self.lab = lab
         # The chart's Lease name for release "phx" (its Role grants get/update on that one)
         self.lease = f"{RELEASE}-operator"
-        # AWS_CA_BUNDLE: the lab CA, which signed SeaweedFS's certificate (lab_s3_server)
         env = dict(TIMINGS, PHOENIX_LEADER_ELECTION="true", PHOENIX_LEASE_NAME=self.lease,
-                   PHOENIX_LEASE_NAMESPACE=LEASE_NS, AWS_CA_BUNDLE=str(lab.pki.ca_cert))
+                   PHOENIX_LEASE_NAMESPACE=LEASE_NS)
         # op-a reaches the API server through a relay that can be cut (a partition).
         self.relay = Partition(lab.host_ip, (lab.host_ip, lab.ports.apiserver))
         configs = {"op-a": self.relay.kubeconfig(kubeconfig, log_dir / "op-a.kubeconfig"),
@@ -103,8 +102,8 @@ def pair(lab, operator_rbac, tmp_path):
 
 
 @pytest.fixture
-def pxl(lab, core, lab_s3):
-    name = create_job_namespace(lab, core, prefix="pxl", s3=lab_s3)
+def pxl(lab, core):
+    name = create_job_namespace(lab, core, prefix="pxl")
     yield name
     core.delete_namespace(name)
 
@@ -116,8 +115,8 @@ def metric(op: OperatorProcess, name: str) -> float:
     return 0.0
 
 
-def long_job(lab, s3, bucket, name="el"):
-    return phoenixjob(name, bucket, s3.url, image=lab.trainer_image,
+def long_job(lab, bucket, name="el"):
+    return phoenixjob(name, bucket, lab.s3.url, image=lab.trainer_image,
                       env={"FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5})
 
 
@@ -126,25 +125,25 @@ def running(core, ns, job, attempt):
                 and p.status.phase == "Running" and p, 60, f"attempt {attempt} running")
 
 
-def fence(s3, bucket) -> dict:
-    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+def fence(lab, bucket) -> dict:
+    keys = [o["Key"] for o in lab.s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
             if o["Key"].endswith("/fence.json")]
     assert len(keys) == 1, keys
-    return json.loads(s3.client().get_object(Bucket=bucket, Key=keys[0])["Body"].read())
+    return json.loads(lab.s3.client().get_object(Bucket=bucket, Key=keys[0])["Body"].read())
 
 
 def test_one_leader_writes_and_a_standby_takes_over_within_the_lease_when_it_dies(
-        lab, lab_s3, pair, core, custom, pxl, bucket):
+        lab, pair, core, custom, pxl, bucket):
     a, b = pair.ops["op-a"], pair.ops["op-b"]
-    create(custom, pxl, long_job(lab, lab_s3, bucket))
+    create(custom, pxl, long_job(lab, bucket))
     first = running(core, pxl, "el", 1)
     wait(lambda: metric(b, "phoenix_operator_leader_info") == 1, 10, "op-b sees the leader")
     assert metric(a, "phoenix_operator_leader") == 1 and metric(b, "phoenix_operator_leader") == 0
     assert metric(a, "phoenix_pods_created_total") == 1
     assert metric(b, "phoenix_pods_created_total") == 0  # the standby wrote nothing
     term = pair.record()["lease_transitions"]
-    assert fence(lab_s3, bucket)["leader"] == {"term": term, "leader": "op-a",
-                                               "lease": fence(lab_s3, bucket)["leader"]["lease"]}
+    assert fence(lab, bucket)["leader"] == {"term": term, "leader": "op-a",
+                                            "lease": fence(lab, bucket)["leader"]["lease"]}
 
     # The leader's node dies with it: no release. Its trainer pod goes at the same time.
     a.kill()
@@ -154,8 +153,8 @@ def test_one_leader_writes_and_a_standby_takes_over_within_the_lease_when_it_die
          "op-b creates attempt 2 within the lease duration (+ a pass)")
     took = time.monotonic() - lost
     assert pair.holder() == "op-b" and pair.record()["lease_transitions"] == term + 1
-    assert fence(lab_s3, bucket)["leader"]["leader"] == "op-b"
-    assert fence(lab_s3, bucket)["leader"]["term"] == term + 1
+    assert fence(lab, bucket)["leader"]["leader"] == "op-b"
+    assert fence(lab, bucket)["leader"]["term"] == term + 1
     assert metric(b, "phoenix_operator_leader") == 1
     ps = wait(lambda: (s := phase_status(get(custom, pxl, "el"))).get("attempts") == 2 and s,
               20, "status attempt 2")
@@ -185,7 +184,7 @@ def test_a_drained_leader_hands_over_at_once(lab, pair):
 
 @pytest.mark.parametrize("how", ["partitioned", "paused"])
 def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
-        lab, lab_s3, pair, core, custom, pxl, bucket, how):
+        lab, pair, core, custom, pxl, bucket, how):
     """``partitioned``: op-a's connections to the API server stop carrying bytes (a relay it
     reaches the API server through stops relaying; storage stays reachable, the dangerous
     case) while it keeps running - its renewals fail, its gate closes after the renew
@@ -193,7 +192,7 @@ def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
     (SIGSTOP: a VM paused, a long GC) and resumes with its timers overdue and a backlog of
     watch events. Either way, after the lease moved, nothing it sends succeeds."""
     a, b = pair.ops["op-a"], pair.ops["op-b"]
-    create(custom, pxl, long_job(lab, lab_s3, bucket, how))
+    create(custom, pxl, long_job(lab, bucket, how))
     first = running(core, pxl, how, 1)
     cut_at = datetime.now(timezone.utc)
     pair.cut_off("op-a", how)
@@ -201,7 +200,7 @@ def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
     # The new leader acts: a preemption it must recover while the old one is away.
     core.delete_namespaced_pod(first.metadata.name, pxl, grace_period_seconds=0)
     running(core, pxl, how, 2)
-    fenced = fence(lab_s3, bucket)
+    fenced = fence(lab, bucket)
     assert fenced["leader"]["leader"] == "op-b" and fenced["attempt"] == 2
 
     healed = datetime.now(timezone.utc)
@@ -220,7 +219,7 @@ def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
         f"{e['verb']} {e['requestURI']} {e.get('responseStatus')}" for e in late)
     assert [e for e in writes if _ts(e["requestReceivedTimestamp"]) < cut_at], (
         "the audit log names op-a's writes while it led (else this proves nothing)")
-    assert fence(lab_s3, bucket) == fenced  # storage: the new leader's fence stands
+    assert fence(lab, bucket) == fenced  # storage: the new leader's fence stands
     names = sorted(p.metadata.name for p in core.list_namespaced_pod(
         pxl, label_selector=f"phoenix.dev/job={how}").items)
     assert names == [pod_name(how, "train", 2)], names
