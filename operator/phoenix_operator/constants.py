@@ -47,10 +47,10 @@ STATUS_PORT = 8471
 STATUS_PROBE_DELAY_SECONDS = 5
 RENDEZVOUS_PORT = 29500  # torchrun's PET_MASTER_PORT inside a gang
 # A gang member (gangRestart: Whole) that exited with an error (not a signal, not OOM) while
-# its peers still run ends the attempt only this long after, unless they end first: when a peer's node vanishes,
-# the others' collectives fail at once, and the node's loss (its Node object deleted, or
-# NotReady) may be known only seconds later - then the attempt is that peer's preemption,
-# not a failure of the member that saw it (decide.gangs.gang_outcome).
+# its peers still run ends the attempt only this long after, unless they end first: when a
+# peer's node vanishes, the others' collectives fail at once, and the node's loss (its Node
+# object deleted, or NotReady) may be known only seconds later - then the attempt is that
+# peer's preemption, not a failure of the member that saw it (decide.gangs.gang_outcome).
 GANG_SETTLE_SECONDS = 15.0
 GANG_STORE_PORTS = 1000  # an in-place gang's store: RENDEZVOUS_PORT + attempt % this
 PEER_VOLUME = "phoenix-peer"  # an in-place gang's memory-backed emptyDir (contract.PEER_DIR)
