@@ -93,6 +93,25 @@ class Proc:
             assert self.p.poll() is None, "trainer exited early:\n" + "".join(self.lines[-30:])
             assert time.monotonic() < deadline, f"trainer never reached step {step}"
             time.sleep(0.005)
+        self.pids.update({r: pid for r, pid in self._ranks_from_proc().items() if r not in self.pids})
+
+    def _ranks_from_proc(self) -> dict[int, int]:
+        """rank -> pid of the launcher's live workers, from /proc (their RANK variable): a
+        rank's start line can be missed when two ranks' unbuffered writes to the one stderr
+        pipe interleave on loaded cores."""
+        found = {}
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) != self.p.pid:
+                    continue
+                env = dict(v.split("=", 1) for v in (d / "environ").read_text().split("\0") if "=" in v)
+            except (OSError, ValueError, IndexError):
+                continue
+            if "RANK" in env:
+                found[int(env["RANK"])] = int(d.name)
+        return found
 
     def kill_group(self) -> None:
         if self.p.poll() is None:

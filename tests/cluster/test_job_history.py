@@ -46,8 +46,9 @@ def test_history_of_an_eviction_survives_operator_restart_and_every_pod_deleted(
     assert end1["by"]["replica"] and end1["pod"] == pod_name("hi", "train", 1)
     start2 = next(r for r in recs if r["kind"] == "start" and r["attempt"] == 2)
     assert start2["resumeFrom"] == resumed and start2["after"] == "preemption"
-    summary = wait(lambda: (get(custom, ns, "hi").get("status") or {}).get("history"), 30,
-                   "status.history")
+    # status.history can be written before the end record is summarized (attemptsEnded 0)
+    summary = wait(lambda: (h := (get(custom, ns, "hi").get("status") or {}).get("history"))
+                   and h.get("attemptsEnded") and h, 30, "status.history with attempt 1's end")
     assert summary["byCause"] == {"preemption": 1} and summary["attemptsEnded"] == 1
     doc = json.loads(phoenix_cli(lab, "report", "hi", "-n", ns, "-o", "json"))
     assert doc["preemptions"] == 1 and doc["failures"] == 0
