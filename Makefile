@@ -2,18 +2,25 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: setup demo test test-soak test-user-image test-upgrade test-storage-all test-unit test-cluster test-e2e lab-up lab-down bench
+.PHONY: setup demo test test-all test-soak test-user-image test-upgrade test-storage-all test-unit test-cluster test-e2e lab-up lab-down bench
 
 setup:
 	bash lab/bootstrap.sh
 
+# KEEP_LAB=1 leaves the demo's lab running afterwards (it shares the cores with what follows)
 demo: setup
-	$(PY) -m phoenix_lab.demo
+	$(PY) -m phoenix_lab.demo $(if $(KEEP_LAB),--keep-lab)
 
 # --durations: the slowest tests; tests/timing_report.py adds time by layer, by file and the
 # lab's build steps at the end of every run.
 test: setup
 	$(PYTEST) --durations=15 tests
+
+# Everything: the tests marked `full` as well (another test of a story `make test` covers, a
+# minute or more each on the lab) and the slow storage tests against both S3 servers. About
+# twice `make test`'s time; tests/conftest.py says what each tier holds.
+test-all: setup
+	PHOENIX_FULL=1 PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) --durations=15 tests
 
 # Seeded random chaos schedules beyond the fixed one `make test` runs (one job through ten
 # disruptions each).

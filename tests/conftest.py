@@ -7,6 +7,11 @@ which the session's ``AWS_CA_BUNDLE`` names, as a trainer pod's does), so every 
 uses it runs once per server and its id says which (``[versitygw]``, ``[seaweedfs]``).
 ``PHOENIX_S3_SERVERS=versitygw`` (comma-separated) runs a subset.
 
+Tests marked ``full`` (a second test of a story ``make test`` already covers, each a minute
+or more on the lab: the whole-gang and standby-gang e2e runs, the gang hang and straggler, the
+standby notices, the framework examples on the lab, ...) run only with ``PHOENIX_FULL=1``
+(``make test-all``), which keeps ``make test`` inside its time budget.
+
 The ``slow`` storage tests (kill-and-resume runs of whole training scripts: they test
 Phoenix's resume logic, the S3 calls they make are the fast tests' too) run against the
 first server only, unless ``PHOENIX_S3_SLOW_ON_ALL=1`` (``make test-storage-all``): against
@@ -29,33 +34,41 @@ def pytest_configure(config):
     config.pluginmanager.register(timing_report.TimingReport(), "phoenix-timing-report")
 
 
+def _on(variable: str) -> bool:
+    return os.environ.get(variable, "") in ("1", "true")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Slow tests on the first S3 server only, unless PHOENIX_S3_SLOW_ON_ALL=1."""
-    if os.environ.get("PHOENIX_S3_SLOW_ON_ALL", "") in ("1", "true"):
-        return
-    first = _s3_server_params()[0]
+    """``full`` tests only with PHOENIX_FULL=1 (``make test-all``); slow tests on the first S3
+    server only, unless PHOENIX_S3_SLOW_ON_ALL=1."""
+    first = None if _on("PHOENIX_S3_SLOW_ON_ALL") else _s3_server_params()[0]
     keep, drop = [], []
     for item in items:
         server = getattr(getattr(item, "callspec", None), "params", {}).get("s3_server")
-        (drop if server not in (None, first) and item.get_closest_marker("slow") else keep).append(item)
+        other_server = first is not None and server not in (None, first) and item.get_closest_marker("slow")
+        full_only = not _on("PHOENIX_FULL") and item.get_closest_marker("full")
+        (drop if other_server or full_only else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
 
 
 def pytest_report_header(config):
-    """One line when other labs run on this machine: they share its cores and slow this run
-    (the demo's lab, left running, made a 29-minute suite take 55)."""
+    """Which tier runs, and a warning when other labs run on this machine: they share its
+    cores and slow this run (the demo's lab, left running, made a 29-minute suite take 55)."""
+    lines = ["tier: everything (PHOENIX_FULL=1)" if _on("PHOENIX_FULL") else
+             "tier: make test (tests marked `full` deselected; `make test-all` runs them)"]
     try:
         from phoenix_lab.network import labs_running, slice_owner
         others = labs_running()
     except Exception:  # noqa: BLE001 - no `ip`, no lab package: nothing to warn about
-        return None
-    if not others:
-        return None
-    where = ", ".join(str((slice_owner(i) or ("?",))[0]) for i in others)
-    return (f"warning: {len(others)} other lab(s) running on this machine ({where}): they share "
-            "its cores and slow this run; stop one with `.venv/bin/phoenix-lab --state-dir DIR down`")
+        others = []
+    if others:
+        where = ", ".join(str((slice_owner(i) or ("?",))[0]) for i in others)
+        lines.append(f"warning: {len(others)} other lab(s) running on this machine ({where}): they "
+                     "share its cores and slow this run; stop one with "
+                     "`.venv/bin/phoenix-lab --state-dir DIR down`")
+    return lines
 
 
 @dataclass(frozen=True)

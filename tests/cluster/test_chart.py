@@ -94,6 +94,8 @@ def _labelled(lab, kind: str, release: str) -> list[str]:
     return out.stdout.split()
 
 
+# full: the e2e suite installs the chart and recovers a preempted job in make test
+@pytest.mark.full
 def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_job(
         lab, release, core, custom, ns, bucket):
     pod = release.leader_pod()

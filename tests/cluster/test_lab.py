@@ -253,6 +253,8 @@ def test_kill_pod_reports_signal_exit_code(lab, core, ns, pod, beacon):
     assert p.status.container_statuses[0].state.terminated.exit_code == 137
 
 
+# full: the lab's node loss itself (make test loses nodes in test_cli_and_nodeloss and the chaos e2e)
+@pytest.mark.full
 @pytest.mark.slow
 def test_node_loss_kills_containers_and_a_replacement_registers(lab, core, ns, pod, beacon):
     name = unique("nodeloss")

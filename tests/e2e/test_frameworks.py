@@ -39,6 +39,8 @@ def example_job(e2e, framework: str, bucket: str) -> dict:
     return body
 
 
+# full: the framework examples on the lab (make test kills and resumes them in tests/storage)
+@pytest.mark.full
 def test_framework_examples_survive_an_eviction(e2e, kube, e2e_bucket, submit_job):
     names = [submit_job(example_job(e2e, fw, e2e_bucket)) for fw in STEP_DELAY]
 

@@ -13,7 +13,8 @@ nodes), two disrupted jobs:
   a new pod if that spare is not there yet, takes it. Each time the survivor keeps its pod and
   hands the newcomer its state (0 steps lost).
 
-Both succeed with exact counts (each naming the member that caused it), no member of a dead
+(Each mode is one parametrization with its own reference run; ``make test`` runs ``Member``,
+``make test-all`` both.) Both succeed with exact counts (each naming the member that caused it), no member of a dead
 gang left running, every rank trained on exactly the samples of the reference run, and final
 weights equal to the reference's, tensor for tensor."""
 from __future__ import annotations
@@ -58,8 +59,11 @@ def gang_job(e2e, name: str, bucket: str, *extra: str) -> dict:
     return body
 
 
+# full for Whole: make test restarts a whole gang in test_hangs.py (a rank stopped before its
+# collective) and runs the in-place recovery (Member, with a spare) here
+@pytest.mark.parametrize("mode", [pytest.param("Whole", marks=pytest.mark.full), "Member"])
 def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, submit_job,
-                                                        tmp_path, monkeypatch):
+                                                        tmp_path, monkeypatch, mode):
     if "lab" not in e2e.extra:
         pytest.skip("kills a container and loses a node: needs the lab")
     lab = e2e.extra["lab"]
@@ -114,109 +118,111 @@ def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, 
     ref_name = submit_job(gang_job(e2e, unique("gang-ref"), e2e_bucket, "--step-delay=0"))
     assert finished(ref_name, 300)["status"]["phase"] == "Succeeded"
 
-    # --- gangRestart: Whole - every loss restarts the gang from the newest checkpoint --------
-    name = submit_job(gang_job(e2e, unique("gang"), e2e_bucket))
-    pods = training(name, [1, 1], 0)
-    assert pods[0].spec.node_name != pods[1].spec.node_name
-    assert pods[0].spec.hostname == "train-0" and pods[1].spec.subdomain == pods[0].spec.subdomain
-    e2e.evict(ns, pods[1].metadata.name)                      # preemption 1, member 1
-    pods = training(name, [2, 2], newest_step(name))
-    lost = pods[1].spec.node_name
-    lab.lose_node(lost, wait=False)                           # preemption 2, member 1's node
-    done = finished(name, 600)
-    assert done["status"]["phase"] == "Succeeded", diagnose(name)
-    ps = phase_status(done)
-    assert (ps["preemptions"], ps["failures"], ps["attempts"]) == (2, 0, 3), ps
-    assert ps["lastFailure"]["pod"] == pod_name(name, "train", 2, 1), ps["lastFailure"]
-    assert ps["lastFailure"]["reason"] == C.R_NODE_LOST, ps["lastFailure"]
-    nothing_left(name)
-    assert any("gang member 1 of 2" in m and "preempted" in m for m in events(name))
+    if mode == "Whole":
+        # --- gangRestart: Whole - every loss restarts the gang from the newest checkpoint --------
+        name = submit_job(gang_job(e2e, unique("gang"), e2e_bucket))
+        pods = training(name, [1, 1], 0)
+        assert pods[0].spec.node_name != pods[1].spec.node_name
+        assert pods[0].spec.hostname == "train-0" and pods[1].spec.subdomain == pods[0].spec.subdomain
+        e2e.evict(ns, pods[1].metadata.name)                      # preemption 1, member 1
+        pods = training(name, [2, 2], newest_step(name))
+        lost = pods[1].spec.node_name
+        lab.lose_node(lost, wait=False)                           # preemption 2, member 1's node
+        done = finished(name, 600)
+        assert done["status"]["phase"] == "Succeeded", diagnose(name)
+        ps = phase_status(done)
+        assert (ps["preemptions"], ps["failures"], ps["attempts"]) == (2, 0, 3), ps
+        assert ps["lastFailure"]["pod"] == pod_name(name, "train", 2, 1), ps["lastFailure"]
+        assert ps["lastFailure"]["reason"] == C.R_NODE_LOST, ps["lastFailure"]
+        nothing_left(name)
+        assert any("gang member 1 of 2" in m and "preempted" in m for m in events(name))
 
-    # --- gangRestart: Member with a spare - only the lost member is replaced: by the spare,
-    # state from the survivor ---------------------------------------------------------------
-    # 0.3 s a step (0.15 without the spare): a spare's start and an operator's failover
-    # before the first take-over take steps, and after the second loss the gang must train
-    # long enough for the operator to see every rank training again (trainingAgainSeconds)
-    # before it finishes
-    body = gang_job(e2e, unique("gang-member"), e2e_bucket, "--step-delay=0.3")
-    body["spec"]["recovery"].update(gangRestart="Member", standby=True)
-    # two members and the spare on three nodes (the template's anti-affinity spreads them;
-    # the lab has two spot nodes, and the on-demand one runs the CPU trainer as well)
-    body["spec"]["template"]["spec"].pop("nodeSelector")
-    body["spec"]["template"]["spec"]["containers"][0]["env"] += [
-        {"name": "PHOENIX_HEARTBEAT_SECONDS", "value": "2"}]
-    member_job = submit_job(body)
+    else:
+        # --- gangRestart: Member with a spare - only the lost member is replaced: by the spare,
+        # state from the survivor ---------------------------------------------------------------
+        # 0.3 s a step (0.15 without the spare): a spare's start and an operator's failover
+        # before the first take-over take steps, and after the second loss the gang must train
+        # long enough for the operator to see every rank training again (trainingAgainSeconds)
+        # before it finishes
+        body = gang_job(e2e, unique("gang-member"), e2e_bucket, "--step-delay=0.3")
+        body["spec"]["recovery"].update(gangRestart="Member", standby=True)
+        # two members and the spare on three nodes (the template's anti-affinity spreads them;
+        # the lab has two spot nodes, and the on-demand one runs the CPU trainer as well)
+        body["spec"]["template"]["spec"].pop("nodeSelector")
+        body["spec"]["template"]["spec"]["containers"][0]["env"] += [
+            {"name": "PHOENIX_HEARTBEAT_SECONDS", "value": "2"}]
+        member_job = submit_job(body)
 
-    def serving(ps: dict) -> list[str]:
-        """The pod serving each member, from the status (a former spare's by its name)."""
-        attempts = ps.get("members") or [ps["attempts"]] * 2
-        return [f"{pod_name(member_job, 'train', a)}.spare" if m in (ps.get("spareMembers") or ())
-                else pod_name(member_job, "train", a, m) for m, a in enumerate(attempts)]
+        def serving(ps: dict) -> list[str]:
+            """The pod serving each member, from the status (a former spare's by its name)."""
+            attempts = ps.get("members") or [ps["attempts"]] * 2
+            return [f"{pod_name(member_job, 'train', a)}.spare" if m in (ps.get("spareMembers") or ())
+                    else pod_name(member_job, "train", a, m) for m, a in enumerate(attempts)]
 
-    def spare_waiting(other_than: str | None = None, ready: bool = True) -> str:
-        """The spare pod (another than ``other_than``), once it is Ready (warm) and waiting
-        for a place; ``ready=False``: once its container runs."""
-        def found():
-            sb = (phase_status(get(member_job)) or {}).get("standby") or {}
-            if sb.get("reason") != "spare" or sb.get("pod") == other_than or not sb.get("node"):
-                return None
-            if ready:
-                return sb["pod"] if sb.get("ready") else None
-            running = kube.core.read_namespaced_pod(sb["pod"], ns).status.phase == "Running"
-            return sb["pod"] if running else None
-        return wait_for(found, 240, 1, "a ready spare" if ready else "a running spare",
-                        diagnose=lambda: diagnose(member_job))
+        def spare_waiting(other_than: str | None = None, ready: bool = True) -> str:
+            """The spare pod (another than ``other_than``), once it is Ready (warm) and waiting
+            for a place; ``ready=False``: once its container runs."""
+            def found():
+                sb = (phase_status(get(member_job)) or {}).get("standby") or {}
+                if sb.get("reason") != "spare" or sb.get("pod") == other_than or not sb.get("node"):
+                    return None
+                if ready:
+                    return sb["pod"] if sb.get("ready") else None
+                running = kube.core.read_namespaced_pod(sb["pod"], ns).status.phase == "Running"
+                return sb["pod"] if running else None
+            return wait_for(found, 240, 1, "a ready spare" if ready else "a running spare",
+                            diagnose=lambda: diagnose(member_job))
 
-    def replaced(n: int) -> dict:
-        """The status once the n-th replacement's gang trains again (from the heartbeats)."""
-        def ready():
-            ps = phase_status(get(member_job)) or {}
-            rep = ps.get("lastReplacement") or {}
-            return ps if ps.get("replacements") == n and rep.get("recoveredFrom") else None
-        return wait_for(ready, 240, 1, f"replacement {n} training again",
-                        diagnose=lambda: diagnose(member_job))
+        def replaced(n: int) -> dict:
+            """The status once the n-th replacement's gang trains again (from the heartbeats)."""
+            def ready():
+                ps = phase_status(get(member_job)) or {}
+                rep = ps.get("lastReplacement") or {}
+                return ps if ps.get("replacements") == n and rep.get("recoveredFrom") else None
+            return wait_for(ready, 240, 1, f"replacement {n} training again",
+                            diagnose=lambda: diagnose(member_job))
 
-    pods = training(member_job, [1, 1], 0)
-    survivor_uid = pods[0].metadata.uid
-    first_spare = spare_waiting(ready=False)  # not warm yet: its successor's start is the cost
-    e2e.evict(ns, first_spare)     # lost while waiting: replaced at once, nothing charged
-    spare = spare_waiting(other_than=first_spare)
-    ps = phase_status(get(member_job))
-    assert (ps["preemptions"], ps["failures"], ps.get("replacements", 0)) == (0, 0, 0), ps
-    assert any(first_spare in m and "ended before it was needed" in m
-               for m in events(member_job)), events(member_job)
-    spare_pod = kube.core.read_namespaced_pod(spare, ns)
-    assert spare_pod.spec.node_name not in {p.spec.node_name for p in pods}
-    at_kill = newest_step(member_job)
-    lab.kill_pod(ns, pods[1].metadata.name, signal.SIGKILL)   # failure 1, member 1
-    leader = e2e.operators.leader()
-    assert leader, e2e.operators.describe()
-    lab.kill_pod(e2e.operator_namespace, leader["metadata"]["name"], signal.SIGKILL)
-    ps = replaced(1)
-    rep = ps["lastReplacement"]
-    assert (rep["members"], rep["pods"], rep.get("spare"), rep["recoveredFrom"]) == (
-        [1], [spare], spare, "peers"), rep
-    assert rep["resumedStep"] >= at_kill, (rep, at_kill)  # no step lost, no emergency save
-    assert ps["spareMembers"] == [1] and serving(ps) == [pods[0].metadata.name, spare], ps
-    assert kube.core.read_namespaced_pod(pods[0].metadata.name, ns).metadata.uid == survivor_uid
-    assert kube.core.read_namespaced_pod(spare, ns).metadata.uid == spare_pod.metadata.uid
-    wait_for(lambda: newest_step(member_job) > rep["resumedStep"], 240, 1,
-             "the gang with the spare checkpointing", diagnose=lambda: diagnose(member_job))
-    e2e.evict(ns, pods[0].metadata.name)  # preemption 1, member 0 (the store) leaves alone
-    ps = replaced(2)  # by the next spare if it was there yet, else by a new pod
-    rep = ps["lastReplacement"]
-    assert rep["members"] == [0] and rep["recoveredFrom"] == "peers", ps
-    assert serving(ps)[1] == spare and rep["pods"] == serving(ps)[:1], ps
-    done = finished(member_job, 600)
-    assert done["status"]["phase"] == "Succeeded", diagnose(member_job)
-    ps = phase_status(done)
-    assert (ps["preemptions"], ps["failures"], ps["replacements"]) == (1, 1, 2), ps
-    assert ps["attempts"] == ps["lastReplacement"]["attempt"], ps
-    assert ps["lastReplacement"]["cause"] == "preemption", ps
-    wait_for(lambda: nothing_left(member_job) is None, 60, 1, "the last spare removed",
-             diagnose=lambda: diagnose(member_job))
-    assert sum("MemberReplaced" == e.reason for e in kube.core.list_namespaced_event(
-        ns, field_selector=f"involvedObject.name={member_job}").items) == 2
+        pods = training(member_job, [1, 1], 0)
+        survivor_uid = pods[0].metadata.uid
+        first_spare = spare_waiting(ready=False)  # not warm yet: its successor's start is the cost
+        e2e.evict(ns, first_spare)     # lost while waiting: replaced at once, nothing charged
+        spare = spare_waiting(other_than=first_spare)
+        ps = phase_status(get(member_job))
+        assert (ps["preemptions"], ps["failures"], ps.get("replacements", 0)) == (0, 0, 0), ps
+        assert any(first_spare in m and "ended before it was needed" in m
+                   for m in events(member_job)), events(member_job)
+        spare_pod = kube.core.read_namespaced_pod(spare, ns)
+        assert spare_pod.spec.node_name not in {p.spec.node_name for p in pods}
+        at_kill = newest_step(member_job)
+        lab.kill_pod(ns, pods[1].metadata.name, signal.SIGKILL)   # failure 1, member 1
+        leader = e2e.operators.leader()
+        assert leader, e2e.operators.describe()
+        lab.kill_pod(e2e.operator_namespace, leader["metadata"]["name"], signal.SIGKILL)
+        ps = replaced(1)
+        rep = ps["lastReplacement"]
+        assert (rep["members"], rep["pods"], rep.get("spare"), rep["recoveredFrom"]) == (
+            [1], [spare], spare, "peers"), rep
+        assert rep["resumedStep"] >= at_kill, (rep, at_kill)  # no step lost, no emergency save
+        assert ps["spareMembers"] == [1] and serving(ps) == [pods[0].metadata.name, spare], ps
+        assert kube.core.read_namespaced_pod(pods[0].metadata.name, ns).metadata.uid == survivor_uid
+        assert kube.core.read_namespaced_pod(spare, ns).metadata.uid == spare_pod.metadata.uid
+        wait_for(lambda: newest_step(member_job) > rep["resumedStep"], 240, 1,
+                 "the gang with the spare checkpointing", diagnose=lambda: diagnose(member_job))
+        e2e.evict(ns, pods[0].metadata.name)  # preemption 1, member 0 (the store) leaves alone
+        ps = replaced(2)  # by the next spare if it was there yet, else by a new pod
+        rep = ps["lastReplacement"]
+        assert rep["members"] == [0] and rep["recoveredFrom"] == "peers", ps
+        assert serving(ps)[1] == spare and rep["pods"] == serving(ps)[:1], ps
+        done = finished(member_job, 600)
+        assert done["status"]["phase"] == "Succeeded", diagnose(member_job)
+        ps = phase_status(done)
+        assert (ps["preemptions"], ps["failures"], ps["replacements"]) == (1, 1, 2), ps
+        assert ps["attempts"] == ps["lastReplacement"]["attempt"], ps
+        assert ps["lastReplacement"]["cause"] == "preemption", ps
+        wait_for(lambda: nothing_left(member_job) is None, 60, 1, "the last spare removed",
+                 diagnose=lambda: diagnose(member_job))
+        assert sum("MemberReplaced" == e.reason for e in kube.core.list_namespaced_event(
+            ns, field_selector=f"involvedObject.name={member_job}").items) == 2
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", e2e.s3.local_endpoint)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", e2e.s3.access_key)
@@ -224,7 +230,7 @@ def test_gang_survives_losses_whole_and_member_by_member(e2e, kube, e2e_bucket, 
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
     ref = f"s3://{e2e_bucket}/{ref_name}/train"
     want = gang_state(ref, tmp_path, STEPS)
-    for job_name in (name, member_job):
+    for job_name in (name if mode == "Whole" else member_job,):
         prefix = f"s3://{e2e_bucket}/{job_name}/train"
         assert checkpoint_steps(open_storage(prefix))[-1] == STEPS
         got = gang_state(prefix, tmp_path, STEPS)
@@ -248,6 +254,8 @@ def standby_gang_job(e2e, name: str, bucket: str, *extra: str, standby: bool) ->
     return body
 
 
+# full: a standby gang (make test has the spare member of gangRestart: Member)
+@pytest.mark.full
 def test_standby_gang_takes_over_when_an_active_member_is_evicted(e2e, kube, e2e_bucket,
                                                                   submit_job, tmp_path,
                                                                   monkeypatch):

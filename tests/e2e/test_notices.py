@@ -153,6 +153,8 @@ def test_notice_hands_off_to_a_ready_replacement_with_no_step_lost(e2e, kube, e2
     assert same, f"{uri} differs from the undisturbed run"
 
 
+# full: the standby's take-overs (make test has the notice's hand-off to a ready standby)
+@pytest.mark.full
 def test_standby_takes_over_on_eviction_sigkill_and_node_loss(e2e, kube, e2e_bucket, submit_job):
     if "lab" not in e2e.extra:
         pytest.skip("kills a container and loses a node: needs the lab")

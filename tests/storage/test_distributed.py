@@ -43,7 +43,8 @@ def gone(pid: int) -> bool:
         return True
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+# full for DDP: make test kills DDP gangs on the lab (test_gang) and here in test_gang_rejoin
+@pytest.mark.parametrize("mode", [pytest.param("ddp", marks=pytest.mark.full), "fsdp"])
 def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3_bucket, tmp_path, mode):
     seed = int(os.environ.get("PHOENIX_TEST_SEED", time.time_ns() % 10_000))
     print(f"kill schedule seed {seed} (set PHOENIX_TEST_SEED to replay)")
@@ -131,6 +132,8 @@ def losses(proc: Proc) -> dict[int, float]:
     return {int(m.group(1)): float(m.group(2)) for line in proc.lines if (m := LOSS.search(line))}
 
 
+# full: resharding 4 ranks to 2 (test_dcp_storage reads a plan's blocks in make test)
+@pytest.mark.full
 def test_fsdp_checkpoint_of_4_ranks_resumes_on_2(s3_server, s3_env, s3_bucket, tmp_path):
     args = [*ARGS, "--mode", "fsdp", "--step-delay", "0"]
     four, two = f"{s3_bucket.uri}/four/train", f"{s3_bucket.uri}/four-then-two/train"

@@ -39,7 +39,8 @@ def final_checkpoint(uri: str) -> dict:
     return load_checkpoint(storage, info)
 
 
-@pytest.mark.parametrize("script", ["train_lightning.py", "train_transformers.py"])
+# full for Transformers: make test resumes its Trainer exactly in tests/unit/trainer/test_transformers_resume.py
+@pytest.mark.parametrize("script", ["train_lightning.py", pytest.param("train_transformers.py", marks=pytest.mark.full)])
 def test_framework_killed_and_resumed_equals_uninterrupted(script, s3_server, s3_env, s3_bucket, tmp_path):
     seed = int(os.environ.get("PHOENIX_TEST_SEED", time.time_ns() % 10_000))
     print(f"kill schedule seed {seed} (set PHOENIX_TEST_SEED to replay)")
