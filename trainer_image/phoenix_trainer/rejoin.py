@@ -72,6 +72,7 @@ from .core.contract import (
 )
 from .core.handshake import Fence, read_fence
 from .core.layout import CheckpointInfo, split_checkpoint_uri
+from .core.repeated import RepeatedFailure
 from .core.storage import Storage, open_storage
 from .restore import Restored
 
@@ -297,14 +298,16 @@ def wait_for_place(storage: Storage, *, pod: str, uid: str, stopped: Callable[[]
     """Poll the fence until one of this job names ``pod`` in ``members`` (CARRIED), one of
     another job holds the prefix (SUPERSEDED), or ``stopped()`` (STOPPED). A fence that moves
     on without naming it (a member replaced by a new pod) is no concern of a spare's: it
-    keeps waiting. A read error is retried."""
+    keeps waiting. A read error is retried (warned about once per 30 s while it lasts)."""
+    reads = RepeatedFailure(log, "spare: reading the fence")
     while True:
         if stopped():
             return STOPPED, None
         try:
             fence = read_fence(storage)
+            reads.succeeded()
         except Exception as e:  # noqa: BLE001 - storage blips: keep polling
-            log.warning("spare: cannot read the fence (%s: %s); retrying", type(e).__name__, e)
+            reads.failed(e)
             fence = None
         if fence is not None and uid and fence.uid and fence.uid != uid:
             return SUPERSEDED, fence

@@ -19,6 +19,7 @@ from .core.contract import TrainerEnv
 from .core.errors import CheckpointError, ConfigMismatchError
 from .core.handshake import FENCE_NAME, Fence, read_fence
 from .core.layout import latest_valid_checkpoint
+from .core.repeated import RepeatedFailure
 from .core.storage import Storage
 from .restore import Restorer
 from .stopping import StopRequest
@@ -35,6 +36,7 @@ class Standby:
                  mark_ready: Callable[[], None], end: Callable[[str], NoReturn]) -> None:
         self.env, self.storage, self.restorer, self.stop = env, storage, restorer, stop
         self.clock, self.log, self.mark_ready, self.end = clock, log, mark_ready, end
+        self._fence_reads = RepeatedFailure(log, f"standby: reading {FENCE_NAME}", clock=clock)
 
     def wait(self, attempt: int) -> str | None:
         """Wait until the fence names ``attempt``; meanwhile keep the newest committed
@@ -67,10 +69,12 @@ class Standby:
     def _read_fence(self) -> Fence | None:
         assert self.storage is not None
         try:
-            return read_fence(self.storage)
+            fence = read_fence(self.storage)
         except Exception as e:  # noqa: BLE001 - keep waiting; promotion is only ever by the fence
-            self.log.warning("standby: cannot read %s (%s: %s)", FENCE_NAME, type(e).__name__, e)
+            self._fence_reads.failed(e)
             return None
+        self._fence_reads.succeeded()
+        return fence
 
     def preload(self) -> None:
         """Load (this process's part of) the newest valid checkpoint if it is newer than the
