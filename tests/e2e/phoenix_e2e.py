@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from phoenix_operator.podspec import pod_name
+
 from kube_helpers import RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, http_ok, http_text, wait_for
 
 MANIFESTS = Path(__file__).with_name("manifests")
@@ -189,6 +191,50 @@ def phase_status(job: dict, phase: str = "train") -> dict:
         if p["name"] == phase:
             return p
     return {}
+
+
+def evict_first_attempt_and_finish(target: E2ETarget, kube, bucket: str, name: str) -> dict:
+    """The sample job's story (``kube``: conftest's clients): attempt 1 running with a first
+    checkpoint in S3, evicted, the job run to its end. Returns the finished job, asserted
+    Succeeded after at least one preemption and no failure."""
+    def job() -> dict:
+        return kube.custom.get_namespaced_custom_object(GROUP, VERSION, target.namespace, PLURAL, name)
+
+    def diagnose() -> str:
+        return f"job status: {job().get('status')}\noperator log:\n{target.operator_logs()}"
+
+    def phase_of(pod: str) -> str | None:
+        pods = kube.core.list_namespaced_pod(target.namespace, field_selector=f"metadata.name={pod}")
+        return pods.items[0].status.phase if pods.items else None
+
+    first = pod_name(name, "train", 1)
+    wait_for(lambda: phase_of(first) == "Running", 180, 0.5, f"{first} running", diagnose=diagnose)
+    wait_for(lambda: manifests(target, bucket, f"{name}/"), 180, 0.5, "a first checkpoint in S3",
+             diagnose=diagnose)
+    target.evict(target.namespace, first)
+    done = wait_for(lambda: (j := job()) and (j.get("status") or {}).get("phase")
+                    in ("Succeeded", "Failed") and j, 420, 2, "job finished", diagnose=diagnose)
+    assert done["status"]["phase"] == "Succeeded", diagnose()
+    ps = phase_status(done)
+    assert ps["preemptions"] >= 1 and ps["failures"] == 0 and ps["attempts"] >= 2, ps
+    return done
+
+
+def manifests(target: E2ETarget, bucket: str, prefix: str) -> list[str]:
+    """The committed checkpoints' manifest keys under ``prefix``."""
+    out = target.s3.client().list_objects_v2(Bucket=bucket, Prefix=prefix)
+    return [o["Key"] for o in out.get("Contents", ()) if o["Key"].endswith("/manifest.json")]
+
+
+def resume_startup(target: E2ETarget, bucket: str, name: str, attempt: int = 2) -> dict:
+    """Where a resumed attempt's start-up went (its metrics' ``resume`` record), asserted to
+    have been prefetched while the script imported torch."""
+    body = target.s3.client().get_object(Bucket=bucket, Key=f"{name}/train/metrics/attempt-{attempt}.jsonl")
+    resumed = next(r for r in map(json.loads, body["Body"].read().decode().splitlines())
+                   if r["event"] == "resume")
+    startup = resumed["startup"]
+    assert startup["prefetch"]["bytes"] > 0 and "error" not in startup["prefetch"], startup
+    return startup
 
 
 # --- the upgrade test's previous release ---------------------------------------------------

@@ -22,7 +22,6 @@ import dataclasses
 import functools
 import hashlib
 import http.server
-import json
 import os
 import shutil
 import subprocess
@@ -32,9 +31,8 @@ from pathlib import Path
 
 import pytest
 
-from kube_helpers import wait_for
 from phoenix_operator.podspec import pod_name
-from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, sample_job, unique
+from phoenix_e2e import evict_first_attempt_and_finish, resume_startup, sample_job, unique
 
 pytestmark = [
     pytest.mark.e2e, pytest.mark.slow,
@@ -135,15 +133,6 @@ def _build(images, tmp: Path, base: str, ref: str) -> None:
         server.shutdown()
 
 
-def _job(kube, e2e, name):
-    return kube.custom.get_namespaced_custom_object(GROUP, VERSION, e2e.namespace, PLURAL, name)
-
-
-def _pod_phase(kube, e2e, name):
-    pods = kube.core.list_namespaced_pod(e2e.namespace, field_selector=f"metadata.name={name}")
-    return pods.items[0].status.phase if pods.items else None
-
-
 def test_user_image_runs_the_sample_job_with_prefetch(e2e, kube, e2e_bucket, submit_job, user_image):
     target = dataclasses.replace(e2e, trainer_image=user_image, trainer_command=["python", "/app/train.py"])
     body = sample_job(target, unique("user-image"), e2e_bucket)
@@ -151,27 +140,9 @@ def test_user_image_runs_the_sample_job_with_prefetch(e2e, kube, e2e_bucket, sub
     spec["nodeSelector"] = {"kubernetes.io/hostname": NODE}
     spec["tolerations"] = [{"key": "phoenix.dev/spot", "operator": "Exists", "effect": "NoSchedule"}]
     name = submit_job(body)
-    diagnose = lambda: f"job status: {_job(kube, e2e, name).get('status')}\n" \
-        f"operator log:\n{e2e.operator_logs()}"  # noqa: E731
-    first = pod_name(name, "train", 1)
-    wait_for(lambda: _pod_phase(kube, e2e, first) == "Running", 180, 0.5, f"{first} running",
-             diagnose=diagnose)
-    s3 = e2e.s3.client()
-    wait_for(lambda: [o for o in s3.list_objects_v2(Bucket=e2e_bucket, Prefix=f"{name}/").get("Contents", ())
-                      if o["Key"].endswith("/manifest.json")], 180, 0.5, "a first checkpoint", diagnose=diagnose)
-    e2e.evict(e2e.namespace, first)
-    job = wait_for(lambda: (j := _job(kube, e2e, name))
-                   and (j.get("status") or {}).get("phase") in ("Succeeded", "Failed") and j,
-                   420, 2, "job finished", diagnose=diagnose)
-    assert job["status"]["phase"] == "Succeeded", diagnose()
-    ps = phase_status(job)
-    assert ps["preemptions"] >= 1 and ps["failures"] == 0, ps
+    evict_first_attempt_and_finish(e2e, kube, e2e_bucket, name)
     second = kube.core.read_namespaced_pod(pod_name(name, "train", 2), e2e.namespace)
     assert second.spec.containers[0].image == user_image
     # The replacement's start-up: the hook's prefetch downloaded the checkpoint while the
     # script imported torch.
-    body = s3.get_object(Bucket=e2e_bucket, Key=f"{name}/train/metrics/attempt-2.jsonl")
-    resumed = next(r for r in map(json.loads, body["Body"].read().decode().splitlines())
-                   if r["event"] == "resume")
-    startup = resumed["startup"]
-    assert startup["prefetch"]["bytes"] > 0 and "error" not in startup["prefetch"], startup
+    resume_startup(e2e, e2e_bucket, name)
