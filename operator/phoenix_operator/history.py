@@ -30,6 +30,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 from phoenix_trainer.core.layout import split_checkpoint_uri
 
+from .phoenixjob import parse_ts
+
 FORMAT_VERSION = 1
 KINDS = ("start", "end", "standby", "notice", "handoff", "resumed")
 MAX_MESSAGE_CHARS = 300  # a record stays small: 1,000 attempts in one GET
@@ -48,10 +50,9 @@ def iso(value: datetime | None) -> str | None:
 
 
 def parse_time(value: Any) -> datetime | None:
-    if not value:
-        return None
+    """``phoenixjob.parse_ts``, lenient: a record's unreadable time is no time (None)."""
     try:
-        return datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+        return parse_ts(str(value)) if value else None
     except ValueError:
         return None
 
