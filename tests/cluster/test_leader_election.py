@@ -92,7 +92,11 @@ class Pair:
 
 
 @pytest.fixture
-def pair(lab, operator_rbac, tmp_path):
+def pair(lab, operator_rbac, tmp_path, pxl):
+    # pxl first: kopf (1.45) never watches a namespace matching its pattern that is created
+    # between its namespace listing and the start of its namespace watch (the watch's own
+    # initial listing is ignored); a job namespace created just as op-b started was unseen
+    # by op-b for the whole test
     p = Pair(lab, operator_rbac, tmp_path)
     p.ops["op-a"].start()
     p.wait_leader("op-a", 20)
@@ -182,7 +186,9 @@ def test_a_drained_leader_hands_over_at_once(lab, pair):
             ("LeaderElected", "op-b")} <= reasons
 
 
-@pytest.mark.parametrize("how", ["partitioned", "paused"])
+# full for paused: make test cuts the leader off by a partition (the dangerous case: it keeps
+# running with storage reachable)
+@pytest.mark.parametrize("how", ["partitioned", pytest.param("paused", marks=pytest.mark.full)])
 def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
         lab, pair, core, custom, pxl, bucket, how):
     """``partitioned``: op-a's connections to the API server stop carrying bytes (a relay it
