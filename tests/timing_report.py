@@ -11,6 +11,7 @@ Nothing here changes what a test does or whether it passes.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,6 +32,15 @@ def note(what: str, steps: dict[str, float]) -> None:
     _notes[what] = {k: round(v, 1) for k, v in steps.items()}
 
 
+def cpu_probe() -> float:
+    """Seconds to hash 64 MiB on one core: the same figure at a run's start and end, and
+    between runs, says whether the machine was slower or just shared."""
+    data = bytes(64 << 20)
+    t0 = time.perf_counter()
+    hashlib.sha256(data).digest()
+    return round(time.perf_counter() - t0, 3)
+
+
 def layer_of(item: pytest.Item) -> str:
     names = {m.name for m in item.iter_markers()}
     return next((layer for layer in LAYERS if layer in names), "unmarked")
@@ -42,12 +52,16 @@ class TimingReport:
         self.seconds: dict[str, float] = defaultdict(float)
         self.outcome: dict[str, str] = {}
         self.started = time.monotonic()
+        self.probe_start = cpu_probe()
+        self.load: list[float] = []  # the 1-minute load average after each test
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         self.layer = {item.nodeid: layer_of(item) for item in items}
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         self.seconds[report.nodeid] += report.duration
+        if report.when == "teardown":
+            self.load.append(os.getloadavg()[0])
         if report.when == "call" or report.outcome != "passed":
             self.outcome.setdefault(report.nodeid, report.outcome)
 
@@ -68,6 +82,10 @@ class TimingReport:
             "by_layer": rnd(by_layer),
             "by_file": dict(sorted(rnd(by_file).items(), key=lambda kv: -kv[1]["seconds"])),
             "fixtures": dict(_notes),
+            "machine": {"cpus": os.cpu_count(),
+                        "load1_mean": round(sum(self.load) / len(self.load), 2) if self.load else None,
+                        "load1_max": round(max(self.load), 2) if self.load else None,
+                        "sha256_64mib_seconds": {"start": self.probe_start, "end": cpu_probe()}},
         }
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
@@ -85,6 +103,11 @@ class TimingReport:
         for what, steps in data["fixtures"].items():
             parts = ", ".join(f"{k} {v:.0f}s" for k, v in steps.items())
             tr.write_line(f"{what}: {parts}")
+        m = data["machine"]
+        tr.write_line(f"machine: {m['cpus']} CPUs, 1-minute load {m['load1_mean']} on average "
+                      f"(max {m['load1_max']}); sha256 of 64 MiB on one core "
+                      f"{m['sha256_64mib_seconds']['start']}s at the start, "
+                      f"{m['sha256_64mib_seconds']['end']}s at the end")
         tr.write_line(f"slowest files (of {len(data['by_file'])}):")
         for path, v in list(data["by_file"].items())[:TOP_FILES]:
             tr.write_line(f"  {v['seconds']:8.1f}s {v['tests']:4d} {v['layer']:>7}  {path}")
