@@ -41,6 +41,25 @@ def cpu_probe() -> float:
     return round(time.perf_counter() - t0, 3)
 
 
+def cpus() -> str:
+    """The CPUs this run may use: its affinity, and a cgroup quota where one is set."""
+    n = len(os.sched_getaffinity(0))
+    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
+                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            continue
+        if parse:
+            quota, period = parse(text)
+        else:
+            quota, period = text.strip(), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
+        if quota not in ("max", "-1"):
+            return f"{n} (cgroup quota {int(quota) / int(period):.2f})"
+        break
+    return str(n)
+
+
 def layer_of(item: pytest.Item) -> str:
     names = {m.name for m in item.iter_markers()}
     return next((layer for layer in LAYERS if layer in names), "unmarked")
@@ -82,7 +101,7 @@ class TimingReport:
             "by_layer": rnd(by_layer),
             "by_file": dict(sorted(rnd(by_file).items(), key=lambda kv: -kv[1]["seconds"])),
             "fixtures": dict(_notes),
-            "machine": {"cpus": os.cpu_count(),
+            "machine": {"cpus": cpus(),
                         "load1_mean": round(sum(self.load) / len(self.load), 2) if self.load else None,
                         "load1_max": round(max(self.load), 2) if self.load else None,
                         "sha256_64mib_seconds": {"start": self.probe_start, "end": cpu_probe()}},
