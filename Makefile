@@ -46,11 +46,12 @@ test-unit:
 	$(PYTEST) -m unit tests
 
 # The storage layer with its slow kill-and-resume tests against both S3 servers, every seed of
-# test_exact_resume.py and the 4-rank DDP resume (make test runs the slow ones against
-# versitygw only, one seed per loader; tests/conftest.py).
+# test_exact_resume.py, the 4-rank DDP resume and its `full` tier (make test runs the slow ones
+# against versitygw only, one seed per loader; tests/conftest.py).
 test-storage-all: setup
-	PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) -m storage tests
+	PHOENIX_FULL=1 PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) -m storage tests
 
+# One layer as make test runs it (PHOENIX_FULL=1 adds its `full` tier)
 test-cluster: setup
 	$(PYTEST) -m "cluster or storage" tests
 
