@@ -170,7 +170,7 @@ def test_a_gang_rank_that_stops_before_its_collective_is_named_and_the_gang_rest
     assert tensors_equal(got, want), "final weights differ from the undisturbed gang's"
 
 
-# full: stragglers; decide/hang's unit tests hold the rule
+# full: stragglers (decide/hangs.py's rule is unit-tested; make test names a hung gang's rank)
 @pytest.mark.full
 def test_a_slow_gang_rank_is_named_a_straggler_with_its_pod_and_node(e2e, kube, e2e_bucket,
                                                                       submit_job):
