@@ -205,6 +205,31 @@ def final_weights_equal(storage, reference_storage) -> tuple[bool, str | None]:
     return same, final.uri
 
 
+def divergence(storage, reference_storage) -> str:
+    """Where a run first parted from its reference, for a failed weights check: the first
+    step whose logged loss differs (the samples log every step's loss to the attempt's
+    metrics), the attempt that logged it and the step that attempt started from, and any
+    in-process recoveries. Attempts killed before they uploaded their metrics are missing."""
+    from phoenix_trainer.attempt_log import read_metrics
+
+    ref = {r["step"]: r["loss"] for r in read_metrics(reference_storage) if r.get("event") == "step"}
+    records = read_metrics(storage)
+    starts = {r["attempt"]: r["step"] for r in records if r.get("event") in ("start", "resume")}
+    recovered = [(r["attempt"], r["step"], r.get("restoredStep")) for r in records
+                 if r.get("event") == "recovered"]
+    logged = sorted((r["step"], r["attempt"], r["loss"]) for r in records
+                    if r.get("event") == "step" and r["step"] in ref)
+    where = next(((step, attempt, loss) for step, attempt, loss in logged if loss != ref[step]), None)
+    if where is None:
+        found = (f"all {len(logged)} logged losses (steps {logged[0][0]}-{logged[-1][0]}) equal "
+                 "the reference's") if logged else "no logged loss to compare"
+    else:
+        step, attempt, loss = where
+        found = (f"first differing loss at step {step}: {loss!r} against {ref[step]!r}, logged by "
+                 f"attempt {attempt}, which started at step {starts.get(attempt, '?')}")
+    return f"{found}; attempts started at {starts}; in-process recoveries {recovered}"
+
+
 def attempt_starts(storage) -> dict[int, tuple[int, float]]:
     """attempt -> (step it started or resumed from, unix time), from the trainer's metrics."""
     from phoenix_trainer.attempt_log import read_metrics

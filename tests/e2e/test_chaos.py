@@ -263,7 +263,8 @@ def run_schedule(schedule, cfg, name, e2e, kube, e2e_bucket, submit_job, lab, re
     assert phase_status(reference_job)["preemptions"] == 0, reference_job["status"]
     storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{name}/train", lab.s3)
     same, uri = samples.final_weights_equal(storage, reference.storage())
-    assert same, f"final weights at {uri} differ from the uninterrupted run's"
+    assert same, (f"final weights at {uri} differ from the uninterrupted run's: "
+                  f"{samples.divergence(storage, reference.storage())}")
     check_history(e2e, name, storage, injector.log, expected_preemptions, expected_failures,
                   train["attempts"])
     return injector.log

@@ -107,7 +107,8 @@ def test_hangs_are_detected_dumped_ended_and_resumed_exactly(e2e, kube, e2e_buck
             ns, field_selector=f"involvedObject.name={names[kind]},reason=Hung").items
         assert len(events) == 1 and "rank 0" in events[0].message, [e.message for e in events]
         same, uri = samples.final_weights_equal(storage, reference.storage())
-        assert same, f"{kind}: final weights at {uri} differ from the uninterrupted run's"
+        assert same, (f"{kind}: final weights at {uri} differ from the uninterrupted run's: "
+                      f"{samples.divergence(storage, reference.storage())}")
 
 
 def test_a_gang_rank_that_stops_before_its_collective_is_named_and_the_gang_restarts(

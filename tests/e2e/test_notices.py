@@ -150,7 +150,8 @@ def test_notice_hands_off_to_a_ready_replacement_with_no_step_lost(e2e, kube, e2
     ref_done = _finished(kube, ns, ref, 300)
     assert ref_done["status"]["phase"] == "Succeeded"
     same, uri = samples.final_weights_equal(storage, _storage(e2e, e2e_bucket, ref))
-    assert same, f"{uri} differs from the undisturbed run"
+    assert same, (f"{uri} differs from the undisturbed run: "
+                  f"{samples.divergence(storage, _storage(e2e, e2e_bucket, ref))}")
 
 
 # full: the standby's take-overs (make test has the notice's hand-off to a ready standby)
@@ -201,4 +202,5 @@ def test_standby_takes_over_on_eviction_sigkill_and_node_loss(e2e, kube, e2e_buc
     ref_done = _finished(kube, ns, ref, 300)
     assert ref_done["status"]["phase"] == "Succeeded"
     same, uri = samples.final_weights_equal(storage, _storage(e2e, e2e_bucket, ref))
-    assert same, f"{uri} differs from the undisturbed run"
+    assert same, (f"{uri} differs from the undisturbed run: "
+                  f"{samples.divergence(storage, _storage(e2e, e2e_bucket, ref))}")
