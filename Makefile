@@ -17,8 +17,9 @@ test: setup
 	$(PYTEST) --durations=15 tests
 
 # Everything: the tests marked `full` as well (another test of a story `make test` covers, a
-# minute or more each on the lab) and the slow storage tests against both S3 servers. About
-# twice `make test`'s time; tests/conftest.py says what each tier holds.
+# minute or more each on the lab) and the slow storage tests against both S3 servers: about
+# twice `make test`'s time, by the tests' own times (not measured as one run);
+# tests/conftest.py says what each tier holds.
 test-all: setup
 	PHOENIX_FULL=1 PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) --durations=15 tests
 

@@ -8,8 +8,9 @@ uses it runs once per server and its id says which (``[versitygw]``, ``[seaweedf
 ``PHOENIX_S3_SERVERS=versitygw`` (comma-separated) runs a subset.
 
 Tests marked ``full`` (a second test of a story ``make test`` already covers, each a minute
-or more on the lab: the whole-gang and standby-gang e2e runs, the gang hang and straggler, the
-standby notices, the framework examples on the lab, ...) run only with ``PHOENIX_FULL=1``
+or more on the lab: the whole-gang, standby-gang and three-member gang e2e runs, the
+straggler, the standby's take-overs, the framework examples on the lab, ...; each says where it
+is marked which test covers its story in ``make test``) run only with ``PHOENIX_FULL=1``
 (``make test-all``), which keeps ``make test`` inside its time budget.
 
 The ``slow`` storage tests (kill-and-resume runs of whole training scripts: they test
