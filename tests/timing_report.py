@@ -44,20 +44,21 @@ def cpu_probe() -> float:
 def cpus() -> str:
     """The CPUs this run may use: its affinity, and a cgroup quota where one is set."""
     n = len(os.sched_getaffinity(0))
-    for path, parse in (("/sys/fs/cgroup/cpu.max", lambda t: t.split()),
-                        ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", None)):
+    quota = _cgroup_quota()
+    return f"{n} (cgroup quota {quota:.2f})" if quota else str(n)
+
+
+def _cgroup_quota() -> float | None:
+    """CPUs' worth of the cgroup's quota (v2 cpu.max, else v1 cfs); None where unlimited."""
+    read = lambda name: Path("/sys/fs/cgroup", name).read_text().strip()  # noqa: E731
+    try:
+        quota, period = read("cpu.max").split()
+    except OSError:
         try:
-            text = Path(path).read_text()
+            quota, period = read("cpu/cpu.cfs_quota_us"), read("cpu/cpu.cfs_period_us")
         except OSError:
-            continue
-        if parse:
-            quota, period = parse(text)
-        else:
-            quota, period = text.strip(), Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text().strip()
-        if quota not in ("max", "-1"):
-            return f"{n} (cgroup quota {int(quota) / int(period):.2f})"
-        break
-    return str(n)
+            return None
+    return None if quota in ("max", "-1") else int(quota) / int(period)
 
 
 def layer_of(item: pytest.Item) -> str:

@@ -25,7 +25,7 @@ import signal
 import pytest
 
 from kube_helpers import wait_for
-from phoenix_e2e import GROUP, PLURAL, VERSION, phase_status, sample_job, unique
+from phoenix_e2e import GROUP, PLURAL, VERSION, manifests, phase_status, sample_job, unique
 from phoenix_operator import constants as C
 from phoenix_operator.podspec import pod_name
 from phoenix_trainer.core.layout import checkpoint_steps
@@ -90,10 +90,8 @@ class Gangs:
         return phase_status(done)
 
     def newest_step(self, name: str) -> int:
-        out = self.e2e.s3.client().list_objects_v2(Bucket=self.bucket, Prefix=f"{name}/train/")
-        steps = [int(k.split("/step-")[1].split("/")[0]) for o in out.get("Contents", ())
-                 if (k := o["Key"]).endswith("/manifest.json")]
-        return max(steps, default=0)
+        return max((int(k.split("/step-")[1].split("/")[0])
+                    for k in manifests(self.e2e, self.bucket, f"{name}/train/")), default=0)
 
     def pods(self, name: str, attempts: list[int]) -> list:
         return [self.kube.core.read_namespaced_pod(pod_name(name, "train", a, i), self.ns)
