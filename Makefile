@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 PYTEST := .venv/bin/pytest
 
-.PHONY: setup demo test test-all test-soak test-user-image test-upgrade test-storage-all test-unit test-cluster test-e2e lab-up lab-down bench
+.PHONY: setup demo test test-all test-soak test-user-image test-upgrade test-storage-all test-s3-all test-unit test-cluster test-e2e lab-up lab-down bench
 
 setup:
 	bash lab/bootstrap.sh
@@ -17,11 +17,10 @@ test: setup
 	$(PYTEST) --durations=15 tests
 
 # Everything: the tests marked `full` as well (another test of a story `make test` covers, a
-# minute or more each on the lab) and the slow storage tests against both S3 servers: about
-# twice `make test`'s time, by the tests' own times (not measured as one run);
-# tests/conftest.py says what each tier holds.
+# minute or more each on the lab), and every storage, cluster and e2e test against both S3
+# servers (test-s3-all); tests/conftest.py says what each tier holds.
 test-all: setup
-	PHOENIX_FULL=1 PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) --durations=15 tests
+	PHOENIX_FULL=1 PHOENIX_S3_SLOW_ON_ALL=1 PHOENIX_LAB_S3_ON_ALL=1 $(PYTEST) --durations=15 tests
 
 # Seeded random chaos schedules beyond the fixed one `make test` runs (one job through ten
 # disruptions each).
@@ -51,6 +50,15 @@ test-unit:
 # against versitygw only, one seed per loader; tests/conftest.py).
 test-storage-all: setup
 	PHOENIX_FULL=1 PHOENIX_S3_SLOW_ON_ALL=1 $(PYTEST) -m storage tests
+
+# The storage, cluster and e2e layers against both S3 servers: test-storage-all's slow
+# storage tests, and every cluster and e2e test on the lab's SeaweedFS too (TLS with the lab
+# CA, on the lab's host address). `make test` runs them on versitygw, save the two tests
+# marked all_s3_servers, which it runs on both: the e2e preempted-and-resumed sample job
+# (tests/e2e/test_recovery.py) and the cluster eviction-resume test
+# (tests/cluster/test_operator.py); tests/s3_selection.py.
+test-s3-all: setup
+	PHOENIX_S3_SLOW_ON_ALL=1 PHOENIX_LAB_S3_ON_ALL=1 $(PYTEST) --durations=15 -m "storage or cluster or e2e" tests
 
 # One layer as make test runs it (PHOENIX_FULL=1 adds its `full` tier)
 test-cluster: setup

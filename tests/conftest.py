@@ -5,18 +5,23 @@ a developer has running for the demo. ``s3_server`` is parametrized over two ind
 S3 implementations, versitygw (plain HTTP, path-style) and SeaweedFS (TLS with a lab CA,
 which the session's ``AWS_CA_BUNDLE`` names, as a trainer pod's does), so every test that
 uses it runs once per server and its id says which (``[versitygw]``, ``[seaweedfs]``).
-``PHOENIX_S3_SERVERS=versitygw`` (comma-separated) runs a subset.
+``PHOENIX_S3_SERVERS=versitygw`` (comma-separated) runs a subset. The cluster and e2e layers
+are parametrized the same way over the lab's two servers (tests/cluster/conftest.py
+``lab_s3_server``, tests/e2e/conftest.py ``e2e``).
 
-Tests marked ``full`` (a second test of a story ``make test`` already covers, each a minute
-or more on the lab: the whole-gang, standby-gang and three-member gang e2e runs, the
-straggler, the standby's take-overs, the framework examples on the lab, ...; each says where it
-is marked which test covers its story in ``make test``) run only with ``PHOENIX_FULL=1``
-(``make test-all``), which keeps ``make test`` inside its time budget.
+What ``make test`` leaves out, decided in tests/s3_selection.py:
 
-The ``slow`` storage tests (kill-and-resume runs of whole training scripts: they test
-Phoenix's resume logic, the S3 calls they make are the fast tests' too) run against the
-first server only, unless ``PHOENIX_S3_SLOW_ON_ALL=1`` (``make test-storage-all``): against
-both they would add about 7 minutes to ``make test``.
+- tests marked ``full`` (a second test of a story ``make test`` already covers, each a minute
+  or more on the lab: the whole-gang, standby-gang and three-member gang e2e runs, the
+  straggler, the standby's take-overs, the framework examples on the lab, ...; each says where
+  it is marked which test covers its story in ``make test``) run only with ``PHOENIX_FULL=1``
+  (``make test-all``);
+- the ``slow`` storage tests (kill-and-resume runs of whole training scripts: they test
+  Phoenix's resume logic, the S3 calls they make are the fast tests' too) run against the
+  first server only, unless ``PHOENIX_S3_SLOW_ON_ALL=1`` (``make test-storage-all``): against
+  both they would add about 7 minutes;
+- cluster and e2e tests run against the first server only, unless marked ``all_s3_servers``
+  or ``PHOENIX_LAB_S3_ON_ALL=1`` (``make test-s3-all``).
 """
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ import pytest
 
 from phoenix_lab.s3 import S3Endpoint, S3Server, SeaweedS3Server
 
+import s3_selection
 import timing_report
 
 
@@ -40,15 +46,14 @@ def _on(variable: str) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    """``full`` tests only with PHOENIX_FULL=1 (``make test-all``); slow tests on the first S3
-    server only, unless PHOENIX_S3_SLOW_ON_ALL=1."""
-    first = None if _on("PHOENIX_S3_SLOW_ON_ALL") else _s3_server_params()[0]
+    """What ``make test`` leaves out (the ``full`` tier, tests on the second S3 server): see
+    tests/s3_selection.py."""
+    _s3_server_params()  # a bad PHOENIX_S3_SERVERS is a usage error, not a failed test
     keep, drop = [], []
     for item in items:
-        server = getattr(getattr(item, "callspec", None), "params", {}).get("s3_server")
-        other_server = first is not None and server not in (None, first) and item.get_closest_marker("slow")
-        full_only = not _on("PHOENIX_FULL") and item.get_closest_marker("full")
-        (drop if other_server or full_only else keep).append(item)
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        markers = {m.name for m in item.iter_markers()}
+        (drop if s3_selection.deselected(params, markers, os.environ) else keep).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
         items[:] = keep
@@ -89,13 +94,10 @@ S3_SERVERS = {"versitygw": S3Server, "seaweedfs": SeaweedS3Server}
 
 
 def _s3_server_params() -> list[str]:
-    wanted = [n.strip() for n in os.environ.get("PHOENIX_S3_SERVERS", ",".join(S3_SERVERS))
-              .split(",") if n.strip()]
-    unknown = set(wanted) - set(S3_SERVERS)
-    if unknown or not wanted:
-        raise pytest.UsageError(f"PHOENIX_S3_SERVERS: {sorted(unknown) or 'empty'}; "
-                                f"choose from {sorted(S3_SERVERS)}")
-    return wanted
+    try:
+        return s3_selection.servers(os.environ)
+    except ValueError as e:
+        raise pytest.UsageError(f"PHOENIX_S3_SERVERS: {e}") from e
 
 
 @pytest.fixture(scope="session", params=_s3_server_params())

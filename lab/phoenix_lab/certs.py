@@ -111,12 +111,29 @@ CLIENTS = {
 }
 
 
+def subject_alt_names(cert_file: Path) -> tuple[set[str], set[str]]:
+    """The DNS names and IP addresses a certificate's SubjectAlternativeName lists."""
+    cert = x509.load_pem_x509_certificate(Path(cert_file).read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return set(), set()
+    return (set(san.get_values_for_type(x509.DNSName)),
+            {str(ip) for ip in san.get_values_for_type(x509.IPAddress)})
+
+
 def ensure_server_cert(pki: PKI, name: str, dns_names: tuple[str, ...],
                        server_ips: tuple[str, ...] = ()) -> PKI:
-    """A serving certificate for another lab server (the second S3 server: ``localhost`` and
-    a wildcard for its virtual-hosted bucket names), besides 127.0.0.1 and ``server_ips``."""
-    if not pki.cert(name).exists():
-        _issue(pki, name, dns_names[0], None, True, server_ips, dns_names)
+    """A serving certificate for another lab server (an S3 server: ``localhost`` and a
+    wildcard for its virtual-hosted bucket names), besides 127.0.0.1 and ``server_ips``.
+    Issued again when a kept one lacks a wanted name: a lab state dir outlives the address
+    a server was first given (the storage tests' loopback server, the lab's host IP)."""
+    path = pki.cert(name)
+    if path.exists():
+        dns, ips = subject_alt_names(path)
+        if set(dns_names) <= dns and {"127.0.0.1", *server_ips} <= ips:
+            return pki
+    _issue(pki, name, dns_names[0], None, True, server_ips, dns_names)
     return pki
 
 

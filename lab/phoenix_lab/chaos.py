@@ -72,11 +72,13 @@ class Injected:
 @dataclass
 class Injector:
     """Injects disruptions into the lab. `operator_kill` is supplied by whoever installed
-    the operator (it knows the release's pods and which of them leads)."""
+    the operator (it knows the release's pods and which of them leads); `s3_server` is the
+    S3 server an s3-outage stops (default the lab's versitygw; `Lab.s3_server_for`)."""
 
     lab: object
     namespace: str
     operator_kill: Callable[[], str] | None = None
+    s3_server: object | None = None
     s3_outage_seconds: float = 30.0
     notice_seconds: float = 10.0
     log: list[Injected] = field(default_factory=list)
@@ -107,7 +109,7 @@ class Injector:
                 raise ValueError("operator-kill needs an operator_kill callback")
             detail = self.operator_kill()
         elif kind == "s3-outage":
-            lab.s3_server.stop()
+            self._s3().stop()
             self._s3_thread = self._background(self._restore_s3, "s3-restore")
             detail = f"S3 down for {self.s3_outage_seconds:.0f}s"
         else:
@@ -143,9 +145,12 @@ class Injector:
         finally:
             self.lab.kubectl("taint", "nodes", node, f"{NOTICE_TAINT}:NoSchedule-", check=False)
 
+    def _s3(self):
+        return self.s3_server or self.lab.s3_server
+
     def _restore_s3(self) -> None:
         time.sleep(self.s3_outage_seconds)
-        self.lab.s3_server.start()
+        self._s3().start()
 
     def s3_busy(self) -> bool:
         return self._s3_thread is not None and self._s3_thread.is_alive()

@@ -4,7 +4,8 @@ etcd, kube-apiserver (Node + RBAC authorization; NodeRestriction,
 OwnerReferencesPermissionEnforcement and PodSecurity admission, restricted by default),
 kube-controller-manager, kube-scheduler and CoreDNS run as host processes; each node is a
 real kubelet + containerd + CNI bridge (`nodes.py`) running the repository's own images.
-One on-demand node and two GPU spot nodes; an S3 server (versitygw) for checkpoints.
+One on-demand node and two GPU spot nodes; an S3 server (versitygw) for checkpoints, and
+on demand a second one (SeaweedFS, TLS with the lab CA; ``Lab.s3_server_for``).
 
 `Lab.up()` is idempotent (running parts are left alone) and cleans up after a crash;
 `Lab.down()` removes every process, mount, network namespace, bridge, route and rule it
@@ -35,7 +36,7 @@ from .nodes import (GPU, Node, NodeSpec, ctr, ensure_node_image, node_image_root
                     processes_of)
 from .procs import (LabError, Service, free_port, http_ready, pid_alive, require_free_port,
                     tcp_ready)
-from .s3 import S3Endpoint, S3Server
+from .s3 import SERVER_NAMES, S3Endpoint, S3Server, SeaweedS3Server
 
 K8S_VERSION_PREFIX = "v1.35."
 GPUS_PER_SPOT_NODE = 4
@@ -191,6 +192,7 @@ class Lab:
         self.pki = PKI(self.state_dir / "pki")
         self.s3_server = S3Server(self.state_dir / "s3", port=self.ports.s3,
                                   host=self.net.host_ip)
+        self._seaweed_server: SeaweedS3Server | None = None  # s3_server_for("seaweedfs")
         self.images: dict[str, str] = {}
         # Seconds each step of the last up() took (images, node image, control plane, ...):
         # what a cold start spends where (tests/timing_report.py prints it).
@@ -219,6 +221,34 @@ class Lab:
     @property
     def s3(self) -> S3Endpoint:
         return self.s3_server.endpoint
+
+    def s3_server_for(self, name: str) -> S3Server | SeaweedS3Server:
+        """The lab's S3 server called ``name`` (``phoenix_lab.s3.SERVER_NAMES``), running on
+        the host address where pods reach it: versitygw (plain HTTP, started by ``up``) or
+        SeaweedFS (HTTPS with a certificate from the lab CA naming the host address, started
+        here on first use; its ``endpoint.ca_bundle`` is the lab CA, which a PhoenixJob's
+        ``spec.checkpoint.caBundle`` and the chart's ``storage.caBundle`` must carry)."""
+        if name not in SERVER_NAMES:
+            raise LabError(f"no lab S3 server named {name!r}; choose from "
+                           f"{', '.join(SERVER_NAMES)}")
+        server = self.s3_server if name == "versitygw" else self._seaweed()
+        if not server.running():
+            self.progress(f"starting S3 server ({name}) on {self.host_ip}")
+        server.start()
+        return server
+
+    def _seaweed(self) -> SeaweedS3Server:
+        if self._seaweed_server is None:
+            self._seaweed_server = SeaweedS3Server(self.state_dir / "seaweedfs", host=self.host_ip,
+                                                   pki=self.pki)
+        return self._seaweed_server
+
+    def _seaweed_started(self) -> SeaweedS3Server | None:
+        """The SeaweedFS server if this lab ever made one (its state dir exists), without
+        making one (a certificate, credentials) just to find it stopped."""
+        if self._seaweed_server is None and not (self.state_dir / "seaweedfs").exists():
+            return None
+        return self._seaweed()
 
     @property
     def trainer_image(self) -> str:
@@ -503,6 +533,8 @@ class Lab:
 
     def down(self) -> None:
         self.s3_server.stop()
+        if (seaweed := self._seaweed_started()) is not None:
+            seaweed.stop()
         for node in self.nodes():
             if node.running():
                 self.progress(f"stopping node {node.name}")

@@ -1,9 +1,12 @@
-"""Real S3 servers on loopback: versitygw with its posix backend (``S3Server``), and
-SeaweedFS (``SeaweedS3Server``), a second, independent implementation for the storage tests,
-served over TLS with a lab CA and with virtual-hosted bucket names.
+"""Real S3 servers: versitygw with its posix backend (``S3Server``), and SeaweedFS
+(``SeaweedS3Server``), a second, independent implementation served over TLS with a lab CA
+(and, on loopback, with virtual-hosted bucket names).
 
-versitygw is the lab's checkpoint store (the demo, cluster and e2e tests); both serve the
-storage tests. Credentials are generated per state dir and never logged.
+Both serve the storage tests on loopback. In a lab cluster both listen on the lab's host
+address, where pods reach them (``Lab.s3_server_for``): versitygw is the lab's checkpoint
+store (the demo, cluster and e2e tests), SeaweedFS is started there on demand for the
+cluster and e2e tests that run against it. Credentials are generated per state dir and
+never logged.
 """
 from __future__ import annotations
 
@@ -14,7 +17,25 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import paths
+from .certs import PKI
 from .procs import LabError, Service, free_port, require_free_port, tcp_ready
+
+
+# The lab's S3 servers, by the name a test's id carries; the first is the default.
+SERVER_NAMES = ("versitygw", "seaweedfs")
+
+
+def servers_wanted(spec: str | None) -> list[str]:
+    """The servers a comma-separated list names (``PHOENIX_S3_SERVERS``), in its order;
+    None or blank: all of them. An unknown or empty list is an error naming the choices."""
+    if spec is None or not spec.strip():
+        return list(SERVER_NAMES)
+    wanted = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = sorted(set(wanted) - set(SERVER_NAMES))
+    if unknown or not wanted:
+        raise ValueError(f"unknown S3 server(s) {unknown or 'none given'}; "
+                         f"choose from {', '.join(SERVER_NAMES)}")
+    return list(dict.fromkeys(wanted))
 
 
 @dataclass(frozen=True)
@@ -113,19 +134,41 @@ class S3Server(_Served):
 SEAWEED_DOMAIN = "s3.localhost"  # virtual-hosted names: <bucket>.s3.localhost
 
 
+def seaweed_cert_ips(host: str) -> tuple[str, ...]:
+    """The addresses SeaweedFS's certificate names besides 127.0.0.1 (which every lab
+    serving certificate names): ``host``, where it listens."""
+    return () if host == "127.0.0.1" else (host,)
+
+
+def seaweed_endpoint(host: str, port: int, access: str, secret: str, ca_bundle: str) -> S3Endpoint:
+    """How clients reach a SeaweedFS on ``host``: on loopback by the name ``localhost`` (and
+    virtual-hosted through ``SEAWEED_DOMAIN``), elsewhere (a lab's host address, which pods
+    reach) by that address, which its certificate names; path-style only there, as no
+    name resolves to it."""
+    if host == "127.0.0.1":
+        return S3Endpoint(f"https://localhost:{port}", access, secret, name="seaweedfs",
+                          ca_bundle=ca_bundle, virtual_url=f"https://{SEAWEED_DOMAIN}:{port}")
+    return S3Endpoint(f"https://{host}:{port}", access, secret, name="seaweedfs",
+                      ca_bundle=ca_bundle)
+
+
 class SeaweedS3Server(_Served):
-    """SeaweedFS (``weed mini``: master, volume server, filer and S3 gateway in one process)
-    on loopback, every port free and bound to 127.0.0.1, its S3 port TLS-only with a
-    certificate from a lab CA made in the state dir. It answers path-style requests on
+    """SeaweedFS (``weed mini``: master, volume server, filer and S3 gateway in one process),
+    every port free and bound to ``host`` only, its S3 port TLS-only with a certificate from
+    ``pki``'s CA (default: a CA made in the state dir) that names ``host``.
+
+    On loopback (the storage tests) it answers path-style requests on
     ``https://localhost:PORT`` and virtual-hosted ones for ``<bucket>.s3.localhost`` (the
     certificate names ``*.s3.localhost``); nothing here makes that name resolve, see
-    ``S3Endpoint.virtual_url``. Telemetry, WebDAV, the admin UI and the Iceberg/Lance
-    catalogs are off: nothing leaves the machine."""
+    ``S3Endpoint.virtual_url``. On a lab's host address (``Lab.s3_server_for``) pods reach it
+    at ``https://HOST:PORT``, path-style. Telemetry, WebDAV, the admin UI and the
+    Iceberg/Lance catalogs are off: nothing leaves the machine."""
 
-    def __init__(self, state_dir: Path) -> None:
+    def __init__(self, state_dir: Path, host: str = "127.0.0.1", pki: PKI | None = None) -> None:
         from .certs import ensure_ca, ensure_server_cert
 
         self.state_dir = Path(state_dir)
+        self.host = host
         self.data_dir = self.state_dir / "weed-data"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         settings = self.state_dir / "weed-settings.json"
@@ -139,8 +182,10 @@ class SeaweedS3Server(_Served):
             settings.touch(mode=0o600)
             settings.write_text(json.dumps(saved))
         ports = self.ports = saved["ports"]
-        pki = ensure_server_cert(ensure_ca(self.state_dir / "pki"), "s3",
-                                 ("localhost", SEAWEED_DOMAIN, f"*.{SEAWEED_DOMAIN}"))
+        # `weed` is given s3.crt and s3.key: under other file names its TLS set-up hung.
+        pki = ensure_server_cert(pki or ensure_ca(self.state_dir / "pki"), "s3",
+                                 ("localhost", SEAWEED_DOMAIN, f"*.{SEAWEED_DOMAIN}"),
+                                 server_ips=seaweed_cert_ips(host))
         self.pki = pki
         identities = self.state_dir / "weed-s3.json"
         if not identities.exists():
@@ -149,15 +194,13 @@ class SeaweedS3Server(_Served):
                 "name": "phoenix-tests",
                 "credentials": [{"accessKey": saved["access"], "secretKey": saved["secret"]}],
                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-        self.endpoint = S3Endpoint(
-            f"https://localhost:{ports['s3']}", saved["access"], saved["secret"],
-            name="seaweedfs", ca_bundle=str(pki.ca_cert),
-            virtual_url=f"https://{SEAWEED_DOMAIN}:{ports['s3']}")
+        self.endpoint = seaweed_endpoint(host, ports["s3"], saved["access"], saved["secret"],
+                                         str(pki.ca_cert))
         run = self.state_dir / "run"
         self.service = Service(
             name="seaweedfs",
             argv=[str(paths.binary("weed")), "mini",
-                  f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+                  f"-dir={self.data_dir}", f"-ip={host}", f"-ip.bind={host}",
                   f"-master.port={ports['master']}", f"-master.port.grpc={ports['mastergrpc']}",
                   "-master.telemetry=false", "-master.volumeSizeLimitMB=64",
                   f"-volume.port={ports['volume']}", f"-volume.port.grpc={ports['volumegrpc']}",
@@ -170,14 +213,14 @@ class SeaweedS3Server(_Served):
                   f"-s3.cert.file={pki.cert('s3')}", f"-s3.key.file={pki.key('s3')}",
                   "-webdav=false", "-admin.ui=false"],
             state_dir=self.state_dir,
-            ready=tcp_ready(ports["s3"]),
+            ready=tcp_ready(ports["s3"], host),
         )
 
     def start(self) -> S3Endpoint:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         if not self.service.running():
             for what, port in self.ports.items():
-                require_free_port(port, f"SeaweedFS ({what})")
+                require_free_port(port, f"SeaweedFS ({what})", self.host)
         self.service.start(timeout=60)
         self._wait_serving(timeout=60)
         return self.endpoint

@@ -129,10 +129,14 @@ class ReferenceRun:
     """
 
     def __init__(self, lab: Any, namespace: str, name: str, cfg: TrainConfig, checkpoint_uri: str,
-                 *, credentials_secret: str = CREDENTIALS_SECRET) -> None:
+                 *, credentials_secret: str = CREDENTIALS_SECRET,
+                 s3: S3Endpoint | None = None) -> None:
+        """``s3``: the lab S3 server the run checkpoints to (default versitygw, ``lab.s3``;
+        a private CA's endpoint needs ``spec.checkpoint.caBundle`` added to the manifest)."""
         self.lab, self.namespace, self.name, self.cfg = lab, namespace, name, cfg
         self.checkpoint_uri = checkpoint_uri
-        self.manifest = phoenixjob(name, namespace, cfg, checkpoint_uri, lab.s3.url,
+        self.s3 = s3 or lab.s3
+        self.manifest = phoenixjob(name, namespace, cfg, checkpoint_uri, self.s3.url,
                                    image=lab.trainer_image, spot=False, max_failures=0,
                                    credentials_secret=credentials_secret)
 
@@ -163,7 +167,7 @@ class ReferenceRun:
             time.sleep(1)
 
     def storage(self):
-        return open_phase_storage(f"{self.checkpoint_uri}/train", self.lab.s3)
+        return open_phase_storage(f"{self.checkpoint_uri}/train", self.s3)
 
     def train_seconds(self) -> float:
         """Training time of the run, from its end record (excludes start-up)."""

@@ -13,6 +13,7 @@ from kube_helpers import RESTRICTED_CONTAINER, TMP_MOUNT, TMP_VOLUME, create_nam
 from operator_process import FAKE_TRAINER, FAKE_TRAINER_CONFIGMAP, FAKE_TRAINER_PATH
 
 GROUP, VERSION, PLURAL = "phoenix.dev", "v1alpha1", "phoenixjobs"
+LAB_CA_CONFIGMAP = "phoenix-lab-ca"  # the lab CA, key ca.crt (as tests/e2e names it)
 SPOT_TOLERATION = [{"key": "phoenix.dev/spot", "operator": "Exists", "effect": "NoSchedule"}]
 
 
@@ -20,7 +21,8 @@ def phoenixjob(name: str, bucket: str, s3_url: str, *, image: str, phases=("trai
                recovery=None, grace: int = 10, keep: int = 3, suspend: bool = False,
                extra_phase: dict | None = None) -> dict:
     """A PhoenixJob whose trainer is tests/cluster/fake_trainer.py in the trainer `image`,
-    under restricted Pod Security, on the lab's spot nodes."""
+    under restricted Pod Security, on the lab's spot nodes. An https:// `s3_url` (the lab's
+    SeaweedFS) is trusted through the lab CA's ConfigMap that create_job_namespace makes."""
     fake_env = [{"name": k, "value": str(v)} for k, v in (env or {}).items()]
     return {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "PhoenixJob",
@@ -39,7 +41,9 @@ def phoenixjob(name: str, bucket: str, s3_url: str, *, image: str, phases=("trai
                                 "resources": {"limits": {"nvidia.com/gpu": "1"}}}]}},
             "phases": [dict({"name": p}, **((extra_phase or {}).get(p, {}))) for p in phases],
             "checkpoint": {"uri": f"s3://{bucket}/run", "endpoint": s3_url,
-                           "credentialsSecret": "s3-creds", "keep": keep},
+                           "credentialsSecret": "s3-creds", "keep": keep,
+                           **({"caBundle": {"configMap": LAB_CA_CONFIGMAP}}
+                              if s3_url.startswith("https://") else {})},
             "recovery": dict({"terminationGracePeriodSeconds": grace}, **(recovery or {})),
             "suspend": suspend,
         },
@@ -96,14 +100,19 @@ def events(core, ns, name) -> list:
             if e.involved_object.name == name and e.involved_object.kind == "PhoenixJob"]
 
 
-def create_job_namespace(lab, core, prefix: str = "pxj") -> str:
-    """A fresh namespace with a credentials Secret for the lab's S3 server and the fake
-    trainer's source as a ConfigMap. The cluster tests' operator watches pxj-* only."""
+def create_job_namespace(lab, core, prefix: str = "pxj", s3=None) -> str:
+    """A fresh namespace with a credentials Secret for the lab's S3 server `s3` (default:
+    versitygw, ``lab.s3``), the lab CA as a ConfigMap (for SeaweedFS's https endpoint) and
+    the fake trainer's source as a ConfigMap. The cluster tests' operator watches pxj-* only."""
+    s3 = s3 or lab.s3
     name = create_namespace(core, prefix)
     core.create_namespaced_secret(name, client.V1Secret(
         metadata=client.V1ObjectMeta(name="s3-creds"),
-        string_data={"AWS_ACCESS_KEY_ID": lab.s3.access_key,
-                     "AWS_SECRET_ACCESS_KEY": lab.s3.secret_key}))
+        string_data={"AWS_ACCESS_KEY_ID": s3.access_key,
+                     "AWS_SECRET_ACCESS_KEY": s3.secret_key}))
+    core.create_namespaced_config_map(name, client.V1ConfigMap(
+        metadata=client.V1ObjectMeta(name=LAB_CA_CONFIGMAP),
+        data={"ca.crt": lab.pki.ca_cert.read_text()}))
     core.create_namespaced_config_map(name, client.V1ConfigMap(
         metadata=client.V1ObjectMeta(name=FAKE_TRAINER_CONFIGMAP),
         data={"fake_trainer.py": FAKE_TRAINER.read_text()}))

@@ -9,7 +9,7 @@ import json
 import pytest
 import yaml
 
-from e2e.phoenix_e2e import OPERATOR_KINDS, install_chart_on_lab
+from e2e.phoenix_e2e import OPERATOR_KINDS, install_chart_on_lab, lab_ca_values
 from kube_helpers import wait_for
 from phoenix_lab.install import CHART, LAB_VALUES
 from phoenix_operator.podspec import pod_name
@@ -67,23 +67,24 @@ def test_every_rendered_manifest_passes_server_dry_run(lab, crd, service_monitor
 @pytest.fixture(scope="module")
 def release(lab, crd):
     """The chart installed cluster-wide with the lab's values (as a user would on the lab):
-    the operator image as a pod on the on-demand node."""
-    rel = install_chart_on_lab(lab, "phx-chart", "phx-chart-system")
+    the operator image as a pod on the on-demand node, trusting the lab CA (SeaweedFS)."""
+    rel = install_chart_on_lab(lab, "phx-chart", "phx-chart-system",
+                               values=lab_ca_values(lab, "phx-chart-system"))
     yield rel
     rel.uninstall()
 
 
 @pytest.fixture
-def ns(lab, core):
+def ns(lab, core, lab_s3):
     """A job namespace outside pxj-*, so only the chart's operator acts on it (the cluster
     tests' host-process operator watches pxj-* only)."""
-    name = create_job_namespace(lab, core, prefix="chart")
+    name = create_job_namespace(lab, core, prefix="chart", s3=lab_s3)
     yield name
     core.delete_namespace(name)
 
 
-def _manifests(lab, bucket: str) -> list[str]:
-    out = lab.s3.client().list_objects_v2(Bucket=bucket)
+def _manifests(s3, bucket: str) -> list[str]:
+    out = s3.client().list_objects_v2(Bucket=bucket)
     return [o["Key"] for o in out.get("Contents", ()) if o["Key"].endswith("manifest.json")]
 
 
@@ -97,7 +98,7 @@ def _labelled(lab, kind: str, release: str) -> list[str]:
 # full: the e2e suite installs the chart and recovers a preempted job in make test
 @pytest.mark.full
 def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_job(
-        lab, release, core, custom, ns, bucket):
+        lab, lab_s3, release, core, custom, ns, bucket):
     pod = release.leader_pod()
     spec = pod["spec"]
     assert spec["serviceAccountName"] == "phx-chart-operator"
@@ -122,10 +123,10 @@ def test_installed_operator_runs_as_chart_serviceaccount_and_recovers_preempted_
         return f"{job}\n{release.describe()}"
 
     env = {"FAKE_STEPS": 200, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}
-    create(custom, ns, phoenixjob("chart", bucket, lab.s3.url, image=lab.trainer_image, env=env))
+    create(custom, ns, phoenixjob("chart", bucket, lab_s3.url, image=lab.trainer_image, env=env))
     wait_for(lambda: (p := pod_or_none(core, ns, pod_name("chart", "train", 1)))
              and p.status.phase == "Running", 90, 0.5, "attempt 1 running", diagnose=describe)
-    wait_for(lambda: _manifests(lab, bucket), 60, 0.5, "a first checkpoint in S3",
+    wait_for(lambda: _manifests(lab_s3, bucket), 60, 0.5, "a first checkpoint in S3",
              diagnose=describe)
     lab.evict(ns, pod_name("chart", "train", 1))
     job = wait_for(lambda: (j := get(custom, ns, "chart"))

@@ -18,8 +18,8 @@ from pxj_helpers import (create, env_of, events, get, patch_spec, phase_status, 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def test_cli_status_and_checkpoints(lab, operator, core, custom, ns, bucket):
-    create(custom, ns, phoenixjob("cli", bucket, lab.s3.url, image=lab.trainer_image, phases=("pretrain", "eval"),
+def test_cli_status_and_checkpoints(lab, lab_s3, operator, core, custom, ns, bucket):
+    create(custom, ns, phoenixjob("cli", bucket, lab_s3.url, image=lab.trainer_image, phases=("pretrain", "eval"),
                                   env={"FAKE_STEPS": 10, "FAKE_CKPT_EVERY": 5}))
     wait(lambda: get(custom, ns, "cli").get("status", {}).get("phase") == "Succeeded", 90,
          "job Succeeded")
@@ -35,15 +35,15 @@ def test_cli_status_and_checkpoints(lab, operator, core, custom, ns, bucket):
     assert "last checkpoint: step 10" in text
     text = phoenix_cli(lab, "checkpoints", "cli", "-n", ns, "--strict")
     assert "ok  step       10" in text and "BAD" not in text
-    assert lab.s3.secret_key not in text
+    assert lab_s3.secret_key not in text
 
 
-def test_node_loss_is_a_preemption_replaced_before_pod_gc(lab, operator, core, custom, ns,
+def test_node_loss_is_a_preemption_replaced_before_pod_gc(lab, lab_s3, operator, core, custom, ns,
                                                           bucket):
     """The Node is deleted and its processes die without a word: the pod stays Running in
     the API until pod GC (40-60 s). The operator notices the missing Node, force-deletes the
     pod and creates the next attempt long before that."""
-    create(custom, ns, phoenixjob("nl", bucket, lab.s3.url, image=lab.trainer_image, env={
+    create(custom, ns, phoenixjob("nl", bucket, lab_s3.url, image=lab.trainer_image, env={
         "FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5}))
     pod = wait(lambda: (p := pod_or_none(core, ns, pod_name("nl", "train", 1))) and p.status.phase == "Running"
                and p, 60, "attempt 1 running")
@@ -65,11 +65,11 @@ def test_node_loss_is_a_preemption_replaced_before_pod_gc(lab, operator, core, c
     lab.wait_nodes_ready([replacement.name])  # leave the lab whole: its GPUs advertised
 
 
-def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, custom, ns,
+def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, lab_s3, operator, core, custom, ns,
                                                          bucket):
     env = {"FAKE_STEPS": 12, "FAKE_CKPT_EVERY": 5, "FAKE_FAIL_ATTEMPTS": "1",
            "FAKE_FAIL_AFTER": 7}
-    body = phoenixjob("rst", bucket, lab.s3.url, image=lab.trainer_image, phases=("train", "eval"), env=env,
+    body = phoenixjob("rst", bucket, lab_s3.url, image=lab.trainer_image, phases=("train", "eval"), env=env,
                       recovery={"maxFailures": 0})
     create(custom, ns, body)
     job = wait(lambda: (j := get(custom, ns, "rst")).get("status", {}).get("phase") == "Failed"
@@ -77,7 +77,7 @@ def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, cu
     assert [p["state"] for p in job["status"]["phases"]] == ["Failed", "Blocked"]
     # The user fixes the cause (here: the fake trainer's failure knob) and resets.
     fixed = dict(env, FAKE_FAIL_ATTEMPTS="")
-    template = phoenixjob("rst", bucket, lab.s3.url, image=lab.trainer_image, env=fixed)["spec"]["template"]
+    template = phoenixjob("rst", bucket, lab_s3.url, image=lab.trainer_image, env=fixed)["spec"]["template"]
     patch_spec(custom, ns, "rst", {"template": template})
     text = phoenix_cli(lab, "reset", "rst", "-n", ns)
     assert "phase train, eval reset to Pending" in text
@@ -93,8 +93,8 @@ def test_reset_reruns_a_failed_phase_from_its_checkpoint(lab, operator, core, cu
     assert "nothing to reset" in phoenix_cli(lab, "reset", "rst", "-n", ns)
 
 
-def test_reset_refuses_while_running(lab, operator, core, custom, ns, bucket):
-    create(custom, ns, phoenixjob("rr", bucket, lab.s3.url, image=lab.trainer_image, phases=("train", "eval"), env={
+def test_reset_refuses_while_running(lab, lab_s3, operator, core, custom, ns, bucket):
+    create(custom, ns, phoenixjob("rr", bucket, lab_s3.url, image=lab.trainer_image, phases=("train", "eval"), env={
         "FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_FAIL_ATTEMPTS": "1"},
         recovery={"maxFailures": 0}, extra_phase={"eval": {
             "independent": True, "env": [{"name": "FAKE_FAIL_ATTEMPTS", "value": ""}]}}))

@@ -19,9 +19,9 @@ from test_operator import LONG, has_checkpoints, running, storage_for
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def records(lab, bucket) -> list[dict]:
+def records(s3, bucket) -> list[dict]:
     try:
-        return history.decode(storage_for(lab, bucket).get_bytes(HISTORY_KEY))
+        return history.decode(storage_for(s3, bucket).get_bytes(HISTORY_KEY))
     except FileNotFoundError:
         return []
 
@@ -31,15 +31,15 @@ def kinds(recs) -> set[tuple[str, int]]:
 
 
 def test_history_of_an_eviction_survives_operator_restart_and_every_pod_deleted(
-        lab, operator, core, custom, ns, bucket):
-    create(custom, ns, phoenixjob("hi", bucket, lab.s3.url, image=lab.trainer_image, env=LONG))
+        lab, lab_s3, operator, core, custom, ns, bucket):
+    create(custom, ns, phoenixjob("hi", bucket, lab_s3.url, image=lab.trainer_image, env=LONG))
     wait(lambda: running(core, ns, pod_name("hi", "train", 1)), 60, "attempt 1 running")
-    wait(lambda: has_checkpoints(lab, bucket, 2), 60, "two checkpoints")
+    wait(lambda: has_checkpoints(lab_s3, bucket, 2), 60, "two checkpoints")
     node = core.read_namespaced_pod(pod_name("hi", "train", 1), ns).spec.node_name
     lab.evict(ns, pod_name("hi", "train", 1))
     pod2 = wait(lambda: pod_or_none(core, ns, pod_name("hi", "train", 2)), 60, "attempt 2's pod")
     resumed = env_of(pod2)["PHOENIX_RESUME_FROM"]
-    recs = wait(lambda: (r := records(lab, bucket)) and {("end", 1), ("start", 2)} <= kinds(r) and r,
+    recs = wait(lambda: (r := records(lab_s3, bucket)) and {("end", 1), ("start", 2)} <= kinds(r) and r,
                 30, "history records of attempt 1's end and attempt 2's start")
     end1 = next(r for r in recs if r["kind"] == "end" and r["attempt"] == 1)
     assert (end1["cause"], end1["reason"], end1["node"]) == ("preemption", "EvictionByEvictionAPI", node)
@@ -54,10 +54,10 @@ def test_history_of_an_eviction_survives_operator_restart_and_every_pod_deleted(
     assert doc["preemptions"] == 1 and doc["failures"] == 0
     [d] = doc["disruptions"]
     assert d["stepsLost"] == end1["lastStep"] - start2["resumeStep"]
-    assert lab.s3.secret_key not in phoenix_cli(lab, "timeline", "hi", "-n", ns)
+    assert lab_s3.secret_key not in phoenix_cli(lab, "timeline", "hi", "-n", ns)
     text = phoenix_cli(lab, "logs", "hi", "-n", ns, "--attempt", "2")
     assert text.startswith(f"==> {pod_name('hi', 'train', 2)} (phase train, attempt 2, member 0"), text
-    before = storage_for(lab, bucket).get_bytes(HISTORY_KEY)
+    before = storage_for(lab_s3, bucket).get_bytes(HISTORY_KEY)
 
     # The operator goes, every pod goes (attempt 2's deletion by someone else is a
     # preemption too), the operator comes back.
@@ -67,9 +67,9 @@ def test_history_of_an_eviction_survives_operator_restart_and_every_pod_deleted(
     wait(lambda: not core.list_namespaced_pod(ns).items, 60, "every pod gone")
     operator.start()
     wait(lambda: running(core, ns, pod_name("hi", "train", 3)), 90, "attempt 3 running")
-    recs = wait(lambda: (r := records(lab, bucket)) and {("end", 2), ("start", 3)} <= kinds(r) and r,
+    recs = wait(lambda: (r := records(lab_s3, bucket)) and {("end", 2), ("start", 3)} <= kinds(r) and r,
                 30, "history records of attempt 2's end and attempt 3's start")
-    assert storage_for(lab, bucket).get_bytes(HISTORY_KEY).startswith(before)  # nothing rewritten
+    assert storage_for(lab_s3, bucket).get_bytes(HISTORY_KEY).startswith(before)  # nothing rewritten
     assert phase_status(get(custom, ns, "hi"))["preemptions"] == 2
     doc = json.loads(phoenix_cli(lab, "report", "hi", "-n", ns, "-o", "json"))
     assert doc["preemptions"] == 2 and [d["attempt"] for d in doc["disruptions"]] == [1, 2]

@@ -38,8 +38,9 @@ class Pair:
         self.lab = lab
         # The chart's Lease name for release "phx" (its Role grants get/update on that one)
         self.lease = f"{RELEASE}-operator"
+        # AWS_CA_BUNDLE: the lab CA, which signed SeaweedFS's certificate (lab_s3_server)
         env = dict(TIMINGS, PHOENIX_LEADER_ELECTION="true", PHOENIX_LEASE_NAME=self.lease,
-                   PHOENIX_LEASE_NAMESPACE=LEASE_NS)
+                   PHOENIX_LEASE_NAMESPACE=LEASE_NS, AWS_CA_BUNDLE=str(lab.pki.ca_cert))
         # op-a reaches the API server through a relay that can be cut (a partition).
         self.relay = Partition(lab.host_ip, (lab.host_ip, lab.ports.apiserver))
         configs = {"op-a": self.relay.kubeconfig(kubeconfig, log_dir / "op-a.kubeconfig"),
@@ -106,8 +107,8 @@ def pair(lab, operator_rbac, tmp_path, pxl):
 
 
 @pytest.fixture
-def pxl(lab, core):
-    name = create_job_namespace(lab, core, prefix="pxl")
+def pxl(lab, core, lab_s3):
+    name = create_job_namespace(lab, core, prefix="pxl", s3=lab_s3)
     yield name
     core.delete_namespace(name)
 
@@ -119,8 +120,8 @@ def metric(op: OperatorProcess, name: str) -> float:
     return 0.0
 
 
-def long_job(lab, bucket, name="el"):
-    return phoenixjob(name, bucket, lab.s3.url, image=lab.trainer_image,
+def long_job(lab, s3, bucket, name="el"):
+    return phoenixjob(name, bucket, s3.url, image=lab.trainer_image,
                       env={"FAKE_STEPS": 100000, "FAKE_STEP_SECONDS": 0.05, "FAKE_CKPT_EVERY": 5})
 
 
@@ -129,25 +130,25 @@ def running(core, ns, job, attempt):
                 and p.status.phase == "Running" and p, 60, f"attempt {attempt} running")
 
 
-def fence(lab, bucket) -> dict:
-    keys = [o["Key"] for o in lab.s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
+def fence(s3, bucket) -> dict:
+    keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket=bucket).get("Contents", [])
             if o["Key"].endswith("/fence.json")]
     assert len(keys) == 1, keys
-    return json.loads(lab.s3.client().get_object(Bucket=bucket, Key=keys[0])["Body"].read())
+    return json.loads(s3.client().get_object(Bucket=bucket, Key=keys[0])["Body"].read())
 
 
 def test_one_leader_writes_and_a_standby_takes_over_within_the_lease_when_it_dies(
-        lab, pair, core, custom, pxl, bucket):
+        lab, lab_s3, pair, core, custom, pxl, bucket):
     a, b = pair.ops["op-a"], pair.ops["op-b"]
-    create(custom, pxl, long_job(lab, bucket))
+    create(custom, pxl, long_job(lab, lab_s3, bucket))
     first = running(core, pxl, "el", 1)
     wait(lambda: metric(b, "phoenix_operator_leader_info") == 1, 10, "op-b sees the leader")
     assert metric(a, "phoenix_operator_leader") == 1 and metric(b, "phoenix_operator_leader") == 0
     assert metric(a, "phoenix_pods_created_total") == 1
     assert metric(b, "phoenix_pods_created_total") == 0  # the standby wrote nothing
     term = pair.record()["lease_transitions"]
-    assert fence(lab, bucket)["leader"] == {"term": term, "leader": "op-a",
-                                            "lease": fence(lab, bucket)["leader"]["lease"]}
+    assert fence(lab_s3, bucket)["leader"] == {"term": term, "leader": "op-a",
+                                               "lease": fence(lab_s3, bucket)["leader"]["lease"]}
 
     # The leader's node dies with it: no release. Its trainer pod goes at the same time.
     a.kill()
@@ -157,8 +158,8 @@ def test_one_leader_writes_and_a_standby_takes_over_within_the_lease_when_it_die
          "op-b creates attempt 2 within the lease duration (+ a pass)")
     took = time.monotonic() - lost
     assert pair.holder() == "op-b" and pair.record()["lease_transitions"] == term + 1
-    assert fence(lab, bucket)["leader"]["leader"] == "op-b"
-    assert fence(lab, bucket)["leader"]["term"] == term + 1
+    assert fence(lab_s3, bucket)["leader"]["leader"] == "op-b"
+    assert fence(lab_s3, bucket)["leader"]["term"] == term + 1
     assert metric(b, "phoenix_operator_leader") == 1
     ps = wait(lambda: (s := phase_status(get(custom, pxl, "el"))).get("attempts") == 2 and s,
               20, "status attempt 2")
@@ -190,7 +191,7 @@ def test_a_drained_leader_hands_over_at_once(lab, pair):
 # running with storage reachable)
 @pytest.mark.parametrize("how", ["partitioned", pytest.param("paused", marks=pytest.mark.full)])
 def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
-        lab, pair, core, custom, pxl, bucket, how):
+        lab, lab_s3, pair, core, custom, pxl, bucket, how):
     """``partitioned``: op-a's connections to the API server stop carrying bytes (a relay it
     reaches the API server through stops relaying; storage stays reachable, the dangerous
     case) while it keeps running - its renewals fail, its gate closes after the renew
@@ -198,7 +199,7 @@ def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
     (SIGSTOP: a VM paused, a long GC) and resumes with its timers overdue and a backlog of
     watch events. Either way, after the lease moved, nothing it sends succeeds."""
     a, b = pair.ops["op-a"], pair.ops["op-b"]
-    create(custom, pxl, long_job(lab, bucket, how))
+    create(custom, pxl, long_job(lab, lab_s3, bucket, how))
     first = running(core, pxl, how, 1)
     cut_at = datetime.now(timezone.utc)
     pair.cut_off("op-a", how)
@@ -206,7 +207,7 @@ def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
     # The new leader acts: a preemption it must recover while the old one is away.
     core.delete_namespaced_pod(first.metadata.name, pxl, grace_period_seconds=0)
     running(core, pxl, how, 2)
-    fenced = fence(lab, bucket)
+    fenced = fence(lab_s3, bucket)
     assert fenced["leader"]["leader"] == "op-b" and fenced["attempt"] == 2
 
     healed = datetime.now(timezone.utc)
@@ -225,7 +226,7 @@ def test_a_cut_off_leader_writes_nothing_after_it_lost_the_lease(
         f"{e['verb']} {e['requestURI']} {e.get('responseStatus')}" for e in late)
     assert [e for e in writes if _ts(e["requestReceivedTimestamp"]) < cut_at], (
         "the audit log names op-a's writes while it led (else this proves nothing)")
-    assert fence(lab, bucket) == fenced  # storage: the new leader's fence stands
+    assert fence(lab_s3, bucket) == fenced  # storage: the new leader's fence stands
     names = sorted(p.metadata.name for p in core.list_namespaced_pod(
         pxl, label_selector=f"phoenix.dev/job={how}").items)
     assert names == [pod_name(how, "train", 2)], names

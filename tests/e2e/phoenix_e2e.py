@@ -64,6 +64,11 @@ class S3Target:
     local_endpoint: str    # as the test process reaches it
     access_key: str
     secret_key: str
+    name: str = "external"  # which server (a test's id says it): versitygw, seaweedfs on the lab
+    # An https endpoint signed by a private CA: its PEM here (for this process) and the
+    # ConfigMap in the jobs' namespace holding it as ca.crt (spec.checkpoint.caBundle).
+    ca_bundle: str | None = None
+    ca_configmap: str | None = None
 
     def client(self):
         import boto3
@@ -73,7 +78,13 @@ class S3Target:
                             aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key,
                             config=Config(retries={"max_attempts": 3},
-                                          s3={"addressing_style": "path"}))
+                                          s3={"addressing_style": "path"}),
+                            verify=self.ca_bundle)
+
+    def checkpoint_tls(self) -> dict:
+        """What a PhoenixJob's spec.checkpoint needs to trust this endpoint: {} or its
+        caBundle."""
+        return {"caBundle": {"configMap": self.ca_configmap}} if self.ca_configmap else {}
 
 
 @dataclass
@@ -180,7 +191,8 @@ def sample_job(target: E2ETarget, name: str, bucket: str, *, steps: int = 400,
             }]}},
             "phases": [{"name": "train"}],
             "checkpoint": {"uri": f"s3://{bucket}/{name}", "endpoint": target.s3.endpoint,
-                           "credentialsSecret": CREDENTIALS_SECRET, "keep": 3},
+                           "credentialsSecret": CREDENTIALS_SECRET, "keep": 3,
+                           **target.s3.checkpoint_tls()},
             "recovery": {"terminationGracePeriodSeconds": grace, "maxFailures": 2},
         },
     }
@@ -509,6 +521,29 @@ def _endpoint(pod: dict, port_name: str, path: str) -> str:
     port = next(p["containerPort"] for c in pod["spec"]["containers"]
                 for p in c.get("ports") or () if p.get("name") == port_name)
     return f"http://{pod['status']['podIP']}:{port}{path}"
+
+
+# The lab CA as a ConfigMap (key ca.crt): in a release's namespace for its operators
+# (storage.caBundle), in a job namespace for its trainers (spec.checkpoint.caBundle).
+LAB_CA_CONFIGMAP = "phoenix-lab-ca"
+
+
+def apply_ca_configmap(kubectl: Callable[..., subprocess.CompletedProcess], namespace: str,
+                       pem_file: str) -> None:
+    """``LAB_CA_CONFIGMAP`` in ``namespace`` (created if missing) holding ``pem_file``."""
+    kubectl("create", "namespace", namespace, check=False)
+    ca = {"apiVersion": "v1", "kind": "ConfigMap",
+          "metadata": {"name": LAB_CA_CONFIGMAP, "namespace": namespace},
+          "data": {"ca.crt": Path(pem_file).read_text()}}
+    kubectl("apply", "-f", "-", input=json.dumps(ca))
+
+
+def lab_ca_values(lab, namespace: str) -> dict:
+    """Chart values that make a release in ``namespace`` trust the lab CA, which signed the
+    lab's SeaweedFS (``Lab.s3_server_for``); plain-HTTP versitygw does not care. Puts the
+    CA's ConfigMap there first: the operator pod mounts it."""
+    apply_ca_configmap(lab.kubectl, namespace, str(lab.pki.ca_cert))
+    return {"storage": {"caBundle": {"configMap": LAB_CA_CONFIGMAP, "key": "ca.crt"}}}
 
 
 def install_chart_on_lab(lab, release: str, namespace: str, *, values: dict | None = None,

@@ -189,18 +189,20 @@ def test_chaos_schedule(seed, e2e, kube, e2e_bucket, submit_job, lab_target):
 def run_schedule(schedule, cfg, name, e2e, kube, e2e_bucket, submit_job, lab, release):
     """Run one job through `schedule` next to its reference run; check everything the
     module docstring promises. Returns what was injected."""
-    body = samples.phoenixjob(name, e2e.namespace, cfg, f"s3://{e2e_bucket}/{name}", lab.s3.url,
+    s3 = e2e.extra["s3_server"].endpoint  # this parameter's lab S3 server
+    body = samples.phoenixjob(name, e2e.namespace, cfg, f"s3://{e2e_bucket}/{name}", s3.url,
                               image=lab.trainer_image, grace_seconds=10,
                               credentials_secret=CREDENTIALS_SECRET,
                               # only the injected ones: any other failure fails loudly
                               max_failures=sum(map(is_failure, schedule)))
     reference = samples.ReferenceRun(lab, e2e.namespace, f"{name}-ref", cfg,
                                      f"s3://{e2e_bucket}/{name}-ref",
-                                     credentials_secret=CREDENTIALS_SECRET)
+                                     credentials_secret=CREDENTIALS_SECRET, s3=s3)
     watch = PodOverlapWatch(kube.core, e2e.namespace, name)
     submit_job(body)
     submit_job(reference.manifest)  # started alongside; deleted after the test like the job
-    injector = Injector(lab, e2e.namespace, operator_kill=_operator_killer(lab, release))
+    injector = Injector(lab, e2e.namespace, operator_kill=_operator_killer(lab, release),
+                        s3_server=e2e.extra["s3_server"])
     job = lambda: kube.custom.get_namespaced_custom_object(  # noqa: E731
         GROUP, VERSION, e2e.namespace, PLURAL, name)
     diagnose = lambda: (f"schedule {schedule}, injected {[(i.kind, i.pod, i.detail) for i in injector.log]}\n"  # noqa: E731
@@ -261,7 +263,7 @@ def run_schedule(schedule, cfg, name, e2e, kube, e2e_bucket, submit_job, lab, re
     assert hung == [] and "hangs" not in train, [e.message for e in hung]
     reference_job = reference.wait(timeout=300)
     assert phase_status(reference_job)["preemptions"] == 0, reference_job["status"]
-    storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{name}/train", lab.s3)
+    storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{name}/train", s3)
     same, uri = samples.final_weights_equal(storage, reference.storage())
     assert same, (f"final weights at {uri} differ from the uninterrupted run's: "
                   f"{samples.divergence(storage, reference.storage())}")

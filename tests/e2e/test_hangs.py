@@ -49,12 +49,13 @@ def test_hangs_are_detected_dumped_ended_and_resumed_exactly(e2e, kube, e2e_buck
                                                              lab_target):
     lab, release = lab_target
     ns = e2e.namespace
+    s3 = e2e.extra["s3_server"].endpoint  # this parameter's lab S3 server
     names = {kind: unique(f"hang-{kind}") for kind in ("sigstop", "worker", "storage")}
     for kind, name in names.items():
         extra = BASE if kind == "sigstop" else [*BASE, "--hang-at", str(HANG_AT), "--hang", kind]
         cfg = samples.TrainConfig(steps=STEPS, step_delay=0.04, checkpoint_every=25,
                                   extra_args=extra)
-        body = samples.phoenixjob(name, ns, cfg, f"s3://{e2e_bucket}/{name}", lab.s3.url,
+        body = samples.phoenixjob(name, ns, cfg, f"s3://{e2e_bucket}/{name}", s3.url,
                                   image=lab.trainer_image, credentials_secret=CREDENTIALS_SECRET,
                                   max_failures=1)
         body["spec"]["recovery"]["hangTimeoutSeconds"] = TIMEOUT
@@ -63,7 +64,7 @@ def test_hangs_are_detected_dumped_ended_and_resumed_exactly(e2e, kube, e2e_buck
                                   extra_args=BASE)
     reference = samples.ReferenceRun(lab, ns, unique("hang-ref"), ref_cfg,
                                      f"s3://{e2e_bucket}/hang-ref-{names['sigstop']}",
-                                     credentials_secret=CREDENTIALS_SECRET)
+                                     credentials_secret=CREDENTIALS_SECRET, s3=s3)
     submit_job(reference.manifest)
 
     def job(name):
@@ -95,7 +96,7 @@ def test_hangs_are_detected_dumped_ended_and_resumed_exactly(e2e, kube, e2e_buck
         # frozen process writes no dump) the wait that tells frozen from still dumping.
         slack = 15 + (DUMP_GRACE_SECONDS if kind == "sigstop" else 0)
         assert TIMEOUT <= hang["stalledSeconds"] <= TIMEOUT + slack, (kind, hang)
-        storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{names[kind]}/train", lab.s3)
+        storage = samples.open_phase_storage(f"s3://{e2e_bucket}/{names[kind]}/train", s3)
         if kind == "sigstop":
             assert hang["stackDumps"] == [], hang
         else:

@@ -1,6 +1,6 @@
 """The whole system through a kubeconfig: the installed operator pods run under restricted
 Pod Security and stay Ready, one of them leading, and a real training job (the example MLP in the trainer image)
-preempted mid-run resumes from its checkpoint and succeeds."""
+preempted mid-run resumes from its checkpoint and succeeds, on each lab S3 server."""
 from __future__ import annotations
 
 
@@ -26,6 +26,10 @@ def test_operator_pods_run_restricted_and_stay_ready(e2e, kube):
     assert dep.status.available_replicas == dep.spec.replicas, dep.status
 
 
+# The one e2e test `make test` runs against SeaweedFS too (TLS with the lab CA, through
+# spec.checkpoint.caBundle and the chart's storage.caBundle; about 25 s there): the others
+# run there under `make test-s3-all` (tests/s3_selection.py).
+@pytest.mark.all_s3_servers
 def test_preempted_training_job_resumes_from_checkpoint_and_succeeds(e2e, kube, e2e_bucket,
                                                                      submit_job):
     name = submit_job(sample_job(e2e, unique("mlp"), e2e_bucket))
