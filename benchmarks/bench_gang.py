@@ -20,6 +20,11 @@ round, on this machine's clock (the lab's nodes share it):
 A SIGKILL is a failure: the Whole job waits its backoff (set to 1 s) before the new gang;
 Member replaces at once. Both jobs checkpoint every 20 steps.
 
+``Reexec`` (in ``--modes``) is ``Member`` with ``PHOENIX_WARM_REJOIN=0``: the survivors
+re-execute their command line instead of handing the next attempt to their warm copy
+(trainer's warm.py), the way they rejoined before the copy existed. Each round records how
+each survivor came back (``survivors``: ``warm`` or ``re-exec``, from its start line).
+
 ``--spare`` adds a third job, ``Spare``: ``gangRestart: Member`` with ``recovery.standby``, so
 one spare pod waits warm on a node of its own and takes the lost member's place (no pod is
 created). Each round waits until a spare is Ready before the kill, so every round measures a
@@ -34,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import re
 import signal
 import sys
 import tempfile
@@ -52,6 +58,8 @@ from benchlab import install_with_namespace, keep_failure, poll, write_result  #
 from benchstats import summary  # noqa: E402
 
 SPARE, MEMBER = "Spare", "Member"  # Spare: gangRestart Member with a spare (recovery.standby)
+REEXEC = "Reexec"  # gangRestart Member, survivors re-exec instead of using their warm copy
+REJOINED = re.compile(r"rejoined [0-9.]+s after the loss in attempt (\d+) \(([\w-]+)\)")
 NAMESPACE = "bench-gang"
 BUCKET = "bench-gang"
 STEP_DELAY = 0.05
@@ -71,7 +79,8 @@ def gang_job(name: str, lab: Lab, members: int, mode: str, rounds: int) -> dict:
                     "--steps", "1000000", f"--step-delay={STEP_DELAY}", "--log-every", "100",
                     "--global-batch", str(8 * members)]
     c["env"] += [{"name": "PHOENIX_HEARTBEAT_SECONDS", "value": "1"},
-                 {"name": "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS", "value": "20"}]
+                 {"name": "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS", "value": "20"},
+                 {"name": "PHOENIX_WARM_REJOIN", "value": "0" if mode == REEXEC else "1"}]
     return {
         "apiVersion": f"{samples.GROUP}/{samples.VERSION}", "kind": "PhoenixJob",
         "metadata": {"name": name, "namespace": NAMESPACE},
@@ -83,7 +92,7 @@ def gang_job(name: str, lab: Lab, members: int, mode: str, rounds: int) -> dict:
                            "intervalSteps": 20},
             "recovery": {"maxFailures": rounds + 2, "terminationGracePeriodSeconds": 10,
                          "backoff": {"initialSeconds": 1, "maxSeconds": 1},
-                         "gangRestart": MEMBER if mode == SPARE else mode,
+                         "gangRestart": MEMBER if mode in (SPARE, REEXEC) else mode,
                          "standby": mode == SPARE},
         },
     }
@@ -122,6 +131,12 @@ class Gang:
 
     def wait(self, what: str, check, timeout: float):
         return poll(f"{self.name}: {what}", check, timeout)
+
+    def survivors(self, lost: str) -> list[str]:
+        """The job's running pods other than the lost one (Whole: none survive)."""
+        pods = self.core.list_namespaced_pod(NAMESPACE, label_selector=f"phoenix.dev/job={self.name}")
+        return [p.metadata.name for p in pods.items
+                if p.metadata.name != lost and p.status.phase == "Running"]
 
     def spare_ready(self) -> str | None:
         """The waiting spare's pod once it is Ready (warm)."""
@@ -165,15 +180,18 @@ def run_mode(lab: Lab, api: client.ApiClient, mode: str, args, rng: random.Rando
             again = max(hb.training_since for hb in back) - t0
             resumed = min(hb.restored_step for hb in back if hb.restored_step is not None)
             took = (gang.phase().get("lastReplacement") or {}).get("spare")
+            # how each survivor came back, from its start line ("(warm)" or "(re-exec)")
+            how = [m.group(2) for p in gang.survivors(pod) for m in REJOINED.finditer(
+                lab.pod_logs(NAMESPACE, p)) if int(m.group(1)) == attempt][-args.members:]
             rounds.append({
                 "round": r, "member": member, "pod": pod, "attempt": attempt, "next": nxt,
-                "spare": took, **({"spare_waiting": spare} if spare else {}),
+                "spare": took, **({"spare_waiting": spare} if spare else {}), "survivors": how,
                 "seconds": round(again, 2), "reached_step": reached, "resumed_step": resumed,
                 "steps_lost": max(0, reached - resumed),
                 "recovered_from": sorted({hb.restored_from for hb in back})})
             print(f"{mode} round {r}: member {member} lost -> training again in {again:.1f}s, "
-                  f"steps lost {rounds[-1]['steps_lost']} ({rounds[-1]['recovered_from']})",
-                  flush=True)
+                  f"steps lost {rounds[-1]['steps_lost']} ({rounds[-1]['recovered_from']}; "
+                  f"survivors {how})", flush=True)
         ps = gang.phase()
     finally:
         lab.kubectl("delete", "pxj", "-n", NAMESPACE, name, "--wait=false", check=False)
@@ -207,15 +225,10 @@ def main(argv: list[str] | None = None) -> int:
         with lab.api_client() as api:
             for mode in modes:
                 result[mode] = run_mode(lab, api, mode, args, random.Random(args.seed))
-        if "Member" in result and "Whole" in result:
-            m, w = result["Member"]["seconds"], result["Whole"]["seconds"]
-            result["whole_over_member_p50"] = round(w["p50"] / m["p50"], 2) if m.get("p50") else None
-        if SPARE in result and "Whole" in result:
-            sp, w = result[SPARE]["seconds"], result["Whole"]["seconds"]
-            result["whole_over_spare_p50"] = round(w["p50"] / sp["p50"], 2) if sp.get("p50") else None
-        if SPARE in result and MEMBER in result:
-            sp, m = result[SPARE]["seconds"], result[MEMBER]["seconds"]
-            result["member_over_spare_p50"] = round(m["p50"] / sp["p50"], 2) if sp.get("p50") else None
+        for slow, fast in (("Whole", MEMBER), ("Whole", SPARE), (MEMBER, SPARE), (REEXEC, MEMBER)):
+            if slow in result and fast in result and result[fast]["seconds"].get("p50"):
+                result[f"{slow.lower()}_over_{fast.lower()}_p50"] = round(
+                    result[slow]["seconds"]["p50"] / result[fast]["seconds"]["p50"], 2)
         ok = True
     except Exception as e:  # noqa: BLE001 - keep what was measured, and the lab's state
         keep_failure(result, e, lab, NAMESPACE, state)

@@ -7,8 +7,9 @@ One run loses member 2 (SIGKILL), then member 0 (the host of the group's store),
 asked to stop (SIGTERM, as an eviction does) and leaves the gang alone. After each
 loss the test fences the next attempt with the survivors' pods and a replacement: for the
 first, a spare (``PHOENIX_ROLE=spare``, ``recovery.standby``) started beforehand and waiting
-warm, which the fence names for member 2; for the second, a new process. It asserts that the survivors re-exec'd in place (same PID, next attempt), that
-every rank restored from its peers at the step the survivors reached (no checkpoint exists
+warm, which the fence names for member 2; for the second, a new process. It asserts that the
+survivors went on in their warm copies (warm.py: a new PID under the process that was
+launched, which stays and reports the copy's exit status), that every rank restored from its peers at the step the survivors reached (no checkpoint exists
 before the final one: 0 steps lost without an emergency checkpoint), that the heartbeats say
 so, and that the final weights equal an undisturbed 3-member run's, tensor for tensor (DDP
 with ``exact_allreduce_hook``).
@@ -39,7 +40,7 @@ STEPS = 40
 ARGS = ["--steps", str(STEPS), "--log-every", "1", "--step-delay", "0.05", "--global-batch", "24"]
 RESUMED = re.compile(r"rank (\d+)/3\] resuming run \S+ attempt (\d+) at step (\d+) .*restored from"
                      r" (\w+), pid (\d+)")
-REJOINED = re.compile(r"rejoined ([0-9.]+)s after the loss")
+REJOINED = re.compile(r"rejoined ([0-9.]+)s after the loss in attempt \d+ \(([\w-]+)\)")
 
 
 def pod(attempt: int, member: int) -> str:
@@ -149,11 +150,14 @@ def test_lost_members_are_replaced_in_place_and_restore_from_peers(tmp_path):
         # the newest step every rank agreed on is N - 1 if the kill came in between.
         assert len(steps) == 1 and steps.pop() >= reached - 1, got
         assert {src for _, _, src, _ in got} == {"peers"}, got
-    # The survivors re-exec'd in place: same PIDs, next attempts; the spare took member 2's
-    # place (rank 2) in the process that waited, without a re-exec.
-    assert {pid for r, _, _, pid in by_attempt[3] if r in (0, 1)} == {pids[0], pids[1]}
+    # The survivors went on in their warm copies (new PIDs), each a child of the process that
+    # was launched (which stayed as its supervisor: SIGTERM to pids[0] reached the copy above,
+    # and its 143 came back); the spare took member 2's place in the process that waited.
+    survivors_3 = {pid for r, _, _, pid in by_attempt[3] if r in (0, 1)}
+    assert survivors_3.isdisjoint(pids.values()) and len(survivors_3) == 2, by_attempt
     assert [pid for r, _, _, pid in by_attempt[3] if r == 2] == [new2.p.pid]
-    assert {pid for r, _, _, pid in by_attempt[4] if r in (1, 2)} == {pids[1], new2.p.pid}
+    survivors_4 = {pid for r, _, _, pid in by_attempt[4] if r in (1, 2)}
+    assert survivors_4.isdisjoint(survivors_3 | {new2.p.pid, pids[1]}), by_attempt
     assert any("spare pod j.train-2.spare takes member 2's place in attempt 3" in line
                for line in new2.lines)
 
@@ -169,6 +173,7 @@ def test_lost_members_are_replaced_in_place_and_restore_from_peers(tmp_path):
 
     assert tensors_equal(gang_state(run.uri, tmp_path, STEPS), gang_state(ref.uri, tmp_path, STEPS)), \
         "weights differ from the undisturbed gang's"
-    rejoin = [float(m.group(1)) for line in run.lines() if (m := REJOINED.search(line))]
-    print(f"survivors: loss -> training again (re-exec, imports, new group, restore): {rejoin} s")
+    rejoin = [(float(m.group(1)), m.group(2)) for line in run.lines() if (m := REJOINED.search(line))]
+    print(f"survivors: loss -> training again (warm copy, new group, restore): {rejoin} s")
     assert len(rejoin) == 4, rejoin  # 2 survivors x 2 losses (the spare did not re-exec)
+    assert {how for _, how in rejoin} == {"warm"}, rejoin

@@ -153,8 +153,11 @@ class StatusServer:
         self._thread.start()
 
     def close(self) -> None:
+        """Stop serving; returns once every thread of the server has ended (a spare's warm
+        copy is forked right after, and only from a process without other threads)."""
         self.server.shutdown()
-        self.server.server_close()
+        self.server.server_close()  # joins the connections' threads (block_on_close)
+        self._thread.join()
 
     def close_at_exit(self) -> None:
         """Keep serving until the interpreter exits (the container's end), then close."""

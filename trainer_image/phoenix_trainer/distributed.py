@@ -54,6 +54,8 @@ from .dcp_storage import DCP_PREFIX, Staged, Staging, StorageReader, StorageWrit
 from .dcp_storage import load as dcp_load
 from .dcp_storage import local_nbytes  # noqa: F401 - re-exported: its home before dcp_storage
 from .dcp_storage import save as dcp_save
+from . import prefetch as prefetch_mod
+from . import warm
 from .progress import note_collective
 from .rejoin import GangMember, PeerState, Rejoin, init_group, is_spare, take_place
 from .restore import Restored
@@ -91,6 +93,10 @@ def init_from_env(backend: str | None = None, timeout_seconds: float | None = No
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     timeout = timedelta(seconds=collective_timeout(timeout_seconds))
     if member is not None:  # an in-place gang: the global group is ours (rejoin.py)
+        if warm.fork():  # this is the warm copy, handed a later attempt by its parent
+            prefetch_mod.adopt()  # the parent's start-up download is not this process's
+            member = GangMember.from_env()
+            assert member is not None
         init_group(member, backend, timeout)
         return member.world_size > 1
     dist.init_process_group(backend, timeout=timeout)

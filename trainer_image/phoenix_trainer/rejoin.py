@@ -51,6 +51,7 @@ from typing import Any, Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from . import warm
 from .checkpoint import TRAINER_DOC
 from .core.contract import (
     ENV_ATTEMPT,
@@ -385,11 +386,18 @@ def take_place(environ: Any = None, storage: Storage | None = None,
 
 
 def reexec_into(fence: Fence, lost_at: float, old_attempt: int) -> None:
-    """Become this attempt's member: the same command line again, same PID (never returns)."""
+    """Become this attempt's member (never returns): hand the attempt to this process's warm
+    copy (``warm.py``; the PID torchrun started stays, as the copy's supervisor), or, without
+    one, execute the same command line again (same PID)."""
     os.environ.update({ENV_ATTEMPT: str(fence.attempt), ENV_GANG_STORE: fence.store,
                        ENV_GANG_STORE_MEMBER: str(fence.store_member),
                        ENV_REJOIN_LOST_AT: f"{lost_at:.3f}",
-                       ENV_REJOIN_FROM_ATTEMPT: str(old_attempt)})
+                       ENV_REJOIN_FROM_ATTEMPT: str(old_attempt),
+                       warm.ENV_REJOIN_HOW: warm.HOW_REEXEC})
+    copy = warm.current()
+    log.info("attempt %d: %s", fence.attempt,
+             f"handing it to this process's warm copy (pid {copy.pid})" if copy else
+             "re-executing the command line")
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -397,6 +405,8 @@ def reexec_into(fence: Fence, lost_at: float, old_attempt: int) -> None:
             pass
     logging.shutdown()
     _close_on_exec()
+    if copy is not None:
+        warm.hand_over(copy, os.environ)  # returns only if the copy could not take it
     argv = list(getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv])
     os.execv(sys.executable, argv)
 
@@ -674,8 +684,9 @@ class PeerState:
 
 def rejoin_record(environ: Mapping[str, str] | None = None,
                   now: Callable[[], float] = time.time) -> dict[str, Any]:
-    """For a re-exec'd survivor: which attempt it left and how long ago it lost the group
-    (for its start log and metrics record); empty for a process that was not re-exec'd."""
+    """For a survivor that rejoined: which attempt it left, how long ago it lost the group and
+    how it came back (``how``: ``warm``, a copy made before the group; ``re-exec``), for its
+    start log and metrics record; empty for a process that did not rejoin."""
     environ = os.environ if environ is None else environ
     raw = environ.get(ENV_REJOIN_LOST_AT)
     if not raw:
@@ -685,4 +696,5 @@ def rejoin_record(environ: Mapping[str, str] | None = None,
     except ValueError:
         return {}
     return {"fromAttempt": int(environ.get(ENV_REJOIN_FROM_ATTEMPT) or 0), "lostAt": lost,
-            "secondsSinceLoss": round(now() - lost, 3)}
+            "secondsSinceLoss": round(now() - lost, 3),
+            "how": environ.get(warm.ENV_REJOIN_HOW) or warm.HOW_REEXEC}

@@ -345,7 +345,7 @@ class Session:
                       self.attempt, step, epoch, self.fingerprint, self.restored_from, os.getpid(),
                       _describe_startup(startup),
                       f", rejoined {rejoin['secondsSinceLoss']:.2f}s after the loss in attempt"
-                      f" {rejoin['fromAttempt']}" if rejoin else "")
+                      f" {rejoin['fromAttempt']} ({rejoin['how']})" if rejoin else "")
 
     # ------------------------------------------------------------------ saving -----------
     def snapshot(self, step: int, epoch: int, state: Mapping[str, Any],

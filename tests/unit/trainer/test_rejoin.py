@@ -182,7 +182,10 @@ def test_rejoin_record():
     assert rejoin_record({}) == {}
     rec = rejoin_record({"PHOENIX_REJOIN_LOST_AT": "100.0", "PHOENIX_REJOIN_FROM_ATTEMPT": "2"},
                         now=lambda: 104.5)
-    assert rec == {"fromAttempt": 2, "lostAt": 100.0, "secondsSinceLoss": 4.5}
+    assert rec == {"fromAttempt": 2, "lostAt": 100.0, "secondsSinceLoss": 4.5, "how": "re-exec"}
+    warm = rejoin_record({"PHOENIX_REJOIN_LOST_AT": "100.0", "PHOENIX_REJOIN_HOW": "warm"},
+                         now=lambda: 101.0)
+    assert warm == {"fromAttempt": 0, "lostAt": 100.0, "secondsSinceLoss": 1.0, "how": "warm"}
 
 
 def test_a_rank_joining_a_superseded_attempt_follows_the_fence(tmp_path, monkeypatch):
