@@ -24,6 +24,7 @@ from phoenix_trainer.core.storage import Credentials, ReadConfig, open_storage
 from phoenix_trainer.core.writer import RetryPolicy, publish_manifest
 from phoenix_trainer import dcp_storage
 from phoenix_trainer.dcp_storage import Staging, StorageReader, StorageWriter, vouch_files
+from phoenix_trainer.shard_cache import ShardCache
 
 pytestmark = pytest.mark.storage
 MiB = 1 << 20
@@ -57,10 +58,10 @@ def zeros_like(state: dict) -> dict:
     return z(state)
 
 
-def save(storage, step: int, state: dict, retry: RetryPolicy | None = None):
+def save(storage, step: int, state: dict, retry: RetryPolicy | None = None, local=None):
     """What a gang's commit does on one rank: stage, DCP-save through the writer, manifest."""
     staged = Staging().stage(state)
-    writer = StorageWriter(storage, step, retry=retry, block_size=BLOCK)
+    writer = StorageWriter(storage, step, retry=retry, block_size=BLOCK, local=local)
     dcp_storage.save(staged.state, writer, no_dist=True)
     return publish_manifest(storage, step, writer.entries, epoch=0, phase="train",
                             config_fingerprint="fp")
@@ -170,3 +171,67 @@ def test_a_dcp_save_torn_midway_leaves_no_manifest_and_is_never_resumed(storage)
     assert len(storage.list_keys(step_dir_name(30))) == 3
     assert not verify_checkpoint(storage, 30).valid
     assert latest_valid_checkpoint(storage, deep=True).step == 10
+
+
+def loaded_equal(target: dict, state: dict) -> bool:
+    return all(torch.equal(target[p][k], v) for p in ("model", "optim")
+               for k, v in state[p].items() if isinstance(v, torch.Tensor))
+
+
+def test_a_rank_rereads_its_own_shard_from_its_pods_copy_and_storage_decides(storage, tmp_path):
+    """shard_cache.py: the copy kept while the object streamed serves the restore (0 bytes
+    of the shard from storage); a copy of other content is never taken for it; a damaged
+    block of the copy is read from storage instead; a failed upload keeps no copy; the two
+    newest copies stay."""
+    local = ShardCache(tmp_path / "peer", local_rank=0)
+    state = sharded_state(6)
+    info = save(storage, 10, state, local=local)
+    entry = info.manifest.files["dcp-__0_0.distcp"]
+    copy = local.find(entry.sha256, entry.size)
+    assert copy is not None and copy.read_bytes() == storage.get_bytes(
+        f"{step_dir_name(10)}/dcp-__0_0.distcp")
+
+    ranges = Ranges(storage)
+    target = zeros_like(state)
+    reader = StorageReader(storage, info, local=local)
+    dcp_storage.load(target, reader, no_dist=True)
+    assert loaded_equal(target, state)
+    shard = f"{step_dir_name(10)}/dcp-__0_0.distcp"
+    assert [k for k, _, _ in ranges.seen if k == shard] == []  # nothing of it from storage
+    assert reader.local_bytes >= entry.size - BLOCK and reader.bytes_read < 64 << 10  # metadata
+
+    # A damaged copy: the damaged block comes from storage, the rest from the copy.
+    body = bytearray(copy.read_bytes())
+    body[5 * MiB] ^= 0x10
+    copy.write_bytes(bytes(body))
+    ranges.seen.clear()
+    target = zeros_like(state)
+    reader = StorageReader(storage, info, local=local)
+    dcp_storage.load(target, reader, no_dist=True)
+    assert loaded_equal(target, state)
+    assert [(o, n) for k, o, n in ranges.seen if k == shard] == [(5 * MiB // BLOCK * BLOCK, BLOCK)]
+
+    # Another save at the same step with other content: found by content, never mixed up.
+    other = sharded_state(7)
+    info2 = save(storage, 10, other, local=local)
+    e2 = info2.manifest.files["dcp-__0_0.distcp"]
+    assert e2.sha256 != entry.sha256 and local.find(e2.sha256, e2.size) is not None
+    target = zeros_like(other)
+    dcp_storage.load(target, StorageReader(storage, info2, local=local), no_dist=True)
+    assert loaded_equal(target, other)
+
+    # A third: the oldest copy goes (two kept); a failed upload leaves no partial copy.
+    save(storage, 20, sharded_state(8), local=local)
+    assert local.find(entry.sha256, entry.size) is None
+    assert len(list(local.mine.iterdir())) == 2
+    real = storage.client.upload_part
+
+    def failing(**kw):
+        from botocore.exceptions import EndpointConnectionError
+        raise EndpointConnectionError(endpoint_url="http://s3.invalid")
+
+    storage.client.upload_part = failing
+    with pytest.raises(StorageError):
+        save(storage, 30, sharded_state(9), retry=RetryPolicy(attempts=1), local=local)
+    storage.client.upload_part = real
+    assert sorted(p.name.startswith(".") for p in local.mine.iterdir()) == [False, False]

@@ -50,8 +50,11 @@ def pod(attempt: int, member: int) -> str:
 class Gang:
     """A Member-mode gang of 3 one-rank members under ``uri``; the test plays the operator."""
 
-    def __init__(self, tmp: Path, uri: str) -> None:
+    def __init__(self, tmp: Path, uri: str, args: list[str] = ARGS, interval: int = 1000) -> None:
+        """``interval``: checkpoint steps (by default only the final checkpoint: a restore at
+        any other step came from the peers)."""
         self.tmp, self.uri, self.storage = tmp, uri, open_storage(uri)
+        self.args, self.interval = args, interval
         self.members: list[str] = []
         self.procs: dict[str, Proc] = {}
 
@@ -76,15 +79,14 @@ class Gang:
             "PHOENIX_POD_NAME": name, "PHOENIX_PEER_DIR": str(self.tmp / "peer" / name),
             "PHOENIX_CHECKPOINT_URI": self.uri, "PHOENIX_PHASE": "train",
             "PHOENIX_JOB_NAME": "j", "PHOENIX_JOB_NAMESPACE": "tests",
-            # only the final checkpoint: a restore at any other step came from the peers
-            "PHOENIX_CHECKPOINT_INTERVAL_STEPS": "1000", "PHOENIX_HEARTBEAT_SECONDS": "0.5",
+            "PHOENIX_CHECKPOINT_INTERVAL_STEPS": str(self.interval), "PHOENIX_HEARTBEAT_SECONDS": "0.5",
             "PHOENIX_COLLECTIVE_TIMEOUT_SECONDS": "30",
             "PHOENIX_TERMINATION_LOG": str(self.tmp / f"termination-{name}")})
         if member is None:
             for key in ("PHOENIX_GANG_MEMBER", "PHOENIX_GANG_STORE", "PHOENIX_GANG_STORE_MEMBER"):
                 del env[key]
             env["PHOENIX_ROLE"] = "spare"
-        proc = self.procs[name] = Proc(env, SCRIPT, ARGS)
+        proc = self.procs[name] = Proc(env, SCRIPT, self.args)
         return proc
 
     def launch(self) -> None:
@@ -177,3 +179,84 @@ def test_lost_members_are_replaced_in_place_and_restore_from_peers(tmp_path):
     print(f"survivors: loss -> training again (warm copy, new group, restore): {rejoin} s")
     assert len(rejoin) == 4, rejoin  # 2 survivors x 2 losses (the spare did not re-exec)
     assert {how for _, how in rejoin} == {"warm"}, rejoin
+
+
+FSDP_STEPS = 60
+FSDP_ARGS = ["--mode", "fsdp", "--hidden", "512", "--steps", str(FSDP_STEPS), "--log-every", "1", "--step-delay",
+             "0.05", "--global-batch", "24"]
+SHARD_READ = re.compile(r"read ([0-9.]+) MB of checkpoint \S+ sharded state .*?"
+                        r"(?:, and ([0-9.]+) MB from this pod's copies of \d+ of them)?$")
+
+
+def wait_for_checkpoint(gang: Gang, step: int, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(c.step >= step for c in list_checkpoints(gang.storage)):
+        assert time.monotonic() < deadline, f"no checkpoint at step {step}"
+        time.sleep(0.1)
+
+
+def test_a_sharded_gang_rolls_back_in_place_and_survivors_reread_only_their_own_copies(tmp_path):
+    """FSDP2 (sharded state: nothing to copy from a peer), Member mode, 3 one-rank members
+    checkpointing every 10 steps. Member 1 is SIGKILLed after the checkpoint at step 10, then
+    member 0 (rank 0, the store's host) after the one at 30; each time a new process takes the
+    lost member's place. Every rank of the next attempt restores from the newest checkpoint
+    (``restored from checkpoint``); the survivors, in their warm copies, read their own shard
+    from the copy their pod kept (shard_cache.py) and almost nothing from storage, while the
+    newcomer reads its shard from storage. The final weights equal an undisturbed gang's."""
+    run = Gang(tmp_path / "run", f"file://{tmp_path}/run/ckpt/train", FSDP_ARGS, interval=10)
+    ref = Gang(tmp_path / "ref", f"file://{tmp_path}/ref/ckpt/train", FSDP_ARGS, interval=10)
+    ref.launch()
+    run.launch()
+    m0, m1, m2 = (run.procs[pod(1, m)] for m in range(3))
+
+    wait_for_checkpoint(run, 10)
+    m0.wait_for_step(12, timeout=180)
+    m1.p.kill()
+    assert m1.finish(timeout=30) == -signal.SIGKILL
+    store = run.fence(2, [pod(1, 0), pod(2, 1), pod(1, 2)], 0)
+    new1 = run.start(1, 2, store, 0)
+
+    deadline = time.monotonic() + 180
+    while not any("attempt 2 at step" in line and "resuming" in line for line in m0.lines):
+        assert time.monotonic() < deadline, "".join(m0.lines[-20:])
+        time.sleep(0.05)
+    wait_for_checkpoint(run, 30)
+    m0.wait_for_step(32, timeout=180)
+    m0.p.kill()  # the launched process: its warm copy dies with it (PR_SET_PDEATHSIG)
+    assert m0.finish(timeout=30) == -signal.SIGKILL
+    store = run.fence(3, [pod(3, 0), pod(2, 1), pod(1, 2)], 1)
+    new0 = run.start(0, 3, store, 1)
+
+    for p in (m2, new1, new0, *ref.procs.values()):
+        assert p.finish(timeout=240) == 0, "".join(p.lines[-30:])
+
+    resumed = [m.groups() for line in run.lines() if (m := RESUMED.search(line))]
+    by_attempt: dict[int, list[tuple]] = {}
+    for rank, attempt, step, source, _ in resumed:
+        by_attempt.setdefault(int(attempt), []).append((int(rank), int(step), source))
+    print(f"resumes by attempt: {by_attempt}")
+    assert sorted(by_attempt[2]) == [(r, 10, "checkpoint") for r in range(3)], by_attempt
+    assert sorted(by_attempt[3]) == [(r, 30, "checkpoint") for r in range(3)], by_attempt
+
+    def reads(proc: Proc) -> list[tuple[float, float]]:
+        """(MB from storage, MB from the pod's copies) of each sharded restore it logged."""
+        return [(float(m.group(1)), float(m.group(2) or 0)) for line in proc.lines
+                if (m := SHARD_READ.search(line.rstrip()))]
+
+    print(f"sharded reads (storage MB, local MB): m0 {reads(m0)}, m2 {reads(m2)}, "
+          f"new1 {reads(new1)}, new0 {reads(new0)}")
+    def own_copy(read: tuple[float, float]) -> bool:  # its shard from its pod, ~0 from storage
+        return read[1] > 0 and read[0] < read[1] / 4
+
+    def from_storage(read: tuple[float, float]) -> bool:  # a new pod has no copies
+        return read[1] == 0 and read[0] > 0
+
+    # m0 survived loss 1; m2 both; new1 joined at loss 1 and survived loss 2; new0 joined last
+    assert [own_copy(r) for r in reads(m0)] == [True], reads(m0)
+    assert [own_copy(r) for r in reads(m2)] == [True, True], reads(m2)
+    assert [from_storage(r) for r in reads(new1)] == [True, False], reads(new1)
+    assert own_copy(reads(new1)[1]), reads(new1)
+    assert [from_storage(r) for r in reads(new0)] == [True], reads(new0)
+    assert tensors_equal(gang_state(run.uri, tmp_path, FSDP_STEPS),
+                         gang_state(ref.uri, tmp_path, FSDP_STEPS)), \
+        "weights differ from the undisturbed gang's"

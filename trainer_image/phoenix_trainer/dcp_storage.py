@@ -33,6 +33,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import pickle
 import threading
 import time
@@ -58,6 +59,7 @@ from .checkpoint import ViewReader
 from .core.errors import CheckpointError, CorruptCheckpointError, ObjectMismatchError, StorageError
 from .core.layout import CheckpointInfo, sha256_stream, step_dir_name
 from .core.storage import FileEntry, ReadConfig, Storage, read_parallel
+from .shard_cache import ShardCache, Tee
 from .core.writer import RetryPolicy, StreamedShard, upload_shards
 from .tensors import tree_nbytes
 
@@ -67,6 +69,10 @@ DCP_PREFIX = "dcp-"  # a gang checkpoint's DCP objects: step-N/dcp-<DCP's file n
 METADATA = ".metadata"  # DCP's own name for it
 BLOCKS = ".blocks.json"
 BLOCK_SIZE = 4 << 20  # a ranged read over-reads at most one block at each end of a run
+# An item this small (a scalar, an optimizer's step count, pickled param groups) gets its own
+# checksum, so a rank that needs it alone from another rank's object reads just its bytes,
+# not the block around it (DCP stores a replicated item once, on any rank).
+SMALL_ITEM = 64 << 10
 SUFFIX = ".distcp"
 
 
@@ -183,6 +189,15 @@ class BlockHashes:
         self.digests: list[str] = []
         self.failed: BaseException | None = None  # the sink's error, if a write failed
         self._c = 0
+        self._item: int | None = None  # a small item's own checksum, while it is written
+
+    def begin_item(self) -> None:
+        """Checksum what is written from here on by itself too (a small item: ``end_item``)."""
+        self._item = 0
+
+    def end_item(self) -> str | None:
+        value, self._item = self._item, None
+        return None if value is None else "%08x" % value
 
     def write(self, data: Any) -> int:
         mv = memoryview(data).cast("B")
@@ -191,6 +206,8 @@ class BlockHashes:
         except BaseException as e:
             self.failed = e
             raise
+        if self._item is not None:
+            self._item = block_checksum(mv, self._item)
         done = 0
         while done < len(mv):
             take = min(len(mv) - done, self.block_size - self.n % self.block_size)
@@ -219,6 +236,17 @@ class _Written:
 
     info: _StorageInfo
     blocks: tuple[str, ...] | None = None
+    item: str | None = None  # a small item's own checksum (read alone, without its blocks)
+
+
+def _expected_size(item: Any) -> int:
+    """A write item's tensor bytes (its ``torch.save`` record adds a header); 0 for bytes."""
+    if item.type == WriteItemType.BYTE_IO or item.tensor_data is None:
+        return 0
+    n = 1
+    for d in item.tensor_data.size:
+        n *= d
+    return n * torch._utils._element_size(item.tensor_data.properties.dtype)
 
 
 def _cpu_tensor(t: torch.Tensor) -> torch.Tensor:
@@ -233,9 +261,11 @@ class StorageWriter(_DCPWriter):
     this rank's objects (the coordinator's include the metadata), for the manifest."""
 
     def __init__(self, storage: Storage, step: int, *, attempt: int | None = None, uid: str = "",
-                 retry: RetryPolicy | None = None, block_size: int = BLOCK_SIZE) -> None:
+                 retry: RetryPolicy | None = None, block_size: int = BLOCK_SIZE,
+                 local: ShardCache | None = None) -> None:
         super().__init__()
         self.storage, self.step, self.attempt, self.uid = storage, step, attempt, uid
+        self.local = local  # keeps a copy of this rank's object in the pod (shard_cache.py)
         self.retry, self.block_size = retry or RetryPolicy(), block_size
         self.entries: dict[str, FileEntry] = {}
         self.is_coordinator = False
@@ -264,21 +294,25 @@ class StorageWriter(_DCPWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         name = f"{plan.storage_data.prefix}0{SUFFIX}"
         results: list[WriteResult] = []
-        size_hint = 0
-        for item in plan.items:
-            if item.type != WriteItemType.BYTE_IO and item.tensor_data is not None:
-                n = 1
-                for s in item.tensor_data.size:
-                    n *= s
-                size_hint += n * torch._utils._element_size(item.tensor_data.properties.dtype)
+        size_hint = sum(_expected_size(item) for item in plan.items
+                        if item.type != WriteItemType.BYTE_IO)
+
+        tees: list[Tee] = []  # the local copy of the current try, if kept
 
         def produce(f: Any) -> None:
             # Called again on a retry: the staged state is immutable, so the bytes repeat.
             results.clear()
+            if self.local is not None:
+                for t in tees:
+                    t.drop()
+                tees[:] = [self.local.tee(f)]
+                f = tees[0]
             out = BlockHashes(f, self.block_size)
             for item in plan.items:
                 data = planner.resolve_data(item)
                 start = out.n
+                if _expected_size(item) <= SMALL_ITEM:
+                    out.begin_item()
                 if item.type == WriteItemType.BYTE_IO:
                     out.write(data.getbuffer())
                 else:
@@ -290,16 +324,26 @@ class StorageWriter(_DCPWriter):
                         if out.failed is not None:
                             raise out.failed from None
                         raise
+                crc = out.end_item()
                 results.append(WriteResult(index=item.index, size_in_bytes=out.n - start,
-                                           storage_data=_Written(_StorageInfo(name, start, out.n - start))))
+                                           storage_data=_Written(_StorageInfo(name, start, out.n - start),
+                                                                 item=crc if out.n - start <= SMALL_ITEM else None)))
             blocks = tuple(out.finish())
             if results:
                 first = results[0]
                 results[0] = dataclasses.replace(
-                    first, storage_data=_Written(first.storage_data.info, blocks))
+                    first, storage_data=dataclasses.replace(first.storage_data, blocks=blocks))
 
         if plan.items:
-            self._upload({DCP_PREFIX + name: StreamedShard(produce, size_hint or None)})
+            try:
+                self._upload({DCP_PREFIX + name: StreamedShard(produce, size_hint or None)})
+            except BaseException:
+                for t in tees:
+                    t.drop()
+                raise
+            if tees and self.local is not None:
+                entry = self.entries[DCP_PREFIX + name]
+                self.local.keep(tees[-1], entry.sha256, entry.size)
         fut: Future[list[WriteResult]] = Future()
         fut.set_result(list(results))
         return fut
@@ -307,17 +351,21 @@ class StorageWriter(_DCPWriter):
     def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
         located: dict[Any, _StorageInfo] = {}
         blocks: dict[str, list[str]] = {}
+        items: dict[str, dict[str, str]] = {}  # object -> offset of a small item -> its checksum
         for wrs in results:
             for wr in wrs:
-                located[wr.index] = wr.storage_data.info
+                where = wr.storage_data.info
+                located[wr.index] = where
                 if wr.storage_data.blocks is not None:
-                    blocks[wr.storage_data.info.relative_path] = list(wr.storage_data.blocks)
+                    blocks[where.relative_path] = list(wr.storage_data.blocks)
+                if wr.storage_data.item is not None:
+                    items.setdefault(where.relative_path, {})[str(where.offset)] = wr.storage_data.item
         metadata.version = CURRENT_DCP_VERSION
         metadata.storage_data = located
         metadata.storage_meta = StorageMeta()
         meta = pickle.dumps(metadata)
-        digests = json.dumps({"blockSize": self.block_size, "checksum": "crc32", "files": blocks},
-                             sort_keys=True).encode()
+        digests = json.dumps({"blockSize": self.block_size, "checksum": "crc32", "files": blocks,
+                              "items": items}, sort_keys=True).encode()
         self._upload({DCP_PREFIX + METADATA: StreamedShard(lambda f: f.write(meta), len(meta)),
                       DCP_PREFIX + BLOCKS: StreamedShard(lambda f: f.write(digests), len(digests))})
 
@@ -371,17 +419,33 @@ def plan_runs(key: str, items: Iterable[tuple[int, int, Any]], object_size: int,
 class _Windows:
     """``read_parallel`` over windows of objects: the key ``"<key>@<start>"`` reads the bytes
     of ``key`` from ``start``; the total it reports is the window's, once the object's own
-    size is checked against the manifest's."""
+    size is checked against the manifest's. An object with a local copy (``local``: key ->
+    file, shard_cache.py) is read from that file; ``bytes_read`` counts storage's bytes only,
+    ``local_bytes`` the copies'."""
 
-    def __init__(self, storage: Storage, sizes: dict[str, int], windows: dict[str, tuple[str, int, int]]) -> None:
+    def __init__(self, storage: Storage, sizes: dict[str, int], windows: dict[str, tuple[str, int, int]],
+                 local: dict[str, Any] | None = None) -> None:
         self.storage, self.sizes, self.windows = storage, sizes, windows
-        self.bytes_read = 0
+        self.local = local or {}
+        self.bytes_read = self.local_bytes = 0
         self._lock = threading.Lock()
 
     def uri_for(self, wkey: str) -> str:
         return self.storage.uri_for(self.windows[wkey][0])
 
+    def is_local(self, wkey: str) -> bool:
+        return self.windows[wkey][0] in self.local
+
     def read_into(self, wkey: str, offset: int, view: Any) -> int:
+        key, start, length = self.windows[wkey]
+        if key in self.local:
+            n = _pread_into(self.local[key], start + offset, view)
+            with self._lock:
+                self.local_bytes += n
+            return length
+        return self.read_remote(wkey, offset, view)
+
+    def read_remote(self, wkey: str, offset: int, view: Any) -> int:
         key, start, length = self.windows[wkey]
         total = self.storage.read_into(key, start + offset, view)
         if total != self.sizes[key]:
@@ -391,18 +455,34 @@ class _Windows:
         return length
 
 
+def _pread_into(path: Any, offset: int, view: Any) -> int:
+    mv = memoryview(view).cast("B")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        got = 0
+        while got < len(mv) and (k := os.preadv(fd, [mv[got:]], offset + got)):
+            got += k
+    finally:
+        os.close(fd)
+    return got
+
+
 class StorageReader(_DCPReader):
     """DCP's reader of a gang checkpoint ``info`` in ``storage``; see the module docstring.
     ``bytes_read``: what this rank read, metadata included."""
 
-    def __init__(self, storage: Storage, info: CheckpointInfo, read: ReadConfig | None = None) -> None:
+    def __init__(self, storage: Storage, info: CheckpointInfo, read: ReadConfig | None = None,
+                 local: ShardCache | None = None) -> None:
         super().__init__()
         if info.manifest is None:
             raise CorruptCheckpointError(f"checkpoint {info.uri} has no readable manifest")
         self.storage, self.info, self.read = storage, info, read or ReadConfig.from_env()
+        self.local = local  # this pod's copies of the objects (shard_cache.py)
+        self.local_bytes = 0  # read from them instead of storage
         self.files = info.manifest.files
         self.storage_data: dict[Any, _StorageInfo] = {}
         self.blocks: dict[str, list[str]] = {}
+        self.items: dict[str, dict[int, str]] = {}  # small items' own checksums, by offset
         self.block_size = BLOCK_SIZE
         self.bytes_read = 0
 
@@ -436,6 +516,8 @@ class StorageReader(_DCPReader):
                 raise CorruptCheckpointError(f"block checksum {digests.get('checksum')!r} is not crc32")
             self.block_size = int(digests["blockSize"])
             self.blocks = {str(k): list(v) for k, v in digests["files"].items()}
+            self.items = {str(k): {int(o): str(c) for o, c in v.items()}
+                          for k, v in (digests.get("items") or {}).items()}
         except CorruptCheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - unreadable metadata: an unusable checkpoint
@@ -470,6 +552,8 @@ class StorageReader(_DCPReader):
         cap = max(self.block_size, self.read.memory_bytes // 4)
         runs: list[Run] = []
         sizes: dict[str, int] = {}
+        copies: dict[str, Any] = {}  # key -> this pod's copy of the object
+        exact: dict[int, str] = {}  # a run that is one small item -> that item's checksum
         for name, items in sorted(per_object.items()):
             entry = self.files.get(DCP_PREFIX + name)
             if entry is None or name not in self.blocks:
@@ -477,7 +561,21 @@ class StorageReader(_DCPReader):
                                              " (or no block checksums for it)")
             key = dcp_key(self.info.step, name)
             sizes[key] = entry.size
-            runs += plan_runs(name, items, entry.size, self.block_size, cap)
+            copy = self.local.find(entry.sha256, entry.size) if self.local is not None else None
+            if copy is not None:
+                copies[key] = copy
+            else:  # small items with their own checksum: just their bytes, not their blocks
+                own = self.items.get(name, {})
+                alone = [it for it in items if it[1] <= SMALL_ITEM and it[0] in own]
+                for off, n, index in alone:
+                    if off < 0 or off + n > entry.size:
+                        raise CorruptCheckpointError(f"{name}: an item at {off}+{n} lies outside"
+                                                     f" its {entry.size} bytes")
+                    exact[len(runs)] = own[off]
+                    runs.append(Run(name, off, off + n, ((off, n, index),)))
+                items = [it for it in items if it not in alone]
+            if items:
+                runs += plan_runs(name, items, entry.size, self.block_size, cap)
         # One window per block of each run (a block two runs share is read by each).
         windows: dict[str, tuple[str, int, int]] = {}
         home: dict[str, tuple[int, str]] = {}  # window -> (its run, the object's name)
@@ -485,9 +583,10 @@ class StorageReader(_DCPReader):
         left = [0] * len(runs)  # windows of each run not yet in
         for i, run in enumerate(runs):
             key = dcp_key(self.info.step, run.key)
-            for s in range(run.start, run.end, self.block_size):
+            step = max(run.size, 1) if i in exact else self.block_size
+            for s in range(run.start, run.end, step):
                 wkey = f"{key}@{s}#{i}"
-                windows[wkey] = (key, s, min(self.block_size, run.end - s))
+                windows[wkey] = (key, s, min(step, run.end - s))
                 home[wkey] = (i, run.key)
                 order.append((wkey, windows[wkey][2]))
                 left[i] += 1
@@ -501,7 +600,7 @@ class StorageReader(_DCPReader):
             start = windows[wkey][1] - runs[i].start
             return memoryview(buf)[start:start + size]
 
-        io_ = _Windows(self.storage, sizes, windows)
+        io_ = _Windows(self.storage, sizes, windows, copies)
         try:
             # each block is checked against its CRC-32 below: a sha256 of a window checks nothing
             for f in read_parallel(io_, order, alloc, self.read, digest=False):
@@ -509,7 +608,14 @@ class StorageReader(_DCPReader):
                 i, name = home[f.key]
                 digests = self.blocks[name]
                 b = s // self.block_size
-                if b >= len(digests) or "%08x" % block_checksum(f.buffer) != digests[b]:
+                want = exact[i] if i in exact else digests[b] if b < len(digests) else None
+                bad = want is None or "%08x" % block_checksum(f.buffer) != want
+                if bad and io_.is_local(f.key):  # the copy is damaged: storage's bytes decide
+                    log.warning("this pod's copy of %s%s fails its checksum at bytes %d-%d;"
+                                " reading them from storage", DCP_PREFIX, name, s, s + n)
+                    io_.read_remote(f.key, 0, f.buffer)
+                    bad = "%08x" % block_checksum(f.buffer) != want
+                if bad:
                     raise CorruptCheckpointError(
                         f"checkpoint {self.info.uri}: {DCP_PREFIX}{name} bytes {s}-{s + n} do not"
                         " match their checksum (the stored object is corrupt)")
@@ -521,9 +627,12 @@ class StorageReader(_DCPReader):
         except ObjectMismatchError as e:
             raise CorruptCheckpointError(f"checkpoint {self.info.uri}: {e}") from e
         self.bytes_read += io_.bytes_read
-        log.info("read %.1f MB of checkpoint %s's sharded state (%d ranges of %d objects) in %.2fs",
-                 io_.bytes_read / 1e6, self.info.uri, len(order), len(per_object),
-                 time.perf_counter() - t0)
+        self.local_bytes += io_.local_bytes
+        log.info("read %.1f MB of checkpoint %s's sharded state (%d ranges of %d objects) in %.2fs"
+                 "%s", io_.bytes_read / 1e6, self.info.uri, len(order), len(per_object),
+                 time.perf_counter() - t0,
+                 f", and {io_.local_bytes / 1e6:.1f} MB from this pod's copies of"
+                 f" {len(copies)} of them" if copies else "")
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut

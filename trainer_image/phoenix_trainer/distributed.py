@@ -60,6 +60,7 @@ from .progress import note_collective
 from .rejoin import GangMember, PeerState, Rejoin, init_group, is_spare, take_place
 from .restore import Restored
 from .session import Session
+from .shard_cache import ShardCache
 
 T = TypeVar("T")
 
@@ -147,18 +148,21 @@ class ShardedRestored(Restored):
     (read on ``load_sharded``: only the ranges this rank's load plan needs)."""
 
     storage: Storage | None = None
-    bytes_read: int = 0  # of the sharded state, by ``load_sharded`` (metadata included)
+    bytes_read: int = 0  # of the sharded state from storage, by ``load_sharded`` (metadata included)
+    local_bytes: int = 0  # of it from this pod's copies instead (shard_cache.py)
+    local: ShardCache | None = None
 
     def load_sharded(self, target: Any, *, process_group: Any = None,
                      read: ReadConfig | None = None) -> None:
         """Load the ``"sharded"`` state into ``target`` in place (DCP; reshards as needed)."""
         if self.storage is None:
             raise CheckpointError(f"checkpoint {self.info.uri} has no sharded state")
-        reader = StorageReader(self.storage, self.info, read)
+        reader = StorageReader(self.storage, self.info, read, local=self.local)
         try:
             dcp_load(target, reader, process_group)
         finally:
             self.bytes_read += reader.bytes_read
+            self.local_bytes += reader.local_bytes
 
 
 class GroupPeers:
@@ -238,8 +242,9 @@ class GangCommit:
     collective: every rank or none), upload mine, exchange entries, rank 0 publishes the
     manifest listing everyone's files and tells the others how it went."""
 
-    def __init__(self, peers: GroupPeers) -> None:
+    def __init__(self, peers: GroupPeers, local: ShardCache | None = None) -> None:
         self.rank, self.world_size, self.group = peers.rank, peers.world_size, peers.io_group
+        self.local = local  # this pod's copy of my DCP object (shard_cache.py)
 
     def __call__(self, storage: Storage, step: int, files: dict[str, str], *, epoch: int,
                  phase: str, config_fingerprint: str, run_id: str = "", attempt: int | None = None,
@@ -251,7 +256,8 @@ class GangCommit:
             if sharded is not None:
                 # First, and on every rank: dcp.save is collective and reports any rank's
                 # failure to all of them, so no rank is left waiting in it.
-                writer = StorageWriter(storage, step, attempt=attempt, uid=uid, retry=retry)
+                writer = StorageWriter(storage, step, attempt=attempt, uid=uid, retry=retry,
+                                       local=self.local)
                 try:
                     dcp_save(sharded.state, writer, self.group)
                 finally:
@@ -294,8 +300,8 @@ class RankLoader:
     the DCP objects vouched for (``vouch_files``), read later by ``load_sharded``. Nothing
     goes to local disk."""
 
-    def __init__(self, rank: int, world_size: int = 1) -> None:
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, rank: int, world_size: int = 1, local: ShardCache | None = None) -> None:
+        self.rank, self.world_size, self.local = rank, world_size, local
 
     def load(self, storage: Storage, info: CheckpointInfo, prefetch: Any = None) -> Restored:
         assert info.manifest is not None
@@ -307,7 +313,7 @@ class RankLoader:
         restored = ShardedRestored("resume", info.step, info.manifest.epoch, info, state)
         if any(n.startswith(DCP_PREFIX) for n in files):
             restored.bytes_read = vouch_files(storage, info, self.rank, self.world_size)
-            restored.storage = storage
+            restored.storage, restored.local = storage, self.local
         return restored
 
     def close(self) -> None:
@@ -331,12 +337,15 @@ class DistributedSession(Session):
                 f" instead of dist.init_process_group() (torchrun runs standalone in each pod)")
         peers = GroupPeers(collective_timeout_seconds)
         parts: dict[str, Any] = {}
+        local = None
         if member is not None:
             peer_dir = os.environ.get(ENV_PEER_DIR)
             parts["peer_state"] = PeerState(peers, peer_dir) if peer_dir else None
             parts["rejoin"] = Rejoin(member, None)  # the session gives it its storage
-        super().__init__(peers=peers, snapshots=ShardedSnapshots(peers), commit=GangCommit(peers),
-                         loader=RankLoader(peers.rank, peers.world_size), prefetch=None,
+            local = ShardCache.from_env()  # sharded state: survivors re-read their own copies
+        super().__init__(peers=peers, snapshots=ShardedSnapshots(peers),
+                         commit=GangCommit(peers, local),
+                         loader=RankLoader(peers.rank, peers.world_size, local), prefetch=None,
                          **parts, **kwargs)
         self.rank, self.world_size = peers.rank, peers.world_size
         self.ctl_group, self.io_group = peers.ctl_group, peers.io_group
