@@ -95,6 +95,7 @@ class Checkpointing:
         self.after_commit: list[Callable[[CheckpointInfo], None]] = []
         self.requested = ""  # a pending "checkpoint now" request id (a notice)
         self._last_save = clock()
+        self._blocked: dict[int, float] = {}  # step -> seconds its snapshot held the loop
         self._last_metrics_upload = clock()
 
     def open(self) -> None:
@@ -137,6 +138,7 @@ class Checkpointing:
     def save(self, step: int, state: Mapping[str, Any] | Snapshot, *, epoch: int = 0,
              progress: Mapping[str, Any] | None = None, blocking: bool = False) -> Future | None:
         snap = state if isinstance(state, Snapshot) else self.snapshot(step, epoch, state, progress)
+        self._blocked[snap.step] = snap.seconds  # for its commit's metrics record
         self._last_save = self.clock()
         if self.requested:
             self.log.info("checkpoint of step %d taken at the operator's request (%s)", step,
@@ -152,8 +154,10 @@ class Checkpointing:
     def _on_commit(self, info: CheckpointInfo) -> None:  # runs on the upload thread
         if self.metrics:
             s = self.checkpointer.stats if self.checkpointer else None
+            blocked = self._blocked.pop(info.step, None)
             self.metrics.emit("checkpoint", step=info.step, epoch=info.epoch, checkpoint=info.uri,
                               saveSeconds=round(s.total_seconds[-1], 3) if s else None,
+                              blockedSeconds=round(blocked, 4) if blocked is not None else None,
                               megabytes=round(sum(f.size for f in info.manifest.files.values()) / 1e6, 3)
                               if info.manifest else None)
             self.metrics.upload()
