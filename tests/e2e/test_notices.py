@@ -72,7 +72,8 @@ class PodLog(threading.Thread):
 
 
 def _storage(e2e, bucket: str, name: str):
-    return samples.open_phase_storage(f"s3://{bucket}/{name}/train", e2e.extra["lab"].s3)
+    return samples.open_phase_storage(f"s3://{bucket}/{name}/train",
+                                      e2e.extra["s3_server"].endpoint)  # this parameter's server
 
 
 def _finished(kube, ns: str, name: str, timeout: float, diagnose=None) -> dict:
