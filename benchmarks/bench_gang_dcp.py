@@ -51,7 +51,7 @@ from kubernetes import client
 from phoenix_lab import samples
 from phoenix_lab.cluster import Lab, LabPorts
 from phoenix_trainer.attempt_log import read_metrics
-from phoenix_trainer.core.layout import latest_valid_checkpoint, list_checkpoints, step_dir_name
+from phoenix_trainer.core.layout import list_checkpoints
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from benchlab import install_with_namespace, keep_failure, poll, write_result  # noqa: E402
@@ -135,28 +135,6 @@ def copy_seconds(nbytes: int) -> float:
     return statistics.median(times)
 
 
-def final_state(storage, tmp: Path) -> dict:
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    info = latest_valid_checkpoint(storage)
-    d = Path(tempfile.mkdtemp(prefix="dcp-", dir=tmp))
-    for name in info.manifest.files:
-        if name.startswith("dcp-"):
-            storage.get_file(f"{step_dir_name(info.step)}/{name}", d / name[len("dcp-"):])
-    dcp_to_torch_save(d, d / "all.pt")
-    return torch.load(d / "all.pt", weights_only=False)
-
-
-def equal(a, b) -> bool:
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(equal(x, y) for x, y in zip(a, b))
-    return a == b
-
-
 def run_job(lab: Lab, core: client.CoreV1Api, custom: client.CustomObjectsApi, name: str, args,
             kill_after: int | None) -> dict:
     lab.kubectl("apply", "-f", "-", input=json.dumps(job(name, lab, args)))
@@ -236,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
                                 "storage_over_own": round(storage_mb / mine, 3)}
         tmp = state / "weights"
         tmp.mkdir()
-        same = equal(final_state(run["storage"], tmp), final_state(ref["storage"], tmp))
+        same = samples.tensors_equal(samples.gang_state(run["storage"], tmp),
+                                     samples.gang_state(ref["storage"], tmp))
         result.update({
             "state_mb": round(sum(e.size for n, e in info.manifest.files.items()
                                   if n.startswith("dcp-")) / 1e6, 1),

@@ -8,10 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
+
+from phoenix_lab import samples
 
 # "... INFO phoenix.trainer: [ns/job/phase] step 12 ..." (Trainer) or "phoenix.example: step 12"
 _STEP_LINE = re.compile(r" phoenix\.[\w.]+: (?:\[[^\]]*\] )?step (\d+)\b")
@@ -186,33 +187,10 @@ def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], ru
 
 
 def gang_state(uri: str, tmp_path: Path, step: int) -> dict:
-    """A gang's newest checkpoint (it must be ``step``) as one plain state dict: its DCP
-    files converted to the torch.save format."""
-    import torch
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-    from phoenix_trainer.core.layout import latest_valid_checkpoint, step_dir_name
+    """A gang's newest checkpoint (it must be ``step``) as one plain state dict."""
     from phoenix_trainer.core.storage import open_storage
 
-    storage = open_storage(uri)
-    info = latest_valid_checkpoint(storage)
-    assert info is not None and info.step == step, info
-    d = Path(tempfile.mkdtemp(prefix="gang-", dir=tmp_path))
-    for name in info.manifest.files:
-        if name.startswith("dcp-"):
-            storage.get_file(f"{step_dir_name(step)}/{name}", d / name[len("dcp-"):])
-    dcp_to_torch_save(d, d / "all.pt")
-    return torch.load(d / "all.pt", weights_only=False)
+    return samples.gang_state(open_storage(uri), tmp_path, step)
 
 
-def tensors_equal(a, b) -> bool:
-    """Nested dicts/lists of tensors equal bit for bit (``torch.equal``), other leaves ==."""
-    import torch
-
-    if isinstance(a, torch.Tensor):
-        return isinstance(b, torch.Tensor) and torch.equal(a, b)
-    if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
-    return a == b
+tensors_equal = samples.tensors_equal  # nested tensors equal bit for bit, other leaves ==

@@ -209,6 +209,41 @@ def final_weights_equal(storage, reference_storage) -> tuple[bool, str | None]:
     return same, final.uri
 
 
+def gang_state(storage, folder, step: int | None = None) -> dict:
+    """A gang's newest valid checkpoint (it must be ``step`` when given) as one plain state
+    dict: its DCP objects downloaded into a new folder under ``folder`` and converted to the
+    torch.save format."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from phoenix_trainer.core.layout import latest_valid_checkpoint, step_dir_name
+
+    info = latest_valid_checkpoint(storage)
+    assert info is not None and (step is None or info.step == step), info
+    d = Path(tempfile.mkdtemp(prefix="gang-", dir=folder))
+    for name in info.manifest.files:
+        if name.startswith("dcp-"):
+            storage.get_file(f"{step_dir_name(info.step)}/{name}", d / name[len("dcp-"):])
+    dcp_to_torch_save(d, d / "all.pt")
+    return torch.load(d / "all.pt", weights_only=False)
+
+
+def tensors_equal(a, b) -> bool:
+    """Nested dicts/lists of tensors equal bit for bit (``torch.equal``), other leaves ==."""
+    import torch
+
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(tensors_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(tensors_equal(x, y) for x, y in zip(a, b))
+    return a == b
+
+
 def divergence(storage, reference_storage) -> str:
     """Where a run first parted from its reference, for a failed weights check: the first
     step whose logged loss differs (the samples log every step's loss to the attempt's
