@@ -324,10 +324,9 @@ class StorageWriter(_DCPWriter):
                         if out.failed is not None:
                             raise out.failed from None
                         raise
-                crc = out.end_item()
-                results.append(WriteResult(index=item.index, size_in_bytes=out.n - start,
-                                           storage_data=_Written(_StorageInfo(name, start, out.n - start),
-                                                                 item=crc if out.n - start <= SMALL_ITEM else None)))
+                crc, n = out.end_item(), out.n - start
+                results.append(WriteResult(index=item.index, size_in_bytes=n, storage_data=_Written(
+                    _StorageInfo(name, start, n), item=crc if n <= SMALL_ITEM else None)))
             blocks = tuple(out.finish())
             if results:
                 first = results[0]

@@ -19,11 +19,13 @@ Three parts, used by ``distributed.py`` and the session:
   (DTensor: FSDP2) is restored from the newest checkpoint as before.
 - ``Rejoin``: a collective error in the user's loop (a peer is gone) does not end the
   process: it polls ``fence.json`` for a fence that carries this pod into a newer attempt and
-  re-execs the same command line (same PID: torchrun's agent notices nothing), which builds
-  the model again, joins the new group and restores from peers. A fence that moves on without
-  this pod: exit as superseded; SIGTERM while waiting: exit as preempted; no fence within
-  ``PHOENIX_REJOIN_TIMEOUT_SECONDS``: fail with the original error. Any other exception (a
-  bug) fails the process as before.
+  hands that attempt to its warm copy (``warm.py``: a fork made before the group, which goes
+  on from ``init_from_env``; the PID torchrun started stays, as its supervisor), or without
+  one re-execs the same command line (same PID: torchrun's agent notices nothing). Either
+  way the script builds the model again, joins the new group and restores from peers. A
+  fence that moves on without this pod: exit as superseded; SIGTERM while waiting: exit as
+  preempted; no fence within ``PHOENIX_REJOIN_TIMEOUT_SECONDS``: fail with the original
+  error. Any other exception (a bug) fails the process as before.
 
 - ``take_place``: a spare member (``PHOENIX_ROLE=spare``, with ``recovery.standby``) waits
   before the group exists, with torch and the script's imports loaded and its readiness
@@ -82,7 +84,8 @@ log = logging.getLogger("phoenix.rejoin")
 ENV_PEER_SNAPSHOT_STEPS = "PHOENIX_PEER_SNAPSHOT_STEPS"  # default 1; 0: no peer snapshots
 ENV_REJOIN_TIMEOUT = "PHOENIX_REJOIN_TIMEOUT_SECONDS"  # how long a survivor waits for a fence
 ENV_GANG_JOIN_TIMEOUT = "PHOENIX_GANG_JOIN_TIMEOUT_SECONDS"  # how long ranks wait for each other
-# Set by a survivor for its re-exec'd self: when it lost the group, which attempt it left.
+# Set by a survivor for its next self (warm copy or re-exec): when it lost the group, which
+# attempt it left.
 ENV_REJOIN_LOST_AT = "PHOENIX_REJOIN_LOST_AT"
 ENV_REJOIN_FROM_ATTEMPT = "PHOENIX_REJOIN_FROM_ATTEMPT"
 
@@ -172,7 +175,7 @@ def init_group(me: GangMember, backend: str, timeout: timedelta,
 
     While the ranks gather, the fence is watched (``storage``: the phase's prefix, opened from
     ``PHOENIX_CHECKPOINT_URI`` when not given): a member lost while the gang was still joining
-    moves the fence on, and a rank carried into that newer attempt re-execs into it at once
+    moves the fence on, and a rank carried into that newer attempt moves into it at once
     (a newcomer started for an attempt already superseded skips it); one the fence no longer
     carries exits as superseded. Without this the others would wait for the lost one until
     the join timeout."""
@@ -217,7 +220,7 @@ def init_group(me: GangMember, backend: str, timeout: timedelta,
 
 
 def _follow_fence(me: GangMember, storage: Storage | None) -> None:
-    """A fence newer than this rank's attempt: re-exec into it if it carries this pod, exit
+    """A fence newer than this rank's attempt: move into it if it carries this pod, exit
     as superseded if not; else return (the gang is still gathering for this attempt)."""
     if storage is None or not me.pod:
         return
@@ -440,8 +443,8 @@ class Rejoin:
         return self.storage is not None and is_collective_error(exc)
 
     def wait(self, exc: BaseException, stopped: Callable[[], bool]) -> tuple[str, Fence | None]:
-        """Wait for the fence that carries this pod; re-exec if it comes (does not return
-        then). Otherwise the outcome: SUPERSEDED, STOPPED or TIMED_OUT."""
+        """Wait for the fence that carries this pod; move into that attempt if it comes (does
+        not return then). Otherwise the outcome: SUPERSEDED, STOPPED or TIMED_OUT."""
         assert self.storage is not None
         lost_at = time.time()
         me = self.me
@@ -454,7 +457,7 @@ class Rejoin:
         if outcome == CARRIED:
             assert fence is not None
             self.log.info("carried into attempt %d (store %s on member %d) %.2fs after the loss;"
-                          " re-executing", fence.attempt, fence.store, fence.store_member,
+                          " rejoining", fence.attempt, fence.store, fence.store_member,
                           time.time() - lost_at)
             reexec_into(fence, lost_at, me.attempt)
         return outcome, fence
