@@ -278,13 +278,21 @@ def attempt_starts(storage) -> dict[int, tuple[int, float]]:
 
 
 def attempt_ends(storage) -> dict[int, int]:
-    """attempt -> the last step it reports having reached (its end record or last step record)."""
+    """attempt -> the last step it reports having reached: its step, checkpoint and end
+    records, and any checkpoint it wrote that a later attempt resumed from (the resume record's
+    ``checkpointAttempt``). An attempt's own records upload after its commit, so a SIGKILL
+    between the two leaves its newest checkpoint out of its log."""
     from phoenix_trainer.attempt_log import read_metrics
 
     reached: dict[int, int] = {}
     for r in read_metrics(storage):
-        if r.get("event") in ("step", "end", "checkpoint") and r.get("step") is not None:
+        if r.get("step") is None:
+            continue
+        if r.get("event") in ("step", "end", "checkpoint"):
             reached[r["attempt"]] = max(reached.get(r["attempt"], 0), int(r["step"]))
+        elif r.get("event") == "resume" and r.get("checkpointAttempt") is not None:
+            writer = int(r["checkpointAttempt"])
+            reached[writer] = max(reached.get(writer, 0), int(r["step"]))
     return reached
 
 

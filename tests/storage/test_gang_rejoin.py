@@ -165,6 +165,8 @@ def test_lost_members_are_replaced_in_place_and_restore_from_peers(tmp_path):
 
     # Only the final checkpoint exists: nothing was restored from (or saved for) a loss.
     assert [c.step for c in list_checkpoints(run.storage)] == [STEPS]
+    # Replicated state comes back from peers: no pod kept a copy of its DCP objects.
+    assert [p for p in (tmp_path / "run" / "peer").rglob("*") if "dcp-own" in p.parts and p.is_file()] == []
     for rank in range(3):
         beat = Heartbeat.from_json(run.storage.get_bytes(heartbeat_key(4, rank)))
         assert beat.restored_from == "peers" and beat.restored_step == by_attempt[4][0][1], beat

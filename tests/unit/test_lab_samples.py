@@ -1,12 +1,13 @@
-"""phoenix_lab.samples.divergence: a failed weights check says where the run parted from its
-reference (the first step whose logged loss differs, the attempt and where it started)."""
+"""phoenix_lab.samples from trainers' metrics: ``divergence`` (a failed weights check says where
+the run parted from its reference: the first step whose logged loss differs, the attempt and
+where it started) and ``attempt_ends`` (the step each attempt reached)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from phoenix_lab.samples import divergence
+from phoenix_lab.samples import attempt_ends, divergence
 from phoenix_trainer.core.layout import metrics_key
 from phoenix_trainer.core.storage.file import LocalStorage
 
@@ -43,3 +44,16 @@ def test_says_so_when_every_logged_loss_matches(tmp_path):
     job = run(tmp_path, "job", {1: [{"event": "start", "step": 0}, *steps(1, 20)],
                                 3: [{"event": "resume", "step": 20}, *steps(21, 30)]})
     assert divergence(job, ref).startswith("all 30 logged losses (steps 1-30) equal the reference's")
+
+
+def test_an_attempt_reached_the_checkpoint_a_later_one_resumed_from_even_if_its_log_lags(tmp_path):
+    # Attempt 2 was SIGKILLed between committing step 40 and uploading that commit's record:
+    # its own log ends at step 21, and attempt 3's resume record names it as step 40's writer.
+    job = run(tmp_path, "job", {
+        1: [{"event": "start", "step": 0}, *steps(1, 20), {"event": "checkpoint", "step": 20},
+            {"event": "end", "step": 20}],
+        2: [{"event": "resume", "step": 20, "checkpointAttempt": 1}, *steps(21, 21)],
+        3: [{"event": "resume", "step": 40, "checkpointAttempt": 2}, *steps(41, 45)],
+        4: [{"event": "resume", "step": 40}],  # a record from before the field: no claim
+    })
+    assert attempt_ends(job) == {1: 20, 2: 40, 3: 45}

@@ -57,7 +57,7 @@ from .dcp_storage import save as dcp_save
 from . import prefetch as prefetch_mod
 from . import warm
 from .progress import note_collective
-from .rejoin import GangMember, PeerState, Rejoin, init_group, is_spare, take_place
+from .rejoin import GangMember, PeerState, Rejoin, init_group, is_replicated, is_spare, take_place
 from .restore import Restored
 from .session import Session
 from .shard_cache import ShardCache
@@ -256,8 +256,10 @@ class GangCommit:
             if sharded is not None:
                 # First, and on every rank: dcp.save is collective and reports any rank's
                 # failure to all of them, so no rank is left waiting in it.
+                # a pod copy only of sharded state: replicated state comes back from peers
+                local = None if self.local is None or is_replicated(sharded.state) else self.local
                 writer = StorageWriter(storage, step, attempt=attempt, uid=uid, retry=retry,
-                                       local=self.local)
+                                       local=local)
                 try:
                     dcp_save(sharded.state, writer, self.group)
                 finally:

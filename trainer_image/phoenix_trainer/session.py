@@ -331,8 +331,11 @@ class Session:
         if rejoin:
             fields = {**fields, "rejoin": rejoin}
         if self.metrics:
+            written_by = (self.resumed_from.manifest.attempt
+                          if self.resumed_from and self.resumed_from.manifest else None)
             self.metrics.emit("resume" if resumed else "start", step=step, epoch=epoch,
                               checkpoint=self.resumed_from.uri if self.resumed_from else None,
+                              checkpointAttempt=written_by,
                               restoredFrom=self.restored_from,
                               configFingerprint=self.fingerprint, resumeExact=self.exactness.exact,
                               resumeExactReason=self.exactness.reason, startup=startup, **fields)

@@ -1,7 +1,9 @@
 """A rank's own sharded-checkpoint objects, kept beside it in its pod, for in-place rejoins.
 
 In an in-place gang (``gangRestart: Member``) whose state is sharded (FSDP2: no replica to
-copy from), every rank rolls back to the newest checkpoint after a member is lost. The
+copy from), every rank rolls back to the newest checkpoint after a member is lost (the
+commit keeps copies only of state with a DTensor in it: replicated state comes back from the
+peers' snapshots). The
 survivors wrote most of that checkpoint themselves, and their pods are still there. So each
 rank keeps a copy of the DCP objects it uploads (``dcp-__<rank>_0.distcp``) in the pod's
 memory-backed peer directory (``PHOENIX_PEER_DIR``, which outlives a re-exec and a warm
