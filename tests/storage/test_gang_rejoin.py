@@ -97,6 +97,23 @@ class Gang:
     def lines(self) -> list[str]:
         return [line for p in self.procs.values() for line in p.lines]
 
+    def resumes(self) -> dict[int, list[tuple[int, int, str, int]]]:
+        """attempt -> (rank, step, restored from, pid) of every rank's resume line."""
+        out: dict[int, list[tuple[int, int, str, int]]] = {}
+        for line in self.lines():
+            if m := RESUMED.search(line):
+                rank, attempt, step, source, pid = m.groups()
+                out.setdefault(int(attempt), []).append((int(rank), int(step), source, int(pid)))
+        return out
+
+
+def wait_for_line(proc: Proc, *parts: str, timeout: float = 180) -> None:
+    """Until a line of ``proc``'s output holds every one of ``parts`` (it must stay alive)."""
+    deadline = time.monotonic() + timeout
+    while not any(all(p in line for p in parts) for line in proc.lines):
+        assert time.monotonic() < deadline and proc.p.poll() is None, "".join(proc.lines[-20:])
+        time.sleep(0.05)
+
 
 def test_lost_members_are_replaced_in_place_and_restore_from_peers(tmp_path):
     run, ref = Gang(tmp_path / "run", f"file://{tmp_path}/run/ckpt/train"), \
@@ -108,10 +125,7 @@ def test_lost_members_are_replaced_in_place_and_restore_from_peers(tmp_path):
 
     # The spare (its own attempt number, 2, reserved): torch imported, waiting on the fence.
     new2 = run.start(None, 2, "", 0)
-    deadline = time.monotonic() + 180
-    while not any("waiting for a member's place" in line for line in new2.lines):
-        assert time.monotonic() < deadline and new2.p.poll() is None, "".join(new2.lines[-20:])
-        time.sleep(0.05)
+    wait_for_line(new2, "waiting for a member's place")
 
     # Loss 1: member 2 (SIGKILL). Attempt 3 carries members 0 and 1, and the spare as 2.
     m0.wait_for_step(10, timeout=180)
@@ -123,10 +137,7 @@ def test_lost_members_are_replaced_in_place_and_restore_from_peers(tmp_path):
     # Loss 2: member 0, the store's host, asked to stop (SIGTERM: an eviction). It leaves
     # alone at the next step boundary (no emergency checkpoint: its peers hold the state),
     # exiting as preempted. Attempt 3: member 1 (the lowest survivor) hosts the store.
-    deadline = time.monotonic() + 180
-    while not any("attempt 3 at step" in line and "resuming" in line for line in m0.lines):
-        assert time.monotonic() < deadline, "".join(m0.lines[-20:])
-        time.sleep(0.05)
+    wait_for_line(m0, "resuming run", "attempt 3 at step")
     m0.wait_for_step(reached_1 + 10, timeout=180)
     reached_2 = m0.step
     os.kill(pids[0], signal.SIGTERM)
@@ -139,10 +150,7 @@ def test_lost_members_are_replaced_in_place_and_restore_from_peers(tmp_path):
     for p in (m1, new2, new0, *ref.procs.values()):
         assert p.finish(timeout=240) == 0, "".join(p.lines[-30:])
 
-    resumed = [m.groups() for line in run.lines() if (m := RESUMED.search(line))]
-    by_attempt: dict[int, list[tuple]] = {}
-    for rank, attempt, step, source, pid in resumed:
-        by_attempt.setdefault(int(attempt), []).append((int(rank), int(step), source, int(pid)))
+    by_attempt = run.resumes()
     print(f"resumes by attempt: {by_attempt}; losses at steps >= {reached_1}, {reached_2}")
     for attempt, reached in ((3, reached_1), (4, reached_2)):
         got = sorted(by_attempt[attempt])
@@ -218,10 +226,7 @@ def test_a_sharded_gang_rolls_back_in_place_and_survivors_reread_only_their_own_
     store = run.fence(2, [pod(1, 0), pod(2, 1), pod(1, 2)], 0)
     new1 = run.start(1, 2, store, 0)
 
-    deadline = time.monotonic() + 180
-    while not any("attempt 2 at step" in line and "resuming" in line for line in m0.lines):
-        assert time.monotonic() < deadline, "".join(m0.lines[-20:])
-        time.sleep(0.05)
+    wait_for_line(m0, "resuming run", "attempt 2 at step")
     wait_for_checkpoint(run, 30)
     m0.wait_for_step(32, timeout=180)
     m0.p.kill()  # the launched process: its warm copy dies with it (PR_SET_PDEATHSIG)
@@ -232,10 +237,8 @@ def test_a_sharded_gang_rolls_back_in_place_and_survivors_reread_only_their_own_
     for p in (m2, new1, new0, *ref.procs.values()):
         assert p.finish(timeout=240) == 0, "".join(p.lines[-30:])
 
-    resumed = [m.groups() for line in run.lines() if (m := RESUMED.search(line))]
-    by_attempt: dict[int, list[tuple]] = {}
-    for rank, attempt, step, source, _ in resumed:
-        by_attempt.setdefault(int(attempt), []).append((int(rank), int(step), source))
+    by_attempt = {a: [(rank, step, source) for rank, step, source, _ in got]
+                  for a, got in run.resumes().items()}
     print(f"resumes by attempt: {by_attempt}")
     assert sorted(by_attempt[2]) == [(r, 10, "checkpoint") for r in range(3)], by_attempt
     assert sorted(by_attempt[3]) == [(r, 30, "checkpoint") for r in range(3)], by_attempt
