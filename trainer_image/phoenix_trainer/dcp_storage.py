@@ -33,11 +33,11 @@ import dataclasses
 import io
 import json
 import logging
-import os
 import pickle
 import threading
 import time
 import zlib
+from pathlib import Path
 from torch.futures import Future
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -59,6 +59,7 @@ from .checkpoint import ViewReader
 from .core.errors import CheckpointError, CorruptCheckpointError, ObjectMismatchError, StorageError
 from .core.layout import CheckpointInfo, sha256_stream, step_dir_name
 from .core.storage import FileEntry, ReadConfig, Storage, read_parallel
+from .core.storage.file import LocalStorage
 from .shard_cache import ShardCache, Tee
 from .core.writer import RetryPolicy, StreamedShard, upload_shards
 from .tensors import tree_nbytes
@@ -425,7 +426,8 @@ class _Windows:
     def __init__(self, storage: Storage, sizes: dict[str, int], windows: dict[str, tuple[str, int, int]],
                  local: dict[str, Any] | None = None) -> None:
         self.storage, self.sizes, self.windows = storage, sizes, windows
-        self.local = local or {}
+        # key -> (a file storage over the copy's folder, the copy's name)
+        self.local = {k: (LocalStorage(Path(p).parent), Path(p).name) for k, p in (local or {}).items()}
         self.bytes_read = self.local_bytes = 0
         self._lock = threading.Lock()
 
@@ -438,10 +440,14 @@ class _Windows:
     def read_into(self, wkey: str, offset: int, view: Any) -> int:
         key, start, length = self.windows[wkey]
         if key in self.local:
-            n = _pread_into(self.local[key], start + offset, view)
-            with self._lock:
-                self.local_bytes += n
-            return length
+            folder, name = self.local[key]
+            try:
+                if folder.read_into(name, start + offset, view) == self.sizes[key]:
+                    with self._lock:
+                        self.local_bytes += len(memoryview(view))
+                    return length
+            except OSError:  # the copy went away: storage has the object
+                pass
         return self.read_remote(wkey, offset, view)
 
     def read_remote(self, wkey: str, offset: int, view: Any) -> int:
@@ -452,18 +458,6 @@ class _Windows:
         with self._lock:
             self.bytes_read += len(memoryview(view))
         return length
-
-
-def _pread_into(path: Any, offset: int, view: Any) -> int:
-    mv = memoryview(view).cast("B")
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = 0
-        while got < len(mv) and (k := os.preadv(fd, [mv[got:]], offset + got)):
-            got += k
-    finally:
-        os.close(fd)
-    return got
 
 
 class StorageReader(_DCPReader):
