@@ -1,23 +1,26 @@
 """A trainer image of the user's own: examples/user-image/Dockerfile, its documented lines
-(`pip install "phoenix-jobs[trainer]"` + `phoenix-trainer-hook`) on a Python image that has
-torch but no Phoenix, runs the sample job on the lab; preempted, the replacement resumes
+(`pip install "phoenix-jobs[trainer]"` + `phoenix-trainer-hook`) on a plain Python image (no
+torch, nothing of ours), runs the sample job on the lab; preempted, the replacement resumes
 with the checkpoint prefetched by the hook (the start-up breakdown in its attempt log).
 
-Not in `make test`: it builds two images, `docker save`s the result (several GB: torch) and
-imports it into a node, minutes on this machine. `make test-user-image` runs it
-(PHOENIX_USER_IMAGE_E2E=1). Lab only: it builds with the lab's dockerd.
+Not in `make test`: the image is several GB (pip installs torch and its CUDA wheels into it),
+and it is `docker save`d and imported into a node, minutes on this machine. `make
+test-user-image` runs it (PHOENIX_USER_IMAGE_E2E=1). Lab only: it builds with the lab's dockerd.
 
-Where the pieces come from, since the lab reaches no registry and no index has a release:
-- the package: a wheel built from this checkout, served to the build on loopback
-  (`PIP_FIND_LINKS`, `PIP_NO_INDEX`: build arguments the Dockerfile declares for that);
-- the "user's image with torch": the lab's trainer image with the Phoenix package and its
-  hook uninstalled (torch, numpy and boto3 stay). A plain Python base that downloads torch
-  itself works the same (the Dockerfile's default base); it is not used here because its
-  new multi-GB layers would be saved and imported into a node on every run, where these
-  layers are already on the node and only the small new ones are unpacked.
+Where the pieces come from, since the lab reaches no image registry and no index has a release:
+- the plain Python image: the lab's Debian base (``images.BASE_IMAGE``, debootstrap) with a
+  virtualenv first on PATH, which is what the official ``python`` images give a Dockerfile:
+  ``python`` and a ``pip`` that installs into it. Nothing else is added.
+- the package: a wheel built from this checkout. Its requirements (torch and its CUDA
+  wheels, numpy, boto3) come from the package index, downloaded once by pip inside the plain
+  image into a wheelhouse under the lab's cache; the build then installs from that
+  wheelhouse and the checkout's wheel, served on loopback (``PIP_FIND_LINKS``,
+  ``PIP_NO_INDEX``: build arguments the Dockerfile declares for that), so a rebuild does not
+  download GBs again. The Dockerfile's lines are the documented ones either way.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -28,6 +31,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -44,18 +48,15 @@ pytestmark = [
 REPO = Path(__file__).resolve().parents[2]
 USER_DOCKERFILE = REPO / "examples" / "user-image" / "Dockerfile"
 NODE = "lab-spot-1"  # both attempts run here: the image is imported into this node only
-# The user's own image: Python and torch, no Phoenix (see the module docstring).
-BASE_DOCKERFILE = """\
-FROM {trainer}
-USER root
-RUN pip uninstall -y phoenix-jobs \\
- && rm -f "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/phoenix-preflight.pth" \\
- && python -c "import torch, numpy, boto3" \\
- && ! python -c "import phoenix_trainer" 2>/dev/null \
- && rm -rf /tmp/phoenix-spool
-ENTRYPOINT []
+# A plain Python image (see the module docstring): `python` and its `pip`, nothing else.
+PLAIN_PYTHON_DOCKERFILE = """\
+FROM {base}
+RUN python3 -m venv /opt/python && /opt/python/bin/python -m pip --version \\
+ && ! /opt/python/bin/python -c "import torch" 2>/dev/null
+ENV PATH=/opt/python/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 CMD ["python"]
 """
+REQUIREMENT = "phoenix-jobs[trainer]"
 
 
 def _source_hash() -> str:
@@ -94,15 +95,11 @@ def user_image(e2e, tmp_path_factory):
     from phoenix_lab import images, nodes
 
     tmp = tmp_path_factory.mktemp("user-image")
-    empty = tmp / "base-context"
-    empty.mkdir()
-    base = "phoenix-user-base:" + hashlib.sha256(lab.trainer_image.encode()).hexdigest()[:12]
-    images.docker("build", "--network", "host", "-t", base, "-f", "-", str(empty),
-                  input=BASE_DOCKERFILE.format(trainer=lab.trainer_image).encode(), timeout=600)
-    tag = hashlib.sha256((_source_hash() + images.image_id(base)).encode()).hexdigest()[:12]
+    plain = _plain_python_image(images, tmp)
+    tag = hashlib.sha256((_source_hash() + images.image_id(plain)).encode()).hexdigest()[:12]
     ref = f"phoenix-user-trainer:{tag}"
     if images.image_id(ref, missing_ok=True) is None:
-        _build(images, tmp, base, ref)
+        _build(images, tmp, plain, ref)
     # The hook is in place (a pod's /tmp is an emptyDir: a tmpfs here).
     check = images.docker("run", "--rm", "--network", "none", "--tmpfs", "/tmp", "--entrypoint",
                           "phoenix-trainer-hook", ref, "--check", check=False)
@@ -116,21 +113,66 @@ def user_image(e2e, tmp_path_factory):
     return ref
 
 
-def _build(images, tmp: Path, base: str, ref: str) -> None:
-    """examples/user-image/Dockerfile on ``base``, the package from this checkout's wheel."""
-    wheel = _wheel(tmp)
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(wheel.parent))
+def _plain_python_image(images, tmp: Path) -> str:
+    """The plain Python image (module docstring), built on the lab's Debian base."""
+    base = images.ensure_base_image()
+    ref = "phoenix-plain-python:" + images.image_id(base).split(":")[-1][:12]
+    if images.image_id(ref, missing_ok=True) is None:
+        context = tmp / "plain-context"
+        context.mkdir()
+        images.docker("build", "--network", "host", "-t", ref, "-f", "-", str(context),
+                      input=PLAIN_PYTHON_DOCKERFILE.format(base=base).encode(), timeout=600)
+    return ref
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # pip's dozens of GETs are not worth a line each
+        pass
+
+
+@contextlib.contextmanager
+def _served(folder: Path) -> Iterator[str]:
+    """``folder`` over HTTP on loopback, as a pip find-links URL."""
+    handler = functools.partial(_QuietHandler, directory=str(folder))
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        images.docker(
-            "build", "--no-cache", "--network", "host", "-f", str(USER_DOCKERFILE),
-            "--build-arg", f"PYTHON_IMAGE={base}",
-            "--build-arg", f"PIP_FIND_LINKS=http://127.0.0.1:{server.server_port}/",
-            "--build-arg", "PIP_NO_INDEX=1",  # torch & co. are in the base; ours is served above
-            "-t", ref, str(REPO / "examples"), timeout=600)
+        yield f"http://127.0.0.1:{server.server_port}/"
     finally:
         server.shutdown()
+        server.server_close()
+
+
+def _wheelhouse(images, plain: str, wheel: Path) -> Path:
+    """Every wheel ``REQUIREMENT`` needs, in the lab's cache: pip inside the plain image
+    downloads what is missing from the package index (so the platform tags are the image's;
+    files already there are reused), then this checkout's wheel replaces any older one."""
+    from phoenix_lab import paths
+
+    house = paths.cache_dir() / "user-image-wheelhouse"
+    house.mkdir(parents=True, exist_ok=True)
+    for old in house.glob("phoenix_jobs-*.whl"):
+        old.unlink()
+    with _served(wheel.parent) as ours:
+        images.docker("run", "--rm", "--network", "host", "--user", "0", "-v", f"{house}:/wheels",
+                      plain, "pip", "download", "--progress-bar", "off", "--dest", "/wheels",
+                      "--find-links", ours, REQUIREMENT, timeout=1800)
+    for old in house.glob("phoenix_jobs-*.whl"):
+        old.unlink()
+    shutil.copy2(wheel, house / wheel.name)
+    return house
+
+
+def _build(images, tmp: Path, plain: str, ref: str) -> None:
+    """examples/user-image/Dockerfile on the plain image, installing from the wheelhouse."""
+    house = _wheelhouse(images, plain, _wheel(tmp))
+    with _served(house) as url:
+        images.docker(
+            "build", "--no-cache", "--network", "host", "-f", str(USER_DOCKERFILE),
+            "--build-arg", f"PYTHON_IMAGE={plain}",
+            "--build-arg", f"PIP_FIND_LINKS={url}",
+            "--build-arg", "PIP_NO_INDEX=1",  # everything is in the wheelhouse
+            "-t", ref, str(REPO / "examples"), timeout=1800)
 
 
 def test_user_image_runs_the_sample_job_with_prefetch(e2e, kube, e2e_bucket, submit_job, user_image):

@@ -174,3 +174,38 @@ def test_restore_reads_shards_with_parallel_ranged_gets_and_refuses_a_tampered_o
         c.put_object(Bucket=s3_bucket.name, Key=key, Body=bad)
         with pytest.raises(CorruptCheckpointError, match=why):
             load_checkpoint(storage, info, read=cfg)
+
+
+@pytest.mark.parametrize("signed", ["", "1"], ids=["unsigned-body", "signed-body"])
+def test_a_part_changed_in_flight_is_refused_whether_or_not_its_body_is_signed(
+        s3_bucket, empty_dirs, monkeypatch, signed):
+    """By default the trainer does not SigV4-sign request bodies (one SHA-256 pass less over
+    every byte, on both ends, on plain-HTTP endpoints): each part's SHA-256 travels in a
+    signed header instead, so a body changed on the way still never becomes an object.
+    ``PHOENIX_S3_SIGN_PAYLOAD=1`` signs the body as well."""
+    monkeypatch.setenv("PHOENIX_S3_SIGN_PAYLOAD", signed)
+    monkeypatch.setenv("PHOENIX_S3_PART_MB", "5")
+    ep = s3_bucket.endpoint
+    storage = open_storage(f"{s3_bucket.uri}/job/flight-{signed or 'no'}", Credentials(
+        endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))
+    seen: list[str] = []
+
+    def change_second_part(request, **_):
+        sha = request.headers["X-Amz-Content-SHA256"]
+        seen.append(sha.decode() if isinstance(sha, bytes) else sha)
+        if "partNumber=2" in request.url:
+            body = bytearray(request.body.read() if hasattr(request.body, "read") else request.body)
+            body[12345] ^= 1
+            request.body = bytes(body)
+
+    storage.client.meta.events.register("before-send.s3.UploadPart", change_second_part)
+    ck = AsyncCheckpointer(storage, phase="train", config_fingerprint="fp",
+                           spool_dir=str(empty_dirs[0]), retry=RetryPolicy(attempts=1))
+    with pytest.raises(StorageError, match="upload part of .*model.pt"):
+        ck.save(Snapshot.take(10, 0, state(1), {"trainer.json": {"step": 10}})).result()
+    ck.close()
+    expected = "UNSIGNED-PAYLOAD" if not signed else None
+    assert seen and all((h == expected) if expected else (len(h) == 64) for h in seen), seen
+    assert storage.size(f"{step_dir_name(10)}/model.pt") is None
+    assert storage.size(f"{step_dir_name(10)}/{MANIFEST_NAME}") is None
+    assert uploads_left(storage) == []

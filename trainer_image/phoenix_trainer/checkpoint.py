@@ -31,7 +31,9 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from .core.contract import ENV_EPHEMERAL_STORAGE_MB, ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB
+from .core.contract import (
+    ENV_CHECKPOINT_NICE, ENV_EPHEMERAL_STORAGE_MB, ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB,
+)
 from .core.errors import (
     CheckpointError, CorruptCheckpointError, ObjectMismatchError, SpoolFullError,
 )
@@ -210,6 +212,44 @@ def check_spool_room(spool: str, nbytes: int, what: str, *, limit: int | None = 
             f" {free / 1e6:.1f} MB are free there; point {ENV_SPOOL_DIR} at a bigger volume")
 
 
+# How much lower than the training loop the upload thread runs (nice increment, 0..19).
+DEFAULT_CHECKPOINT_NICE = 10
+
+
+def checkpoint_nice(environ: Mapping[str, str] | None = None) -> int:
+    """``PHOENIX_CHECKPOINT_NICE``: how many nice levels the upload thread drops below the
+    thread that made the checkpointer (default 10, 0 keeps it level)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_CHECKPOINT_NICE, "").strip()
+    if not raw:
+        return DEFAULT_CHECKPOINT_NICE
+    try:
+        nice = int(raw)
+    except ValueError:
+        raise CheckpointError(f"{ENV_CHECKPOINT_NICE}={raw!r} is not a whole number") from None
+    if not 0 <= nice <= 19:
+        raise CheckpointError(f"{ENV_CHECKPOINT_NICE}={raw!r} must be between 0 and 19")
+    return nice
+
+
+def lower_thread_priority(increment: int) -> None:
+    """Drop the calling thread's CPU priority by ``increment`` nice levels.
+
+    Linux keeps a nice value per thread and a thread starts with its creator's, so the
+    part-upload threads an upload starts inherit it. When the cores are short (the loop's
+    Python and data loading, DataLoader workers, an upload's hashing and sockets), the
+    scheduler then runs the training first and the upload in what is left; when they are
+    not, a niced thread runs exactly as fast. Raising nice needs no privilege; failing to is
+    not worth failing a save for."""
+    if increment <= 0:
+        return
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+    except (AttributeError, OSError) as e:  # not Linux, or a sandbox that refuses it
+        log.debug("could not lower the upload thread's priority: %s", e)
+
+
 def make_spool(spool_dir: str | None = None) -> str:
     """A fresh directory for this process's checkpoint files before upload.
 
@@ -264,7 +304,11 @@ class AsyncCheckpointer:
         self._lock = threading.Lock()
         self._in_flight: list[Future] = []
         self._pending_steps: set[int] = set()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phoenix-ckpt")
+        # The upload runs below the loop's priority (lower_thread_priority): it may take the
+        # cores the training leaves, not the training's own.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phoenix-ckpt",
+                                            initializer=lower_thread_priority,
+                                            initargs=(checkpoint_nice(),))
         self.after_commit: list[Callable[[CheckpointInfo], None]] = []
 
     # -- training-thread API --------------------------------------------------------------

@@ -1,6 +1,7 @@
 """AsyncCheckpointer: background upload, retries with backoff, in-flight bound, no half-valid dirs."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 
 from phoenix_trainer.checkpoint import AsyncCheckpointer, Snapshot, load_checkpoint
-from phoenix_trainer.core.errors import StorageError
+from phoenix_trainer.core.errors import CheckpointError, StorageError
 from phoenix_trainer.core.layout import latest_valid_checkpoint, list_checkpoints
 from phoenix_trainer.core.storage.file import LocalStorage
 from phoenix_trainer.core.writer import RetryPolicy
@@ -109,3 +110,45 @@ def test_estimate_uses_measured_saves(tmp_path):
     ck.save(snap(1)).result()
     assert ck.estimate_save_seconds(snap(1).nbytes) < cold
     ck.close()
+
+
+class PriorityProbe(LocalStorage):
+    """Records the nice value of the thread that writes each shard, and of a thread that
+    thread starts (an S3 upload's part threads)."""
+
+    def __init__(self, root):
+        super().__init__(root)
+        self.nice: list[tuple[int, int]] = []
+
+    def open_write(self, key, size_hint=None):
+        def own():
+            return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        child: list[int] = []
+        t = threading.Thread(target=lambda: child.append(own()))
+        t.start()
+        t.join()
+        self.nice.append((own(), child[0]))
+        return super().open_write(key, size_hint)
+
+
+@pytest.mark.parametrize("setting,drop", [(None, 10), ("3", 3), ("0", 0)])
+def test_the_upload_runs_below_the_training_loop(tmp_path, monkeypatch, setting, drop):
+    if setting is None:
+        monkeypatch.delenv("PHOENIX_CHECKPOINT_NICE", raising=False)
+    else:
+        monkeypatch.setenv("PHOENIX_CHECKPOINT_NICE", setting)
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    storage = PriorityProbe(tmp_path)
+    ck, _ = make(storage)
+    ck.save(snap(10)).result()
+    ck.close()
+    want = min(19, mine + drop)
+    assert storage.nice and all(n == (want, want) for n in storage.nice), storage.nice
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the loop's stays
+
+
+@pytest.mark.parametrize("raw", ["ten", "-1", "20", "1.5"])
+def test_a_bad_checkpoint_nice_is_refused_naming_the_variable(tmp_path, monkeypatch, raw):
+    monkeypatch.setenv("PHOENIX_CHECKPOINT_NICE", raw)
+    with pytest.raises(CheckpointError, match=f"PHOENIX_CHECKPOINT_NICE={raw!r}"):
+        make(LocalStorage(tmp_path))

@@ -105,3 +105,45 @@ def test_credentials_never_print_the_keys_or_the_token(caplog):
     for text in (repr(creds), str(creds), caplog.text):
         assert "http://s3" in text and "path" in text
         assert "AKIA-x" not in text and "s3cr3t" not in text and "t0k3n" not in text
+
+
+class _EmptyBody:
+    def stream(self, **_):
+        yield b""
+
+
+@pytest.mark.parametrize("setting,signed", [(None, False), ("1", True), ("0", False)])
+def test_request_bodies_are_bound_by_a_signed_checksum_header_not_a_signed_body(
+        monkeypatch, setting, signed):
+    """A part goes out with its SHA-256 in a signed header and, unless
+    PHOENIX_S3_SIGN_PAYLOAD=1, an unsigned body, also over plain HTTP (botocore would hash
+    every byte once more to sign it). The request is stopped before it is sent."""
+    from botocore.awsrequest import AWSResponse
+
+    from phoenix_trainer.core.storage.s3 import S3Storage
+
+    if setting is None:
+        monkeypatch.delenv("PHOENIX_S3_SIGN_PAYLOAD", raising=False)
+    else:
+        monkeypatch.setenv("PHOENIX_S3_SIGN_PAYLOAD", setting)
+    storage = S3Storage("b", "p", endpoint_url="http://127.0.0.1:9", access_key="AKIDEXAMPLE",
+                        secret_key="not-a-secret", region="us-east-1")
+    sent = []
+
+    def stop(request, **_):
+        sent.append(request)
+        return AWSResponse(request.url, 200, {"ETag": '"x"'}, _EmptyBody())
+
+    storage.client.meta.events.register("before-send.s3.UploadPart", stop)
+    storage.client.upload_part(Bucket="b", Key="p/k", UploadId="u", PartNumber=1, Body=b"abc",
+                               ChecksumSHA256="ungWv48Bz+pBQUDeXa4iI7ADYaOWF3qctBD/YfIAFa0=")
+    (req,) = sent
+    auth = req.headers["Authorization"].decode() if isinstance(req.headers["Authorization"], bytes) \
+        else req.headers["Authorization"]
+    assert "x-amz-checksum-sha256" in auth.split("SignedHeaders=")[1]
+    body_sha = req.headers["X-Amz-Content-SHA256"]
+    body_sha = body_sha.decode() if isinstance(body_sha, bytes) else body_sha
+    if signed:
+        assert body_sha == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+    else:
+        assert body_sha == "UNSIGNED-PAYLOAD"

@@ -53,6 +53,8 @@ DEFAULT_CONTROL_POLL_SECONDS = 0.25
 # take (MB; unset = the file system's free space) before a save is refused with a reason.
 ENV_SPOOL_DIR = "PHOENIX_SPOOL_DIR"
 ENV_SPOOL_LIMIT_MB = "PHOENIX_SPOOL_LIMIT_MB"
+ENV_CHECKPOINT_NICE = "PHOENIX_CHECKPOINT_NICE"  # the upload thread's nice increment (0: none)
+ENV_S3_SIGN_PAYLOAD = "PHOENIX_S3_SIGN_PAYLOAD"  # "1": SigV4-sign every request body too
 # The trainer container's ephemeral-storage limit in MB (10^6 bytes), set by the operator
 # through the downward API where the container declares one: the spool's default limit.
 ENV_EPHEMERAL_STORAGE_MB = "PHOENIX_EPHEMERAL_STORAGE_MB"
