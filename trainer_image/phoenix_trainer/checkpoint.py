@@ -305,10 +305,13 @@ class AsyncCheckpointer:
         self._in_flight: list[Future] = []
         self._pending_steps: set[int] = set()
         # The upload runs below the loop's priority (lower_thread_priority): it may take the
-        # cores the training leaves, not the training's own.
+        # cores the training leaves, not the training's own. A save the loop waits for (the
+        # final one, the one on SIGTERM) runs at the loop's own priority instead: nothing
+        # gives way to it, and an unprivileged thread cannot take back a nice level.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phoenix-ckpt",
                                             initializer=lower_thread_priority,
                                             initargs=(checkpoint_nice(),))
+        self._urgent: ThreadPoolExecutor | None = None  # made on first use, by the loop's thread
         self.after_commit: list[Callable[[CheckpointInfo], None]] = []
 
     # -- training-thread API --------------------------------------------------------------
@@ -324,7 +327,14 @@ class AsyncCheckpointer:
         self.stats.snapshot_seconds.append(snapshot.seconds)
         with self._lock:
             self._pending_steps.add(snapshot.step)
-        fut = self._executor.submit(self._write, snapshot)
+        executor = self._executor
+        if blocking:
+            # After every earlier save, so saves still commit one at a time and in order.
+            self.wait()
+            if self._urgent is None:
+                self._urgent = ThreadPoolExecutor(max_workers=1, thread_name_prefix="phoenix-ckpt-now")
+            executor = self._urgent
+        fut = executor.submit(self._write, snapshot)
         with self._lock:
             self._in_flight.append(fut)
         fut.add_done_callback(self._done)
@@ -373,7 +383,9 @@ class AsyncCheckpointer:
 
     def close(self, timeout: float | None = None) -> None:
         self.wait(timeout)
-        self._executor.shutdown(wait=timeout is None, cancel_futures=True)
+        for executor in (self._executor, self._urgent):
+            if executor is not None:
+                executor.shutdown(wait=timeout is None, cancel_futures=True)
         shutil.rmtree(self.spool, ignore_errors=True)
 
     # -- upload thread --------------------------------------------------------------------

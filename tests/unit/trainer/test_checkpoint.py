@@ -145,6 +145,15 @@ def test_the_upload_runs_below_the_training_loop(tmp_path, monkeypatch, setting,
     want = min(19, mine + drop)
     assert storage.nice and all(n == (want, want) for n in storage.nice), storage.nice
     assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the loop's stays
+    # A save the loop waits for (the final one, SIGTERM's) runs at the loop's own priority,
+    # after the saves before it.
+    storage.nice.clear()
+    ck, _ = make(storage)
+    first = ck.save(snap(20))
+    ck.save(snap(30), blocking=True)
+    assert first.done() and [s.step for s in list_checkpoints(storage)][-2:] == [20, 30]
+    assert storage.nice[-1] == (mine, mine) and storage.nice[0] == (want, want), storage.nice
+    ck.close()
 
 
 @pytest.mark.parametrize("raw", ["ten", "-1", "20", "1.5"])
