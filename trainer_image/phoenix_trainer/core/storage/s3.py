@@ -220,7 +220,8 @@ def sign_payload(environ=None) -> bool:
     byte uploaded, on both ends (the server checks it), besides the two this writer makes.
     It adds nothing here: every object this storage writes carries its SHA-256 (or a CRC
     that botocore adds) in a header, the headers are signed, and the server refuses a body
-    that does not match. That is how botocore already uploads over HTTPS; this makes
+    that does not match (a multipart completion's list of parts is checked by the HEAD the
+    commit makes afterwards, against the checksum composed here). That is how botocore already uploads over HTTPS; this makes
     plain-HTTP endpoints (a MinIO in the cluster) do the same. ``1`` restores the signed
     body for a server that insists on it."""
     environ = os.environ if environ is None else environ
