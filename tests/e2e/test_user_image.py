@@ -146,7 +146,8 @@ def _served(folder: Path) -> Iterator[str]:
 def _wheelhouse(images, plain: str, wheel: Path) -> Path:
     """Every wheel ``REQUIREMENT`` needs, in the lab's cache: pip inside the plain image
     downloads what is missing from the package index (so the platform tags are the image's;
-    files already there are reused), then this checkout's wheel replaces any older one."""
+    files already there are reused), this checkout's wheel among them (an older one is
+    removed first: pip would reuse a file of the same name instead)."""
     from phoenix_lab import paths
 
     house = paths.cache_dir() / "user-image-wheelhouse"
@@ -157,9 +158,7 @@ def _wheelhouse(images, plain: str, wheel: Path) -> Path:
         images.docker("run", "--rm", "--network", "host", "--user", "0", "-v", f"{house}:/wheels",
                       plain, "pip", "download", "--progress-bar", "off", "--dest", "/wheels",
                       "--find-links", ours, REQUIREMENT, timeout=1800)
-    for old in house.glob("phoenix_jobs-*.whl"):
-        old.unlink()
-    shutil.copy2(wheel, house / wheel.name)
+    assert (house / wheel.name).is_file(), sorted(p.name for p in house.iterdir())
     return house
 
 

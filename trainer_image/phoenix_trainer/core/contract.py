@@ -201,6 +201,21 @@ def addressing_style_from_env(environ: Mapping[str, str] | None = None) -> str:
     return raw
 
 
+def sign_payload_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """``PHOENIX_S3_SIGN_PAYLOAD``: whether SigV4 signs request bodies too; by default not.
+
+    botocore signs a body's SHA-256 on every plain-HTTP request, one more pass over every
+    byte uploaded, on both ends (the server checks it), besides the two the stream writer
+    makes. It adds nothing there: every object the trainer writes carries its SHA-256 (or a
+    CRC that botocore adds) in a header, the headers are signed, and the server refuses a
+    body that does not match (a multipart completion's list of parts is checked by the HEAD
+    the commit makes afterwards, against the checksum the writer composed). That is how
+    botocore already uploads over HTTPS; this makes plain-HTTP endpoints (a MinIO in the
+    cluster) do the same. Set, it restores the signed body for a server that insists on it."""
+    environ = os.environ if environ is None else environ
+    return _bool(environ, ENV_S3_SIGN_PAYLOAD)
+
+
 def termination_log_path(environ: Mapping[str, str] | None = None) -> str:
     environ = os.environ if environ is None else environ
     return environ.get(ENV_TERMINATION_LOG) or DEFAULT_TERMINATION_LOG

@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import IO, Any, Iterator
 
 from ..contract import (
-    ENV_AWS_ENDPOINT_URL, ENV_S3_SIGN_PAYLOAD, addressing_style_from_env, s3_addressing_style,
+    ENV_AWS_ENDPOINT_URL, addressing_style_from_env, s3_addressing_style, sign_payload_from_env,
 )
 from ..errors import StorageError
 from .entry import Digest, FileEntry, composite_sha256, join_key
@@ -213,21 +213,6 @@ def client_addressing_style(requested: str | None, endpoint_url: str | None,
     return s3_addressing_style(requested, endpoint)
 
 
-def sign_payload(environ=None) -> bool:
-    """Whether SigV4 signs request bodies too (``PHOENIX_S3_SIGN_PAYLOAD=1``); by default not.
-
-    botocore signs a body's SHA-256 on every plain-HTTP request, one more pass over every
-    byte uploaded, on both ends (the server checks it), besides the two this writer makes.
-    It adds nothing here: every object this storage writes carries its SHA-256 (or a CRC
-    that botocore adds) in a header, the headers are signed, and the server refuses a body
-    that does not match (a multipart completion's list of parts is checked by the HEAD the
-    commit makes afterwards, against the checksum composed here). That is how botocore already uploads over HTTPS; this makes
-    plain-HTTP endpoints (a MinIO in the cluster) do the same. ``1`` restores the signed
-    body for a server that insists on it."""
-    environ = os.environ if environ is None else environ
-    return environ.get(ENV_S3_SIGN_PAYLOAD, "").strip().lower() in ("1", "true", "yes")
-
-
 def _parent_dirs(root: str, keys: list[str]) -> set[str]:
     """``root/`` and every ``dir/`` between it and ``keys`` (all of which lie under it)."""
     out = {root + "/"}
@@ -257,7 +242,7 @@ class S3Storage:
             config = Config(
                 # Path-style for S3-compatible servers, virtual-hosted on AWS, unless asked.
                 s3={"addressing_style": client_addressing_style(addressing_style, endpoint_url),
-                    "payload_signing_enabled": sign_payload()},
+                    "payload_signing_enabled": sign_payload_from_env()},
                 # Fail fast when S3 is unreachable; checkpoint.py retries whole shards with
                 # backoff, which is what survives a network blip without blocking training.
                 connect_timeout=5, read_timeout=60,
