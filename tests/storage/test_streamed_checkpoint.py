@@ -56,9 +56,14 @@ def test_a_streamed_checkpoint_spools_nothing_verifies_by_head_and_loads_bit_exa
     spool, tmp = empty_dirs
     ck = AsyncCheckpointer(storage, phase="train", config_fingerprint="fp", spool_dir=str(spool))
     tensors = state(1)
+    ops: list[str] = []
+    storage.client.meta.events.register("before-call.s3", lambda model, **kw: ops.append(model.name))
     with DiskWatch(spool, tmp) as watch:
         ck.save(Snapshot.take(10, 0, tensors, {"trainer.json": {"step": 10}})).result()
     assert watch.peak == 0 and os.listdir(tmp) == [] and os.listdir(ck.spool) == []
+    # The store's replies to each PUT and completion named the checksums it recorded: the
+    # save needed no HEAD to learn them (and retention read back none of its own steps).
+    assert "HeadObject" not in ops and ops.count("CompleteMultipartUpload") == 2
 
     info = verify_checkpoint(storage, 10, deep=False)
     files = info.manifest.files
@@ -69,8 +74,7 @@ def test_a_streamed_checkpoint_spools_nothing_verifies_by_head_and_loads_bit_exa
     assert files["model.pt"].restore_check() == (5 * MiB, files["model.pt"].stored_checksum)
     assert files["trainer.json"].restore_check() == (None, files["trainer.json"].sha256)
 
-    ops: list[str] = []
-    storage.client.meta.events.register("before-call.s3", lambda model, **kw: ops.append(model.name))
+    ops.clear()
     assert verify_checkpoint(storage, 10, deep=True).valid
     assert ops.count("GetObject") == 1 and ops.count("HeadObject") == 3  # the manifest; no shard
 

@@ -299,6 +299,9 @@ class AsyncCheckpointer:
         self.spool = make_spool(spool_dir)
         self.stats = SaveStats()
         self.latest: CheckpointInfo | None = None  # newest checkpoint committed by this process
+        # Steps this checkpointer committed and has not deleted: valid by construction, so
+        # retention does not read them back (apply_retention's known_valid).
+        self._committed: set[int] = set()
         self.last_error: BaseException | None = None
         self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._lock = threading.Lock()
@@ -434,9 +437,13 @@ class AsyncCheckpointer:
                 except Exception:  # noqa: BLE001 - housekeeping must not fail a good save
                     log.exception("after-checkpoint hook failed for %s", info.uri)
             try:
+                self._committed.add(info.step)
                 if self.retention:
-                    apply_retention(self.storage, self.keep, protect=self.protect | {info.step},
-                                    attempt=self.attempt, uid=self.uid)
+                    deleted = apply_retention(self.storage, self.keep,
+                                              protect=self.protect | {info.step},
+                                              attempt=self.attempt, uid=self.uid,
+                                              known_valid=self._committed)
+                    self._committed.difference_update(deleted)
             except Exception as e:  # noqa: BLE001 - retention is best effort; retried next save
                 log.warning("retention under %s failed (%s); will retry after the next save",
                             self.storage.uri, e)

@@ -155,6 +155,37 @@ def test_retention_keeps_k_and_protected(tmp_path):
         apply_retention(st, keep=1)
 
 
+def test_retention_reads_only_the_steps_it_may_keep(tmp_path):
+    """Newest first, and only until ``keep`` valid ones are found: what is older goes
+    unread; steps the caller committed itself (``known_valid``) are not read back."""
+    st = LocalStorage(tmp_path / "ckpt")
+    for s in (10, 20, 30, 40, 50):
+        make_ckpt(st, tmp_path, s)
+    (tmp_path / "ckpt" / "step-0000000045").mkdir()  # a failed save between two good ones
+
+    class Reads(LocalStorage):
+        def __init__(self, root):
+            super().__init__(root)
+            self.read: list[str] = []
+
+        def get_bytes(self, key):
+            self.read.append(key.split("/")[0])
+            return super().get_bytes(key)
+
+        def stat(self, key):
+            self.read.append(key.split("/")[0])
+            return super().stat(key)
+
+    reads = Reads(tmp_path / "ckpt")
+    assert apply_retention(reads, keep=2) == [10, 20, 30, 45]
+    assert set(reads.read) == {"step-0000000050", "step-0000000045", "step-0000000040"}
+    make_ckpt(st, tmp_path, 60)
+    reads.read.clear()
+    assert apply_retention(reads, keep=2, known_valid={50, 60}) == [40]
+    assert reads.read == []
+    assert [i.step for i in list_checkpoints(st)] == [50, 60]
+
+
 def test_retry_policy_backs_off_with_jitter():
     from phoenix_trainer.core.errors import StorageError
     sleeps = []

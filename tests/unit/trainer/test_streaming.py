@@ -19,10 +19,12 @@ from phoenix_trainer.checkpoint import (AsyncCheckpointer, Snapshot, check_spool
 from phoenix_trainer.core.contract import ENV_SPOOL_LIMIT_MB
 from phoenix_trainer.core.errors import CheckpointError, SpoolFullError, StorageError
 from phoenix_trainer.core.storage.file import LocalStorage
+from phoenix_trainer.core.storage import buffers
+from phoenix_trainer.core.storage.buffers import GIL_FREE_COPY_MIN, PartBuffer
 from phoenix_trainer.core.storage.s3 import (
     S3_MIN_PART, S3Storage, composite_sha256, stream_part_size,
 )
-from phoenix_trainer.core.writer import RetryPolicy, StreamedShard, stream_object
+from phoenix_trainer.core.writer import RetryPolicy, StreamedShard, stream_object, upload_shards
 
 pytestmark = pytest.mark.unit
 MiB = 1 << 20
@@ -37,11 +39,16 @@ class FakeS3:
     """Just enough of a boto3 S3 client for the stream writer; ``fail_part`` makes that
     part number's upload fail; ``part_delay`` slows every part so in-flight ones overlap."""
 
-    def __init__(self, fail_part: int | None = None, part_delay: float = 0.0) -> None:
+    def __init__(self, fail_part: int | None = None, part_delay: float = 0.0,
+                 reply_checksum: bool = True) -> None:
         self.fail_part, self.part_delay = fail_part, part_delay
+        # S3 (and both lab servers) name the checksum they recorded in the reply to a PUT and
+        # to a completion; False plays a store that does not.
+        self.reply_checksum = reply_checksum
         self.calls: list[str] = []
         self.parts: dict[int, bytes] = {}
         self.objects: dict[str, bytes] = {}
+        self.recorded: dict[str, str] = {}  # key -> the checksum the store keeps for it
         self.open_uploads: set[str] = set()
         self.running = self.max_running = 0
         self.lock = threading.Lock()
@@ -74,15 +81,29 @@ class FakeS3:
         assert numbers == sorted(self.parts) == list(range(1, len(numbers) + 1))
         self.objects[Key] = b"".join(self.parts[n] for n in numbers)
         self.open_uploads.discard(UploadId)
+        composite = composite_sha256([hashlib.sha256(self.parts[n]).digest() for n in numbers])
+        self.recorded[Key] = composite
+        return {"ChecksumSHA256": composite} if self.reply_checksum else {}
 
     def abort_multipart_upload(self, Bucket, Key, UploadId):
         self.calls.append("abort")
         self.open_uploads.discard(UploadId)
 
+    def head_object(self, Bucket, Key, ChecksumMode):
+        self.calls.append("head")
+        body = self.objects[Key]
+        return {"ContentLength": len(body), "ChecksumSHA256": self.recorded[Key]}
+
+    def delete_object(self, Bucket, Key):
+        self.calls.append("delete")
+        self.objects.pop(Key, None)
+
     def put_object(self, Bucket, Key, Body, ChecksumSHA256):
         assert ChecksumSHA256 == b64sha(Body)
         self.calls.append("put")
-        self.objects[Key] = Body
+        self.objects[Key] = bytes(Body)
+        self.recorded[Key] = ChecksumSHA256
+        return {"ChecksumSHA256": ChecksumSHA256} if self.reply_checksum else {}
 
 
 def s3(client: FakeS3, in_flight: int = 2) -> S3Storage:
@@ -137,7 +158,7 @@ def test_parts_in_flight_are_bounded():
     for piece in chunks(os.urandom(6 * PART), [PART // 3]):
         w.write(piece)
         # what the writer holds: the part being filled plus at most 2 uploading
-        assert len(w.pending) <= 2 and len(w.buf) < PART
+        assert len(w.pending) <= 2 and w.fill < PART
     w.commit()
     assert client.max_running == 2 and len(client.parts) == 6
 
@@ -189,6 +210,57 @@ def test_a_retry_streams_the_shard_again_from_the_start():
     assert len(calls) == 2 and entry.sha256 == hashlib.sha256(data).hexdigest()
     assert client.calls == ["create", "abort", "create", "complete"]
     assert client.objects["job/k"] == data
+
+
+def test_part_buffers_are_reused_from_one_upload_to_the_next_and_bounded(monkeypatch):
+    made = []
+
+    class Counted(PartBuffer):
+        def __init__(self, size):
+            super().__init__(size)
+            made.append(size)
+
+    monkeypatch.setattr(buffers, "PartBuffer", Counted)
+    client = FakeS3()
+    st = s3(client, in_flight=2)
+    first = os.urandom(4 * PART)
+    for key in ("step-1/model.pt", "step-2/model.pt"):  # whole parts: no shorter last one
+        w = st.child("x").open_write(key)  # a child shares its parent's buffers
+        for piece in chunks(first, [PART // 2 + 1]):
+            w.write(piece)
+        w.commit()
+        assert client.objects[f"job/x/{key}"] == first
+        # between uploads: at most what one upload holds (2 in flight + 1 filling)
+        assert 0 < st.part_buffers.idle_bytes() <= 3 * PART
+    assert len(made) <= 3  # the second upload made none
+
+
+def test_a_part_buffer_copies_read_only_views_and_refuses_what_does_not_fit():
+    buf = PartBuffer(2 * GIL_FREE_COPY_MIN)
+    big = os.urandom(GIL_FREE_COPY_MIN + 5)  # the ctypes copy, without the GIL
+    buf.fill(3, memoryview(big))  # bytes: a read-only buffer, as torch.save hands over
+    buf.fill(3 + len(big), memoryview(b"tail"))  # a small one: a slice assignment
+    assert bytes(buf.data[3:3 + len(big) + 4]) == big + b"tail"
+    assert buf.prefix(7) == bytearray(buf.data[:7]) and len(buf.prefix(7)) == 7
+    with pytest.raises(ValueError, match="do not fit"):
+        buf.fill(len(buf.data) - 2, memoryview(b"abc"))
+    with pytest.raises((BufferError, ValueError)):
+        buf.fill(0, memoryview(bytearray(4 * GIL_FREE_COPY_MIN))[::2])  # not contiguous
+
+
+@pytest.mark.parametrize("size", [100, 2 * PART + 1])  # one PUT; a multipart upload
+@pytest.mark.parametrize("reply", [True, False])
+def test_a_stream_the_store_confirmed_needs_no_head(size, reply):
+    """The store's reply to the PUT or the completion names the checksum it recorded: the
+    writer marks the entry confirmed and the commit skips the HEAD; a store that does not
+    say gets the HEAD (and its checksum is still compared)."""
+    client = FakeS3(reply_checksum=reply)
+    data = os.urandom(size)
+    got = upload_shards(s3(client), 7, {"model.pt": StreamedShard(lambda f: f.write(data))})
+    entry = got["model.pt"]
+    assert entry.confirmed is reply and entry.stored_checksum == client.recorded["job/step-0000000007/model.pt"]
+    assert ("head" in client.calls) is (not reply)
+    assert "confirmed" not in repr(entry)  # never part of what a manifest says
 
 
 def test_part_size_grows_so_a_huge_shard_fits_in_the_part_limit():

@@ -20,7 +20,9 @@ from typing import IO, Callable, Iterable, TypeVar, Union
 
 from .errors import CheckpointError, StorageError, SupersededError
 from .handshake import check_fence, read_fence
-from .layout import MANIFEST_NAME, CheckpointInfo, Manifest, list_checkpoints, step_dir_name
+from .layout import (
+    MANIFEST_NAME, CheckpointInfo, Manifest, checkpoint_steps, step_dir_name, verify_checkpoint,
+)
 from .storage import FileEntry, Storage
 
 log = logging.getLogger("phoenix.checkpoint")
@@ -143,7 +145,11 @@ def upload_shards(storage: Storage, step: int, files: dict[str, Source], *,
         else:
             retry.run(f"upload {uri}", lambda key=key, src=src: storage.put_file(key, src))
         # What the store recorded (it checked the upload against the checksums sent with
-        # it): the manifest keeps it so readers can verify with a HEAD, no download.
+        # it): the manifest keeps it so readers can verify with a HEAD, no download. A
+        # stream the store's own reply confirmed (the checksum of exactly the bytes hashed
+        # and counted on the way) needs no HEAD to learn it.
+        if digests[name].confirmed:
+            continue
         size, stored = retry.run(f"stat {uri}", lambda key=key: storage.stat(key))
         if size != digests[name].size:
             raise StorageError(f"{uri} has {size} bytes after upload, {digests[name].size} were sent")
@@ -192,24 +198,33 @@ def publish_manifest(storage: Storage, step: int, digests: dict[str, FileEntry],
 
 
 def apply_retention(storage: Storage, keep: int, protect: Iterable[int] = (),
-                    attempt: int | None = None, uid: str = "") -> list[int]:
+                    attempt: int | None = None, uid: str = "",
+                    known_valid: Iterable[int] = ()) -> list[int]:
     """Keep the newest ``keep`` valid checkpoints; delete older ones and stale partial dirs.
 
     Never deletes a protected step (the one this attempt resumed from) and never touches a
     partial directory newer than the newest valid checkpoint (it may be a save in flight).
     A superseded ``attempt`` deletes nothing (``SupersededError``; checked before each step).
+
+    Steps are checked newest first and only until ``keep`` valid ones are found: everything
+    older goes whether valid or not, so it is not read. ``known_valid`` are steps the caller
+    committed and verified itself in this attempt (``AsyncCheckpointer``): under the fence
+    nobody else deletes in this prefix, so they are taken as valid without a manifest GET
+    and a HEAD per shard - at a checkpoint every minute, that was most of a save's requests.
     """
     if keep < 2:
         raise CheckpointError(f"keep={keep} would leave nothing to fall back to; use keep >= 2")
     check_fence(storage, attempt, "apply retention", uid)
-    protected = set(protect)
-    infos = list_checkpoints(storage, deep=False)
-    valid = [i for i in infos if i.valid]
-    if not valid:
-        return []
-    newest = valid[-1].step
-    doomed = [i.step for i in valid[:-keep]] if len(valid) > keep else []
-    doomed += [i.step for i in infos if not i.valid and i.step < newest]
+    protected, known = set(protect), set(known_valid)
+    valid: list[int] = []  # newest first, at most ``keep``
+    doomed: list[int] = []
+    for step in reversed(checkpoint_steps(storage)):
+        if len(valid) >= keep:
+            doomed.append(step)
+        elif step in known or verify_checkpoint(storage, step, deep=False).valid:
+            valid.append(step)
+        elif valid:
+            doomed.append(step)  # invalid and older than a valid one: a stale partial dir
     deleted = []
     for step in sorted(set(doomed)):
         if step in protected:

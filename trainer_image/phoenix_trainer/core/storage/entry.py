@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -22,6 +22,10 @@ class FileEntry:
     # The part size of the multipart upload behind ``stored_checksum`` (every part but the
     # last this big): what lets a restore recompute that composite part by part, in parallel.
     part_size: int | None = None
+    # Set by a stream writer when the store's reply to the upload itself (PutObject,
+    # CompleteMultipartUpload) named ``stored_checksum``: the writer then needs no HEAD to
+    # learn what the store recorded. Never written to a manifest.
+    confirmed: bool = field(default=False, compare=False, repr=False)
 
     def restore_check(self) -> tuple[int | None, str]:
         """How a restore checks the bytes it read: ``(part_size, stored_checksum)`` where the

@@ -20,6 +20,7 @@ from ..contract import (
     ENV_AWS_ENDPOINT_URL, addressing_style_from_env, s3_addressing_style, sign_payload_from_env,
 )
 from ..errors import StorageError
+from .buffers import PartBuffer, PartBuffers
 from .entry import Digest, FileEntry, composite_sha256, join_key
 
 log = logging.getLogger("phoenix.storage")
@@ -65,14 +66,17 @@ def stream_part_size(part_size: int, size_hint: int | None) -> int:
 class _S3StreamWriter:
     """Streams one object into S3 from a bounded buffer.
 
-    Bytes are hashed (sha256 of the whole object) and collected into parts of ``part_size``;
+    Bytes are hashed (sha256 of the whole object) and copied into parts of ``part_size``
+    (``buffers.PartBuffer``: reused across uploads, large copies without the GIL);
     each full part is uploaded with its own SHA256 checksum (the server checks it) by a pool
     of ``in_flight`` threads. ``write`` blocks while ``in_flight`` parts are uploading, so
     memory is at most (``in_flight`` + 1) x ``part_size`` whatever the object's size, and no
     byte touches local disk. An object smaller than one part is one PutObject (its stored
     checksum is then the plain sha256). ``commit`` completes the upload and returns the
     checksum S3 records for it, computed here from the parts (``composite_sha256``), so the
-    caller can check the store recorded exactly what was hashed. Any failure aborts the
+    caller can check the store recorded exactly what was hashed: the entry is ``confirmed``
+    when the store's reply to the PUT or the completion already names that checksum (S3 and
+    the lab's servers do), and the caller then needs no HEAD. Any failure aborts the
     multipart upload: no object and no orphaned parts are left.
 
     Every byte is hashed twice, on purpose: the whole object's sha256 (the manifest's, what a
@@ -87,7 +91,8 @@ class _S3StreamWriter:
         self.s, self.key, self.full_key = storage, key, storage._key(key)
         self.part_size, self.in_flight = part_size, max(1, in_flight)
         self.digest = Digest()
-        self.buf = bytearray()
+        self.buf: PartBuffer | None = None  # the part being filled, from storage.part_buffers
+        self.fill = 0  # bytes of it filled
         self.upload_id: str | None = None
         self.pending: list[Future] = []  # oldest first
         self.parts: list[tuple[dict, bytes]] = []  # (part for CompleteMultipartUpload, raw sha256)
@@ -102,10 +107,13 @@ class _S3StreamWriter:
         self.digest.update(mv)
         off = 0
         while off < len(mv):
-            take = min(self.part_size - len(self.buf), len(mv) - off)
-            self.buf += mv[off:off + take]
+            if self.buf is None:
+                self.buf, self.fill = self.s.part_buffers.take(self.part_size), 0
+            take = min(self.part_size - self.fill, len(mv) - off)
+            self.buf.fill(self.fill, mv[off:off + take])
+            self.fill += take
             off += take
-            if len(self.buf) == self.part_size:
+            if self.fill == self.part_size:
                 self._ship()
         return len(mv)
 
@@ -127,9 +135,14 @@ class _S3StreamWriter:
         # at the next part, not at the end); then wait for a free slot.
         while self.pending and (self.pending[0].done() or len(self.pending) >= self.in_flight):
             self._collect_oldest()
-        body, self.buf = self.buf, bytearray()
+        buf, fill, self.buf, self.fill = self.buf, self.fill, None, 0
+        if fill == self.part_size:
+            body, reuse = buf.data, buf
+        else:  # the last part, shorter: its own bytearray; the buffer goes back at once
+            body, reuse = buf.prefix(fill), None
+            self.s.part_buffers.give(buf)
         number = len(self.parts) + len(self.pending) + 1
-        self.pending.append(self.pool.submit(self._upload_part, number, body))
+        self.pending.append(self.pool.submit(self._upload_part, number, body, reuse))
 
     def _collect_oldest(self) -> None:
         fut = self.pending.pop(0)
@@ -137,12 +150,17 @@ class _S3StreamWriter:
             self.parts.append(fut.result())
 
     # -- part threads ---------------------------------------------------------------------
-    def _upload_part(self, number: int, body: bytearray) -> tuple[dict, bytes]:
-        raw = hashlib.sha256(body).digest()
-        b64 = base64.b64encode(raw).decode()
-        resp = self.s.client.upload_part(
-            Bucket=self.s.bucket, Key=self.full_key, UploadId=self.upload_id,
-            PartNumber=number, Body=body, ChecksumSHA256=b64)
+    def _upload_part(self, number: int, body: bytearray,
+                     reuse: PartBuffer | None) -> tuple[dict, bytes]:
+        try:
+            raw = hashlib.sha256(body).digest()
+            b64 = base64.b64encode(raw).decode()
+            resp = self.s.client.upload_part(
+                Bucket=self.s.bucket, Key=self.full_key, UploadId=self.upload_id,
+                PartNumber=number, Body=body, ChecksumSHA256=b64)
+        finally:  # the request is over, sent or not: nothing reads the buffer any more
+            if reuse is not None:
+                self.s.part_buffers.give(reuse)
         return {"PartNumber": number, "ETag": resp["ETag"], "ChecksumSHA256": b64}, raw
 
     # -- the end --------------------------------------------------------------------------
@@ -161,28 +179,36 @@ class _S3StreamWriter:
         sha = self.digest.h.hexdigest()
         if self.upload_id is None:  # smaller than one part: a single PUT, full-object checksum
             b64 = base64.b64encode(bytes.fromhex(sha)).decode()
+            buf, fill, self.buf, self.fill = self.buf, self.fill, None, 0
+            body = buf.prefix(fill) if buf is not None else b""
+            if buf is not None:
+                self.s.part_buffers.give(buf)
             with self.s._errors("put", self.key):
-                self.s.client.put_object(Bucket=self.s.bucket, Key=self.full_key,
-                                         Body=bytes(self.buf), ChecksumSHA256=b64)
-            self.buf = bytearray()
-            return FileEntry(size=self.digest.n, sha256=sha, stored_checksum=b64)
-        if self.buf:
+                resp = self.s.client.put_object(Bucket=self.s.bucket, Key=self.full_key,
+                                                Body=body, ChecksumSHA256=b64)
+            return FileEntry(size=self.digest.n, sha256=sha, stored_checksum=b64,
+                             confirmed=resp.get("ChecksumSHA256") == b64)
+        if self.buf is not None:
             self._ship()
         while self.pending:
             self._collect_oldest()
         self.pool.shutdown()
         with self.s._errors("complete multipart upload", self.key):
-            self.s.client.complete_multipart_upload(
+            resp = self.s.client.complete_multipart_upload(
                 Bucket=self.s.bucket, Key=self.full_key, UploadId=self.upload_id,
                 MultipartUpload={"Parts": [p for p, _ in self.parts]})
+        composite = composite_sha256([d for _, d in self.parts])
         return FileEntry(size=self.digest.n, sha256=sha, part_size=self.part_size,
-                         stored_checksum=composite_sha256([d for _, d in self.parts]))
+                         stored_checksum=composite,
+                         confirmed=resp.get("ChecksumSHA256") == composite)
 
     def abort(self) -> None:
         if self.done:
             return
         self.done = True
-        self.buf = bytearray()
+        if self.buf is not None:
+            self.s.part_buffers.give(self.buf)
+            self.buf = None
         if self.pool is not None:
             self.pool.shutdown(wait=True, cancel_futures=True)
         self.pending.clear()
@@ -230,7 +256,7 @@ class S3Storage:
                  access_key: str | None = None, secret_key: str | None = None,
                  region: str | None = None, session_token: str | None = None,
                  addressing_style: str | None = None, transfer_config=None,
-                 client=None) -> None:
+                 client=None, part_buffers: PartBuffers | None = None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -238,6 +264,9 @@ class S3Storage:
         self.prefix = prefix.strip("/")
         self.uri = f"s3://{bucket}" + (f"/{self.prefix}" if self.prefix else "")
         self.transfer_config = transfer_config or default_transfer_config()
+        # Streamed uploads' parts, kept between uploads: at most what one upload has out at
+        # once (its in-flight parts and the one being filled). Shared with child().
+        self.part_buffers = part_buffers or PartBuffers(self.transfer_config.max_concurrency + 1)
         if client is None:
             config = Config(
                 # Path-style for S3-compatible servers, virtual-hosted on AWS, unless asked.
@@ -262,7 +291,7 @@ class S3Storage:
     def child(self, sub: str) -> "S3Storage":
         """The same bucket and client, rooted at ``<prefix>/<sub>``."""
         return S3Storage(self.bucket, join_key(self.prefix, sub), client=self.client,
-                         transfer_config=self.transfer_config)
+                         transfer_config=self.transfer_config, part_buffers=self.part_buffers)
 
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
