@@ -12,7 +12,10 @@ in one run:
       to the same server (goal: ratio >= 0.9);
   (d) what the progress heartbeat costs the loop (hang detection, progress.py): the same
       training with storage and no periodic checkpoint, heartbeats every 10 s (the default)
-      and every 1 s, vs PHOENIX_HEARTBEAT_SECONDS=0 (none), interleaved (goal: within noise).
+      and every 1 s, vs PHOENIX_HEARTBEAT_SECONDS=0 (none), interleaved (goal: within noise);
+  (e) (a)'s ratio measured within one run, in paired windows (``paired_windows``): robust
+      to the machine's speed drifting between runs, which moves (a) by more than the
+      checkpoints do on a shared 2-core machine.
 Repetitions are interleaved and medians reported, because these machines share CPU with
 other work. Never run by the test suite.
 """
@@ -73,17 +76,62 @@ class Timer(Callback):
             self.t1 = time.perf_counter()
 
 
-def train_once(args, storage, prefix: str | None, checkpoints: bool = True):
-    model, opt, sched, loader, loss_fn = build(args.dim, args.hidden, args.layers, args.steps, args.batch)
-    timer = Timer(args.warmup, args.steps)
+class StepTimes(Callback):
+    """When each step ended (the checkpoint taken after step s is in step s's time)."""
+
+    def __init__(self) -> None:
+        self.at: dict[int, float] = {}
+
+    def on_step_end(self, trainer, loss):
+        self.at[trainer.step] = time.perf_counter()
+
+
+def make_trainer(args, storage, prefix: str | None, interval: int | None, steps: int, callbacks):
+    model, opt, sched, loader, loss_fn = build(args.dim, args.hidden, args.layers, steps, args.batch)
     st = storage.child(prefix) if prefix else None
     env = TrainerEnv(phase="bench", termination_log=os.devnull, checkpoint_keep=2)
-    tr = Trainer(model, opt, loader, loss_fn, scheduler=sched, grad_clip_norm=1.0, max_steps=args.steps,
-                 config={"bench": 1}, env=env, storage=st,
-                 checkpoint=CheckpointPolicy(interval_steps=args.interval if prefix and checkpoints else None),
-                 recovery=RecoveryPolicy(snapshot_interval_steps=10**9),
-                 reporting=ReportingPolicy(log_every=10**9), install_signal_handlers=False,
-                 callbacks=[timer])
+    return Trainer(model, opt, loader, loss_fn, scheduler=sched, grad_clip_norm=1.0, max_steps=steps,
+                   config={"bench": 1}, env=env, storage=st,
+                   checkpoint=CheckpointPolicy(interval_steps=interval),
+                   recovery=RecoveryPolicy(snapshot_interval_steps=10**9),
+                   reporting=ReportingPolicy(log_every=10**9), install_signal_handlers=False,
+                   callbacks=list(callbacks))
+
+
+def paired_windows(args, storage) -> dict:
+    """(e) The same ratio as (a), measured within one run: a checkpoint every 2N steps, and
+    each window of N steps that starts with one (snapshot, upload, manifest, retention)
+    timed against the N steps right after it, which have none. Neighbouring windows share
+    the machine's state, so what a busy neighbour or a slower minute does to both cancels
+    in their difference; (a) compares whole runs minutes apart."""
+    n = args.interval
+    times = StepTimes()
+    steps = 2 * n * (args.pairs + 1) + 1  # the first 2N steps warm up; the last save is blocking
+    make_trainer(args, storage, "paired", 2 * n, steps, [times]).fit()
+    at, rel, on_s, off_s = times.at, [], [], []
+    for k in range(1, args.pairs + 1):
+        c = 2 * n * k  # the checkpoint step
+        on, off = at[c + n - 1] - at[c - 1], at[c + 2 * n - 1] - at[c + n - 1]
+        on_s.append(on)
+        off_s.append(off)
+        rel.append((on - off) / off)
+    cost = statistics.median(rel)
+    return {
+        "pairs": args.pairs, "window_steps": n,
+        "window_with_checkpoint_seconds_median": round(statistics.median(on_s), 4),
+        "window_without_seconds_median": round(statistics.median(off_s), 4),
+        "extra_time_per_checkpoint_relative_median": round(cost, 4),
+        # Steps/s with a checkpoint every N steps over steps/s with none, as (a).
+        "ratio": round(1 / (1 + cost), 4), "goal": ">= 0.97",
+        "relative_samples": [round(x, 4) for x in rel],
+    }
+
+
+def train_once(args, storage, prefix: str | None, checkpoints: bool = True):
+    timer = Timer(args.warmup, args.steps)
+    tr = make_trainer(args, storage, prefix, args.interval if prefix and checkpoints else None,
+                      args.steps, [timer])
+    model, opt, sched = tr.model, tr.optimizer, tr.scheduler
     tr.fit()
     steps = args.steps - args.warmup
     out = {"steps_per_second": steps / (timer.t1 - timer.t0), "seconds": timer.t1 - timer.t0}
@@ -183,6 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--interval", type=int, default=30, help="checkpoint every N steps")
     ap.add_argument("--reps", type=int, default=3, help="interleaved repetitions of (a)")
+    ap.add_argument("--pairs", type=int, default=12, help="window pairs of (e)")
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads for training")
     ap.add_argument("--server-nice", type=int, default=0,
                     help="run the S3 server at this nice value: it stands in for storage on other "
@@ -210,6 +259,7 @@ def main(argv=None) -> int:
                 beats[f"{every}s"].append(train_once(args, storage, f"beat-{every}-{rep}",
                                                      checkpoints=False)[0]["steps_per_second"])
             os.environ.pop("PHOENIX_HEARTBEAT_SECONDS", None)
+        paired = paired_windows(args, storage)
         work = Path(tmp) / "work"
         work.mkdir()
         sync = [sync_baseline(model, opt, sched, storage, work, i) for i in range(3)]
@@ -270,6 +320,7 @@ def main(argv=None) -> int:
             "goal": ">= 0.99 (within noise)",
             "samples": {k: [round(x, 3) for x in v] for k, v in beats.items()},
         },
+        "e_paired": paired,
         "wall_seconds": round(time.perf_counter() - t_start, 1),
     }
     out = Path(args.out)
@@ -279,6 +330,7 @@ def main(argv=None) -> int:
     print(json.dumps({k: v for k, v in result["a_throughput"].items() if k != "runs"}))
     print(json.dumps({k: v for k, v in result["c_upload"].items() if k != "note"}))
     print(json.dumps({k: v for k, v in result["d_heartbeat"].items() if k != "samples"}))
+    print(json.dumps({k: v for k, v in paired.items() if k != "relative_samples"}))
     return 0
 
 

@@ -27,6 +27,9 @@ MiB = 1 << 20
 def storage(s3_bucket, monkeypatch):
     monkeypatch.setenv("PHOENIX_S3_PART_MB", "5")  # the smallest S3 allows: many parts
     monkeypatch.setenv("PHOENIX_S3_CONCURRENCY", "2")
+    # In this process, where the tests can watch and break its requests; the same writer
+    # runs in the upload process by default (tests/storage/test_upload_process.py).
+    monkeypatch.setenv("PHOENIX_UPLOAD_PROCESS", "0")
     ep = s3_bucket.endpoint
     return open_storage(f"{s3_bucket.uri}/job/train", Credentials(
         endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))
@@ -189,6 +192,7 @@ def test_a_part_changed_in_flight_is_refused_whether_or_not_its_body_is_signed(
     ``PHOENIX_S3_SIGN_PAYLOAD=1`` signs the body as well."""
     monkeypatch.setenv("PHOENIX_S3_SIGN_PAYLOAD", signed)
     monkeypatch.setenv("PHOENIX_S3_PART_MB", "5")
+    monkeypatch.setenv("PHOENIX_UPLOAD_PROCESS", "0")  # the hook below is this process's
     ep = s3_bucket.endpoint
     storage = open_storage(f"{s3_bucket.uri}/job/flight-{signed or 'no'}", Credentials(
         endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))

@@ -55,6 +55,7 @@ ENV_SPOOL_DIR = "PHOENIX_SPOOL_DIR"
 ENV_SPOOL_LIMIT_MB = "PHOENIX_SPOOL_LIMIT_MB"
 ENV_CHECKPOINT_NICE = "PHOENIX_CHECKPOINT_NICE"  # the upload thread's nice increment (0: none)
 ENV_S3_SIGN_PAYLOAD = "PHOENIX_S3_SIGN_PAYLOAD"  # "1": SigV4-sign every request body too
+ENV_UPLOAD_PROCESS = "PHOENIX_UPLOAD_PROCESS"  # "0": S3 uploads stay in the trainer process
 # The trainer container's ephemeral-storage limit in MB (10^6 bytes), set by the operator
 # through the downward API where the container declares one: the spool's default limit.
 ENV_EPHEMERAL_STORAGE_MB = "PHOENIX_EPHEMERAL_STORAGE_MB"
@@ -208,12 +209,19 @@ def sign_payload_from_env(environ: Mapping[str, str] | None = None) -> bool:
     byte uploaded, on both ends (the server checks it), besides the two the stream writer
     makes. It adds nothing there: every object the trainer writes carries its SHA-256 (or a
     CRC that botocore adds) in a header, the headers are signed, and the server refuses a
-    body that does not match (a multipart completion's list of parts is checked by the HEAD
-    the commit makes afterwards, against the checksum the writer composed). That is how
+    body that does not match (a multipart completion's list of parts is checked against the
+    checksum the writer composed, which the store's reply names). That is how
     botocore already uploads over HTTPS; this makes plain-HTTP endpoints (a MinIO in the
     cluster) do the same. Set, it restores the signed body for a server that insists on it."""
     environ = os.environ if environ is None else environ
     return _bool(environ, ENV_S3_SIGN_PAYLOAD)
+
+
+def upload_process_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """``PHOENIX_UPLOAD_PROCESS``: whether streamed S3 uploads run in a helper process
+    (``core/storage/upload_proc.py``); on unless set to 0/false/no/off."""
+    environ = os.environ if environ is None else environ
+    return environ.get(ENV_UPLOAD_PROCESS, "").strip().lower() not in ("0", "false", "no", "off")
 
 
 def termination_log_path(environ: Mapping[str, str] | None = None) -> str:

@@ -18,10 +18,12 @@ from typing import IO, Any, Iterator
 
 from ..contract import (
     ENV_AWS_ENDPOINT_URL, addressing_style_from_env, s3_addressing_style, sign_payload_from_env,
+    upload_process_from_env,
 )
 from ..errors import StorageError
 from .buffers import PartBuffer, PartBuffers
 from .entry import Digest, FileEntry, composite_sha256, join_key
+from .upload_proc import ProcStreamWriter, UploadProcess
 
 log = logging.getLogger("phoenix.storage")
 
@@ -256,7 +258,8 @@ class S3Storage:
                  access_key: str | None = None, secret_key: str | None = None,
                  region: str | None = None, session_token: str | None = None,
                  addressing_style: str | None = None, transfer_config=None,
-                 client=None, part_buffers: PartBuffers | None = None) -> None:
+                 client=None, part_buffers: PartBuffers | None = None,
+                 uploader: UploadProcess | None = None) -> None:
         import boto3
         from botocore.config import Config
 
@@ -267,6 +270,15 @@ class S3Storage:
         # Streamed uploads' parts, kept between uploads: at most what one upload has out at
         # once (its in-flight parts and the one being filled). Shared with child().
         self.part_buffers = part_buffers or PartBuffers(self.transfer_config.max_concurrency + 1)
+        # Where streamed uploads run (upload_proc.py): a helper process that builds the same
+        # client from the same settings; only for a client made here, whose settings are known.
+        self.uploader = uploader
+        if client is None and uploader is None and upload_process_from_env():
+            self.uploader = UploadProcess(
+                {"endpoint_url": endpoint_url, "access_key": access_key, "secret_key": secret_key,
+                 "region": region, "session_token": session_token,
+                 "addressing_style": addressing_style},
+                self.transfer_config.multipart_chunksize, self.transfer_config.max_concurrency)
         if client is None:
             config = Config(
                 # Path-style for S3-compatible servers, virtual-hosted on AWS, unless asked.
@@ -291,7 +303,8 @@ class S3Storage:
     def child(self, sub: str) -> "S3Storage":
         """The same bucket and client, rooted at ``<prefix>/<sub>``."""
         return S3Storage(self.bucket, join_key(self.prefix, sub), client=self.client,
-                         transfer_config=self.transfer_config, part_buffers=self.part_buffers)
+                         transfer_config=self.transfer_config, part_buffers=self.part_buffers,
+                         uploader=self.uploader)
 
     def uri_for(self, key: str) -> str:
         return f"s3://{self.bucket}/{self._key(key)}"
@@ -328,7 +341,13 @@ class S3Storage:
             except S3UploadFailedError as e:
                 raise StorageError(f"S3 upload {self.uri_for(key)} failed: {e}") from e
 
-    def open_write(self, key: str, size_hint: int | None = None) -> _S3StreamWriter:
+    def open_write(self, key: str, size_hint: int | None = None) -> "_S3StreamWriter | ProcStreamWriter":
+        """A stream into ``key``: through the upload process where there is one and it is
+        free, else uploaded from this process; the same parts, checksums and aborts."""
+        if self.uploader is not None:
+            w = self.uploader.writer(self.bucket, self._key(key), size_hint)
+            if w is not None:
+                return w
         cfg = self.transfer_config
         return _S3StreamWriter(self, key, stream_part_size(cfg.multipart_chunksize, size_hint),
                                cfg.max_concurrency)
