@@ -39,6 +39,16 @@ def storage(s3_bucket, monkeypatch):
         endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))
 
 
+@pytest.fixture
+def storage_here(s3_bucket, monkeypatch):
+    """Uploads from this process (no upload process), whose client a test can break."""
+    monkeypatch.setenv("PHOENIX_UPLOAD_PROCESS", "0")
+    monkeypatch.setenv("PHOENIX_S3_PART_MB", "5")
+    ep = s3_bucket.endpoint
+    return open_storage(f"{s3_bucket.uri}/job/train", Credentials(
+        endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))
+
+
 def sharded_state(seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {"model": {"big": torch.randn(3 * MiB, generator=g),  # 12 MiB
@@ -141,7 +151,8 @@ def test_a_damaged_block_is_refused_by_its_checksum_and_by_the_restores_check(st
         dcp_storage.load(target, StorageReader(storage, info), no_dist=True)  # read anyway
 
 
-def test_a_dcp_save_torn_midway_leaves_no_manifest_and_is_never_resumed(storage):
+def test_a_dcp_save_torn_midway_leaves_no_manifest_and_is_never_resumed(storage_here):
+    storage = storage_here
     save(storage, 10, sharded_state(4))
     real, parts = storage.client.upload_part, {"n": 0}
 
@@ -178,11 +189,13 @@ def loaded_equal(target: dict, state: dict) -> bool:
                for k, v in state[p].items() if isinstance(v, torch.Tensor))
 
 
-def test_a_rank_rereads_its_own_shard_from_its_pods_copy_and_storage_decides(storage, tmp_path):
+def test_a_rank_rereads_its_own_shard_from_its_pods_copy_and_storage_decides(storage_here,
+                                                                            tmp_path):
     """shard_cache.py: the copy kept while the object streamed serves the restore (0 bytes
     of the shard from storage); a copy of other content is never taken for it; a damaged
     block of the copy is read from storage instead; a failed upload keeps no copy; the two
     newest copies stay."""
+    storage = storage_here
     local = ShardCache(tmp_path / "peer", local_rank=0)
     state = sharded_state(6)
     info = save(storage, 10, state, local=local)
