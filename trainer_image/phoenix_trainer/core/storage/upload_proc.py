@@ -93,6 +93,7 @@ class UploadProcess:
         self._config = {"client": client_args, "part_size": part_size, "concurrency": concurrency}
         self._busy = threading.Lock()  # one object at a time
         self._proc: subprocess.Popen | None = None
+        self._owner = 0  # the pid that started it
         self.dead: str | None = None  # why uploads stay in the trainer's process from now on
 
     def writer(self, bucket: str, key: str, size_hint: int | None) -> "ProcStreamWriter | None":
@@ -111,9 +112,12 @@ class UploadProcess:
         return ProcStreamWriter(self, proc)
 
     def pid(self) -> int | None:
-        return self._proc.pid if self._proc is not None and self._proc.poll() is None else None
+        alive = self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None
+        return self._proc.pid if alive else None
 
     def _started(self) -> subprocess.Popen:
+        if self._proc is not None and self._owner != os.getpid():
+            self._proc = None  # a forked copy of the trainer: the child is its parent's
         if self._proc is not None and self._proc.poll() is None:
             return self._proc
         env = {**os.environ, "PHOENIX_UPLOAD_PROCESS": "0", "PYTHONPATH": os.pathsep.join(
@@ -126,7 +130,7 @@ class UploadProcess:
             fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
         except (ImportError, OSError):  # not Linux, or above pipe-max-size: the default size
             pass
-        self._proc = proc
+        self._proc, self._owner = proc, os.getpid()
         send(proc.stdin, CONFIG, json.dumps(self._config).encode())
         proc.stdin.flush()
         return proc
@@ -140,7 +144,7 @@ class UploadProcess:
             self._proc.wait()
 
     def close(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
+        if self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None:
             self._proc.stdin.close()  # the child exits at the end of its input
             try:
                 self._proc.wait(timeout=10)
