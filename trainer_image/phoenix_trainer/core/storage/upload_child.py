@@ -13,9 +13,10 @@ import sys
 from typing import IO
 
 from .s3 import S3Storage, default_transfer_config
+from ..errors import StorageError
 from .upload_proc import (
-    ABORT, COMMIT, CONFIG, DATA, FRAME_BYTES, OPEN, REPLY, read_into, recv, recv_header, send,
-    entry_json,
+    ABORT, CALL, CALLS, COMMIT, CONFIG, DATA, FRAME_BYTES, OPEN, REPLY, entry_json, pack,
+    read_into, recv, recv_header, send, unpack,
 )
 
 
@@ -28,7 +29,13 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
     cfg = default_transfer_config()
     cfg.multipart_chunksize = cfg.multipart_threshold = int(config["part_size"])
     cfg.max_concurrency = int(config["concurrency"])
-    storages: dict[str, S3Storage] = {}
+    roots: dict[str, S3Storage] = {}
+
+    def storage(bucket: str, prefix: str = "") -> S3Storage:
+        if bucket not in roots:
+            roots[bucket] = S3Storage(bucket, "", transfer_config=cfg, **config["client"])
+        return roots[bucket].child(prefix) if prefix else roots[bucket]
+
     frame = bytearray(FRAME_BYTES)  # every DATA frame is read into this one buffer
     writer, failed = None, None
     while True:
@@ -48,12 +55,9 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
             return
         if kind == OPEN:
             spec = json.loads(payload)
-            bucket = spec["bucket"]
-            if bucket not in storages:
-                storages[bucket] = S3Storage(bucket, "", transfer_config=cfg, **config["client"])
             failed = None
             try:
-                writer = storages[bucket].open_write(spec["key"], size_hint=spec["size_hint"])
+                writer = storage(spec["bucket"]).open_write(spec["key"], size_hint=spec["size_hint"])
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 writer, failed = None, e
         elif kind == DATA:
@@ -76,6 +80,18 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 _reply(out, {"error": str(e)})
             writer = None
+        elif kind == CALL:
+            spec = json.loads(payload)
+            try:
+                if spec["method"] not in CALLS:
+                    raise StorageError(f"the upload process makes no {spec['method']!r} call")
+                result = getattr(storage(spec["bucket"], spec["prefix"]), spec["method"])(
+                    *unpack(spec["args"]))
+                _reply(out, {"result": pack(result)})
+            except FileNotFoundError as e:
+                _reply(out, {"missing": str(e)})
+            except Exception as e:  # noqa: BLE001 - reported to the trainer
+                _reply(out, {"error": str(e)})
         elif kind == ABORT:
             if writer is not None and failed is None:
                 writer.abort()
