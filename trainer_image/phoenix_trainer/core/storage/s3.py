@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import functools
 import hashlib
 import logging
 import os
@@ -24,7 +23,7 @@ from ..contract import (
 from ..errors import StorageError
 from .buffers import PartBuffer, PartBuffers
 from .entry import Digest, FileEntry, composite_sha256, join_key
-from .upload_proc import HERE, ProcStreamWriter, UploadProcess
+from .upload_proc import ProcStreamWriter, UploadProcess
 
 log = logging.getLogger("phoenix.storage")
 
@@ -252,22 +251,6 @@ def _parent_dirs(root: str, keys: list[str]) -> set[str]:
     return out
 
 
-def _small_request(method):
-    """Run this request in the upload process once one is up and free (``UploadProcess.call``:
-    its botocore Python off the trainer's GIL), else here; the same result or error."""
-    name = method.__name__
-
-    @functools.wraps(method)
-    def routed(self, *args):
-        if self.uploader is not None:
-            got = self.uploader.call(self.bucket, self.prefix, name, args)
-            if got is not HERE:
-                return tuple(got) if isinstance(got, list) and name == "stat" else got
-        return method(self, *args)
-
-    return routed
-
-
 class S3Storage:
     """``s3://bucket/prefix`` through boto3. Endpoint and credentials default to AWS_* env."""
 
@@ -342,7 +325,6 @@ class S3Storage:
                 f"S3 {what} {self.uri_for(key)} failed: {e}; check AWS_ENDPOINT_URL, the AWS_* credentials"
                 f" and that the server is reachable") from e
 
-    @_small_request
     def put_bytes(self, key: str, data: bytes) -> None:
         with self._errors("put", key):
             self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data,
@@ -370,7 +352,6 @@ class S3Storage:
         return _S3StreamWriter(self, key, stream_part_size(cfg.multipart_chunksize, size_hint),
                                cfg.max_concurrency)
 
-    @_small_request
     def get_bytes(self, key: str) -> bytes:
         with self._errors("get", key):
             resp = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
@@ -454,7 +435,6 @@ class S3Storage:
     def size(self, key: str) -> int | None:
         return self.stat(key)[0]
 
-    @_small_request
     def stat(self, key: str) -> tuple[int | None, str | None]:
         try:
             with self._errors("head", key):
@@ -464,7 +444,6 @@ class S3Storage:
             return None, None
         return int(resp["ContentLength"]), resp.get("ChecksumSHA256")
 
-    @_small_request
     def list_dirs(self, prefix: str) -> list[str]:
         full = join_key(self.prefix, prefix)
         full = full + "/" if full else ""
@@ -476,7 +455,6 @@ class S3Storage:
                     out.append(cp["Prefix"][len(full):].rstrip("/"))
         return sorted(out)
 
-    @_small_request
     def list_keys(self, prefix: str) -> list[str]:
         full = join_key(self.prefix, prefix)
         base = self.prefix + "/" if self.prefix else ""
@@ -487,12 +465,10 @@ class S3Storage:
                 out.extend(obj["Key"][len(base):] for obj in page.get("Contents", []))
         return sorted(out)
 
-    @_small_request
     def delete(self, key: str) -> None:
         with self._errors("delete", key):
             self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
-    @_small_request
     def delete_prefix(self, prefix: str) -> None:
         if not prefix.strip("/"):
             raise StorageError(f"refusing to delete the whole storage root {self.uri}")

@@ -13,10 +13,9 @@ import sys
 from typing import IO
 
 from .s3 import S3Storage, default_transfer_config
-from ..errors import StorageError
 from .upload_proc import (
-    ABORT, CALL, CALLS, COMMIT, CONFIG, DATA, FRAME_BYTES, OPEN, REPLY, entry_json, pack,
-    read_into, recv, recv_header, send, unpack,
+    ABORT, COMMIT, CONFIG, DATA, FRAME_BYTES, OPEN, REPLY, read_into, recv, recv_header, send,
+    entry_json,
 )
 
 
@@ -29,13 +28,7 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
     cfg = default_transfer_config()
     cfg.multipart_chunksize = cfg.multipart_threshold = int(config["part_size"])
     cfg.max_concurrency = int(config["concurrency"])
-    roots: dict[str, S3Storage] = {}
-
-    def storage(bucket: str, prefix: str = "") -> S3Storage:
-        if bucket not in roots:
-            roots[bucket] = S3Storage(bucket, "", transfer_config=cfg, **config["client"])
-        return roots[bucket].child(prefix) if prefix else roots[bucket]
-
+    storages: dict[str, S3Storage] = {}
     frame = bytearray(FRAME_BYTES)  # every DATA frame is read into this one buffer
     writer, failed = None, None
     while True:
@@ -55,9 +48,12 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
             return
         if kind == OPEN:
             spec = json.loads(payload)
+            bucket = spec["bucket"]
+            if bucket not in storages:
+                storages[bucket] = S3Storage(bucket, "", transfer_config=cfg, **config["client"])
             failed = None
             try:
-                writer = storage(spec["bucket"]).open_write(spec["key"], size_hint=spec["size_hint"])
+                writer = storages[bucket].open_write(spec["key"], size_hint=spec["size_hint"])
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 writer, failed = None, e
         elif kind == DATA:
@@ -80,18 +76,6 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 _reply(out, {"error": str(e)})
             writer = None
-        elif kind == CALL:
-            spec = json.loads(payload)
-            try:
-                if spec["method"] not in CALLS:
-                    raise StorageError(f"the upload process makes no {spec['method']!r} call")
-                result = getattr(storage(spec["bucket"], spec["prefix"]), spec["method"])(
-                    *unpack(spec["args"]))
-                _reply(out, {"result": pack(result)})
-            except FileNotFoundError as e:
-                _reply(out, {"missing": str(e)})
-            except Exception as e:  # noqa: BLE001 - reported to the trainer
-                _reply(out, {"error": str(e)})
         elif kind == ABORT:
             if writer is not None and failed is None:
                 writer.abort()

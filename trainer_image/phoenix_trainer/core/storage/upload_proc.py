@@ -13,9 +13,7 @@ use, hands it the client's settings (credentials travel over the pipe, never arg
 and then streams objects to it: the trainer's side (``ProcStreamWriter``) writes framed
 bytes into a pipe, which drops the GIL for each write; the child feeds them to the same
 ``s3._S3StreamWriter`` an in-process upload uses (parts, checksums, abort on any error) and
-answers the commit with the ``FileEntry``. Once it runs, ``S3Storage``'s small requests
-(``CALLS``: fence reads, the manifest, retention's listings and deletes) go through it as
-well whenever it is free (``UploadProcess.call``). One object at a time; while one is streaming,
+answers the commit with the ``FileEntry``. One object at a time; while one is streaming,
 another thread's upload stays in its own process, as does every upload once the child has
 died (``PHOENIX_UPLOAD_PROCESS=0``: always). The child exits when the pipe closes.
 
@@ -23,7 +21,6 @@ Stdlib only on the trainer's side; the child imports boto3 (through ``s3``), nev
 """
 from __future__ import annotations
 
-import base64
 import json
 import logging
 import os
@@ -41,11 +38,7 @@ log = logging.getLogger("phoenix.storage")
 
 CHILD_MODULE = "phoenix_trainer.core.storage.upload_child"  # the child's side
 _HEADER = struct.Struct("<cQ")  # kind, payload length
-CONFIG, OPEN, DATA, COMMIT, ABORT, CALL = b"C", b"O", b"D", b"E", b"A", b"K"
-# The small requests a storage may hand the child once it runs (``S3Storage`` routes them):
-# JSON in and out, bytes as base64 (``pack``/``unpack``).
-CALLS = ("get_bytes", "put_bytes", "delete", "delete_prefix", "list_dirs", "list_keys", "stat")
-HERE = object()  # call(): the child is not up, is busy or died: run it in this process
+CONFIG, OPEN, DATA, COMMIT, ABORT = b"C", b"O", b"D", b"E", b"A"
 REPLY = b"R"  # JSON: {"entry": {...}} after a commit, {} after an abort, {"error": "..."}
 PIPE_BYTES = 1 << 20  # the pipe's capacity, raised from 64 KiB: fewer, larger writes
 FRAME_BYTES = 8 << 20  # a write is sent in frames of at most this: the child's memory stays bounded
@@ -80,23 +73,6 @@ def recv(f: IO[bytes]) -> tuple[bytes, bytes]:
     payload = bytearray(n)
     read_into(f, memoryview(payload))
     return kind, bytes(payload)
-
-
-def pack(value: Any) -> Any:
-    """JSON for a call's arguments and results: bytes as ``{"b64": ...}``, tuples as lists."""
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        return {"b64": base64.b64encode(bytes(value)).decode()}
-    if isinstance(value, (list, tuple)):
-        return [pack(v) for v in value]
-    return value
-
-
-def unpack(value: Any) -> Any:
-    if isinstance(value, dict) and set(value) == {"b64"}:
-        return base64.b64decode(value["b64"])
-    if isinstance(value, list):
-        return [unpack(v) for v in value]
-    return value
 
 
 def entry_json(e: FileEntry) -> dict:
@@ -134,34 +110,6 @@ class UploadProcess:
             self._busy.release()
             return None
         return ProcStreamWriter(self, proc)
-
-    def call(self, bucket: str, prefix: str, method: str, args: tuple) -> Any:
-        """``S3Storage(bucket, prefix).<method>(*args)`` run by the child, if it is already up
-        (a streamed upload started it: the operator, which never streams, never starts one)
-        and free; ``HERE`` otherwise, and the caller runs it itself. Raises what the method
-        would: ``FileNotFoundError`` for a missing key, ``StorageError`` with its message."""
-        if self.dead or self._proc is None or self._owner != os.getpid():
-            return HERE
-        if not self._busy.acquire(blocking=False):
-            return HERE
-        try:
-            if self._proc.poll() is not None:
-                return HERE
-            send(self._proc.stdin, CALL, json.dumps(
-                {"bucket": bucket, "prefix": prefix, "method": method, "args": pack(args)}).encode())
-            self._proc.stdin.flush()
-            got, payload = recv(self._proc.stdout)
-            reply = json.loads(payload)
-        except (OSError, EOFError, ValueError) as e:
-            self._died(f"ended during a {method} ({e.__class__.__name__}: {e})")
-            return HERE
-        finally:
-            self._busy.release()
-        if "missing" in reply:
-            raise FileNotFoundError(reply["missing"])
-        if "error" in reply:
-            raise StorageError(reply["error"])
-        return unpack(reply["result"])
 
     def pid(self) -> int | None:
         alive = self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None
