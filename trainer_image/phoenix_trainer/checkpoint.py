@@ -437,8 +437,8 @@ class AsyncCheckpointer:
                 except Exception:  # noqa: BLE001 - housekeeping must not fail a good save
                     log.exception("after-checkpoint hook failed for %s", info.uri)
             try:
-                self._committed.add(info.step)
                 if self.retention:
+                    self._committed.add(info.step)
                     deleted = apply_retention(self.storage, self.keep,
                                               protect=self.protect | {info.step},
                                               attempt=self.attempt, uid=self.uid,

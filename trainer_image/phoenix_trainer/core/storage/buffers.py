@@ -110,7 +110,3 @@ class PartBuffers:
         with self._lock:
             return sum(size * len(bufs) for size, bufs in self._idle.items())
 
-    def clear(self) -> None:
-        with self._lock:
-            self._idle.clear()
-

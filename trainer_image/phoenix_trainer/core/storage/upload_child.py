@@ -30,7 +30,10 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
     cfg.max_concurrency = int(config["concurrency"])
     storages: dict[str, S3Storage] = {}
     frame = bytearray(FRAME_BYTES)  # every DATA frame is read into this one buffer
-    writer, failed = None, None
+    # One reply per object, always: a failure is answered the moment it happens (the trainer
+    # reads it at its next write, or as the reply to its commit or abort), and the rest of
+    # that object - data, commit, abort - is then read and not answered again.
+    writer, failed = None, False
     while True:
         try:
             kind, n = recv_header(inp)
@@ -51,38 +54,32 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
             bucket = spec["bucket"]
             if bucket not in storages:
                 storages[bucket] = S3Storage(bucket, "", transfer_config=cfg, **config["client"])
-            failed = None
+            writer, failed = None, False
             try:
                 writer = storages[bucket].open_write(spec["key"], size_hint=spec["size_hint"])
             except Exception as e:  # noqa: BLE001 - reported to the trainer
-                writer, failed = None, e
+                failed = True
+                _reply(out, {"error": str(e)})
+        elif failed:
+            if kind in (COMMIT, ABORT):
+                writer, failed = None, False  # the failure was this object's reply
         elif kind == DATA:
-            if writer is None or failed is not None:
-                continue  # the trainer hears of the failure at its next write or commit
             try:
                 writer.write(payload)
             except Exception as e:  # noqa: BLE001 - reported to the trainer
-                failed = e
+                failed = True
                 writer.abort()
                 _reply(out, {"error": str(e)})
         elif kind == COMMIT:
-            if failed is not None:
-                if writer is None:
-                    _reply(out, {"error": str(failed)})
-                writer, failed = None, None  # an early failure was already reported
-                continue
             try:
                 _reply(out, {"entry": entry_json(writer.commit())})
             except Exception as e:  # noqa: BLE001 - reported to the trainer
                 _reply(out, {"error": str(e)})
             writer = None
         elif kind == ABORT:
-            if writer is not None and failed is None:
-                writer.abort()
-            if failed is None or writer is None:
-                _reply(out, {})
-            writer, failed = None, None
-
+            writer.abort()
+            _reply(out, {})
+            writer = None
 
 def _reply(out: IO[bytes], body: dict) -> None:
     send(out, REPLY, json.dumps(body).encode())
