@@ -5,7 +5,6 @@ import atexit
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,6 +12,7 @@ import time
 from pathlib import Path
 
 from phoenix_lab import samples
+from phoenix_lab.procs import free_port
 
 # "... INFO phoenix.trainer: [ns/job/phase] step 12 ..." (Trainer) or "phoenix.example: step 12"
 _STEP_LINE = re.compile(r" phoenix\.[\w.]+: (?:\[[^\]]*\] )?step (\d+)\b")
@@ -48,12 +48,6 @@ class DiskWatch:
     def __exit__(self, *exc) -> None:
         self.stop.set()
         self.thread.join()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Proc:

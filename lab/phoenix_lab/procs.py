@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -40,8 +41,33 @@ def require_free_port(port: int, what: str, host: str = "127.0.0.1") -> None:
         )
 
 
+# Where ``free_port`` picks: below the kernel's ephemeral range (ip_local_port_range,
+# 32768-60999 by default) and the NodePort range (30000-32767). A port the kernel picked for
+# bind(0) is an ephemeral one: between the check and the server's own bind (a torchrun's
+# store, seconds later on loaded cores) an outgoing connection could take it - a gang test
+# failed with EADDRINUSE that way.
+_PORTS = range(20000, 30000)
+_handed_out: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A loopback TCP port nothing listens on now, for a server started later: outside the
+    range outgoing connections draw from, and never the same one twice in this process."""
+    if _ephemeral_low() > _PORTS.stop:
+        rng = random.Random()
+        for _ in range(500):
+            port = rng.randrange(_PORTS.start, _PORTS.stop)
+            if port not in _handed_out and port_is_free(port):
+                _handed_out.add(port)
+                return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a host with other ranges
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -248,8 +248,11 @@ def divergence(storage, reference_storage) -> str:
     """Where a run first parted from its reference, for a failed weights check: the first
     step whose logged loss differs (the samples log every step's loss to the attempt's
     metrics), the attempt that logged it and the step that attempt started from, and any
-    in-process recoveries. Attempts killed before they uploaded their metrics are missing."""
+    in-process recoveries; and the two newest valid checkpoints' steps (a run whose final
+    save was lost ends on an older one). Attempts killed before they uploaded their metrics
+    are missing."""
     from phoenix_trainer.attempt_log import read_metrics
+    from phoenix_trainer.core.layout import latest_valid_checkpoint
 
     ref = {r["step"]: r["loss"] for r in read_metrics(reference_storage) if r.get("event") == "step"}
     records = read_metrics(storage)
@@ -266,7 +269,9 @@ def divergence(storage, reference_storage) -> str:
         step, attempt, loss = where
         found = (f"first differing loss at step {step}: {loss!r} against {ref[step]!r}, logged by "
                  f"attempt {attempt}, which started at step {starts.get(attempt, '?')}")
-    return f"{found}; attempts started at {starts}; in-process recoveries {recovered}"
+    newest = [getattr(latest_valid_checkpoint(st), "step", None) for st in (storage, reference_storage)]
+    return (f"{found}; attempts started at {starts}; in-process recoveries {recovered}; newest "
+            f"valid checkpoint at step {newest[0]}, the reference's at step {newest[1]}")
 
 
 def attempt_starts(storage) -> dict[int, tuple[int, float]]:

@@ -44,6 +44,9 @@ def test_says_so_when_every_logged_loss_matches(tmp_path):
     job = run(tmp_path, "job", {1: [{"event": "start", "step": 0}, *steps(1, 20)],
                                 3: [{"event": "resume", "step": 20}, *steps(21, 30)]})
     assert divergence(job, ref).startswith("all 30 logged losses (steps 1-30) equal the reference's")
+    # No checkpoints in either: the steps say so (a lost final save shows as two steps).
+    assert divergence(job, ref).endswith(
+        "newest valid checkpoint at step None, the reference's at step None")
 
 
 def test_an_attempt_reached_the_checkpoint_a_later_one_resumed_from_even_if_its_log_lags(tmp_path):

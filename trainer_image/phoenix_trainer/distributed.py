@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .checkpoint import Snapshot, load_checkpoint
 from .checkpointing import LocalSnapshots
 from .core.contract import ENV_PEER_DIR
-from .core.errors import CheckpointError
+from .core.errors import CheckpointError, SupersededError
 from .core.layout import CheckpointInfo, Manifest, step_dir_name
 from .core.storage import ReadConfig, Storage
 from .core.writer import publish_manifest, upload_shards
@@ -250,7 +250,7 @@ class GangCommit:
                  phase: str, config_fingerprint: str, run_id: str = "", attempt: int | None = None,
                  extra: dict | None = None, digests: dict | None = None, retry: Any = None,
                  uid: str = "", sharded: Staged | None = None) -> CheckpointInfo:
-        error = None
+        error, superseded = None, False
         mine: dict[str, Any] = {}
         try:
             if sharded is not None:
@@ -270,28 +270,31 @@ class GangCommit:
                                       retry=retry, uid=uid))
         except BaseException as e:  # noqa: BLE001 - reported to rank 0, which will not publish
             mine, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
+            superseded = isinstance(e, SupersededError)
         everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, (mine, error), group=self.group)
+        dist.all_gather_object(everyone, (mine, error, superseded), group=self.group)
         outcome: list[Any] = [None]
         if self.rank == 0:
-            errors = [e for _, e in everyone if e]
+            errors = [e for _, e, _ in everyone if e]
             if errors:
-                outcome[0] = (None, "; ".join(errors))
+                outcome[0] = (None, "; ".join(errors), any(s for _, _, s in everyone))
             else:
                 merged: dict[str, Any] = {}
-                for entries, _ in everyone:
+                for entries, _, _ in everyone:
                     merged.update(entries)
                 try:
                     info = publish_manifest(storage, step, merged, epoch=epoch, phase=phase,
                                             config_fingerprint=config_fingerprint, run_id=run_id,
                                             attempt=attempt, extra=extra, retry=retry, uid=uid)
-                    outcome[0] = (info.manifest.to_json(), None)
+                    outcome[0] = (info.manifest.to_json(), None, False)
                 except BaseException as e:  # noqa: BLE001 - every rank must hear about it
-                    outcome[0] = (None, f"rank 0: {type(e).__name__}: {e}")
+                    outcome[0] = (None, f"rank 0: {type(e).__name__}: {e}",
+                                  isinstance(e, SupersededError))
         dist.broadcast_object_list(outcome, src=0, group=self.group)
-        manifest_json, why = outcome[0]
-        if why is not None:
-            raise CheckpointError(f"checkpoint step {step} of the gang was not committed: {why}")
+        manifest_json, why, superseded = outcome[0]
+        if why is not None:  # every rank raises the same kind (a supersession is not retried)
+            raise (SupersededError if superseded else CheckpointError)(
+                f"checkpoint step {step} of the gang was not committed: {why}")
         manifest = Manifest.from_json(manifest_json)
         return CheckpointInfo(step, storage.uri_for(step_dir_name(step)), manifest, True, "ok")
 

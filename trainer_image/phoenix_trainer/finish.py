@@ -28,10 +28,12 @@ from .core.contract import (
     TerminationMessage,
     TrainerEnv,
 )
+from .core.errors import CheckpointError, SupersededError
 from .core.handshake import FENCE_NAME, Fence, advance_fence
 from .core.storage import Storage
 from .determinism import Exactness
 from .peers import Peers
+from .policies import FINAL_SAVE_RETRY
 from .stopping import HANDOFF_SAVE_LIMIT_SECONDS, StopRequest
 from .tensors import tree_nbytes
 
@@ -96,10 +98,16 @@ class Finisher:
             if ckpt.checkpointer is not None:
                 ckpt.checkpointer.wait()
                 if not ckpt.has_checkpoint_at(step) and state is not None:
-                    try:
-                        ckpt.save(step, _resolve(state), epoch=epoch, progress=progress, blocking=True)
-                    except Exception as e:  # noqa: BLE001 - report, do not crash a finished run
-                        message = f"final checkpoint at step {step} failed: {e}"
+                    error = self._final_save(step, epoch, state, progress)
+                    if error is not None and not isinstance(error, SupersededError):
+                        # The weights are newer than every checkpoint: a failure, so that the
+                        # next attempt trains the rest again and saves it, instead of a
+                        # Succeeded job whose result is an older step.
+                        return self.fail(CheckpointError(
+                            f"final checkpoint at step {step} failed: {error}"), step,
+                            epoch=epoch, train_seconds=train_seconds)
+                    if error is not None:
+                        message = f"final checkpoint at step {step} not written: {error}"
                 saved = ckpt.has_checkpoint_at(step)
             message = message or f"training completed at step {step}"
             exit_code = EXIT_COMPLETED
@@ -113,6 +121,33 @@ class Finisher:
                            exit_code, train_seconds, self.run.exactness)
         self._end(result)
         return result
+
+    def _final_save(self, step: int, epoch: int, state: Any,
+                    progress: Mapping[str, Any] | None) -> Exception | None:
+        """Save a completed run's final checkpoint; the last error if it could not be.
+
+        Nothing else is left for the run to do, so a failed save is tried again as a whole
+        (``CheckpointPolicy.final_retry``: minutes, an S3 outage is waited out) - except when
+        a newer attempt owns the phase. A count of tries, not a deadline: every process of a
+        gang hears the same outcome of each try (``GangCommit``), so all of them try the same
+        number of times and none is left alone in a collective."""
+        retry = self.checkpointing.policy.final_retry or FINAL_SAVE_RETRY
+        tries = max(1, retry.attempts)
+        for failure in range(tries):
+            try:
+                self.checkpointing.save(step, _resolve(state), epoch=epoch, progress=progress,
+                                        blocking=True)
+                return None
+            except SupersededError as e:
+                return e
+            except Exception as e:  # noqa: BLE001 - reported; the run ends either way
+                if failure == tries - 1:
+                    return e
+                delay = retry.delay(failure)
+                self.log.warning("final checkpoint at step %d failed (%s); try %d of %d in %.0fs",
+                                 step, e, failure + 2, tries, delay)
+                retry.sleep(delay)
+        raise AssertionError("unreachable")
 
     def _emergency_save(self, step: int, epoch: int, state: Any,
                         progress: Mapping[str, Any] | None) -> tuple[bool, str]:

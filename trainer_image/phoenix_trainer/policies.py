@@ -27,6 +27,10 @@ def check_restart_method(method: str) -> None:
         raise ValueError(f"restart_method={method!r}; use one of {RESTART_METHODS}")
 
 
+# The default ``CheckpointPolicy.final_retry``: backoff from 2 s up to 30 s between tries.
+FINAL_SAVE_RETRY = RetryPolicy(attempts=12, initial_seconds=2.0, max_seconds=30.0)
+
+
 @dataclass(frozen=True)
 class CheckpointPolicy:
     """When and how checkpoints are written."""
@@ -35,6 +39,9 @@ class CheckpointPolicy:
     interval_seconds: float | None = None  # ... or every N seconds (None: the env's)
     max_in_flight: int = 1  # saves uploading at once before save() waits for the oldest
     retry: RetryPolicy | None = None  # per-upload retries (None: writer's default)
+    # A completed run's final checkpoint, tried again as a whole after a failed save (None:
+    # FINAL_SAVE_RETRY, 12 tries over 2-4 minutes: a storage outage is waited out, not lost).
+    final_retry: RetryPolicy | None = None
     emergency: bool = True  # save on SIGTERM if the grace period allows (off: benchmarks only)
     init_strict: bool = True  # PHOENIX_INIT_FROM weights must match the model's keys exactly
 

@@ -189,3 +189,62 @@ def test_a_storage_blip_while_finding_the_checkpoint_to_resume_is_retried(tmp_pa
     with s:
         restored = s.restore()
     assert restored is not None and restored.step == 6 and blips == [0] and len(slept) == 2
+
+
+def _final_manifest_fails(storage: LocalStorage, times: int) -> list[int]:
+    """Make the manifest write of step STEPS fail ``times`` times (a storage outage at the
+    end of the run); the list counts the failures left."""
+    from phoenix_trainer.core.errors import StorageError
+
+    left, real_put = [times], storage.put_bytes
+
+    def put_bytes(key, data):
+        if key == f"step-{STEPS:010d}/manifest.json" and left[0]:
+            left[0] -= 1
+            raise StorageError("S3 put failed: Could not connect to the endpoint URL")
+        return real_put(key, data)
+
+    storage.put_bytes = put_bytes
+    return left
+
+
+def _outage_session(tmp_path, storage, slept: list[float], final_tries: int) -> Session:
+    from phoenix_trainer.core.writer import RetryPolicy
+    from phoenix_trainer.policies import CheckpointPolicy
+
+    env = TrainerEnv(phase="train", termination_log=str(tmp_path / "term-train"))
+    return Session(config={"lr": 0.1}, env=env, storage=storage, install_signal_handlers=False,
+                   checkpoint=CheckpointPolicy(
+                       interval_steps=4, retry=RetryPolicy(attempts=1),
+                       final_retry=RetryPolicy(attempts=final_tries, sleep=slept.append)))
+
+
+def test_the_final_checkpoint_waits_out_a_storage_outage(tmp_path, ref_model):
+    """A reference run whose last save met a 30 s S3 outage ended "completed" without its
+    final checkpoint (the writer's retries last ~10 s): its newest checkpoint was 20 steps
+    short of its weights (an e2e chaos run saw it). The final save is tried again, with
+    backoff, until it lands."""
+    storage = LocalStorage(tmp_path / "train")
+    left, slept = _final_manifest_fails(storage, 3), []
+    with _outage_session(tmp_path, storage, slept, final_tries=5) as s:
+        result, model = loop(s)
+    # The interval save of the last step failed once, the final save twice more, then landed.
+    assert left == [0] and len(slept) == 2 and all(d > 0 for d in slept)
+    assert (result.reason, result.exit_code, result.step) == ("completed", 0, STEPS)
+    assert result.checkpoint.endswith(f"step-{STEPS:010d}") and result.emergency_save_completed
+    assert state_dicts_equal(model.state_dict(), ref_model)
+
+
+def test_a_final_checkpoint_that_never_lands_fails_the_attempt(tmp_path):
+    """Storage down for longer than the final retries: the attempt fails (exit 1) instead of
+    succeeding with an older checkpoint, so the next attempt trains the rest again."""
+    storage = LocalStorage(tmp_path / "train")
+    left, slept = _final_manifest_fails(storage, 100), []
+    with _outage_session(tmp_path, storage, slept, final_tries=3) as s:
+        result, _ = loop(s)
+    assert len(slept) == 2 and left == [100 - 4]  # the interval save, then three final tries
+    assert (result.reason, result.exit_code, result.step) == ("failed", 1, STEPS)
+    assert result.checkpoint.endswith(f"step-{STEPS - 4:010d}")
+    msg = TerminationMessage.from_json((tmp_path / "term-train").read_text())
+    assert msg.reason == "failed" and f"final checkpoint at step {STEPS} failed" in msg.message
+    assert [c.step for c in list_checkpoints(storage) if c.valid][-1] == STEPS - 4

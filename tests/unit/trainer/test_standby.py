@@ -2,13 +2,13 @@
 on local-file storage: the operator's writes are made by hand, as it would make them."""
 from __future__ import annotations
 
-import socket
 import threading
 import urllib.error
 import urllib.request
 
 import pytest
 
+from phoenix_lab.procs import free_port
 from phoenix_trainer import restore as restore_mod
 from phoenix_trainer import standby as standby_mod
 from phoenix_trainer.core.contract import TerminationMessage
@@ -155,12 +155,6 @@ def test_a_standby_that_is_not_promoted_ends_as_preempted(tmp_path, how):
     assert ("stopped" if how == "sigterm" else "superseded by attempt 3") in msg.message
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _ready(port: int) -> int:
     try:
         return urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=5).status
@@ -169,7 +163,7 @@ def _ready(port: int) -> int:
 
 
 def test_readiness_follows_restore(tmp_path):
-    port = _free_port()
+    port = free_port()
     with session(tmp_path, env=env(1, status_port=port)) as s:
         assert _ready(port) == 503
         s.restore()
