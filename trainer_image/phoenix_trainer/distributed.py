@@ -46,7 +46,7 @@ import torch.distributed as dist
 from .checkpoint import Snapshot, load_checkpoint
 from .checkpointing import LocalSnapshots
 from .core.contract import ENV_PEER_DIR
-from .core.errors import CheckpointError, SupersededError
+from .core.errors import CheckpointError, StorageError, SupersededError
 from .core.layout import CheckpointInfo, Manifest, step_dir_name
 from .core.storage import ReadConfig, Storage
 from .core.writer import publish_manifest, upload_shards
@@ -236,6 +236,21 @@ class ShardedSnapshots:
         return snap
 
 
+# What a gang's failed commit is raised as on every rank, by the worst of its ranks' errors:
+# a supersession is never retried, a storage error is (the final checkpoint's retries).
+_ERROR_KINDS = {"superseded": SupersededError, "storage": StorageError, "other": CheckpointError}
+
+
+def _error_kind(e: BaseException) -> str:
+    if isinstance(e, SupersededError):
+        return "superseded"
+    return "storage" if isinstance(e, (StorageError, OSError)) else "other"
+
+
+def _gang_error_kind(kinds: list[str]) -> str:
+    return next((k for k in ("superseded", "other") if k in kinds), "storage")
+
+
 class GangCommit:
     """``AsyncCheckpointer``'s commit for a gang (upload thread, every rank in the same order):
     write the sharded state with DCP straight to storage (``dcp_storage.StorageWriter``,
@@ -250,7 +265,7 @@ class GangCommit:
                  phase: str, config_fingerprint: str, run_id: str = "", attempt: int | None = None,
                  extra: dict | None = None, digests: dict | None = None, retry: Any = None,
                  uid: str = "", sharded: Staged | None = None) -> CheckpointInfo:
-        error, superseded = None, False
+        error, kind = None, None
         mine: dict[str, Any] = {}
         try:
             if sharded is not None:
@@ -269,15 +284,15 @@ class GangCommit:
             mine.update(upload_shards(storage, step, files, attempt=attempt, digests=digests,
                                       retry=retry, uid=uid))
         except BaseException as e:  # noqa: BLE001 - reported to rank 0, which will not publish
-            mine, error = {}, f"rank {self.rank}: {type(e).__name__}: {e}"
-            superseded = isinstance(e, SupersededError)
+            mine, error, kind = {}, f"rank {self.rank}: {type(e).__name__}: {e}", _error_kind(e)
         everyone: list[Any] = [None] * self.world_size
-        dist.all_gather_object(everyone, (mine, error, superseded), group=self.group)
+        dist.all_gather_object(everyone, (mine, error, kind), group=self.group)
         outcome: list[Any] = [None]
         if self.rank == 0:
             errors = [e for _, e, _ in everyone if e]
             if errors:
-                outcome[0] = (None, "; ".join(errors), any(s for _, _, s in everyone))
+                outcome[0] = (None, "; ".join(errors), _gang_error_kind(
+                    [k for _, e, k in everyone if e]))
             else:
                 merged: dict[str, Any] = {}
                 for entries, _, _ in everyone:
@@ -286,15 +301,13 @@ class GangCommit:
                     info = publish_manifest(storage, step, merged, epoch=epoch, phase=phase,
                                             config_fingerprint=config_fingerprint, run_id=run_id,
                                             attempt=attempt, extra=extra, retry=retry, uid=uid)
-                    outcome[0] = (info.manifest.to_json(), None, False)
+                    outcome[0] = (info.manifest.to_json(), None, None)
                 except BaseException as e:  # noqa: BLE001 - every rank must hear about it
-                    outcome[0] = (None, f"rank 0: {type(e).__name__}: {e}",
-                                  isinstance(e, SupersededError))
+                    outcome[0] = (None, f"rank 0: {type(e).__name__}: {e}", _error_kind(e))
         dist.broadcast_object_list(outcome, src=0, group=self.group)
-        manifest_json, why, superseded = outcome[0]
-        if why is not None:  # every rank raises the same kind (a supersession is not retried)
-            raise (SupersededError if superseded else CheckpointError)(
-                f"checkpoint step {step} of the gang was not committed: {why}")
+        manifest_json, why, kind = outcome[0]
+        if why is not None:  # every rank raises the same kind: the retries stay in step
+            raise _ERROR_KINDS[kind](f"checkpoint step {step} of the gang was not committed: {why}")
         manifest = Manifest.from_json(manifest_json)
         return CheckpointInfo(step, storage.uri_for(step_dir_name(step)), manifest, True, "ok")
 

@@ -28,7 +28,7 @@ from .core.contract import (
     TerminationMessage,
     TrainerEnv,
 )
-from .core.errors import CheckpointError, SupersededError
+from .core.errors import CheckpointError, StorageError, SupersededError
 from .core.handshake import FENCE_NAME, Fence, advance_fence
 from .core.storage import Storage
 from .determinism import Exactness
@@ -126,11 +126,12 @@ class Finisher:
                     progress: Mapping[str, Any] | None) -> Exception | None:
         """Save a completed run's final checkpoint; the last error if it could not be.
 
-        Nothing else is left for the run to do, so a failed save is tried again as a whole
-        (``CheckpointPolicy.final_retry``: minutes, an S3 outage is waited out) - except when
-        a newer attempt owns the phase. A count of tries, not a deadline: every process of a
-        gang hears the same outcome of each try (``GangCommit``), so all of them try the same
-        number of times and none is left alone in a collective."""
+        Nothing else is left for the run to do, so a save that failed on storage is tried
+        again as a whole (``CheckpointPolicy.final_retry``: minutes, an S3 outage is waited
+        out); any other error (a newer attempt owns the phase, a state that cannot be saved)
+        is returned at once. A count of tries, not a deadline: every process of a gang hears
+        the same outcome of each try (``GangCommit`` raises the same kind on every rank), so
+        all of them try the same number of times and none is left alone in a collective."""
         retry = self.checkpointing.policy.final_retry or FINAL_SAVE_RETRY
         tries = max(1, retry.attempts)
         for failure in range(tries):
@@ -138,10 +139,8 @@ class Finisher:
                 self.checkpointing.save(step, _resolve(state), epoch=epoch, progress=progress,
                                         blocking=True)
                 return None
-            except SupersededError as e:
-                return e
             except Exception as e:  # noqa: BLE001 - reported; the run ends either way
-                if failure == tries - 1:
+                if not isinstance(e, (StorageError, OSError)) or failure == tries - 1:
                     return e
                 delay = retry.delay(failure)
                 self.log.warning("final checkpoint at step %d failed (%s); try %d of %d in %.0fs",

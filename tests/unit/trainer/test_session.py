@@ -191,17 +191,18 @@ def test_a_storage_blip_while_finding_the_checkpoint_to_resume_is_retried(tmp_pa
     assert restored is not None and restored.step == 6 and blips == [0] and len(slept) == 2
 
 
-def _final_manifest_fails(storage: LocalStorage, times: int) -> list[int]:
-    """Make the manifest write of step STEPS fail ``times`` times (a storage outage at the
-    end of the run); the list counts the failures left."""
+def _final_manifest_fails(storage: LocalStorage, times: int, error=None) -> list[int]:
+    """Make the manifest write of step STEPS fail ``times`` times (default: a storage outage
+    at the end of the run); the list counts the failures left."""
     from phoenix_trainer.core.errors import StorageError
 
     left, real_put = [times], storage.put_bytes
+    error = error or StorageError("S3 put failed: Could not connect to the endpoint URL")
 
     def put_bytes(key, data):
         if key == f"step-{STEPS:010d}/manifest.json" and left[0]:
             left[0] -= 1
-            raise StorageError("S3 put failed: Could not connect to the endpoint URL")
+            raise error
         return real_put(key, data)
 
     storage.put_bytes = put_bytes
@@ -248,3 +249,15 @@ def test_a_final_checkpoint_that_never_lands_fails_the_attempt(tmp_path):
     msg = TerminationMessage.from_json((tmp_path / "term-train").read_text())
     assert msg.reason == "failed" and f"final checkpoint at step {STEPS} failed" in msg.message
     assert [c.step for c in list_checkpoints(storage) if c.valid][-1] == STEPS - 4
+
+
+def test_a_final_checkpoint_refused_for_another_reason_is_not_retried(tmp_path):
+    """Only storage errors are waited out; anything else fails the attempt at once."""
+    from phoenix_trainer.core.errors import CheckpointError
+
+    storage = LocalStorage(tmp_path / "train")
+    left, slept = _final_manifest_fails(storage, 100, CheckpointError("refused")), []
+    with _outage_session(tmp_path, storage, slept, final_tries=5) as s:
+        result, _ = loop(s)
+    assert slept == [] and left == [100 - 2]  # the interval save, then one final try
+    assert (result.reason, result.exit_code) == ("failed", 1) and "refused" in result.message
