@@ -86,7 +86,8 @@ class Proc:
         deadline = time.monotonic() + timeout
         while self.step < step:
             assert self.p.poll() is None, "trainer exited early:\n" + "".join(self.lines[-30:])
-            assert time.monotonic() < deadline, f"trainer never reached step {step}"
+            assert time.monotonic() < deadline, (f"trainer never reached step {step} (at step "
+                                                 f"{self.step}):\n" + "".join(self.lines[-30:]))
             time.sleep(0.005)
         self.pids.update({r: pid for r, pid in self._ranks_from_proc().items() if r not in self.pids})
 

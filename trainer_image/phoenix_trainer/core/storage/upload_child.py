@@ -4,22 +4,13 @@ the same ``s3._S3StreamWriter`` an in-process upload uses, answer on stdout.
 Started by ``upload_proc.UploadProcess`` as ``python -m`` this module; its first message is
 the client's settings (credentials included: they travel over the pipe only). It exits at
 the end of its input, aborting an upload left open. Never imports torch.
-
-It runs at the lowest CPU priority (nice 19) unless ``PHOENIX_CHECKPOINT_NICE=0``: it shares
-no lock with the training loop (the upload thread that feeds it runs at nice +10 only, since a
-descheduled GIL holder would stall the loop), so the loop can always be served first; the pipe
-bounds how far it falls behind, and once the loop stops (an emergency or final save) it has
-the cores to itself.
 """
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 from typing import IO
-
-from ..contract import ENV_CHECKPOINT_NICE
 
 from .s3 import S3Storage, default_transfer_config
 from .upload_proc import (
@@ -95,21 +86,6 @@ def _reply(out: IO[bytes], body: dict) -> None:
     out.flush()
 
 
-LOWEST_PRIORITY = 19
-
-
-def lower_priority(environ=os.environ) -> None:
-    """Drop to nice 19 unless the trainer keeps its uploads level (see the module docstring);
-    raising nice needs no privilege, and failing to is no reason not to upload."""
-    if environ.get(ENV_CHECKPOINT_NICE, "").strip() == "0":
-        return
-    try:
-        os.setpriority(os.PRIO_PROCESS, 0, LOWEST_PRIORITY)
-    except (AttributeError, OSError):
-        pass
-
-
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides; EOF ends this
-    lower_priority()
     serve(sys.stdin.buffer, sys.stdout.buffer)
