@@ -227,6 +227,15 @@ MAX_STANDBY_FAILURES = 5
 IMAGE_PULL_REASONS = frozenset({"ErrImagePull", "ImagePullBackOff"})
 IMAGE_PULL_GRACE_SECONDS = 300.0
 R_IMAGE_PULL = "ImagePullFailed"
+# So does creating the container, and the kubelet retries it: its Secret or ConfigMap cache
+# not synced yet ("failed to sync secret cache: timed out waiting for the condition", seen on
+# a node whose kubelet had just started), a Secret applied a moment after the job, a runtime
+# timeout. Counted (as ConfigError) once they last this long after the pod was scheduled.
+CREATE_CONTAINER_REASONS = frozenset({"CreateContainerConfigError", "CreateContainerError"})
+CREATE_CONTAINER_GRACE_SECONDS = 60.0
+# waiting reason -> how long it may last after scheduling before it counts
+WAITING_GRACE_SECONDS = {**{r: IMAGE_PULL_GRACE_SECONDS for r in IMAGE_PULL_REASONS},
+                         **{r: CREATE_CONTAINER_GRACE_SECONDS for r in CREATE_CONTAINER_REASONS}}
 # Container waiting reasons that will not heal by waiting: charge the failure budget.
 FATAL_WAITING_REASONS = frozenset({
     "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "CreateContainerConfigError",

@@ -215,12 +215,14 @@ def _refused(pod_phase: str, status: Mapping[str, Any]) -> bool:
         reason != "Evicted" and pod_phase == "Failed"
 
 
-def pull_grace_left(pod: Mapping[str, Any], now: datetime | None) -> float | None:
-    """Seconds until an image pull error of ``pod`` counts (None: not pulling, or no clock).
-    Counted from the pod's scheduling (its creation, if that is not recorded)."""
+def waiting_grace_left(pod: Mapping[str, Any], now: datetime | None) -> float | None:
+    """Seconds until a waiting reason of ``pod`` that may heal (an image pull, creating the
+    container: ``C.WAITING_GRACE_SECONDS``) counts as a failure (None: no such reason, or no
+    clock). Counted from the pod's scheduling (its creation, if that is not recorded)."""
     cs = _container_status(pod)
     waiting = (cs.get("state") or {}).get("waiting") or {}
-    if now is None or waiting.get("reason") not in C.IMAGE_PULL_REASONS:
+    grace = C.WAITING_GRACE_SECONDS.get(waiting.get("reason"))
+    if now is None or grace is None:
         return None
     status = pod.get("status") or {}
     since = next((parse_ts(c.get("lastTransitionTime")) for c in status.get("conditions") or ()
@@ -228,7 +230,7 @@ def pull_grace_left(pod: Mapping[str, Any], now: datetime | None) -> float | Non
     since = since or parse_ts((pod.get("metadata") or {}).get("creationTimestamp"))
     if since is None:
         return None
-    return C.IMAGE_PULL_GRACE_SECONDS - (now - since).total_seconds()
+    return grace - (now - since).total_seconds()
 
 
 def _classify(pod: Mapping[str, Any], node: NodeHealth | None,
@@ -255,15 +257,18 @@ def _classify(pod: Mapping[str, Any], node: NodeHealth | None,
         waiting = (cs.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in C.FATAL_WAITING_REASONS and not meta.get("deletionTimestamp"):
             what = f"{waiting['reason']}: {waiting.get('message', '')}"
+            left = waiting_grace_left(pod, now)
+            if left is not None and left > 0:
+                return LIVE  # it may heal (the caller looks again when the grace ends)
             if waiting["reason"] in C.IMAGE_PULL_REASONS:
-                left = pull_grace_left(pod, now)
-                if left is not None and left > 0:
-                    return LIVE  # a pull may heal (the caller looks again when the grace ends)
                 return Outcome(cause=Cause.FAILURE, reason=C.R_IMAGE_PULL, delete=True,
                                started=False, message=_shorten(
                                    f"{what} (still failing {C.IMAGE_PULL_GRACE_SECONDS:g}s after "
                                    "the pod was scheduled: check the image name, the registry "
                                    "and imagePullSecrets)"))
+            if waiting["reason"] in C.CREATE_CONTAINER_REASONS and left is not None:
+                what += (f" (still failing {C.CREATE_CONTAINER_GRACE_SECONDS:g}s after the pod was"
+                         " scheduled: check the Secrets and ConfigMaps the pod template names)")
             return Outcome(cause=Cause.FAILURE, reason=C.R_CONFIG_ERROR, message=_shorten(what),
                            delete=True, started=False)
         return LIVE

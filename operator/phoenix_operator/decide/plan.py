@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 from .. import constants as C
 from ..node_health import NodeHealth, node_grace_left, stranded
-from ..outcomes import Outcome, classify, pull_grace_left
+from ..outcomes import Outcome, classify, waiting_grace_left
 from ..phoenixjob import JobSpec
 from ..podspec import member_of
 from phoenix_trainer.core.handshake import Control, Fence
@@ -316,9 +316,9 @@ class Ctx:
         left = node_grace_left(pod, self.nodes, self.now, grace)
         if left is not None:
             self.plan.requeue(left)  # look again when the NotReady grace runs out
-        pulling = pull_grace_left(pod, self.now)
-        if pulling is not None and pulling > 0:
-            self.plan.requeue(pulling)  # an image pull error counts once its grace is over
+        waiting = waiting_grace_left(pod, self.now)
+        if waiting is not None and waiting > 0:
+            self.plan.requeue(waiting)  # a pull or create error counts once its grace is over
         why = stranded(pod, self.nodes, self.now, grace)
         if why and why not in self.stranded:
             self.stranded.append(why)

@@ -809,3 +809,18 @@ def test_an_image_pull_error_waits_out_its_grace_before_it_counts():
     late = decide(with_status(job(), RUN1), [p], NO_CK, at(C.IMAGE_PULL_GRACE_SECONDS + 1))
     assert ps(late)["failures"] == 1 and ps(late)["lastFailure"]["reason"] == "ImagePullFailed"
     assert [d.name for d in late.delete] == ["j.train-1"]
+
+
+def test_a_secret_cache_not_synced_yet_costs_no_budget_when_it_heals():
+    """A kubelet that could not sync its secret cache yet retries; with maxFailures 0 the
+    first look used to fail the job. The pass waits, and looks again when the grace ends."""
+    p = pod(pod_phase="Pending", waiting="CreateContainerConfigError")
+    p["metadata"]["creationTimestamp"] = ts(at(0))
+    plan = decide(with_status(job(), RUN1), [p], NO_CK, at(20))
+    assert ps(plan)["failures"] == 0 and plan.delete == [] and plan.create == []
+    assert plan.requeue_after == C.CREATE_CONTAINER_GRACE_SECONDS - 20
+    healed = pod(pod_phase="Running")
+    healed["metadata"]["creationTimestamp"] = ts(at(0))
+    assert ps(decide(with_status(job(), RUN1), [healed], NO_CK, at(30)))["failures"] == 0
+    late = decide(with_status(job(), RUN1), [p], NO_CK, at(C.CREATE_CONTAINER_GRACE_SECONDS + 1))
+    assert ps(late)["failures"] == 1 and ps(late)["lastFailure"]["reason"] == "ConfigError"

@@ -2,7 +2,7 @@
 import pytest
 
 from phoenix_operator.node_health import NodeHealth, node_grace_left, node_health, stranded
-from phoenix_operator.outcomes import DELETED_KEY, bare_kill, classify, gone, pull_grace_left
+from phoenix_operator.outcomes import DELETED_KEY, bare_kill, classify, gone, waiting_grace_left
 from phoenix_operator import constants as C
 from phoenix_operator.constants import Cause
 
@@ -331,10 +331,24 @@ def test_an_image_pull_error_counts_only_after_the_grace(reason):
     ErrImagePull was a failure, and three of them (maxFailures 3) failed the phase."""
     p = _pulling(reason)
     assert classify(p, {}, at(5 + C.IMAGE_PULL_GRACE_SECONDS - 1)).live
-    assert pull_grace_left(p, at(65)) == C.IMAGE_PULL_GRACE_SECONDS - 60
+    assert waiting_grace_left(p, at(65)) == C.IMAGE_PULL_GRACE_SECONDS - 60
     out = classify(p, {}, at(5 + C.IMAGE_PULL_GRACE_SECONDS + 1))
     assert (out.cause, out.reason) == (Cause.FAILURE, "ImagePullFailed")
     assert out.delete and not out.started and reason in out.message
+
+
+@pytest.mark.parametrize("reason", ["CreateContainerConfigError", "CreateContainerError"])
+def test_a_container_the_kubelet_could_not_create_yet_counts_only_after_its_grace(reason):
+    """A demo's reference run (maxFailures 0) failed on a node whose kubelet had just started:
+    "CreateContainerConfigError: failed to sync secret cache: timed out waiting for the
+    condition" - which the kubelet retries and heals. It counts only once it lasts."""
+    p = _pulling(reason)
+    assert classify(p, {}, at(5 + C.CREATE_CONTAINER_GRACE_SECONDS - 1)).live
+    assert waiting_grace_left(p, at(35)) == C.CREATE_CONTAINER_GRACE_SECONDS - 30
+    out = classify(p, {}, at(5 + C.CREATE_CONTAINER_GRACE_SECONDS + 1))
+    assert (out.cause, out.reason) == (Cause.FAILURE, "ConfigError")
+    assert out.delete and not out.started and reason in out.message
+    assert "check the Secrets and ConfigMaps" in out.message
 
 
 def test_an_image_name_that_cannot_be_valid_fails_at_once():
