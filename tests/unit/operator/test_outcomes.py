@@ -325,30 +325,26 @@ def _pulling(reason: str):
     return p
 
 
-@pytest.mark.parametrize("reason", ["ErrImagePull", "ImagePullBackOff"])
-def test_an_image_pull_error_counts_only_after_the_grace(reason):
+@pytest.mark.parametrize("reason, grace, counted_as, hint", [
+    ("ErrImagePull", C.IMAGE_PULL_GRACE_SECONDS, "ImagePullFailed", "check the image name"),
+    ("ImagePullBackOff", C.IMAGE_PULL_GRACE_SECONDS, "ImagePullFailed", "check the image name"),
+    ("CreateContainerConfigError", C.CREATE_CONTAINER_GRACE_SECONDS, "ConfigError",
+     "check the Secrets and ConfigMaps"),
+    ("CreateContainerError", C.CREATE_CONTAINER_GRACE_SECONDS, "ConfigError",
+     "check the Secrets and ConfigMaps"),
+])
+def test_a_waiting_reason_that_may_heal_counts_only_after_its_grace(reason, grace, counted_as, hint):
     """A cold spot node pulling a 5.7 GiB image through a flaky registry: the first
-    ErrImagePull was a failure, and three of them (maxFailures 3) failed the phase."""
-    p = _pulling(reason)
-    assert classify(p, {}, at(5 + C.IMAGE_PULL_GRACE_SECONDS - 1)).live
-    assert waiting_grace_left(p, at(65)) == C.IMAGE_PULL_GRACE_SECONDS - 60
-    out = classify(p, {}, at(5 + C.IMAGE_PULL_GRACE_SECONDS + 1))
-    assert (out.cause, out.reason) == (Cause.FAILURE, "ImagePullFailed")
-    assert out.delete and not out.started and reason in out.message
-
-
-@pytest.mark.parametrize("reason", ["CreateContainerConfigError", "CreateContainerError"])
-def test_a_container_the_kubelet_could_not_create_yet_counts_only_after_its_grace(reason):
-    """A demo's reference run (maxFailures 0) failed on a node whose kubelet had just started:
+    ErrImagePull was a failure, and three of them (maxFailures 3) failed the phase. A demo's
+    reference run (maxFailures 0) failed on a node whose kubelet had just started:
     "CreateContainerConfigError: failed to sync secret cache: timed out waiting for the
-    condition" - which the kubelet retries and heals. It counts only once it lasts."""
+    condition", which the kubelet retries and heals. Each counts only once it lasts."""
     p = _pulling(reason)
-    assert classify(p, {}, at(5 + C.CREATE_CONTAINER_GRACE_SECONDS - 1)).live
-    assert waiting_grace_left(p, at(35)) == C.CREATE_CONTAINER_GRACE_SECONDS - 30
-    out = classify(p, {}, at(5 + C.CREATE_CONTAINER_GRACE_SECONDS + 1))
-    assert (out.cause, out.reason) == (Cause.FAILURE, "ConfigError")
-    assert out.delete and not out.started and reason in out.message
-    assert "check the Secrets and ConfigMaps" in out.message
+    assert classify(p, {}, at(5 + grace - 1)).live
+    assert waiting_grace_left(p, at(35)) == grace - 30
+    out = classify(p, {}, at(5 + grace + 1))
+    assert (out.cause, out.reason) == (Cause.FAILURE, counted_as)
+    assert out.delete and not out.started and reason in out.message and hint in out.message
 
 
 def test_an_image_name_that_cannot_be_valid_fails_at_once():

@@ -81,6 +81,7 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
             _reply(out, {})
             writer = None
 
+
 def _reply(out: IO[bytes], body: dict) -> None:
     send(out, REPLY, json.dumps(body).encode())
     out.flush()
