@@ -76,14 +76,25 @@ class Timer(Callback):
             self.t1 = time.perf_counter()
 
 
+def thread_schedstat() -> tuple[float, float]:
+    """The calling thread's CPU time and its time spent runnable but waiting for a CPU, in
+    seconds (Linux ``schedstat``); (0, 0) where the kernel does not say."""
+    try:
+        cpu, wait = Path("/proc/thread-self/schedstat").read_text().split()[:2]
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(cpu) / 1e9, int(wait) / 1e9
+
+
 class StepTimes(Callback):
-    """When each step ended (the checkpoint taken after step s is in step s's time)."""
+    """When each step ended (the checkpoint taken after step s is in step s's time), and the
+    training thread's CPU and run-queue times then (``thread_schedstat``)."""
 
     def __init__(self) -> None:
-        self.at: dict[int, float] = {}
+        self.at: dict[int, tuple[float, float, float]] = {}
 
     def on_step_end(self, trainer, loss):
-        self.at[trainer.step] = time.perf_counter()
+        self.at[trainer.step] = (time.perf_counter(), *thread_schedstat())
 
 
 def make_trainer(args, storage, prefix: str | None, interval: int | None, steps: int, callbacks):
@@ -108,14 +119,19 @@ def paired_windows(args, storage) -> dict:
     times = StepTimes()
     steps = 2 * n * (args.pairs + 1) + 1  # the first 2N steps warm up; the last save is blocking
     make_trainer(args, storage, "paired", 2 * n, steps, [times]).fit()
-    at, rel, on_s, off_s = times.at, [], [], []
+    at, rel, on_s, off_s, extra = times.at, [], [], [], []
     for k in range(1, args.pairs + 1):
         c = 2 * n * k  # the checkpoint step
-        on, off = at[c + n - 1] - at[c - 1], at[c + 2 * n - 1] - at[c + n - 1]
-        on_s.append(on)
-        off_s.append(off)
-        rel.append((on - off) / off)
+        on = [b - a for a, b in zip(at[c - 1], at[c + n - 1])]  # wall, cpu, run-queue
+        off = [b - a for a, b in zip(at[c + n - 1], at[c + 2 * n - 1])]
+        on_s.append(on[0])
+        off_s.append(off[0])
+        rel.append((on[0] - off[0]) / off[0])
+        extra.append([x - y for x, y in zip(on, off)])
     cost = statistics.median(rel)
+
+    def extra_ms(part) -> float:
+        return round(1000 * statistics.median(part(e) for e in extra), 1)
     return {
         "pairs": args.pairs, "window_steps": n,
         "window_with_checkpoint_seconds_median": round(statistics.median(on_s), 4),
@@ -123,6 +139,14 @@ def paired_windows(args, storage) -> dict:
         "extra_time_per_checkpoint_relative_median": round(cost, 4),
         # Steps/s with a checkpoint every N steps over steps/s with none, as (a).
         "ratio": round(1 / (1 + cost), 4), "goal": ">= 0.97",
+        # Where a window's extra time goes, on the training thread (medians, so the parts
+        # need not add up exactly): its own CPU (the snapshot, slower steps), waiting for a
+        # CPU other threads and processes hold, and the rest (blocked: the GIL, locks).
+        "extra_milliseconds_per_checkpoint": {
+            "total": extra_ms(lambda e: e[0]), "loop_cpu": extra_ms(lambda e: e[1]),
+            "waiting_for_a_cpu": extra_ms(lambda e: e[2]),
+            "blocked": extra_ms(lambda e: e[0] - e[1] - e[2]),
+        },
         "relative_samples": [round(x, 4) for x in rel],
     }
 

@@ -75,9 +75,11 @@ class Snapshot:
 
     @classmethod
     def take(cls, step: int, epoch: int, tensors: dict[str, Any], documents: dict[str, Any],
-             extra: dict[str, Any] | None = None) -> "Snapshot":
+             extra: dict[str, Any] | None = None, threads: int | None = None) -> "Snapshot":
+        """Copy ``tensors`` (every shard at once, by ``threads`` threads: ``to_cpu``) and
+        ``documents``."""
         t0 = time.perf_counter()
-        copied = {name: to_cpu(obj) for name, obj in tensors.items()}
+        copied = to_cpu(tensors, threads)
         docs = json.loads(json.dumps(documents))  # deep copy + proves it serializes
         snap = cls(step, epoch, copied, docs, json.loads(json.dumps(extra or {})))
         snap.nbytes = tree_nbytes(copied)

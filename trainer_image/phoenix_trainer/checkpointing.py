@@ -26,7 +26,7 @@ from .core.layout import CheckpointInfo
 from .core.storage import Storage
 from .determinism import EXACT, Exactness
 from .policies import CheckpointPolicy
-from .tensors import unloadable_globals
+from .tensors import snapshot_threads, unloadable_globals
 
 
 @dataclass
@@ -57,6 +57,7 @@ class LocalSnapshots:
 
     def __init__(self) -> None:
         self.checked: set[str] = set()  # entry names whose structure passed (first save only)
+        self.threads = snapshot_threads()  # read (and refused if malformed) at the start
 
     def take(self, step: int, epoch: int, state: Mapping[str, Any], trainer_doc: dict[str, Any],
              extra: dict[str, Any], spool: str | None) -> Snapshot:
@@ -71,7 +72,7 @@ class LocalSnapshots:
                     " JSON entry (a name ending in .json)")
             self.checked.add(name)
         docs[TRAINER_DOC] = {**docs.get(TRAINER_DOC, {}), **trainer_doc}
-        return Snapshot.take(step, epoch, tensors, docs, extra=extra)
+        return Snapshot.take(step, epoch, tensors, docs, extra=extra, threads=self.threads)
 
 
 class Checkpointing:

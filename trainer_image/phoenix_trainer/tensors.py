@@ -5,9 +5,15 @@ Imports torch; never imported by the operator. Nothing here touches storage.
 from __future__ import annotations
 
 import io
-from typing import Any, Callable
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Mapping
 
 import torch
+
+from .core.contract import ENV_SNAPSHOT_THREADS
+from .core.errors import CheckpointError
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -23,23 +29,118 @@ def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
     return obj
 
 
-def to_cpu(obj: Any) -> Any:
+# A CPU snapshot is copied in pieces of this size, so even one large tensor spreads over
+# the copying threads; below PARALLEL_COPY_MIN_BYTES in all, the loop's thread copies alone
+# (handing pieces to other threads would cost more than it saves).
+COPY_PIECE_BYTES = 4 << 20
+PARALLEL_COPY_MIN_BYTES = 16 << 20
+MAX_DEFAULT_SNAPSHOT_THREADS = 4
+
+
+def snapshot_threads(environ: Mapping[str, str] | None = None) -> int:
+    """``PHOENIX_SNAPSHOT_THREADS``: how many threads copy a CPU snapshot, the training
+    thread included (default: the CPUs this process may use, at most 4; 1: the training
+    thread alone)."""
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_SNAPSHOT_THREADS, "").strip()
+    if not raw:
+        return max(1, min(MAX_DEFAULT_SNAPSHOT_THREADS, len(os.sched_getaffinity(0))))
+    try:
+        n = int(raw)
+    except ValueError:
+        raise CheckpointError(f"{ENV_SNAPSHOT_THREADS}={raw!r} is not a whole number") from None
+    if not 1 <= n <= 64:
+        raise CheckpointError(f"{ENV_SNAPSHOT_THREADS}={raw!r} must be between 1 and 64")
+    return n
+
+
+class _CopyPool:
+    """The helper threads of ``parallel_copy``, started on first use and again in a forked
+    copy of the process (threads do not survive ``fork``: a gang survivor's warm copy)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
+        self._size = 0
+        self._pid = 0
+
+    def get(self, workers: int) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None or self._pid != os.getpid() or self._size != workers:
+                if self._pool is not None and self._pid == os.getpid():
+                    self._pool.shutdown(wait=False)
+                # Started from the training thread, so at its priority: the loop waits for them.
+                self._pool = ThreadPoolExecutor(workers, thread_name_prefix="phoenix-snapshot")
+                self._size, self._pid = workers, os.getpid()
+            return self._pool
+
+
+_COPY_POOL = _CopyPool()
+
+
+def parallel_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int,
+                  piece_bytes: int = COPY_PIECE_BYTES) -> None:
+    """``dst.copy_(src)`` for every (dst, src) pair of contiguous CPU tensors of one shape
+    and dtype, in pieces of about ``piece_bytes`` spread over ``threads`` threads (the
+    caller's among them). torch drops the GIL while it copies, so the pieces run at once;
+    the first touch of fresh memory (a page fault per page) is spread over them too."""
+    total = sum(src.numel() * src.element_size() for _, src in pairs)
+    if threads <= 1 or total < PARALLEL_COPY_MIN_BYTES:
+        for dst, src in pairs:
+            dst.copy_(src)
+        return
+    pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for dst, src in pairs:
+        d, s = dst.view(-1), src.view(-1)
+        step = max(1, piece_bytes // max(1, src.element_size()))
+        pieces += [(d[i:i + step], s[i:i + step]) for i in range(0, s.numel(), step)]
+    todo = iter(pieces)
+    take = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with take:
+                piece = next(todo, None)
+            if piece is None:
+                return
+            piece[0].copy_(piece[1])
+
+    helpers = [_COPY_POOL.get(threads - 1).submit(drain) for _ in range(threads - 1)]
+    try:
+        drain()
+    finally:
+        for f in helpers:
+            f.result()
+
+
+def to_cpu(obj: Any, threads: int | None = None) -> Any:
     """Deep copy of a (nested) state dict with every tensor copied to CPU memory.
 
-    This is the only part of a checkpoint the training loop waits for; on GPU the copies are
-    issued non-blocking and synchronised once at the end.
+    This is the only part of a checkpoint the training loop waits for. On GPU the copies are
+    issued non-blocking into pinned memory and synchronised once at the end. CPU tensors
+    are copied by ``threads`` threads (``snapshot_threads``): a plain contiguous tensor
+    into fresh memory by ``parallel_copy``, anything else (strided views, sparse, quantized,
+    subclasses) by ``clone`` on the calling thread.
     """
     pending_cuda = []
+    cpu_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def copy(o: torch.Tensor) -> torch.Tensor:
+        o = o.detach()
         if o.device.type == "cpu":
-            return o.detach().clone()
+            if type(o) is torch.Tensor and o.layout == torch.strided and not o.is_quantized \
+                    and o.is_contiguous():
+                t = torch.empty_like(o, memory_format=torch.contiguous_format)
+                cpu_pairs.append((t, o))
+                return t
+            return o.clone()
         t = torch.empty(o.shape, dtype=o.dtype, device="cpu", pin_memory=True)
-        t.copy_(o.detach(), non_blocking=True)
+        t.copy_(o, non_blocking=True)
         pending_cuda.append(t)
         return t
 
     out = map_tensors(obj, copy)
+    parallel_copy(cpu_pairs, snapshot_threads() if threads is None else threads)
     if pending_cuda:
         torch.cuda.synchronize()
     return out

@@ -54,6 +54,7 @@ DEFAULT_CONTROL_POLL_SECONDS = 0.25
 ENV_SPOOL_DIR = "PHOENIX_SPOOL_DIR"
 ENV_SPOOL_LIMIT_MB = "PHOENIX_SPOOL_LIMIT_MB"
 ENV_CHECKPOINT_NICE = "PHOENIX_CHECKPOINT_NICE"  # the upload thread's nice increment (0: none)
+ENV_SNAPSHOT_THREADS = "PHOENIX_SNAPSHOT_THREADS"  # threads copying a CPU snapshot (1: the loop's own)
 ENV_S3_SIGN_PAYLOAD = "PHOENIX_S3_SIGN_PAYLOAD"  # "1": SigV4-sign every request body too
 ENV_UPLOAD_PROCESS = "PHOENIX_UPLOAD_PROCESS"  # "0": S3 uploads stay in the trainer process
 # The trainer container's ephemeral-storage limit in MB (10^6 bytes), set by the operator
