@@ -55,8 +55,9 @@ def snapshot_threads(environ: Mapping[str, str] | None = None) -> int:
 
 
 class _CopyPool:
-    """The helper threads of ``parallel_copy``, started on first use and again in a forked
-    copy of the process (threads do not survive ``fork``: a gang survivor's warm copy)."""
+    """The helper threads of ``parallel_copy``: started on first use, by the training thread
+    (so at its priority: the loop waits for them), and started again in a forked copy of
+    the process, where its parent's threads do not exist."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -69,7 +70,6 @@ class _CopyPool:
             if self._pool is None or self._pid != os.getpid() or self._size != workers:
                 if self._pool is not None and self._pid == os.getpid():
                     self._pool.shutdown(wait=False)
-                # Started from the training thread, so at its priority: the loop waits for them.
                 self._pool = ThreadPoolExecutor(workers, thread_name_prefix="phoenix-snapshot")
                 self._size, self._pid = workers, os.getpid()
             return self._pool
@@ -105,7 +105,8 @@ def parallel_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int,
                 return
             piece[0].copy_(piece[1])
 
-    helpers = [_COPY_POOL.get(threads - 1).submit(drain) for _ in range(threads - 1)]
+    pool = _COPY_POOL.get(threads - 1)
+    helpers = [pool.submit(drain) for _ in range(threads - 1)]
     try:
         drain()
     finally:
