@@ -33,6 +33,7 @@ import torch
 
 from .core.contract import (
     ENV_CHECKPOINT_NICE, ENV_EPHEMERAL_STORAGE_MB, ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB,
+    whole_number_setting,
 )
 from .core.errors import (
     CheckpointError, CorruptCheckpointError, ObjectMismatchError, SpoolFullError,
@@ -221,17 +222,8 @@ DEFAULT_CHECKPOINT_NICE = 10
 def checkpoint_nice(environ: Mapping[str, str] | None = None) -> int:
     """``PHOENIX_CHECKPOINT_NICE``: how many nice levels the upload thread drops below the
     thread that made the checkpointer (default 10, 0 keeps it level)."""
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV_CHECKPOINT_NICE, "").strip()
-    if not raw:
-        return DEFAULT_CHECKPOINT_NICE
-    try:
-        nice = int(raw)
-    except ValueError:
-        raise CheckpointError(f"{ENV_CHECKPOINT_NICE}={raw!r} is not a whole number") from None
-    if not 0 <= nice <= 19:
-        raise CheckpointError(f"{ENV_CHECKPOINT_NICE}={raw!r} must be between 0 and 19")
-    return nice
+    return whole_number_setting(os.environ if environ is None else environ,
+                                ENV_CHECKPOINT_NICE, DEFAULT_CHECKPOINT_NICE, 0, 19)
 
 
 def lower_thread_priority(increment: int) -> None:

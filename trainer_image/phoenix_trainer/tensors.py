@@ -12,8 +12,7 @@ from typing import Any, Callable, Mapping
 
 import torch
 
-from .core.contract import ENV_SNAPSHOT_THREADS
-from .core.errors import CheckpointError
+from .core.contract import ENV_SNAPSHOT_THREADS, whole_number_setting
 
 
 def map_tensors(obj: Any, fn: Callable[[torch.Tensor], Any]) -> Any:
@@ -41,17 +40,9 @@ def snapshot_threads(environ: Mapping[str, str] | None = None) -> int:
     """``PHOENIX_SNAPSHOT_THREADS``: how many threads copy a CPU snapshot, the training
     thread included (default: the CPUs this process may use, at most 4; 1: the training
     thread alone)."""
-    env = os.environ if environ is None else environ
-    raw = env.get(ENV_SNAPSHOT_THREADS, "").strip()
-    if not raw:
-        return max(1, min(MAX_DEFAULT_SNAPSHOT_THREADS, len(os.sched_getaffinity(0))))
-    try:
-        n = int(raw)
-    except ValueError:
-        raise CheckpointError(f"{ENV_SNAPSHOT_THREADS}={raw!r} is not a whole number") from None
-    if not 1 <= n <= 64:
-        raise CheckpointError(f"{ENV_SNAPSHOT_THREADS}={raw!r} must be between 1 and 64")
-    return n
+    default = max(1, min(MAX_DEFAULT_SNAPSHOT_THREADS, len(os.sched_getaffinity(0))))
+    return whole_number_setting(os.environ if environ is None else environ,
+                                ENV_SNAPSHOT_THREADS, default, 1, 64)
 
 
 class _CopyPool:

@@ -330,3 +330,22 @@ class TrainerEnv:
         ns = self.job_namespace or "-"
         name = self.job_name or "local"
         return f"{ns}/{name}/{self.phase}"
+
+
+def whole_number_setting(environ: Mapping[str, str], name: str, default: int, low: int,
+                         high: int) -> int:
+    """The trainer's integer setting ``name`` from ``environ``, ``default`` where unset or
+    blank; anything but a whole number from ``low`` to ``high`` is refused with a
+    ``CheckpointError`` that names it."""
+    from .errors import CheckpointError
+
+    raw = environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        n = int(raw)
+    except ValueError:
+        raise CheckpointError(f"{name}={raw!r} is not a whole number") from None
+    if not low <= n <= high:
+        raise CheckpointError(f"{name}={raw!r} must be between {low} and {high}")
+    return n
