@@ -137,6 +137,26 @@ def env_for(s3_server, uri: str, attempt: int, tmp_path: Path, **extra) -> dict[
     return env
 
 
+def first_checkpoint_landed(run_uri: str, min_step: int, timeout: float = 60):
+    """A ``ready`` hook for ``kill_and_resume``: the first attempt is killed only once a
+    checkpoint at ``min_step`` or later is valid under ``run_uri``. Checkpoints upload in the
+    background, so on loaded cores the plan's step can come before the first one lands (the
+    first upload also starts the upload process), and a SIGKILL then rightly resumes from
+    step 0 - not what a test of resuming means to exercise."""
+    from phoenix_trainer.core.layout import latest_valid_checkpoint
+    from phoenix_trainer.core.storage import open_storage
+
+    def ready(proc: Proc, attempt: int) -> None:
+        deadline = time.monotonic() + timeout
+        while attempt == 0 and ((newest := latest_valid_checkpoint(open_storage(run_uri))) is None
+                                or newest.step < min_step):
+            assert time.monotonic() < deadline, \
+                f"no checkpoint at step {min_step} by step {proc.step}: {newest}"
+            time.sleep(0.05)
+
+    return ready
+
+
 def kill_and_resume(s3_server, tmp_path: Path, script: Path, args: list[str], run_uri: str,
                     ref_uri: str, plan: list[tuple[int, int]], *, nproc: int | None = None,
                     target=None, expect_rc: dict[int, int] | None = None,

@@ -26,7 +26,9 @@ import pytest
 
 from phoenix_trainer.core.layout import latest_valid_checkpoint, list_checkpoints, step_dir_name
 from phoenix_trainer.core.storage import open_storage
-from trainer_procs import DiskWatch, Proc, env_for, gang_state, kill_and_resume, tensors_equal
+from trainer_procs import (
+    DiskWatch, Proc, env_for, first_checkpoint_landed, gang_state, kill_and_resume, tensors_equal,
+)
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
 SCRIPT = Path(__file__).resolve().parents[2] / "examples" / "train_distributed.py"
@@ -58,15 +60,6 @@ def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3
     def target(proc: Proc, attempt: int) -> int:
         return proc.pids[victims[attempt]]
 
-    def committed(proc: Proc, attempt: int) -> None:
-        # the damage below must leave an older valid checkpoint than the newest: on loaded
-        # cores step 10's upload may still be running at the plan's step 12
-        deadline = time.monotonic() + 60
-        while attempt == 0 and ((newest := latest_valid_checkpoint(open_storage(run_uri))) is None
-                                or newest.step < 10):
-            assert time.monotonic() < deadline, f"no checkpoint at step 10 by step {proc.step}: {newest}"
-            time.sleep(0.05)
-
     def between(proc: Proc, attempt: int) -> None:
         survivors = [pid for rank, pid in proc.pids.items() if rank != victims[attempt]]
         assert all(gone(pid) for pid in survivors), "a member of the dead gang is still running"
@@ -88,7 +81,9 @@ def test_gang_killed_damaged_and_stopped_resumes_bit_exact(s3_server, s3_env, s3
     spool = tmp_path / "spool"
     with DiskWatch(spool, every=0.02) as watch:
         starts = kill_and_resume(s3_server, tmp_path, SCRIPT, [*ARGS, "--mode", mode, "--seed", str(seed % 5)],
-                                 run_uri, ref_uri, plan, nproc=2, target=target, between=between, ready=committed,
+                                 run_uri, ref_uri, plan, nproc=2, target=target, between=between,
+                                 # the damage below must leave an older valid checkpoint than the newest
+                                 ready=first_checkpoint_landed(run_uri, 10),
                                  expect_rc={signal.SIGKILL: 1, signal.SIGTERM: 1},
                                  PHOENIX_SPOOL_DIR=str(spool), **ENV)
     assert watch.peak == 0, f"{watch.peak} bytes spooled"

@@ -23,7 +23,7 @@ from phoenix_trainer.core.contract import TerminationMessage
 from phoenix_trainer.core.layout import latest_valid_checkpoint
 from phoenix_trainer.core.storage import open_storage
 from phoenix_trainer.testing import state_dicts_equal
-from trainer_procs import kill_and_resume
+from trainer_procs import first_checkpoint_landed, kill_and_resume
 
 pytest.importorskip("lightning")
 pytest.importorskip("transformers")
@@ -51,6 +51,7 @@ def test_framework_killed_and_resumed_equals_uninterrupted(script, s3_server, s3
     name = script.removesuffix(".py")
     run_uri, ref_uri = f"{s3_bucket.uri}/{name}/train", f"{s3_bucket.uri}/{name}-ref/train"
     starts = kill_and_resume(s3_server, tmp_path, EXAMPLES / script, args, run_uri, ref_uri, plan,
+                             ready=first_checkpoint_landed(run_uri, 5),
                              PHOENIX_CHECKPOINT_INTERVAL_STEPS="5")
     print(f"{script}: killed at {[at for _, at in plan]}, resumed at steps {starts}")
     assert all(s > 0 for s in starts)
