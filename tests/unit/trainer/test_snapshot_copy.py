@@ -87,7 +87,20 @@ def test_a_large_copy_is_split_into_pieces_across_the_threads(monkeypatch):
     src = [torch.arange(n, dtype=torch.float64), torch.arange(7, dtype=torch.int16)]
     dst = [torch.empty_like(t) for t in src]
     monkeypatch.setattr(tensors, "PARALLEL_COPY_MIN_BYTES", 0)
-    names = spy_copies(monkeypatch)
+    names: set[str] = set()
+    helper_copied = threading.Event()
+    original = torch.Tensor.copy_
+
+    def spy(self, other, *a, **k):
+        me = threading.current_thread()
+        names.add(me.name)
+        if me.name.startswith("phoenix-snapshot"):
+            helper_copied.set()
+        else:  # the caller leaves pieces for a helper: tiny pieces would all be its own
+            helper_copied.wait(10)
+        return original(self, other, *a, **k)
+
+    monkeypatch.setattr(torch.Tensor, "copy_", spy)
     # Pieces of 1 KiB: 41 of the first tensor (the last one short), 1 of the second.
     parallel_copy(list(zip(dst, src)), threads=3, piece_bytes=1024)
     assert all(torch.equal(a, b) for a, b in zip(src, dst))
