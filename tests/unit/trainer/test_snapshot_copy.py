@@ -11,7 +11,9 @@ import torch
 from phoenix_trainer import tensors
 from phoenix_trainer.checkpoint import Snapshot
 from phoenix_trainer.core.errors import CheckpointError
-from phoenix_trainer.tensors import PARALLEL_COPY_MIN_BYTES, parallel_copy, snapshot_threads, to_cpu
+from phoenix_trainer.tensors import (
+    PARALLEL_COPY_MIN_BYTES, map_tensors, parallel_copy, snapshot_threads, to_cpu,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -34,15 +36,10 @@ def state(big_elements: int) -> dict:
     }
 
 
-def leaves(tree):
-    if isinstance(tree, torch.Tensor):
-        yield tree
-    elif isinstance(tree, dict):
-        for v in tree.values():
-            yield from leaves(v)
-    elif isinstance(tree, (list, tuple)):
-        for v in tree:
-            yield from leaves(v)
+def leaves(tree) -> list[torch.Tensor]:
+    found: list[torch.Tensor] = []
+    map_tensors(tree, found.append)
+    return found
 
 
 BIG = PARALLEL_COPY_MIN_BYTES // 4 + 12345  # float32 elements: over the threshold, not a whole piece
@@ -69,13 +66,16 @@ def test_the_copy_equals_a_clone_and_owns_its_memory(threads):
     assert torch.equal(out["model.pt"]["big"], before)
 
 
-def spy_copies(monkeypatch) -> set[str]:
-    """The names of the threads that ``Tensor.copy_`` runs on from now on."""
+def spy_copies(monkeypatch, before=None) -> set[str]:
+    """The names of the threads that ``Tensor.copy_`` runs on from now on; ``before(thread)``,
+    where given, runs first in each copy."""
     names: set[str] = set()
     original = torch.Tensor.copy_
 
     def spy(self, other, *a, **k):
         names.add(threading.current_thread().name)
+        if before is not None:
+            before(threading.current_thread())
         return original(self, other, *a, **k)
 
     monkeypatch.setattr(torch.Tensor, "copy_", spy)
@@ -87,20 +87,15 @@ def test_a_large_copy_is_split_into_pieces_across_the_threads(monkeypatch):
     src = [torch.arange(n, dtype=torch.float64), torch.arange(7, dtype=torch.int16)]
     dst = [torch.empty_like(t) for t in src]
     monkeypatch.setattr(tensors, "PARALLEL_COPY_MIN_BYTES", 0)
-    names: set[str] = set()
     helper_copied = threading.Event()
-    original = torch.Tensor.copy_
 
-    def spy(self, other, *a, **k):
-        me = threading.current_thread()
-        names.add(me.name)
-        if me.name.startswith("phoenix-snapshot"):
+    def hold_the_caller(thread: threading.Thread) -> None:
+        if thread.name.startswith("phoenix-snapshot"):
             helper_copied.set()
         else:  # the caller leaves pieces for a helper: tiny pieces would all be its own
             helper_copied.wait(10)
-        return original(self, other, *a, **k)
 
-    monkeypatch.setattr(torch.Tensor, "copy_", spy)
+    names = spy_copies(monkeypatch, hold_the_caller)
     # Pieces of 1 KiB: 41 of the first tensor (the last one short), 1 of the second.
     parallel_copy(list(zip(dst, src)), threads=3, piece_bytes=1024)
     assert all(torch.equal(a, b) for a, b in zip(src, dst))
