@@ -233,14 +233,21 @@ def renice(pid: int, nice: int) -> None:
 @contextlib.contextmanager
 def local_s3(tmp: Path, bucket: str = "bench") -> Iterator[tuple[S3Server, S3Storage]]:
     """A versitygw S3 server on loopback under ``tmp`` with one bucket, and that bucket as a
-    Storage; the server stops on exit."""
+    Storage; the server (and the storage's upload process) stop on exit."""
     server = S3Server(tmp / "s3")
     ep = server.start()
+    storage = None
     try:
         server.ensure_bucket(bucket)
-        yield server, S3Storage(bucket, "", endpoint_url=ep.url, access_key=ep.access_key,
-                                secret_key=ep.secret_key, region=ep.region)
+        storage = S3Storage(bucket, "", endpoint_url=ep.url, access_key=ep.access_key,
+                            secret_key=ep.secret_key, region=ep.region)
+        # Streamed uploads through the upload process, as a trainer's first save starts it
+        # (on the thread that forks: core/storage/upload_proc.py).
+        storage.prepare_uploads()
+        yield server, storage
     finally:
+        if storage is not None and storage.uploader is not None:
+            storage.uploader.close()
         server.stop()
 
 

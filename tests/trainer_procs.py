@@ -19,6 +19,10 @@ _STEP_LINE = re.compile(r" phoenix\.[\w.]+: (?:\[[^\]]*\] )?step (\d+)\b")
 
 _RANK_PID = re.compile(r" rank (\d+)/\d+\] .* pid (\d+)")
 
+# A trainer that makes no progress for this long dumps its stacks into storage, where a
+# test that waited longer for a step reads them (``Proc.hang_dumps``).
+HANG_TIMEOUT = 45
+
 
 class DiskWatch:
     """Largest number of bytes seen in files under ``dirs`` while running (polled every
@@ -60,6 +64,7 @@ class Proc:
             f"--master-port={free_port()}"]
         # A process group of its own: a test that fails half-way must not leave torchrun's
         # ranks running (and polling S3) after it; ``kill_group`` at exit sees to that.
+        self.env = env
         self.p = subprocess.Popen([sys.executable, *launcher, str(script), *args], env=env,
                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                   start_new_session=True)
@@ -87,9 +92,25 @@ class Proc:
         while self.step < step:
             assert self.p.poll() is None, "trainer exited early:\n" + "".join(self.lines[-30:])
             assert time.monotonic() < deadline, (f"trainer never reached step {step} (at step "
-                                                 f"{self.step}):\n" + "".join(self.lines[-30:]))
+                                                 f"{self.step}):\n" + "".join(self.lines[-30:])
+                                                 + self.hang_dumps())
             time.sleep(0.005)
         self.pids.update({r: pid for r, pid in self._ranks_from_proc().items() if r not in self.pids})
+
+    def hang_dumps(self) -> str:
+        """The trainer's own stack dumps of this attempt, for a failure message: a step that
+        stalls past ``HANG_TIMEOUT`` (set by ``env_for``) has every thread of the process and
+        its children dumped into storage (``progress.py``), as on a cluster."""
+        from phoenix_trainer.core.heartbeat import HANGS_DIR
+        from phoenix_trainer.core.storage import open_storage
+
+        try:
+            storage = open_storage(self.env["PHOENIX_CHECKPOINT_URI"])
+            keys = storage.list_keys(f"{HANGS_DIR}/attempt-{self.env.get('PHOENIX_ATTEMPT', '0')}/")
+            return "".join(f"\n--- {k} ---\n" + storage.get_bytes(k).decode(errors="replace")
+                           for k in keys) or "\n(no stack dump in storage)"
+        except Exception as e:  # noqa: BLE001 - a diagnostic; the assertion says what failed
+            return f"\n(stack dumps unreadable: {type(e).__name__}: {e})"
 
     def _ranks_from_proc(self) -> dict[int, int]:
         """rank -> pid of the launcher's live workers, from /proc (their RANK variable): a
@@ -128,6 +149,7 @@ def env_for(s3_server, uri: str, attempt: int, tmp_path: Path, **extra) -> dict[
     env.update({"PHOENIX_CHECKPOINT_URI": uri, "PHOENIX_ATTEMPT": str(attempt),
                 "PHOENIX_PHASE": "train", "PHOENIX_JOB_NAME": "kill-test",
                 "PHOENIX_JOB_NAMESPACE": "tests", "OMP_NUM_THREADS": "1",
+                "PHOENIX_HANG_TIMEOUT_SECONDS": str(HANG_TIMEOUT), "PHOENIX_HEARTBEAT_SECONDS": "5",
                 "PHOENIX_TERMINATION_LOG": str(tmp_path / f"termination-{attempt}")})
     # Start-up is mostly compiling torch's Python files; let the subprocesses cache bytecode
     # outside the repo and the venv.

@@ -29,6 +29,7 @@ def storage(s3_bucket, monkeypatch):
     ep = s3_bucket.endpoint
     st = open_storage(f"{s3_bucket.uri}/job/train", Credentials(
         endpoint_url=ep.url, access_key=ep.access_key, secret_key=ep.secret_key))
+    st.prepare_uploads()  # as a checkpointer's save does, on the thread that forks workers
     yield st
     st.uploader.close()
 
@@ -74,6 +75,7 @@ def test_a_failure_in_the_child_is_a_storage_error_and_the_child_serves_the_next
     ep = s3_bucket.endpoint
     nowhere = open_storage(f"{s3_bucket.uri}/x", Credentials(  # a key the store refuses
         endpoint_url=ep.url, access_key=ep.access_key, secret_key="not-" + ep.secret_key))
+    nowhere.prepare_uploads()
     try:
         with pytest.raises(StorageError, match="upload process"):
             stream_object(nowhere, "k", StreamedShard(lambda f: f.write(os.urandom(12 * MiB))))

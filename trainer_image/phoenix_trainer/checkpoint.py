@@ -32,8 +32,8 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from .core.contract import (
-    ENV_CHECKPOINT_NICE, ENV_EPHEMERAL_STORAGE_MB, ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB,
-    whole_number_setting,
+    ENV_EPHEMERAL_STORAGE_MB, ENV_SPOOL_DIR, ENV_SPOOL_LIMIT_MB, checkpoint_nice,
+    lower_thread_priority,
 )
 from .core.errors import (
     CheckpointError, CorruptCheckpointError, ObjectMismatchError, SpoolFullError,
@@ -215,35 +215,6 @@ def check_spool_room(spool: str, nbytes: int, what: str, *, limit: int | None = 
             f" {free / 1e6:.1f} MB are free there; point {ENV_SPOOL_DIR} at a bigger volume")
 
 
-# How much lower than the training loop the upload thread runs (nice increment, 0..19).
-DEFAULT_CHECKPOINT_NICE = 10
-
-
-def checkpoint_nice(environ: Mapping[str, str] | None = None) -> int:
-    """``PHOENIX_CHECKPOINT_NICE``: how many nice levels the upload thread drops below the
-    thread that made the checkpointer (default 10, 0 keeps it level)."""
-    return whole_number_setting(os.environ if environ is None else environ,
-                                ENV_CHECKPOINT_NICE, DEFAULT_CHECKPOINT_NICE, 0, 19)
-
-
-def lower_thread_priority(increment: int) -> None:
-    """Drop the calling thread's CPU priority by ``increment`` nice levels.
-
-    Linux keeps a nice value per thread and a thread starts with its creator's, so the
-    part-upload threads an upload starts inherit it. When the cores are short (the loop's
-    Python and data loading, DataLoader workers, an upload's hashing and sockets), the
-    scheduler then runs the training first and the upload in what is left; when they are
-    not, a niced thread runs exactly as fast. Raising nice needs no privilege; failing to is
-    not worth failing a save for."""
-    if increment <= 0:
-        return
-    tid = threading.get_native_id()
-    try:
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
-    except (AttributeError, OSError) as e:  # not Linux, or a sandbox that refuses it
-        log.debug("could not lower the upload thread's priority: %s", e)
-
-
 def make_spool(spool_dir: str | None = None) -> str:
     """A fresh directory for this process's checkpoint files before upload.
 
@@ -314,6 +285,9 @@ class AsyncCheckpointer:
     # -- training-thread API --------------------------------------------------------------
     def save(self, snapshot: Snapshot, *, blocking: bool = False) -> Future:
         """Queue ``snapshot`` for upload. Waits only if ``max_in_flight`` saves are pending."""
+        # Here, on the loop's thread, which forks its DataLoader workers: never on the upload
+        # thread (core/storage/upload_proc.py says why). A no-op once it runs.
+        self.storage.prepare_uploads()
         t0 = time.perf_counter()
         self._slots.acquire()
         waited = time.perf_counter() - t0

@@ -349,3 +349,37 @@ def whole_number_setting(environ: Mapping[str, str], name: str, default: int, lo
     if not low <= n <= high:
         raise CheckpointError(f"{name}={raw!r} must be between {low} and {high}")
     return n
+
+
+# How much lower than the training loop the uploads run (nice increment, 0..19).
+DEFAULT_CHECKPOINT_NICE = 10
+
+
+def checkpoint_nice(environ: Mapping[str, str] | None = None) -> int:
+    """``PHOENIX_CHECKPOINT_NICE``: how many nice levels the upload thread (and the upload
+    process, ``core/storage/upload_proc.py``) drop below the thread that made the
+    checkpointer (default 10, 0 keeps them level)."""
+    return whole_number_setting(os.environ if environ is None else environ,
+                                ENV_CHECKPOINT_NICE, DEFAULT_CHECKPOINT_NICE, 0, 19)
+
+
+def lower_thread_priority(increment: int) -> bool:
+    """Drop the calling thread's CPU priority by ``increment`` nice levels; False where the
+    system refused (the caller runs on at its priority: not worth failing a save for).
+
+    Linux keeps a nice value per thread and a thread starts with its creator's, so the
+    part-upload threads an upload starts inherit it (and a single-threaded process lowers
+    itself whole). When the cores are short (the loop's Python and data loading, DataLoader
+    workers, an upload's hashing and sockets), the scheduler then runs the training first
+    and the upload in what is left; when they are not, a niced thread runs exactly as fast.
+    Raising nice needs no privilege."""
+    if increment <= 0:
+        return True
+    import threading
+
+    tid = threading.get_native_id()
+    try:
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + increment))
+        return True
+    except (AttributeError, OSError):  # not Linux, or a sandbox that refuses it
+        return False

@@ -61,6 +61,9 @@ class LocalStorage:
     def open_write(self, key: str, size_hint: int | None = None) -> "_LocalWriter":
         return _LocalWriter(self._path(key))
 
+    def prepare_uploads(self) -> None:
+        pass  # writes are this process's own file writes: nothing to start
+
     def get_bytes(self, key: str) -> bytes:
         p = self._path(key)
         if not p.is_file():

@@ -341,6 +341,11 @@ class S3Storage:
             except S3UploadFailedError as e:
                 raise StorageError(f"S3 upload {self.uri_for(key)} failed: {e}") from e
 
+    def prepare_uploads(self) -> None:
+        """Start the upload process (``UploadProcess.start``) unless it runs already."""
+        if self.uploader is not None:
+            self.uploader.start()
+
     def open_write(self, key: str, size_hint: int | None = None) -> "_S3StreamWriter | ProcStreamWriter":
         """A stream into ``key``: through the upload process where there is one and it is
         free, else uploaded from this process; the same parts, checksums and aborts."""

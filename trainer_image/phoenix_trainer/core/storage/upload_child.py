@@ -2,8 +2,10 @@
 the same ``s3._S3StreamWriter`` an in-process upload uses, answer on stdout.
 
 Started by ``upload_proc.UploadProcess`` as ``python -m`` this module; its first message is
-the client's settings (credentials included: they travel over the pipe only). It exits at
-the end of its input, aborting an upload left open. Never imports torch.
+the client's settings (credentials included: they travel over the pipe only). It lowers its
+priority as the upload thread does (``PHOENIX_CHECKPOINT_NICE`` below the thread that
+started it) and exits when told to or at the end of its input, aborting an upload left open.
+Never imports torch.
 """
 from __future__ import annotations
 
@@ -12,15 +14,17 @@ import signal
 import sys
 from typing import IO
 
+from ..contract import checkpoint_nice, lower_thread_priority
 from .s3 import S3Storage, default_transfer_config
 from .upload_proc import (
-    ABORT, COMMIT, CONFIG, DATA, FRAME_BYTES, OPEN, REPLY, read_into, recv, recv_header, send,
-    entry_json,
+    ABORT, COMMIT, CONFIG, DATA, FRAME_BYTES, OPEN, QUIT, REPLY, read_into, recv, recv_header,
+    send, entry_json,
 )
 
 
 def serve(inp: IO[bytes], out: IO[bytes]) -> None:
-    """Read objects from ``inp`` and upload each; reply on ``out``. Returns at end of input."""
+    """Read objects from ``inp`` and upload each; reply on ``out``. Returns when told to
+    (``QUIT``) or at the end of input."""
     kind, payload = recv(inp)
     if kind != CONFIG:
         raise SystemExit(f"upload process: expected the configuration first, got {kind!r}")
@@ -46,6 +50,8 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> None:
                 payload = bytearray(n)
                 read_into(inp, memoryview(payload))
         except EOFError:
+            kind = QUIT
+        if kind == QUIT:
             if writer is not None:
                 writer.abort()
             return
@@ -88,5 +94,6 @@ def _reply(out: IO[bytes], body: dict) -> None:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides; EOF ends this
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer decides; QUIT or EOF ends this
+    lower_thread_priority(checkpoint_nice())
     serve(sys.stdin.buffer, sys.stdout.buffer)

@@ -8,14 +8,24 @@ and a loop that waits for the lock behind them loses several per cent of its ste
 2-core machine (benchmarks/README.md, ``bench_checkpoint.py``). The bytes cannot avoid
 the trainer (``torch.save`` runs there), but the requests can.
 
-``UploadProcess`` starts ``python -m phoenix_trainer.core.storage.upload_child`` on first
-use, hands it the client's settings (credentials travel over the pipe, never argv or env)
-and then streams objects to it: the trainer's side (``ProcStreamWriter``) writes framed
+``UploadProcess.start`` starts ``python -m phoenix_trainer.core.storage.upload_child`` and
+hands it the client's settings (credentials travel over the pipe, never argv or env); the
+upload thread then streams objects to it: the trainer's side (``ProcStreamWriter``) writes framed
 bytes into a pipe, which drops the GIL for each write; the child feeds them to the same
 ``s3._S3StreamWriter`` an in-process upload uses (parts, checksums, abort on any error) and
 answers the commit with the ``FileEntry``. One object at a time; while one is streaming,
-another thread's upload stays in its own process, as does every upload once the child has
-died (``PHOENIX_UPLOAD_PROCESS=0``: always). The child exits when the pipe closes.
+another thread's upload stays in its own process, as does every upload before the child is
+started and once it has died (``PHOENIX_UPLOAD_PROCESS=0``: always). The child runs
+``PHOENIX_CHECKPOINT_NICE`` levels below the thread that started it, as the upload thread
+does, and exits when told to (``close``) or when the pipe closes.
+
+Only the thread that forks this process's workers may start the child (the checkpointer's
+``save``, on the training loop; ``Storage.prepare_uploads``). ``Popen`` waits for the exec on
+a pipe whose write end every process forked meanwhile inherits: started from the upload
+thread while the loop's DataLoader forked its workers for a new epoch, the child ran but the
+``Popen`` waited for those workers to exit - and the upload with it, and the loop behind the
+upload at its next checkpoint, for good (``test_own_loops.py``: in one CI run, then in 2 of
+4 runs beside two busy processes).
 
 Stdlib only on the trainer's side; the child imports boto3 (through ``s3``), never torch.
 """
@@ -38,7 +48,7 @@ log = logging.getLogger("phoenix.storage")
 
 CHILD_MODULE = "phoenix_trainer.core.storage.upload_child"  # the child's side
 _HEADER = struct.Struct("<cQ")  # kind, payload length
-CONFIG, OPEN, DATA, COMMIT, ABORT = b"C", b"O", b"D", b"E", b"A"
+CONFIG, OPEN, DATA, COMMIT, ABORT, QUIT = b"C", b"O", b"D", b"E", b"A", b"Q"
 REPLY = b"R"  # JSON: {"entry": {...}} after a commit, {} after an abort, {"error": "..."}
 PIPE_BYTES = 1 << 20  # the pipe's capacity, raised from 64 KiB: fewer, larger writes
 FRAME_BYTES = 8 << 20  # a write is sent in frames of at most this: the child's memory stays bounded
@@ -101,51 +111,85 @@ class UploadProcess:
         another object or has died (the caller uploads in its own process then)."""
         if self.dead or not self._busy.acquire(blocking=False):
             return None
+        proc = self._running()
+        if proc is None:  # not started by this process (start()), or gone
+            self._busy.release()
+            return None
         try:
-            proc = self._started()
             send(proc.stdin, OPEN, json.dumps({"bucket": bucket, "key": key,
                                                 "size_hint": size_hint}).encode())
         except (OSError, ValueError) as e:
-            self._died(f"could not start or reach it: {e}")
+            self._died(f"could not be reached: {e}")
             self._busy.release()
             return None
         return ProcStreamWriter(self, proc)
 
-    def pid(self) -> int | None:
-        alive = self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None
-        return self._proc.pid if alive else None
+    def start(self) -> bool:
+        """Start the child unless it runs for this process already; whether it runs now.
 
-    def _started(self) -> subprocess.Popen:
-        if self._proc is not None and self._owner != os.getpid():
-            self._proc = None  # a forked copy of the trainer: the child is its parent's
-        if self._proc is not None and self._proc.poll() is None:
-            return self._proc
-        env = {**os.environ, "PHOENIX_UPLOAD_PROCESS": "0", "PYTHONPATH": os.pathsep.join(
-            p for p in sys.path if p)}  # the child imports this package as the trainer did
-        proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, env=env, close_fds=True)
+        Call it only from the thread that forks this process's workers (see the module
+        docstring: started from another thread, the ``Popen`` can wait for as long as a
+        worker forked meanwhile lives). A no-op while an upload is streaming or once the
+        child has died; a forked copy of the trainer (the child is its parent's) starts its
+        own."""
+        if self.dead or not self._busy.acquire(blocking=False):
+            return False
         try:
-            import fcntl
+            if self._running() is not None:
+                return True
+            env = {**os.environ, "PHOENIX_UPLOAD_PROCESS": "0", "PYTHONPATH": os.pathsep.join(
+                p for p in sys.path if p)}  # the child imports this package as the trainer did
+            try:
+                proc = subprocess.Popen([sys.executable, "-m", CHILD_MODULE],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+                                        close_fds=True)
+            except OSError as e:
+                self._died(f"could not start: {e}")
+                return False
+            try:
+                import fcntl
 
-            fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
-        except (ImportError, OSError):  # not Linux, or above pipe-max-size: the default size
-            pass
-        self._proc, self._owner = proc, os.getpid()
-        send(proc.stdin, CONFIG, json.dumps(self._config).encode())
-        proc.stdin.flush()
-        return proc
+                fcntl.fcntl(proc.stdin.fileno(), _F_SETPIPE_SZ, PIPE_BYTES)
+            except (ImportError, OSError):  # not Linux, or above pipe-max-size: the default size
+                pass
+            self._proc, self._owner = proc, os.getpid()
+            try:
+                send(proc.stdin, CONFIG, json.dumps(self._config).encode())
+                proc.stdin.flush()
+            except (OSError, ValueError) as e:
+                self._died(f"could not be reached: {e}")
+                return False
+            return True
+        finally:
+            self._busy.release()
+
+    def pid(self) -> int | None:
+        proc = self._running()
+        return proc.pid if proc is not None else None
+
+    def _running(self) -> subprocess.Popen | None:
+        """The child, if this process started it and it has not exited."""
+        if self._proc is None or self._owner != os.getpid() or self._proc.poll() is not None:
+            return None
+        return self._proc
 
     def _died(self, why: str) -> None:
         if self.dead is None:
             self.dead = why
             log.warning("the upload process %s; uploads stay in the trainer's process", why)
-        if self._proc is not None:
+        if self._proc is not None and self._owner == os.getpid():  # never a parent's child
             self._proc.kill()
             self._proc.wait()
 
     def close(self) -> None:
-        if self._proc is not None and self._owner == os.getpid() and self._proc.poll() is None:
-            self._proc.stdin.close()  # the child exits at the end of its input
+        if self._running() is not None:
+            try:
+                # Told, not left to see the end of its input: a worker forked after the child
+                # started holds a copy of this pipe, and the end comes only when it exits.
+                send(self._proc.stdin, QUIT)
+                self._proc.stdin.close()
+            except (OSError, ValueError):
+                pass
             try:
                 self._proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
