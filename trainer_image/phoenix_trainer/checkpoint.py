@@ -41,7 +41,7 @@ from .core.errors import (
 from .core.layout import CheckpointInfo, step_dir_name
 from .core.storage import FileEntry, ReadConfig, Storage, read_parallel
 from .core.writer import RetryPolicy, Source, StreamedShard, apply_retention, commit_checkpoint
-from .tensors import to_cpu, tree_nbytes
+from .tensors import CopyInFlight, to_cpu_overlapped, tree_nbytes
 
 log = logging.getLogger("phoenix.checkpoint")
 
@@ -72,20 +72,35 @@ class Snapshot:
     # A gang's sharded state staged for DCP (dcp_storage.Staged): the commit writes it.
     sharded: Any = None
     nbytes: int = 0
-    seconds: float = 0.0  # how long the loop was blocked taking it
+    seconds: float = 0.0  # how long the loop was blocked taking it (and settling it)
+    in_flight: CopyInFlight | None = None  # deferred copies (take(defer=...)) not yet settled
 
     @classmethod
     def take(cls, step: int, epoch: int, tensors: dict[str, Any], documents: dict[str, Any],
-             extra: dict[str, Any] | None = None, threads: int | None = None) -> "Snapshot":
+             extra: dict[str, Any] | None = None, threads: int | None = None,
+             defer: Callable[[Any], bool] | None = None) -> "Snapshot":
         """Copy ``tensors`` (every shard at once, by ``threads`` threads: ``to_cpu``) and
-        ``documents``."""
+        ``documents``; the tensors ``defer`` picks may finish copying after this returns
+        (``to_cpu_overlapped``): ``settle`` before they are written or this is saved."""
         t0 = time.perf_counter()
-        copied = to_cpu(tensors, threads)
+        copied, in_flight = to_cpu_overlapped(tensors, threads, defer)
         docs = json.loads(json.dumps(documents))  # deep copy + proves it serializes
         snap = cls(step, epoch, copied, docs, json.loads(json.dumps(extra or {})))
         snap.nbytes = tree_nbytes(copied)
+        snap.in_flight = in_flight
         snap.seconds = time.perf_counter() - t0
         return snap
+
+    def settle(self) -> bool:
+        """Wait for the deferred copies; False if a deferred source was written while they
+        ran (this is then not the state of its step, and is never saved)."""
+        if self.in_flight is None:
+            return True
+        if self.in_flight.settled is None:
+            t0 = time.perf_counter()
+            self.in_flight.settle()
+            self.seconds += time.perf_counter() - t0
+        return bool(self.in_flight.settled)
 
 
 @dataclass
@@ -285,6 +300,9 @@ class AsyncCheckpointer:
     # -- training-thread API --------------------------------------------------------------
     def save(self, snapshot: Snapshot, *, blocking: bool = False) -> Future:
         """Queue ``snapshot`` for upload. Waits only if ``max_in_flight`` saves are pending."""
+        if not snapshot.settle():  # the trainer settles first; anyone else is refused here
+            raise CheckpointError(f"the snapshot of step {snapshot.step} was written to while it"
+                                  " was being copied; it is not that step's state")
         # Here, on the loop's thread, which forks its DataLoader workers: never on the upload
         # thread (core/storage/upload_proc.py says why). A no-op once it runs.
         self.storage.prepare_uploads()

@@ -43,8 +43,11 @@ class RunIdentity:
 
 
 class Snapshots(Protocol):
+    # ``defer``: tensors whose copy may finish after ``take`` returns (``Snapshot.settle``);
+    # an implementation may copy them at once instead.
     def take(self, step: int, epoch: int, state: Mapping[str, Any], trainer_doc: dict[str, Any],
-             extra: dict[str, Any], spool: str | None) -> Snapshot: ...
+             extra: dict[str, Any], spool: str | None,
+             defer: Callable[[Any], bool] | None = None) -> Snapshot: ...
 
 
 class LocalSnapshots:
@@ -60,7 +63,8 @@ class LocalSnapshots:
         self.threads = snapshot_threads()  # read (and refused if malformed) at the start
 
     def take(self, step: int, epoch: int, state: Mapping[str, Any], trainer_doc: dict[str, Any],
-             extra: dict[str, Any], spool: str | None) -> Snapshot:
+             extra: dict[str, Any], spool: str | None,
+             defer: Callable[[Any], bool] | None = None) -> Snapshot:
         tensors, docs = split_state(state)
         for name in sorted(set(tensors) - self.checked):
             refused = unloadable_globals(tensors[name])
@@ -72,7 +76,8 @@ class LocalSnapshots:
                     " JSON entry (a name ending in .json)")
             self.checked.add(name)
         docs[TRAINER_DOC] = {**docs.get(TRAINER_DOC, {}), **trainer_doc}
-        return Snapshot.take(step, epoch, tensors, docs, extra=extra, threads=self.threads)
+        return Snapshot.take(step, epoch, tensors, docs, extra=extra, threads=self.threads,
+                             defer=defer)
 
 
 class Checkpointing:
@@ -126,7 +131,8 @@ class Checkpointing:
                     or (self.interval_seconds and self.clock() - self._last_save >= self.interval_seconds))
 
     def snapshot(self, step: int, epoch: int, state: Mapping[str, Any],
-                 progress: Mapping[str, Any] | None = None) -> Snapshot:
+                 progress: Mapping[str, Any] | None = None,
+                 defer: Callable[[Any], bool] | None = None) -> Snapshot:
         run = self.run
         doc = {"step": step, "epoch": epoch, "runId": run.run_id, "attempt": run.attempt,
                "configFingerprint": run.fingerprint, "phase": self.env.phase,
@@ -134,7 +140,8 @@ class Checkpointing:
         return self.snapshots.take(step, epoch, state, doc,
                                    {"resumeExact": run.exactness.exact,
                                     "resumeExactReason": run.exactness.reason},
-                                   self.checkpointer.spool if self.checkpointer else None)
+                                   self.checkpointer.spool if self.checkpointer else None,
+                                   defer)
 
     def save(self, step: int, state: Mapping[str, Any] | Snapshot, *, epoch: int = 0,
              progress: Mapping[str, Any] | None = None, blocking: bool = False) -> Future | None:

@@ -222,7 +222,8 @@ class ShardedSnapshots:
         self.staging = Staging()
 
     def take(self, step: int, epoch: int, state: Mapping[str, Any], trainer_doc: dict[str, Any],
-             extra: dict[str, Any], spool: str | None) -> Snapshot:
+             extra: dict[str, Any], spool: str | None, defer: Any = None) -> Snapshot:
+        # ``defer`` is not taken up: a gang's ranks commit together, each copy whole at once.
         state = dict(state)
         sharded = state.pop(SHARDED, None)
         snap = self.local.take(step, epoch, state, trainer_doc, extra, spool)

@@ -43,6 +43,10 @@ class CheckpointPolicy:
     # FINAL_SAVE_RETRY, 12 tries over 2-4 minutes: a storage outage is waited out, not lost).
     final_retry: RetryPolicy | None = None
     emergency: bool = True  # save on SIGTERM if the grace period allows (off: benchmarks only)
+    # ``Trainer`` only: a periodic checkpoint's parameters and optimizer state (CPU tensors,
+    # 16 MB or more) finish copying on the snapshot threads while the next step's forward
+    # and backward run; saved before its optimizer step writes them (docs/trainer.md).
+    overlap_snapshot: bool = True
     init_strict: bool = True  # PHOENIX_INIT_FROM weights must match the model's keys exactly
 
 

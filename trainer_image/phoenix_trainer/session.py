@@ -352,9 +352,12 @@ class Session:
 
     # ------------------------------------------------------------------ saving -----------
     def snapshot(self, step: int, epoch: int, state: Mapping[str, Any],
-                 progress: Mapping[str, Any] | None = None) -> Snapshot:
-        """A CPU copy of ``state`` plus ``trainer.json``: the only part of a save that blocks."""
-        return self.checkpointing.snapshot(step, epoch, state, progress)
+                 progress: Mapping[str, Any] | None = None,
+                 defer: Callable[[Any], bool] | None = None) -> Snapshot:
+        """A CPU copy of ``state`` plus ``trainer.json``: the only part of a save that blocks.
+        The tensors ``defer`` picks may still be copying when it returns: ``Snapshot.settle``
+        before anything writes them."""
+        return self.checkpointing.snapshot(step, epoch, state, progress, defer)
 
     def save(self, step: int, state: Mapping[str, Any] | Snapshot, *, epoch: int = 0,
              progress: Mapping[str, Any] | None = None, blocking: bool = False) -> Future | None:

@@ -75,11 +75,27 @@ def parallel_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int,
     and dtype, in pieces of about ``piece_bytes`` spread over ``threads`` threads (the
     caller's among them). torch drops the GIL while it copies, so the pieces run at once;
     the first touch of fresh memory (a page fault per page) is spread over them too."""
-    total = sum(src.numel() * src.element_size() for _, src in pairs)
-    if threads <= 1 or total < PARALLEL_COPY_MIN_BYTES:
+    if threads <= 1 or _nbytes(pairs) < PARALLEL_COPY_MIN_BYTES:
         for dst, src in pairs:
             dst.copy_(src)
         return
+    drain = _drainer(pairs, piece_bytes)
+    pool = _COPY_POOL.get(threads - 1)
+    helpers = [pool.submit(drain) for _ in range(threads - 1)]
+    try:
+        drain()
+    finally:
+        for f in helpers:
+            f.result()
+
+
+def _nbytes(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    return sum(src.numel() * src.element_size() for _, src in pairs)
+
+
+def _drainer(pairs: list[tuple[torch.Tensor, torch.Tensor]], piece_bytes: int) -> Callable[[], None]:
+    """A function that copies pieces of ``pairs`` until none is left; any number of threads
+    may run it at once."""
     pieces: list[tuple[torch.Tensor, torch.Tensor]] = []
     for dst, src in pairs:
         d, s = dst.view(-1), src.view(-1)
@@ -96,13 +112,29 @@ def parallel_copy(pairs: list[tuple[torch.Tensor, torch.Tensor]], threads: int,
                 return
             piece[0].copy_(piece[1])
 
-    pool = _COPY_POOL.get(threads - 1)
-    helpers = [pool.submit(drain) for _ in range(threads - 1)]
-    try:
-        drain()
-    finally:
-        for f in helpers:
-            f.result()
+    return drain
+
+
+class CopyInFlight:
+    """Copies of a CPU snapshot still running on the snapshot threads while the loop goes on
+    (``to_cpu_overlapped``). ``settle()`` waits for them and says whether every source kept
+    its version counter meanwhile: no in-place write reached it since the copy began (the
+    optimizer's step, a callback's edit), so the copy is the state of that moment. Writes
+    that bypass the counter (through ``.data``) are not seen: the trainer settles before
+    its optimizer's step, the first thing that writes what it defers."""
+
+    def __init__(self, futures: list, sources: list[torch.Tensor]) -> None:
+        self._futures = futures
+        self._versions = [(t, t._version) for t in sources]
+        self.settled: bool | None = None
+
+    def settle(self) -> bool:
+        if self.settled is None:
+            for f in self._futures:
+                f.result()
+            self.settled = all(t._version == v for t, v in self._versions)
+            self._versions = []  # no reference to the live state is kept
+        return self.settled
 
 
 def to_cpu(obj: Any, threads: int | None = None) -> Any:
@@ -114,16 +146,29 @@ def to_cpu(obj: Any, threads: int | None = None) -> Any:
     into fresh memory by ``parallel_copy``, anything else (strided views, sparse, quantized,
     subclasses) by ``clone`` on the calling thread.
     """
+    return to_cpu_overlapped(obj, threads)[0]
+
+
+def to_cpu_overlapped(obj: Any, threads: int | None = None,
+                      defer: Callable[[torch.Tensor], bool] | None = None,
+                      ) -> tuple[Any, CopyInFlight | None]:
+    """``to_cpu``, except that the plain contiguous CPU tensors ``defer`` picks are copied on
+    the snapshot threads after this returns (``CopyInFlight``, None when none was deferred):
+    the caller goes on while they copy and settles before anything writes them. Deferred
+    only with at least two threads and ``PARALLEL_COPY_MIN_BYTES`` of such tensors."""
+    threads = snapshot_threads() if threads is None else threads
     pending_cuda = []
     cpu_pairs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    later: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def copy(o: torch.Tensor) -> torch.Tensor:
+        chosen = defer is not None and defer(o)
         o = o.detach()
         if o.device.type == "cpu":
             if type(o) is torch.Tensor and o.layout == torch.strided and not o.is_quantized \
                     and o.is_contiguous():
                 t = torch.empty_like(o, memory_format=torch.contiguous_format)
-                cpu_pairs.append((t, o))
+                (later if chosen else cpu_pairs).append((t, o))
                 return t
             return o.clone()
         t = torch.empty(o.shape, dtype=o.dtype, device="cpu", pin_memory=True)
@@ -132,10 +177,19 @@ def to_cpu(obj: Any, threads: int | None = None) -> Any:
         return t
 
     out = map_tensors(obj, copy)
-    parallel_copy(cpu_pairs, snapshot_threads() if threads is None else threads)
+    if later and (threads < 2 or _nbytes(later) < PARALLEL_COPY_MIN_BYTES):
+        cpu_pairs, later = cpu_pairs + later, []
+    parallel_copy(cpu_pairs, threads)
     if pending_cuda:
         torch.cuda.synchronize()
-    return out
+    if not later:
+        return out, None
+    futures: list = []
+    in_flight = CopyInFlight(futures, [src for _, src in later])  # versions read before any copy
+    drain = _drainer(later, COPY_PIECE_BYTES)
+    pool = _COPY_POOL.get(threads - 1)
+    futures += [pool.submit(drain) for _ in range(threads - 1)]
+    return out, in_flight
 
 
 def clone_tree(obj: Any) -> Any:

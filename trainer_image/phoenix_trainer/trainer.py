@@ -121,6 +121,10 @@ class Trainer:
         self._pending_rng: dict | None = None
         self._last_good: Snapshot | None = None
         self._epoch_start: Snapshot | None = None
+        # A checkpoint whose copy overlaps the next step (checkpoint(), _settle()).
+        self._overlap = p["checkpoint"].overlap_snapshot
+        self._overlapping: Snapshot | None = None
+        self._checkpoint_again = False  # an overlapped copy was written to: checkpoint now
         self._retries = 0
         self._failure_high_water = -1
         self._losses: deque[float] = deque(maxlen=max(10, self.log_every))
@@ -157,11 +161,49 @@ class Trainer:
         return min(candidates) if candidates else None
 
     def checkpoint(self, *, blocking: bool = False) -> Snapshot:
-        """Snapshot now (blocking, CPU copy) and upload in the background."""
-        snap = self._take_snapshot()
+        """Snapshot now (the CPU copy) and upload in the background.
+
+        Unless ``blocking`` (or ``CheckpointPolicy.overlap_snapshot`` is off), the copy of
+        what only the optimizer's step writes - the parameters and the optimizer's state -
+        may still run on the snapshot threads when this returns: the loop's next forward and
+        backward run meanwhile, and the snapshot is settled and saved before that step's
+        optimizer step (``_settle``)."""
+        self._settle()
+        defer = self._written_by_the_optimizer() if self._overlap and not blocking else None
+        snap = self.session.snapshot(self.step, self.epoch, self._state(), self._progress(), defer)
+        if snap.in_flight is not None:
+            self._overlapping = snap
+            return snap
         self._last_good = snap
         self.session.save(self.step, snap, blocking=blocking)
         return snap
+
+    def _written_by_the_optimizer(self) -> Callable[[torch.Tensor], bool]:
+        """The tensors only the optimizer's step writes: the parameters and its state."""
+        ptrs = {p.data_ptr() for p in self.model.parameters() if p.numel()}
+        for state in self.optimizer.state.values():
+            ptrs.update(v.data_ptr() for v in state.values()
+                        if isinstance(v, torch.Tensor) and v.numel())
+        return lambda t: t.numel() > 0 and t.data_ptr() in ptrs
+
+    def _settle(self) -> None:
+        """Save the checkpoint whose copy overlapped this step, once the copy is done; before
+        the optimizer's step, a stop, a recovery or another snapshot. A copy whose sources
+        were written meanwhile (a callback or the loss function editing parameters in place)
+        is dropped, a checkpoint is taken at the next step boundary instead, and snapshots
+        are copied whole from then on."""
+        snap, self._overlapping = self._overlapping, None
+        if snap is None:
+            return
+        if snap.settle():
+            self._last_good = snap
+            self.session.save(snap.step, snap)
+            return
+        self._overlap, self._checkpoint_again = False, True
+        self.log.warning("the parameters or optimizer state of step %d were written in place while"
+                         " its checkpoint copied them (by a callback or the loss function?): that"
+                         " checkpoint is dropped, one is taken at the next step boundary, and"
+                         " snapshots are copied whole from now on", snap.step)
 
     def fit(self) -> RunResult:
         if self.install_signal_handlers:
@@ -254,12 +296,15 @@ class Trainer:
     def _loop(self) -> str:
         while True:
             try:
-                return self._run_epochs()
+                reason = self._run_epochs()
+                self._settle()  # a stop right after a checkpoint: it is saved, then the stop's
+                return reason
             except Exception as e:  # noqa: BLE001 - classified right below
                 if isinstance(e, StageError) and e.step is None:
                     e.step = self.step + 1
                 if not self._retryable(e):
                     raise
+                self._settle()  # the step that failed wrote nothing the copy reads
                 self._recover(e)
 
     def _retryable(self, e: BaseException) -> bool:
@@ -352,6 +397,7 @@ class Trainer:
             (self.scaler.scale(part) if self.scaler is not None else part).backward()
             total = loss.detach() if total is None else total + loss.detach()
         assert total is not None
+        self._settle()  # before the optimizer's step writes what a checkpoint may be copying
         if self.scaler is not None:
             if self.grad_clip_norm is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -369,7 +415,8 @@ class Trainer:
     def _after_step(self, loss: torch.Tensor) -> None:
         if self.step % self.log_every == 0 or self._done():
             self._log_progress(float(loss))
-        if self.session.should_checkpoint(self.step) and not self._done():
+        if (self.session.should_checkpoint(self.step) or self._checkpoint_again) and not self._done():
+            self._checkpoint_again = False
             self.checkpoint()
         elif self.restart_method == "reload" and self.step % self.snapshot_interval == 0:
             self._last_good = self._take_snapshot()
