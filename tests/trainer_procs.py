@@ -163,7 +163,7 @@ def first_checkpoint_landed(run_uri: str, min_step: int, timeout: float = 60):
     """A ``ready`` hook for ``kill_and_resume``: the first attempt is killed only once a
     checkpoint at ``min_step`` or later is valid under ``run_uri``. Checkpoints upload in the
     background, so on loaded cores the plan's step can come before the first one lands (the
-    first upload also starts the upload process), and a SIGKILL then rightly resumes from
+    first save also starts the upload process), and a SIGKILL then rightly resumes from
     step 0 - not what a test of resuming means to exercise."""
     from phoenix_trainer.core.layout import latest_valid_checkpoint
     from phoenix_trainer.core.storage import open_storage

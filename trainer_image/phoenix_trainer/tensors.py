@@ -46,9 +46,10 @@ def snapshot_threads(environ: Mapping[str, str] | None = None) -> int:
 
 
 class _CopyPool:
-    """The helper threads of ``parallel_copy``: started on first use, by the training thread
-    (so at its priority: the loop waits for them), and started again in a forked copy of
-    the process, where its parent's threads do not exist."""
+    """The helper threads of ``parallel_copy`` and of ``to_cpu_overlapped``'s deferred
+    copies: started on first use, by the training thread (so at its priority: the loop
+    waits for them), and started again in a forked copy of the process, where its parent's
+    threads do not exist."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
